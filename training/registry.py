@@ -1,0 +1,77 @@
+"""Retrieval methods by name, for `genret compare` and `genret train`.
+
+A method module calls :func:`register_method` at import time; :data:`METHOD_MODULES` says which
+module holds which name so that only the methods asked for are imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from training.baselines import SASRec
+    from training.data import Dataset
+    from training.splits import Split
+
+METHOD_MODULES: dict[str, str] = {
+    "popular": "training.baselines",
+    "sasrec": "training.baselines",
+    "uri": "training.uri",
+    "seater": "training.seater",
+    "tdr": "training.tdr",
+}
+
+
+class Recommender(Protocol):
+    def recommend(
+        self, histories: list[np.ndarray], k: int, exclude: list[np.ndarray] | None
+    ) -> np.ndarray:  # [B, k] dense ids, 0 = none
+        ...
+
+
+@dataclass
+class TrainedMethod:
+    recommender: Recommender
+    bundle_dir: Path | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainContext:
+    dataset: Dataset
+    split: Split
+    seed: int
+    workdir: Path
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    _sasrec: SASRec | None = None
+
+    def sasrec(self) -> SASRec:
+        """The trained SASRec baseline of this split, trained once and memoised."""
+        if self._sasrec is None:
+            from training.baselines import train_sasrec
+
+            self._sasrec = train_sasrec(self)
+        return self._sasrec
+
+
+TrainFn = Callable[[TrainContext], TrainedMethod]
+_METHODS: dict[str, TrainFn] = {}
+
+
+def register_method(name: str, train: TrainFn) -> None:
+    _METHODS[name] = train
+
+
+def get_method(name: str) -> TrainFn:
+    if name not in _METHODS:
+        module = METHOD_MODULES.get(name)
+        if module is None:
+            raise KeyError(f"unknown method {name!r}; known: {', '.join(sorted(METHOD_MODULES))}")
+        importlib.import_module(module)
+    return _METHODS[name]
