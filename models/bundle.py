@@ -1,0 +1,320 @@
+"""A bundle: one exported version of one model, as a directory (DESIGN.md "Bundle").
+
+```
+manifest.json  encoder.onnx  decoder.onnx  index.npz  items.npz
+```
+
+:func:`load_bundle` verifies everything before anything can serve from it: the schema version,
+the size and sha256 of every file, the fingerprint, the index invariants
+(:meth:`TreeIndex.validate`) and its agreement with the manifest, the item tables' shapes and
+dtypes, and the ONNX graphs' input/output names, element types and ranks. A bad bundle raises
+:class:`BundleError` naming the file and what is wrong. Nothing is unpickled (``allow_pickle=False``;
+item ids are a fixed-width unicode array).
+
+The writer is :func:`training.export.export_bundle`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from models.index import IndexValidationError, TreeIndex
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+INDEX_FILE = "index.npz"
+ITEMS_FILE = "items.npz"
+BUNDLE_FILES = (ENCODER_FILE, DECODER_FILE, INDEX_FILE, ITEMS_FILE)
+
+# name -> (ONNX element type, rank); the decoder-step and encoder signatures of DESIGN.md
+_F, _I, _B = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.BOOL
+ONNX_SIGNATURES: dict[str, tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]] = {
+    ENCODER_FILE: ({"history": (_I, 2), "history_mask": (_B, 2)}, {"memory": (_F, 3), "query": (_F, 2)}),
+    DECODER_FILE: (
+        {
+            "memory": (_F, 3),
+            "memory_mask": (_B, 2),
+            "beam_query": (_I, 1),
+            "prefix": (_I, 2),
+            "candidates": (_I, 2),
+        },
+        {"scores": (_F, 2)},
+    ),
+}
+
+
+class BundleError(ValueError):
+    """A bundle that must not serve; the message names the file and what is wrong."""
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        self.path = Path(path)
+        super().__init__(f"bundle {self.path}: {message}")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``manifest.json``, typed. Item access (``manifest["levels"]``, ``.get``) reads the raw dict."""
+
+    schema_version: int
+    name: str
+    method: str
+    version: str
+    created_at: str
+    fingerprint: str
+    levels: int
+    branching: int
+    token_scheme: str
+    score_mode: str
+    dims: dict[str, int]  # {"memory": D, "query": Dr}
+    num_items: int
+    max_history: int
+    opset: int
+    files: dict[str, dict[str, Any]]  # file name -> {"sha256": hex, "bytes": size}
+    metrics: dict[str, Any]
+    config: dict[str, Any]
+    dataset_fingerprint: str
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.raw[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.raw.get(key, default)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.raw)
+
+
+_MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
+    "schema_version": int,
+    "name": str,
+    "method": str,
+    "version": str,
+    "created_at": str,
+    "fingerprint": str,
+    "levels": int,
+    "branching": int,
+    "token_scheme": str,
+    "score_mode": str,
+    "dims": dict,
+    "num_items": int,
+    "max_history": int,
+    "opset": int,
+    "files": dict,
+    "metrics": dict,
+    "config": dict,
+    "dataset_fingerprint": str,
+}
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle in memory (the ONNX graphs stay files: backends open them)."""
+
+    path: Path
+    manifest: Manifest
+    index: TreeIndex
+    item_emb: np.ndarray  # [N+1, Dr] float32, row 0 = 0
+    item_ids: np.ndarray  # [N+1] fixed-width unicode raw ids, item_ids[0] == ""
+    popularity: np.ndarray  # [N+1] float32, row 0 = 0
+    encoder_path: Path
+    decoder_path: Path
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest.fingerprint
+
+    @property
+    def num_items(self) -> int:
+        return self.manifest.num_items
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def bundle_fingerprint(file_hashes: dict[str, str]) -> str:
+    """sha256 over ``name:sha256`` lines of every file, sorted by name."""
+    lines = "".join(f"{name}:{file_hashes[name]}\n" for name in sorted(file_hashes))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def parse_manifest(path: Path) -> Manifest:
+    file = path / MANIFEST
+    if not file.is_file():
+        raise BundleError(path, f"{MANIFEST} is missing")
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(path, f"{MANIFEST} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise BundleError(path, f"{MANIFEST} must hold a JSON object, got {type(raw).__name__}")
+    version = raw.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BundleError(
+            path, f"{MANIFEST}: schema_version {version!r} is not supported (this build reads {SCHEMA_VERSION})"
+        )
+    for key, typ in _MANIFEST_TYPES.items():
+        if key not in raw:
+            raise BundleError(path, f"{MANIFEST}: missing key {key!r}")
+        if not isinstance(raw[key], typ) or isinstance(raw[key], bool):
+            raise BundleError(path, f"{MANIFEST}: {key!r} must be {typ}, got {raw[key]!r}")
+    dims = raw["dims"]
+    for key in ("memory", "query"):
+        if not isinstance(dims.get(key), int) or dims[key] < 1:
+            raise BundleError(path, f"{MANIFEST}: dims.{key} must be a positive int, got {dims.get(key)!r}")
+    if raw["score_mode"] not in ("logprob", "node"):
+        raise BundleError(path, f"{MANIFEST}: unknown score_mode {raw['score_mode']!r}")
+    if raw["max_history"] < 1 or raw["num_items"] < 1:
+        raise BundleError(path, f"{MANIFEST}: max_history and num_items must be >= 1")
+    return Manifest(**{key: raw[key] for key in _MANIFEST_TYPES}, raw=raw)
+
+
+def verify_files(path: Path, manifest: Manifest) -> None:
+    """Every bundle file is listed, present, of the listed size and sha256; fingerprint matches."""
+    hashes: dict[str, str] = {}
+    for name in BUNDLE_FILES:
+        entry = manifest.files.get(name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise BundleError(path, f"{MANIFEST}: files.{name} is missing or has no sha256")
+        file = path / name
+        if not file.is_file():
+            raise BundleError(path, f"{name} is missing")
+        size = file.stat().st_size
+        if size != entry.get("bytes"):
+            raise BundleError(
+                path, f"{name} has {size} bytes, the manifest says {entry.get('bytes')} (truncated or replaced)"
+            )
+        digest = file_sha256(file)
+        if digest != entry["sha256"]:
+            raise BundleError(path, f"{name} sha256 {digest[:16]}… does not match the manifest's {entry['sha256'][:16]}…")
+        hashes[name] = digest
+    if bundle_fingerprint(hashes) != manifest.fingerprint:
+        raise BundleError(path, f"{MANIFEST}: fingerprint does not match the files' checksums")
+
+
+def load_index(path: Path, manifest: Manifest) -> TreeIndex:
+    try:
+        index = TreeIndex.load(path / INDEX_FILE, validate=True)
+    except IndexValidationError as exc:
+        raise BundleError(path, f"{INDEX_FILE}: {exc}") from exc
+    expected = {
+        "levels": manifest.levels,
+        "num_items": manifest.num_items,
+        "token_scheme": manifest.token_scheme,
+        "max_branching": manifest.branching,
+    }
+    for key, value in expected.items():
+        if getattr(index, key) != value:
+            raise BundleError(path, f"{INDEX_FILE}: {key} is {getattr(index, key)!r}, the manifest says {value!r}")
+    return index
+
+
+def load_items(path: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``items.npz`` -> (item_emb [N+1,Dr] float32, item_ids [N+1] unicode, popularity [N+1] float32)."""
+    rows, Dr = manifest.num_items + 1, manifest.dims["query"]
+    try:
+        with np.load(path / ITEMS_FILE, allow_pickle=False) as data:
+            missing = {"item_emb", "item_ids", "popularity"} - set(data.files)
+            if missing:
+                raise BundleError(path, f"{ITEMS_FILE}: missing arrays {sorted(missing)}")
+            item_emb, item_ids, popularity = data["item_emb"], data["item_ids"], data["popularity"]
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        if isinstance(exc, BundleError):
+            raise
+        raise BundleError(path, f"{ITEMS_FILE}: cannot read: {exc}") from exc
+    if item_emb.shape != (rows, Dr) or item_emb.dtype != np.float32:
+        raise BundleError(
+            path,
+            f"{ITEMS_FILE}: item_emb is {item_emb.dtype}{list(item_emb.shape)}, expected float32[{rows}, {Dr}] "
+            f"(num_items + 1 rows, dims.query columns)",
+        )
+    if not np.isfinite(item_emb).all():
+        raise BundleError(path, f"{ITEMS_FILE}: item_emb has NaN or infinite values")
+    if item_ids.shape != (rows,) or item_ids.dtype.kind != "U":
+        raise BundleError(
+            path, f"{ITEMS_FILE}: item_ids is {item_ids.dtype}{list(item_ids.shape)}, expected unicode[{rows}]"
+        )
+    if item_ids[0] != "":
+        raise BundleError(path, f"{ITEMS_FILE}: item_ids[0] must be '' (padding), got {item_ids[0]!r}")
+    if np.unique(item_ids).size != rows:
+        raise BundleError(path, f"{ITEMS_FILE}: item_ids has duplicate raw ids")
+    if popularity.shape != (rows,) or popularity.dtype != np.float32:
+        raise BundleError(
+            path, f"{ITEMS_FILE}: popularity is {popularity.dtype}{list(popularity.shape)}, expected float32[{rows}]"
+        )
+    return item_emb, item_ids, popularity
+
+
+def _value_info_signature(values: Any) -> dict[str, tuple[int, list[int | str]]]:
+    out = {}
+    for v in values:
+        tensor = v.type.tensor_type
+        dims: list[int | str] = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor.shape.dim]
+        out[v.name] = (tensor.elem_type, dims)
+    return out
+
+
+def verify_onnx(path: Path, name: str, manifest: Manifest) -> None:
+    """Input/output names, element types and ranks; static feature dims agree with the manifest."""
+    try:
+        model = onnx.load(str(path / name), load_external_data=False)
+    except Exception as exc:  # protobuf raises its own DecodeError
+        raise BundleError(path, f"{name}: not a readable ONNX model: {exc}") from exc
+    external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        raise BundleError(path, f"{name}: weights must be inside the file, found external data for {external[:3]}")
+    want_in, want_out = ONNX_SIGNATURES[name]
+    init_names = {t.name for t in model.graph.initializer}
+    got_in = _value_info_signature(i for i in model.graph.input if i.name not in init_names)
+    got_out = _value_info_signature(model.graph.output)
+    for kind, want, got in (("input", want_in, got_in), ("output", want_out, got_out)):
+        if set(got) != set(want):
+            raise BundleError(path, f"{name}: {kind}s are {sorted(got)}, expected {sorted(want)}")
+        for io_name, (elem, rank) in want.items():
+            g_elem, g_dims = got[io_name]
+            if g_elem != elem or len(g_dims) != rank:
+                raise BundleError(
+                    path,
+                    f"{name}: {kind} {io_name!r} is {onnx.TensorProto.DataType.Name(g_elem)} rank {len(g_dims)}, "
+                    f"expected {onnx.TensorProto.DataType.Name(elem)} rank {rank}",
+                )
+    static = {"memory": manifest.dims["memory"], "query": manifest.dims["query"]}
+    for io_name, width in static.items():
+        sig = got_in.get(io_name) or got_out.get(io_name)
+        if sig is not None and isinstance(sig[1][-1], int) and sig[1][-1] not in (0, width):
+            raise BundleError(path, f"{name}: {io_name!r} has width {sig[1][-1]}, the manifest says {width}")
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Read and verify a bundle directory; raises :class:`BundleError` if anything is wrong."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(path, "not a directory")
+    manifest = parse_manifest(path)
+    verify_files(path, manifest)
+    index = load_index(path, manifest)
+    item_emb, item_ids, popularity = load_items(path, manifest)
+    for name in (ENCODER_FILE, DECODER_FILE):
+        verify_onnx(path, name, manifest)
+    return Bundle(
+        path=path,
+        manifest=manifest,
+        index=index,
+        item_emb=item_emb,
+        item_ids=item_ids,
+        popularity=popularity,
+        encoder_path=path / ENCODER_FILE,
+        decoder_path=path / DECODER_FILE,
+    )

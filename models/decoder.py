@@ -1,0 +1,184 @@
+"""The decoder step, one signature for every method (DESIGN.md "The decoder step").
+
+``(memory[B,T,D], memory_mask[B,T], beam_query[Bb], prefix[Bb,S], candidates[Bb,C]) -> scores[Bb,C]``
+
+* ``beam_query[i]`` is the row of ``memory`` beam ``i`` belongs to (memory is never repeated).
+* ``prefix`` holds global node ids, root first, so ``prefix[:, s]`` is a node of level ``s`` and
+  the candidates are nodes of level ``S``; ``candidates == -1`` is padding.
+* Padded candidates score :data:`PAD_SCORE`, a large *finite* negative number rather than -inf:
+  ONNX Runtime and log-softmax stay NaN-free even when every candidate of a beam is padding,
+  and ``exp(PAD_SCORE - real)`` is exactly 0 in float32, so a padded candidate never takes mass.
+
+:class:`TokenDecoder` (URI, SEATER) scores ``h · E[token(candidate)] + bias`` with ``h`` the last
+hidden state of a Transformer decoder over the prefix; :class:`NodeScorer` (TDR) scores
+``MLP(user, node)`` and ignores the prefix. The backends and the exporter accept any
+``nn.Module`` with this forward signature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+TokenScheme = Literal["level", "node"]
+
+PAD_SCORE = -1.0e9
+"""Score of a padded candidate (``candidates == -1``)."""
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    dim: int = 64
+    """D: must equal the encoder's memory width."""
+    num_layers: int = 2
+    num_heads: int = 2
+    ff_mult: int = 4
+    dropout: float = 0.1
+    token_scheme: TokenScheme = "level"
+    """``level``: one embedding per (level, level-local token) (URI); ``node``: one per global node (SEATER, TDR)."""
+    use_bias: bool = True
+    """Add a learned per-token bias to the scores."""
+
+    def __post_init__(self) -> None:
+        if self.dim < 1 or self.dim % self.num_heads != 0:
+            raise ValueError(f"DecoderConfig.dim={self.dim} must be >= 1 and divisible by num_heads={self.num_heads}")
+        if self.num_layers < 1 or self.ff_mult < 1:
+            raise ValueError(f"DecoderConfig needs num_layers, ff_mult >= 1, got {self.num_layers}, {self.ff_mult}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"DecoderConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.token_scheme not in ("level", "node"):
+            raise ValueError(f"DecoderConfig.token_scheme must be 'level' or 'node', got {self.token_scheme!r}")
+
+
+def node_levels(level_offsets: np.ndarray) -> np.ndarray:
+    """``level_offsets[L+2] -> [num_nodes]`` int64: the level of every global node (root = 0)."""
+    offsets = np.asarray(level_offsets, dtype=np.int64)
+    return np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(offsets))
+
+
+def token_rows(node_token: np.ndarray, level_offsets: np.ndarray, token_scheme: TokenScheme) -> np.ndarray:
+    """The row of the token embedding table of every global node: ``[num_nodes]`` int64.
+
+    ``node``: ``node_token`` itself (the global node id). ``level``: ``level * V + node_token``
+    with ``V = max(node_token) + 1``, so tokens are shared across parents but not across levels.
+    """
+    tokens = np.asarray(node_token, dtype=np.int64)
+    levels = node_levels(level_offsets)
+    if tokens.shape != levels.shape:
+        raise ValueError(f"node_token has {tokens.shape[0]} nodes but level_offsets describe {levels.shape[0]}")
+    if token_scheme == "node":
+        return tokens
+    return levels * (int(tokens.max()) + 1) + tokens
+
+
+def safe_key_padding(memory_mask: Tensor) -> Tensor:
+    """``[Bb,T] valid -> [Bb,T]`` True = ignore; a row with no valid key attends to all keys
+    (its memory is the encoder's output for an empty history) instead of producing NaN."""
+    valid = memory_mask.bool()
+    empty = ~valid.any(dim=1, keepdim=True)  # [Bb, 1]
+    return ~(valid | empty)
+
+
+def gather_candidates(node_row: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor]:
+    """``candidates[Bb,C]`` (-1 = pad) -> (embedding rows [Bb,C], pad mask [Bb,C])."""
+    pad = candidates < 0
+    return node_row[candidates.clamp(min=0)], pad
+
+
+class TokenDecoder(nn.Module):
+    """Transformer decoder over the prefix with cross-attention to the encoder memory.
+
+    ``node_token`` / ``level_offsets``: the index's arrays (fixed at construction, stored as a
+    buffer mapping every node to its token-embedding row). ``token_embedding``: optional module
+    ``rows[...] int64 -> [..., D]`` used both to embed the prefix and as the output table (pass
+    one that reads leaf rows from the item table to tie leaves to items, as SEATER does); rows are
+    numbered as :func:`token_rows` says, and :attr:`num_rows` tells how many there are.
+    """
+
+    def __init__(
+        self,
+        config: DecoderConfig,
+        node_token: np.ndarray,
+        level_offsets: np.ndarray,
+        token_embedding: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        D = config.dim
+        rows = token_rows(node_token, level_offsets, config.token_scheme)
+        self.num_rows = int(rows.max()) + 1
+        self.max_depth = len(level_offsets) - 1  # L + 1 prefix positions (root .. leaf)
+        self.register_buffer("node_row", torch.from_numpy(rows), persistent=False)
+        self.token_embedding = token_embedding if token_embedding is not None else nn.Embedding(self.num_rows, D)
+        self.level_embedding = nn.Embedding(self.max_depth, D)
+        self.bias = nn.Parameter(torch.zeros(self.num_rows)) if config.use_bias else None
+        layer = nn.TransformerDecoderLayer(
+            d_model=D,
+            nhead=config.num_heads,
+            dim_feedforward=config.ff_mult * D,
+            dropout=config.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.layers = nn.TransformerDecoder(layer, num_layers=config.num_layers)
+        self.output_norm = nn.LayerNorm(D)
+
+    def hidden(self, memory: Tensor, memory_mask: Tensor, beam_query: Tensor, prefix: Tensor) -> Tensor:
+        """``memory[B,T,D], memory_mask[B,T], beam_query[Bb], prefix[Bb,S] -> h[Bb,D]`` (last position)."""
+        S = prefix.shape[1]
+        positions = torch.arange(S, device=prefix.device)  # [S] == level of prefix[:, s]
+        x = self.token_embedding(self.node_row[prefix]) + self.level_embedding(positions)[None]  # [Bb, S, D]
+        causal = torch.ones(S, S, dtype=torch.bool, device=prefix.device).triu(diagonal=1)  # [S, S] True = blocked
+        beam_memory = memory[beam_query]  # [Bb, T, D]
+        key_padding = safe_key_padding(memory_mask[beam_query])  # [Bb, T]
+        out = self.layers(
+            x, beam_memory, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=key_padding
+        )  # [Bb, S, D]
+        return self.output_norm(out[:, -1])  # [Bb, D]
+
+    def score_hidden(self, h: Tensor, candidates: Tensor) -> Tensor:
+        """``h[Bb,D], candidates[Bb,C] -> scores[Bb,C]`` (PAD_SCORE where candidates == -1)."""
+        rows, pad = gather_candidates(self.node_row, candidates)  # [Bb, C]
+        scores = torch.bmm(self.token_embedding(rows), h[:, :, None])[:, :, 0]  # [Bb, C]
+        if self.bias is not None:
+            scores = scores + self.bias[rows]
+        return scores.masked_fill(pad, PAD_SCORE)
+
+    def forward(
+        self, memory: Tensor, memory_mask: Tensor, beam_query: Tensor, prefix: Tensor, candidates: Tensor
+    ) -> Tensor:
+        return self.score_hidden(self.hidden(memory, memory_mask, beam_query, prefix), candidates)
+
+
+class NodeScorer(nn.Module):
+    """TDR-style preference model with the decoder-step signature: ``MLP([u, e, u*e])``.
+
+    ``u`` is the masked mean of the beam's memory, ``e`` the embedding of the candidate node
+    (one per global node); the prefix is ignored. A reference implementation: TDR trainers may
+    bring their own module, anything with this forward signature exports and serves.
+    """
+
+    def __init__(self, dim: int, num_nodes: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.node_embedding = nn.Embedding(num_nodes, dim)
+        self.mlp = nn.Sequential(nn.Linear(3 * dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def user_vector(self, memory: Tensor, memory_mask: Tensor, beam_query: Tensor) -> Tensor:
+        """``-> [Bb, D]`` masked mean of each beam's memory row."""
+        weights = memory_mask[beam_query].to(memory.dtype)  # [Bb, T]
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
+        return torch.bmm(weights[:, None, :], memory[beam_query])[:, 0]  # [Bb, D]
+
+    def forward(
+        self, memory: Tensor, memory_mask: Tensor, beam_query: Tensor, prefix: Tensor, candidates: Tensor
+    ) -> Tensor:
+        u = self.user_vector(memory, memory_mask, beam_query)[:, None, :]  # [Bb, 1, D]
+        e = self.node_embedding(candidates.clamp(min=0))  # [Bb, C, D]
+        u = u.expand_as(e)
+        scores = self.mlp(torch.cat([u, e, u * e], dim=-1))[..., 0]  # [Bb, C]
+        return scores.masked_fill(candidates < 0, PAD_SCORE)

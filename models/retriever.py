@@ -1,0 +1,247 @@
+"""Bundle -> top-K items: encode, constrained beam search, leaf items, exclusion, rerank.
+
+The offline evaluator and the service call the same :class:`Retriever`, so what is measured
+offline is what is served. Everything after encoding is batched tensor work on the device:
+
+1. encode (or take cached :class:`EncoderStates`) -> ``memory [B,T,D]``, ``query [B,Dr]``;
+2. :func:`models.search.beam_search` over the device trie, the decoder backend as scorer
+   -> the ``b`` best leaves per query;
+3. candidates = the items of those leaves (one CSR gather, packed per row without padding
+   between leaves), minus excluded items (one batched ``searchsorted``);
+4. score candidates by ``query · item_emb`` (gather + ``bmm``), ``topk``.
+
+Work per query is O(beam_size × leaf size + history), never O(N): the trie, the leaf CSR and
+the item table are moved to the device once, at construction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.backend import DecoderBackend, OnnxBackend
+from models.bundle import Bundle
+from models.search import DeviceTrie, ScoreMode, beam_search
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncoderStates:
+    """The encoder's output for a batch of histories (what the service caches per row)."""
+
+    memory: Tensor  # [B, T, D] float32
+    memory_mask: Tensor  # [B, T] bool, True = a real history item
+    query: Tensor  # [B, Dr] float32
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.query.shape[0])
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Row ``i`` without its left padding: ``(memory [t,D], mask [t], query [Dr])`` as numpy."""
+        mask = self.memory_mask[i]
+        start = int(mask.long().argmax()) if bool(mask.any()) else mask.shape[0] - 1
+        return (
+            self.memory[i, start:].float().cpu().numpy(),
+            mask[start:].cpu().numpy(),
+            self.query[i].float().cpu().numpy(),
+        )
+
+    @classmethod
+    def stack(
+        cls, rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], device: str | torch.device = "cpu"
+    ) -> EncoderStates:
+        """Inverse of :meth:`row` for a batch: left-pads every row to the longest one."""
+        if not rows:
+            raise ValueError("EncoderStates.stack needs at least one row")
+        T = max(m.shape[0] for m, _, _ in rows)
+        D = rows[0][0].shape[1]
+        memory = np.zeros((len(rows), T, D), np.float32)
+        mask = np.zeros((len(rows), T), np.bool_)
+        for i, (m, k, _) in enumerate(rows):
+            memory[i, T - m.shape[0] :] = m
+            mask[i, T - k.shape[0] :] = k
+        query = np.stack([q for _, _, q in rows]).astype(np.float32)
+        dev = torch.device(device)
+        return cls(torch.from_numpy(memory).to(dev), torch.from_numpy(mask).to(dev), torch.from_numpy(query).to(dev))
+
+
+@dataclass(frozen=True)
+class RetrievalResult:
+    items: np.ndarray  # [B, k] dense ids, 0 where fewer exist
+    scores: np.ndarray  # [B, k] float32 inner products, -inf where padded
+    num_candidates: np.ndarray  # [B] items in the beam's leaves after exclusion
+    leaves: np.ndarray  # [B, b] global leaf node ids from the beam, -1 where fewer exist
+
+
+class Retriever:
+    """Serve a verified bundle. ``backend``: ``"onnx"`` (ONNX Runtime on ``device``) or any
+    :class:`DecoderBackend` instance, e.g. ``TorchBackend(encoder, decoder)`` as the reference
+    (a bundle holds only ONNX graphs, so the torch path needs the modules)."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        device: str = "cpu",
+        backend: str | DecoderBackend = "onnx",
+        *,
+        intra_op_threads: int | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.device = torch.device(device)
+        if isinstance(backend, str):
+            if backend != "onnx":
+                raise ValueError(
+                    f"backend {backend!r}: a bundle holds ONNX graphs only; use 'onnx' or pass a "
+                    "DecoderBackend instance such as TorchBackend(encoder, decoder)"
+                )
+            self.backend: DecoderBackend = OnnxBackend.from_bundle(bundle, self.device, intra_op_threads)
+        else:
+            self.backend = backend
+        manifest = bundle.manifest
+        self.max_history = manifest.max_history
+        self.num_items = manifest.num_items
+        self.score_mode: ScoreMode = manifest.score_mode  # type: ignore[assignment]
+        index = bundle.index
+        self.trie = DeviceTrie.from_index(index, self.device)
+        self.leaf_start = index.leaf_start
+        self.leaf_offsets = torch.as_tensor(index.leaf_offsets, dtype=torch.int64, device=self.device)
+        self.leaf_items = torch.as_tensor(index.leaf_items, dtype=torch.int64, device=self.device)
+        self.max_leaf_size = int(np.diff(index.leaf_offsets).max())
+        self.item_emb = torch.from_numpy(bundle.item_emb).to(self.device)  # [N+1, Dr]
+        log.info(
+            "retriever for %s (%s, %d items, %d leaves, max leaf %d) on %s",
+            manifest.name,
+            manifest.fingerprint[:12],
+            self.num_items,
+            index.num_leaves,
+            self.max_leaf_size,
+            self.backend.device_info,
+        )
+
+    @property
+    def device_info(self) -> str:
+        return self.backend.device_info
+
+    # ------------------------------------------------------------------ encode
+    def pad_histories(self, histories: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
+        """Keep the ``max_history`` most recent ids, left-pad with 0 -> ``(history [B,T], mask [B,T])``."""
+        if len(histories) == 0:
+            raise ValueError("histories is empty: need at least one row")
+        recent = [np.asarray(h, dtype=np.int64).reshape(-1)[-self.max_history :] for h in histories]
+        T = max(1, max(len(h) for h in recent))
+        history = np.zeros((len(recent), T), np.int64)  # [B, T]
+        for i, h in enumerate(recent):
+            if len(h):
+                history[i, T - len(h) :] = h
+        if history.min() < 0 or history.max() > self.num_items:
+            raise ValueError(f"history holds ids outside 0..{self.num_items} (dense ids, 0 = padding)")
+        hist = torch.from_numpy(history).to(self.device)
+        return hist, hist > 0
+
+    def encode(self, histories: Sequence[np.ndarray]) -> EncoderStates:
+        history, mask = self.pad_histories(histories)
+        memory, query = self.backend.encode(history, mask)
+        return EncoderStates(memory=memory, memory_mask=mask, query=query)
+
+    # ------------------------------------------------------------------ search
+    def leaf_candidates(self, leaves: Tensor) -> tuple[Tensor, Tensor]:
+        """``leaves [B,b]`` global ids (-1 pad) -> (items [B,C], valid [B,C]); C = max items over rows.
+
+        Items of a row's leaves are packed left to right (no gaps between leaves).
+        """
+        B, b = leaves.shape
+        present = leaves >= 0
+        leaf = (leaves - self.leaf_start).clamp(min=0)  # [B, b]
+        start = self.leaf_offsets[leaf]  # [B, b]
+        count = (self.leaf_offsets[leaf + 1] - start) * present  # [B, b]
+        if self.max_leaf_size == 1:  # single-item leaves (SEATER, TDR): a plain gather
+            return torch.where(present, self.leaf_items[start.clamp(max=self.leaf_items.numel() - 1)], 0), present
+        flat_count = count.reshape(-1)  # [B*b]
+        total = int(flat_count.sum())
+        C = max(1, int(count.sum(dim=1).max()))
+        items = torch.zeros(B, C, dtype=torch.int64, device=leaves.device)
+        valid = torch.zeros(B, C, dtype=torch.bool, device=leaves.device)
+        if total == 0:
+            return items, valid
+        seg = torch.repeat_interleave(torch.arange(B * b, device=leaves.device), flat_count, output_size=total)
+        seg_first = torch.cumsum(flat_count, 0) - flat_count  # [B*b] first flat slot of each leaf
+        within = torch.arange(total, device=leaves.device) - seg_first[seg]  # [total] offset inside its leaf
+        row_first = (count.cumsum(dim=1) - count).reshape(-1)  # [B*b] column of each leaf's first item
+        row, col = torch.div(seg, b, rounding_mode="floor"), row_first[seg] + within
+        items[row, col] = self.leaf_items[start.reshape(-1)[seg] + within]
+        valid[row, col] = True
+        return items, valid
+
+    def excluded(self, items: Tensor, exclude: Sequence[np.ndarray]) -> Tensor:
+        """``items [B,C]`` -> bool ``[B,C]``: item is in its row's exclude list (batched searchsorted)."""
+        B = items.shape[0]
+        if len(exclude) != B:
+            raise ValueError(f"exclude has {len(exclude)} rows, the batch has {B}")
+        rows = [np.unique(np.asarray(e, dtype=np.int64).reshape(-1)) for e in exclude]
+        E = max(1, max(len(r) for r in rows))
+        table = np.full((B, E), np.iinfo(np.int64).max, np.int64)  # [B, E] sorted, padded high
+        for i, r in enumerate(rows):
+            table[i, : len(r)] = r
+        sorted_excl = torch.from_numpy(table).to(items.device)
+        pos = torch.searchsorted(sorted_excl, items).clamp(max=E - 1)  # [B, C]
+        return sorted_excl.gather(1, pos) == items
+
+    def search(
+        self, states: EncoderStates, k: int, beam_size: int, exclude: Sequence[np.ndarray] | None = None
+    ) -> RetrievalResult:
+        if k < 1 or beam_size < 1:
+            raise ValueError(f"k and beam_size must be >= 1, got k={k}, beam_size={beam_size}")
+        B = states.batch_size
+        memory = states.memory.to(self.device)
+        memory_mask = states.memory_mask.to(self.device)
+        query = states.query.to(self.device, torch.float32)
+
+        def scorer(beam_query: Tensor, prefix: Tensor, candidates: Tensor) -> Tensor:
+            return self.backend.score(memory, memory_mask, beam_query, prefix, candidates)
+
+        beam = beam_search(self.trie, scorer, B, beam_size, self.score_mode)
+        items, valid = self.leaf_candidates(beam.leaves)  # [B, C]
+        if exclude is not None:
+            valid = valid & ~self.excluded(items, exclude)
+        scores = torch.bmm(self.item_emb[items], query[:, :, None])[:, :, 0]  # [B, C]
+        scores = scores.masked_fill(~valid, float("-inf"))
+        top_scores, top_idx = torch.topk(scores, min(k, scores.shape[1]), dim=1)  # [B, k']
+        top_items = items.gather(1, top_idx).masked_fill(~valid.gather(1, top_idx), 0)
+        out_items = np.zeros((B, k), np.int64)
+        out_scores = np.full((B, k), -np.inf, np.float32)
+        out_items[:, : top_idx.shape[1]] = top_items.cpu().numpy()
+        out_scores[:, : top_idx.shape[1]] = top_scores.float().cpu().numpy()
+        return RetrievalResult(
+            items=out_items,
+            scores=out_scores,
+            num_candidates=valid.sum(dim=1).cpu().numpy(),
+            leaves=beam.leaves.cpu().numpy(),
+        )
+
+    def retrieve(
+        self,
+        histories: Sequence[np.ndarray],
+        k: int,
+        beam_size: int,
+        exclude: Sequence[np.ndarray] | None = None,
+        *,
+        exclude_history: bool = False,
+    ) -> RetrievalResult:
+        """encode + search; ``exclude_history`` adds each row's (full) history to its exclusions."""
+        states = self.encode(histories)
+        if exclude_history:
+            extra = exclude if exclude is not None else [np.zeros(0, np.int64)] * len(histories)
+            exclude = [np.concatenate([np.asarray(h, np.int64), np.asarray(e, np.int64)]) for h, e in zip(histories, extra, strict=True)]
+        return self.search(states, k, beam_size, exclude)
+
+    def warmup(self, beam_size: int = 8, batch_size: int = 2) -> None:
+        """Run one retrieval on dummy histories so that the backends allocate before traffic."""
+        histories = [np.arange(1, min(self.num_items, self.max_history) + 1, dtype=np.int64)] * batch_size
+        self.retrieve(histories, k=10, beam_size=beam_size)

@@ -1,0 +1,84 @@
+"""``genret serve`` and ``genret bench serve`` (registered by training/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: Any, groups: dict[str, Any]) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="run the retrieval service (settings from GENRET_* env; flags override)",
+        description="Run the HTTP retrieval service under uvicorn. Every setting is read from GENRET_* "
+        "environment variables (see service/settings.py); the flags below override them.",
+    )
+    serve.add_argument(
+        "--bundle", type=Path, help="bundle directory, or a directory of bundles (GENRET_BUNDLE_PATH)"
+    )
+    serve.add_argument("--host", help="bind address (GENRET_HOST)")
+    serve.add_argument("--port", type=int, help="port (GENRET_PORT)")
+    serve.add_argument("--device", help="cpu | cuda:0 (GENRET_DEVICE)")
+    serve.add_argument("--search-mode", choices=["generative", "bruteforce"], help="GENRET_SEARCH_MODE")
+    serve.add_argument("--redis-url", help="redis://host:port/0 (GENRET_REDIS_URL)")
+    serve.set_defaults(func=cmd_serve)
+
+    bench = groups["bench"].add_parser(
+        "serve",
+        help="QPS and latency of the service vs brute-force top-K over the same items",
+        description="Build a synthetic bundle of N items, serve it (uvicorn subprocess), drive it with wrk at "
+        "each concurrency, then the same against brute-force inner-product top-K served the same way.",
+    )
+    bench.add_argument("--items", type=int, default=1_000_000, help="catalogue size N")
+    bench.add_argument("--levels", type=int, default=3, help="index depth L")
+    bench.add_argument("--branching", type=int, default=0, help="children per node (0 = ceil(N^(1/L)))")
+    bench.add_argument("--dim", type=int, default=64, help="model width")
+    bench.add_argument("--concurrency", default="1,8,32,64", help="comma-separated open connections")
+    bench.add_argument("--duration", type=float, default=10.0, help="seconds per concurrency level")
+    bench.add_argument("--k", type=int, default=10, help="items per request")
+    bench.add_argument("--beam-size", type=int, default=20, help="beam width of the generative path")
+    bench.add_argument(
+        "--max-batch-size", type=int, default=64, help="GENRET_MAX_BATCH_SIZE of the served app"
+    )
+    bench.add_argument("--modes", default="generative,bruteforce", help="which paths to measure")
+    bench.add_argument("--workdir", type=Path, default=Path("runs/bench_serve"), help="bundle cache and logs")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--json", action="store_true", help="print the results as JSON too")
+    bench.set_defaults(func=cmd_bench_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.server import serve
+    from service.settings import Settings
+
+    overrides: dict[str, Any] = {
+        "bundle_path": args.bundle,
+        "host": args.host,
+        "port": args.port,
+        "device": args.device,
+        "search_mode": args.search_mode,
+        "redis_url": args.redis_url,
+    }
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    return serve(settings)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from service.bench import BenchConfig, run_bench
+
+    config = BenchConfig(
+        items=args.items,
+        levels=args.levels,
+        branching=args.branching,
+        dim=args.dim,
+        concurrency=tuple(int(c) for c in args.concurrency.split(",") if c.strip()),
+        duration_s=args.duration,
+        k=args.k,
+        beam_size=args.beam_size,
+        max_batch_size=args.max_batch_size,
+        modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+        workdir=args.workdir,
+        seed=args.seed,
+    )
+    return run_bench(config, as_json=args.json)

@@ -1,0 +1,450 @@
+"""The façade the routes call: request -> (variant, bundle) -> cache -> batched retrieve -> response.
+
+Per request (on the event loop): check the limits from settings, choose the variant and bundle, map
+raw history ids to dense ids (unknown ids skipped and counted), keep the model's ``max_history``
+most recent (``truncated``), answer an empty usable history with popular items
+(``fallback: "popular"``), and queue the rest in the batcher.
+
+Per batch: one cache MGET for every row, then on the compute thread: encode the misses (grouped by
+bundle), stack cached and fresh encoder states, search (grouped by bundle and beam width) — beam
+search + rerank, or the brute-force baseline — and cut each row to its own k; fresh states are
+written back with one pipelined SET after the batch is answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from models.retriever import EncoderStates
+from service.batcher import Batcher, BatcherConfig, Job
+from service.bruteforce import bruteforce_topk
+from service.cache import StateCache, StateRow, cache_key
+from service.errors import LimitExceeded, Unavailable
+from service.metrics import FALLBACKS, INFLIGHT, STAGE_SECONDS, UNKNOWN_HISTORY_ITEMS
+from service.models_registry import LoadedModel, ModelRegistry
+from service.schemas import DebugInfo, ModelRef, RetrieveRequest, RetrieveResponse, ScoredItem
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VARIANT = "default"
+ANONYMOUS = "anonymous"
+
+
+class VariantRouter(Protocol):
+    """What the engine needs from the experiment (``service.experiments.ExperimentHooks``)."""
+
+    def assign(self, user_key: str) -> str: ...
+    def bundle_of(self, variant: str) -> str: ...
+
+
+def default_assignment_key(user_id: str | None, history: Sequence[str]) -> str:
+    """``u:<user_id>``, else ``h:<hash of the history ids>`` (the experiments module's convention)."""
+    if user_id:
+        return f"u:{user_id}"
+    h = hashlib.blake2b(digest_size=12)
+    for item in history:
+        h.update(str(item).encode())
+        h.update(b"\x1f")
+    return f"h:{h.hexdigest()}"
+
+
+# on_primary_result(request, response, timings in seconds): called after each primary answer (shadowing)
+PrimaryResultHook = Callable[[RetrieveRequest, RetrieveResponse, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready for the batcher: everything in dense ids of one bundle."""
+
+    model: LoadedModel
+    key: str  # cache key
+    history: np.ndarray  # [t] dense ids, oldest first, t <= max_history, t >= 1
+    exclude: np.ndarray  # [e] dense ids never to return
+    k: int
+    beam_size: int
+
+
+@dataclass(frozen=True)
+class RowResult:
+    items: np.ndarray  # [k] dense ids, 0 where fewer exist
+    scores: np.ndarray  # [k] float32, -inf where padded
+    num_candidates: int
+    cache: str  # "hit" | "miss"
+    batch_size: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per batch stage
+
+
+@dataclass(frozen=True)
+class Mapped:
+    """The raw request mapped onto one bundle (before any compute)."""
+
+    model: LoadedModel
+    variant: str
+    user_key: str
+    history: np.ndarray  # [t] dense
+    exclude: np.ndarray  # [e] dense
+    unknown: int
+    truncated: bool
+
+
+def stack_rows(rows: Sequence[StateRow], device: str) -> EncoderStates:
+    """Per-row states -> one left-padded batch (the encoder counts positions from the most recent
+    item, so a left-padded row gives the same states at any padded length)."""
+    return EncoderStates.stack([(r.memory, r.memory_mask, r.query) for r in rows], device)
+
+
+def split_rows(states: EncoderStates) -> list[StateRow]:
+    """Per-row states without their left padding, as numpy (what the cache stores)."""
+    rows = []
+    for i in range(states.batch_size):
+        memory, mask, query = states.row(i)  # [t, D], [t], [Dr]
+        rows.append(StateRow(memory=memory, memory_mask=mask.astype(bool), query=query))
+    return rows
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry,
+        cache: StateCache,
+        *,
+        router: VariantRouter | None = None,
+        on_primary_result: PrimaryResultHook | None = None,
+        assignment_key: Callable[[str | None, Sequence[str]], str] = default_assignment_key,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.cache = cache
+        self.router = router
+        self.on_primary_result = on_primary_result
+        self.assignment_key = assignment_key
+        self.batcher: Batcher[Prepared, RowResult] = Batcher(
+            self._process,
+            BatcherConfig(
+                max_batch_size=settings.max_batch_size,
+                max_wait_s=settings.max_wait_ms / 1000.0,
+                queue_size=settings.queue_size,
+                retry_after_s=settings.retry_after_s,
+            ),
+        )
+        self.ready = False
+        self.draining = False
+        self.inflight = 0
+        self._writes: set[asyncio.Task[None]] = set()
+
+    # --- lifecycle ---
+
+    def start(self) -> None:
+        self.batcher.start()
+        self.ready = True
+
+    def begin_drain(self) -> None:
+        """Stop taking new requests (503, /readyz false); queued and running ones still finish."""
+        if not self.draining:
+            log.info("draining: %d requests in flight", self.inflight)
+        self.draining = True
+
+    @property
+    def idle(self) -> bool:
+        return self.inflight == 0 and self.batcher.idle
+
+    async def stop(self, grace_s: float) -> None:
+        self.begin_drain()
+        deadline = time.monotonic() + grace_s
+        while self.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await self.batcher.stop(timeout_s=max(0.0, deadline - time.monotonic()))
+        if self._writes:
+            await asyncio.wait(self._writes, timeout=max(0.1, deadline - time.monotonic()))
+        self.ready = False
+
+    # --- requests ---
+
+    async def retrieve(self, request: RetrieveRequest) -> RetrieveResponse:
+        self._check_accepting()
+        self.check_limits(request, ())
+        return await self._tracked(self._retrieve_one(request))
+
+    async def retrieve_batch(self, requests: Sequence[RetrieveRequest]) -> list[RetrieveResponse]:
+        self._check_accepting()
+        if len(requests) > self.settings.max_batch_requests:
+            raise LimitExceeded(
+                ("requests",),
+                f"{len(requests)} requests exceed max_batch_requests={self.settings.max_batch_requests}",
+            )
+        for i, request in enumerate(requests):
+            self.check_limits(request, ("requests", i))
+
+        async def all_of() -> list[RetrieveResponse]:
+            return list(await asyncio.gather(*(self._retrieve_one(r) for r in requests)))
+
+        return await self._tracked(all_of())
+
+    async def run_shadow(self, request: RetrieveRequest) -> RetrieveResponse:
+        """A shadow copy (``request.model`` names the shadow bundle): same path, no hook, not counted in flight."""
+        if self.draining:
+            raise Unavailable("shutting down: shadow copy dropped")
+        self.check_limits(request, ())
+        return await self._retrieve_one(request, notify=False)
+
+    def check_limits(self, request: RetrieveRequest, loc: tuple[str | int, ...]) -> None:
+        s = self.settings
+        if request.k is not None and request.k > s.max_k:
+            raise LimitExceeded((*loc, "k"), f"k={request.k} exceeds max_k={s.max_k}")
+        if request.beam_size is not None and not s.min_beam_size <= request.beam_size <= s.max_beam_size:
+            raise LimitExceeded(
+                (*loc, "beam_size"),
+                f"beam_size={request.beam_size} outside [{s.min_beam_size}, {s.max_beam_size}]",
+            )
+        if len(request.history) > s.max_history_items:
+            raise LimitExceeded(
+                (*loc, "history"),
+                f"{len(request.history)} history items exceed max_history_items={s.max_history_items}",
+            )
+        if len(request.exclude) > s.max_exclude_items:
+            raise LimitExceeded(
+                (*loc, "exclude"),
+                f"{len(request.exclude)} exclude ids exceed max_exclude_items={s.max_exclude_items}",
+            )
+        if request.deadline_ms is not None and request.deadline_ms > s.max_deadline_ms:
+            raise LimitExceeded(
+                (*loc, "deadline_ms"),
+                f"deadline_ms={request.deadline_ms} exceeds max_deadline_ms={s.max_deadline_ms}",
+            )
+
+    def map_request(self, request: RetrieveRequest) -> Mapped:
+        """Variant, bundle and dense ids for ``request`` (unknown ids skipped, history truncated)."""
+        user_key = request.user_id or ANONYMOUS
+        variant = DEFAULT_VARIANT
+        model_name = request.model
+        if model_name is None and self.router is not None:
+            variant = self.router.assign(self.assignment_key(request.user_id, request.history))
+            model_name = self.router.bundle_of(variant)
+        model = self.registry.get(model_name)
+        known = [model.dense_of.get(raw) for raw in request.history]
+        dense = np.array([d for d in known if d is not None], dtype=np.int64)  # [t]
+        unknown = len(known) - len(dense)
+        truncated = len(dense) > model.max_history
+        if truncated:
+            dense = dense[-model.max_history :]
+        excluded = [d for d in (model.dense_of.get(raw) for raw in request.exclude) if d is not None]
+        if request.exclude_history:
+            excluded.extend(int(d) for d in dense)
+        exclude = np.unique(np.array(excluded, dtype=np.int64))  # [e]
+        return Mapped(model, variant, user_key, dense, exclude, unknown, truncated)
+
+    async def _tracked(self, work: Any) -> Any:
+        self.inflight += 1
+        INFLIGHT.inc()
+        try:
+            return await work
+        finally:
+            self.inflight -= 1
+            INFLIGHT.dec()
+
+    def _check_accepting(self) -> None:
+        if self.draining:
+            raise Unavailable("shutting down: not taking new requests")
+        if not self.ready:
+            raise Unavailable("not ready: bundles are still loading")
+
+    async def _retrieve_one(self, request: RetrieveRequest, *, notify: bool = True) -> RetrieveResponse:
+        started = time.perf_counter()
+        mapped = self.map_request(request)
+        if mapped.unknown:
+            UNKNOWN_HISTORY_ITEMS.inc(mapped.unknown)
+        k = request.k or self.settings.default_k
+        if len(mapped.history) == 0:
+            FALLBACKS.labels(reason="empty_history").inc()
+            response = self._popular(request, mapped, k)
+            if notify:
+                self._notify(request, response, {"total": time.perf_counter() - started})
+            return response
+        prepared = Prepared(
+            model=mapped.model,
+            key=cache_key(mapped.model.fingerprint, mapped.user_key, mapped.history),
+            history=mapped.history,
+            exclude=mapped.exclude,
+            k=k,
+            beam_size=request.beam_size or self.settings.default_beam_size,
+        )
+        deadline_ms = request.deadline_ms or self.settings.default_deadline_ms
+        row = await self.batcher.submit(prepared, time.monotonic() + deadline_ms / 1000.0)
+        keep = (row.items > 0) & np.isfinite(row.scores)
+        items = [
+            ScoredItem(id=mapped.model.raw_ids[int(d)], score=float(s))
+            for d, s in zip(row.items[keep], row.scores[keep], strict=True)
+        ]
+        timings = {**row.timings, "total": time.perf_counter() - started}
+        response = RetrieveResponse(
+            items=items,
+            model=self._model_ref(mapped.model),
+            variant=mapped.variant,
+            unknown_history_items=mapped.unknown,
+            truncated=mapped.truncated,
+            debug=self._debug(
+                request, timings, row.cache, row.batch_size, row.num_candidates, len(mapped.history)
+            ),
+        )
+        if notify:
+            self._notify(request, response, timings)
+        return response
+
+    def _popular(self, request: RetrieveRequest, mapped: Mapped, k: int) -> RetrieveResponse:
+        model = mapped.model
+        take = model.popular[: k + len(mapped.exclude)]
+        if len(mapped.exclude):
+            take = take[~np.isin(take, mapped.exclude)]
+        take = take[:k]
+        return RetrieveResponse(
+            items=[ScoredItem(id=model.raw_ids[int(d)], score=float(model.popularity[d])) for d in take],
+            model=self._model_ref(model),
+            variant=mapped.variant,
+            unknown_history_items=mapped.unknown,
+            truncated=mapped.truncated,
+            fallback="popular",
+            debug=self._debug(request, {}, "none", 0, model.num_items - len(mapped.exclude), 0),
+        )
+
+    @staticmethod
+    def _model_ref(model: LoadedModel) -> ModelRef:
+        return ModelRef(name=model.name, version=model.version, method=model.method)
+
+    @staticmethod
+    def _debug(
+        request: RetrieveRequest,
+        timings: dict[str, float],
+        cache: str,
+        batch: int,
+        candidates: int,
+        used: int,
+    ) -> DebugInfo | None:
+        if not request.debug:
+            return None
+        return DebugInfo(
+            timings_ms={k: round(v * 1000.0, 3) for k, v in timings.items()},
+            cache=cache,
+            batch_size=batch,
+            num_candidates=candidates,
+            history_used=used,
+        )
+
+    def _notify(
+        self, request: RetrieveRequest, response: RetrieveResponse, timings: dict[str, float]
+    ) -> None:
+        if self.on_primary_result is None:
+            return
+        try:
+            self.on_primary_result(request, response, timings)
+        except Exception:  # a shadow/experiment hook must never fail the primary answer
+            log.exception("on_primary_result hook failed")
+
+    # --- batches ---
+
+    async def _process(self, jobs: Sequence[Job[Prepared, RowResult]]) -> list[RowResult | BaseException]:
+        payloads = [job.payload for job in jobs]
+        t0 = time.perf_counter()
+        cached = await self.cache.get_many([p.key for p in payloads])
+        t_cache = time.perf_counter() - t0
+        STAGE_SECONDS.labels(stage="cache").observe(t_cache)
+        results, fresh = await self.batcher.run_in_worker(self._compute, payloads, cached)
+        if fresh:
+            task = asyncio.create_task(self.cache.set_many(fresh))
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
+        out: list[RowResult | BaseException] = []
+        for job, result in zip(jobs, results, strict=True):
+            if isinstance(result, RowResult):
+                result.timings.update(queue=job.queue_seconds, cache=t_cache)
+            out.append(result)
+        return out
+
+    def _compute(
+        self, payloads: list[Prepared], cached: list[StateRow | None]
+    ) -> tuple[list[RowResult | BaseException], dict[str, StateRow]]:
+        """Encode the misses, then search; runs on the compute thread. One failing group fails only its rows."""
+        rows: list[StateRow | None] = list(cached)
+        errors: dict[int, BaseException] = {}
+        fresh: dict[str, StateRow] = {}
+        t0 = time.perf_counter()
+        misses: dict[int, list[int]] = {}
+        for i, (p, row) in enumerate(zip(payloads, cached, strict=True)):
+            if row is None:
+                misses.setdefault(id(p.model), []).append(i)
+        for idxs in misses.values():
+            model = payloads[idxs[0]].model
+            try:
+                states = model.retriever.encode([payloads[i].history for i in idxs])
+            except Exception as exc:
+                log.exception("encode failed for %s", model.name)
+                errors.update(dict.fromkeys(idxs, exc))
+                continue
+            for i, row in zip(idxs, split_rows(states), strict=True):
+                rows[i] = row
+                fresh[payloads[i].key] = row
+        t_encode = time.perf_counter() - t0
+        if misses:
+            STAGE_SECONDS.labels(stage="encode").observe(t_encode)
+
+        t1 = time.perf_counter()
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, p in enumerate(payloads):
+            if i not in errors:
+                beam = 0 if self.settings.search_mode == "bruteforce" else p.beam_size
+                groups.setdefault((id(p.model), beam), []).append(i)
+        found: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
+        for (_, beam), idxs in groups.items():
+            try:
+                found.update(self._search(payloads, rows, idxs, beam))
+            except Exception as exc:
+                log.exception("search failed")
+                errors.update(dict.fromkeys(idxs, exc))
+        t_search = time.perf_counter() - t1
+        STAGE_SECONDS.labels(stage="search").observe(t_search)
+
+        results: list[RowResult | BaseException] = []
+        for i, p in enumerate(payloads):
+            if i in errors:
+                results.append(errors[i])
+                continue
+            items, scores, candidates = found[i]
+            results.append(
+                RowResult(
+                    items=items[: p.k],
+                    scores=scores[: p.k],
+                    num_candidates=candidates,
+                    cache="hit" if cached[i] is not None else "miss",
+                    batch_size=len(payloads),
+                    timings={"encode": t_encode if cached[i] is None else 0.0, "search": t_search},
+                )
+            )
+        return results, fresh
+
+    def _search(
+        self, payloads: list[Prepared], rows: list[StateRow | None], idxs: list[int], beam: int
+    ) -> dict[int, tuple[np.ndarray, np.ndarray, int]]:
+        model = payloads[idxs[0]].model
+        group_rows = [rows[i] for i in idxs]
+        assert all(r is not None for r in group_rows)
+        states = stack_rows([r for r in group_rows if r is not None], self.settings.device)
+        k = max(payloads[i].k for i in idxs)
+        exclude = [payloads[i].exclude for i in idxs]
+        if beam == 0:  # brute-force baseline
+            items, scores = bruteforce_topk(states.query, model.item_emb, k, exclude)
+            candidates = [model.num_items - len(e) for e in exclude]
+        else:
+            result = model.retriever.search(states, k=k, beam_size=beam, exclude=exclude)
+            items = np.asarray(result.items)
+            scores = np.asarray(result.scores, dtype=np.float32)
+            candidates = [int(c) for c in np.asarray(result.num_candidates)]
+        return {i: (items[j], scores[j], candidates[j]) for j, i in enumerate(idxs)}

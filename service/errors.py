@@ -1,0 +1,144 @@
+"""One error hierarchy for the service, mapped to HTTP in one place.
+
+Routes raise :class:`ServiceError` subclasses (or let FastAPI raise its validation error); the
+handlers installed by :func:`install_error_handlers` turn them into JSON responses and count them
+in ``genret_errors_total{kind}``. Nothing else in the service builds an error response.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from service.metrics import ERRORS
+
+log = logging.getLogger(__name__)
+
+
+class ErrorBody(BaseModel):
+    """The JSON body of every error response except request validation (422)."""
+
+    kind: str
+    message: str
+
+
+class ServiceError(Exception):
+    """Base class: ``status`` and ``kind`` say how the error is answered and counted."""
+
+    status: int = 500
+    kind: str = "internal"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class LimitExceeded(ServiceError):
+    """A request field is outside the limits configured in settings (answered like validation, 422)."""
+
+    status = 422
+    kind = "limit"
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+    kind = "body_too_large"
+
+
+class UnknownModel(ServiceError):
+    status = 404
+    kind = "unknown_model"
+
+
+class QueueFull(ServiceError):
+    status = 429
+    kind = "queue_full"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class DeadlineExceeded(ServiceError):
+    status = 504
+    kind = "deadline"
+
+
+class Unavailable(ServiceError):
+    """Not ready yet, or draining for shutdown."""
+
+    status = 503
+    kind = "unavailable"
+
+
+class Unauthorized(ServiceError):
+    status = 401
+    kind = "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(ServiceError):
+    status = 403
+    kind = "forbidden"
+
+
+class BadBundle(ServiceError):
+    """A bundle failed to load or warm; the serving one stays."""
+
+    status = 422
+    kind = "bad_bundle"
+
+
+# Responses to declare in the OpenAPI schema of the retrieval routes.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "Unknown model name."},
+    413: {"model": ErrorBody, "description": "Request body larger than max_body_bytes."},
+    429: {"model": ErrorBody, "description": "Queue full; retry after the Retry-After header."},
+    503: {"model": ErrorBody, "description": "Not ready, or shutting down."},
+    504: {"model": ErrorBody, "description": "Deadline passed while the request was queued."},
+}
+
+
+def error_response(exc: ServiceError) -> JSONResponse:
+    """The response for ``exc`` (also used by middleware that runs outside the routes)."""
+    ERRORS.labels(kind=exc.kind).inc()
+    if isinstance(exc, LimitExceeded):
+        detail = [{"loc": ["body", *exc.loc], "msg": exc.message, "type": "limit"}]
+        return JSONResponse({"detail": detail}, status_code=exc.status, headers=exc.headers)
+    body = ErrorBody(kind=exc.kind, message=exc.message).model_dump()
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every error to its HTTP answer, once, for the whole app."""
+
+    async def on_service_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ServiceError)
+        return error_response(exc)
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        ERRORS.labels(kind="validation").inc()
+        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        ERRORS.labels(kind="internal").inc()
+        body = ErrorBody(kind="internal", message=f"internal error: {type(exc).__name__}").model_dump()
+        return JSONResponse(body, status_code=500)
+
+    app.add_exception_handler(ServiceError, on_service_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,67 @@
+"""Prometheus metrics of the service, all prefixed ``genret_`` and held in one registry.
+
+The registry is module-level (one per process, like the process itself); ``/metrics`` renders it.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+REQUEST_SECONDS = Histogram(
+    "genret_request_duration_seconds",
+    "End-to-end HTTP request duration.",
+    ["route", "variant", "status"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+STAGE_SECONDS = Histogram(
+    "genret_stage_duration_seconds",
+    "Duration of one retrieval stage (queue, cache, encode, search, rerank); batch stages once per batch.",
+    ["stage"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+BATCH_SIZE = Histogram(
+    "genret_batch_size",
+    "Requests computed together in one batch.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+    registry=REGISTRY,
+)
+QUEUE_DEPTH = Gauge("genret_queue_depth", "Requests waiting for the batcher.", registry=REGISTRY)
+INFLIGHT = Gauge(
+    "genret_inflight_requests", "Retrieval requests accepted and not yet answered.", registry=REGISTRY
+)
+CACHE_RESULTS = Counter(
+    "genret_cache_results_total",
+    "Encoder-state cache lookups by result (hit, miss, error, breaker_open).",
+    ["result"],
+    registry=REGISTRY,
+)
+ERRORS = Counter(
+    "genret_errors_total", "Requests answered with an error, by kind.", ["kind"], registry=REGISTRY
+)
+UNKNOWN_HISTORY_ITEMS = Counter(
+    "genret_unknown_history_items_total",
+    "History ids not in the model's vocabulary (skipped).",
+    registry=REGISTRY,
+)
+FALLBACKS = Counter(
+    "genret_fallbacks_total", "Requests answered without the model, by reason.", ["reason"], registry=REGISTRY
+)
+RELOADS = Counter("genret_reloads_total", "Bundle reload attempts by result.", ["result"], registry=REGISTRY)
+MODEL_INFO = Gauge(
+    "genret_model_info",
+    "Loaded models (value 1) with their identity.",
+    ["name", "version", "method", "device", "backend"],
+    registry=REGISTRY,
+)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text of every ``genret_`` metric and its content type."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -1,0 +1,148 @@
+"""Request and response models of the HTTP API (what the OpenAPI schema shows).
+
+Static bounds live here; the limits that come from settings (``max_k``, beam bounds, history and
+exclude lengths, deadline, batch size) are checked by the engine and answered with a 422 naming the
+field, in the same shape as FastAPI's validation errors.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+
+def _id_to_str(value: Any) -> Any:
+    # JSON integers are accepted as ids and mean their decimal string; bools are not ids
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+ItemId = Annotated[str, BeforeValidator(_id_to_str), Field(min_length=1, max_length=256)]
+
+
+class RetrieveRequest(BaseModel):
+    """One user's retrieval request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: str | None = Field(
+        default=None,
+        max_length=256,
+        description="Caller's user id: the cache key and the A/B assignment key.",
+    )
+    history: list[ItemId] = Field(
+        default_factory=list,
+        description="Item ids the user interacted with, oldest first (at most GENRET_MAX_HISTORY_ITEMS); "
+        "only the model's max_history most recent known ids are used.",
+    )
+    k: int | None = Field(
+        default=None, ge=1, description="Items to return (at most GENRET_MAX_K; default GENRET_DEFAULT_K)."
+    )
+    beam_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Beam width (GENRET_MIN_BEAM_SIZE..GENRET_MAX_BEAM_SIZE; default from settings).",
+    )
+    exclude: list[ItemId] = Field(default_factory=list, description="Item ids never to return.")
+    exclude_history: bool = Field(default=False, description="Never return items of the history.")
+    debug: bool = Field(default=False, description="Add timings, cache and batch details to the response.")
+    deadline_ms: int | None = Field(
+        default=None,
+        ge=1,
+        description="Answer with 504 if not computed within this many ms (at most GENRET_MAX_DEADLINE_MS).",
+    )
+    model: str | None = Field(
+        default=None, max_length=128, description="Serve from this model instead of the default."
+    )
+
+
+class BatchRetrieveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[RetrieveRequest] = Field(
+        ..., min_length=1, description="Requests answered together (at most GENRET_MAX_BATCH_REQUESTS)."
+    )
+
+
+class ScoredItem(BaseModel):
+    id: str
+    score: float
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+    method: str
+
+
+class DebugInfo(BaseModel):
+    timings_ms: dict[str, float] = Field(description="Per-stage milliseconds (queue, cache, encode, search).")
+    cache: str = Field(description="hit | miss | none (the encoder was not needed)")
+    batch_size: int
+    num_candidates: int
+    history_used: int = Field(description="Known history items given to the encoder.")
+
+
+class RetrieveResponse(BaseModel):
+    items: list[ScoredItem]
+    model: ModelRef
+    variant: str
+    unknown_history_items: int = Field(description="History ids unknown to the model, skipped.")
+    truncated: bool = Field(
+        description="True when the history was cut to the model's max_history most recent."
+    )
+    fallback: Literal["popular"] | None = Field(
+        default=None, description="Set when the history had no known item and popular items were returned."
+    )
+    debug: DebugInfo | None = None
+
+
+class BatchRetrieveResponse(BaseModel):
+    results: list[RetrieveResponse]
+
+
+class ModelDescription(BaseModel):
+    name: str
+    version: str
+    method: str
+    fingerprint: str
+    num_items: int
+    max_history: int
+    path: str
+    loaded_at: float
+    default: bool
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelDescription]
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    draining: bool
+    models: list[str]
+    device: str
+    decoder_backend: str
+    backend_devices: dict[str, str] = Field(description="Per model: where its ONNX Runtime sessions run.")
+    search_mode: str
+    cache: dict[str, Any]
+    queue_depth: int
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(default=None, description="Reload only this model (default: every bundle).")
+
+
+class ReloadOutcome(BaseModel):
+    name: str
+    old_version: str | None
+    new_version: str
+    changed: bool
+
+
+class ReloadResponse(BaseModel):
+    reloaded: list[ReloadOutcome]

@@ -1,0 +1,456 @@
+"""Shadow lane: run a sampled copy of requests on another bundle, with spare capacity only.
+
+The primary path calls :meth:`ShadowLane.offer` after it has its answer: a non-blocking
+``put_nowait`` into a small bounded queue (full -> the copy is dropped and counted in
+``genret_shadow_dropped_total{reason="queue_full"}``). One worker task takes copies one at a time,
+waits until ``primary_idle()`` says the primary batcher has nothing to do (a copy that waits longer
+than ``max_age_s`` is dropped as ``stale``), runs ``run_shadow(request)`` with a timeout, and records
+how far the shadow's list agrees with the primary's — overlap@K, Jaccard, rank-biased overlap —
+and both latencies, as ``genret_shadow_*`` metrics and as one JSON line in a rotating log.
+
+Nothing on the primary path awaits the lane, and the lane only reads the primary result (it keeps
+an immutable copy of the item ids), so a shadow can neither delay nor change a primary response
+beyond sharing the compute thread while the primary queue is empty.
+
+Sections: agreement measures (pure functions), results and jobs (data), the JSONL log, the lane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import queue
+import time
+from collections import Counter as Tally
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from logging.handlers import QueueHandler, QueueListener, RotatingFileHandler
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from service.metrics import REGISTRY
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+
+# ---- agreement measures (pure) ------------------------------------------------------------------
+
+
+def overlap_at_k(primary: Sequence[Hashable], shadow: Sequence[Hashable], k: int) -> float:
+    """|top-k(primary) ∩ top-k(shadow)| / k', with k' = min(k, longer list) (1.0 when both are empty)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    a, b = set(primary[:k]), set(shadow[:k])
+    denom = min(k, max(len(primary), len(shadow)))
+    return 1.0 if denom == 0 else len(a & b) / denom
+
+
+def jaccard(primary: Sequence[Hashable], shadow: Sequence[Hashable]) -> float:
+    """|A ∩ B| / |A ∪ B| over the two item sets (1.0 when both are empty)."""
+    a, b = set(primary), set(shadow)
+    union = a | b
+    return 1.0 if not union else len(a & b) / len(union)
+
+
+def rank_biased_overlap(primary: Sequence[Hashable], shadow: Sequence[Hashable], p: float = 0.9) -> float:
+    """Extrapolated rank-biased overlap RBO_ext (Webber, Moffat, Zobel 2010, eq. 32), in [0, 1].
+
+    Top-weighted agreement of two rankings of distinct items: depth d weighs p^(d-1)(1-p), so with
+    p = 0.9 the first 10 ranks carry ~86 % of the weight. Lists may differ in length (s <= l):
+        RBO_ext = (1-p)/p * (sum_{d=1..l} X_d/d p^d + sum_{d=s+1..l} X_s (d-s)/(s d) p^d)
+                  + ((X_l - X_s)/l + X_s/s) p^l
+    where X_d = |S[:d] ∩ L[:d]|. Identical lists give 1, disjoint lists 0; both empty give 1.
+    """
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must be in (0, 1), got {p}")
+    short, long_ = (list(primary), list(shadow))
+    if len(short) > len(long_):
+        short, long_ = long_, short
+    s, ll = len(short), len(long_)
+    if ll == 0:
+        return 1.0
+    if s == 0:
+        return 0.0
+    seen_s: set[Hashable] = set()
+    seen_l: set[Hashable] = set()
+    overlap = 0  # X_d, updated incrementally
+    total = 0.0
+    x_s = 0
+    for d in range(1, ll + 1):
+        item_l = long_[d - 1]
+        if d <= s:
+            item_s = short[d - 1]
+            if item_s == item_l:
+                overlap += 1
+            else:
+                overlap += (item_s in seen_l) + (item_l in seen_s)
+            seen_s.add(item_s)
+            seen_l.add(item_l)
+            if d == s:
+                x_s = overlap
+        else:
+            overlap += item_l in seen_s
+            seen_l.add(item_l)
+            total += x_s * (d - s) / (s * d) * p**d
+        total += overlap / d * p**d
+    rbo = (1.0 - p) / p * total + ((overlap - x_s) / ll + x_s / s) * p**ll
+    return min(1.0, max(0.0, rbo))
+
+
+@dataclass(frozen=True)
+class Agreement:
+    overlap_at_k: float
+    jaccard: float
+    rbo: float
+
+    @classmethod
+    def of(cls, primary: Sequence[Hashable], shadow: Sequence[Hashable], k: int, p: float = 0.9) -> Agreement:
+        k = max(k, 1)
+        return cls(
+            overlap_at_k=overlap_at_k(primary, shadow, k),
+            jaccard=jaccard(primary[:k], shadow[:k]),
+            rbo=rank_biased_overlap(primary[:k], shadow[:k], p),
+        )
+
+
+# ---- results and jobs (data) -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """One model's answer as the lane sees it."""
+
+    items: tuple[str, ...]  # ranked item ids, best first, no padding
+    bundle: str  # model name
+    version: str  # bundle version / fingerprint
+    latency_s: float  # time to answer as seen by the caller (nan = unknown: the lane measures it)
+
+
+@dataclass(frozen=True)
+class ShadowJob(Generic[Req]):
+    """A copy of one primary request, aimed at ``shadow_bundle``, with the primary's answer."""
+
+    request: Req  # what run_shadow is called with
+    primary: Ranked
+    shadow_bundle: str
+    variant: str
+    experiment: str
+    request_id: str
+    user_hash: str  # hashed user key (no raw user ids in logs)
+    k: int
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class ShadowConfig:
+    queue_size: int = 64  # copies waiting for spare capacity; more are dropped ("queue_full")
+    timeout_s: float = 5.0  # a shadow run taking longer is abandoned ("timeout")
+    max_age_s: float = 2.0  # a copy that waited longer for spare capacity is dropped ("stale")
+    idle_poll_s: float = 0.002  # how often the worker re-checks primary_idle() while it yields
+    rbo_p: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {self.queue_size}")
+        if self.timeout_s <= 0 or self.max_age_s <= 0 or self.idle_poll_s <= 0:
+            raise ValueError(
+                f"timeout_s, max_age_s and idle_poll_s must be > 0, got {self.timeout_s}, "
+                f"{self.max_age_s}, {self.idle_poll_s}"
+            )
+        if not 0.0 < self.rbo_p < 1.0:
+            raise ValueError(f"rbo_p must be in (0, 1), got {self.rbo_p}")
+
+
+def request_to_json(request: Any) -> Any:
+    """A JSON-ready view of a request: pydantic models, dataclasses and mappings are supported."""
+    if hasattr(request, "model_dump"):
+        return request.model_dump(mode="json", exclude_defaults=True)
+    if dataclasses.is_dataclass(request) and not isinstance(request, type):
+        return dataclasses.asdict(request)
+    if isinstance(request, Mapping):
+        return dict(request)
+    return repr(request)
+
+
+def _ms(seconds: float) -> float | None:
+    return None if not math.isfinite(seconds) else round(seconds * 1000.0, 3)
+
+
+def make_record(
+    job: ShadowJob[Any], shadow: Ranked | None, agreement: Agreement | None, error: str | None
+) -> dict[str, Any]:
+    """One shadow-log line (schema 1); ``genret replay --log`` reads exactly these fields."""
+    return {
+        "schema": 1,
+        "ts": round(time.time(), 3),
+        "request_id": job.request_id,
+        "experiment": job.experiment,
+        "variant": job.variant,
+        "user": job.user_hash,
+        "k": job.k,
+        "request": request_to_json(job.request),
+        "primary": {
+            "bundle": job.primary.bundle,
+            "version": job.primary.version,
+            "items": list(job.primary.items),
+            "latency_ms": _ms(job.primary.latency_s),
+        },
+        "shadow": {
+            "bundle": job.shadow_bundle,
+            "version": shadow.version if shadow else None,
+            "items": list(shadow.items) if shadow else [],
+            "latency_ms": _ms(shadow.latency_s) if shadow else None,
+            "error": error,
+        },
+        "agreement": dataclasses.asdict(agreement) if agreement else None,
+    }
+
+
+# ---- the JSONL log -------------------------------------------------------------------------------
+
+
+class ShadowLog:
+    """Rotating JSONL file, written by a background thread (the event loop only enqueues a line)."""
+
+    def __init__(self, path: str | Path, max_bytes: int = 64 * 2**20, backups: int = 3) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handler = RotatingFileHandler(
+            self.path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", delay=True
+        )
+        self._handler.setFormatter(logging.Formatter("%(message)s"))
+        self._queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        self._enqueue = QueueHandler(self._queue)
+        self._listener = QueueListener(self._queue, self._handler)
+        self._listener.start()
+        self._closed = False
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if self._closed:
+            raise RuntimeError(f"shadow log {self.path} is closed")
+        line = json.dumps(record, separators=(",", ":"), allow_nan=False)
+        self._queue.put(logging.makeLogRecord({"msg": line, "levelno": logging.INFO, "levelname": "INFO"}))
+
+    def close(self) -> None:
+        """Flush every queued line and close the file (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self._listener.stop()
+            self._handler.close()
+
+
+def log_files(path: str | Path) -> list[Path]:
+    """``path`` and its rotated files (``path.N``), oldest first."""
+    path = Path(path)
+    rotated = sorted(
+        (p for p in path.parent.glob(path.name + ".*") if p.suffix[1:].isdigit()),
+        key=lambda p: -int(p.suffix[1:]),
+    )
+    return [*rotated, *([path] if path.exists() else [])]
+
+
+def read_records(path: str | Path, *, include_rotated: bool = False) -> Iterator[dict[str, Any]]:
+    """The records of a shadow log, in write order; raises ValueError naming the bad line."""
+    paths = log_files(path) if include_rotated else [Path(path)]
+    for p in paths:
+        with p.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{p}:{n}: not JSON: {exc.msg}") from None
+                if not isinstance(record, dict) or "primary" not in record or "shadow" not in record:
+                    raise ValueError(f"{p}:{n}: not a shadow record (needs 'primary' and 'shadow')")
+                yield record
+
+
+# ---- metrics ---------------------------------------------------------------------------------------
+
+_AGREEMENT_BUCKETS = tuple(i / 10 for i in range(11))
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+SHADOW_REQUESTS = Counter(
+    "genret_shadow_requests_total",
+    "Shadow runs by shadow bundle and result (ok, error, timeout).",
+    ["shadow", "result"],
+    registry=REGISTRY,
+)
+SHADOW_DROPPED = Counter(
+    "genret_shadow_dropped_total",
+    "Shadow copies dropped before running, by reason (queue_full, stale, shutdown, unbound).",
+    ["reason"],
+    registry=REGISTRY,
+)
+SHADOW_QUEUE_DEPTH = Gauge(
+    "genret_shadow_queue_depth", "Shadow copies waiting for spare capacity.", registry=REGISTRY
+)
+SHADOW_OVERLAP = Histogram(
+    "genret_shadow_overlap",
+    "overlap@K between the primary and the shadow lists (K = primary list length).",
+    ["shadow"],
+    buckets=_AGREEMENT_BUCKETS,
+    registry=REGISTRY,
+)
+SHADOW_JACCARD = Histogram(
+    "genret_shadow_jaccard",
+    "Jaccard similarity of the primary and shadow top-K sets.",
+    ["shadow"],
+    buckets=_AGREEMENT_BUCKETS,
+    registry=REGISTRY,
+)
+SHADOW_RBO = Histogram(
+    "genret_shadow_rbo",
+    "Rank-biased overlap (p=0.9) of the primary and shadow rankings.",
+    ["shadow"],
+    buckets=_AGREEMENT_BUCKETS,
+    registry=REGISTRY,
+)
+SHADOW_LATENCY = Histogram(
+    "genret_shadow_latency_seconds",
+    "Latency of shadowed requests: role=primary (the served answer) or role=shadow (the copy).",
+    ["role", "shadow"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+
+
+# ---- the lane ----------------------------------------------------------------------------------------
+
+
+class ShadowLane(Generic[Req]):
+    """Bounded low-priority queue + one worker that runs shadow copies when the primary is idle."""
+
+    def __init__(
+        self,
+        run_shadow: Callable[[Req], Awaitable[Ranked]],
+        config: ShadowConfig,
+        shadow_log: ShadowLog | None = None,
+        *,
+        primary_idle: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self._run_shadow = run_shadow
+        self.config = config
+        self.shadow_log = shadow_log
+        self._primary_idle = primary_idle
+        self._queue: asyncio.Queue[ShadowJob[Req]] = asyncio.Queue(maxsize=config.queue_size)
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.busy = False
+        self.stats: Tally[str] = Tally()  # this lane's own counts (ok, error, timeout, dropped_<reason>)
+
+    @staticmethod
+    def count_drop(reason: str) -> None:
+        SHADOW_DROPPED.labels(reason=reason).inc()
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        """Start the worker (inside the running event loop)."""
+        if self._task is None:
+            self._closing = False
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="genret-shadow")
+
+    def offer(self, job: ShadowJob[Req]) -> bool:
+        """Queue ``job`` without waiting; False (and counted) when the lane is full or not running."""
+        if self._task is None or self._closing:
+            self._drop("shutdown" if self._closing else "unbound")
+            return False
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            self._drop("queue_full")
+            return False
+        SHADOW_QUEUE_DEPTH.set(self._queue.qsize())
+        return True
+
+    async def join(self) -> None:
+        """Wait until every queued copy has been run or dropped (tests, orderly shutdown)."""
+        await self._queue.join()
+
+    async def stop(self, timeout_s: float = 1.0) -> None:
+        """Stop taking copies, finish the running one (up to ``timeout_s``), drop the rest."""
+        self._closing = True
+        deadline = time.monotonic() + timeout_s
+        while self.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while not self._queue.empty():
+            self._queue.get_nowait()
+            self._queue.task_done()
+            self._drop("shutdown")
+        SHADOW_QUEUE_DEPTH.set(0)
+
+    def _drop(self, reason: str) -> None:
+        self.stats[f"dropped_{reason}"] += 1
+        self.count_drop(reason)
+
+    async def _yield_to_primary(self, job: ShadowJob[Req]) -> bool:
+        """Wait for an idle primary; False when the copy got older than ``max_age_s`` meanwhile."""
+        while True:
+            if time.monotonic() - job.enqueued_at > self.config.max_age_s:
+                return False
+            if self._primary_idle():
+                return True
+            await asyncio.sleep(self.config.idle_poll_s)
+
+    async def _run(self) -> None:
+        while True:
+            job = await self._queue.get()
+            SHADOW_QUEUE_DEPTH.set(self._queue.qsize())
+            try:
+                if await self._yield_to_primary(job):
+                    self.busy = True
+                    await self._run_one(job)
+                else:
+                    self._drop("stale")
+            except Exception:  # never let one copy kill the lane
+                log.exception("shadow run failed unexpectedly")
+            finally:
+                self.busy = False
+                self._queue.task_done()
+
+    async def _run_one(self, job: ShadowJob[Req]) -> None:
+        bundle = job.shadow_bundle
+        started = time.perf_counter()
+        shadow: Ranked | None = None
+        error: str | None = None
+        try:
+            shadow = await asyncio.wait_for(self._run_shadow(job.request), timeout=self.config.timeout_s)
+        except TimeoutError:
+            error = f"timeout after {self.config.timeout_s} s"
+            result = "timeout"
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            result = "error"
+        else:
+            result = "ok"
+            if not math.isfinite(shadow.latency_s):
+                shadow = dataclasses.replace(shadow, latency_s=time.perf_counter() - started)
+        self.stats[result] += 1
+        SHADOW_REQUESTS.labels(shadow=bundle, result=result).inc()
+        agreement = None
+        if shadow is not None:
+            agreement = Agreement.of(job.primary.items, shadow.items, job.k, self.config.rbo_p)
+            SHADOW_OVERLAP.labels(shadow=bundle).observe(agreement.overlap_at_k)
+            SHADOW_JACCARD.labels(shadow=bundle).observe(agreement.jaccard)
+            SHADOW_RBO.labels(shadow=bundle).observe(agreement.rbo)
+            SHADOW_LATENCY.labels(role="shadow", shadow=bundle).observe(shadow.latency_s)
+            if math.isfinite(job.primary.latency_s):
+                SHADOW_LATENCY.labels(role="primary", shadow=bundle).observe(job.primary.latency_s)
+        if self.shadow_log is not None:
+            self.shadow_log.write(make_record(job, shadow, agreement, error))

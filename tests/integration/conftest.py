@@ -1,0 +1,148 @@
+"""Real servers for the integration tests: redis-server and `genret serve` (uvicorn) on free loopback ports.
+
+* ``bundle_dir`` (session): a small synthetic bundle (1000 items, 3 levels of 10), built once.
+* ``redis_server`` (module): a throwaway redis-server without persistence, stopped on teardown.
+* ``start_service`` (module): starts one service process with the given ``GENRET_*`` env, polls
+  ``/readyz`` until a deadline (failing fast if the process exits), terminate-then-kill on teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from service.launcher import ServiceProcess, free_port
+
+BUNDLE_ITEMS = 1000
+BUNDLE_BRANCHING = 10
+BUNDLE_LEVELS = 3
+ADMIN_TOKEN = "integration-test-admin-token"
+
+
+class RedisServer:
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self._workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout_s
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+            try:
+                if client.ping():
+                    return self
+            except redis.RedisError:
+                time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"redis-server on port {self.port} not answering after {timeout_s}s")
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=1.0)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training.synthetic_bundle import make_synthetic_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "small"
+    return make_synthetic_bundle(
+        out, BUNDLE_ITEMS, BUNDLE_BRANCHING, BUNDLE_LEVELS, dim=32, seed=0, num_layers=1
+    )
+
+
+def resign_bundle(src: Path, dst: Path, *, version: str, negate_items: bool) -> Path:
+    """Copy a bundle as a new version; with ``negate_items`` its item table (and so its rankings) changes.
+
+    Rewrites the sizes, checksums and fingerprint in the manifest the way the exporter does.
+    """
+    from models.bundle import bundle_fingerprint, file_sha256
+
+    shutil.copytree(src, dst)
+    if negate_items:
+        with np.load(dst / "items.npz", allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        arrays["item_emb"] = -arrays["item_emb"]
+        with open(dst / "items.npz", "wb") as fh:
+            np.savez(fh, **arrays)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    for name, entry in manifest["files"].items():
+        entry["sha256"] = file_sha256(dst / name)
+        entry["bytes"] = (dst / name).stat().st_size
+    manifest["fingerprint"] = bundle_fingerprint({n: e["sha256"] for n, e in manifest["files"].items()})
+    manifest["version"] = version
+    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+ServiceFactory = Callable[[dict[str, str]], ServiceProcess]
+
+
+@pytest.fixture(scope="module")
+def start_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceFactory]:
+    started: list[ServiceProcess] = []
+    logs = tmp_path_factory.mktemp("service-logs")
+
+    def start(env: dict[str, str]) -> ServiceProcess:
+        base = {
+            "GENRET_ENV": "test",
+            "GENRET_ADMIN_TOKEN": ADMIN_TOKEN,
+            "GENRET_DEFAULT_BEAM_SIZE": "10",
+            "OMP_NUM_THREADS": "1",
+        }
+        service = ServiceProcess({**base, **env}, logs / f"service-{len(started)}.log")
+        started.append(service)
+        return service.start(ready_timeout_s=180)
+
+    yield start
+    for service in started:
+        service.stop(timeout_s=20)

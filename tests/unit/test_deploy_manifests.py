@@ -1,0 +1,258 @@
+"""Deployment files: the offline checks of scripts/validate_deploy.sh, then properties of the
+rendered Kubernetes manifests that a schema cannot express (probe paths, non-root, read-only root
+filesystem, grace period covering the preStop sleep, GPU requests, network exposure).
+
+The script is run as is (hadolint, the compose schema, kubectl kustomize + kubernetes-validate
+--strict); a broken copy of docker/ and k8s/ checks that each stage can fail.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "validate_deploy.sh"
+OVERLAYS = ("cpu", "gpu", "shadow", "managed-redis")
+KUBECTL = shutil.which("kubectl")
+needs_kubectl = pytest.mark.skipif(
+    KUBECTL is None, reason="kubectl is not installed: `kubectl kustomize` renders the k8s/ overlays"
+)
+
+
+def run_script(check: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(SCRIPT), check],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def render(kustomization: Path) -> list[dict[str, Any]]:
+    assert KUBECTL is not None
+    out = subprocess.run(
+        [KUBECTL, "kustomize", str(kustomization)], capture_output=True, text=True, check=True, timeout=60
+    )
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.fixture(scope="module")
+def overlays() -> dict[str, list[dict[str, Any]]]:
+    if KUBECTL is None:
+        pytest.skip("kubectl is not installed")
+    return {name: render(ROOT / "k8s" / "overlays" / name) for name in OVERLAYS}
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].startswith(name)]
+    assert len(found) == 1, f"expected one {kind}/{name}*, found {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def server_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    pod = one(docs, "Deployment", "genret")["spec"]["template"]["spec"]
+    (container,) = [c for c in pod["containers"] if c["name"] == "genret"]
+    return dict(container)
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for d in docs:
+        spec = d.get("spec", {})
+        if d["kind"] in ("Deployment", "StatefulSet", "Job"):
+            yield f"{d['kind']}/{d['metadata']['name']}", spec["template"]["spec"]
+        elif d["kind"] == "PyTorchJob":
+            for role, replica in spec["pytorchReplicaSpecs"].items():
+                yield f"PyTorchJob/{d['metadata']['name']}/{role}", replica["template"]["spec"]
+
+
+# ---- the script: every stage passes on the repo and fails on a broken copy -------------------------
+
+
+def test_dockerfiles_lint_and_compose_is_valid() -> None:
+    for check in ("hadolint", "compose"):
+        result = run_script(check)
+        assert result.returncode == 0, f"{check}:\n{result.stdout}\n{result.stderr}"
+
+
+@needs_kubectl
+def test_every_kustomization_renders_and_validates(tmp_path: Path) -> None:
+    result = run_script("k8s", RENDER_DIR=str(tmp_path))
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    rendered = sorted(p.name for p in tmp_path.glob("*.yaml"))
+    assert rendered == sorted(
+        f"{k}.yaml" for k in ("base", "trainer", "jobs_bundle-sync", *(f"overlays_{o}" for o in OVERLAYS))
+    )
+
+
+@pytest.fixture
+def broken_copy(tmp_path: Path) -> Path:
+    shutil.copytree(ROOT / "docker", tmp_path / "docker")
+    shutil.copytree(ROOT / "k8s", tmp_path / "k8s")
+    return tmp_path
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_script_fails_on_unpinned_base_image(broken_copy: Path) -> None:
+    (broken_copy / "docker" / "Dockerfile.bad").write_text('FROM ubuntu:latest\nCMD ["true"]\n')
+    result = run_script("hadolint", DOCKER_DIR=str(broken_copy / "docker"))
+    assert result.returncode == 1
+    assert "DL3007" in result.stdout + result.stderr
+
+
+def test_script_fails_on_bad_compose(broken_copy: Path) -> None:
+    compose = broken_copy / "docker" / "compose.yaml"
+    _edit(compose, "condition: service_healthy", "condition: service_green")
+    result = run_script("compose", DOCKER_DIR=str(broken_copy / "docker"))
+    assert result.returncode == 1
+    assert "service_green" in result.stderr
+
+
+@needs_kubectl
+def test_script_fails_on_unknown_field_and_bad_custom_resource(broken_copy: Path) -> None:
+    base = broken_copy / "k8s" / "base"
+    _edit(base / "deployment.yaml", "failureThreshold: 60", "failureTreshold: 60")
+    _edit(base / "servicemonitor.yaml", "path: /metrics", "paths: /metrics")
+    result = run_script("k8s", K8S_DIR=str(broken_copy / "k8s"), RENDER_DIR=str(broken_copy / "out"))
+    assert result.returncode == 1
+    assert "failureTreshold" in result.stderr
+    assert "ServiceMonitor/genret" in result.stderr and "paths" in result.stderr
+
+
+# ---- properties of the rendered manifests --------------------------------------------------------
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_server_probes_and_shutdown(overlays: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    docs = overlays[overlay]
+    pod = one(docs, "Deployment", "genret")["spec"]["template"]["spec"]
+    c = server_container(docs)
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "startup must cover bundle load"
+    assert c["ports"][0]["containerPort"] == 8000
+    pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    drain = float(one(docs, "ConfigMap", "genret-settings")["data"]["GENRET_SHUTDOWN_GRACE_S"])
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + drain, "grace period must cover preStop + drain"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_server_is_non_root_with_read_only_root(
+    overlays: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    docs = overlays[overlay]
+    pod = one(docs, "Deployment", "genret")["spec"]["template"]["spec"]
+    c = server_container(docs)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]], "/tmp must be a writable emptyDir"
+    bundles = volumes[mounts["/bundles"]["name"]]
+    assert mounts["/bundles"]["readOnly"] is True and bundles["persistentVolumeClaim"]["readOnly"] is True
+
+
+@needs_kubectl
+def test_every_workload_is_non_root_with_read_only_root(overlays: dict[str, list[dict[str, Any]]]) -> None:
+    docs = [d for overlay in overlays.values() for d in overlay]
+    docs += render(ROOT / "k8s" / "trainer") + render(ROOT / "k8s" / "jobs" / "bundle-sync")
+    seen = 0
+    for name, pod in pod_specs(docs):
+        for c in pod["containers"]:
+            non_root = c.get("securityContext", {}).get(
+                "runAsNonRoot", pod["securityContext"].get("runAsNonRoot")
+            )
+            assert non_root is True, f"{name}/{c['name']} may run as root"
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, f"{name}/{c['name']}"
+            seen += 1
+    assert seen >= 6
+
+
+@needs_kubectl
+def test_gpu_overlays_request_a_gpu_and_cpu_does_not(overlays: dict[str, list[dict[str, Any]]]) -> None:
+    for overlay in ("gpu", "shadow", "managed-redis"):
+        pod = one(overlays[overlay], "Deployment", "genret")["spec"]["template"]["spec"]
+        c = server_container(overlays[overlay])
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "1", overlay
+        assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"]), overlay
+        assert "genret-gpu" in c["image"]
+        settings = one(overlays[overlay], "ConfigMap", "genret-settings")["data"]
+        assert settings["GENRET_DEVICE"] == "cuda"
+    c = server_container(overlays["cpu"])
+    assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
+    assert "genret-cpu" in c["image"]
+
+
+@needs_kubectl
+def test_redis_self_hosted_or_managed(overlays: dict[str, list[dict[str, Any]]]) -> None:
+    for overlay in ("cpu", "gpu", "shadow"):
+        one(overlays[overlay], "StatefulSet", "genret-redis")
+        assert one(overlays[overlay], "ConfigMap", "genret-settings")["data"]["REDIS_ENDPOINT"].startswith(
+            "genret-redis:"
+        )
+    managed = overlays["managed-redis"]
+    assert not [d for d in managed if d["kind"] == "StatefulSet"]
+    assert one(managed, "ConfigMap", "genret-settings")["data"]["REDIS_SCHEME"] == "rediss"
+    env = {e["name"]: e for e in server_container(managed)["env"]}
+    assert env["GENRET_REDIS_URL"]["value"] == "$(REDIS_SCHEME)://:$(REDIS_PASSWORD)@$(REDIS_ENDPOINT)/0"
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "genret-secrets"
+    assert env["GENRET_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "genret-secrets"
+
+
+@needs_kubectl
+def test_only_frontend_and_prometheus_reach_the_server(overlays: dict[str, list[dict[str, Any]]]) -> None:
+    policy = one(overlays["cpu"], "NetworkPolicy", "genret-ingress")["spec"]
+    assert policy["policyTypes"] == ["Ingress"]
+    sources = [peer for rule in policy["ingress"] for peer in rule["from"]]
+    namespaces = {p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for p in sources}
+    assert namespaces == {"frontend", "monitoring"}
+    (prom,) = [p for p in sources if "podSelector" in p]
+    assert prom["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "prometheus"
+    monitor = one(overlays["cpu"], "ServiceMonitor", "genret")["spec"]
+    assert monitor["endpoints"][0]["path"] == "/metrics"
+
+
+@needs_kubectl
+def test_shadow_overlay_mounts_the_experiment_file(overlays: dict[str, list[dict[str, Any]]]) -> None:
+    docs = overlays["shadow"]
+    path = Path(one(docs, "ConfigMap", "genret-settings")["data"]["GENRET_EXPERIMENTS_FILE"])
+    experiments = one(docs, "ConfigMap", "genret-experiments")
+    assert experiments["metadata"]["name"] == "genret-experiments", "no hash suffix: edits must reach pods"
+    mounts = {m["mountPath"]: m["name"] for m in server_container(docs)["volumeMounts"]}
+    assert str(path.parent) in mounts and path.name in experiments["data"]
+    config = yaml.safe_load(experiments["data"][path.name])
+    assert sum(v["weight"] for v in config["variants"]) == pytest.approx(1.0)
+    assert all(0 < s["sample_rate"] <= 1 for s in config["shadows"])
+
+
+def test_dockerfiles_run_as_non_root_and_probe_healthz() -> None:
+    for name in ("Dockerfile.cpu", "Dockerfile.gpu", "Dockerfile.trainer"):
+        text = (ROOT / "docker" / name).read_text()
+        runtime = text.split("AS runtime", 1)[1]
+        assert re.search(r"^USER 10001", runtime, re.M), f"{name}: runtime stage must not run as root"
+        assert "apt-get install" not in runtime or "build-essential" not in runtime
+        deps = text.index("requirements-common.txt /tmp")
+        assert deps < text.index("COPY models"), f"{name}: dependencies must be installed before the code"
+        if name != "Dockerfile.trainer":
+            assert re.search(r"HEALTHCHECK .*\n.*urllib.*/healthz", runtime), name

@@ -1,0 +1,141 @@
+"""SEATER trainer: config, shared token table, training/serving parity, identifier tree."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from models.index import TreeIndex
+from training.seater import (
+    SeaterConfig,
+    SeaterModel,
+    TreeTables,
+    build_index,
+    init_tokens_from_items,
+    seater_losses,
+)
+
+
+def _tiny_index() -> TreeIndex:
+    # 9 items, 2 levels: (3, 3, 3) items under 3 level-1 nodes -> one item per leaf
+    codes = np.zeros((10, 2), np.int64)
+    for item in range(1, 10):
+        codes[item] = [(item - 1) // 3, (item - 1) % 3]
+    return TreeIndex.from_codes(codes, 3, token_scheme="node")
+
+
+def _model(cfg: SeaterConfig, index: TreeIndex) -> SeaterModel:
+    torch.manual_seed(0)
+    return SeaterModel(index, cfg, max_len=6).eval()
+
+
+CFG = SeaterConfig(dim=8, heads=2, dropout=0.0, num_negatives=2)
+
+
+def test_config_loads_yaml_and_coerces_overrides() -> None:
+    cfg = SeaterConfig.load({"align": "false", "rank": "False", "epochs": "3", "lambda_rank": "0.07"})
+    assert (cfg.align, cfg.rank, cfg.epochs, cfg.lambda_rank) == (False, False, 3, 0.07)
+    assert SeaterConfig.load().align is True
+    shared = SeaterConfig.load(
+        {"seater.beam_size": "64", "max_epochs": 2, "sasrec.lr": "0.01", "cache_dir": "/x"}
+    )
+    assert (shared.beam_size, shared.epochs) == (64, 2)
+    with pytest.raises(ValueError, match="unknown SEATER config"):
+        SeaterConfig.load({"alignn": "true"})
+    with pytest.raises(ValueError, match="not a boolean"):
+        SeaterConfig.load({"rank": "maybe"})
+
+
+def test_leaf_token_is_the_item_embedding() -> None:
+    index = _tiny_index()
+    model = _model(CFG, index)
+    items = torch.arange(1, 10)[None]  # [1, 9]
+    leaves = torch.from_numpy(index.item_path[1:, -1].astype(np.int64))
+    assert torch.equal(model.encoder.embed_items(items)[0], model.tokens.table.weight[leaves])
+    # one parameter for history items and every decoder token
+    assert model.decoder.token_embedding.table.weight is model.encoder.item_embedding.tokens.table.weight
+
+
+def test_inner_tokens_start_at_the_mean_of_their_items() -> None:
+    index = _tiny_index()
+    model = _model(CFG, index)
+    emb = np.random.default_rng(0).normal(size=(10, 8)).astype(np.float32)
+    emb[0] = 0
+    init_tokens_from_items(model, index, emb)
+    table = model.tokens.table.weight.detach().numpy()
+    node = int(index.item_path[4, 0])  # level-1 node of items 4, 5, 6
+    np.testing.assert_allclose(table[node], emb[4:7].mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(table[index.item_path[5, 1]], emb[5], rtol=1e-6)
+    np.testing.assert_allclose(table[0], emb[1:].mean(axis=0), rtol=1e-5)
+
+
+def test_generation_loss_matches_the_served_decoder_step() -> None:
+    """Teacher-forced training scores == the exported decoder step, level by level (eq. 4)."""
+    index = _tiny_index()
+    cfg = dataclasses.replace(CFG, align=False, rank=False)
+    model = _model(cfg, index)
+    tables = TreeTables.from_index(index)
+    history = torch.tensor([[0, 0, 1, 2], [3, 4, 5, 6]])
+    target = torch.tensor([5, 9])
+    loss = seater_losses(model, tables, cfg, history, target).total
+
+    mask = history > 0
+    memory, _ = model.encoder(history, mask)
+    expected = torch.zeros(())
+    path = tables.paths[target]  # [B, L+1]
+    for level in range(index.levels):
+        prefix = path[:, : level + 1]
+        cand = tables.children[path[:, level]]  # [B, C]
+        scores = model.decoder(memory, mask, torch.arange(2), prefix, cand)  # [B, C]
+        truth = (cand == path[:, level + 1 : level + 2]).float().argmax(dim=1)
+        expected = expected - torch.log_softmax(scores, 1).gather(1, truth[:, None]).sum() / 2
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ablation_flags_switch_the_contrastive_terms() -> None:
+    index = _tiny_index()
+    tables = TreeTables.from_index(index)
+    history = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9], [0, 2, 7]])
+    target = torch.tensor([4, 7, 1, 8])
+    full = dataclasses.replace(CFG, lambda_align=0.5, lambda_rank=0.5, beta=0.1)
+    parts = seater_losses(
+        _model(full, index), tables, full, history, target, torch.Generator().manual_seed(0)
+    )
+    assert parts.ali.item() > 0 and parts.rank.item() > 0
+    torch.testing.assert_close(parts.total, parts.gen + 0.5 * parts.ali + 0.5 * parts.rank)
+    plain = dataclasses.replace(full, align=False, rank=False)
+    bare = seater_losses(_model(plain, index), tables, plain, history, target)
+    assert bare.ali.item() == 0.0 and bare.rank.item() == 0.0
+    torch.testing.assert_close(bare.total, parts.gen)
+
+
+def test_losses_backpropagate_into_the_shared_table_and_ranking_weights() -> None:
+    index = _tiny_index()
+    tables = TreeTables.from_index(index)
+    model = _model(CFG, index).train()
+    parts = seater_losses(model, tables, CFG, torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([7, 2]))
+    parts.total.backward()
+    assert model.tokens.table.weight.grad is not None and model.tokens.table.weight.grad.abs().sum() > 0
+    assert model.rank_w.grad is not None and model.rank_w.grad.abs().sum() > 0
+
+
+def test_identifier_tree_is_balanced_with_full_length_paths() -> None:
+    """Algorithm 1 on 150 random items, k = 4: sizes differ by at most one at every split."""
+    emb = np.random.default_rng(3).normal(size=(151, 8)).astype(np.float32)
+    emb[0] = 0
+    cfg = SeaterConfig(branching=4, dim=8, heads=2)
+    index = build_index(emb, cfg, seed=0)
+    assert index.levels == 4  # smallest L with 4**L >= 150
+    assert index.item_path.shape == (151, 4) and (index.item_path[1:] >= 0).all()
+    assert index.num_leaves == 150  # one item per leaf
+    assert sorted(index.leaf_items.tolist()) == list(range(1, 151))
+    paths = np.concatenate([np.zeros((150, 1), np.int64), index.item_path[1:].astype(np.int64)], axis=1)
+    for level in range(1, index.levels + 1):
+        for parent in np.unique(paths[:, level - 1]):
+            under = paths[paths[:, level - 1] == parent, level]
+            sizes = np.unique(under, return_counts=True)[1]
+            assert sizes.max() - sizes.min() <= 1, (level, parent, sizes)
+            assert len(sizes) <= 4

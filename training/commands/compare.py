@@ -1,0 +1,165 @@
+"""`genret compare`: train several methods on one split and print their test metrics side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from training.commands.data import add_data_arguments, dataset_from_args
+from training.data import Dataset, dataset_stats
+from training.evaluation import evaluate_recommender
+from training.metrics import DEFAULT_KS
+from training.registry import TrainContext, TrainedMethod, get_method
+from training.splits import SPLIT_KINDS, Split, make_split
+
+log = logging.getLogger(__name__)
+
+METRIC_NAMES: tuple[str, ...] = ("recall", "ndcg", "hr")
+
+
+@dataclass
+class MethodResult:
+    method: str
+    metrics: dict[str, float]
+    train_seconds: float
+    eval_seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
+    bundle_dir: Path | None = None
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["a.b=3", "c=true"]`` -> ``{"a.b": 3, "c": True}`` (values parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"genret: --set expects key=value, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+def add_split_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--split", choices=SPLIT_KINDS, default="user", help="user split 8:1:1 or leave-one-out")
+    parser.add_argument("--seed", type=int, default=0, help="split and training seed")
+    parser.add_argument("--max-len", type=int, default=50, help="history length T")
+    parser.add_argument("--max-epochs", type=int, help="cap on training epochs for every method")
+    parser.add_argument("--workdir", type=Path, help="where methods write their files (default runs/<command>/...)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", metavar="KEY=VALUE", help="config override (repeatable)"
+    )
+
+
+def make_context(args: argparse.Namespace, command: str) -> TrainContext:
+    """Dataset, split and TrainContext from the shared arguments."""
+    dataset = dataset_from_args(args)
+    split = make_split(dataset, kind=args.split, seed=args.seed, max_len=args.max_len)
+    log.info("%s: %s", dataset.name, split.describe())
+    overrides = parse_overrides(args.overrides)
+    if args.max_epochs is not None:
+        overrides["max_epochs"] = args.max_epochs
+    workdir = args.workdir or Path("runs") / command / f"{dataset.name}-{split.kind}-s{split.seed}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    return TrainContext(dataset=dataset, split=split, seed=args.seed, workdir=workdir, config_overrides=overrides)
+
+
+def train_and_evaluate(ctx: TrainContext, method: str) -> tuple[TrainedMethod, MethodResult]:
+    """Train one method in ``ctx`` and evaluate it on the test users (history excluded)."""
+    train_fn = get_method(method)
+    start = time.perf_counter()
+    trained = train_fn(ctx)
+    train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    metrics = evaluate_recommender(trained.recommender, ctx.split.test, DEFAULT_KS)
+    eval_seconds = time.perf_counter() - start
+    log.info("%s: test recall@20 %.4f (train %.1fs, eval %.1fs)", method, metrics["recall@20"], train_seconds, eval_seconds)
+    result = MethodResult(method, metrics, train_seconds, eval_seconds, dict(trained.info), trained.bundle_dir)
+    return trained, result
+
+
+def split_summary(split: Split) -> dict[str, Any]:
+    return {
+        "kind": split.kind,
+        "seed": split.seed,
+        "max_len": split.max_len,
+        "train_sequences": len(split.train),
+        "valid_users": len(split.valid),
+        "test_users": len(split.test),
+    }
+
+
+def run_compare(ctx: TrainContext, methods: list[str]) -> list[MethodResult]:
+    return [train_and_evaluate(ctx, method)[1] for method in methods]
+
+
+def format_table(dataset: Dataset, split: Split, results: list[MethodResult]) -> str:
+    stats = dataset_stats(dataset)
+    header = (
+        f"data {stats['name']}: {stats['users']:,} users, {stats['items']:,} items, "
+        f"{stats['interactions']:,} interactions, density {stats['density']:.5f}\n"
+        f"split {split.kind}, seed {split.seed}, T={split.max_len}: {len(split.train):,} train sequences, "
+        f"{len(split.valid):,} valid / {len(split.test):,} test users; test metrics, history excluded"
+    )
+    columns = [f"{m}@{k}" for k in DEFAULT_KS for m in METRIC_NAMES]
+    width = max([len("method"), *(len(r.method) for r in results)])
+    lines = [header, "", "  ".join([f"{'method':<{width}}", *(f"{c:>9}" for c in columns), "  train_s", "   eval_s"])]
+    for r in results:
+        cells = [f"{r.metrics[c]:9.4f}" for c in columns]
+        lines.append("  ".join([f"{r.method:<{width}}", *cells, f"{r.train_seconds:9.1f}", f"{r.eval_seconds:9.1f}"]))
+    notes = [f"{r.method}: {_info_text(r.info)}" for r in results if r.info]
+    return "\n".join([*lines, "", *notes]) if notes else "\n".join(lines)
+
+
+def _info_text(info: dict[str, Any]) -> str:
+    parts = []
+    for key, value in info.items():
+        parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+    return ", ".join(parts)
+
+
+def results_json(dataset: Dataset, split: Split, results: list[MethodResult]) -> str:
+    payload = {
+        "dataset": dataset_stats(dataset),
+        "split": split_summary(split),
+        "seed": split.seed,
+        "results": [
+            {
+                "method": r.method,
+                "metrics": r.metrics,
+                "train_seconds": r.train_seconds,
+                "eval_seconds": r.eval_seconds,
+                "info": r.info,
+                "bundle_dir": str(r.bundle_dir) if r.bundle_dir else None,
+            }
+            for r in results
+        ],
+    }
+    return json.dumps(payload, indent=2, default=str)
+
+
+def run(args: argparse.Namespace) -> int:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise SystemExit("genret: --methods needs at least one method")
+    ctx = make_context(args, "compare")
+    results = run_compare(ctx, methods)
+    print(results_json(ctx.dataset, ctx.split, results) if args.json else format_table(ctx.dataset, ctx.split, results))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
+    parser = sub.add_parser("compare", help="train methods on one split and compare test metrics")
+    add_data_arguments(parser)
+    parser.add_argument("--methods", default="popular,sasrec", help="comma-separated method names")
+    add_split_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(func=run)

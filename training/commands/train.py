@@ -1,0 +1,69 @@
+"""`genret train`: train one method, copy its bundle to ``--out`` and print its test metrics."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from training.commands.compare import add_split_arguments, make_context, train_and_evaluate
+from training.commands.data import add_data_arguments
+from training.metrics import DEFAULT_KS
+
+
+def _copy_bundle(bundle_dir: Path, out: Path, force: bool) -> None:
+    if out.exists():
+        if not force:
+            raise SystemExit(f"genret: {out} exists; pass --force to replace it")
+        shutil.rmtree(out)
+    shutil.copytree(bundle_dir, out)
+
+
+def run(args: argparse.Namespace) -> int:
+    ctx = make_context(args, f"train/{args.method}")
+    trained, result = train_and_evaluate(ctx, args.method)
+    saved: Path | None = None
+    if args.out is not None:
+        if trained.bundle_dir is not None:
+            _copy_bundle(trained.bundle_dir, args.out, args.force)
+            saved = args.out
+        elif hasattr(trained.recommender, "save"):  # SASRec: its weights, not a serving bundle
+            if args.out.exists() and not args.force:
+                raise SystemExit(f"genret: {args.out} exists; pass --force to replace it")
+            trained.recommender.save(args.out)
+            saved = args.out
+        else:
+            print(f"note: method {args.method!r} has no bundle or weights to write; --out ignored")
+    if args.json:
+        payload = {
+            "method": args.method,
+            "metrics": result.metrics,
+            "train_seconds": result.train_seconds,
+            "eval_seconds": result.eval_seconds,
+            "info": result.info,
+            "out": str(saved) if saved else None,
+        }
+        print(json.dumps(payload, indent=2, default=str))
+        return 0
+    print(f"method {args.method}: trained in {result.train_seconds:.1f}s, evaluated in {result.eval_seconds:.1f}s")
+    for key, value in result.info.items():
+        print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
+    print(f"test ({ctx.split.kind} split, seed {ctx.split.seed}, {len(ctx.split.test):,} users, history excluded):")
+    for k in DEFAULT_KS:
+        m = result.metrics
+        print(f"  @{k:<3} recall {m[f'recall@{k}']:.4f}  ndcg {m[f'ndcg@{k}']:.4f}  hr {m[f'hr@{k}']:.4f}")
+    if saved is not None:
+        print(f"written to {saved}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
+    parser = sub.add_parser("train", help="train one method and write its bundle")
+    parser.add_argument("--method", required=True, help="popular, sasrec, uri, seater, tdr")
+    add_data_arguments(parser)
+    parser.add_argument("--out", type=Path, help="where to copy the bundle (SASRec: its weights)")
+    parser.add_argument("--force", action="store_true", help="replace --out when it exists")
+    add_split_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(func=run)

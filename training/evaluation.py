@@ -1,0 +1,49 @@
+"""Run a Recommender over an EvalSet and compute the ranking metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from training.metrics import DEFAULT_KS, evaluate_ranking
+from training.registry import Recommender
+from training.splits import EvalSet
+
+
+def rank_eval_set(
+    recommender: Recommender,
+    evalset: EvalSet,
+    k: int,
+    *,
+    exclude_history: bool = True,
+    batch_size: int = 512,
+    limit: int = 0,
+) -> np.ndarray:
+    """Top-``k`` items ``[B, k]`` for the users of ``evalset`` (the first ``limit`` if > 0)."""
+    histories = evalset.histories[:limit] if limit > 0 else evalset.histories
+    out = [np.zeros((0, k), dtype=np.int64)]
+    for start in range(0, len(histories), batch_size):
+        batch = histories[start : start + batch_size]
+        ranked = np.asarray(recommender.recommend(batch, k, batch if exclude_history else None))
+        if ranked.shape != (len(batch), k):
+            raise ValueError(f"recommend returned shape {ranked.shape}, expected {(len(batch), k)}")
+        out.append(ranked.astype(np.int64, copy=False))
+    return np.concatenate(out)
+
+
+def evaluate_recommender(
+    recommender: Recommender,
+    evalset: EvalSet,
+    ks: Sequence[int] = DEFAULT_KS,
+    *,
+    exclude_history: bool = True,
+    batch_size: int = 512,
+    limit: int = 0,
+) -> dict[str, float]:
+    """Recall / NDCG / HR at every k in ``ks``; history items are excluded from the ranking."""
+    ranked = rank_eval_set(
+        recommender, evalset, max(ks), exclude_history=exclude_history, batch_size=batch_size, limit=limit
+    )
+    targets = evalset.targets[: len(ranked)]
+    return evaluate_ranking(ranked, targets, ks)

@@ -1,0 +1,292 @@
+"""Write a bundle: ONNX encoder/decoder, index, item tables and a manifest (see models/bundle.py).
+
+The graphs are exported with ``torch.onnx.export(..., dynamo=True)`` with dynamic batch,
+history length, beam count, prefix length and candidate count, and saved as single files (no
+external data). After writing, the bundle is read back with :func:`models.bundle.load_bundle`
+and ONNX Runtime is checked against the torch modules on the example inputs. The bundle is
+written into a temporary sibling directory and renamed into place, so a reader never sees a
+half-written bundle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, nn
+from torch.export import Dim
+
+from models.backend import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, OnnxSession
+from models.bundle import (
+    BUNDLE_FILES,
+    DECODER_FILE,
+    ENCODER_FILE,
+    INDEX_FILE,
+    ITEMS_FILE,
+    MANIFEST,
+    SCHEMA_VERSION,
+    bundle_fingerprint,
+    file_sha256,
+    load_bundle,
+)
+from models.index import TreeIndex
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+PARITY_ATOL = 1e-4
+"""Max |ORT - torch| accepted by the post-export check (float32 kernels differ in summation order)."""
+
+
+class ExportError(RuntimeError):
+    """The export failed or its ONNX output disagrees with the torch modules."""
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The dynamo exporter prints progress lines and warnings; keep them out of CLI output."""
+    sink = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def example_inputs(index: TreeIndex, num_items: int, max_history: int, dim: int, seed: int = 0) -> dict[str, Tensor]:
+    """Inputs for tracing and the parity check. Dynamic sizes get distinct examples >= 2 so that
+    the exporter specialises none of them: B=3, T=min(max_history, 5) (>= 2), Bb=4, S=2, C=max(3, branching)."""
+    g = torch.Generator().manual_seed(seed)
+    B, T, Bb, S = 3, max(2, min(max_history, 5)), 4, 2
+    C = max(3, index.max_branching)
+    history = torch.randint(1, num_items + 1, (B, T), generator=g)  # [B, T]
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, : T // 2] = False  # a left-padded row
+    history = history.masked_fill(~mask, 0)
+    candidates = torch.randint(0, index.num_nodes, (Bb, C), generator=g)  # [Bb, C]
+    candidates[1, C // 2 :] = -1
+    return {
+        "history": history,
+        "history_mask": mask,
+        "memory": torch.randn(B, T, dim, generator=g),
+        "memory_mask": mask,
+        "beam_query": torch.tensor([0, 0, 1, 2]),
+        "prefix": torch.randint(0, index.num_nodes, (Bb, S), generator=g),
+        "candidates": candidates,
+    }
+
+
+def export_onnx(
+    module: nn.Module,
+    args: tuple[Tensor, ...],
+    path: Path,
+    input_names: tuple[str, ...],
+    output_names: tuple[str, ...],
+    dynamic_shapes: dict[str, dict[int, Any]],
+) -> None:
+    try:
+        with _quiet():
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                dynamo=True,
+                external_data=False,
+                opset_version=OPSET,
+                input_names=list(input_names),
+                output_names=list(output_names),
+                dynamic_shapes=dynamic_shapes,
+                verbose=False,
+            )
+    except Exception as exc:
+        raise ExportError(f"ONNX export of {type(module).__name__} to {path.name} failed: {exc}") from exc
+    onnx.checker.check_model(str(path))
+
+
+def export_graphs(
+    out: Path, encoder: nn.Module, decoder: nn.Module, index: TreeIndex, num_items: int, max_history: int
+) -> dict[str, Any]:
+    """Export ``encoder.onnx`` and ``decoder.onnx``; returns dims and the parity error measured."""
+    enc = copy.deepcopy(encoder).cpu().eval()
+    dec = copy.deepcopy(decoder).cpu().eval()
+    with torch.no_grad():
+        probe = example_inputs(index, num_items, max_history, dim=1)
+        memory, query = enc(probe["history"], probe["history_mask"])  # [B, T, D], [B, Dr]
+    dims = {"memory": int(memory.shape[-1]), "query": int(query.shape[-1])}
+    ex = example_inputs(index, num_items, max_history, dim=dims["memory"])
+    batch, seq = Dim("batch"), Dim("seq")
+    beams, prefix, cands = Dim("beams"), Dim("prefix", min=1, max=index.levels + 1), Dim("cands")
+    export_onnx(
+        enc,
+        (ex["history"], ex["history_mask"]),
+        out / ENCODER_FILE,
+        ENCODER_INPUTS,
+        ENCODER_OUTPUTS,
+        {"history": {0: batch, 1: seq}, "history_mask": {0: batch, 1: seq}},
+    )
+    export_onnx(
+        dec,
+        tuple(ex[name] for name in DECODER_INPUTS),
+        out / DECODER_FILE,
+        DECODER_INPUTS,
+        DECODER_OUTPUTS,
+        {
+            "memory": {0: batch, 1: seq},
+            "memory_mask": {0: batch, 1: seq},
+            "beam_query": {0: beams},
+            "prefix": {0: beams, 1: prefix},
+            "candidates": {0: beams, 1: cands},
+        },
+    )
+    error = check_parity(out, enc, dec, ex)
+    return {"dims": dims, "parity_max_abs_error": error}
+
+
+def check_parity(out: Path, enc: nn.Module, dec: nn.Module, ex: dict[str, Tensor]) -> float:
+    """ONNX Runtime (CPU) vs torch on the example inputs, and on a root-only prefix (S=1)."""
+    cpu = torch.device("cpu")
+    enc_sess = OnnxSession(out / ENCODER_FILE, cpu, intra_op_threads=1)
+    dec_sess = OnnxSession(out / DECODER_FILE, cpu, intra_op_threads=1)
+    errors = []
+    with torch.no_grad():
+        ref = enc(ex["history"], ex["history_mask"])
+        got = enc_sess.run({k: ex[k] for k in ENCODER_INPUTS}, {})
+        errors += [float((r - g).abs().max()) for r, g in zip(ref, got, strict=True)]
+        for prefix in (ex["prefix"], ex["prefix"][:, :1]):
+            inputs = {**{k: ex[k] for k in DECODER_INPUTS}, "prefix": prefix}
+            ref_scores = dec(*(inputs[k] for k in DECODER_INPUTS))
+            (got_scores,) = dec_sess.run(inputs, {})
+            errors.append(float((ref_scores - got_scores).abs().max()))
+    worst = max(errors)
+    if not worst <= PARITY_ATOL:
+        raise ExportError(f"ONNX Runtime disagrees with torch after export: max |diff| {worst:.3g} > {PARITY_ATOL}")
+    return worst
+
+
+def write_items(path: Path, item_emb: np.ndarray, item_ids: list[str], popularity: np.ndarray) -> None:
+    ids = np.asarray(item_ids, dtype=np.str_)  # fixed-width unicode, never an object array
+    with path.open("wb") as fh:
+        np.savez(
+            fh,
+            item_emb=np.ascontiguousarray(item_emb, dtype=np.float32),
+            item_ids=ids,
+            popularity=np.asarray(popularity, dtype=np.float32),
+        )
+
+
+def _check_inputs(
+    index: TreeIndex, item_emb: np.ndarray, item_ids: list[str], popularity: np.ndarray, score_mode: str
+) -> None:
+    rows = index.num_items + 1
+    if item_emb.ndim != 2 or item_emb.shape[0] != rows:
+        raise ExportError(f"item_emb must be [num_items+1={rows}, Dr], got {list(item_emb.shape)}")
+    if len(item_ids) != rows or item_ids[0] != "":
+        raise ExportError(f"item_ids must have num_items+1={rows} entries with item_ids[0] == '', got {len(item_ids)}")
+    if np.shape(popularity) != (rows,):
+        raise ExportError(f"popularity must be [num_items+1={rows}], got {list(np.shape(popularity))}")
+    if score_mode not in ("logprob", "node"):
+        raise ExportError(f"score_mode must be 'logprob' or 'node', got {score_mode!r}")
+    index.validate()
+
+
+def _json_safe(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+
+
+def export_bundle(
+    out_dir: str | Path,
+    *,
+    name: str,
+    method: str,
+    encoder: nn.Module,
+    decoder: nn.Module,
+    index: TreeIndex,
+    item_emb: np.ndarray,
+    item_ids: list[str],
+    popularity: np.ndarray,
+    score_mode: str,
+    max_history: int,
+    metrics: dict[str, Any],
+    config: dict[str, Any],
+    dataset_fingerprint: str,
+    version: str | None = None,
+) -> Path:
+    """Write a verified bundle to ``out_dir`` (replacing an existing one atomically); returns its path.
+
+    ``encoder``: any module ``(history[B,T], mask[B,T]) -> (memory[B,T,D], query[B,Dr])``;
+    ``decoder``: any module with the decoder-step signature. ``item_emb`` [N+1, Dr] must use the
+    same Dr as the encoder's ``query``. ``version`` defaults to the UTC creation time.
+    """
+    out = Path(out_dir)
+    _check_inputs(index, item_emb, item_ids, popularity, score_mode)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        graphs = export_graphs(tmp, encoder, decoder, index, index.num_items, max_history)
+        if item_emb.shape[1] != graphs["dims"]["query"]:
+            raise ExportError(
+                f"item_emb has {item_emb.shape[1]} columns but the encoder's query has {graphs['dims']['query']}"
+            )
+        index.save(tmp / INDEX_FILE)
+        write_items(tmp / ITEMS_FILE, item_emb, item_ids, popularity)
+        files = {f: {"sha256": file_sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in BUNDLE_FILES}
+        created = datetime.now(UTC)
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "name": name,
+            "method": method,
+            "version": version or created.strftime("%Y%m%dT%H%M%SZ"),
+            "created_at": created.isoformat(),
+            "fingerprint": bundle_fingerprint({f: e["sha256"] for f, e in files.items()}),
+            "levels": index.levels,
+            "branching": index.max_branching,
+            "token_scheme": index.token_scheme,
+            "score_mode": score_mode,
+            "dims": graphs["dims"],
+            "num_items": index.num_items,
+            "num_nodes": index.num_nodes,
+            "num_leaves": index.num_leaves,
+            "max_history": max_history,
+            "opset": OPSET,
+            "files": files,
+            "metrics": _json_safe(metrics),
+            "config": _json_safe(config),
+            "dataset_fingerprint": dataset_fingerprint,
+            "export": {
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "parity_max_abs_error": graphs["parity_max_abs_error"],
+            },
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        load_bundle(tmp)  # refuse to publish what the loader would refuse
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("bundle %s (%s) written to %s, fingerprint %s", name, method, out, manifest["fingerprint"][:12])
+    return out
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and then deleted."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)

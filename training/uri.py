@@ -1,0 +1,646 @@
+"""URI trainer: the decoder is both the retriever and the indexer (Li et al., ICLR 2025).
+
+One shared :class:`~models.decoder.TokenDecoder` gives, at every index level, a distribution over
+the ``k`` tokens of that level for a query (memory = the :class:`~models.encoder.QueryEncoder`
+states of the user's history) and for an item (memory = the item's id and attribute embeddings).
+The index is built layer by layer (paper 4.2):
+
+1. level ``l`` trains ``E-step + M-step`` (eqs. 8-10, :mod:`training.uri_losses`) plus the memory
+   loss of the levels already assigned (eq. 11), with the assigned tokens as the decoder prefix,
+   until a convergence criterion holds (``URIConfig.level_*``);
+2. every item is then assigned a level-``l`` token with the capacity-constrained assignment
+   (capacity = items under the parent / k), and the level's APE and balance are logged;
+3. after level L the items' codes are the leaves (buckets of items); a final stage trains the
+   inner-product ranker (sampled softmax, 9 uniform + 1 sibling-leaf negative) with the memory
+   loss of all L levels so that the decoder keeps the final index.
+
+Before the index exists the decoder runs on the *complete* k-ary tree of depth L (every token at
+every level), whose node ids follow from the code prefix; the exported decoder is rebuilt on the
+real index with the same weights (``token_scheme="level"``: a node's token is its code, so both
+trees map a (level, token) to the same embedding row).
+
+What is measured is what is served: :func:`train_uri` exports a bundle and evaluates through
+``Retriever(load_bundle(dir), backend="onnx")``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from models.decoder import DecoderConfig, TokenDecoder, safe_key_padding
+from models.encoder import EncoderConfig, QueryEncoder
+from models.index import TreeIndex
+from training.metrics import average_partition_entropy
+from training.registry import TrainContext, TrainedMethod, register_method
+from training.splits import training_pairs
+from training.uri_losses import (
+    balance_loss,
+    commitment_loss,
+    e_step_loss,
+    m_step_loss,
+    memory_loss,
+    sampled_softmax_loss,
+)
+
+log = logging.getLogger(__name__)
+
+CONFIG_PATH = Path(__file__).parent / "configs" / "uri.yaml"
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class URIConfig:
+    """URI hyper-parameters; ``training/configs/uri.yaml`` documents each choice."""
+
+    k: int = 32
+    """Tokens per level (index width)."""
+    levels: int = 2
+    """Index depth L; leaves are buckets of items."""
+    dim: int = 96
+    """Model and representation dimension d."""
+    decoder_layers: int = 2
+    encoder_layers: int = 2
+    heads: int = 2
+    dropout: float = 0.1
+    max_len: int = 50
+    """Most recent history items the query encoder sees."""
+    use_attributes: bool = True
+    """Add item attribute embeddings to the item encoder when the dataset has attributes."""
+    max_attributes: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    steps_per_epoch: int = 0
+    """0 = one pass over the training pairs; > 0 caps the steps of an epoch."""
+    level_min_epochs: int = 2
+    level_max_epochs: int = 6
+    converge_rel_loss: float = 0.01
+    """A level converges when the epoch loss changes by less than this (relative) ..."""
+    converge_token_change: float = 0.02
+    """... and fewer than this fraction of items change their argmax token."""
+    balance_adaptive: bool = True
+    detach_targets: bool = True
+    memory_weight: float = 1.0
+    commit_weight: float = 1.0
+    balance_weight: float = 1.0
+    num_negatives: int = 10
+    hard_negatives: int = 1
+    ranker_weight: float = 1.0
+    ranker_epochs: int = 3
+    beam_size: int = 20
+    eval_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        positive = ("k", "levels", "dim", "decoder_layers", "encoder_layers", "heads", "max_len", "batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"URIConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.k < 2:
+            raise ValueError(f"URIConfig.k must be >= 2, got {self.k}")
+        if self.dim % self.heads:
+            raise ValueError(f"URIConfig.dim={self.dim} must be divisible by heads={self.heads}")
+        if not 1 <= self.level_min_epochs <= self.level_max_epochs:
+            raise ValueError(
+                f"need 1 <= level_min_epochs <= level_max_epochs, got {self.level_min_epochs}, {self.level_max_epochs}"
+            )
+        if not 0 <= self.hard_negatives <= self.num_negatives or self.num_negatives < 1:
+            raise ValueError(
+                f"need 0 <= hard_negatives <= num_negatives and num_negatives >= 1, got "
+                f"{self.hard_negatives}, {self.num_negatives}"
+            )
+        if self.ranker_epochs < 0 or self.steps_per_epoch < 0 or self.beam_size < 1:
+            raise ValueError("ranker_epochs, steps_per_epoch must be >= 0 and beam_size >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"URIConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> URIConfig:
+        """The YAML defaults (``configs/uri.yaml`` unless ``path``) with ``overrides`` applied.
+
+        Override values may be strings (``--set k=16``): they are converted to the field's type.
+        """
+        raw = yaml.safe_load(Path(path or CONFIG_PATH).read_text()) or {}
+        values = {**raw, **(overrides or {})}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown URI config key(s) {unknown}; known: {', '.join(sorted(fields))}")
+        return cls(**{name: _coerce(name, fields[name].type, value) for name, value in values.items()})
+
+
+def _coerce(name: str, kind: Any, value: Any) -> Any:
+    kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    try:
+        if kind == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if kind == "int":
+            as_float = float(value)
+            if not as_float.is_integer():
+                raise ValueError(value)
+            return int(as_float)
+        if kind == "float":
+            return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"URI config {name}={value!r} is not a valid {kind}") from None
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# The complete k-ary tree used while the index is being learned
+
+
+@dataclass(frozen=True)
+class FullTree:
+    """Node ids of the complete ``k``-ary tree of depth ``levels`` (the order of TreeIndex.from_codes).
+
+    Level ``l`` node of code prefix ``(c_1..c_l)`` has id ``start[l] + sum_j c_j k^(l-j)``.
+    """
+
+    k: int
+    levels: int
+    index: TreeIndex
+
+    @classmethod
+    def build(cls, k: int, levels: int) -> FullTree:
+        leaves = np.arange(k**levels, dtype=np.int64)
+        codes = np.zeros((k**levels + 1, levels), dtype=np.int64)  # [k^L + 1, L]
+        for level in range(levels):
+            codes[1:, level] = (leaves // k ** (levels - 1 - level)) % k
+        return cls(k, levels, TreeIndex.from_codes(codes, k, token_scheme="level"))
+
+    def prefix_nodes(self, codes: Tensor) -> Tensor:
+        """``codes[B, S]`` (levels 1..S) -> ``[B, S+1]`` global node ids, root first."""
+        starts = torch.as_tensor(self.index.level_offsets, device=codes.device)
+        local = torch.zeros(codes.shape[0], dtype=torch.long, device=codes.device)  # [B]
+        nodes = [local]  # root = 0
+        for level in range(codes.shape[1]):
+            local = local * self.k + codes[:, level]
+            nodes.append(starts[level + 1] + local)
+        return torch.stack(nodes, dim=1)  # [B, S+1]
+
+    def child_nodes(self, nodes: Tensor, level: int) -> Tensor:
+        """``nodes[B]`` of level ``level`` -> ``[B, k]`` ids of their children (level ``level+1``)."""
+        starts = self.index.level_offsets
+        local = nodes - int(starts[level])  # [B]
+        children = local[:, None] * self.k + torch.arange(self.k, device=nodes.device)[None]  # [B, k]
+        return int(starts[level + 1]) + children
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+
+
+class ItemFeatures(nn.Module):
+    """Item id embedding plus the mean of its attribute embeddings: ``items[...] -> [..., D]``.
+
+    Used as the query encoder's item embedding (history items) and as the item tower.
+    """
+
+    def __init__(self, num_items: int, dim: int, attributes: np.ndarray | None, num_attributes: int) -> None:
+        super().__init__()
+        self.id_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)
+        nn.init.normal_(self.id_embedding.weight, std=dim**-0.5)
+        with torch.no_grad():
+            self.id_embedding.weight[0].zero_()
+        self.attr_embedding: nn.Embedding | None = None
+        if attributes is not None and num_attributes > 0:
+            self.register_buffer("attributes", torch.as_tensor(attributes, dtype=torch.long))  # [N+1, A]
+            self.attr_embedding = nn.Embedding(num_attributes + 1, dim, padding_idx=0)
+            nn.init.normal_(self.attr_embedding.weight, std=dim**-0.5)
+            with torch.no_grad():
+                self.attr_embedding.weight[0].zero_()
+
+    def forward(self, items: Tensor) -> Tensor:
+        x = self.id_embedding(items)  # [..., D]
+        if self.attr_embedding is not None:
+            attrs = self.attributes[items]  # [..., A]
+            count = (attrs > 0).sum(-1, keepdim=True).clamp(min=1).to(x.dtype)  # [..., 1]
+            x = x + self.attr_embedding(attrs).sum(-2) / count
+        return x
+
+    def memory(self, items: Tensor) -> tuple[Tensor, Tensor]:
+        """``items[M] -> (memory[M, 1+A, D], mask[M, 1+A])``: the item as the decoder sees it."""
+        ids = self.id_embedding(items)[:, None]  # [M, 1, D]
+        if self.attr_embedding is None:
+            return ids, torch.ones(ids.shape[:2], dtype=torch.bool, device=items.device)
+        attrs = self.attributes[items]  # [M, A]
+        memory = torch.cat([ids, self.attr_embedding(attrs)], dim=1)  # [M, 1+A, D]
+        mask = torch.cat([torch.ones_like(attrs[:, :1], dtype=torch.bool), attrs > 0], dim=1)  # [M, 1+A]
+        return memory, mask
+
+
+class URIModel(nn.Module):
+    """Query encoder, item tower and the shared decoder (on the complete tree while training)."""
+
+    def __init__(self, config: URIConfig, num_items: int, attributes: np.ndarray | None, num_attributes: int) -> None:
+        super().__init__()
+        self.config = config
+        self.tree = FullTree.build(config.k, config.levels)
+        self.items = ItemFeatures(num_items, config.dim, attributes, num_attributes)
+        self.encoder = QueryEncoder(
+            EncoderConfig(
+                num_items=num_items,
+                dim=config.dim,
+                num_layers=config.encoder_layers,
+                num_heads=config.heads,
+                max_len=config.max_len,
+                dropout=config.dropout,
+            ),
+            item_embedding=self.items,
+        )
+        self.decoder = TokenDecoder(self.decoder_config(), self.tree.index.node_token, self.tree.index.level_offsets)
+        self.item_norm = nn.LayerNorm(config.dim)  # item memory on the scale of the encoder's output_norm
+
+    def decoder_config(self) -> DecoderConfig:
+        c = self.config
+        return DecoderConfig(
+            dim=c.dim, num_layers=c.decoder_layers, num_heads=c.heads, dropout=c.dropout, token_scheme="level"
+        )
+
+    def encode_queries(self, history: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``history[B, T] -> (memory[B, T, D], mask[B, T], query[B, D])``."""
+        mask = history > 0
+        memory, query = self.encoder(history, mask)
+        return memory, mask, query
+
+    def encode_items(self, items: Tensor) -> tuple[Tensor, Tensor]:
+        """``items[M] -> (memory[M, 1+A, D], mask[M, 1+A])``."""
+        memory, mask = self.items.memory(items)
+        return self.item_norm(memory), mask
+
+    def item_vectors(self, items: Tensor) -> Tensor:
+        """``items[M] -> [M, D]`` rerank representations (inner product with ``query``)."""
+        return self.items(items)
+
+    def level_logits(self, memory: Tensor, mask: Tensor, prefix_codes: Tensor) -> list[Tensor]:
+        """Teacher-forced logits of levels ``1..S+1`` given ``prefix_codes[B, S]``: a list of ``[B, k]``.
+
+        One decoder pass over the prefix (causal): position ``s`` predicts the level ``s+1`` token.
+        """
+        dec = self.decoder
+        prefix = self.tree.prefix_nodes(prefix_codes)  # [B, S+1]
+        S1 = prefix.shape[1]
+        positions = torch.arange(S1, device=prefix.device)
+        x = dec.token_embedding(dec.node_row[prefix]) + dec.level_embedding(positions)[None]  # [B, S+1, D]
+        causal = torch.ones(S1, S1, dtype=torch.bool, device=prefix.device).triu(diagonal=1)
+        out = dec.layers(x, memory, tgt_mask=causal, memory_key_padding_mask=safe_key_padding(mask))  # [B, S+1, D]
+        hidden = dec.output_norm(out)  # [B, S+1, D]
+        return [
+            dec.score_hidden(hidden[:, s], self.tree.child_nodes(prefix[:, s], s))  # [B, k]
+            for s in range(S1)
+        ]
+
+
+# --------------------------------------------------------------------------------------------
+# Assignment, APE, negatives
+
+
+def assign_level(probs: np.ndarray, parents: np.ndarray, k: int) -> np.ndarray:
+    """Capacity-constrained token assignment of one level (paper 4.2, Li et al. 2023).
+
+    probs: [N, k] the items' token distributions; parents: [N] int64 group of each item (its code
+    prefix; all equal at level 1). Within a group of n items every token takes at most
+    ``ceil(n / k)`` items. Returns tokens [N] int64.
+    """
+    from training.clustering import capacity_assign
+
+    tokens = np.empty(len(probs), dtype=np.int64)
+    order = np.argsort(parents, kind="stable")
+    bounds = np.flatnonzero(np.diff(parents[order])) + 1
+    for group in np.split(order, bounds):
+        capacity = math.ceil(len(group) / k)
+        tokens[group] = capacity_assign(probs[group], capacity)
+    return tokens
+
+
+def group_ids(codes: np.ndarray) -> np.ndarray:
+    """``codes[N, l] -> [N]`` int64 id of each distinct prefix (0 when l == 0)."""
+    if codes.shape[1] == 0:
+        return np.zeros(len(codes), dtype=np.int64)
+    _, inverse = np.unique(codes, axis=0, return_inverse=True)
+    return inverse.reshape(-1).astype(np.int64)
+
+
+def level_report(codes: np.ndarray, level: int, queries: list[np.ndarray]) -> dict[str, float]:
+    """APE and bucket sizes of the index truncated at ``level`` (codes [N+1, L], row 0 ignored)."""
+    buckets = np.full(len(codes), -1, dtype=np.int64)
+    buckets[1:] = group_ids(codes[1:, :level])
+    sizes = np.bincount(buckets[1:])
+    return {
+        "ape": average_partition_entropy(buckets, queries),
+        "buckets": int(len(sizes)),
+        "bucket_min": int(sizes.min()),
+        "bucket_max": int(sizes.max()),
+        "bucket_mean": float(sizes.mean()),
+    }
+
+
+class SiblingSampler:
+    """Hard negatives (paper 4.3): an item of a sibling leaf (same parent) of the positive's leaf.
+
+    Falls back to another item of the same leaf when the leaf has no sibling, and to a uniform item
+    when that leaf holds only the positive.
+    """
+
+    def __init__(self, index: TreeIndex, rng: np.random.Generator) -> None:
+        self.index = index
+        self.rng = rng
+        self.leaf_of_item = index.item_path[:, -1].astype(np.int64)  # [N+1] global leaf ids
+        self.parent = index.parents()
+
+    def sample(self, positives: np.ndarray) -> np.ndarray:
+        """``positives[B] -> [B]`` dense item ids."""
+        idx, rng = self.index, self.rng
+        leaf = self.leaf_of_item[positives]  # [B] global leaf ids
+        first = idx.child_offsets[self.parent[leaf]]  # [B] CSR start of the parent's children
+        n_sib = idx.child_offsets[self.parent[leaf] + 1] - first  # leaves under the parent, own included
+        own_pos = leaf - idx.child_ids[first]  # from_codes numbers siblings contiguously
+        pick = rng.integers(0, np.maximum(n_sib - 1, 1))  # among the other siblings
+        pick = np.where(n_sib > 1, pick + (pick >= own_pos), own_pos)
+        chosen = idx.child_ids[first + pick] - idx.leaf_start  # [B] 0-based leaf index
+        sizes = np.diff(idx.leaf_offsets)
+        items = idx.leaf_items[idx.leaf_offsets[chosen] + rng.integers(0, sizes[chosen])]
+        lonely = items == positives
+        items[lonely] = rng.integers(1, idx.num_items + 1, size=int(lonely.sum()))
+        return items
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class _Batches:
+    histories: np.ndarray  # [P, T]
+    targets: np.ndarray  # [P]
+    batch_size: int
+    steps_per_epoch: int
+    rng: np.random.Generator
+
+    def epoch(self) -> list[np.ndarray]:
+        order = self.rng.permutation(len(self.targets))
+        chunks = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return chunks[: self.steps_per_epoch] if self.steps_per_epoch else chunks
+
+
+class URITrainer:
+    """Runs the layer-by-layer schedule and the ranker stage on one split."""
+
+    def __init__(self, config: URIConfig, ctx: TrainContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        ds = ctx.dataset
+        self.num_items = ds.num_items
+        torch.manual_seed(ctx.seed)
+        self.rng = np.random.default_rng(ctx.seed)
+        attributes = None
+        if config.use_attributes and ds.item_attributes is not None and ds.num_attributes > 0:
+            attributes = np.zeros((ds.num_items + 1, config.max_attributes), dtype=np.int64)  # [N+1, A]
+            for item, attrs in enumerate(ds.item_attributes):
+                attrs = attrs[: config.max_attributes]
+                attributes[item, : len(attrs)] = attrs
+        self.model = URIModel(config, ds.num_items, attributes, ds.num_attributes if attributes is not None else 0)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        histories, targets = training_pairs(ctx.split.train, config.max_len)
+        if len(targets) == 0:
+            raise ValueError("URI needs training sequences with at least two items")
+        self.batches = _Batches(histories, targets, config.batch_size, config.steps_per_epoch, self.rng)
+        self.codes = np.full((ds.num_items + 1, config.levels), -1, dtype=np.int64)  # [N+1, L] assigned tokens
+        self.queries = [s for s in ctx.split.train if len(s) > 1]  # APE queries: training users' items
+        self.log: list[dict[str, Any]] = []
+
+    # ---------------------------------------------------------------- one step
+    def _step(self, rows: np.ndarray, level: int, sibling: SiblingSampler | None) -> dict[str, float]:
+        c, model = self.config, self.model
+        hist = torch.as_tensor(self.batches.histories[rows])  # [B, T]
+        pos_np = self.batches.targets[rows]
+        pos = torch.as_tensor(pos_np)  # [B]
+        B = len(rows)
+        q_memory, q_mask, query = model.encode_queries(hist)
+        terms: dict[str, Tensor] = {}
+        if level > 0:
+            rand = torch.as_tensor(self.rng.integers(1, self.num_items + 1, size=B))  # [B]
+            items = torch.cat([pos, rand])  # [2B] positives then random items
+            i_memory, i_mask = model.encode_items(items)
+            codes = torch.as_tensor(self.codes)
+            q_logits = model.level_logits(q_memory, q_mask, codes[pos, : level - 1])  # level x [B, k]
+            i_logits = model.level_logits(i_memory, i_mask, codes[items, : level - 1])  # level x [2B, k]
+            q_cur, i_cur = q_logits[-1], i_logits[-1]
+            terms["e_step"] = e_step_loss(q_cur, i_cur[:B], detach_target=c.detach_targets)
+            terms["m_step"] = m_step_loss(q_cur, i_cur[:B], detach_target=c.detach_targets)
+            terms["commit"] = c.commit_weight * commitment_loss(i_cur)
+            terms["balance"] = c.balance_weight * balance_loss(i_cur, adaptive=c.balance_adaptive)
+            if level > 1:
+                terms["memory"] = c.memory_weight * memory_loss(
+                    q_logits[:-1], [x[:B] for x in i_logits[:-1]], codes[pos, : level - 1]
+                )
+        else:  # ranker stage: memory of all L levels keeps the decoder on the final index
+            codes = torch.as_tensor(self.codes)
+            q_logits = model.level_logits(q_memory, q_mask, codes[pos, : c.levels - 1])
+            i_memory, i_mask = model.encode_items(pos)
+            i_logits = model.level_logits(i_memory, i_mask, codes[pos, : c.levels - 1])
+            terms["memory"] = c.memory_weight * memory_loss(q_logits, i_logits, codes[pos])
+        if c.ranker_weight > 0:
+            n_hard = c.hard_negatives if sibling is not None else 0
+            neg = self.rng.integers(1, self.num_items + 1, size=(B, c.num_negatives))
+            if n_hard:
+                for j in range(n_hard):
+                    neg[:, j] = sibling.sample(pos_np) if sibling is not None else neg[:, j]
+            vectors = model.item_vectors(torch.cat([pos, torch.as_tensor(neg).reshape(-1)]))  # [B + B*n, D]
+            terms["ranker"] = c.ranker_weight * sampled_softmax_loss(
+                query, vectors[:B], vectors[B:].reshape(B, c.num_negatives, -1)
+            )
+        loss = torch.stack(list(terms.values())).sum()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        out = {name: float(t.detach()) for name, t in terms.items()}
+        out["loss"] = float(loss.detach())
+        return out
+
+    def _epoch(self, level: int, desc: str, sibling: SiblingSampler | None = None) -> dict[str, float]:
+        self.model.train()
+        sums: dict[str, float] = {}
+        chunks = self.batches.epoch()
+        for rows in tqdm(chunks, desc=desc, leave=False, mininterval=2.0):
+            for name, value in self._step(rows, level, sibling).items():
+                sums[name] = sums.get(name, 0.0) + value
+        return {name: value / max(1, len(chunks)) for name, value in sums.items()}
+
+    # ---------------------------------------------------------------- item distributions
+    @torch.no_grad()
+    def item_probs(self, level: int, batch: int = 2048) -> np.ndarray:
+        """``[N, k]`` every item's level-``level`` token distribution given its assigned prefix."""
+        self.model.eval()
+        out = []
+        codes = torch.as_tensor(self.codes)
+        for start in range(1, self.num_items + 1, batch):
+            items = torch.arange(start, min(start + batch, self.num_items + 1))
+            memory, mask = self.model.encode_items(items)
+            logits = self.model.level_logits(memory, mask, codes[items, : level - 1])[-1]  # [M, k]
+            out.append(torch.softmax(logits, dim=-1).numpy())
+        return np.concatenate(out)
+
+    # ---------------------------------------------------------------- the schedule
+    def train_level(self, level: int) -> dict[str, Any]:
+        c = self.config
+        prev_loss: float | None = None
+        prev_tokens = self.item_probs(level).argmax(1)
+        epochs = 0
+        for epoch in range(1, c.level_max_epochs + 1):
+            stats = self._epoch(level, f"URI level {level}/{c.levels} epoch {epoch}")
+            tokens = self.item_probs(level).argmax(1)
+            changed = float((tokens != prev_tokens).mean())
+            rel = abs(prev_loss - stats["loss"]) / max(abs(prev_loss), 1e-12) if prev_loss is not None else math.inf
+            epochs = epoch
+            log.info(
+                "URI level %d epoch %d: %s | argmax tokens used %d/%d, changed %.3f, rel loss change %.4f",
+                level,
+                epoch,
+                " ".join(f"{n}={v:.4f}" for n, v in stats.items()),
+                len(np.unique(tokens)),
+                c.k,
+                changed,
+                rel,
+            )
+            self.log.append({"stage": f"level{level}", "epoch": epoch, **stats, "token_change": changed})
+            prev_loss, prev_tokens = stats["loss"], tokens
+            if epoch >= c.level_min_epochs and rel < c.converge_rel_loss and changed < c.converge_token_change:
+                break
+        probs = self.item_probs(level)  # [N, k]
+        parents = group_ids(self.codes[1:, : level - 1])
+        self.codes[1:, level - 1] = assign_level(probs, parents, c.k)
+        report = {"level": level, "epochs": epochs, **level_report(self.codes, level, self.queries)}
+        report["argmax_agreement"] = float((probs.argmax(1) == self.codes[1:, level - 1]).mean())
+        log.info("URI level %d assigned: %s", level, report)
+        return report
+
+    def train_ranker(self, index: TreeIndex) -> None:
+        sibling = SiblingSampler(index, self.rng)
+        for epoch in range(1, self.config.ranker_epochs + 1):
+            stats = self._epoch(0, f"URI ranker epoch {epoch}", sibling)
+            log.info("URI ranker epoch %d: %s", epoch, " ".join(f"{n}={v:.4f}" for n, v in stats.items()))
+            self.log.append({"stage": "ranker", "epoch": epoch, **stats})
+
+    def fit(self) -> tuple[TreeIndex, list[dict[str, Any]]]:
+        reports = []
+        for level in tqdm(range(1, self.config.levels + 1), desc="URI levels"):
+            reports.append(self.train_level(level))
+        index = TreeIndex.from_codes(self.codes, self.config.k, token_scheme="level")
+        index.validate()
+        self.train_ranker(index)
+        return index, reports
+
+    # ---------------------------------------------------------------- export
+    def serving_decoder(self, index: TreeIndex) -> TokenDecoder:
+        """The trained decoder rebuilt on the real index (same weights, same token rows)."""
+        trained = self.model.decoder
+        decoder = TokenDecoder(self.model.decoder_config(), index.node_token, index.level_offsets)
+        if int(index.node_token.max()) + 1 != self.config.k:
+            raise RuntimeError(
+                f"the URI index uses tokens 0..{int(index.node_token.max())}, expected all of 0..{self.config.k - 1}: "
+                "the decoder's token rows would not line up"
+            )
+        state = trained.state_dict()
+        rows = decoder.num_rows
+        for name in ("token_embedding.weight", "bias"):
+            if name in state:
+                state[name] = state[name][:rows]
+        decoder.load_state_dict(state)
+        return decoder.eval()
+
+    @torch.no_grad()
+    def item_table(self) -> np.ndarray:
+        """``[N+1, D]`` rerank vectors, row 0 = 0."""
+        self.model.eval()
+        table = self.model.item_vectors(torch.arange(self.num_items + 1)).numpy().astype(np.float32)
+        table[0] = 0.0
+        return table
+
+
+class BundleRecommender:
+    """Recommends through the exported bundle, exactly as the service does."""
+
+    def __init__(self, bundle_dir: Path, beam_size: int, batch_size: int) -> None:
+        from models.bundle import load_bundle
+        from models.retriever import Retriever
+
+        self.retriever = Retriever(load_bundle(bundle_dir), device="cpu", backend="onnx")
+        self.beam_size = beam_size
+        self.batch_size = batch_size
+        self.last_num_candidates: np.ndarray | None = None
+
+    def recommend(self, histories: list[np.ndarray], k: int, exclude: list[np.ndarray] | None) -> np.ndarray:
+        out = np.zeros((len(histories), k), dtype=np.int64)
+        candidates = np.zeros(len(histories), dtype=np.int64)
+        for start in range(0, len(histories), self.batch_size):
+            stop = start + self.batch_size
+            result = self.retriever.retrieve(
+                histories[start:stop], k, self.beam_size, exclude[start:stop] if exclude is not None else None
+            )
+            out[start:stop] = result.items
+            candidates[start:stop] = result.num_candidates
+        self.last_num_candidates = candidates
+        return out
+
+
+def train_uri(ctx: TrainContext) -> TrainedMethod:
+    """Train URI on ``ctx.split``, export the bundle to ``ctx.workdir / "uri"``, serve from it."""
+    from training.export import export_bundle
+
+    config = URIConfig.load(overrides=ctx.config_overrides)
+    log.info("URI config: %s", config)
+    started = time.perf_counter()
+    trainer = URITrainer(config, ctx)
+    index, reports = trainer.fit()
+    train_seconds = time.perf_counter() - started
+    ds = ctx.dataset
+    popularity = np.bincount(np.concatenate(ctx.split.train), minlength=ds.num_items + 1).astype(np.float32)
+    popularity[0] = 0.0
+    info: dict[str, Any] = {
+        "train_seconds": round(train_seconds, 1),
+        "levels": reports,
+        "index": {k: v for k, v in index.stats().items() if k != "per_level"},
+    }
+    out_dir = Path(ctx.workdir) / "uri"
+    trainer.model.eval()
+    bundle_dir = export_bundle(
+        out_dir,
+        name=f"uri-{ds.name}",
+        method="uri",
+        encoder=trainer.model.encoder,
+        decoder=trainer.serving_decoder(index),
+        index=index,
+        item_emb=trainer.item_table(),
+        item_ids=ds.vocab.raw_ids,
+        popularity=popularity,
+        score_mode="logprob",
+        max_history=config.max_len,
+        metrics={"train_seconds": info["train_seconds"], **{f"ape_level{r['level']}": r["ape"] for r in reports}},
+        config=dataclasses.asdict(config),
+        dataset_fingerprint=ds.fingerprint(),
+    )
+    recommender = BundleRecommender(Path(bundle_dir), config.beam_size, config.eval_batch_size)
+    return TrainedMethod(recommender=recommender, bundle_dir=Path(bundle_dir), info=info)
+
+
+register_method("uri", train_uri)
