@@ -163,7 +163,8 @@ def parse_manifest(path: Path) -> Manifest:
     version = raw.get("schema_version")
     if version != SCHEMA_VERSION:
         raise BundleError(
-            path, f"{MANIFEST}: schema_version {version!r} is not supported (this build reads {SCHEMA_VERSION})"
+            path,
+            f"{MANIFEST}: schema_version {version!r} is not supported (this build reads {SCHEMA_VERSION})",
         )
     for key, typ in _MANIFEST_TYPES.items():
         if key not in raw:
@@ -194,11 +195,14 @@ def verify_files(path: Path, manifest: Manifest) -> None:
         size = file.stat().st_size
         if size != entry.get("bytes"):
             raise BundleError(
-                path, f"{name} has {size} bytes, the manifest says {entry.get('bytes')} (truncated or replaced)"
+                path,
+                f"{name} has {size} bytes, the manifest says {entry.get('bytes')} (truncated or replaced)",
             )
         digest = file_sha256(file)
         if digest != entry["sha256"]:
-            raise BundleError(path, f"{name} sha256 {digest[:16]}… does not match the manifest's {entry['sha256'][:16]}…")
+            raise BundleError(
+                path, f"{name} sha256 {digest[:16]}… does not match the manifest's {entry['sha256'][:16]}…"
+            )
         hashes[name] = digest
     if bundle_fingerprint(hashes) != manifest.fingerprint:
         raise BundleError(path, f"{MANIFEST}: fingerprint does not match the files' checksums")
@@ -217,7 +221,9 @@ def load_index(path: Path, manifest: Manifest) -> TreeIndex:
     }
     for key, value in expected.items():
         if getattr(index, key) != value:
-            raise BundleError(path, f"{INDEX_FILE}: {key} is {getattr(index, key)!r}, the manifest says {value!r}")
+            raise BundleError(
+                path, f"{INDEX_FILE}: {key} is {getattr(index, key)!r}, the manifest says {value!r}"
+            )
     return index
 
 
@@ -244,7 +250,8 @@ def load_items(path: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray, 
         raise BundleError(path, f"{ITEMS_FILE}: item_emb has NaN or infinite values")
     if item_ids.shape != (rows,) or item_ids.dtype.kind != "U":
         raise BundleError(
-            path, f"{ITEMS_FILE}: item_ids is {item_ids.dtype}{list(item_ids.shape)}, expected unicode[{rows}]"
+            path,
+            f"{ITEMS_FILE}: item_ids is {item_ids.dtype}{list(item_ids.shape)}, expected unicode[{rows}]",
         )
     if item_ids[0] != "":
         raise BundleError(path, f"{ITEMS_FILE}: item_ids[0] must be '' (padding), got {item_ids[0]!r}")
@@ -252,7 +259,8 @@ def load_items(path: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray, 
         raise BundleError(path, f"{ITEMS_FILE}: item_ids has duplicate raw ids")
     if popularity.shape != (rows,) or popularity.dtype != np.float32:
         raise BundleError(
-            path, f"{ITEMS_FILE}: popularity is {popularity.dtype}{list(popularity.shape)}, expected float32[{rows}]"
+            path,
+            f"{ITEMS_FILE}: popularity is {popularity.dtype}{list(popularity.shape)}, expected float32[{rows}]",
         )
     return item_emb, item_ids, popularity
 
@@ -261,7 +269,9 @@ def _value_info_signature(values: Any) -> dict[str, tuple[int, list[int | str]]]
     out = {}
     for v in values:
         tensor = v.type.tensor_type
-        dims: list[int | str] = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor.shape.dim]
+        dims: list[int | str] = [
+            d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor.shape.dim
+        ]
         out[v.name] = (tensor.elem_type, dims)
     return out
 
@@ -274,7 +284,9 @@ def verify_onnx(path: Path, name: str, manifest: Manifest) -> None:
         raise BundleError(path, f"{name}: not a readable ONNX model: {exc}") from exc
     external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     if external:
-        raise BundleError(path, f"{name}: weights must be inside the file, found external data for {external[:3]}")
+        raise BundleError(
+            path, f"{name}: weights must be inside the file, found external data for {external[:3]}"
+        )
     want_in, want_out = ONNX_SIGNATURES[name]
     init_names = {t.name for t in model.graph.initializer}
     got_in = _value_info_signature(i for i in model.graph.input if i.name not in init_names)

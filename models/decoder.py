@@ -45,13 +45,19 @@ class DecoderConfig:
 
     def __post_init__(self) -> None:
         if self.dim < 1 or self.dim % self.num_heads != 0:
-            raise ValueError(f"DecoderConfig.dim={self.dim} must be >= 1 and divisible by num_heads={self.num_heads}")
+            raise ValueError(
+                f"DecoderConfig.dim={self.dim} must be >= 1 and divisible by num_heads={self.num_heads}"
+            )
         if self.num_layers < 1 or self.ff_mult < 1:
-            raise ValueError(f"DecoderConfig needs num_layers, ff_mult >= 1, got {self.num_layers}, {self.ff_mult}")
+            raise ValueError(
+                f"DecoderConfig needs num_layers, ff_mult >= 1, got {self.num_layers}, {self.ff_mult}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"DecoderConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.token_scheme not in ("level", "node"):
-            raise ValueError(f"DecoderConfig.token_scheme must be 'level' or 'node', got {self.token_scheme!r}")
+            raise ValueError(
+                f"DecoderConfig.token_scheme must be 'level' or 'node', got {self.token_scheme!r}"
+            )
 
 
 def node_levels(level_offsets: np.ndarray) -> np.ndarray:
@@ -69,18 +75,23 @@ def token_rows(node_token: np.ndarray, level_offsets: np.ndarray, token_scheme: 
     tokens = np.asarray(node_token, dtype=np.int64)
     levels = node_levels(level_offsets)
     if tokens.shape != levels.shape:
-        raise ValueError(f"node_token has {tokens.shape[0]} nodes but level_offsets describe {levels.shape[0]}")
+        raise ValueError(
+            f"node_token has {tokens.shape[0]} nodes but level_offsets describe {levels.shape[0]}"
+        )
     if token_scheme == "node":
         return tokens
     return levels * (int(tokens.max()) + 1) + tokens
 
 
 def safe_key_padding(memory_mask: Tensor) -> Tensor:
-    """``[Bb,T] valid -> [Bb,T]`` True = ignore; a row with no valid key attends to all keys
-    (its memory is the encoder's output for an empty history) instead of producing NaN."""
+    """``[Bb,T] valid -> [Bb,T]`` True = ignore. A row with no valid key (empty history) attends
+    to its last position only instead of producing NaN: with left padding that is the slot of the
+    newest item, so the result does not depend on how far the row was padded."""
     valid = memory_mask.bool()
     empty = ~valid.any(dim=1, keepdim=True)  # [Bb, 1]
-    return ~(valid | empty)
+    T = valid.shape[1]
+    last = torch.arange(T, device=valid.device)[None, :] == T - 1  # [1, T]
+    return ~(valid | (empty & last))
 
 
 def gather_candidates(node_row: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor]:
@@ -112,8 +123,11 @@ class TokenDecoder(nn.Module):
         rows = token_rows(node_token, level_offsets, config.token_scheme)
         self.num_rows = int(rows.max()) + 1
         self.max_depth = len(level_offsets) - 1  # L + 1 prefix positions (root .. leaf)
+        self.node_row: Tensor
         self.register_buffer("node_row", torch.from_numpy(rows), persistent=False)
-        self.token_embedding = token_embedding if token_embedding is not None else nn.Embedding(self.num_rows, D)
+        self.token_embedding = (
+            token_embedding if token_embedding is not None else nn.Embedding(self.num_rows, D)
+        )
         self.level_embedding = nn.Embedding(self.max_depth, D)
         self.bias = nn.Parameter(torch.zeros(self.num_rows)) if config.use_bias else None
         layer = nn.TransformerDecoderLayer(
@@ -133,7 +147,9 @@ class TokenDecoder(nn.Module):
         S = prefix.shape[1]
         positions = torch.arange(S, device=prefix.device)  # [S] == level of prefix[:, s]
         x = self.token_embedding(self.node_row[prefix]) + self.level_embedding(positions)[None]  # [Bb, S, D]
-        causal = torch.ones(S, S, dtype=torch.bool, device=prefix.device).triu(diagonal=1)  # [S, S] True = blocked
+        causal = torch.ones(S, S, dtype=torch.bool, device=prefix.device).triu(
+            diagonal=1
+        )  # [S, S] True = blocked
         beam_memory = memory[beam_query]  # [Bb, T, D]
         key_padding = safe_key_padding(memory_mask[beam_query])  # [Bb, T]
         out = self.layers(

@@ -48,7 +48,9 @@ class EncoderConfig:
         if self.num_items < 1:
             raise ValueError(f"EncoderConfig.num_items must be >= 1, got {self.num_items}")
         if self.dim < 1 or self.dim % self.num_heads != 0:
-            raise ValueError(f"EncoderConfig.dim={self.dim} must be >= 1 and divisible by num_heads={self.num_heads}")
+            raise ValueError(
+                f"EncoderConfig.dim={self.dim} must be >= 1 and divisible by num_heads={self.num_heads}"
+            )
         if self.num_layers < 1 or self.max_len < 1 or self.ff_mult < 1:
             raise ValueError(
                 f"EncoderConfig needs num_layers, max_len, ff_mult >= 1, got "
@@ -104,7 +106,9 @@ class QueryEncoder(nn.Module):
         self.config = config
         D = config.dim
         self.item_embedding = (
-            item_embedding if item_embedding is not None else nn.Embedding(config.num_items + 1, D, padding_idx=0)
+            item_embedding
+            if item_embedding is not None
+            else nn.Embedding(config.num_items + 1, D, padding_idx=0)
         )
         self.position_embedding = nn.Embedding(config.max_len, D)
         self.input_norm = nn.LayerNorm(D)

@@ -69,7 +69,9 @@ class EncoderStates:
             mask[i, T - k.shape[0] :] = k
         query = np.stack([q for _, _, q in rows]).astype(np.float32)
         dev = torch.device(device)
-        return cls(torch.from_numpy(memory).to(dev), torch.from_numpy(mask).to(dev), torch.from_numpy(query).to(dev))
+        return cls(
+            torch.from_numpy(memory).to(dev), torch.from_numpy(mask).to(dev), torch.from_numpy(query).to(dev)
+        )
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,9 @@ class Retriever:
         start = self.leaf_offsets[leaf]  # [B, b]
         count = (self.leaf_offsets[leaf + 1] - start) * present  # [B, b]
         if self.max_leaf_size == 1:  # single-item leaves (SEATER, TDR): a plain gather
-            return torch.where(present, self.leaf_items[start.clamp(max=self.leaf_items.numel() - 1)], 0), present
+            return torch.where(
+                present, self.leaf_items[start.clamp(max=self.leaf_items.numel() - 1)], 0
+            ), present
         flat_count = count.reshape(-1)  # [B*b]
         total = int(flat_count.sum())
         C = max(1, int(count.sum(dim=1).max()))
@@ -170,7 +174,9 @@ class Retriever:
         valid = torch.zeros(B, C, dtype=torch.bool, device=leaves.device)
         if total == 0:
             return items, valid
-        seg = torch.repeat_interleave(torch.arange(B * b, device=leaves.device), flat_count, output_size=total)
+        seg = torch.repeat_interleave(
+            torch.arange(B * b, device=leaves.device), flat_count, output_size=total
+        )
         seg_first = torch.cumsum(flat_count, 0) - flat_count  # [B*b] first flat slot of each leaf
         within = torch.arange(total, device=leaves.device) - seg_first[seg]  # [total] offset inside its leaf
         row_first = (count.cumsum(dim=1) - count).reshape(-1)  # [B*b] column of each leaf's first item
@@ -238,7 +244,10 @@ class Retriever:
         states = self.encode(histories)
         if exclude_history:
             extra = exclude if exclude is not None else [np.zeros(0, np.int64)] * len(histories)
-            exclude = [np.concatenate([np.asarray(h, np.int64), np.asarray(e, np.int64)]) for h, e in zip(histories, extra, strict=True)]
+            exclude = [
+                np.concatenate([np.asarray(h, np.int64), np.asarray(e, np.int64)])
+                for h, e in zip(histories, extra, strict=True)
+            ]
         return self.search(states, k, beam_size, exclude)
 
     def warmup(self, beam_size: int = 8, batch_size: int = 2) -> None:

@@ -12,9 +12,10 @@ import contextlib
 import importlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+import torch
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -118,10 +119,11 @@ def make_cache(settings: Settings) -> StateCache:
     return NoCache()
 
 
-def load_experiment() -> Any | None:
-    """``service.experiments.router_from_env()`` (None without ``GENRET_EXPERIMENTS_FILE``)."""
+def load_experiment() -> tuple[Any | None, Callable[[str | None, Sequence[str]], str]]:
+    """``service.experiments.router_from_env()`` (None without ``GENRET_EXPERIMENTS_FILE``) and its
+    assignment-key function."""
     experiments: Any = importlib.import_module("service.experiments")
-    return experiments.router_from_env()
+    return experiments.router_from_env(), experiments.user_key
 
 
 def wire_experiment(hooks: Any, engine: Engine) -> None:
@@ -149,16 +151,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.torch_threads is not None:
+            torch.set_num_threads(settings.torch_threads)
         registry = ModelRegistry(settings)
         await asyncio.to_thread(registry.load_all)
         cache = make_cache(settings)
-        hooks = load_experiment()
+        hooks, assignment_key = load_experiment()
         engine = Engine(
             settings,
             registry,
             cache,
             router=hooks,
             on_primary_result=None if hooks is None else hooks.maybe_shadow,
+            assignment_key=assignment_key,
         )
         if hooks is not None:
             wire_experiment(hooks, engine)

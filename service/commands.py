@@ -43,6 +43,9 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
     )
     bench.add_argument("--modes", default="generative,bruteforce", help="which paths to measure")
     bench.add_argument("--workdir", type=Path, default=Path("runs/bench_serve"), help="bundle cache and logs")
+    bench.add_argument(
+        "--threads", type=int, default=1, help="torch / ONNX Runtime threads of the served app"
+    )
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", action="store_true", help="print the results as JSON too")
     bench.set_defaults(func=cmd_bench_serve)
@@ -80,5 +83,6 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
         workdir=args.workdir,
         seed=args.seed,
+        threads=args.threads,
     )
     return run_bench(config, as_json=args.json)

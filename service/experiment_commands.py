@@ -45,13 +45,19 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
     source = replay.add_mutually_exclusive_group(required=True)
     source.add_argument("--log", type=Path, help="shadow JSONL log (GENRET_SHADOW_LOG)")
     source.add_argument("--requests", type=Path, help="requests JSONL (retrieve bodies or shadow records)")
-    replay.add_argument("--bundle", type=Path, action="append", default=[], help="bundle directory (twice: A, B)")
+    replay.add_argument(
+        "--bundle", type=Path, action="append", default=[], help="bundle directory (twice: A, B)"
+    )
     replay.add_argument("--targets", type=Path, help="targets JSONL, one line per request")
     replay.add_argument("--k", type=int, default=10, help="items per request (offline replay)")
     replay.add_argument("--beam-size", type=int, default=20, help="beam width (offline replay)")
-    replay.add_argument("--batch-size", type=int, default=32, help="requests per retrieve call (offline replay)")
+    replay.add_argument(
+        "--batch-size", type=int, default=32, help="requests per retrieve call (offline replay)"
+    )
     replay.add_argument("--device", default="cpu", help="cpu | cuda:0 (offline replay)")
-    replay.add_argument("--rotated", action="store_true", help="also read the rotated files LOG.N (oldest first)")
+    replay.add_argument(
+        "--rotated", action="store_true", help="also read the rotated files LOG.N (oldest first)"
+    )
     replay.add_argument("--json", type=Path, help="also write the summary as JSON to this file")
     replay.set_defaults(func=cmd_replay)
 
@@ -146,7 +152,12 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.rjust(w) if i > 1 else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths, strict=True))) for row in cells]
+    lines += [
+        "  ".join(
+            v.rjust(w) if i > 1 else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in cells
+    ]
     return "\n".join(lines)
 
 
@@ -230,8 +241,12 @@ def run_bundle(
     seconds: list[float] = []
     for start in range(0, len(requests), batch_size):
         chunk = requests[start : start + batch_size]
-        histories = [np.array([dense_of[h] for h in r.get("history", []) if h in dense_of], np.int64) for r in chunk]
-        excludes = [np.array([dense_of[e] for e in r.get("exclude", []) if e in dense_of], np.int64) for r in chunk]
+        histories = [
+            np.array([dense_of[h] for h in r.get("history", []) if h in dense_of], np.int64) for r in chunk
+        ]
+        excludes = [
+            np.array([dense_of[e] for e in r.get("exclude", []) if e in dense_of], np.int64) for r in chunk
+        ]
         for i, r in enumerate(chunk):
             if r.get("exclude_history"):
                 excludes[i] = np.concatenate([excludes[i], histories[i]])
@@ -264,7 +279,9 @@ def compare_runs(
         if targets is not None:
             from training.metrics import evaluate_ranking
 
-            dense_targets = [np.array([run.dense_of[t] for t in ts if t in run.dense_of], np.int64) for ts in targets]
+            dense_targets = [
+                np.array([run.dense_of[t] for t in ts if t in run.dense_of], np.int64) for ts in targets
+            ]
             ks = sorted({kk for kk in (10, 20, 50, k) if kk <= k})
             metrics = evaluate_ranking(run.dense, dense_targets, ks=ks)
             row.update({m: metrics[m] for m in (f"recall@{k}", f"ndcg@{k}", f"hr@{k}")})
@@ -297,9 +314,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
         targets = load_targets(args.targets, len(requests))
     elif all("targets" in r for r in requests):
         targets = [[str(t) for t in r["targets"]] for r in requests]
-    runs = [run_bundle(p, requests, args.k, args.beam_size, args.batch_size, args.device) for p in args.bundle]
+    runs = [
+        run_bundle(p, requests, args.k, args.beam_size, args.batch_size, args.device) for p in args.bundle
+    ]
     rows = compare_runs(runs[0], runs[1], args.k, args.batch_size, targets)
-    print(f"{args.requests}: {len(requests)} requests, k={args.k}, beam={args.beam_size}, batch={args.batch_size}")
+    print(
+        f"{args.requests}: {len(requests)} requests, k={args.k}, beam={args.beam_size}, batch={args.batch_size}"
+    )
     print(format_table(rows))
     _write_json(args.json, {"requests": str(args.requests), "k": args.k, "bundles": rows})
     return 0
@@ -314,7 +335,9 @@ def cmd_ab_report(args: argparse.Namespace) -> int:
     print(format_table(rows))
     plot_report(records, args.png)
     print(f"wrote {args.png}")
-    _write_json(args.json, {"log": str(args.log), "records": len(records), "groups": rows, "png": str(args.png)})
+    _write_json(
+        args.json, {"log": str(args.log), "records": len(records), "groups": rows, "png": str(args.png)}
+    )
     return 0
 
 
@@ -344,7 +367,13 @@ def plot_report(records: Sequence[dict[str, Any]], png: Path) -> None:
         for role, style in (("primary", "-"), ("shadow", "--")):
             lat = np.sort([r[role]["latency_ms"] for r in rs if r[role].get("latency_ms") is not None])
             if len(lat):
-                ax.step(lat, np.arange(1, len(lat) + 1) / len(lat), style, where="post", label=f"{role} ({shadow})")
+                ax.step(
+                    lat,
+                    np.arange(1, len(lat) + 1) / len(lat),
+                    style,
+                    where="post",
+                    label=f"{role} ({shadow})",
+                )
     ax.set_xscale("log")
     ax.set_title("latency CDF")
     ax.set_xlabel("ms")

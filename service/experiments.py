@@ -295,8 +295,9 @@ class ExperimentFile:
 class ExperimentHooks:
     """The engine's view of the experiment: ``assign`` + ``bundle_of`` per request, ``maybe_shadow`` after.
 
-    ``bind(run_shadow, primary_idle)`` must be called once inside the running event loop (after
-    the engine exists); until then ``maybe_shadow`` drops copies (``reason="unbound"``).
+    ``bind_engine(engine)`` (or the generic ``bind(run_shadow, primary_idle)``) must be called once
+    inside the running event loop, after the engine exists; until then ``maybe_shadow`` drops
+    copies (``reason="unbound"``). ``aclose()`` on shutdown stops the lane and flushes the log.
     ``run_shadow`` gets a request copy aimed at the shadow bundle (``model`` set) and returns the
     shadow's :class:`Ranked` result; ``primary_idle()`` says when the primary batcher has nothing to do.
     """
@@ -325,6 +326,17 @@ class ExperimentHooks:
         self.lane = ShadowLane(run_shadow, self.shadow_config, self.shadow_log, primary_idle=primary_idle)
         self.lane.start()
 
+    def bind_engine(self, engine: Any) -> None:
+        """``bind`` to a ``service.engine.Engine``: copies run through ``engine.retrieve`` (its batcher,
+        cache and compute thread) and only while ``engine.idle`` (no primary request in flight)."""
+
+        async def run_shadow(request: Any) -> Ranked:
+            started = time.perf_counter()
+            response = await engine.retrieve(request)
+            return ranked_from_response(response, time.perf_counter() - started)
+
+        self.bind(run_shadow, primary_idle=lambda: bool(engine.idle))
+
     async def aclose(self, timeout_s: float = 1.0) -> None:
         if self.lane is not None:
             await self.lane.stop(timeout_s)
@@ -347,12 +359,7 @@ class ExperimentHooks:
         if not targets:
             return 0
         total = (timings or {}).get("total")
-        primary = Ranked(
-            items=tuple(item.id for item in response.items),
-            bundle=response.model.name,
-            version=response.model.version,
-            latency_s=float(total) if total is not None else float("nan"),
-        )
+        primary = ranked_from_response(response, float(total) if total is not None else float("nan"))
         queued = 0
         for bundle in targets:
             self._seq += 1
@@ -371,6 +378,16 @@ class ExperimentHooks:
                 continue
             queued += self.lane.offer(job)
         return queued
+
+
+def ranked_from_response(response: Any, latency_s: float) -> Ranked:
+    """A ``RetrieveResponse`` as the shadow lane compares it (item ids in rank order, model identity)."""
+    return Ranked(
+        items=tuple(item.id for item in response.items),
+        bundle=response.model.name,
+        version=response.model.version,
+        latency_s=latency_s,
+    )
 
 
 def user_key_hash(key: str) -> str:

@@ -166,7 +166,8 @@ class ModelRegistry:
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise BadBundle(f"{root / MANIFEST}: cannot read the bundle name ({exc})") from exc
             return {name: root}
-        found = {p.name: p for p in sorted(root.iterdir()) if (p / MANIFEST).is_file()}
+        # hidden directories (".partial" copies in flight) are never served
+        found = {p.name: p for p in sorted(root.iterdir()) if not p.name.startswith(".") and (p / MANIFEST).is_file()}
         if not found:
             raise BadBundle(f"GENRET_BUNDLE_PATH={root} holds no bundle (no */{MANIFEST})")
         return found

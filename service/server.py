@@ -32,6 +32,9 @@ class DrainingServer(uvicorn.Server):
         if self._drain_started is None and sig in (signal.SIGTERM, signal.SIGINT):
             log.info("signal %d: draining for up to %.1fs", sig, self._grace_s)
             self._drain_started = time.monotonic()
+            engine = getattr(self._app.state, "engine", None)
+            if engine is not None:
+                engine.begin_drain()  # a flag: safe here, the handler runs on the loop's thread
             return
         self.should_exit = True
         self.force_exit = True

@@ -54,6 +54,13 @@ class Settings(BaseSettings):
         description="Retriever backend for the encoder and decoder steps: ONNX Runtime, the only one a bundle "
         "can serve (the PyTorch reference needs the training modules).",
     )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="torch.set_num_threads for the search and rerank tensors (None = torch's default). "
+        "On a small shared CPU, 1 avoids threads spinning against each other.",
+    )
     intra_op_threads: int | None = Field(
         default=None,
         ge=1,

@@ -28,7 +28,7 @@ import time
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from logging.handlers import QueueHandler, QueueListener, RotatingFileHandler
+from logging.handlers import QueueListener, RotatingFileHandler
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -155,6 +155,8 @@ class ShadowConfig:
     max_age_s: float = 2.0  # a copy that waited longer for spare capacity is dropped ("stale")
     idle_poll_s: float = 0.002  # how often the worker re-checks primary_idle() while it yields
     rbo_p: float = 0.9
+    # request fields never written to the log (the user is logged as a hash)
+    log_exclude: tuple[str, ...] = ("user_id",)
 
     def __post_init__(self) -> None:
         if self.queue_size < 1:
@@ -168,15 +170,17 @@ class ShadowConfig:
             raise ValueError(f"rbo_p must be in (0, 1), got {self.rbo_p}")
 
 
-def request_to_json(request: Any) -> Any:
-    """A JSON-ready view of a request: pydantic models, dataclasses and mappings are supported."""
+def request_to_json(request: Any, exclude: Sequence[str] = ()) -> Any:
+    """A JSON-ready view of a request (pydantic model, dataclass or mapping) without the ``exclude`` fields."""
     if hasattr(request, "model_dump"):
-        return request.model_dump(mode="json", exclude_defaults=True)
-    if dataclasses.is_dataclass(request) and not isinstance(request, type):
-        return dataclasses.asdict(request)
-    if isinstance(request, Mapping):
-        return dict(request)
-    return repr(request)
+        view = request.model_dump(mode="json", exclude_defaults=True)
+    elif dataclasses.is_dataclass(request) and not isinstance(request, type):
+        view = dataclasses.asdict(request)
+    elif isinstance(request, Mapping):
+        view = dict(request)
+    else:
+        return repr(request)
+    return {k: v for k, v in view.items() if k not in exclude}
 
 
 def _ms(seconds: float) -> float | None:
@@ -184,7 +188,11 @@ def _ms(seconds: float) -> float | None:
 
 
 def make_record(
-    job: ShadowJob[Any], shadow: Ranked | None, agreement: Agreement | None, error: str | None
+    job: ShadowJob[Any],
+    shadow: Ranked | None,
+    agreement: Agreement | None,
+    error: str | None,
+    log_exclude: Sequence[str] = (),
 ) -> dict[str, Any]:
     """One shadow-log line (schema 1); ``genret replay --log`` reads exactly these fields."""
     return {
@@ -195,7 +203,7 @@ def make_record(
         "variant": job.variant,
         "user": job.user_hash,
         "k": job.k,
-        "request": request_to_json(job.request),
+        "request": request_to_json(job.request, log_exclude),
         "primary": {
             "bundle": job.primary.bundle,
             "version": job.primary.version,
@@ -227,7 +235,6 @@ class ShadowLog:
         )
         self._handler.setFormatter(logging.Formatter("%(message)s"))
         self._queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-        self._enqueue = QueueHandler(self._queue)
         self._listener = QueueListener(self._queue, self._handler)
         self._listener.start()
         self._closed = False
@@ -453,4 +460,4 @@ class ShadowLane(Generic[Req]):
             if math.isfinite(job.primary.latency_s):
                 SHADOW_LATENCY.labels(role="primary", shadow=bundle).observe(job.primary.latency_s)
         if self.shadow_log is not None:
-            self.shadow_log.write(make_record(job, shadow, agreement, error))
+            self.shadow_log.write(make_record(job, shadow, agreement, error, self.config.log_exclude))

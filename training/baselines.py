@@ -37,6 +37,7 @@ from training.splits import Split
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
+RUN_CONTROL_FIELDS: frozenset[str] = frozenset({"threads", "max_train_seconds"})  # not in the cache key
 EARLY_STOP_METRIC = "recall@20"
 _C = TypeVar("_C")
 
@@ -185,6 +186,15 @@ def _loss(
 
 def fit_sasrec(split: Split, config: SASRecConfig, seed: int = 0) -> SASRec:
     """Train SASRec on ``split.train`` with early stopping on validation Recall@20."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _fit_sasrec(split, config, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_sasrec(split: Split, config: SASRecConfig, seed: int) -> SASRec:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -206,7 +216,7 @@ def fit_sasrec(split: Split, config: SASRecConfig, seed: int = 0) -> SASRec:
     start = time.perf_counter()
     best_metric, best_epoch, best_state = -1.0, 0, copy.deepcopy(module.state_dict())
     best_valid: dict[str, float] = {}
-    epoch = 0
+    epoch, stopped = 0, "max_epochs"
     for epoch in range(1, config.max_epochs + 1):
         module.train()
         batches = _epoch_batches(lengths, config.batch_size, rng)
@@ -240,6 +250,11 @@ def fit_sasrec(split: Split, config: SASRecConfig, seed: int = 0) -> SASRec:
             time.perf_counter() - start,
         )
         if epoch - best_epoch >= config.patience:
+            stopped = "early stopping"
+            break
+        if config.max_train_seconds and time.perf_counter() - start > config.max_train_seconds:
+            stopped = f"time budget {config.max_train_seconds:.0f}s"
+            log.warning("SASRec: stopping at the time budget (%s); best epoch %d", stopped, best_epoch)
             break
     module.load_state_dict(best_state)
     module.eval()
@@ -247,6 +262,7 @@ def fit_sasrec(split: Split, config: SASRecConfig, seed: int = 0) -> SASRec:
         "train_seconds": time.perf_counter() - start,
         "epochs": epoch,
         "best_epoch": best_epoch,
+        "stopped": stopped,
         **{f"valid_{k}": v for k, v in best_valid.items()},
     }
     log.info("SASRec: best epoch %d, valid recall@20 %.4f", best_epoch, best_metric)
@@ -275,7 +291,7 @@ def sasrec_cache_key(dataset_fingerprint: str, split: Split, seed: int, config: 
         "dataset": dataset_fingerprint,
         "split": {"kind": split.kind, "seed": split.seed, "max_len": split.max_len},
         "seed": seed,
-        "config": dataclasses.asdict(config),
+        "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in RUN_CONTROL_FIELDS},
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
 

@@ -56,16 +56,29 @@ class ExportError(RuntimeError):
     """The export failed or its ONNX output disagrees with the torch modules."""
 
 
+_NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._export", "torch.fx")
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """The dynamo exporter prints progress lines and warnings; keep them out of CLI output."""
+    """The dynamo exporter prints progress lines, warnings and INFO logs; keep them out of CLI output."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
     sink = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
-        warnings.simplefilter("ignore")
-        yield
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
-def example_inputs(index: TreeIndex, num_items: int, max_history: int, dim: int, seed: int = 0) -> dict[str, Tensor]:
+def example_inputs(
+    index: TreeIndex, num_items: int, max_history: int, dim: int, seed: int = 0
+) -> dict[str, Tensor]:
     """Inputs for tracing and the parity check. Dynamic sizes get distinct examples >= 2 so that
     the exporter specialises none of them: B=3, T=min(max_history, 5) (>= 2), Bb=4, S=2, C=max(3, branching)."""
     g = torch.Generator().manual_seed(seed)
@@ -171,7 +184,9 @@ def check_parity(out: Path, enc: nn.Module, dec: nn.Module, ex: dict[str, Tensor
             errors.append(float((ref_scores - got_scores).abs().max()))
     worst = max(errors)
     if not worst <= PARITY_ATOL:
-        raise ExportError(f"ONNX Runtime disagrees with torch after export: max |diff| {worst:.3g} > {PARITY_ATOL}")
+        raise ExportError(
+            f"ONNX Runtime disagrees with torch after export: max |diff| {worst:.3g} > {PARITY_ATOL}"
+        )
     return worst
 
 
@@ -193,7 +208,9 @@ def _check_inputs(
     if item_emb.ndim != 2 or item_emb.shape[0] != rows:
         raise ExportError(f"item_emb must be [num_items+1={rows}, Dr], got {list(item_emb.shape)}")
     if len(item_ids) != rows or item_ids[0] != "":
-        raise ExportError(f"item_ids must have num_items+1={rows} entries with item_ids[0] == '', got {len(item_ids)}")
+        raise ExportError(
+            f"item_ids must have num_items+1={rows} entries with item_ids[0] == '', got {len(item_ids)}"
+        )
     if np.shape(popularity) != (rows,):
         raise ExportError(f"popularity must be [num_items+1={rows}], got {list(np.shape(popularity))}")
     if score_mode not in ("logprob", "node"):
@@ -242,7 +259,8 @@ def export_bundle(
             )
         index.save(tmp / INDEX_FILE)
         write_items(tmp / ITEMS_FILE, item_emb, item_ids, popularity)
-        files = {f: {"sha256": file_sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in BUNDLE_FILES}
+        hashes = {f: file_sha256(tmp / f) for f in BUNDLE_FILES}
+        files = {f: {"sha256": hashes[f], "bytes": (tmp / f).stat().st_size} for f in BUNDLE_FILES}
         created = datetime.now(UTC)
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -250,7 +268,7 @@ def export_bundle(
             "method": method,
             "version": version or created.strftime("%Y%m%dT%H%M%SZ"),
             "created_at": created.isoformat(),
-            "fingerprint": bundle_fingerprint({f: e["sha256"] for f, e in files.items()}),
+            "fingerprint": bundle_fingerprint(hashes),
             "levels": index.levels,
             "branching": index.max_branching,
             "token_scheme": index.token_scheme,
@@ -273,7 +291,7 @@ def export_bundle(
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         load_bundle(tmp)  # refuse to publish what the loader would refuse
-        _publish(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -281,7 +299,7 @@ def export_bundle(
     return out
 
 
-def _publish(tmp: Path, out: Path) -> None:
+def publish_dir(tmp: Path, out: Path) -> None:
     """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and then deleted."""
     if not out.exists():
         os.rename(tmp, out)

@@ -136,7 +136,8 @@ def average_partition_entropy(
     leaves = np.asarray(leaf_of_item)
     if leaves.ndim != 1:
         raise ValueError(f"leaf_of_item must be [N+1], got shape {leaves.shape}")
-    groups = label_groups(positives) if isinstance(positives, np.ndarray) else positives
+    as_labels = isinstance(positives, np.ndarray) and positives.dtype != object
+    groups = label_groups(positives) if as_labels else positives
     entropies: list[float] = []
     for group in groups:
         items = np.unique(np.asarray(group, dtype=np.int64))

@@ -53,6 +53,10 @@ class SASRecConfig:
     """Stop after this many epochs without a better validation Recall@20."""
     eval_users: int = 0
     """Validation users used for early stopping (0 = all)."""
+    threads: int = 1
+    """torch intra-op threads while training (1 wastes least on a shared CPU); not part of the cache key."""
+    max_train_seconds: float = 0.0
+    """Stop after the epoch that passes this wall time, keeping the best epoch (0 = no limit); not part of the cache key."""
 
     def __post_init__(self) -> None:
         if self.dim < 1 or self.layers < 1 or self.heads < 1 or self.dim % self.heads:
@@ -63,7 +67,7 @@ class SASRecConfig:
             raise ValueError(f"loss must be 'full' or 'sampled', got {self.loss!r}")
         if self.negatives not in ("uniform", "in_batch"):
             raise ValueError(f"negatives must be 'uniform' or 'in_batch', got {self.negatives!r}")
-        if self.lr <= 0 or self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1:
+        if self.lr <= 0 or self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1 or self.threads < 1:
             raise ValueError(f"need lr > 0 and batch_size, max_epochs, patience >= 1, got {self}")
 
 

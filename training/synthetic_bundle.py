@@ -64,12 +64,16 @@ def make_synthetic_bundle(
 ) -> Path:
     """Write a random bundle with a balanced ``levels``-deep tree of ``branching`` children per node."""
     if num_items < 1 or branching < 2 or levels < 1:
-        raise ValueError(f"need num_items >= 1, branching >= 2, levels >= 1; got {num_items}, {branching}, {levels}")
+        raise ValueError(
+            f"need num_items >= 1, branching >= 2, levels >= 1; got {num_items}, {branching}, {levels}"
+        )
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     index = TreeIndex.from_codes(balanced_codes(num_items, branching, levels), branching, token_scheme)
     heads = 4 if dim % 4 == 0 else 1
-    enc_cfg = EncoderConfig(num_items=num_items, dim=dim, num_layers=num_layers, num_heads=heads, max_len=max_history)
+    enc_cfg = EncoderConfig(
+        num_items=num_items, dim=dim, num_layers=num_layers, num_heads=heads, max_len=max_history
+    )
     items = HashedItemEmbedding(min(num_items + 1, MAX_ENCODER_ROWS), dim)
     encoder = QueryEncoder(enc_cfg, item_embedding=items)
     dec_cfg = DecoderConfig(dim=dim, num_layers=num_layers, num_heads=heads, token_scheme=index.token_scheme)  # type: ignore[arg-type]
@@ -81,7 +85,8 @@ def make_synthetic_bundle(
     popularity = np.zeros(num_items + 1, np.float32)
     popularity[1:] = 1.0 / np.arange(1, num_items + 1, dtype=np.float32)  # Zipf by dense id
     width = len(str(num_items))
-    item_ids = [""] + np.char.add("item", np.char.zfill(np.arange(1, num_items + 1).astype(str), width)).tolist()
+    numbers = np.char.zfill(np.arange(1, num_items + 1).astype(str), width)
+    item_ids = ["", *np.char.add("item", numbers).tolist()]
     return export_bundle(
         out_dir,
         name=f"synthetic-{num_items}",

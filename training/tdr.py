@@ -429,7 +429,7 @@ def train_epochs(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss)
+            total += float(loss.detach())
             steps += 1
             if steps % 50 == 0:
                 bar.set_postfix(loss=f"{total / steps:.3f}")

@@ -94,6 +94,8 @@ class URIConfig:
     converge_token_change: float = 0.02
     """... and fewer than this fraction of items change their argmax token."""
     balance_adaptive: bool = True
+    balance_per_parent: bool = True
+    """Balance each parent's children (level >= 2) rather than the level as a whole."""
     detach_targets: bool = True
     memory_weight: float = 1.0
     commit_weight: float = 1.0
@@ -104,6 +106,8 @@ class URIConfig:
     ranker_epochs: int = 3
     beam_size: int = 20
     eval_batch_size: int = 256
+    threads: int = 1
+    """torch intra-op threads while training (0 = torch's default)."""
 
     def __post_init__(self) -> None:
         positive = ("k", "levels", "dim", "decoder_layers", "encoder_layers", "heads", "max_len", "batch_size")
@@ -327,7 +331,7 @@ def assign_level(probs: np.ndarray, parents: np.ndarray, k: int) -> np.ndarray:
     order = np.argsort(parents, kind="stable")
     bounds = np.flatnonzero(np.diff(parents[order])) + 1
     for group in np.split(order, bounds):
-        capacity = math.ceil(len(group) / k)
+        capacity = np.full(k, math.ceil(len(group) / k), dtype=np.int64)  # [k]
         tokens[group] = capacity_assign(probs[group], capacity)
     return tokens
 
@@ -411,6 +415,8 @@ class URITrainer:
         ds = ctx.dataset
         self.num_items = ds.num_items
         torch.manual_seed(ctx.seed)
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
         self.rng = np.random.default_rng(ctx.seed)
         attributes = None
         if config.use_attributes and ds.item_attributes is not None and ds.num_attributes > 0:
@@ -448,7 +454,8 @@ class URITrainer:
             terms["e_step"] = e_step_loss(q_cur, i_cur[:B], detach_target=c.detach_targets)
             terms["m_step"] = m_step_loss(q_cur, i_cur[:B], detach_target=c.detach_targets)
             terms["commit"] = c.commit_weight * commitment_loss(i_cur)
-            terms["balance"] = c.balance_weight * balance_loss(i_cur, adaptive=c.balance_adaptive)
+            groups = model.tree.prefix_nodes(codes[items, : level - 1])[:, -1] if c.balance_per_parent else None
+            terms["balance"] = c.balance_weight * balance_loss(i_cur, adaptive=c.balance_adaptive, groups=groups)
             if level > 1:
                 terms["memory"] = c.memory_weight * memory_loss(
                     q_logits[:-1], [x[:B] for x in i_logits[:-1]], codes[pos, : level - 1]

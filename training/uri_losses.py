@@ -74,26 +74,41 @@ def commitment_loss(item_logits: Tensor) -> Tensor:
 def balance_weights(mean_probs: Tensor) -> Tensor:
     """Eq. 10 adaptive weights ``w_j = |1/k - log E[p_j]| + 1``.
 
-    mean_probs: [k] (``E_y[P_I]`` over the batch's items) -> [k]. The caller stops their gradient.
+    mean_probs: [..., k] (``E_y[P_I]`` over the batch's items) -> [..., k]. The caller stops their gradient.
     """
-    if mean_probs.dim() != 1:
-        raise ValueError(f"mean_probs must be [k], got {tuple(mean_probs.shape)}")
-    k = mean_probs.shape[0]
+    if mean_probs.dim() < 1:
+        raise ValueError(f"mean_probs must be [..., k], got {tuple(mean_probs.shape)}")
+    k = mean_probs.shape[-1]
     return (1.0 / k - torch.log(mean_probs)).abs() + 1.0
 
 
-def balance_loss(item_logits: Tensor, *, adaptive: bool = True, eps: float = 1e-9) -> Tensor:
+def balance_loss(
+    item_logits: Tensor, *, adaptive: bool = True, groups: Tensor | None = None, eps: float = 1e-9
+) -> Tensor:
     """Eq. 10, ``-sum_j sg(w_j) (1/k) log E_y[p_j]`` over the batch's items (eq. 7 when not adaptive).
 
-    item_logits: [M, k] (positive and random items) -> scalar.
+    item_logits: [M, k] (positive and random items) -> scalar. ``groups[M]`` (int64, optional):
+    the items' parent nodes; the loss is then the mean over the groups present of the loss within
+    each group, so that every parent's children are balanced, not only the level as a whole.
     """
     if item_logits.dim() != 2:
         raise ValueError(f"item_logits must be [M, k], got {tuple(item_logits.shape)}")
     k = item_logits.shape[1]
-    mean_probs = F.softmax(item_logits, dim=-1).mean(0).clamp_min(eps)  # [k]
-    log_mean = torch.log(mean_probs)  # [k]
+    probs = F.softmax(item_logits, dim=-1)  # [M, k]
+    if groups is None:
+        mean_probs = probs.mean(0, keepdim=True)  # [1, k]
+    else:
+        if groups.shape != item_logits.shape[:1]:
+            raise ValueError(f"groups must be [M] = [{item_logits.shape[0]}], got {tuple(groups.shape)}")
+        _, slot = torch.unique(groups, return_inverse=True)  # [M] in 0..G-1
+        G = int(slot.max()) + 1
+        sums = probs.new_zeros(G, k).index_add(0, slot, probs)  # [G, k]
+        counts = probs.new_zeros(G).index_add(0, slot, torch.ones_like(slot, dtype=probs.dtype))  # [G]
+        mean_probs = sums / counts[:, None]  # [G, k]
+    mean_probs = mean_probs.clamp_min(eps)
+    log_mean = torch.log(mean_probs)  # [G, k]
     weights = balance_weights(mean_probs.detach()) if adaptive else torch.ones_like(log_mean)
-    return -(weights * log_mean).sum() / k
+    return -(weights * log_mean).sum(-1).mean() / k
 
 
 def memory_loss(query_logits: list[Tensor], item_logits: list[Tensor], codes: Tensor) -> Tensor:

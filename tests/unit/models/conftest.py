@@ -48,7 +48,9 @@ def build_tiny_model(seed: int = 0, token_scheme: str = "level") -> TinyModel:
     torch.manual_seed(seed)
     index = TreeIndex.from_codes(tiny_codes(NUM_ITEMS, seed), BRANCHING, token_scheme)
     encoder = QueryEncoder(
-        EncoderConfig(num_items=NUM_ITEMS, dim=DIM, num_layers=2, num_heads=2, max_len=MAX_HISTORY, dropout=0.0)
+        EncoderConfig(
+            num_items=NUM_ITEMS, dim=DIM, num_layers=2, num_heads=2, max_len=MAX_HISTORY, dropout=0.0
+        )
     )
     decoder = TokenDecoder(
         DecoderConfig(dim=DIM, num_layers=2, num_heads=2, dropout=0.0, token_scheme=index.token_scheme),  # type: ignore[arg-type]

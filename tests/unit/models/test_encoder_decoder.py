@@ -81,7 +81,9 @@ def test_empty_history_gives_finite_states_and_zero_last_query() -> None:
 @torch.no_grad()
 def test_encoder_uses_an_injected_item_embedding() -> None:
     shared = nn.Embedding(21, D, padding_idx=0)
-    enc = QueryEncoder(EncoderConfig(num_items=20, dim=D, num_heads=2, dropout=0.0), item_embedding=shared).eval()
+    enc = QueryEncoder(
+        EncoderConfig(num_items=20, dim=D, num_heads=2, dropout=0.0), item_embedding=shared
+    ).eval()
     assert enc.item_embedding is shared
     history = torch.tensor([[1, 2, 3]])
     before = enc(history, history > 0)[1]
@@ -102,7 +104,9 @@ def test_token_rows_per_scheme() -> None:
     assert token_rows(node.node_token, node.level_offsets, "node").tolist() == list(range(node.num_nodes))
     rows = token_rows(level.node_token, level.level_offsets, "level")
     # same level-local token at different levels -> different rows; same token, same level -> same row
-    assert len(set(rows.tolist())) == len({(int(lv), int(t)) for lv, t in zip(node_levels(level.level_offsets), level.node_token, strict=True)})
+    assert len(set(rows.tolist())) == len(
+        {(int(lv), int(t)) for lv, t in zip(node_levels(level.level_offsets), level.node_token, strict=True)}
+    )
 
 
 @torch.no_grad()
@@ -136,7 +140,13 @@ def test_decoder_reads_memory_of_its_beam_query_only() -> None:
 @torch.no_grad()
 def test_decoder_with_empty_memory_mask_is_finite() -> None:
     dec = decoder(small_index())
-    scores = dec(torch.randn(1, 3, D), torch.zeros(1, 3, dtype=torch.bool), torch.tensor([0]), torch.tensor([[0]]), torch.tensor([[1, 2, 3]]))
+    scores = dec(
+        torch.randn(1, 3, D),
+        torch.zeros(1, 3, dtype=torch.bool),
+        torch.tensor([0]),
+        torch.tensor([[0]]),
+        torch.tensor([[1, 2, 3]]),
+    )
     assert torch.isfinite(scores).all()
 
 
@@ -150,7 +160,9 @@ def test_injected_token_table_is_the_output_table() -> None:
     memory, mask = torch.randn(1, 2, D), torch.ones(1, 2, dtype=torch.bool)
     prefix, cands = torch.tensor([[0, 1]]), torch.tensor([[4, 5]])
     h = dec.hidden(memory, mask, torch.tensor([0]), prefix)
-    torch.testing.assert_close(dec(memory, mask, torch.tensor([0]), prefix, cands), h @ table.weight[[4, 5]].T)
+    torch.testing.assert_close(
+        dec(memory, mask, torch.tensor([0]), prefix, cands), h @ table.weight[[4, 5]].T
+    )
 
 
 @torch.no_grad()

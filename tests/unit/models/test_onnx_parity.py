@@ -20,7 +20,7 @@ from models.bundle import load_bundle
 
 from .conftest import DIM, MAX_HISTORY, NUM_ITEMS, TinyModel
 
-TOL = {"atol": 1e-4, "rtol": 1e-4}
+ATOL = RTOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +48,18 @@ def test_encoder_parity(backends: tuple[OnnxBackend, TorchBackend], batch: int, 
     ort_memory, ort_query = onnx_backend.encode(history, mask)
     ref_memory, ref_query = torch_backend.encode(history, mask)
     assert ort_memory.shape == (batch, seq, DIM) and ort_query.shape == (batch, DIM)
-    torch.testing.assert_close(ort_memory, ref_memory, **TOL)
-    torch.testing.assert_close(ort_query, ref_query, **TOL)
+    torch.testing.assert_close(ort_memory, ref_memory, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(ort_query, ref_query, atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("batch,beams_per_query", [(1, 1), (3, 2), (7, 5)])
 @pytest.mark.parametrize("prefix_len", [1, 2, 3])
 def test_decoder_parity(
-    backends: tuple[OnnxBackend, TorchBackend], tiny_model: TinyModel, batch: int, beams_per_query: int, prefix_len: int
+    backends: tuple[OnnxBackend, TorchBackend],
+    tiny_model: TinyModel,
+    batch: int,
+    beams_per_query: int,
+    prefix_len: int,
 ) -> None:
     onnx_backend, torch_backend = backends
     index = tiny_model.index
@@ -73,17 +77,20 @@ def test_decoder_parity(
     ort_scores = onnx_backend.score(memory, mask, beam_query, prefix, candidates)
     ref_scores = torch_backend.score(memory, mask, beam_query, prefix, candidates)
     assert ort_scores.shape == (Bb, C)
-    torch.testing.assert_close(ort_scores, ref_scores, **TOL)
+    torch.testing.assert_close(ort_scores, ref_scores, atol=ATOL, rtol=RTOL)
 
 
-def test_decoder_parity_with_many_candidates(backends: tuple[OnnxBackend, TorchBackend]) -> None:
-    """More candidates than the export example had (C is a dynamic axis too)."""
+def test_decoder_parity_with_many_candidates(
+    backends: tuple[OnnxBackend, TorchBackend], tiny_model: TinyModel
+) -> None:
+    """More candidates than the export example had (C is a dynamic axis too): every node at once."""
     onnx_backend, torch_backend = backends
     history, mask = random_history(2, 4, seed=7)
     memory, _ = torch_backend.encode(history, mask)
-    candidates = torch.from_numpy(np.tile(np.arange(-1, 20), (3, 1)))  # [3, 21]
+    nodes = np.arange(-1, tiny_model.index.num_nodes)
+    candidates = torch.from_numpy(np.tile(nodes, (3, 1)))  # [3, num_nodes + 1]
     args = (memory, mask, torch.tensor([0, 1, 1]), torch.tensor([[0], [0], [0]]), candidates)
-    torch.testing.assert_close(onnx_backend.score(*args), torch_backend.score(*args), **TOL)
+    torch.testing.assert_close(onnx_backend.score(*args), torch_backend.score(*args), atol=ATOL, rtol=RTOL)
 
 
 def test_onnx_backend_reports_its_provider(backends: tuple[OnnxBackend, TorchBackend]) -> None:

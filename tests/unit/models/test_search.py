@@ -185,3 +185,15 @@ def test_rejects_bad_arguments() -> None:
         beam_search(trie, scorer, 2, 1, "node", exclude_nodes=torch.zeros(3, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="scorer returned shape"):
         beam_search(trie, scorer, 1, 1, "node")
+
+
+def test_matches_per_query_dict_trie_search() -> None:
+    """Parity with the GENRE / HF-style baseline of ``genret bench search`` (independent code path)."""
+    from training.commands.bench_search import DictTrie, genre_search, make_setup
+
+    setup = make_setup(num_items=150, k=6, levels=3, batch=5, dim=16, seed=0)
+    trie = DictTrie(setup.index, setup.models[0].vocab_id.numpy())
+    with torch.inference_mode():
+        for model in setup.models:
+            ours = beam_search(setup.trie, model, 5, 7, "logprob")
+            assert ours.leaves.tolist() == genre_search(model, 3, 5, trie, 7)

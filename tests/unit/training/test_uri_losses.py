@@ -120,3 +120,20 @@ def test_shape_errors_are_clear() -> None:
         e_step_loss(torch.zeros(2, 3), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="negatives"):
         sampled_softmax_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3))
+
+
+def test_balance_per_group_averages_the_groups() -> None:
+    # group 0: E[P] = [0.6, 0.4]; group 1: E[P] = [0.5, 0.5]
+    items = logits([0.8, 0.2], [0.4, 0.6], [0.5, 0.5])
+    groups = torch.tensor([7, 7, 3])
+
+    def one(p1: float, p2: float) -> float:
+        w1, w2 = abs(0.5 - math.log(p1)) + 1, abs(0.5 - math.log(p2)) + 1
+        return -(w1 * math.log(p1) + w2 * math.log(p2)) / 2
+
+    expected = (one(0.6, 0.4) + one(0.5, 0.5)) / 2
+    assert balance_loss(items, groups=groups).item() == pytest.approx(expected, abs=1e-12)
+    # each parent collapsed onto its own token: balanced level-wide, unbalanced per parent
+    collapsed = logits([0.99, 0.01], [0.99, 0.01], [0.01, 0.99], [0.01, 0.99])
+    parents = torch.tensor([0, 0, 1, 1])
+    assert balance_loss(collapsed, groups=parents) > balance_loss(collapsed) + 1.0

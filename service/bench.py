@@ -1,0 +1,235 @@
+"""``genret bench serve``: the served generative path against brute-force top-K, same items, same service.
+
+1. build (or reuse) a synthetic bundle of N items (``training.synthetic_bundle``);
+2. for each mode (``generative``: beam search + rerank; ``bruteforce``: encode, then exact
+   ``query @ item_emb.T`` top-K), start `genret serve` as a subprocess with the cache off;
+3. drive it from a separate process — ``wrk`` with a Lua script sending random histories — at each
+   concurrency for ``duration`` seconds, after a short warm-up;
+4. print QPS and p50/p95/p99 per mode and concurrency, the QPS ratio, and the service's resident memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.launcher import ServiceProcess
+
+WRK_SCRIPT = r"""
+local ids = {%(ids)s}
+local k, beam = %(k)d, %(beam)d
+local counter = 0
+init = function(args)
+  math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16))
+end
+request = function()
+  counter = counter + 1
+  local n = math.random(3, 20)
+  local h = {}
+  for i = 1, n do h[i] = '"' .. ids[math.random(#ids)] .. '"' end
+  local body = '{"user_id":"u' .. math.random(1, 100000000) .. '","history":[' .. table.concat(h, ",") ..
+    '],"k":' .. k .. ',"beam_size":' .. beam .. '}'
+  return wrk.format("POST", "/v1/retrieve", {["Content-Type"] = "application/json"}, body)
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests":%%d,"duration_us":%%d,"connect":%%d,"read":%%d,"write":%%d,"status":%%d,"timeout":%%d,' ..
+    '"p50_us":%%d,"p95_us":%%d,"p99_us":%%d,"max_us":%%d}\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(95), latency:percentile(99), latency.max))
+end
+"""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    items: int
+    levels: int
+    branching: int  # 0 = ceil(items ** (1 / levels))
+    dim: int
+    concurrency: tuple[int, ...]
+    duration_s: float
+    k: int
+    beam_size: int
+    max_batch_size: int
+    modes: tuple[str, ...]
+    workdir: Path
+    seed: int = 0
+    threads: int = 1  # torch and ONNX Runtime intra-op threads of the served app (both modes alike)
+
+    def __post_init__(self) -> None:
+        if self.items < 2 or self.levels < 1 or self.dim < 1 or not self.concurrency:
+            raise ValueError(f"invalid bench config: {self}")
+        if any(c < 1 for c in self.concurrency) or self.duration_s <= 0:
+            raise ValueError(f"concurrency levels must be >= 1 and duration > 0: {self}")
+        if not set(self.modes) <= {"generative", "bruteforce"} or not self.modes:
+            raise ValueError(f"modes must be among generative, bruteforce; got {self.modes}")
+
+    @property
+    def tree_branching(self) -> int:
+        return self.branching or max(2, math.ceil(self.items ** (1.0 / self.levels) - 1e-9))
+
+
+@dataclass(frozen=True)
+class Measurement:
+    mode: str
+    concurrency: int
+    qps: float  # 2xx answers per second
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    requests: int
+    errors: int  # non-2xx + socket errors + timeouts
+    rss_mib: float
+
+
+def build_bundle(cfg: BenchConfig) -> Path:
+    from training.synthetic_bundle import make_synthetic_bundle
+
+    out = cfg.workdir / f"bundle-n{cfg.items}-l{cfg.levels}-b{cfg.tree_branching}-d{cfg.dim}-s{cfg.seed}"
+    if (out / "manifest.json").is_file():
+        print(f"reusing bundle {out}", flush=True)
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    print(
+        f"building synthetic bundle: {cfg.items} items, {cfg.levels} levels of {cfg.tree_branching} ...",
+        flush=True,
+    )
+    return make_synthetic_bundle(out, cfg.items, cfg.tree_branching, cfg.levels, dim=cfg.dim, seed=cfg.seed)
+
+
+def wrk_script(bundle: Path, cfg: BenchConfig, path: Path) -> Path:
+    with np.load(bundle / "items.npz", allow_pickle=False) as data:
+        item_ids = data["item_ids"]
+    rng = np.random.default_rng(cfg.seed)
+    sample = rng.choice(np.arange(1, len(item_ids)), size=min(5000, len(item_ids) - 1), replace=False)
+    ids = ",".join(json.dumps(str(item_ids[i])) for i in sample)
+    path.write_text(WRK_SCRIPT % {"ids": ids, "k": cfg.k, "beam": cfg.beam_size})
+    return path
+
+
+def run_wrk(url: str, script: Path, concurrency: int, duration_s: float) -> dict[str, Any]:
+    cmd = [
+        "wrk",
+        "-t1",
+        f"-c{concurrency}",
+        f"-d{max(1, round(duration_s))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        f"{url}/v1/retrieve",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=duration_s + 60).stdout
+    for line in out.splitlines():
+        if line.startswith("WRKJSON "):
+            return dict(json.loads(line[len("WRKJSON ") :]))
+    raise RuntimeError(f"wrk printed no summary:\n{out}")
+
+
+def measure_mode(mode: str, bundle: Path, script: Path, cfg: BenchConfig) -> list[Measurement]:
+    env = {
+        "GENRET_BUNDLE_PATH": str(bundle),
+        "GENRET_SEARCH_MODE": mode,
+        "GENRET_LOCAL_CACHE_ENTRIES": "0",  # every request computes: measure the search, not the cache
+        "GENRET_MAX_BATCH_SIZE": str(cfg.max_batch_size),
+        "GENRET_QUEUE_SIZE": "4096",
+        "GENRET_DEFAULT_DEADLINE_MS": "10000",
+        "GENRET_MAX_BEAM_SIZE": str(max(256, cfg.beam_size)),
+        "GENRET_DEFAULT_BEAM_SIZE": str(cfg.beam_size),
+        "GENRET_MAX_HISTORY_ITEMS": "100",
+        "GENRET_TORCH_THREADS": str(cfg.threads),
+        "GENRET_INTRA_OP_THREADS": str(cfg.threads),
+    }
+    service = ServiceProcess(env, cfg.workdir / f"service-{mode}.log").start(ready_timeout_s=600)
+    results = []
+    try:
+        run_wrk(service.url, script, 8, 2.0)  # warm-up
+        for c in cfg.concurrency:
+            raw = run_wrk(service.url, script, c, cfg.duration_s)
+            errors = raw["connect"] + raw["read"] + raw["write"] + raw["status"] + raw["timeout"]
+            seconds = raw["duration_us"] / 1e6
+            rss, _ = service.rss_bytes()
+            m = Measurement(
+                mode=mode,
+                concurrency=c,
+                qps=(raw["requests"] - raw["status"]) / seconds,
+                p50_ms=raw["p50_us"] / 1000,
+                p95_ms=raw["p95_us"] / 1000,
+                p99_ms=raw["p99_us"] / 1000,
+                requests=raw["requests"],
+                errors=errors,
+                rss_mib=rss / 2**20,
+            )
+            print(
+                f"  {mode:<10} c={c:<3} qps={m.qps:8.1f} p50={m.p50_ms:7.1f}ms p95={m.p95_ms:7.1f}ms "
+                f"p99={m.p99_ms:7.1f}ms errors={m.errors} rss={m.rss_mib:.0f}MiB",
+                flush=True,
+            )
+            results.append(m)
+    finally:
+        service.stop()
+    return results
+
+
+def format_table(results: list[Measurement]) -> str:
+    lines = [
+        "| mode | concurrency | QPS | p50 ms | p95 ms | p99 ms | requests | errors | RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in results:
+        lines.append(
+            f"| {m.mode} | {m.concurrency} | {m.qps:.1f} | {m.p50_ms:.1f} | {m.p95_ms:.1f} | {m.p99_ms:.1f} "
+            f"| {m.requests} | {m.errors} | {m.rss_mib:.0f} |"
+        )
+    by = {(m.mode, m.concurrency): m for m in results}
+    ratios = []
+    for c in sorted({m.concurrency for m in results}):
+        gen, bf = by.get(("generative", c)), by.get(("bruteforce", c))
+        if gen and bf and bf.qps > 0:
+            ratios.append(f"c={c}: {gen.qps / bf.qps:.2f}x")
+    if ratios:
+        lines.append("")
+        lines.append("generative / brute-force QPS: " + ", ".join(ratios))
+    return "\n".join(lines)
+
+
+def run_bench(cfg: BenchConfig, as_json: bool = False) -> int:
+    if shutil.which("wrk") is None:
+        print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    bundle = build_bundle(cfg)
+    results: list[Measurement] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        script = wrk_script(bundle, cfg, Path(tmp) / "retrieve.lua")
+        for mode in cfg.modes:
+            print(f"measuring {mode} ...", flush=True)
+            results.extend(measure_mode(mode, bundle, script, cfg))
+    print(
+        f"\nbench serve: N={cfg.items} L={cfg.levels} branching={cfg.tree_branching} dim={cfg.dim} k={cfg.k} "
+        f"beam={cfg.beam_size} batch<={cfg.max_batch_size} threads={cfg.threads} duration={cfg.duration_s}s "
+        "(load: wrk, 1 thread, separate process)"
+    )
+    print(format_table(results))
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "config": {**asdict(cfg), "workdir": str(cfg.workdir)},
+                    "results": [asdict(m) for m in results],
+                }
+            )
+        )
+    return 0

@@ -1,0 +1,360 @@
+"""``genret bench search`` and ``genret bench cluster``: the index's two hot paths against in-run baselines.
+
+``bench search``: one decoder (:class:`models.decoder.TokenDecoder`, untrained, eval mode), one
+trie, one batch of encoder states; :func:`models.search.beam_search` (all beams of all queries
+flattened, one decoder call per level) against constrained decoding as GENRE and Hugging Face
+``prefix_allowed_tokens_fn`` do it: a Python dict trie asked per beam per step for the allowed
+next tokens, a mask over the full vocabulary built from its answer, beam search one query at a
+time. Both normalise over the allowed tokens (log-softmax of the masked logits), so they must
+return the same leaves; the bench checks it. Then the cost of our search against catalogue size.
+
+``bench cluster``: :func:`training.clustering.balanced_tree_codes` on synthetic embeddings against
+plain (unbalanced) hierarchical k-means with the same number of iterations, same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.decoder import DecoderConfig, TokenDecoder
+from models.index import TreeIndex
+from models.search import DeviceTrie, beam_search
+from training.clustering import KMeansConfig, level_sizes, tree_codes
+
+
+# ---------------------------------------------------------------------------- fixtures
+def balanced_codes(num_items: int, k: int, levels: int) -> np.ndarray:
+    """Codes ``[N+1, L]`` of a synthetic balanced tree: items in id order, every cluster of n items
+    cut into ``min(n, k)`` contiguous runs whose sizes differ by at most one."""
+    codes = np.full((num_items + 1, levels), -1, np.int64)
+    group = np.zeros(num_items, np.int64)
+    for level in range(levels):
+        sizes = np.bincount(group)
+        starts = np.cumsum(sizes) - sizes
+        pos = np.arange(num_items) - starts[group]  # items are sorted by group at every level
+        n = sizes[group]
+        codes[1:, level] = pos * np.minimum(n, k) // n
+        group = np.unique(group * k + codes[1:, level], return_inverse=True)[1].reshape(-1)
+    return codes
+
+
+def levels_for(num_items: int, k: int) -> int:
+    levels = 1
+    while k**levels < num_items:
+        levels += 1
+    return levels
+
+
+class DecoderModel:
+    """The real decoder step (:class:`TokenDecoder`) over fixed encoder states, seen two ways: as our
+    scorer (``__call__``, candidates only) and as a language model over the full vocabulary
+    (``vocab_logits``: ``h @ table.T + bias``, what GENRE / HF beam search consume)."""
+
+    name = "TokenDecoder (2 layers, D=64)"
+
+    def __init__(self, decoder: TokenDecoder, memory: Tensor, memory_mask: Tensor) -> None:
+        self.decoder, self.memory, self.memory_mask = decoder, memory, memory_mask
+        self.vocab_id = decoder.node_row  # [num_nodes] output row of every node
+        self.table = decoder.token_embedding(torch.arange(decoder.num_rows))  # [V, D]
+        self.bias = decoder.bias if decoder.bias is not None else torch.zeros(decoder.num_rows)
+
+    def __call__(self, beam_query: Tensor, prefix: Tensor, candidates: Tensor) -> Tensor:
+        return self.decoder(self.memory, self.memory_mask, beam_query, prefix, candidates)
+
+    def vocab_logits(self, beam_query: Tensor, prefix: Tensor) -> Tensor:
+        h = self.decoder.hidden(self.memory, self.memory_mask, beam_query, prefix)  # [nb, D]
+        return h @ self.table.T + self.bias  # [nb, V]
+
+
+class DotModel:
+    """A near-free scorer, ``<query, E[vocab_id[node]]>``: isolates the cost of the search itself."""
+
+    name = "dot-product table (search only)"
+
+    def __init__(self, query: Tensor, table: Tensor, vocab_id: Tensor) -> None:
+        self.query, self.table, self.vocab_id = query, table, vocab_id  # [B, D], [V, D], [num_nodes]
+
+    def __call__(self, beam_query: Tensor, prefix: Tensor, candidates: Tensor) -> Tensor:
+        emb = self.table[self.vocab_id[candidates.clamp(min=0)]]  # [Bb, C, D]
+        return torch.bmm(emb, self.query[beam_query][:, :, None])[:, :, 0]  # [Bb, C]
+
+    def vocab_logits(self, beam_query: Tensor, prefix: Tensor) -> Tensor:
+        return self.query[beam_query] @ self.table.T  # [nb, V]
+
+
+Model = DecoderModel | DotModel
+
+
+@dataclass(frozen=True)
+class SearchSetup:
+    index: TreeIndex
+    trie: DeviceTrie
+    models: tuple[Model, ...]  # (decoder, dot)
+    batch: int
+
+
+def make_setup(num_items: int, k: int, levels: int, batch: int, dim: int, seed: int) -> SearchSetup:
+    index = TreeIndex.from_codes(balanced_codes(num_items, k, levels), k, "level")
+    torch.manual_seed(seed)
+    decoder = TokenDecoder(
+        DecoderConfig(dim=dim, num_layers=2, num_heads=2, dropout=0.0, token_scheme="level"),
+        index.node_token,
+        index.level_offsets,
+    ).eval()
+    gen = torch.Generator().manual_seed(seed)
+    memory = torch.randn(batch, 20, dim, generator=gen)  # [B, T, D] stands for the encoder states
+    memory_mask = torch.ones(batch, 20, dtype=torch.bool)
+    dot = DotModel(
+        torch.randn(batch, dim, generator=gen),
+        torch.randn(decoder.num_rows, dim, generator=gen),
+        decoder.node_row,
+    )
+    return SearchSetup(
+        index, DeviceTrie.from_index(index), (DecoderModel(decoder, memory, memory_mask), dot), batch
+    )
+
+
+# ---------------------------------------------------------------------------- the GENRE / HF baseline
+class DictTrie:
+    """GENRE's ``Trie``: nested dicts keyed by vocabulary id (the decoder's output row of a node);
+    an entry also keeps the node's global id so that the same decoder (which embeds prefix nodes)
+    can be fed."""
+
+    def __init__(self, index: TreeIndex, vocab_id: np.ndarray) -> None:
+        self.root: dict[int, tuple[int, dict]] = {}  # vocabulary id -> (global node id, children)
+        tokens = vocab_id  # [num_nodes]
+        for path in index.item_path[1:].tolist():
+            level = self.root
+            for node in path:
+                entry = level.setdefault(int(tokens[node]), (node, {}))
+                level = entry[1]
+
+    def get(self, prefix_tokens: tuple[int, ...]) -> dict[int, tuple[int, dict]]:
+        level = self.root
+        for token in prefix_tokens:
+            level = level[token][1]
+        return level
+
+
+def genre_search(model: Model, levels: int, batch: int, trie: DictTrie, beam: int) -> list[list[int]]:
+    """Per query beam search with ``prefix_allowed_tokens_fn``-style masking over the full vocabulary."""
+    out = []
+    for q in range(batch):
+        beams: list[tuple[tuple[int, ...], list[int], float]] = [((), [0], 0.0)]  # tokens, node path, score
+        for _level in range(levels):
+            prefix = torch.tensor([nodes for _, nodes, _ in beams], dtype=torch.int64)  # [nb, S]
+            beam_query = torch.full((len(beams),), q, dtype=torch.int64)
+            logits = model.vocab_logits(beam_query, prefix)  # [nb, V]
+            vocab = logits.shape[1]
+            mask = torch.full((len(beams), vocab), float("-inf"))
+            allowed_nodes: list[dict[int, int]] = []
+            for row, (tokens, _, _) in enumerate(beams):
+                allowed = trie.get(tokens)  # prefix_allowed_tokens_fn(batch_id, sent)
+                mask[row, list(allowed)] = 0.0
+                allowed_nodes.append({t: node for t, (node, _) in allowed.items()})
+            logp = torch.log_softmax(logits + mask, dim=-1)  # [nb, V]
+            total = torch.tensor([s for _, _, s in beams])[:, None] + logp
+            top = torch.topk(total.reshape(-1), min(beam, int(torch.isfinite(total).sum())))
+            new_beams = []
+            for score, flat in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+                row, token = divmod(flat, vocab)
+                tokens, nodes, _ = beams[row]
+                new_beams.append(((*tokens, token), [*nodes, allowed_nodes[row][token]], score))
+            beams = new_beams
+        out.append([nodes[-1] for _, nodes, _ in beams])
+    return out
+
+
+# ---------------------------------------------------------------------------- timing
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """Median CPU seconds of this process over ``repeats`` runs after one warm-up; (seconds, last result).
+
+    CPU time rather than wall time: the dev host is shared, and wall time there mostly measures the
+    wait for a core. With ``--threads 1`` (the default) it equals single-core wall time on an idle host.
+    """
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        result = fn()
+        times.append(time.process_time() - start)
+    return statistics.median(times), result
+
+
+def run_search_bench(args: argparse.Namespace) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "torch_threads": torch.get_num_threads(),
+        "device": "cpu",
+        "timing": "process CPU time",
+    }
+    B, b, k, L = args.batch, args.beam, args.branching, args.levels
+    setup = make_setup(k**L, k, L, B, args.dim, args.seed)
+    dict_trie = DictTrie(setup.index, setup.models[0].vocab_id.numpy())
+    report["setup"] = {"items": k**L, "branching": k, "levels": L, "beam": b, "batch": B}
+    report["comparison"] = []
+    for model in setup.models:
+        with torch.inference_mode():
+            ours_s, ours = timed(partial(beam_search, setup.trie, model, B, b, "logprob"), args.repeats)
+            base_s, base = timed(partial(genre_search, model, L, B, dict_trie, b), max(1, args.repeats // 2))
+        ours_leaves = ours.leaves.tolist()
+        report["comparison"].append(
+            {
+                "scorer": model.name,
+                "ours_ms_per_query": 1e3 * ours_s / B,
+                "genre_ms_per_query": 1e3 * base_s / B,
+                "speedup": base_s / ours_s,
+                "same_leaf_sets": sum(set(o) == set(g) for o, g in zip(ours_leaves, base, strict=True)),
+                "same_leaf_order": sum(o == g for o, g in zip(ours_leaves, base, strict=True)),
+            }
+        )
+    rows = []
+    for n in args.sizes:
+        depth = levels_for(n, k)
+        s = make_setup(n, k, depth, B, args.dim, args.seed)
+        row: dict[str, Any] = {"items": n, "levels": depth, "nodes": s.index.num_nodes}
+        for key, model in zip(("decoder", "dot"), s.models, strict=True):
+            with torch.inference_mode():
+                secs, _ = timed(partial(beam_search, s.trie, model, B, b, "logprob"), args.repeats)
+            row[f"{key}_ms_per_batch"] = 1e3 * secs
+            row[f"{key}_ms_per_level"] = 1e3 * secs / depth
+        rows.append(row)
+    report["scaling"] = rows
+    return report
+
+
+def print_search_report(report: dict[str, Any]) -> None:
+    c = report["setup"]
+    print(
+        f"bench search: {c['items']} items, branching {c['branching']}, L={c['levels']}, beam {c['beam']}, "
+        f"batch {c['batch']}, torch threads {report['torch_threads']}, {report['device']}, "
+        f"times are {report['timing']} (median)"
+    )
+    print(
+        f"{'scorer':<34}{'GENRE/HF ms/q':>14}{'ours ms/q':>11}{'speedup':>9}{'same leaves':>13}{'same order':>12}"
+    )
+    for r in report["comparison"]:
+        print(
+            f"{r['scorer']:<34}{r['genre_ms_per_query']:>14.3f}{r['ours_ms_per_query']:>11.3f}"
+            f"{r['speedup']:>8.1f}x{r['same_leaf_sets']:>9}/{c['batch']:<3}{r['same_leaf_order']:>8}/{c['batch']:<3}"
+        )
+    print()
+    print("cost of our search against catalogue size (same branching, batch, beam):")
+    print(
+        f"{'items':>10}{'levels':>8}{'nodes':>10}{'decoder ms/batch':>18}{'ms/level':>10}{'dot ms/batch':>14}{'ms/level':>10}"
+    )
+    for r in report["scaling"]:
+        print(
+            f"{r['items']:>10}{r['levels']:>8}{r['nodes']:>10}{r['decoder_ms_per_batch']:>18.1f}"
+            f"{r['decoder_ms_per_level']:>10.1f}{r['dot_ms_per_batch']:>14.2f}{r['dot_ms_per_level']:>10.2f}"
+        )
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = run_search_bench(args)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_search_report(report)
+    return 0
+
+
+# ---------------------------------------------------------------------------- bench cluster
+def synthetic_embeddings(num_items: int, dim: int, seed: int, centers: int = 256) -> np.ndarray:
+    """``[N+1, D]`` float32 Gaussian mixture (row 0 = padding, zeros)."""
+    rng = np.random.default_rng(seed)
+    mean = rng.normal(size=(centers, dim)).astype(np.float32) * 3.0
+    emb = np.zeros((num_items + 1, dim), np.float32)
+    emb[1:] = mean[rng.integers(0, centers, num_items)] + rng.normal(size=(num_items, dim)).astype(np.float32)
+    return emb
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    emb = synthetic_embeddings(args.items, args.dim, args.seed)
+    report: dict[str, Any] = {
+        "items": args.items,
+        "dim": args.dim,
+        "k": args.k,
+        "iters": args.iters,
+        "torch_threads": torch.get_num_threads(),
+    }
+    runs = {
+        "balanced (capacity greedy)": KMeansConfig(iters=args.iters, balanced=True),
+        "plain k-means (baseline)": KMeansConfig(iters=args.iters, balanced=False),
+    }
+    for name, cfg in runs.items():
+        wall, cpu = time.perf_counter(), time.process_time()
+        codes = tree_codes(emb, args.k, seed=args.seed, config=cfg)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        TreeIndex.from_codes(codes, args.k, "node").validate()
+        report[name] = {"cpu_seconds": cpu, "wall_seconds": wall, "levels": level_sizes(codes)}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(
+        f"bench cluster: {args.items} items x {args.dim} dims, k={args.k}, {args.iters} iterations per level, "
+        f"torch threads {report['torch_threads']}"
+    )
+    print(f"{'method':<28}{'cpu s':>8}{'wall s':>8}  per level: clusters [min size, max size]")
+    for name in runs:
+        r = report[name]
+        levels = "  ".join(f"L{i + 1}:{c}[{lo},{hi}]" for i, (c, lo, hi) in enumerate(r["levels"]))
+        print(f"{name:<28}{r['cpu_seconds']:>8.1f}{r['wall_seconds']:>8.1f}  {levels}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- CLI
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(float(part)) for part in text.split(",") if part]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--sizes wants comma-separated integers, got {text!r}") from exc
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"--sizes wants positive integers, got {text!r}")
+    return sizes
+
+
+def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
+    search = groups["bench"].add_parser(
+        "search",
+        help="batched constrained beam search vs GENRE/HF-style per-query search, and cost vs catalogue size",
+    )
+    search.add_argument("--batch", type=int, default=64)
+    search.add_argument("--beam", type=int, default=20)
+    search.add_argument("--branching", type=int, default=64)
+    search.add_argument(
+        "--levels", type=int, default=3, help="depth of the comparison tree (branching**levels items)"
+    )
+    search.add_argument("--dim", type=int, default=64, help="decoder width")
+    search.add_argument("--sizes", type=_sizes, default=[10_000, 100_000, 1_000_000], help="catalogue sizes")
+    search.add_argument("--repeats", type=int, default=3)
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch default)")
+    search.add_argument("--json", action="store_true", help="print the report as JSON")
+    search.set_defaults(func=cmd_search)
+
+    cluster = groups["bench"].add_parser(
+        "cluster", help="balanced hierarchical k-means (SEATER Alg. 1) vs plain k-means, time and balance"
+    )
+    cluster.add_argument("--items", type=int, default=1_000_000)
+    cluster.add_argument("--dim", type=int, default=64)
+    cluster.add_argument("--k", type=int, default=64)
+    cluster.add_argument("--iters", type=int, default=8, help="k-means iterations per level (both methods)")
+    cluster.add_argument("--seed", type=int, default=0)
+    cluster.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch default)")
+    cluster.add_argument("--json", action="store_true", help="print the report as JSON")
+    cluster.set_defaults(func=cmd_cluster)
