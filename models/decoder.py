@@ -23,6 +23,7 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 TokenScheme = Literal["level", "node"]
 
@@ -94,6 +95,48 @@ def safe_key_padding(memory_mask: Tensor) -> Tensor:
     return ~(valid | (empty & last))
 
 
+def shared_memory_attention(
+    attn: nn.MultiheadAttention, x: Tensor, memory: Tensor, blocked: Tensor, beam_query: Tensor
+) -> Tensor:
+    """Cross-attention of beams over their query's memory, keys/values projected per query row.
+
+    ``x[Bb,S,D], memory[B,T,D], blocked[B,T] (True = ignore), beam_query[Bb] -> [Bb,S,D]``;
+    the same result as ``attn(x, memory[beam_query], memory[beam_query], key_padding_mask=...)``.
+    """
+    Bb, S, D = x.shape
+    B, T, _ = memory.shape
+    H = attn.num_heads
+    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)  # [D, D] each
+    b_q, b_k, b_v = attn.in_proj_bias.chunk(3) if attn.in_proj_bias is not None else (None, None, None)
+    q = F.linear(x, w_q, b_q).reshape(Bb, S, H, D // H).transpose(1, 2)  # [Bb, H, S, hd]
+    k = F.linear(memory, w_k, b_k).reshape(B, T, H, D // H).transpose(1, 2)[beam_query]  # [Bb, H, T, hd]
+    v = F.linear(memory, w_v, b_v).reshape(B, T, H, D // H).transpose(1, 2)[beam_query]  # [Bb, H, T, hd]
+    allowed = ~blocked[beam_query][:, None, None, :]  # [Bb, 1, 1, T]
+    dropout = attn.dropout if attn.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)  # [Bb, H, S, hd]
+    return attn.out_proj(out.transpose(1, 2).reshape(Bb, S, D))
+
+
+def decoder_layer(
+    layer: nn.TransformerDecoderLayer,
+    x: Tensor,
+    memory: Tensor,
+    blocked: Tensor,
+    beam_query: Tensor,
+    causal: Tensor,
+) -> Tensor:
+    """One pre-norm ``nn.TransformerDecoderLayer`` with :func:`shared_memory_attention`: ``[Bb,S,D] -> [Bb,S,D]``."""
+    if not layer.norm_first:
+        raise ValueError("decoder_layer implements norm_first=True layers only")
+    h = layer.norm1(x)
+    x = x + layer.dropout1(layer.self_attn(h, h, h, attn_mask=causal, need_weights=False)[0])
+    x = x + layer.dropout2(
+        shared_memory_attention(layer.multihead_attn, layer.norm2(x), memory, blocked, beam_query)
+    )
+    h = layer.linear2(layer.dropout(layer.activation(layer.linear1(layer.norm3(x)))))
+    return x + layer.dropout3(h)
+
+
 def gather_candidates(node_row: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor]:
     """``candidates[Bb,C]`` (-1 = pad) -> (embedding rows [Bb,C], pad mask [Bb,C])."""
     pad = candidates < 0
@@ -143,19 +186,24 @@ class TokenDecoder(nn.Module):
         self.output_norm = nn.LayerNorm(D)
 
     def hidden(self, memory: Tensor, memory_mask: Tensor, beam_query: Tensor, prefix: Tensor) -> Tensor:
-        """``memory[B,T,D], memory_mask[B,T], beam_query[Bb], prefix[Bb,S] -> h[Bb,D]`` (last position)."""
+        """``memory[B,T,D], memory_mask[B,T], beam_query[Bb], prefix[Bb,S] -> h[Bb,D]`` (last position).
+
+        Computes exactly ``self.layers(x, memory[beam_query], tgt_mask=causal,
+        memory_key_padding_mask=...)`` (the nn.TransformerDecoder the trainers call), but projects
+        the cross-attention keys/values once per query row instead of once per beam.
+        """
         S = prefix.shape[1]
         positions = torch.arange(S, device=prefix.device)  # [S] == level of prefix[:, s]
         x = self.token_embedding(self.node_row[prefix]) + self.level_embedding(positions)[None]  # [Bb, S, D]
         causal = torch.ones(S, S, dtype=torch.bool, device=prefix.device).triu(
             diagonal=1
         )  # [S, S] True = blocked
-        beam_memory = memory[beam_query]  # [Bb, T, D]
-        key_padding = safe_key_padding(memory_mask[beam_query])  # [Bb, T]
-        out = self.layers(
-            x, beam_memory, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=key_padding
-        )  # [Bb, S, D]
-        return self.output_norm(out[:, -1])  # [Bb, D]
+        blocked = safe_key_padding(memory_mask)  # [B, T]
+        for layer in self.layers.layers:
+            x = decoder_layer(layer, x, memory, blocked, beam_query, causal)  # [Bb, S, D]
+        if self.layers.norm is not None:
+            x = self.layers.norm(x)
+        return self.output_norm(x[:, -1])  # [Bb, D]
 
     def score_hidden(self, h: Tensor, candidates: Tensor) -> Tensor:
         """``h[Bb,D], candidates[Bb,C] -> scores[Bb,C]`` (PAD_SCORE where candidates == -1)."""

@@ -130,7 +130,7 @@ def wire_experiment(hooks: Any, engine: Engine) -> None:
     """Check the experiment names only loaded bundles, and give its shadow lane a way to run copies."""
     from service.shadow import Ranked
 
-    for bundle in hooks.source.router().config.bundles():
+    for bundle in hooks.source.router().config.bundles:
         engine.registry.get(bundle)  # UnknownModel at startup, not on the first request
 
     async def run_shadow(request: Any) -> Any:

@@ -17,9 +17,9 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -34,6 +34,8 @@ from service.schemas import DebugInfo, ModelRef, RetrieveRequest, RetrieveRespon
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DEFAULT_VARIANT = "default"
 ANONYMOUS = "anonymous"
@@ -232,18 +234,17 @@ class Engine:
             model_name = self.router.bundle_of(variant)
         model = self.registry.get(model_name)
         known = [model.dense_of.get(raw) for raw in request.history]
-        dense = np.array([d for d in known if d is not None], dtype=np.int64)  # [t]
-        unknown = len(known) - len(dense)
-        truncated = len(dense) > model.max_history
-        if truncated:
-            dense = dense[-model.max_history :]
+        full = np.array([d for d in known if d is not None], dtype=np.int64)  # [t_all]
+        unknown = len(known) - len(full)
+        truncated = len(full) > model.max_history
+        dense = full[-model.max_history :]  # [t]
         excluded = [d for d in (model.dense_of.get(raw) for raw in request.exclude) if d is not None]
         if request.exclude_history:
-            excluded.extend(int(d) for d in dense)
+            excluded.extend(int(d) for d in full)  # the whole history, not only the encoded window
         exclude = np.unique(np.array(excluded, dtype=np.int64))  # [e]
         return Mapped(model, variant, user_key, dense, exclude, unknown, truncated)
 
-    async def _tracked(self, work: Any) -> Any:
+    async def _tracked(self, work: Awaitable[T]) -> T:
         self.inflight += 1
         INFLIGHT.inc()
         try:

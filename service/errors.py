@@ -104,7 +104,11 @@ class BadBundle(ServiceError):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "Unknown model name."},
     413: {"model": ErrorBody, "description": "Request body larger than max_body_bytes."},
-    429: {"model": ErrorBody, "description": "Queue full; retry after the Retry-After header."},
+    429: {
+        "model": ErrorBody,
+        "description": "Queue full; retry after the Retry-After header.",
+        "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}},
+    },
     503: {"model": ErrorBody, "description": "Not ready, or shutting down."},
     504: {"model": ErrorBody, "description": "Deadline passed while the request was queued."},
 }

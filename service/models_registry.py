@@ -167,7 +167,11 @@ class ModelRegistry:
                 raise BadBundle(f"{root / MANIFEST}: cannot read the bundle name ({exc})") from exc
             return {name: root}
         # hidden directories (".partial" copies in flight) are never served
-        found = {p.name: p for p in sorted(root.iterdir()) if not p.name.startswith(".") and (p / MANIFEST).is_file()}
+        found = {
+            p.name: p
+            for p in sorted(root.iterdir())
+            if not p.name.startswith(".") and (p / MANIFEST).is_file()
+        }
         if not found:
             raise BadBundle(f"GENRET_BUNDLE_PATH={root} holds no bundle (no */{MANIFEST})")
         return found

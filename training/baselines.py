@@ -36,7 +36,7 @@ from training.splits import Split
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 RUN_CONTROL_FIELDS: frozenset[str] = frozenset({"threads", "max_train_seconds"})  # not in the cache key
 EARLY_STOP_METRIC = "recall@20"
 _C = TypeVar("_C")

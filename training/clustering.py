@@ -214,20 +214,31 @@ def _split_groups(
     n, d = x.shape
     order = torch.argsort(group, stable=True)
     sizes = torch.bincount(group, minlength=num_groups)  # [G]
-    starts = torch.cumsum(sizes, 0) - sizes
-    pos_sorted = torch.arange(n) - starts[group[order]]
-    pos = torch.empty_like(pos_sorted)
-    pos[order] = pos_sorted  # [N] position of each item inside its group
-    m = int(sizes.max())
-    padded = torch.zeros(num_groups, m, d)  # [G, M, D]
-    padded[group, pos] = x
-    present = torch.zeros(num_groups, m, dtype=torch.bool)  # [G, M]
-    present[group, pos] = True
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(n) - _run_starts(group[order])  # [N] position of each item inside its group
+    # Items are packed into rows of at most R items of one group, so that one batched matmul scores
+    # every item against its own group's centroids. R = the mean group size keeps the padding under
+    # one row per group even when the groups are very unequal (plain k-means).
+    width = int(-(-n // num_groups))  # R
+    if int(sizes.max()) <= width + 1:
+        width = int(sizes.max())
+    rows_per_group = -(-sizes // width)  # [G]
+    first_row = torch.cumsum(rows_per_group, 0) - rows_per_group  # [G]
+    row = first_row[group] + torch.div(pos, width, rounding_mode="floor")  # [N]
+    col = pos % width  # [N]
+    num_rows = int(rows_per_group.sum())
+    row_group = torch.repeat_interleave(torch.arange(num_groups), rows_per_group)  # [rows]
+    packed = torch.zeros(num_rows, width, d)  # [rows, R, D]
+    packed[row, col] = x
 
     # init: k distinct random members of each group (every group has more than k items)
-    noise = torch.rand(num_groups, m, generator=gen).masked_fill(~present, -1.0)
-    seeds = noise.topk(k, dim=1).indices  # [G, k]
-    centroids = torch.gather(padded, 1, seeds[:, :, None].expand(num_groups, k, d)).clone()  # [G, k, D]
+    shuffled = torch.argsort(
+        group.double() + torch.rand(n, generator=gen, dtype=torch.float64)
+    )  # by group, random
+    slot = torch.arange(n) - _run_starts(group[shuffled])
+    pick = shuffled[slot < k]  # [G*k], grouped
+    centroids = torch.empty(num_groups, k, d)  # [G, k, D]
+    centroids[group[pick], slot[slot < k]] = x[pick]
 
     base = sizes // k  # [G]
     extra = sizes % k  # [G] clusters that get one more item
@@ -238,8 +249,10 @@ def _split_groups(
         balanced_step = plain_left == 0
         # score = -||x - c||^2 + ||x||^2 = 2 x.c - ||c||^2   [G, M, k]
         sq = (centroids * centroids).sum(-1)  # [G, k]
-        scores_pad = torch.baddbmm(-sq[:, None, :], padded, centroids.transpose(1, 2), alpha=2.0)
-        scores = scores_pad[group, pos]  # [N, k]
+        rows_c = centroids[row_group]  # [rows, k, D]
+        scores_rows = torch.baddbmm(-sq[row_group][:, None, :], packed, rows_c.transpose(1, 2), alpha=2.0)
+        scores = scores_rows[row, col]  # [N, k]
+        del scores_rows, rows_c
         if balanced_step:
             demand = torch.zeros(num_groups, k, dtype=torch.int64)
             demand.index_put_((group, scores.argmax(1)), torch.ones(n, dtype=torch.int64), accumulate=True)

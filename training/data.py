@@ -240,7 +240,9 @@ def _load_movielens(path: Path, skip_bad_lines: bool) -> Dataset:
     for number, line in _lines(path):
         parts = line.split("::") if "::" in line else line.split()
         if len(parts) != 4:
-            col.bad(number, f"expected 'user item rating timestamp', got {len(parts)} field(s): {line[:80]!r}")
+            col.bad(
+                number, f"expected 'user item rating timestamp', got {len(parts)} field(s): {line[:80]!r}"
+            )
             continue
         user, item, _rating, stamp = parts
         time = _parse_time(stamp)
@@ -258,7 +260,9 @@ def _load_recbole(path: Path, skip_bad_lines: bool) -> Dataset:
     try:
         _, header = next(lines)
     except StopIteration:
-        raise DatasetError(path, 1, "empty file: expected a 'user_id:token<TAB>item_id:token...' header") from None
+        raise DatasetError(
+            path, 1, "empty file: expected a 'user_id:token<TAB>item_id:token...' header"
+        ) from None
     names = [h.split(":", 1)[0] for h in header.split("\t")]
     for needed in ("user_id", "item_id"):
         if needed not in names:
@@ -294,7 +298,9 @@ def _load_table(
     missing = [c for c in (user_col, item_col, time_col) if c not in frame.columns]
     if missing:
         raise DatasetError(
-            path, None, f"missing column(s) {', '.join(missing)}; columns are {', '.join(map(str, frame.columns))}"
+            path,
+            None,
+            f"missing column(s) {', '.join(missing)}; columns are {', '.join(map(str, frame.columns))}",
         )
     offset = 2 if fmt == "csv" else 1  # csv: header is line 1; parquet: 1-based row numbers
     raw_time = frame[time_col]

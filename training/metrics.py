@@ -136,8 +136,11 @@ def average_partition_entropy(
     leaves = np.asarray(leaf_of_item)
     if leaves.ndim != 1:
         raise ValueError(f"leaf_of_item must be [N+1], got shape {leaves.shape}")
-    as_labels = isinstance(positives, np.ndarray) and positives.dtype != object
-    groups = label_groups(positives) if as_labels else positives
+    groups: Sequence[np.ndarray]
+    if isinstance(positives, np.ndarray) and positives.dtype != object:
+        groups = label_groups(positives)
+    else:
+        groups = list(positives)
     entropies: list[float] = []
     for group in groups:
         items = np.unique(np.asarray(group, dtype=np.int64))

@@ -21,6 +21,7 @@ from torch import nn
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "sasrec.json"
+INIT_STD = 0.02  # embeddings start small so that Adam's steps move them quickly (BERT / RecBole habit)
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,13 @@ class SASRecConfig:
             raise ValueError(f"loss must be 'full' or 'sampled', got {self.loss!r}")
         if self.negatives not in ("uniform", "in_batch"):
             raise ValueError(f"negatives must be 'uniform' or 'in_batch', got {self.negatives!r}")
-        if self.lr <= 0 or self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1 or self.threads < 1:
+        if (
+            self.lr <= 0
+            or self.batch_size < 1
+            or self.max_epochs < 1
+            or self.patience < 1
+            or self.threads < 1
+        ):
             raise ValueError(f"need lr > 0 and batch_size, max_epochs, patience >= 1, got {self}")
 
 
@@ -111,13 +118,13 @@ class SASRecModule(nn.Module):
             CausalSelfAttentionBlock(config.dim, config.heads, config.dropout) for _ in range(config.layers)
         )
         self.norm = nn.LayerNorm(config.dim)
-        nn.init.normal_(self.item_emb.weight, std=config.dim**-0.5)
-        nn.init.normal_(self.pos_emb.weight, std=config.dim**-0.5)
+        nn.init.normal_(self.item_emb.weight, std=INIT_STD)
+        nn.init.normal_(self.pos_emb.weight, std=INIT_STD)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
     def forward(self, history: torch.Tensor) -> torch.Tensor:
-        b, t = history.shape
+        t = history.shape[1]
         if t > self.max_len:
             raise ValueError(f"history length {t} exceeds the model's max_len {self.max_len}")
         valid = history > 0  # [B, T]
@@ -171,7 +178,9 @@ def top_k_excluding(scores: torch.Tensor, k: int, exclude: list[np.ndarray] | No
 class SASRec:
     """A trained SASRec: user vectors, item embeddings, scores and top-K recommendations."""
 
-    def __init__(self, module: SASRecModule, config: SASRecConfig, info: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, module: SASRecModule, config: SASRecConfig, info: dict[str, Any] | None = None
+    ) -> None:
         self.module = module.eval()
         self.config = config
         self.info: dict[str, Any] = dict(info or {})

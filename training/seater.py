@@ -34,11 +34,16 @@ import yaml
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from models.bundle import load_bundle
 from models.decoder import PAD_SCORE, DecoderConfig, TokenDecoder, safe_key_padding
 from models.encoder import EncoderConfig, QueryEncoder
 from models.index import TreeIndex
+from models.retriever import Retriever
+from training.clustering import balanced_tree_codes
+from training.export import export_bundle
 from training.registry import TrainContext, TrainedMethod, register_method
 from training.seater_losses import alignment_loss, generation_loss, ranking_loss, sample_ranking_negatives
+from training.splits import training_pairs
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,7 @@ class SeaterConfig:
     max_train_pairs: int = 0
     beam_size: int = 100
     rerank: str = "sasrec"
+    threads: int = 1
 
     def __post_init__(self) -> None:
         if self.branching < 2:
@@ -82,6 +88,8 @@ class SeaterConfig:
         for name in ("layers", "heads", "ffn_mult", "batch_size", "epochs", "beam_size", "kmeans_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SeaterConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise ValueError(f"SeaterConfig.threads must be >= 0 (0 = torch default), got {self.threads}")
         if self.num_negatives < 1:
             raise ValueError(f"SeaterConfig.num_negatives must be >= 1, got {self.num_negatives}")
         if self.tau <= 0 or self.lr <= 0:
@@ -371,8 +379,6 @@ def init_tokens_from_items(model: SeaterModel, index: TreeIndex, item_emb: np.nd
 # ---------------------------------------------------------------------------------------------- training
 def build_index(item_emb: np.ndarray, cfg: SeaterConfig, seed: int) -> TreeIndex:
     """Algorithm 1: balanced k-ary tree over the item embeddings, one token per node."""
-    from training.clustering import balanced_tree_codes
-
     codes = balanced_tree_codes(item_emb, k=cfg.branching, seed=seed, iters=cfg.kmeans_iters)
     index = TreeIndex.from_codes(codes, cfg.branching, token_scheme="node")
     index.validate()
@@ -404,8 +410,6 @@ def train_model(
     model: SeaterModel, tables: TreeTables, cfg: SeaterConfig, ctx: TrainContext
 ) -> dict[str, Any]:
     """Adam over the training pairs; keeps the epoch with the lowest validation generation loss."""
-    from training.splits import training_pairs
-
     hist_np, tgt_np = training_pairs(ctx.split.train, ctx.split.max_len)
     rng = np.random.default_rng(ctx.seed)
     if cfg.max_train_pairs and hist_np.shape[0] > cfg.max_train_pairs:
@@ -481,9 +485,6 @@ class BundleRecommender:
     def __init__(
         self, bundle_dir: Path, beam_size: int, backend: str = "onnx", batch_size: int = 256
     ) -> None:
-        from models.bundle import load_bundle
-        from models.retriever import Retriever
-
         self.retriever = Retriever(load_bundle(bundle_dir), backend=backend)
         self.beam_size = beam_size
         self.batch_size = batch_size
@@ -518,7 +519,13 @@ def train_seater(ctx: TrainContext) -> TrainedMethod:
     if cfg.init_from_sasrec:
         init_tokens_from_items(model, index, item_emb)
     tables = TreeTables.from_index(index)
-    train_info = train_model(model, tables, cfg, ctx)
+    threads = torch.get_num_threads()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    try:
+        train_info = train_model(model, tables, cfg, ctx)
+    finally:
+        torch.set_num_threads(threads)
     t_train = time.perf_counter() - t2
 
     bundle_dir = export_seater(ctx, cfg, model, index, sasrec, item_emb)
@@ -545,8 +552,6 @@ def export_seater(
     sasrec: Any,
     item_emb: np.ndarray,
 ) -> Path:
-    from training.export import export_bundle
-
     encoder = SeaterEncoder(model.encoder, SasrecQuery(sasrec.module)).eval()
     decoder = model.decoder.eval()
     counts = np.bincount(

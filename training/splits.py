@@ -64,8 +64,8 @@ def _history_and_targets(seq: np.ndarray, max_len: int) -> tuple[np.ndarray, np.
 def _user_split(ds: Dataset, seed: int, max_len: int) -> Split:
     rng = np.random.default_rng(seed)
     order = rng.permutation(ds.num_users)
-    n_train = int(round(0.8 * ds.num_users))
-    n_valid = int(round(0.1 * ds.num_users))
+    n_train = round(0.8 * ds.num_users)
+    n_valid = round(0.1 * ds.num_users)
     train_users = order[:n_train].tolist()
     parts: dict[str, EvalSet] = {}
     for name, users in (("valid", order[n_train : n_train + n_valid]), ("test", order[n_train + n_valid :])):

@@ -58,25 +58,26 @@ class TDRConfig:
     branching: int = 24
     kmeans_iters: int = 20
     dim: int = 24
-    windows: tuple[int, ...] = (1, 1, 1, 2, 5, 10)
+    windows: tuple[int, ...] = (1, 1, 1, 2, 5)
     attention_hidden: int = 16
     mlp_hidden: tuple[int, ...] = (64, 32)
     init_from_sasrec: bool = True
     sampler: str = "topdown"
-    num_negatives: int = 16
+    num_negatives: int = 8
     rectify: bool = False
     lr: float = 1e-3
     lr_decay: float = 0.9
     batch_size: int = 256
-    epochs: int = 3
+    epochs: int = 2
     round_epochs: int = 1
     max_train_pairs: int = 0
     tree_rounds: int = 2
     tree_step: int = 1
-    tree_pairs_per_item: int = 20
+    tree_pairs_per_item: int = 10
     beam_size: int = 100
     rerank: str = "sasrec"
     eval_users: int = 1000
+    threads: int = 1
 
     def __post_init__(self) -> None:
         if self.branching < 2:
@@ -84,7 +85,7 @@ class TDRConfig:
         for name in ("kmeans_iters", "dim", "attention_hidden", "num_negatives", "batch_size", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TDRConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("round_epochs", "max_train_pairs", "tree_rounds", "eval_users"):
+        for name in ("round_epochs", "max_train_pairs", "tree_rounds", "eval_users", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TDRConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.tree_step < 1 or self.tree_pairs_per_item < 1 or self.beam_size < 1:
@@ -195,23 +196,25 @@ class PreferenceModel(nn.Module):
     def __init__(self, num_nodes: int, cfg: TDRConfig) -> None:
         super().__init__()
         D, h = cfg.dim, cfg.attention_hidden
-        self.window = cfg.history_window
+        self.dim, self.hidden, self.window, self.num_windows = D, h, cfg.history_window, len(cfg.windows)
         self.node_embedding = nn.Embedding(num_nodes, D)
-        self.register_buffer("windows", window_matrix(cfg.windows), persistent=False)  # [W, K']
-        # activation unit (eq. 26): first layer on [a; a*w; w] split into its three blocks
+        window_of_slot = window_matrix(cfg.windows).argmax(dim=1)  # [W] time window of each recent slot
+        self.window_of_slot: Tensor
+        self.register_buffer("window_of_slot", window_of_slot, persistent=False)
+        # activation unit (eq. 26): its first layer on [a; a*w; w], kept as its three blocks
         self.att_item = nn.Linear(D, h)
         self.att_product = nn.Linear(D, h, bias=False)
         self.att_node = nn.Linear(D, h, bias=False)
         self.att_act = nn.PReLU()
         self.att_out = nn.Linear(h, 1)
         self.att_out_act = nn.PReLU()
-        layers: list[nn.Module] = []
-        width = (len(cfg.windows) + 1) * D
-        for hidden in cfg.mlp_hidden:
+        # preference MLP on [window sums (K' D); node (D)]
+        self.mlp_in = nn.Linear((self.num_windows + 1) * D, cfg.mlp_hidden[0])
+        layers: list[nn.Module] = [nn.PReLU()]
+        for width, hidden in zip(cfg.mlp_hidden[:-1], cfg.mlp_hidden[1:], strict=True):
             layers += [nn.Linear(width, hidden), nn.PReLU()]
-            width = hidden
-        layers.append(nn.Linear(width, 1))
-        self.mlp = nn.Sequential(*layers)
+        layers.append(nn.Linear(cfg.mlp_hidden[-1], 1))
+        self.mlp_rest = nn.Sequential(*layers)
 
     def recent(self, memory: Tensor, memory_mask: Tensor) -> tuple[Tensor, Tensor]:
         """``memory[B,T,D], mask[B,T] -> (recent[B,W,D] newest first, recent_mask[B,W])``."""
@@ -222,20 +225,51 @@ class PreferenceModel(nn.Module):
         recent = torch.matmul(pick.transpose(1, 2).to(memory.dtype), memory)  # [B, W, D]
         return recent, pick.to(memory.dtype).sum(dim=1) > 0
 
+    def attention(self, recent: Tensor, recent_mask: Tensor, w: Tensor) -> Tensor:
+        """Activation unit: ``recent[K,W,D], recent_mask[K,W], nodes w[K,C,D] -> weights[K,C,W]``.
+
+        ``(a * w) . P_h = w . (a * P_h)``: the product block is one batched matmul of the nodes with a
+        per-user tensor ``[K, D, W*h]``, so no ``[K, C, W, D]`` intermediate is formed.
+        """
+        K, W, D = recent.shape
+        C, h = w.shape[1], self.hidden
+        per_user = recent.transpose(1, 2)[:, :, :, None] * self.att_product.weight.t()[None, :, None, :]
+        x = torch.bmm(w, per_user.reshape(K, D, W * h)).reshape(K, C, W, h)  # [K, C, W, h]
+        x = x + self.att_item(recent)[:, None, :, :] + self.att_node(w)[:, :, None, :]
+        weight = self.att_out_act(self.att_out(self.att_act(x)))[..., 0]  # [K, C, W]
+        return weight * recent_mask[:, None, :].to(weight.dtype)
+
     def score(self, recent: Tensor, recent_mask: Tensor, candidates: Tensor) -> Tensor:
-        """``recent[K,W,D], recent_mask[K,W], candidates[K,C] -> scores[K,C]`` (one user row per k)."""
+        """``recent[K,W,D], recent_mask[K,W], candidates[K,C] -> scores[K,C]`` (one user row per k).
+
+        The first MLP layer on ``[z_1 .. z_K'; w]`` with ``z_n = sum_{t in window n} weight_t a_t``
+        (eq. 27) is applied without forming the window sums: its window-``n`` block ``U_n`` gives
+        ``U_n z_n = sum_t weight_t (U_n a_t)``, one ``[K, C, W] x [K, W, H]`` matmul.
+        """
+        D, Kw = self.dim, self.num_windows
+        w = self.node_embedding(candidates.clamp(min=0))  # [K, C, D]
+        weight = self.attention(recent, recent_mask, w)  # [K, C, W]
+        blocks = self.mlp_in.weight[:, : Kw * D].reshape(-1, Kw, D)  # [H, K', D]
+        per_slot = blocks[:, self.window_of_slot, :]  # [H, W, D] block of each recent slot
+        projected = torch.einsum("kwd,hwd->kwh", recent, per_slot)  # [K, W, H]
+        node_part = nn.functional.linear(w, self.mlp_in.weight[:, Kw * D :], self.mlp_in.bias)  # [K, C, H]
+        hidden = torch.bmm(weight, projected) + node_part  # [K, C, H]
+        scores = self.mlp_rest(hidden)[..., 0]  # [K, C]
+        return scores.masked_fill(candidates < 0, PAD_SCORE)
+
+    def score_reference(self, recent: Tensor, recent_mask: Tensor, candidates: Tensor) -> Tensor:
+        """The same score written as the paper does (window sums, concatenation, MLP); for tests."""
         w = self.node_embedding(candidates.clamp(min=0))  # [K, C, D]
         x = (
-            self.att_item(recent)[:, None, :, :]  # [K, 1, W, h]
-            + self.att_node(w)[:, :, None, :]  # [K, C, 1, h]
-            + self.att_product(recent[:, None, :, :] * w[:, :, None, :])  # [K, C, W, h]
-        )
-        weight = self.att_out_act(self.att_out(self.att_act(x)))[..., 0]  # [K, C, W]
-        weight = weight * recent_mask[:, None, :].to(weight.dtype)
-        per_window = weight[..., None] * self.windows  # [K, C, W, K']
-        pooled = torch.matmul(per_window.transpose(2, 3), recent[:, None, :, :])  # [K, C, K', D]
+            self.att_item(recent)[:, None, :, :]
+            + self.att_node(w)[:, :, None, :]
+            + self.att_product(recent[:, None, :, :] * w[:, :, None, :])
+        )  # [K, C, W, h]
+        weight = self.att_out_act(self.att_out(self.att_act(x)))[..., 0] * recent_mask[:, None, :]
+        onehot = nn.functional.one_hot(self.window_of_slot, self.num_windows).to(w.dtype)  # [W, K']
+        pooled = torch.einsum("kcw,wn,kwd->kcnd", weight, onehot, recent)  # [K, C, K', D] (eq. 27)
         features = torch.cat([pooled.flatten(2), w], dim=-1)  # [K, C, (K'+1) D]
-        scores = self.mlp(features)[..., 0]  # [K, C]
+        scores = self.mlp_rest(self.mlp_in(features))[..., 0]
         return scores.masked_fill(candidates < 0, PAD_SCORE)
 
     def forward(
@@ -519,11 +553,21 @@ def plot_rounds(rounds: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def train_tdr(ctx: TrainContext) -> TrainedMethod:
+    cfg = TDRConfig.load(ctx.config_overrides)
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train_tdr(ctx, cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_tdr(ctx: TrainContext, cfg: TDRConfig) -> TrainedMethod:
     from training.evaluation import evaluate_recommender
     from training.splits import training_pairs
     from training.tdr_tree_learning import learn_tree
 
-    cfg = TDRConfig.load(ctx.config_overrides)
     torch.manual_seed(ctx.seed)
     rng = np.random.default_rng(ctx.seed)
     generator = torch.Generator().manual_seed(ctx.seed)

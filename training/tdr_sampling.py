@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# (users[K] row of each pair, candidates[K, C] global node ids, -1 padded) -> scores[K, C]
+# (users[K] user row of each row, candidates[K, C] global node ids, -1 padded) -> scores[K, C]
 PairScorer = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -130,31 +130,30 @@ def topdown_negatives(
     """Top-down sampler (section 5.2): ``m`` root-to-leaf paths per user, each child drawn with the
     softmax of the model's scores over its siblings.
 
-    score_pairs(users[K], candidates[K, C]) -> scores[K, C] scores children for user rows;
-    children: [num_nodes, C] dense children table (-1 padded) -> (nodes [B, L, m] the node of each path
-    at each level, log_q [B, L, m] the log of the product of the edge softmaxes from the root, which is
-    the exact marginal probability of that node under one path draw, since a node has one root path).
-
-    Parents repeated across the paths of one user are scored once (``torch.unique`` on (user, parent)).
+    score_pairs(users[B], candidates[B, C']) -> scores[B, C'] scores nodes for user rows (here
+    ``users = arange(B)``, the candidates of a row being the children of all its paths' current
+    nodes, so the model reads each user once per level); children: [num_nodes, C] dense children
+    table (-1 padded) -> (nodes [B, L, m] the node of each path at each level, log_q [B, L, m] the
+    log of the product of the edge softmaxes from the root, which is the exact marginal probability
+    of that node under one path draw, since a node has one root path).
     """
-    num_nodes = children.shape[0]
+    users = torch.arange(batch_size)
     nodes = torch.zeros((batch_size, m), dtype=torch.int64)  # [B, m] start at the root
     log_q = torch.zeros((batch_size, m))  # [B, m]
-    users = torch.arange(batch_size)[:, None].expand(batch_size, m)  # [B, m]
     out_nodes, out_log_q = [], []
-    for _ in range(num_levels):
-        keys = (users * num_nodes + nodes).reshape(-1)  # [B*m]
-        uniq, inverse = torch.unique(keys, return_inverse=True)  # [K], [B*m]
-        pair_users, pair_parents = uniq // num_nodes, uniq % num_nodes  # [K]
-        cand = children[pair_parents]  # [K, C]
-        scores = score_pairs(pair_users, cand).float()  # [K, C]
-        logp = torch.log_softmax(scores.masked_fill(cand < 0, float("-inf")), dim=1)  # [K, C]
-        logp_paths = logp[inverse]  # [B*m, C]
-        pick = torch.multinomial(logp_paths.exp(), 1, generator=generator)[:, 0]  # [B*m]
-        nodes = cand[inverse, pick].reshape(batch_size, m)  # [B, m]
+    for level in range(num_levels):
+        cand = children[nodes]  # [B, m, C]
+        c = cand.shape[2]
+        if level == 0:  # every path starts at the root: score its children once
+            scores = score_pairs(users, cand[:, 0]).float()[:, None, :].expand(batch_size, m, c)
+        else:
+            scores = score_pairs(users, cand.reshape(batch_size, m * c)).float().reshape(batch_size, m, c)
+        logp = torch.log_softmax(scores.masked_fill(cand < 0, float("-inf")), dim=2)  # [B, m, C]
+        pick = torch.multinomial(logp.reshape(-1, c).exp(), 1, generator=generator).reshape(batch_size, m, 1)
+        nodes = cand.gather(2, pick)[:, :, 0]  # [B, m]
         if (nodes < 0).any():
             raise ValueError("top-down sampling reached a node without children before the leaf level")
-        log_q = log_q + logp_paths.gather(1, pick[:, None])[:, 0].reshape(batch_size, m)
+        log_q = log_q + logp.gather(2, pick)[:, :, 0]
         out_nodes.append(nodes)
         out_log_q.append(log_q)
     return torch.stack(out_nodes, dim=1), torch.stack(out_log_q, dim=1)  # [B, L, m] each

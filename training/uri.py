@@ -26,6 +26,7 @@ What is measured is what is served: :func:`train_uri` exports a bundle and evalu
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -110,7 +111,16 @@ class URIConfig:
     """torch intra-op threads while training (0 = torch's default)."""
 
     def __post_init__(self) -> None:
-        positive = ("k", "levels", "dim", "decoder_layers", "encoder_layers", "heads", "max_len", "batch_size")
+        positive = (
+            "k",
+            "levels",
+            "dim",
+            "decoder_layers",
+            "encoder_layers",
+            "heads",
+            "max_len",
+            "batch_size",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"URIConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -136,36 +146,27 @@ class URIConfig:
     def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> URIConfig:
         """The YAML defaults (``configs/uri.yaml`` unless ``path``) with ``overrides`` applied.
 
-        Override values may be strings (``--set k=16``): they are converted to the field's type.
+        ``overrides`` use the ``genret --set`` convention: ``uri.<field>`` keys (values may be
+        strings, converted to the field's type), ``max_epochs`` caps every stage's epochs, other
+        methods' keys are ignored; an unknown ``uri.`` field raises ``ValueError``.
         """
+        from training.baselines import config_with_overrides
+
         raw = yaml.safe_load(Path(path or CONFIG_PATH).read_text()) or {}
-        values = {**raw, **(overrides or {})}
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(fields))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
         if unknown:
-            raise ValueError(f"unknown URI config key(s) {unknown}; known: {', '.join(sorted(fields))}")
-        return cls(**{name: _coerce(name, fields[name].type, value) for name, value in values.items()})
-
-
-def _coerce(name: str, kind: Any, value: Any) -> Any:
-    kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
-    try:
-        if kind == "bool":
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1", "yes")
-            return bool(value)
-        if kind == "int":
-            as_float = float(value)
-            if not as_float.is_integer():
-                raise ValueError(value)
-            return int(as_float)
-        if kind == "float":
-            return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"URI config {name}={value!r} is not a valid {kind}") from None
-    return value
+            raise ValueError(f"{path or CONFIG_PATH}: unknown URI config key(s) {unknown}")
+        config = config_with_overrides(cls(**raw), dict(overrides or {}), "uri")
+        if overrides and "max_epochs" in overrides:
+            cap = int(overrides["max_epochs"])
+            config = dataclasses.replace(
+                config,
+                level_max_epochs=min(config.level_max_epochs, cap),
+                level_min_epochs=min(config.level_min_epochs, cap),
+                ranker_epochs=min(config.ranker_epochs, cap),
+            )
+        return config
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,8 +227,12 @@ class ItemFeatures(nn.Module):
         with torch.no_grad():
             self.id_embedding.weight[0].zero_()
         self.attr_embedding: nn.Embedding | None = None
-        if attributes is not None and num_attributes > 0:
-            self.register_buffer("attributes", torch.as_tensor(attributes, dtype=torch.long))  # [N+1, A]
+        has_attributes = attributes is not None and num_attributes > 0
+        table = (
+            torch.as_tensor(attributes, dtype=torch.long) if has_attributes else None
+        )  # [N+1, A], 0 = none
+        self.register_buffer("attributes", table)
+        if has_attributes:
             self.attr_embedding = nn.Embedding(num_attributes + 1, dim, padding_idx=0)
             nn.init.normal_(self.attr_embedding.weight, std=dim**-0.5)
             with torch.no_grad():
@@ -235,8 +240,9 @@ class ItemFeatures(nn.Module):
 
     def forward(self, items: Tensor) -> Tensor:
         x = self.id_embedding(items)  # [..., D]
-        if self.attr_embedding is not None:
-            attrs = self.attributes[items]  # [..., A]
+        table = self._buffers["attributes"]
+        if self.attr_embedding is not None and table is not None:
+            attrs = table[items]  # [..., A]
             count = (attrs > 0).sum(-1, keepdim=True).clamp(min=1).to(x.dtype)  # [..., 1]
             x = x + self.attr_embedding(attrs).sum(-2) / count
         return x
@@ -244,9 +250,10 @@ class ItemFeatures(nn.Module):
     def memory(self, items: Tensor) -> tuple[Tensor, Tensor]:
         """``items[M] -> (memory[M, 1+A, D], mask[M, 1+A])``: the item as the decoder sees it."""
         ids = self.id_embedding(items)[:, None]  # [M, 1, D]
-        if self.attr_embedding is None:
+        table = self._buffers["attributes"]
+        if self.attr_embedding is None or table is None:
             return ids, torch.ones(ids.shape[:2], dtype=torch.bool, device=items.device)
-        attrs = self.attributes[items]  # [M, A]
+        attrs = table[items]  # [M, A]
         memory = torch.cat([ids, self.attr_embedding(attrs)], dim=1)  # [M, 1+A, D]
         mask = torch.cat([torch.ones_like(attrs[:, :1], dtype=torch.bool), attrs > 0], dim=1)  # [M, 1+A]
         return memory, mask
@@ -255,7 +262,9 @@ class ItemFeatures(nn.Module):
 class URIModel(nn.Module):
     """Query encoder, item tower and the shared decoder (on the complete tree while training)."""
 
-    def __init__(self, config: URIConfig, num_items: int, attributes: np.ndarray | None, num_attributes: int) -> None:
+    def __init__(
+        self, config: URIConfig, num_items: int, attributes: np.ndarray | None, num_attributes: int
+    ) -> None:
         super().__init__()
         self.config = config
         self.tree = FullTree.build(config.k, config.levels)
@@ -271,7 +280,9 @@ class URIModel(nn.Module):
             ),
             item_embedding=self.items,
         )
-        self.decoder = TokenDecoder(self.decoder_config(), self.tree.index.node_token, self.tree.index.level_offsets)
+        self.decoder = TokenDecoder(
+            self.decoder_config(), self.tree.index.node_token, self.tree.index.level_offsets
+        )
         self.item_norm = nn.LayerNorm(config.dim)  # item memory on the scale of the encoder's output_norm
 
     def decoder_config(self) -> DecoderConfig:
@@ -306,7 +317,9 @@ class URIModel(nn.Module):
         positions = torch.arange(S1, device=prefix.device)
         x = dec.token_embedding(dec.node_row[prefix]) + dec.level_embedding(positions)[None]  # [B, S+1, D]
         causal = torch.ones(S1, S1, dtype=torch.bool, device=prefix.device).triu(diagonal=1)
-        out = dec.layers(x, memory, tgt_mask=causal, memory_key_padding_mask=safe_key_padding(mask))  # [B, S+1, D]
+        out = dec.layers(
+            x, memory, tgt_mask=causal, memory_key_padding_mask=safe_key_padding(mask)
+        )  # [B, S+1, D]
         hidden = dec.output_norm(out)  # [B, S+1, D]
         return [
             dec.score_hidden(hidden[:, s], self.tree.child_nodes(prefix[:, s], s))  # [B, k]
@@ -351,7 +364,7 @@ def level_report(codes: np.ndarray, level: int, queries: list[np.ndarray]) -> di
     sizes = np.bincount(buckets[1:])
     return {
         "ape": average_partition_entropy(buckets, queries),
-        "buckets": int(len(sizes)),
+        "buckets": len(sizes),
         "bucket_min": int(sizes.min()),
         "bucket_max": int(sizes.max()),
         "bucket_mean": float(sizes.mean()),
@@ -392,18 +405,35 @@ class SiblingSampler:
 # Training
 
 
-@dataclass
 class _Batches:
-    histories: np.ndarray  # [P, T]
-    targets: np.ndarray  # [P]
-    batch_size: int
-    steps_per_epoch: int
-    rng: np.random.Generator
+    """Training pairs in length buckets: each batch holds histories of similar length and is cut
+    to its longest one (Beauty: mean history 8 of T=50), batches are visited in random order."""
+
+    def __init__(
+        self,
+        histories: np.ndarray,  # [P, T] left-padded
+        targets: np.ndarray,  # [P]
+        batch_size: int,
+        steps_per_epoch: int,
+        rng: np.random.Generator,
+    ) -> None:
+        self.histories = histories
+        self.targets = targets
+        self.lengths = (histories > 0).sum(1)  # [P]
+        self.batch_size = batch_size
+        self.steps_per_epoch = steps_per_epoch
+        self.rng = rng
 
     def epoch(self) -> list[np.ndarray]:
-        order = self.rng.permutation(len(self.targets))
+        order = np.lexsort((self.rng.random(len(self.targets)), self.lengths))  # by length, random ties
         chunks = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        chunks = [chunks[i] for i in self.rng.permutation(len(chunks))]
         return chunks[: self.steps_per_epoch] if self.steps_per_epoch else chunks
+
+    def history(self, rows: np.ndarray) -> np.ndarray:
+        """``rows[B] -> [B, T_b]`` histories cut to the batch's longest (left padding kept)."""
+        width = max(1, int(self.lengths[rows].max()))
+        return self.histories[rows, -width:]
 
 
 class URITrainer:
@@ -424,27 +454,54 @@ class URITrainer:
             for item, attrs in enumerate(ds.item_attributes):
                 attrs = attrs[: config.max_attributes]
                 attributes[item, : len(attrs)] = attrs
-        self.model = URIModel(config, ds.num_items, attributes, ds.num_attributes if attributes is not None else 0)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.model = URIModel(
+            config, ds.num_items, attributes, ds.num_attributes if attributes is not None else 0
+        )
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
         histories, targets = training_pairs(ctx.split.train, config.max_len)
         if len(targets) == 0:
             raise ValueError("URI needs training sequences with at least two items")
         self.batches = _Batches(histories, targets, config.batch_size, config.steps_per_epoch, self.rng)
-        self.codes = np.full((ds.num_items + 1, config.levels), -1, dtype=np.int64)  # [N+1, L] assigned tokens
+        self.codes = np.full(
+            (ds.num_items + 1, config.levels), -1, dtype=np.int64
+        )  # [N+1, L] assigned tokens
         self.queries = [s for s in ctx.split.train if len(s) > 1]  # APE queries: training users' items
         self.log: list[dict[str, Any]] = []
+        self._parents: tuple[int, np.ndarray, np.ndarray] | None = None  # level, items by parent, offsets
 
     # ---------------------------------------------------------------- one step
+    def _random_items(self, level: int, count: int) -> np.ndarray:
+        """``[count]`` random items for the commitment and balance terms.
+
+        Level 1 (or ``balance_per_parent`` off): uniform over all items. Level >= 2: uniform
+        within ``ceil(count / 2k)`` random parents, so that each parent present in the batch has
+        about ``2k`` items to estimate its children's balance from.
+        """
+        c = self.config
+        if level == 1 or not c.balance_per_parent:
+            return self.rng.integers(1, self.num_items + 1, size=count)
+        if self._parents is None or self._parents[0] != level:
+            groups = group_ids(self.codes[1:, : level - 1])  # [N] parent of every item
+            order = np.argsort(groups, kind="stable")  # items (0-based) grouped by parent
+            self._parents = (level, order, np.searchsorted(groups[order], np.arange(groups.max() + 2)))
+        _, order, offsets = self._parents  # offsets [G+1]
+        parents = self.rng.integers(0, len(offsets) - 1, size=max(1, math.ceil(count / (2 * c.k))))
+        parent = parents[np.arange(count) % len(parents)]  # [count]
+        size = offsets[parent + 1] - offsets[parent]
+        return order[offsets[parent] + self.rng.integers(0, size)] + 1
+
     def _step(self, rows: np.ndarray, level: int, sibling: SiblingSampler | None) -> dict[str, float]:
         c, model = self.config, self.model
-        hist = torch.as_tensor(self.batches.histories[rows])  # [B, T]
+        hist = torch.as_tensor(self.batches.history(rows))  # [B, T_b]
         pos_np = self.batches.targets[rows]
         pos = torch.as_tensor(pos_np)  # [B]
         B = len(rows)
         q_memory, q_mask, query = model.encode_queries(hist)
         terms: dict[str, Tensor] = {}
         if level > 0:
-            rand = torch.as_tensor(self.rng.integers(1, self.num_items + 1, size=B))  # [B]
+            rand = torch.as_tensor(self._random_items(level, B))  # [B]
             items = torch.cat([pos, rand])  # [2B] positives then random items
             i_memory, i_mask = model.encode_items(items)
             codes = torch.as_tensor(self.codes)
@@ -454,8 +511,12 @@ class URITrainer:
             terms["e_step"] = e_step_loss(q_cur, i_cur[:B], detach_target=c.detach_targets)
             terms["m_step"] = m_step_loss(q_cur, i_cur[:B], detach_target=c.detach_targets)
             terms["commit"] = c.commit_weight * commitment_loss(i_cur)
-            groups = model.tree.prefix_nodes(codes[items, : level - 1])[:, -1] if c.balance_per_parent else None
-            terms["balance"] = c.balance_weight * balance_loss(i_cur, adaptive=c.balance_adaptive, groups=groups)
+            if level > 1 and c.balance_per_parent:  # per parent, over the parent-stratified random items
+                groups = model.tree.prefix_nodes(codes[rand, : level - 1])[:, -1]  # [B]
+                balance = balance_loss(i_cur[B:], adaptive=c.balance_adaptive, groups=groups)
+            else:
+                balance = balance_loss(i_cur, adaptive=c.balance_adaptive)
+            terms["balance"] = c.balance_weight * balance
             if level > 1:
                 terms["memory"] = c.memory_weight * memory_loss(
                     q_logits[:-1], [x[:B] for x in i_logits[:-1]], codes[pos, : level - 1]
@@ -517,7 +578,11 @@ class URITrainer:
             stats = self._epoch(level, f"URI level {level}/{c.levels} epoch {epoch}")
             tokens = self.item_probs(level).argmax(1)
             changed = float((tokens != prev_tokens).mean())
-            rel = abs(prev_loss - stats["loss"]) / max(abs(prev_loss), 1e-12) if prev_loss is not None else math.inf
+            rel = (
+                abs(prev_loss - stats["loss"]) / max(abs(prev_loss), 1e-12)
+                if prev_loss is not None
+                else math.inf
+            )
             epochs = epoch
             log.info(
                 "URI level %d epoch %d: %s | argmax tokens used %d/%d, changed %.3f, rel loss change %.4f",
@@ -531,7 +596,11 @@ class URITrainer:
             )
             self.log.append({"stage": f"level{level}", "epoch": epoch, **stats, "token_change": changed})
             prev_loss, prev_tokens = stats["loss"], tokens
-            if epoch >= c.level_min_epochs and rel < c.converge_rel_loss and changed < c.converge_token_change:
+            if (
+                epoch >= c.level_min_epochs
+                and rel < c.converge_rel_loss
+                and changed < c.converge_token_change
+            ):
                 break
         probs = self.item_probs(level)  # [N, k]
         parents = group_ids(self.codes[1:, : level - 1])
@@ -615,6 +684,8 @@ def train_uri(ctx: TrainContext) -> TrainedMethod:
     from training.export import export_bundle
 
     config = URIConfig.load(overrides=ctx.config_overrides)
+    if "uri.max_len" not in ctx.config_overrides:
+        config = dataclasses.replace(config, max_len=ctx.split.max_len)
     log.info("URI config: %s", config)
     started = time.perf_counter()
     trainer = URITrainer(config, ctx)
@@ -623,11 +694,17 @@ def train_uri(ctx: TrainContext) -> TrainedMethod:
     ds = ctx.dataset
     popularity = np.bincount(np.concatenate(ctx.split.train), minlength=ds.num_items + 1).astype(np.float32)
     popularity[0] = 0.0
-    info: dict[str, Any] = {
-        "train_seconds": round(train_seconds, 1),
-        "levels": reports,
-        "index": {k: v for k, v in index.stats().items() if k != "per_level"},
-    }
+    stats = index.stats()
+    info: dict[str, Any] = {"train_seconds": round(train_seconds, 1)}
+    for r in reports:
+        info[f"ape_l{r['level']}"] = round(r["ape"], 4)
+        info[f"epochs_l{r['level']}"] = r["epochs"]
+    info.update(
+        leaves=stats["num_leaves"],
+        leaf_size_min=stats["leaf_size_min"],
+        leaf_size_max=stats["leaf_size_max"],
+        leaf_size_mean=round(stats["leaf_size_mean"], 2),
+    )
     out_dir = Path(ctx.workdir) / "uri"
     trainer.model.eval()
     bundle_dir = export_bundle(
@@ -642,9 +719,12 @@ def train_uri(ctx: TrainContext) -> TrainedMethod:
         popularity=popularity,
         score_mode="logprob",
         max_history=config.max_len,
-        metrics={"train_seconds": info["train_seconds"], **{f"ape_level{r['level']}": r["ape"] for r in reports}},
-        config=dataclasses.asdict(config),
+        metrics={k: v for k, v in info.items() if isinstance(v, int | float)},
+        config={**dataclasses.asdict(config), "level_reports": reports},
         dataset_fingerprint=ds.fingerprint(),
+    )
+    (out_dir.parent / "uri_train_log.json").write_text(
+        json.dumps({"reports": reports, "epochs": trainer.log}, indent=1)
     )
     recommender = BundleRecommender(Path(bundle_dir), config.beam_size, config.eval_batch_size)
     return TrainedMethod(recommender=recommender, bundle_dir=Path(bundle_dir), info=info)

@@ -46,7 +46,8 @@ def test_rows_round_trip_with_ttl_and_no_pickle(redis_server: RedisServer) -> No
     asyncio.run(main())
     client = redis_server.client()
     assert 0 < client.ttl("genret:fp:u:a") <= 123
-    assert client.get("genret:fp:u:a")[:4] == b"GRS1"  # our header, not a pickle
+    raw = client.get("genret:fp:u:a")
+    assert isinstance(raw, bytes) and raw[:4] == b"GRS1"  # our header, not a pickle
 
 
 def test_garbage_values_are_misses_not_errors(redis_server: RedisServer) -> None:

@@ -4,6 +4,7 @@ Retriever, cache hit = miss, request semantics, limits, admin auth, OpenAPI, mal
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -35,7 +36,7 @@ def service(start_service: ServiceFactory, bundle_dir: Path) -> ServiceProcess:
 
 
 @pytest.fixture(scope="module")
-def client(service: ServiceProcess) -> httpx.Client:
+def client(service: ServiceProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=service.url, timeout=30.0) as c:
         yield c
 

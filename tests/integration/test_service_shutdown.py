@@ -40,7 +40,8 @@ def inflight(client: httpx.Client) -> float:
 
 
 def test_sigterm_with_requests_in_flight_drops_none(service: ServiceProcess) -> None:
-    assert service.proc is not None
+    proc = service.proc
+    assert proc is not None
 
     async def main() -> tuple[list[httpx.Response], int, int]:
         async with httpx.AsyncClient(base_url=service.url, timeout=60) as client:
@@ -55,7 +56,7 @@ def test_sigterm_with_requests_in_flight_drops_none(service: ServiceProcess) -> 
                 while await asyncio.to_thread(inflight, probe) < IN_FLIGHT:
                     assert time.monotonic() < deadline, "requests never reached the service"
                     await asyncio.sleep(0.02)
-                service.proc.send_signal(signal.SIGTERM)
+                proc.send_signal(signal.SIGTERM)
                 ready = await asyncio.to_thread(probe.get, "/readyz")
                 late = await asyncio.to_thread(probe.post, "/v1/retrieve", json={"history": ["item0001"]})
             return list(await asyncio.gather(*tasks)), ready.status_code, late.status_code
@@ -65,4 +66,4 @@ def test_sigterm_with_requests_in_flight_drops_none(service: ServiceProcess) -> 
     assert late_status == 503
     assert [r.status_code for r in responses] == [200] * IN_FLIGHT
     assert all(len(r.json()["items"]) == 5 for r in responses)
-    assert service.proc.wait(timeout=GRACE_S) == 0
+    assert proc.wait(timeout=GRACE_S) == 0

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.decoder import DecoderConfig, TokenDecoder
+from models.decoder import DecoderConfig, TokenDecoder, TokenScheme
 from models.index import TreeIndex
 from models.search import DeviceTrie, beam_search
 from training.clustering import KMeansConfig, level_sizes, tree_codes
@@ -77,23 +77,23 @@ class DecoderModel:
         return h @ self.table.T + self.bias  # [nb, V]
 
 
-class DotModel:
-    """A near-free scorer, ``<query, E[vocab_id[node]]>``: isolates the cost of the search itself."""
+class TableModel:
+    """A near-free scorer: a fixed ``[B, V]`` table of logits per query (ignores the prefix). It
+    isolates the cost of the search machinery itself (trie, masks, top-k, bookkeeping)."""
 
-    name = "dot-product table (search only)"
+    name = "logit table (search only)"
 
-    def __init__(self, query: Tensor, table: Tensor, vocab_id: Tensor) -> None:
-        self.query, self.table, self.vocab_id = query, table, vocab_id  # [B, D], [V, D], [num_nodes]
+    def __init__(self, logits: Tensor, vocab_id: Tensor) -> None:
+        self.logits, self.vocab_id = logits, vocab_id  # [B, V], [num_nodes]
 
     def __call__(self, beam_query: Tensor, prefix: Tensor, candidates: Tensor) -> Tensor:
-        emb = self.table[self.vocab_id[candidates.clamp(min=0)]]  # [Bb, C, D]
-        return torch.bmm(emb, self.query[beam_query][:, :, None])[:, :, 0]  # [Bb, C]
+        return self.logits[beam_query[:, None], self.vocab_id[candidates.clamp(min=0)]]  # [Bb, C]
 
     def vocab_logits(self, beam_query: Tensor, prefix: Tensor) -> Tensor:
-        return self.query[beam_query] @ self.table.T  # [nb, V]
+        return self.logits[beam_query]  # [nb, V]
 
 
-Model = DecoderModel | DotModel
+Model = DecoderModel | TableModel
 
 
 @dataclass(frozen=True)
@@ -104,24 +104,22 @@ class SearchSetup:
     batch: int
 
 
-def make_setup(num_items: int, k: int, levels: int, batch: int, dim: int, seed: int) -> SearchSetup:
-    index = TreeIndex.from_codes(balanced_codes(num_items, k, levels), k, "level")
+def make_setup(
+    num_items: int, k: int, levels: int, batch: int, dim: int, seed: int, token_scheme: TokenScheme = "level"
+) -> SearchSetup:
+    index = TreeIndex.from_codes(balanced_codes(num_items, k, levels), k, token_scheme)
     torch.manual_seed(seed)
     decoder = TokenDecoder(
-        DecoderConfig(dim=dim, num_layers=2, num_heads=2, dropout=0.0, token_scheme="level"),
+        DecoderConfig(dim=dim, num_layers=2, num_heads=2, dropout=0.0, token_scheme=token_scheme),
         index.node_token,
         index.level_offsets,
     ).eval()
     gen = torch.Generator().manual_seed(seed)
     memory = torch.randn(batch, 20, dim, generator=gen)  # [B, T, D] stands for the encoder states
     memory_mask = torch.ones(batch, 20, dtype=torch.bool)
-    dot = DotModel(
-        torch.randn(batch, dim, generator=gen),
-        torch.randn(decoder.num_rows, dim, generator=gen),
-        decoder.node_row,
-    )
+    table = TableModel(torch.randn(batch, decoder.num_rows, generator=gen), decoder.node_row)
     return SearchSetup(
-        index, DeviceTrie.from_index(index), (DecoderModel(decoder, memory, memory_mask), dot), batch
+        index, DeviceTrie.from_index(index), (DecoderModel(decoder, memory, memory_mask), table), batch
     )
 
 
@@ -199,31 +197,37 @@ def run_search_bench(args: argparse.Namespace) -> dict[str, Any]:
         "timing": "process CPU time",
     }
     B, b, k, L = args.batch, args.beam, args.branching, args.levels
-    setup = make_setup(k**L, k, L, B, args.dim, args.seed)
-    dict_trie = DictTrie(setup.index, setup.models[0].vocab_id.numpy())
     report["setup"] = {"items": k**L, "branching": k, "levels": L, "beam": b, "batch": B}
     report["comparison"] = []
-    for model in setup.models:
-        with torch.inference_mode():
-            ours_s, ours = timed(partial(beam_search, setup.trie, model, B, b, "logprob"), args.repeats)
-            base_s, base = timed(partial(genre_search, model, L, B, dict_trie, b), max(1, args.repeats // 2))
-        ours_leaves = ours.leaves.tolist()
-        report["comparison"].append(
-            {
-                "scorer": model.name,
-                "ours_ms_per_query": 1e3 * ours_s / B,
-                "genre_ms_per_query": 1e3 * base_s / B,
-                "speedup": base_s / ours_s,
-                "same_leaf_sets": sum(set(o) == set(g) for o, g in zip(ours_leaves, base, strict=True)),
-                "same_leaf_order": sum(o == g for o, g in zip(ours_leaves, base, strict=True)),
-            }
-        )
+    for scheme in args.schemes:
+        setup = make_setup(k**L, k, L, B, args.dim, args.seed, scheme)
+        dict_trie = DictTrie(setup.index, setup.models[0].vocab_id.numpy())
+        # the full-vocabulary baseline costs O(num_nodes) per beam with node tokens: fewer queries
+        nq = B if scheme == "level" else min(B, args.node_baseline_queries)
+        for model in setup.models:
+            with torch.inference_mode():
+                ours_s, ours = timed(partial(beam_search, setup.trie, model, B, b, "logprob"), args.repeats)
+                base_s, base = timed(partial(genre_search, model, L, nq, dict_trie, b), 1)
+            ours_leaves = ours.leaves.tolist()[:nq]
+            report["comparison"].append(
+                {
+                    "token_scheme": scheme,
+                    "vocab": int(model.vocab_id.max()) + 1,
+                    "scorer": model.name,
+                    "ours_ms_per_query": 1e3 * ours_s / B,
+                    "genre_ms_per_query": 1e3 * base_s / nq,
+                    "speedup": (base_s / nq) / (ours_s / B),
+                    "compared_queries": nq,
+                    "same_leaf_sets": sum(set(o) == set(g) for o, g in zip(ours_leaves, base, strict=True)),
+                    "same_leaf_order": sum(o == g for o, g in zip(ours_leaves, base, strict=True)),
+                }
+            )
     rows = []
     for n in args.sizes:
         depth = levels_for(n, k)
         s = make_setup(n, k, depth, B, args.dim, args.seed)
         row: dict[str, Any] = {"items": n, "levels": depth, "nodes": s.index.num_nodes}
-        for key, model in zip(("decoder", "dot"), s.models, strict=True):
+        for key, model in zip(("decoder", "table"), s.models, strict=True):
             with torch.inference_mode():
                 secs, _ = timed(partial(beam_search, s.trie, model, B, b, "logprob"), args.repeats)
             row[f"{key}_ms_per_batch"] = 1e3 * secs
@@ -241,22 +245,25 @@ def print_search_report(report: dict[str, Any]) -> None:
         f"times are {report['timing']} (median)"
     )
     print(
-        f"{'scorer':<34}{'GENRE/HF ms/q':>14}{'ours ms/q':>11}{'speedup':>9}{'same leaves':>13}{'same order':>12}"
+        f"{'tokens':<7}{'vocab':>8}  {'scorer':<30}{'GENRE/HF ms/q':>14}{'ours ms/q':>10}{'speedup':>9}"
+        f"{'same leaves':>13}{'same order':>12}"
     )
     for r in report["comparison"]:
+        n = r["compared_queries"]
         print(
-            f"{r['scorer']:<34}{r['genre_ms_per_query']:>14.3f}{r['ours_ms_per_query']:>11.3f}"
-            f"{r['speedup']:>8.1f}x{r['same_leaf_sets']:>9}/{c['batch']:<3}{r['same_leaf_order']:>8}/{c['batch']:<3}"
+            f"{r['token_scheme']:<7}{r['vocab']:>8}  {r['scorer']:<30}{r['genre_ms_per_query']:>14.3f}"
+            f"{r['ours_ms_per_query']:>10.3f}{r['speedup']:>8.1f}x{r['same_leaf_sets']:>9}/{n:<3}"
+            f"{r['same_leaf_order']:>8}/{n:<3}"
         )
     print()
-    print("cost of our search against catalogue size (same branching, batch, beam):")
+    print("cost of our search against catalogue size (level tokens, same branching, batch, beam):")
     print(
-        f"{'items':>10}{'levels':>8}{'nodes':>10}{'decoder ms/batch':>18}{'ms/level':>10}{'dot ms/batch':>14}{'ms/level':>10}"
+        f"{'items':>10}{'levels':>8}{'nodes':>10}{'decoder ms/batch':>18}{'ms/level':>10}{'table ms/batch':>16}{'ms/level':>10}"
     )
     for r in report["scaling"]:
         print(
             f"{r['items']:>10}{r['levels']:>8}{r['nodes']:>10}{r['decoder_ms_per_batch']:>18.1f}"
-            f"{r['decoder_ms_per_level']:>10.1f}{r['dot_ms_per_batch']:>14.2f}{r['dot_ms_per_level']:>10.2f}"
+            f"{r['decoder_ms_per_level']:>10.1f}{r['table_ms_per_batch']:>16.2f}{r['table_ms_per_level']:>10.2f}"
         )
 
 
@@ -328,6 +335,15 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
+def _schemes(text: str) -> list[str]:
+    schemes = [part for part in text.split(",") if part]
+    if not schemes or any(part not in ("level", "node") for part in schemes):
+        raise argparse.ArgumentTypeError(
+            f"--schemes wants a comma-separated subset of level,node, got {text!r}"
+        )
+    return schemes
+
+
 def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
     search = groups["bench"].add_parser(
         "search",
@@ -342,6 +358,15 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     search.add_argument("--dim", type=int, default=64, help="decoder width")
     search.add_argument("--sizes", type=_sizes, default=[10_000, 100_000, 1_000_000], help="catalogue sizes")
     search.add_argument("--repeats", type=int, default=3)
+    search.add_argument(
+        "--schemes", type=_schemes, default=["level", "node"], help="token schemes to compare (level,node)"
+    )
+    search.add_argument(
+        "--node-baseline-queries",
+        type=int,
+        default=4,
+        help="queries the baseline runs with node tokens (slow)",
+    )
     search.add_argument("--seed", type=int, default=0)
     search.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch default)")
     search.add_argument("--json", action="store_true", help="print the report as JSON")

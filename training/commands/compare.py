@@ -49,11 +49,15 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 
 
 def add_split_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--split", choices=SPLIT_KINDS, default="user", help="user split 8:1:1 or leave-one-out")
+    parser.add_argument(
+        "--split", choices=SPLIT_KINDS, default="user", help="user split 8:1:1 or leave-one-out"
+    )
     parser.add_argument("--seed", type=int, default=0, help="split and training seed")
     parser.add_argument("--max-len", type=int, default=50, help="history length T")
     parser.add_argument("--max-epochs", type=int, help="cap on training epochs for every method")
-    parser.add_argument("--workdir", type=Path, help="where methods write their files (default runs/<command>/...)")
+    parser.add_argument(
+        "--workdir", type=Path, help="where methods write their files (default runs/<command>/...)"
+    )
     parser.add_argument(
         "--set", dest="overrides", action="append", metavar="KEY=VALUE", help="config override (repeatable)"
     )
@@ -69,7 +73,9 @@ def make_context(args: argparse.Namespace, command: str) -> TrainContext:
         overrides["max_epochs"] = args.max_epochs
     workdir = args.workdir or Path("runs") / command / f"{dataset.name}-{split.kind}-s{split.seed}"
     workdir.mkdir(parents=True, exist_ok=True)
-    return TrainContext(dataset=dataset, split=split, seed=args.seed, workdir=workdir, config_overrides=overrides)
+    return TrainContext(
+        dataset=dataset, split=split, seed=args.seed, workdir=workdir, config_overrides=overrides
+    )
 
 
 def train_and_evaluate(ctx: TrainContext, method: str) -> tuple[TrainedMethod, MethodResult]:
@@ -81,8 +87,16 @@ def train_and_evaluate(ctx: TrainContext, method: str) -> tuple[TrainedMethod, M
     start = time.perf_counter()
     metrics = evaluate_recommender(trained.recommender, ctx.split.test, DEFAULT_KS)
     eval_seconds = time.perf_counter() - start
-    log.info("%s: test recall@20 %.4f (train %.1fs, eval %.1fs)", method, metrics["recall@20"], train_seconds, eval_seconds)
-    result = MethodResult(method, metrics, train_seconds, eval_seconds, dict(trained.info), trained.bundle_dir)
+    log.info(
+        "%s: test recall@20 %.4f (train %.1fs, eval %.1fs)",
+        method,
+        metrics["recall@20"],
+        train_seconds,
+        eval_seconds,
+    )
+    result = MethodResult(
+        method, metrics, train_seconds, eval_seconds, dict(trained.info), trained.bundle_dir
+    )
     return trained, result
 
 
@@ -111,10 +125,16 @@ def format_table(dataset: Dataset, split: Split, results: list[MethodResult]) ->
     )
     columns = [f"{m}@{k}" for k in DEFAULT_KS for m in METRIC_NAMES]
     width = max([len("method"), *(len(r.method) for r in results)])
-    lines = [header, "", "  ".join([f"{'method':<{width}}", *(f"{c:>9}" for c in columns), "  train_s", "   eval_s"])]
+    lines = [
+        header,
+        "",
+        "  ".join([f"{'method':<{width}}", *(f"{c:>9}" for c in columns), "  train_s", "   eval_s"]),
+    ]
     for r in results:
         cells = [f"{r.metrics[c]:9.4f}" for c in columns]
-        lines.append("  ".join([f"{r.method:<{width}}", *cells, f"{r.train_seconds:9.1f}", f"{r.eval_seconds:9.1f}"]))
+        lines.append(
+            "  ".join([f"{r.method:<{width}}", *cells, f"{r.train_seconds:9.1f}", f"{r.eval_seconds:9.1f}"])
+        )
     notes = [f"{r.method}: {_info_text(r.info)}" for r in results if r.info]
     return "\n".join([*lines, "", *notes]) if notes else "\n".join(lines)
 
@@ -152,7 +172,11 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("genret: --methods needs at least one method")
     ctx = make_context(args, "compare")
     results = run_compare(ctx, methods)
-    print(results_json(ctx.dataset, ctx.split, results) if args.json else format_table(ctx.dataset, ctx.split, results))
+    print(
+        results_json(ctx.dataset, ctx.split, results)
+        if args.json
+        else format_table(ctx.dataset, ctx.split, results)
+    )
     return 0
 
 

@@ -6,7 +6,15 @@ import argparse
 import json
 from typing import Any
 
-from training.data import DEFAULT_DATA, FORMATS, SYNTHETIC_DATA, Dataset, DatasetError, dataset_stats, open_dataset
+from training.data import (
+    DEFAULT_DATA,
+    FORMATS,
+    SYNTHETIC_DATA,
+    Dataset,
+    DatasetError,
+    dataset_stats,
+    open_dataset,
+)
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:

@@ -143,7 +143,9 @@ def run_eval(args: argparse.Namespace) -> int:
     ds = dataset_from_args(args)
     evalset, info = bundle_eval_set(ds, bundle, args.split, args.seed)
     if args.limit > 0:
-        evalset = EvalSet(evalset.user_ids[: args.limit], evalset.histories[: args.limit], evalset.targets[: args.limit])
+        evalset = EvalSet(
+            evalset.user_ids[: args.limit], evalset.histories[: args.limit], evalset.targets[: args.limit]
+        )
     retriever = Retriever(bundle, device=args.device, backend="onnx", intra_op_threads=args.threads)
     ks = DEFAULT_KS
     exclude = not args.keep_history
@@ -151,7 +153,12 @@ def run_eval(args: argparse.Namespace) -> int:
     sweep: list[EvalResult] = []
     if args.png:
         beams = sorted({b for b in SWEEP_BEAMS if b <= bundle.index.num_leaves} | {args.beam})
-        sweep = [result if b == args.beam else evaluate_retriever(retriever, evalset, b, ks, exclude_history=exclude) for b in beams]
+        sweep = [
+            result
+            if b == args.beam
+            else evaluate_retriever(retriever, evalset, b, ks, exclude_history=exclude)
+            for b in beams
+        ]
         title = f"{bundle.manifest.name} ({bundle.manifest.method}) on {ds.name}"
         plot_recall_vs_candidates(sweep, ks, Path(args.png), title)
     if args.json:
@@ -175,7 +182,9 @@ def run_eval(args: argparse.Namespace) -> int:
         print(format_report(bundle.manifest.name, result, ks))
         print(f"backend: {retriever.device_info}")
         if not info["same_dataset"]:
-            print(f"note: dataset differs from the bundle's; {info['unknown_items']} unknown item occurrences dropped")
+            print(
+                f"note: dataset differs from the bundle's; {info['unknown_items']} unknown item occurrences dropped"
+            )
         for r in sweep:
             m = r.metrics
             print(
@@ -197,7 +206,9 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     parser.add_argument("--png", help="also sweep the beam size and plot Recall@K vs candidate-set size here")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N test users (0 = all)")
-    parser.add_argument("--keep-history", action="store_true", help="do not exclude history items from results")
+    parser.add_argument(
+        "--keep-history", action="store_true", help="do not exclude history items from results"
+    )
     parser.add_argument("--device", default="cpu", help="'cpu' or 'cuda[:i]' (default: cpu)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     parser.set_defaults(func=run_eval)

@@ -21,6 +21,8 @@ def _copy_bundle(bundle_dir: Path, out: Path, force: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out is not None and args.out.exists() and not args.force:
+        raise SystemExit(f"genret: {args.out} exists; pass --force to replace it")
     ctx = make_context(args, f"train/{args.method}")
     trained, result = train_and_evaluate(ctx, args.method)
     saved: Path | None = None
@@ -29,8 +31,8 @@ def run(args: argparse.Namespace) -> int:
             _copy_bundle(trained.bundle_dir, args.out, args.force)
             saved = args.out
         elif hasattr(trained.recommender, "save"):  # SASRec: its weights, not a serving bundle
-            if args.out.exists() and not args.force:
-                raise SystemExit(f"genret: {args.out} exists; pass --force to replace it")
+            if args.out.exists():
+                shutil.rmtree(args.out)
             trained.recommender.save(args.out)
             saved = args.out
         else:
@@ -46,10 +48,14 @@ def run(args: argparse.Namespace) -> int:
         }
         print(json.dumps(payload, indent=2, default=str))
         return 0
-    print(f"method {args.method}: trained in {result.train_seconds:.1f}s, evaluated in {result.eval_seconds:.1f}s")
+    print(
+        f"method {args.method}: trained in {result.train_seconds:.1f}s, evaluated in {result.eval_seconds:.1f}s"
+    )
     for key, value in result.info.items():
         print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
-    print(f"test ({ctx.split.kind} split, seed {ctx.split.seed}, {len(ctx.split.test):,} users, history excluded):")
+    print(
+        f"test ({ctx.split.kind} split, seed {ctx.split.seed}, {len(ctx.split.test):,} users, history excluded):"
+    )
     for k in DEFAULT_KS:
         m = result.metrics
         print(f"  @{k:<3} recall {m[f'recall@{k}']:.4f}  ndcg {m[f'ndcg@{k}']:.4f}  hr {m[f'hr@{k}']:.4f}")

@@ -7,7 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from models.decoder import PAD_SCORE, DecoderConfig, NodeScorer, TokenDecoder, node_levels, token_rows
+from models.decoder import (
+    PAD_SCORE,
+    DecoderConfig,
+    NodeScorer,
+    TokenDecoder,
+    node_levels,
+    safe_key_padding,
+    token_rows,
+)
 from models.encoder import EncoderConfig, QueryEncoder, recency_positions
 from models.index import TreeIndex
 
@@ -175,3 +183,21 @@ def test_node_scorer_ignores_the_prefix_and_pads() -> None:
     b = scorer(memory, mask, torch.tensor([0, 1]), torch.tensor([[0, 3], [0, 1]]), cands)
     torch.testing.assert_close(a, b)
     assert a[0, 2] == PAD_SCORE
+
+
+@torch.no_grad()
+def test_hidden_equals_the_plain_transformer_decoder() -> None:
+    """``hidden`` projects cross-attention keys once per query; trainers call ``decoder.layers``
+    on ``memory[beam_query]`` directly, so both must agree (float32 reordering only)."""
+    index = small_index()
+    dec = decoder(index)
+    memory = torch.randn(3, 5, D)
+    mask = torch.tensor([[True] * 5, [False, False, False, True, True], [False] * 5])
+    beam_query = torch.tensor([0, 1, 1, 2, 0])
+    prefix = torch.tensor([[0, 1, 4], [0, 2, 6], [0, 3, 7], [0, 1, 5], [0, 2, 6]])
+    causal = torch.ones(3, 3, dtype=torch.bool).triu(diagonal=1)
+    x = dec.token_embedding(dec.node_row[prefix]) + dec.level_embedding(torch.arange(3))[None]
+    out = dec.layers(
+        x, memory[beam_query], tgt_mask=causal, memory_key_padding_mask=safe_key_padding(mask[beam_query])
+    )
+    torch.testing.assert_close(dec.hidden(memory, mask, beam_query, prefix), dec.output_norm(out[:, -1]))

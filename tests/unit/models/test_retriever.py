@@ -173,3 +173,23 @@ def test_single_item_leaves_use_the_plain_gather(bundle: Bundle) -> None:
         )
         for r in range(2)
     ]
+
+
+def test_offline_evaluation_runs_the_serving_path(onnx_retriever: Retriever, bundle: Bundle) -> None:
+    """`genret eval`'s core: with the beam over every leaf, coverage is 1 and candidates are all items."""
+    from training.commands.evaluate import beam_coverage, evaluate_retriever
+    from training.splits import EvalSet
+
+    histories = [np.array([3, 17]), np.array([8]), np.array([1, 2, 4])]
+    targets = [np.array([5, 9]), np.array([40]), np.array([6])]
+    evalset = EvalSet(user_ids=["a", "b", "c"], histories=histories, targets=targets)
+    full = evaluate_retriever(onnx_retriever, evalset, beam_size=bundle.index.num_leaves, batch_size=2)
+    assert full.users == 3 and full.metrics["beam_coverage"] == 1.0
+    assert full.metrics["recall@50"] == 1.0  # 40 items, history excluded: every target is in the top 50
+    assert full.metrics["mean_candidates"] == NUM_ITEMS - np.mean([len(h) for h in histories])
+    narrow = evaluate_retriever(onnx_retriever, evalset, beam_size=1)
+    assert narrow.metrics["recall@50"] <= narrow.metrics["beam_coverage"] < 1.0
+    leaves = np.full((1, 2), -1)
+    leaves[0, 0] = bundle.index.item_path[5, -1]
+    same_leaf = bundle.index.item_path[9, -1] == bundle.index.item_path[5, -1]
+    assert beam_coverage(bundle, leaves, [np.array([5, 9])])[0] == (1.0 if same_leaf else 0.5)

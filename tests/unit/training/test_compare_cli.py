@@ -27,7 +27,22 @@ def test_compare_prints_one_row_per_method_as_json(tmp_path: Path, cache: Path, 
 
 
 def test_compare_table_and_loo_split(tmp_path: Path, cache: Path, capsys) -> None:
-    assert main(["compare", "--data", "synthetic", "--methods", "popular", "--split", "loo", "--workdir", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--data",
+                "synthetic",
+                "--methods",
+                "popular",
+                "--split",
+                "loo",
+                "--workdir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "split loo, seed 0" in out and "recall@20" in out
     assert any(line.startswith("popular ") for line in out.splitlines())
@@ -40,7 +55,17 @@ def test_compare_rejects_an_unknown_method(tmp_path: Path, cache: Path) -> None:
 
 def test_train_writes_sasrec_weights_to_out(tmp_path: Path, cache: Path, capsys) -> None:
     out_dir = tmp_path / "out"
-    argv = ["train", "--method", "sasrec", "--data", "synthetic", "--out", str(out_dir), "--workdir", str(tmp_path)]
+    argv = [
+        "train",
+        "--method",
+        "sasrec",
+        "--data",
+        "synthetic",
+        "--out",
+        str(out_dir),
+        "--workdir",
+        str(tmp_path),
+    ]
     assert main([*argv, "--set", "sasrec.max_epochs=1", "--set", "sasrec.dim=16"]) == 0
     printed = capsys.readouterr().out
     assert "recall" in printed and (out_dir / "model.safetensors").is_file()

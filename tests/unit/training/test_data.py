@@ -69,8 +69,12 @@ def test_pairs_format_rejects_ungrouped_users_and_bad_field_counts(tmp_path: Pat
 
 
 def test_movielens_sorts_by_timestamp_in_both_layouts(tmp_path: Path) -> None:
-    tab = load_dataset(_write(tmp_path, "u.data", "1\t10\t5\t300\n1\t20\t3\t100\n2\t10\t4\t50\n"), "movielens")
-    colons = load_dataset(_write(tmp_path, "ratings.dat", "1::10::5::300\n1::20::3::100\n2::10::4::50\n"), "movielens")
+    tab = load_dataset(
+        _write(tmp_path, "u.data", "1\t10\t5\t300\n1\t20\t3\t100\n2\t10\t4\t50\n"), "movielens"
+    )
+    colons = load_dataset(
+        _write(tmp_path, "ratings.dat", "1::10::5::300\n1::20::3::100\n2::10::4::50\n"), "movielens"
+    )
     for ds in (tab, colons):
         assert _raw_sequences(ds) == {"1": ["20", "10"], "2": ["10"]}
 
@@ -92,7 +96,9 @@ def test_recbole_reads_the_header_and_sorts_by_time(tmp_path: Path) -> None:
 
 def test_csv_with_custom_columns_dates_and_a_bad_row(tmp_path: Path) -> None:
     text = "who,what,when\nu,a,2024-01-02\nu,b,2024-01-01\nv,a,2024-01-03\n"
-    ds = load_dataset(_write(tmp_path, "x.csv", text), "csv", user_col="who", item_col="what", time_col="when")
+    ds = load_dataset(
+        _write(tmp_path, "x.csv", text), "csv", user_col="who", item_col="what", time_col="when"
+    )
     assert _raw_sequences(ds) == {"u": ["b", "a"], "v": ["a"]}
     bad = _write(tmp_path, "bad.csv", "user,item,timestamp\nu,a,1\nu,,2\n")
     with pytest.raises(DatasetError, match=r"bad\.csv:3: empty 'user' or 'item'"):

@@ -60,7 +60,9 @@ def test_shape_errors() -> None:
 def test_ape_by_hand() -> None:
     leaf = np.array([-1, 0, 0, 1, 1])  # items 1,2 in leaf 0; 3,4 in leaf 1
     # query A: items {1, 2} -> one leaf, H = 0; query B: {1, 3} -> two leaves, H = ln 2
-    assert average_partition_entropy(leaf, [np.array([1, 2]), np.array([1, 3, 3])]) == pytest.approx(math.log(2) / 2)
+    assert average_partition_entropy(leaf, [np.array([1, 2]), np.array([1, 3, 3])]) == pytest.approx(
+        math.log(2) / 2
+    )
 
 
 def test_ape_with_item_labels() -> None:

@@ -16,6 +16,7 @@ from training.data import synthetic_dataset
 from training.evaluation import evaluate_recommender
 from training.registry import TrainContext, get_method
 from training.seater import (
+    ItemsAsLeaves,
     SeaterConfig,
     SeaterModel,
     TreeTables,
@@ -63,7 +64,9 @@ def test_leaf_token_is_the_item_embedding() -> None:
     leaves = torch.from_numpy(index.item_path[1:, -1].astype(np.int64))
     assert torch.equal(model.encoder.embed_items(items)[0], model.tokens.table.weight[leaves])
     # one parameter for history items and every decoder token
-    assert model.decoder.token_embedding.table.weight is model.encoder.item_embedding.tokens.table.weight
+    assert model.decoder.token_embedding is model.tokens
+    leaf_reader = model.encoder.item_embedding
+    assert isinstance(leaf_reader, ItemsAsLeaves) and leaf_reader.tokens is model.tokens
 
 
 def test_inner_tokens_start_at_the_mean_of_their_items() -> None:
@@ -160,7 +163,7 @@ def test_seater_on_planted_clusters_beats_popularity(tmp_path: Path) -> None:
         workdir=tmp_path,
         config_overrides={
             "cache_dir": str(tmp_path / "cache"),
-            "sasrec.max_epochs": "15",
+            "sasrec.max_epochs": "30",
             "epochs": "6",
             "batch_size": "64",
             "branching": "4",
@@ -178,4 +181,4 @@ def test_seater_on_planted_clusters_beats_popularity(tmp_path: Path) -> None:
     assert trained.info["levels"] == 3 and trained.info["num_nodes"] == 1 + 4 + 16 + 64
     seater = evaluate_recommender(trained.recommender, split.test, ks=(10,))
     popular = evaluate_recommender(Popularity.fit(split), split.test, ks=(10,))
-    assert seater["recall@10"] > popular["recall@10"] + 0.1, (seater, popular)
+    assert seater["recall@10"] > max(3 * popular["recall@10"], popular["recall@10"] + 0.05), (seater, popular)

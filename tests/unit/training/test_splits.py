@@ -33,7 +33,9 @@ def test_user_split_puts_each_user_in_exactly_one_part(synthetic) -> None:
 def test_user_split_history_is_the_first_80_percent_and_targets_the_rest(synthetic) -> None:
     split = make_split(synthetic, "user", seed=0, max_len=50)
     by_user = dict(zip(synthetic.user_ids, synthetic.sequences, strict=True))
-    for user, history, targets in zip(split.test.user_ids, split.test.histories, split.test.targets, strict=True):
+    for user, history, targets in zip(
+        split.test.user_ids, split.test.histories, split.test.targets, strict=True
+    ):
         seq = by_user[user]
         cut = len(seq) * 4 // 5
         assert np.array_equal(history, seq[:cut])  # strictly before the targets in time
@@ -47,7 +49,9 @@ def test_user_split_caps_history_and_keeps_one_target_for_short_users() -> None:
     for ev in (split.valid, split.test):
         assert all(1 <= len(h) <= 5 for h in ev.histories)
         assert all(len(t) >= 1 for t in ev.targets)
-    long_users = [i for i, u in enumerate(split.test.user_ids) if len(ds.sequences[ds.user_ids.index(u)]) == 100]
+    long_users = [
+        i for i, u in enumerate(split.test.user_ids) if len(ds.sequences[ds.user_ids.index(u)]) == 100
+    ]
     for i in long_users:
         seq = ds.sequences[ds.user_ids.index(split.test.user_ids[i])]
         assert np.array_equal(split.test.histories[i], seq[75:80])  # the 5 most recent of the first 80

@@ -1,0 +1,187 @@
+"""`genret index-report`: Average Partition Entropy of indexes built different ways (URI paper, Table 2).
+
+Same ``k`` and ``L`` for every row:
+
+* ``random``  — items dealt at random into ``k^L`` equal leaves;
+* ``kmeans``  — balanced hierarchical k-means on the SASRec item embeddings (``ctx.sasrec()``);
+* ``uri``     — the URI index, read from ``--uri-bundle`` or trained here;
+* ``planted`` — synthetic data only: the planted clusters as an index (the target to recover).
+
+Two APE columns per level (lower is better, natural log; meaningful for balanced indexes only):
+
+* ``users`` — the paper's definition: every training user is a query whose positives are the
+  items of its sequence;
+* ``labels`` — every item label is a query whose positives are the items carrying it. Labels are
+  the planted level-1 clusters on synthetic data, and on data with item attributes (Beauty's
+  ``item2attributes``) the item's category path: its two most frequent attributes in the
+  catalogue, i.e. top-level category and sub-category (brand ids are rarer than both), ~100 labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.commands.compare import add_split_arguments, make_context
+from training.commands.data import add_data_arguments
+from training.data import Dataset, SyntheticDataset
+from training.metrics import average_partition_entropy
+
+log = logging.getLogger(__name__)
+
+
+def level_buckets(codes: np.ndarray) -> np.ndarray:
+    """``codes [N+1, L]`` (row 0 ignored) -> ``[N+1, L]`` bucket id of every item at every level (row 0 = -1)."""
+    out = np.full(codes.shape, -1, dtype=np.int64)
+    for level in range(codes.shape[1]):
+        _, inverse = np.unique(codes[1:, : level + 1], axis=0, return_inverse=True)
+        out[1:, level] = inverse.reshape(-1)
+    return out
+
+
+def random_codes(num_items: int, k: int, levels: int, seed: int) -> np.ndarray:
+    """A random balanced index: items dealt into ``k^L`` leaves, ``[N+1, L]`` codes (row 0 = -1)."""
+    leaf = np.random.default_rng(seed).permutation(num_items) % k**levels  # [N]
+    codes = np.full((num_items + 1, levels), -1, dtype=np.int64)
+    for level in range(levels):
+        codes[1:, level] = (leaf // k ** (levels - 1 - level)) % k
+    return codes
+
+
+def category_labels(ds: Dataset) -> np.ndarray | None:
+    """``[N+1]`` label per item (row 0 and unlabelled = -1); see the module docstring."""
+    if isinstance(ds, SyntheticDataset):
+        return ds.item_clusters[:, 0].astype(np.int64)
+    if ds.item_attributes is None or ds.num_attributes == 0:
+        return None
+    freq = np.bincount(
+        np.concatenate([a for a in ds.item_attributes if len(a)]), minlength=ds.num_attributes + 1
+    )
+    paths: dict[tuple[int, ...], int] = {}
+    labels = np.full(ds.num_items + 1, -1, dtype=np.int64)
+    for item in range(1, ds.num_items + 1):
+        attrs = ds.item_attributes[item]
+        if len(attrs):
+            path = tuple(int(a) for a in sorted(attrs, key=lambda a: (-freq[a], a))[:2])
+            labels[item] = paths.setdefault(path, len(paths))
+    return labels
+
+
+def ape_row(
+    name: str, buckets: np.ndarray, queries: list[np.ndarray], labels: np.ndarray | None
+) -> dict[str, Any]:
+    """APE of one index at every level: ``buckets [N+1, L]``."""
+    row: dict[str, Any] = {"index": name}
+    for level in range(buckets.shape[1]):
+        row[f"users_l{level + 1}"] = average_partition_entropy(buckets[:, level], queries)
+        if labels is not None:
+            row[f"labels_l{level + 1}"] = average_partition_entropy(buckets[:, level], labels)
+    _, sizes = np.unique(buckets[1:, -1], return_counts=True)
+    row["leaves"] = len(sizes)
+    row["leaf_min"], row["leaf_max"] = int(sizes.min()), int(sizes.max())
+    return row
+
+
+def uri_buckets(args: argparse.Namespace, ctx: Any) -> np.ndarray:
+    """``[N+1, L]`` URI buckets: from ``--uri-bundle`` (checked against the data) or trained now."""
+    from models.bundle import load_bundle
+
+    if args.uri_bundle is None:
+        from training.uri import train_uri
+
+        ctx.config_overrides.setdefault("uri.k", args.k)
+        ctx.config_overrides.setdefault("uri.levels", args.levels)
+        bundle_dir = train_uri(ctx).bundle_dir
+        assert bundle_dir is not None
+    else:
+        bundle_dir = args.uri_bundle
+    bundle = load_bundle(bundle_dir)
+    fingerprint = bundle.manifest.get("dataset_fingerprint")
+    if fingerprint not in (None, ctx.dataset.fingerprint()):
+        raise SystemExit(
+            f"genret: {bundle_dir} was trained on other data (dataset fingerprint {fingerprint})"
+        )
+    index = bundle.index
+    if index.levels != args.levels or index.max_branching > args.k:
+        raise SystemExit(
+            f"genret: {bundle_dir} has L={index.levels}, k={index.max_branching}; the report uses "
+            f"--levels {args.levels} --k {args.k}"
+        )
+    return index.item_path.astype(np.int64)
+
+
+def build_report(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    ctx = make_context(args, "index_report")
+    ds, k, levels = ctx.dataset, args.k, args.levels
+    queries = [s for s in ctx.split.train if len(s) > 1]
+    labels = category_labels(ds)
+    rows = [
+        ape_row("random", level_buckets(random_codes(ds.num_items, k, levels, args.seed)), queries, labels)
+    ]
+    if not args.no_kmeans:
+        from training.clustering import balanced_tree_codes
+
+        emb = ctx.sasrec().item_embeddings()  # [N+1, D]
+        rows.append(
+            ape_row(
+                "kmeans", level_buckets(balanced_tree_codes(emb, k, levels, seed=args.seed)), queries, labels
+            )
+        )
+    rows.append(ape_row("uri", uri_buckets(args, ctx), queries, labels))
+    if isinstance(ds, SyntheticDataset) and ds.item_clusters.shape[1] >= 1:
+        planted = level_buckets(ds.item_clusters[:, :levels])
+        if planted.shape[1] == levels:
+            rows.append(ape_row("planted", planted, queries, labels))
+    meta = {
+        "data": ds.name,
+        "k": k,
+        "levels": levels,
+        "queries": len(queries),
+        "labels": int(labels.max()) + 1 if labels is not None else 0,
+        "split": ctx.split.describe(),
+    }
+    return rows, meta
+
+
+def format_report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    columns = [c for c in rows[0] if c != "index"]
+    head = (
+        f"APE (lower is better) on {meta['data']}, k={meta['k']}, L={meta['levels']}: users = "
+        f"{meta['queries']:,} training users as queries; labels = {meta['labels']} item labels as queries"
+    )
+    lines = [head, "  ".join([f"{'index':<8}", *(f"{c:>10}" for c in columns)])]
+    for row in rows:
+        cells = [f"{row[c]:10.4f}" if isinstance(row[c], float) else f"{row[c]:>10}" for c in columns]
+        lines.append("  ".join([f"{row['index']:<8}", *cells]))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.k < 2 or args.levels < 1:
+        raise SystemExit(f"genret: need --k >= 2 and --levels >= 1, got {args.k}, {args.levels}")
+    rows, meta = build_report(args)
+    print(json.dumps({"meta": meta, "rows": rows}, indent=2) if args.json else format_report(rows, meta))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
+    parser = sub.add_parser(
+        "index-report", help="APE of random / k-means (SASRec) / URI indexes (URI Table 2)"
+    )
+    add_data_arguments(parser)
+    add_split_arguments(parser)
+    parser.add_argument("--k", type=int, default=32, help="index width (tokens per level)")
+    parser.add_argument("--levels", type=int, default=2, help="index depth L")
+    parser.add_argument(
+        "--uri-bundle", type=Path, help="report the index of this URI bundle instead of training one"
+    )
+    parser.add_argument(
+        "--no-kmeans", action="store_true", help="skip the SASRec k-means row (no SASRec training)"
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(func=run)
