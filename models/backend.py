@@ -130,7 +130,8 @@ class OnnxSession:
             out = torch.empty(out_shapes[name], dtype=torch.float32, device=self.device)
             binding.bind_output(name, "cuda", device_id, np.float32, tuple(out.shape), out.data_ptr())
             outs.append(out)
-        torch.cuda.synchronize(self.device)  # torch kernels writing the inputs run on torch's stream, not ORT's
+        # torch kernels that wrote the inputs run on torch's stream, not ORT's
+        torch.cuda.synchronize(self.device)
         self.session.run_with_iobinding(binding)  # ORT synchronises its stream before returning
         return outs
 

@@ -287,6 +287,7 @@ class Engine:
             for d, s in zip(row.items[keep], row.scores[keep], strict=True)
         ]
         timings = {**row.timings, "total": time.perf_counter() - started}
+        STAGE_SECONDS.labels(stage="total").observe(timings["total"])
         response = RetrieveResponse(
             items=items,
             model=self._model_ref(mapped.model),

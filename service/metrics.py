@@ -21,7 +21,8 @@ REQUEST_SECONDS = Histogram(
 )
 STAGE_SECONDS = Histogram(
     "genret_stage_duration_seconds",
-    "Duration of one retrieval stage (queue, cache, encode, search, rerank); batch stages once per batch.",
+    "Duration of one retrieval stage: queue and total per request; cache, encode and search once per batch "
+    "(search = beam search + rerank, one Retriever.search call).",
     ["stage"],
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,

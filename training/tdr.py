@@ -71,7 +71,7 @@ class TDRConfig:
     epochs: int = 2
     round_epochs: int = 1
     max_train_pairs: int = 0
-    tree_rounds: int = 2
+    tree_rounds: int = 1
     tree_step: int = 1
     tree_pairs_per_item: int = 10
     beam_size: int = 100
@@ -583,11 +583,11 @@ def _train_tdr(ctx: TrainContext, cfg: TDRConfig) -> TrainedMethod:
     model = TDRModel(index.num_items, index.num_nodes, cfg)
     if cfg.init_from_sasrec:
         init_from_item_embeddings(model, index, item_emb, cfg.dim)
-    histories, targets = training_pairs(ctx.split.train, ctx.split.max_len)  # [P, T], [P]
-    histories = np.ascontiguousarray(histories[:, -cfg.history_window :])  # the W most recent (left-padded)
+    full_histories, targets = training_pairs(ctx.split.train, ctx.split.max_len)  # [P, T], [P]
     if cfg.max_train_pairs and len(targets) > cfg.max_train_pairs:
         keep = np.sort(rng.choice(len(targets), cfg.max_train_pairs, replace=False))
-        histories, targets = histories[keep], targets[keep]
+        full_histories, targets = full_histories[keep], targets[keep]
+    histories = np.ascontiguousarray(full_histories[:, -cfg.history_window :])  # [P, W] what f reads
     tl_hist, tl_tgt = tree_learning_pairs(histories, targets, cfg.tree_pairs_per_item)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay)
@@ -608,7 +608,9 @@ def _train_tdr(ctx: TrainContext, cfg: TDRConfig) -> TrainedMethod:
             stats = {"moved": 0.0}
         tree = TreeTensors.from_index(index)
         t = time.perf_counter()
-        weights = rectified_labels(sasrec, histories, targets, tree.item_path) if cfg.rectify else None
+        weights = rectified_labels(sasrec, full_histories, targets, tree.item_path) if cfg.rectify else None
+        if weights is not None:
+            log.info("rectified labels: share of pairs kept per level %s", weights.mean(dim=0).tolist())
         epochs = cfg.epochs if r == 0 else cfg.round_epochs
         losses = train_epochs(
             model, tree, cfg, histories, targets, weights, optimizer, scheduler, epochs, rng, generator

@@ -45,7 +45,7 @@ from models.encoder import EncoderConfig, QueryEncoder
 from models.index import TreeIndex
 from training.metrics import average_partition_entropy
 from training.registry import TrainContext, TrainedMethod, register_method
-from training.splits import training_pairs
+from training.splits import EvalSet, training_pairs
 from training.uri_losses import (
     balance_loss,
     commitment_loss,
@@ -445,8 +445,6 @@ class URITrainer:
         ds = ctx.dataset
         self.num_items = ds.num_items
         torch.manual_seed(ctx.seed)
-        if config.threads > 0:
-            torch.set_num_threads(config.threads)
         self.rng = np.random.default_rng(ctx.seed)
         attributes = None
         if config.use_attributes and ds.item_attributes is not None and ds.num_attributes > 0:
@@ -464,9 +462,8 @@ class URITrainer:
         if len(targets) == 0:
             raise ValueError("URI needs training sequences with at least two items")
         self.batches = _Batches(histories, targets, config.batch_size, config.steps_per_epoch, self.rng)
-        self.codes = np.full(
-            (ds.num_items + 1, config.levels), -1, dtype=np.int64
-        )  # [N+1, L] assigned tokens
+        # [N+1, L] assigned tokens, -1 until a level is assigned
+        self.codes = np.full((ds.num_items + 1, config.levels), -1, dtype=np.int64)
         self.queries = [s for s in ctx.split.train if len(s) > 1]  # APE queries: training users' items
         self.log: list[dict[str, Any]] = []
         self._parents: tuple[int, np.ndarray, np.ndarray] | None = None  # level, items by parent, offsets
@@ -493,50 +490,16 @@ class URITrainer:
         return order[offsets[parent] + self.rng.integers(0, size)] + 1
 
     def _step(self, rows: np.ndarray, level: int, sibling: SiblingSampler | None) -> dict[str, float]:
-        c, model = self.config, self.model
+        """One optimiser step on the pairs ``rows``: the index terms of ``level`` (0 = ranker stage)."""
         hist = torch.as_tensor(self.batches.history(rows))  # [B, T_b]
-        pos_np = self.batches.targets[rows]
-        pos = torch.as_tensor(pos_np)  # [B]
-        B = len(rows)
-        q_memory, q_mask, query = model.encode_queries(hist)
-        terms: dict[str, Tensor] = {}
+        pos = self.batches.targets[rows]  # [B]
+        q_memory, q_mask, query = self.model.encode_queries(hist)
         if level > 0:
-            rand = torch.as_tensor(self._random_items(level, B))  # [B]
-            items = torch.cat([pos, rand])  # [2B] positives then random items
-            i_memory, i_mask = model.encode_items(items)
-            codes = torch.as_tensor(self.codes)
-            q_logits = model.level_logits(q_memory, q_mask, codes[pos, : level - 1])  # level x [B, k]
-            i_logits = model.level_logits(i_memory, i_mask, codes[items, : level - 1])  # level x [2B, k]
-            q_cur, i_cur = q_logits[-1], i_logits[-1]
-            terms["e_step"] = e_step_loss(q_cur, i_cur[:B], detach_target=c.detach_targets)
-            terms["m_step"] = m_step_loss(q_cur, i_cur[:B], detach_target=c.detach_targets)
-            terms["commit"] = c.commit_weight * commitment_loss(i_cur)
-            if level > 1 and c.balance_per_parent:  # per parent, over the parent-stratified random items
-                groups = model.tree.prefix_nodes(codes[rand, : level - 1])[:, -1]  # [B]
-                balance = balance_loss(i_cur[B:], adaptive=c.balance_adaptive, groups=groups)
-            else:
-                balance = balance_loss(i_cur, adaptive=c.balance_adaptive)
-            terms["balance"] = c.balance_weight * balance
-            if level > 1:
-                terms["memory"] = c.memory_weight * memory_loss(
-                    q_logits[:-1], [x[:B] for x in i_logits[:-1]], codes[pos, : level - 1]
-                )
-        else:  # ranker stage: memory of all L levels keeps the decoder on the final index
-            codes = torch.as_tensor(self.codes)
-            q_logits = model.level_logits(q_memory, q_mask, codes[pos, : c.levels - 1])
-            i_memory, i_mask = model.encode_items(pos)
-            i_logits = model.level_logits(i_memory, i_mask, codes[pos, : c.levels - 1])
-            terms["memory"] = c.memory_weight * memory_loss(q_logits, i_logits, codes[pos])
-        if c.ranker_weight > 0:
-            n_hard = c.hard_negatives if sibling is not None else 0
-            neg = self.rng.integers(1, self.num_items + 1, size=(B, c.num_negatives))
-            if n_hard:
-                for j in range(n_hard):
-                    neg[:, j] = sibling.sample(pos_np) if sibling is not None else neg[:, j]
-            vectors = model.item_vectors(torch.cat([pos, torch.as_tensor(neg).reshape(-1)]))  # [B + B*n, D]
-            terms["ranker"] = c.ranker_weight * sampled_softmax_loss(
-                query, vectors[:B], vectors[B:].reshape(B, c.num_negatives, -1)
-            )
+            terms = self._index_terms(q_memory, q_mask, pos, level)
+        else:
+            terms = self._memory_terms(q_memory, q_mask, pos)
+        if self.config.ranker_weight > 0:
+            terms["ranker"] = self.config.ranker_weight * self._ranker_term(query, pos, sibling)
         loss = torch.stack(list(terms.values())).sum()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -544,6 +507,60 @@ class URITrainer:
         out = {name: float(t.detach()) for name, t in terms.items()}
         out["loss"] = float(loss.detach())
         return out
+
+    def _index_terms(
+        self, q_memory: Tensor, q_mask: Tensor, pos_np: np.ndarray, level: int
+    ) -> dict[str, Tensor]:
+        """Eqs. 8-11 at ``level``: E-step, M-step, commitment, balance (+ memory of the levels above)."""
+        c, model = self.config, self.model
+        B = len(pos_np)
+        pos = torch.as_tensor(pos_np)  # [B]
+        rand = torch.as_tensor(self._random_items(level, B))  # [B]
+        items = torch.cat([pos, rand])  # [2B] positives then random items
+        i_memory, i_mask = model.encode_items(items)
+        codes = torch.as_tensor(self.codes)
+        q_logits = model.level_logits(q_memory, q_mask, codes[pos, : level - 1])  # level x [B, k]
+        i_logits = model.level_logits(i_memory, i_mask, codes[items, : level - 1])  # level x [2B, k]
+        q_cur, i_cur = q_logits[-1], i_logits[-1]
+        terms = {
+            "e_step": e_step_loss(q_cur, i_cur[:B], detach_target=c.detach_targets),
+            "m_step": m_step_loss(q_cur, i_cur[:B], detach_target=c.detach_targets),
+            "commit": c.commit_weight * commitment_loss(i_cur),
+        }
+        if level > 1 and c.balance_per_parent:  # per parent, over the parent-stratified random items
+            groups = model.tree.prefix_nodes(codes[rand, : level - 1])[:, -1]  # [B]
+            balance = balance_loss(i_cur[B:], adaptive=c.balance_adaptive, groups=groups)
+        else:
+            balance = balance_loss(i_cur, adaptive=c.balance_adaptive)
+        terms["balance"] = c.balance_weight * balance
+        if level > 1:
+            terms["memory"] = c.memory_weight * memory_loss(
+                q_logits[:-1], [x[:B] for x in i_logits[:-1]], codes[pos, : level - 1]
+            )
+        return terms
+
+    def _memory_terms(self, q_memory: Tensor, q_mask: Tensor, pos_np: np.ndarray) -> dict[str, Tensor]:
+        """Ranker stage: eq. 11 over all L levels, so that the decoder keeps the final index."""
+        c, model = self.config, self.model
+        pos = torch.as_tensor(pos_np)  # [B]
+        codes = torch.as_tensor(self.codes)[pos]  # [B, L]
+        q_logits = model.level_logits(q_memory, q_mask, codes[:, : c.levels - 1])  # L x [B, k]
+        i_memory, i_mask = model.encode_items(pos)
+        i_logits = model.level_logits(i_memory, i_mask, codes[:, : c.levels - 1])
+        return {"memory": c.memory_weight * memory_loss(q_logits, i_logits, codes)}
+
+    def _ranker_term(self, query: Tensor, pos_np: np.ndarray, sibling: SiblingSampler | None) -> Tensor:
+        """Sampled softmax of ``query [B, D]`` over the positive and ``num_negatives`` negatives:
+        uniform ones, of which ``hard_negatives`` come from a sibling leaf once the index exists."""
+        c = self.config
+        B = len(pos_np)
+        neg = self.rng.integers(1, self.num_items + 1, size=(B, c.num_negatives))  # [B, n]
+        if sibling is not None:
+            for j in range(c.hard_negatives):
+                neg[:, j] = sibling.sample(pos_np)
+        items = torch.as_tensor(np.concatenate([pos_np, neg.reshape(-1)]))  # [B + B*n]
+        vectors = self.model.item_vectors(items)  # [B + B*n, D]
+        return sampled_softmax_loss(query, vectors[:B], vectors[B:].reshape(B, c.num_negatives, -1))
 
     def _epoch(self, level: int, desc: str, sibling: SiblingSampler | None = None) -> dict[str, float]:
         self.model.train()
@@ -618,12 +635,19 @@ class URITrainer:
             self.log.append({"stage": "ranker", "epoch": epoch, **stats})
 
     def fit(self) -> tuple[TreeIndex, list[dict[str, Any]]]:
-        reports = []
-        for level in tqdm(range(1, self.config.levels + 1), desc="URI levels"):
-            reports.append(self.train_level(level))
-        index = TreeIndex.from_codes(self.codes, self.config.k, token_scheme="level")
-        index.validate()
-        self.train_ranker(index)
+        """Levels 1..L, then the ranker stage; returns the index and one report per level."""
+        threads = torch.get_num_threads()
+        if self.config.threads > 0:
+            torch.set_num_threads(self.config.threads)
+        try:
+            reports = [
+                self.train_level(level) for level in tqdm(range(1, self.config.levels + 1), desc="URI levels")
+            ]
+            index = TreeIndex.from_codes(self.codes, self.config.k, token_scheme="level")
+            index.validate()
+            self.train_ranker(index)
+        finally:
+            torch.set_num_threads(threads)
         return index, reports
 
     # ---------------------------------------------------------------- export
@@ -678,6 +702,41 @@ class BundleRecommender:
         self.last_num_candidates = candidates
         return out
 
+    def diagnose(self, eval_set: EvalSet, k: int = 20) -> dict[str, float]:
+        """Where recall is lost (history excluded from the results, as in the evaluation):
+        ``beam_coverage`` = share of the targets inside the beam's leaves, ``candidates`` = items reranked per user,
+        ``recall@k`` through the beam, ``exhaustive_recall@k`` = the same query and item vectors
+        ranking the whole catalogue (no index)."""
+        r = self.retriever
+        item_emb = r.item_emb  # [N+1, Dr]
+        leaf_of_item = torch.as_tensor(r.bundle.index.item_path[:, -1].astype(np.int64))  # [N+1]
+        covered, beam_hits, full_hits, sizes, cands = [], [], [], [], []
+        for start in range(0, len(eval_set.histories), self.batch_size):
+            histories = eval_set.histories[start : start + self.batch_size]
+            states = r.encode(histories)
+            result = r.search(states, k, self.beam_size, histories)
+            scores = states.query.float() @ item_emb.T  # [B, N+1]
+            scores[:, 0] = -torch.inf
+            for row, (hist, targets) in enumerate(zip(histories, eval_set.targets[start:], strict=False)):
+                scores[row, torch.as_tensor(hist)] = -torch.inf
+                target = np.unique(targets)  # as the evaluation counts them (history items cannot be hit)
+                if not len(target):
+                    continue
+                leaves = torch.as_tensor(result.leaves[row])
+                in_beam = torch.isin(leaf_of_item[torch.as_tensor(target)], leaves[leaves >= 0])
+                covered.append(float(in_beam.float().mean()))
+                beam_hits.append(len(np.intersect1d(result.items[row], target)) / len(target))
+                top = torch.topk(scores[row], k).indices.numpy()
+                full_hits.append(len(np.intersect1d(top, target)) / len(target))
+                sizes.append(len(target))
+                cands.append(float(result.num_candidates[row]))
+        return {
+            "beam_coverage": float(np.mean(covered)),
+            "candidates": float(np.mean(cands)),
+            f"recall@{k}": float(np.mean(beam_hits)),
+            f"exhaustive_recall@{k}": float(np.mean(full_hits)),
+        }
+
 
 def train_uri(ctx: TrainContext) -> TrainedMethod:
     """Train URI on ``ctx.split``, export the bundle to ``ctx.workdir / "uri"``, serve from it."""
@@ -727,6 +786,9 @@ def train_uri(ctx: TrainContext) -> TrainedMethod:
         json.dumps({"reports": reports, "epochs": trainer.log}, indent=1)
     )
     recommender = BundleRecommender(Path(bundle_dir), config.beam_size, config.eval_batch_size)
+    diagnosis = recommender.diagnose(ctx.split.valid)
+    log.info("URI validation diagnosis (through the bundle): %s", diagnosis)
+    info.update({f"valid_{name}": round(value, 4) for name, value in diagnosis.items()})
     return TrainedMethod(recommender=recommender, bundle_dir=Path(bundle_dir), info=info)
 
 

@@ -32,7 +32,10 @@ def test_burst_beyond_the_queue_gets_429_and_no_5xx(service: ServiceProcess) -> 
     async def main() -> list[httpx.Response]:
         limits = httpx.Limits(max_connections=80, max_keepalive_connections=80)
         async with httpx.AsyncClient(base_url=service.url, timeout=60, limits=limits) as client:
-            bodies = [{"user_id": f"u{i}", "history": [f"item{1 + i:04d}"], "k": 5} for i in range(80)]
+            bodies = [
+                {"user_id": f"u{i}", "history": [f"item{1 + i:04d}"], "k": 5, "beam_size": 64}
+                for i in range(80)
+            ]
             return list(await asyncio.gather(*(client.post("/v1/retrieve", json=b) for b in bodies)))
 
     responses = asyncio.run(main())

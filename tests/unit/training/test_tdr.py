@@ -144,12 +144,11 @@ def test_tdr_on_planted_clusters_beats_popularity_through_the_bundle(tmp_path: P
         "sasrec.max_epochs": "8",
         "branching": "8",
         "batch_size": "128",
-        "epochs": "3",
+        "epochs": "2",
         "round_epochs": "1",
         "tree_rounds": "1",
         "beam_size": "40",
         "eval_users": "0",
-        "num_negatives": "8",
     }
     ctx = TrainContext(dataset=ds, split=split, seed=0, workdir=tmp_path / "run", config_overrides=overrides)
     trained = get_method("tdr")(ctx)

@@ -5,6 +5,7 @@ bundle beats popularity)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from training.uri import FullTree, SiblingSampler, URIConfig, URIModel, URITrain
 SMALL = {"uri.k": 3, "uri.levels": 2, "uri.dim": 16, "uri.heads": 2, "uri.dropout": 0.0, "uri.max_len": 8}
 
 
-def small_context(tmp_path: Path, overrides: dict[str, object], **data: int | float) -> TrainContext:
+def small_context(tmp_path: Path, overrides: Mapping[str, object], **data: int | float) -> TrainContext:
     ds = synthetic_dataset(**{"num_users": 60, "num_items": 30, "branching": 3, "depth": 2, **data})  # type: ignore[arg-type]
     split = make_split(ds, "user", seed=0, max_len=8)
     return TrainContext(ds, split, 0, tmp_path, dict(overrides))
@@ -122,7 +123,7 @@ def test_serving_decoder_scores_the_real_index_like_training(tmp_path: Path) -> 
     root = torch.zeros(5, 1, dtype=torch.long)
     level1 = torch.as_tensor(np.stack([index.children(0)] * 5))
     torch.testing.assert_close(
-        serving(memory, mask, beams, root, level1), expected[0][:, index.node_token[level1]]
+        serving(memory, mask, beams, root, level1), expected[0][:, index.node_token[index.children(0)]]
     )
     children = [index.children(int(p)) for p in path[:, 0]]
     width = max(len(c) for c in children)
@@ -168,3 +169,28 @@ def test_planted_clusters_are_recovered_and_retrieval_beats_popularity(tmp_path:
     popular = get_method("popular")(ctx).recommender
     pop_metrics = evaluate_recommender(popular, split.test, (20,))
     assert uri_metrics["recall@20"] > 2 * pop_metrics["recall@20"], (uri_metrics, pop_metrics)
+
+
+def test_two_level_schedule_runs_and_assigns_within_capacity(tmp_path: Path) -> None:
+    overrides = {
+        **SMALL,
+        "uri.batch_size": 16,
+        "uri.steps_per_epoch": 2,
+        "uri.level_min_epochs": 1,
+        "uri.level_max_epochs": 1,
+        "uri.ranker_epochs": 1,
+    }
+    ctx = small_context(tmp_path, overrides)
+    trainer = URITrainer(URIConfig.load(overrides=overrides), ctx)
+    index, reports = trainer.fit()
+    index.validate()
+    assert [r["level"] for r in reports] == [1, 2]
+    assert {entry["stage"] for entry in trainer.log} == {"level1", "level2", "ranker"}
+    assert all(math.isfinite(v) for entry in trainer.log for v in entry.values() if isinstance(v, float))
+    assert "memory" in trainer.log[-1] and "balance" in trainer.log[1]
+    n = ctx.dataset.num_items  # 30 items, k = 3: 10 per level-1 token, then ceil(10 / 3) = 4 per leaf
+    assert np.bincount(trainer.codes[1:, 0], minlength=3).max() <= math.ceil(n / 3)
+    assert np.bincount(index.leaf_of_item()[1:]).max() <= math.ceil(math.ceil(n / 3) / 3)
+    # level-2 random items come from a few parents only, to estimate each parent's balance
+    randoms = trainer._random_items(2, 12)  # ceil(12 / (2 * 3)) = 2 parents
+    assert len(np.unique(trainer.codes[randoms, 0])) <= 2
