@@ -239,7 +239,10 @@ class SeaterModel(nn.Module):
             level_offsets=index.level_offsets,
             token_embedding=self.tokens,
         )
-        self.rank_w = nn.Parameter(torch.eye(cfg.dim))  # W_s of s(p, q) = sigmoid(p^T W_s q)
+        # W_s of s(p, q) = sigmoid(p^T W_s q). Mean-pooled LayerNorm states have norm ~ sqrt(D), so
+        # W_s = I would start p^T q at ~D and the sigmoid saturated (flat ranking loss at the margin
+        # sum, no gradient); I / D starts it near a cosine, in the sigmoid's slope.
+        self.rank_w = nn.Parameter(torch.eye(cfg.dim) / cfg.dim)
 
     def path_states(self, memory: Tensor, memory_mask: Tensor, paths: Tensor) -> Tensor:
         """Decoder hidden states at every position of Q paths per user: ``paths[B, Q, S]`` -> ``[B, Q, S, D]``.

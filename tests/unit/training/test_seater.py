@@ -24,6 +24,7 @@ from training.seater import (
     init_tokens_from_items,
     seater_losses,
 )
+from training.seater_losses import pair_similarity
 from training.splits import make_split
 
 
@@ -182,3 +183,16 @@ def test_seater_on_planted_clusters_beats_popularity(tmp_path: Path) -> None:
     seater = evaluate_recommender(trained.recommender, split.test, ks=(10,))
     popular = evaluate_recommender(Popularity.fit(split), split.test, ks=(10,))
     assert seater["recall@10"] > max(3 * popular["recall@10"], popular["recall@10"] + 0.05), (seater, popular)
+
+
+def test_ranking_similarity_starts_in_the_sigmoid_slope() -> None:
+    """With W_s = I the 64-d pooled states saturate sigmoid(p^T W q) and the ranking loss is flat."""
+    index = _tiny_index()
+    cfg = SeaterConfig(dim=64, heads=2, dropout=0.0)
+    model = _model(cfg, index)
+    history = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    memory, _ = model.encoder(history, history > 0)
+    paths = TreeTables.from_index(index).paths[torch.tensor([[7, 8, 1], [2, 4, 9]])]  # [B, Q, L+1]
+    z_y = model.path_states(memory, history > 0, paths).mean(dim=2)  # [B, Q, D]
+    sim = pair_similarity(memory.mean(dim=1), z_y, model.rank_w)
+    assert bool(((sim > 0.05) & (sim < 0.95)).all()), sim
