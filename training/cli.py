@@ -29,7 +29,9 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="genret", description="Generative retrieval for recommender systems.")
+    parser = argparse.ArgumentParser(
+        prog="genret", description="Generative retrieval for recommender systems."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="benchmarks that print a table against an in-run baseline")

@@ -1,6 +1,6 @@
 """`python -m training.demo` (`make demo`): popularity vs SASRec on the default data, briefly.
 
-Runs the same code path as ``genret compare --data default --methods popular,sasrec --max-epochs 15``
+Runs the same code path as ``genret compare --data default --methods popular,sasrec --max-epochs 10``
 and prints its table. A trained SASRec is cached under runs/cache, so a second run is fast.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from training.commands.compare import format_table, make_context, run_compare
 
 DEMO_METHODS: tuple[str, ...] = ("popular", "sasrec")
-DEMO_MAX_EPOCHS = 15
+DEMO_MAX_EPOCHS = 10
 
 
 def main() -> int:

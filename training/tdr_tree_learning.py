@@ -93,7 +93,8 @@ def learn_tree(
 ) -> tuple[np.ndarray, dict[str, float]]:
     """One tree-learning pass. index/codes: the current tree and its codes [N+1, L]; histories [P, T]
     and targets [P]: training pairs (already subsampled by the caller) -> (new codes [N+1, L] on the
-    same set of leaf codes, stats {"moved": share of items whose leaf changed}).
+    same set of leaf codes, stats: "moved" = share of items whose leaf changed, "prefer_current_level<l>" =
+    share of items whose best node by eq. 24 at level l, before capacities, is their current one).
     """
     if step < 1:
         raise ValueError(f"tree learning step must be >= 1, got {step}")
@@ -101,6 +102,7 @@ def learn_tree(
     leaf_code = np.zeros((index.num_leaves, num_levels), np.int64)
     leaf_code[index.leaf_of_item()[1:]] = codes[1:]
     assigned = np.zeros(num_items + 1, np.int64)  # global node per item; all at the root
+    stats: dict[str, float] = {}
     level = 0
     while level < num_levels:
         target_level = min(num_levels, level + step)
@@ -108,6 +110,9 @@ def learn_tree(
         cand = np.full((num_items + 1, table.shape[1]), -1, np.int64)
         cand[1:] = table[assigned[1:] - index.level_offsets[level]]
         scores = item_node_scores(score, histories, targets, cand, num_items, batch_size)  # [N+1, C]
+        old_node = index.item_path[1:, target_level - 1]  # [N] the items' nodes in the current tree
+        top = cand[1:][np.arange(num_items), scores[1:].argmax(axis=1)]  # [N] best candidate by eq. 24
+        stats[f"prefer_current_level{target_level}"] = float((top == old_node).mean())
         new_assigned = np.zeros_like(assigned)
         for parent in np.unique(assigned[1:]):
             items = np.flatnonzero(assigned == parent)
@@ -117,9 +122,14 @@ def learn_tree(
             choice = capacity_assign(scores[items][:, : row.size], capacity[row])  # [n] index into row
             new_assigned[items] = row[choice]
         assigned = new_assigned
-        log.info("tree learning: items assigned to level %d of %d", target_level, num_levels)
+        log.info(
+            "tree learning: items assigned to level %d of %d (%.1f%% prefer their current node)",
+            target_level,
+            num_levels,
+            100 * stats[f"prefer_current_level{target_level}"],
+        )
         level = target_level
     new_codes = np.zeros_like(codes)
     new_codes[1:] = leaf_code[assigned[1:] - index.leaf_start]
-    moved = float((assigned[1:] != index.item_path[1:, -1]).mean())
-    return new_codes, {"moved": moved}
+    stats["moved"] = float((assigned[1:] != index.item_path[1:, -1]).mean())
+    return new_codes, stats
