@@ -543,6 +543,7 @@ def plot_rounds(rounds: list[dict[str, Any]], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     ax.plot([r["round"] for r in rounds], [r["valid_recall@20"] for r in rounds], marker="o")
+    ax.set_xticks([r["round"] for r in rounds])
     ax.set_xlabel("tree-learning round (0 = initial tree)")
     ax.set_ylabel("validation Recall@20")
     ax.set_title(title)
@@ -627,6 +628,7 @@ def _train_tdr(ctx: TrainContext, cfg: TDRConfig) -> TrainedMethod:
             "valid_recall@20": valid["recall@20"],
             "valid_ndcg@20": valid["ndcg@20"],
             "moved": stats["moved"],
+            "tree_learning": stats,
             "loss": losses[-1] if losses else float("nan"),
             "bundle": str(bundle_dir),
         }
