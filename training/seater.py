@@ -42,6 +42,7 @@ from models.retriever import Retriever
 from training.clustering import balanced_tree_codes
 from training.export import export_bundle
 from training.registry import TrainContext, TrainedMethod, register_method
+from training.sasrec import SASRec
 from training.seater_losses import alignment_loss, generation_loss, ranking_loss, sample_ranking_negatives
 from training.splits import training_pairs
 
@@ -503,6 +504,7 @@ class BundleRecommender:
 
 
 def train_seater(ctx: TrainContext) -> TrainedMethod:
+    """SASRec embeddings -> balanced tree -> encoder-decoder training -> bundle -> served recommender."""
     cfg = SeaterConfig.load(ctx.config_overrides)
     torch.manual_seed(ctx.seed)
     t0 = time.perf_counter()
@@ -552,9 +554,10 @@ def export_seater(
     cfg: SeaterConfig,
     model: SeaterModel,
     index: TreeIndex,
-    sasrec: Any,
+    sasrec: SASRec,
     item_emb: np.ndarray,
 ) -> Path:
+    """Write the bundle: SEATER encoder + SASRec query in ``encoder.onnx``, the decoder step, the tree."""
     encoder = SeaterEncoder(model.encoder, SasrecQuery(sasrec.module)).eval()
     decoder = model.decoder.eval()
     counts = np.bincount(

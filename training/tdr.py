@@ -37,6 +37,7 @@ from models.encoder import recency_positions
 from models.index import TreeIndex
 from training.registry import TrainContext, TrainedMethod, register_method
 from training.tdr_sampling import (
+    RECTIFY_MODES,
     children_table,
     level_sizes,
     rectified_weights,
@@ -65,6 +66,7 @@ class TDRConfig:
     sampler: str = "topdown"
     num_negatives: int = 8
     rectify: bool = False
+    rectify_mode: str = "hard"
     lr: float = 1e-3
     lr_decay: float = 0.9
     batch_size: int = 256
@@ -103,6 +105,10 @@ class TDRConfig:
             raise ValueError(f"TDRConfig.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.lr <= 0 or not 0 < self.lr_decay <= 1:
             raise ValueError(f"TDRConfig needs lr > 0 and 0 < lr_decay <= 1, got {self.lr}, {self.lr_decay}")
+        if self.rectify_mode not in RECTIFY_MODES:
+            raise ValueError(
+                f"TDRConfig.rectify_mode must be one of {RECTIFY_MODES}, got {self.rectify_mode!r}"
+            )
         if self.rerank != "sasrec":
             raise ValueError(f"TDRConfig.rerank must be 'sasrec', got {self.rerank!r}")
 
@@ -114,7 +120,8 @@ class TDRConfig:
     @property
     def variant(self) -> str:
         """The paper's name of the variant: TDR(U), TDR(T), TDR(T-RL) (or TDR(U-RL))."""
-        return f"TDR({'T' if self.sampler == 'topdown' else 'U'}{'-RL' if self.rectify else ''})"
+        rl = ("-RL" if self.rectify_mode == "hard" else "-RL-ratio") if self.rectify else ""
+        return f"TDR({'T' if self.sampler == 'topdown' else 'U'}{rl})"
 
     @classmethod
     def load(cls, overrides: dict[str, Any] | None = None, path: Path = CONFIG_PATH) -> TDRConfig:
@@ -416,7 +423,12 @@ def batch_loss(
 
 @torch.no_grad()
 def rectified_labels(
-    sasrec: Any, histories: np.ndarray, targets: np.ndarray, item_path: Tensor, batch_size: int = 1024
+    sasrec: Any,
+    histories: np.ndarray,
+    targets: np.ndarray,
+    item_path: Tensor,
+    mode: str = "hard",
+    batch_size: int = 1024,
 ) -> Tensor:
     """Eq. 15 weights ``[P, L]`` of every training pair, SASRec's logits standing in for ``eta``."""
     out = []
@@ -424,7 +436,7 @@ def rectified_labels(
         rows = [h[h > 0] for h in histories[start : start + batch_size]]
         scores = sasrec.score_items(rows)  # [b, N+1]
         t = torch.from_numpy(targets[start : start + batch_size])
-        out.append(rectified_weights(scores, t, item_path))
+        out.append(rectified_weights(scores, t, item_path, mode))
     return torch.cat(out) if out else torch.zeros((0, item_path.shape[1]))
 
 
@@ -609,7 +621,11 @@ def _train_tdr(ctx: TrainContext, cfg: TDRConfig) -> TrainedMethod:
             stats = {"moved": 0.0}
         tree = TreeTensors.from_index(index)
         t = time.perf_counter()
-        weights = rectified_labels(sasrec, full_histories, targets, tree.item_path) if cfg.rectify else None
+        weights = (
+            rectified_labels(sasrec, full_histories, targets, tree.item_path, cfg.rectify_mode)
+            if cfg.rectify
+            else None
+        )
         if weights is not None:
             log.info("rectified labels: share of pairs kept per level %s", weights.mean(dim=0).tolist())
         epochs = cfg.epochs if r == 0 else cfg.round_epochs

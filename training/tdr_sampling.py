@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+RECTIFY_MODES = ("hard", "ratio")
+
 # (users[K] user row of each row, candidates[K, C] global node ids, -1 padded) -> scores[K, C]
 PairScorer = Callable[[Tensor, Tensor], Tensor]
 
@@ -159,19 +161,23 @@ def topdown_negatives(
     return torch.stack(out_nodes, dim=1), torch.stack(out_log_q, dim=1)  # [B, L, m] each
 
 
-def rectified_weights(item_scores: Tensor, targets: Tensor, item_path: Tensor) -> Tensor:
+def rectified_weights(item_scores: Tensor, targets: Tensor, item_path: Tensor, mode: str = "hard") -> Tensor:
     """Eq. 15 labels without normalisation (what the paper optimises): weight of level ``j`` is 1
     when the target is the estimator's best item among the items under its level-``j`` ancestor.
 
-    item_scores: [B, N+1] estimator scores (any monotone transform of ``eta``; column 0 ignored);
-    targets: [B] dense ids; item_path: [N+1, L] -> weights [B, L] float in {0, 1}. The leaf level
-    (a single item) always gets 1. Ties count as best.
+    item_scores: [B, N+1] estimator logits (``log eta`` up to a per-row constant; column 0 ignored);
+    targets: [B] dense ids; item_path: [N+1, L] -> weights [B, L]. ``mode="hard"``: the paper's
+    indicator in {0, 1} (ties count as best). ``mode="ratio"``: ``eta_target / max eta`` under the
+    ancestor, in (0, 1], equal to 1 exactly where the indicator is (a smooth relaxation for a weak
+    estimator). The leaf level (a single item) always gets 1.
     """
+    if mode not in RECTIFY_MODES:
+        raise ValueError(f"rectify mode must be one of {RECTIFY_MODES}, got {mode!r}")
     b, n1 = item_scores.shape
     num_levels = item_path.shape[1]
     scores = item_scores.float().clone()
     scores[:, 0] = float("-inf")
-    target_score = scores.gather(1, targets[:, None])  # [B, 1]
+    target_score = scores.gather(1, targets[:, None])[:, 0]  # [B]
     out = torch.empty((b, num_levels))
     for j in range(num_levels):
         col = item_path[:, j].clamp(min=0).long()  # [N+1], padding row -> node 0 with score -inf
@@ -179,6 +185,9 @@ def rectified_weights(item_scores: Tensor, targets: Tensor, item_path: Tensor) -
         best = torch.full((b, num), float("-inf")).scatter_reduce(
             1, col[None, :].expand(b, n1), scores, reduce="amax", include_self=True
         )  # [B, nodes]
-        anc = col[targets]  # [B]
-        out[:, j] = (target_score[:, 0] >= best.gather(1, anc[:, None])[:, 0]).float()
+        best_under = best.gather(1, col[targets][:, None])[:, 0]  # [B] best score under the ancestor
+        if mode == "hard":
+            out[:, j] = (target_score >= best_under).float()
+        else:
+            out[:, j] = torch.exp((target_score - best_under).clamp(max=0.0))
     return out

@@ -182,3 +182,13 @@ def test_rectified_weights_on_the_papers_example() -> None:
     got = rectified_weights(eta.log().expand(4, -1), targets, item_path)
     # item 1 is best everywhere; item 4 beats 3 but not 1; item 5 is best of 5..8; item 8 loses to 7
     assert got.tolist() == [[1, 1, 1], [0, 1, 1], [1, 1, 1], [0, 0, 1]]
+
+
+def test_rectified_ratio_weights_relax_the_indicator() -> None:
+    _, item_path = binary_tree(3)
+    eta = torch.tensor([[0.0, 0.21, 0.0, 0.12, 0.18, 0.19, 0.0, 0.16, 0.14]])
+    got = rectified_weights(eta.log().expand(2, -1), torch.tensor([4, 8]), item_path, mode="ratio")
+    expected = torch.tensor([[0.18 / 0.21, 1.0, 1.0], [0.14 / 0.19, 0.14 / 0.16, 1.0]])
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="rectify mode"):
+        rectified_weights(eta, torch.tensor([1]), item_path, mode="soft")
