@@ -12,7 +12,12 @@ The index is built layer by layer (paper 4.2):
    (capacity = items under the parent / k), and the level's APE and balance are logged;
 3. after level L the items' codes are the leaves (buckets of items); a final stage trains the
    inner-product ranker (sampled softmax, 9 uniform + 1 sibling-leaf negative) with the memory
-   loss of all L levels so that the decoder keeps the final index.
+   loss of all L levels so that the decoder keeps the final index. (The ranker loss also runs
+   during the level stages, with uniform negatives: it is what makes the query encoder
+   informative early, and on planted data the index forms only once it is.)
+
+:meth:`URIModel.level_logits` runs the decoder's layers over the whole prefix at once (all levels
+in one pass); a test holds it to the decoder-step signature ``TokenDecoder.forward``.
 
 Before the index exists the decoder runs on the *complete* k-ary tree of depth L (every token at
 every level), whose node ids follow from the code prefix; the exported decoder is rebuilt on the

@@ -3,7 +3,8 @@
 Same ``k`` and ``L`` for every row:
 
 * ``random``  — items dealt at random into ``k^L`` equal leaves;
-* ``kmeans``  — balanced hierarchical k-means on the SASRec item embeddings (``ctx.sasrec()``);
+* ``kmeans``  — balanced hierarchical k-means on the SASRec item embeddings (``ctx.sasrec()``, or
+  saved weights from ``--sasrec-dir``);
 * ``uri``     — the URI index, read from ``--uri-bundle`` or trained here;
 * ``planted`` — synthetic data only: the planted clusters as an index (the target to recover).
 
@@ -87,6 +88,20 @@ def ape_row(
     return row
 
 
+def sasrec_model(args: argparse.Namespace, ctx: Any) -> Any:
+    """The SASRec of this split: ``--sasrec-dir`` (saved weights) or ``ctx.sasrec()`` (cache or train)."""
+    if args.sasrec_dir is None:
+        return ctx.sasrec()
+    from training.sasrec import SASRec
+
+    model = SASRec.load(args.sasrec_dir)
+    if model.num_items != ctx.dataset.num_items:
+        raise SystemExit(
+            f"genret: {args.sasrec_dir} has {model.num_items} items, the data {ctx.dataset.num_items}"
+        )
+    return model
+
+
 def uri_buckets(args: argparse.Namespace, ctx: Any) -> np.ndarray:
     """``[N+1, L]`` URI buckets: from ``--uri-bundle`` (checked against the data) or trained now."""
     from models.bundle import load_bundle
@@ -126,7 +141,7 @@ def build_report(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[s
     if not args.no_kmeans:
         from training.clustering import balanced_tree_codes
 
-        emb = ctx.sasrec().item_embeddings()  # [N+1, D]
+        emb = sasrec_model(args, ctx).item_embeddings()  # [N+1, D]
         rows.append(
             ape_row(
                 "kmeans", level_buckets(balanced_tree_codes(emb, k, levels, seed=args.seed)), queries, labels
@@ -179,6 +194,9 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     parser.add_argument("--levels", type=int, default=2, help="index depth L")
     parser.add_argument(
         "--uri-bundle", type=Path, help="report the index of this URI bundle instead of training one"
+    )
+    parser.add_argument(
+        "--sasrec-dir", type=Path, help="saved SASRec weights for the k-means row (default: ctx.sasrec())"
     )
     parser.add_argument(
         "--no-kmeans", action="store_true", help="skip the SASRec k-means row (no SASRec training)"
