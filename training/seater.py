@@ -74,7 +74,7 @@ class SeaterConfig:
     weight_decay: float = 1e-6
     lr: float = 1e-3
     batch_size: int = 256
-    epochs: int = 20
+    epochs: int = 2
     patience: int = 3
     max_train_pairs: int = 0
     beam_size: int = 100
