@@ -8,6 +8,11 @@ method and every compare run on the same data and split reuses one training. The
 Config overrides (``genret train --set key=value``, ``TrainContext.config_overrides``):
 ``sasrec.<field>`` for any :class:`~training.sasrec.SASRecConfig` field, ``max_epochs`` as a
 shorthand every method honours, ``sasrec.cache=false`` to train without the cache.
+
+Under ``torchrun`` (:func:`training.distributed.current` distributed) every rank trains with DDP on
+its shard of the training windows, rank 0 evaluates and decides early stopping for all, and only
+rank 0 writes the cache. The world size joins the cache key when it is above 1 (a data-parallel
+run takes other steps), so single-process keys are unchanged.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from training import distributed
+from training.distributed import DistContext
 from training.evaluation import evaluate_recommender
 from training.registry import TrainContext, TrainedMethod, register_method
 from training.sasrec import SASRec, SASRecConfig, SASRecModule, top_k_excluding
@@ -155,14 +162,18 @@ def _epoch_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generato
 
 def _loss(
     module: SASRecModule,
+    net: torch.nn.Module,
     inputs: torch.Tensor,
     targets: torch.Tensor,
     config: SASRecConfig,
     log_q: torch.Tensor,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """Next-item cross-entropy over ``inputs/targets [B, L]`` (0 = padding)."""
-    hidden = module(inputs)  # [B, L, D]
+    """Next-item cross-entropy over ``inputs/targets [B, L]`` (0 = padding).
+
+    ``net`` runs the forward pass: ``module`` itself, or its DDP wrapper under torchrun.
+    """
+    hidden = net(inputs)  # [B, L, D]
     mask = targets > 0
     h = hidden[mask]  # [P, D]
     pos = targets[mask]  # [P]
@@ -184,32 +195,45 @@ def _loss(
     return F.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.long))
 
 
-def fit_sasrec(split: Split, config: SASRecConfig, seed: int = 0) -> SASRec:
-    """Train SASRec on ``split.train`` with early stopping on validation Recall@20."""
+def fit_sasrec(split: Split, config: SASRecConfig, seed: int = 0, dist: DistContext | None = None) -> SASRec:
+    """Train SASRec on ``split.train`` with early stopping on validation Recall@20.
+
+    ``dist`` (default :func:`training.distributed.current`): under torchrun each rank trains on
+    its shard of the windows with DDP; rank 0 evaluates and broadcasts its decisions, so every
+    rank ends with the same best weights.
+    """
+    dist = distributed.current() if dist is None else dist
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        return _fit_sasrec(split, config, seed)
+        return _fit_sasrec(split, config, seed, dist)
     finally:
         torch.set_num_threads(threads)
 
 
-def _fit_sasrec(split: Split, config: SASRecConfig, seed: int) -> SASRec:
+def _fit_sasrec(split: Split, config: SASRecConfig, seed: int, dist: DistContext) -> SASRec:
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    generator = torch.Generator().manual_seed(seed)
-    inputs_np, targets_np = training_chunks(split.train, split.max_len)  # [C, T] each
+    rng = np.random.default_rng(seed + dist.rank)
+    generator = torch.Generator().manual_seed(seed + dist.rank)
+    all_inputs, all_targets = training_chunks(split.train, split.max_len)  # [C, T] each
+    freq = torch.bincount(torch.from_numpy(all_targets[all_targets > 0]), minlength=split.num_items + 1)
+    freq = freq.float() + 1.0
+    log_q = torch.log(freq / freq.sum())  # [N+1] in-batch sampling log-probability (all windows)
+    shard = dist.shard_indices(len(all_inputs)) if dist.is_distributed else slice(None)
+    inputs_np, targets_np = all_inputs[shard], all_targets[shard]  # [C_r, T] this rank's windows
     lengths = (inputs_np > 0).sum(axis=1) + 1
     inputs, targets = torch.from_numpy(inputs_np), torch.from_numpy(targets_np)
-    freq = torch.bincount(targets[targets > 0], minlength=split.num_items + 1).float() + 1.0
-    log_q = torch.log(freq / freq.sum())  # [N+1] in-batch sampling log-probability
-    module = SASRecModule(split.num_items, split.max_len, config)
+    module = SASRecModule(split.num_items, split.max_len, config)  # the same weights on every rank
+    net = dist.wrap(module)
+    if dist.is_distributed:
+        torch.manual_seed(seed + dist.rank)  # other dropout masks on each rank
     optimizer = torch.optim.Adam(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     model = SASRec(module, config)
     log.info(
-        "SASRec: %d training windows (%d targets), %d items, %s loss",
+        "SASRec: %d training windows (%d targets)%s, %d items, %s loss",
         len(inputs),
         int((targets > 0).sum()),
+        f" on rank {dist.rank} of {dist.world_size}" if dist.is_distributed else "",
         split.num_items,
         config.loss,
     )
@@ -218,7 +242,7 @@ def _fit_sasrec(split: Split, config: SASRecConfig, seed: int) -> SASRec:
     best_valid: dict[str, float] = {}
     epoch, stopped = 0, "max_epochs"
     for epoch in range(1, config.max_epochs + 1):
-        module.train()
+        net.train()
         batches = _epoch_batches(lengths, config.batch_size, rng)
         total, steps = 0.0, 0
         bar = tqdm(batches, desc=f"sasrec epoch {epoch}", leave=False, disable=None)
@@ -226,7 +250,7 @@ def _fit_sasrec(split: Split, config: SASRecConfig, seed: int) -> SASRec:
             width = int(lengths[idx].max()) - 1
             batch_in = inputs[torch.from_numpy(idx), -width:]  # [B, L]
             batch_tgt = targets[torch.from_numpy(idx), -width:]  # [B, L]
-            loss = _loss(module, batch_in, batch_tgt, config, log_q, generator)
+            loss = _loss(module, net, batch_in, batch_tgt, config, log_q, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -234,7 +258,11 @@ def _fit_sasrec(split: Split, config: SASRecConfig, seed: int) -> SASRec:
             steps += 1
             bar.set_postfix(loss=f"{total / steps:.4f}")
         module.eval()
-        valid = evaluate_recommender(model, split.valid, (20,), limit=config.eval_users)
+        mean_loss = float(dist.all_reduce_mean(torch.tensor(total / max(1, steps))))
+        valid: dict[str, float] = {}
+        if dist.is_main:  # the others wait in the broadcast below
+            valid = evaluate_recommender(model, split.valid, (20,), limit=config.eval_users)
+        valid = dist.broadcast(valid)
         metric = valid[EARLY_STOP_METRIC]
         improved = metric > best_metric
         if improved:
@@ -243,7 +271,7 @@ def _fit_sasrec(split: Split, config: SASRecConfig, seed: int) -> SASRec:
         log.info(
             "sasrec epoch %d: loss %.4f, valid recall@20 %.4f ndcg@20 %.4f%s (%.0fs)",
             epoch,
-            total / max(1, steps),
+            mean_loss,
             metric,
             valid["ndcg@20"],
             " *" if improved else "",
@@ -252,7 +280,10 @@ def _fit_sasrec(split: Split, config: SASRecConfig, seed: int) -> SASRec:
         if epoch - best_epoch >= config.patience:
             stopped = "early stopping"
             break
-        if config.max_train_seconds and time.perf_counter() - start > config.max_train_seconds:
+        out_of_time = (
+            bool(config.max_train_seconds) and time.perf_counter() - start > config.max_train_seconds
+        )
+        if dist.broadcast(out_of_time):  # rank 0's clock decides for all
             stopped = f"time budget {config.max_train_seconds:.0f}s"
             log.warning("SASRec: stopping at the time budget (%s); best epoch %d", stopped, best_epoch)
             break
@@ -265,6 +296,8 @@ def _fit_sasrec(split: Split, config: SASRecConfig, seed: int) -> SASRec:
         "stopped": stopped,
         **{f"valid_{k}": v for k, v in best_valid.items()},
     }
+    if dist.is_distributed:
+        info["world_size"] = dist.world_size
     log.info("SASRec: best epoch %d, valid recall@20 %.4f", best_epoch, best_metric)
     return SASRec(module, config, info)
 
@@ -285,14 +318,18 @@ def cache_root(overrides: dict[str, Any] | None = None) -> Path:
     return base / "runs" / "cache"
 
 
-def sasrec_cache_key(dataset_fingerprint: str, split: Split, seed: int, config: SASRecConfig) -> str:
-    material = {
+def sasrec_cache_key(
+    dataset_fingerprint: str, split: Split, seed: int, config: SASRecConfig, world_size: int = 1
+) -> str:
+    material: dict[str, Any] = {
         "version": CACHE_VERSION,
         "dataset": dataset_fingerprint,
         "split": {"kind": split.kind, "seed": split.seed, "max_len": split.max_len},
         "seed": seed,
         "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in RUN_CONTROL_FIELDS},
     }
+    if world_size > 1:  # absent for one process, so that single-process keys stay what they were
+        material["world_size"] = world_size
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -303,23 +340,30 @@ def sasrec_config(overrides: dict[str, Any]) -> SASRecConfig:
 
 
 def train_sasrec(ctx: TrainContext) -> SASRec:
-    """SASRec for this context: loaded from the disk cache, or trained and then cached."""
+    """SASRec for this context: loaded from the disk cache, or trained and then cached.
+
+    Under torchrun rank 0 decides whether the cache is usable (every rank then loads it, or every
+    rank trains: the collective steps must match) and only rank 0 writes it.
+    """
+    dist = distributed.current()
     config = sasrec_config(ctx.config_overrides)
     use_cache = _coerce("sasrec.cache", True, ctx.config_overrides.get("sasrec.cache", True))
-    key = sasrec_cache_key(ctx.dataset.fingerprint(), ctx.split, ctx.seed, config)
+    key = sasrec_cache_key(ctx.dataset.fingerprint(), ctx.split, ctx.seed, config, dist.world_size)
     directory = cache_root(ctx.config_overrides) / "sasrec" / key
-    if use_cache and directory.is_dir():
-        try:
-            model = SASRec.load(directory)
-        except (FileNotFoundError, ValueError, RuntimeError, KeyError) as exc:
-            log.warning("SASRec cache %s unreadable (%s); retraining", directory, exc)
-        else:
-            log.info("SASRec: loaded from cache %s", directory)
-            model.info["cached"] = True
-            model.info["cache_dir"] = str(directory)
-            return model
-    model = fit_sasrec(ctx.split, config, ctx.seed)
-    if use_cache:
+    model: SASRec | None = None
+    if use_cache and directory.is_dir() and dist.is_main:
+        model = _load_cached(directory)
+    if dist.broadcast(model is not None) and model is None:  # another rank: rank 0 read the cache
+        model = _load_cached(directory)
+        if model is None:
+            raise RuntimeError(f"rank {dist.rank}: cannot read the SASRec cache {directory} that rank 0 read")
+    if model is not None:
+        log.info("SASRec: loaded from cache %s", directory)
+        model.info["cached"] = True
+        model.info["cache_dir"] = str(directory)
+        return model
+    model = fit_sasrec(ctx.split, config, ctx.seed, dist)
+    if use_cache and dist.is_main:
         tmp = directory.with_name(f"{key}.tmp{os.getpid()}")
         model.info["cache_key"] = key
         model.save(tmp)
@@ -331,6 +375,14 @@ def train_sasrec(ctx: TrainContext) -> SASRec:
     model.info["cached"] = False
     model.info["cache_dir"] = str(directory) if use_cache else None
     return model
+
+
+def _load_cached(directory: Path) -> SASRec | None:
+    try:
+        return SASRec.load(directory)
+    except (FileNotFoundError, ValueError, RuntimeError, KeyError) as exc:
+        log.warning("SASRec cache %s unreadable (%s); retraining", directory, exc)
+        return None
 
 
 def train_sasrec_method(ctx: TrainContext) -> TrainedMethod:

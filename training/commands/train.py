@@ -1,15 +1,30 @@
-"""`genret train`: train one method, copy its bundle to ``--out`` and print its test metrics."""
+"""`genret train`: train one method, copy its bundle to ``--out`` and print its test metrics.
+
+Under ``torchrun --nproc_per_node N -m training.cli train ...`` a method of
+:data:`DATA_PARALLEL_METHODS` trains on every rank with DDP (:mod:`training.distributed`); rank 0
+then evaluates, writes ``--out`` and prints, the other ranks exit 0. Any other method is trained by
+rank 0 alone as in a single process (its other ranks exit at once).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 from pathlib import Path
 
+from training import distributed
 from training.commands.compare import add_split_arguments, make_context, train_and_evaluate
 from training.commands.data import add_data_arguments
+from training.distributed import DistContext
 from training.metrics import DEFAULT_KS
+from training.registry import get_method
+
+log = logging.getLogger(__name__)
+
+DATA_PARALLEL_METHODS: frozenset[str] = frozenset({"sasrec"})
+"""Methods whose trainers shard their data over the ranks of a torchrun job."""
 
 
 def _copy_bundle(bundle_dir: Path, out: Path, force: bool) -> None:
@@ -23,6 +38,25 @@ def _copy_bundle(bundle_dir: Path, out: Path, force: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.out is not None and args.out.exists() and not args.force:
         raise SystemExit(f"genret: {args.out} exists; pass --force to replace it")
+    dist = DistContext.from_env()
+    if dist.is_distributed and args.method not in DATA_PARALLEL_METHODS:
+        if not dist.is_main:
+            return 0
+        log.warning(
+            "method %r does not train data-parallel (only %s do): rank 0 of %d trains it alone",
+            args.method,
+            ", ".join(sorted(DATA_PARALLEL_METHODS)),
+            dist.world_size,
+        )
+        dist = distributed.SINGLE
+    with distributed.activate(dist):
+        if not dist.is_main:  # train with the others; rank 0 evaluates and writes
+            get_method(args.method)(make_context(args, f"train/{args.method}"))
+            return 0
+        return _train_and_report(args)
+
+
+def _train_and_report(args: argparse.Namespace) -> int:
     ctx = make_context(args, f"train/{args.method}")
     trained, result = train_and_evaluate(ctx, args.method)
     saved: Path | None = None
