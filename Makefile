@@ -25,7 +25,7 @@ redis:
 	  (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null; }
 
 demo: install
-	$(BIN)/python -m training.demo
+	$(BIN)/python -m service.demo
 
 test: install redis
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests

@@ -26,7 +26,7 @@ import httpx
 from service.launcher import ServiceProcess
 
 DEMO_METHOD = "seater"
-DEMO_OVERRIDES: tuple[str, ...] = ("sasrec.max_epochs=10", "epochs=3")
+DEMO_OVERRIDES: tuple[str, ...] = ("sasrec.max_epochs=10", "epochs=2")
 METRIC_PREFIXES: tuple[str, ...] = (
     "genret_request_duration_seconds_count",
     "genret_stage_duration_seconds_sum",

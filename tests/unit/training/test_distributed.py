@@ -25,6 +25,7 @@ from training.splits import make_split
 
 REPO = Path(__file__).resolve().parents[3]
 TORCHRUN_TIMEOUT_S = 300  # a hung rendezvous fails the test instead of the whole suite
+CLI = ["-m", "training.cli"]  # what the k8s trainer Job runs under torchrun
 
 
 def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess[str]:
@@ -130,8 +131,7 @@ def test_genret_train_sasrec_under_torchrun(tmp_path: Path) -> None:
     settings = {"sasrec.max_epochs": 4, "sasrec.dim": 32, "sasrec.batch_size": 64, "sasrec.dropout": 0.1}
     proc = torchrun(
         [
-            "-m",
-            "training.cli",
+            *CLI,
             "train",
             "--method",
             "sasrec",
@@ -169,8 +169,7 @@ def test_genret_train_non_parallel_method_runs_on_rank_zero_only(tmp_path: Path)
     work = str(tmp_path / "work")
     proc = torchrun(
         [
-            "-m",
-            "training.cli",
+            *CLI,
             "train",
             "--method",
             "popular",
