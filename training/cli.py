@@ -37,13 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks that print a table against an in-run baseline")
     groups = {"bench": bench.add_subparsers(dest="bench_command", required=True)}
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:  # a real missing dependency inside an existing module
-                raise
-            continue  # module not written yet
-        module.register(sub, groups)
+        importlib.import_module(name).register(sub, groups)
     return parser
 
 
