@@ -119,11 +119,13 @@ def make_cache(settings: Settings) -> StateCache:
     return NoCache()
 
 
-def load_experiment() -> tuple[Any | None, Callable[[str | None, Sequence[str]], str]]:
-    """``service.experiments.router_from_env()`` (None without ``GENRET_EXPERIMENTS_FILE``) and its
-    assignment-key function."""
+def load_experiment(
+    settings: Settings,
+) -> tuple[Any | None, Callable[[str | None, Sequence[str]], str]]:
+    """``service.experiments.router_from_settings(settings)`` (None without ``experiments_file``,
+    i.e. ``GENRET_EXPERIMENTS_FILE``) and its assignment-key function."""
     experiments: Any = importlib.import_module("service.experiments")
-    return experiments.router_from_env(), experiments.user_key
+    return experiments.router_from_settings(settings), experiments.user_key
 
 
 def wire_experiment(hooks: Any, engine: Engine) -> None:
@@ -156,7 +158,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry = ModelRegistry(settings)
         await asyncio.to_thread(registry.load_all)
         cache = make_cache(settings)
-        hooks, assignment_key = load_experiment()
+        hooks, assignment_key = load_experiment(settings)
         engine = Engine(
             settings,
             registry,

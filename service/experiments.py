@@ -18,7 +18,7 @@ Layers, each usable alone: :class:`ExperimentConfig` (parsed, validated file),
 :class:`ExperimentRouter` (pure assignment), :class:`ExperimentFile` (reload on change, keep the
 last good config on a bad edit), :class:`ExperimentHooks` (what the engine calls: ``assign`` on the
 request path, ``maybe_shadow`` after each primary answer; it feeds a
-:class:`service.shadow.ShadowLane`). :func:`router_from_env` builds the hooks from the environment.
+:class:`service.shadow.ShadowLane`). :func:`router_from_settings` builds the hooks from :class:`service.settings.Settings`.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import yaml
 from prometheus_client import Counter
 
 from service.metrics import REGISTRY
+from service.settings import Settings
 from service.shadow import Ranked, ShadowConfig, ShadowJob, ShadowLane, ShadowLog
 
 log = logging.getLogger(__name__)
@@ -395,44 +396,32 @@ def user_key_hash(key: str) -> str:
     return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
 
 
-def _env_number(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ExperimentConfigError(name, f"must be a number, got {raw!r}") from None
-    if not lo <= value <= hi:
-        raise ExperimentConfigError(name, f"must be in [{lo}, {hi}], got {value}")
-    return value
+def router_from_settings(settings: Settings) -> ExperimentHooks | None:
+    """The experiment hooks configured by ``settings``, or None without an experiment file.
 
-
-def router_from_env(environ: Mapping[str, str] | None = None) -> ExperimentHooks | None:
-    """The experiment hooks configured by ``GENRET_*`` variables, or None without an experiment file.
-
-    ``GENRET_EXPERIMENTS_FILE`` (YAML above; unset or empty = no experiment),
-    ``GENRET_EXPERIMENTS_CHECK_S`` (reload check period, default 5),
-    ``GENRET_SHADOW_LOG`` (JSONL path; unset = metrics only), ``GENRET_SHADOW_LOG_MAX_BYTES``
-    (rotate at, default 64 MiB), ``GENRET_SHADOW_LOG_BACKUPS`` (rotated files kept, default 3),
-    ``GENRET_SHADOW_QUEUE_SIZE`` (default 64), ``GENRET_SHADOW_TIMEOUT_S`` (default 5),
-    ``GENRET_SHADOW_MAX_AGE_S`` (a copy waiting longer for spare capacity is dropped, default 2).
+    Reads ``experiments_file`` (YAML above; None = no experiment), ``experiments_check_s`` (reload
+    check period), ``shadow_log`` (JSONL path; None = metrics only) rotated at
+    ``shadow_log_max_bytes`` keeping ``shadow_log_backups`` files, and the shadow lane's
+    ``shadow_queue_size``, ``shadow_timeout_s`` and ``shadow_max_age_s`` (a copy waiting longer for
+    spare capacity is dropped). Each is a ``GENRET_*`` variable of :class:`service.settings.Settings`.
     """
-    env = os.environ if environ is None else environ
-    path = env.get("GENRET_EXPERIMENTS_FILE", "")
-    if not path:
+    path = settings.experiments_file
+    if path is None:
         return None
-    check_s = _env_number(env, "GENRET_EXPERIMENTS_CHECK_S", 5.0, 0.0, 3600.0)
     config = ShadowConfig(
-        queue_size=int(_env_number(env, "GENRET_SHADOW_QUEUE_SIZE", 64, 1, 100_000)),
-        timeout_s=_env_number(env, "GENRET_SHADOW_TIMEOUT_S", 5.0, 0.01, 600.0),
-        max_age_s=_env_number(env, "GENRET_SHADOW_MAX_AGE_S", 2.0, 0.01, 3600.0),
+        queue_size=settings.shadow_queue_size,
+        timeout_s=settings.shadow_timeout_s,
+        max_age_s=settings.shadow_max_age_s,
     )
-    max_bytes = int(_env_number(env, "GENRET_SHADOW_LOG_MAX_BYTES", 64 * 2**20, 1024, 2**40))
-    backups = int(_env_number(env, "GENRET_SHADOW_LOG_BACKUPS", 3, 0, 1000))
-    log_path = env.get("GENRET_SHADOW_LOG", "")
-    shadow_log = ShadowLog(log_path, max_bytes=max_bytes, backups=backups) if log_path else None
-    hooks = ExperimentHooks(ExperimentFile(path, check_interval_s=check_s), config, shadow_log)
+    log_path = settings.shadow_log
+    shadow_log = (
+        ShadowLog(log_path, max_bytes=settings.shadow_log_max_bytes, backups=settings.shadow_log_backups)
+        if log_path is not None
+        else None
+    )
+    hooks = ExperimentHooks(
+        ExperimentFile(path, check_interval_s=settings.experiments_check_s), config, shadow_log
+    )
     cfg = hooks.source.router().config
     log.info(
         "experiment %r: variants %s, shadows %s, log %s",

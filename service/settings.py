@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_ADMIN_TOKEN = "dev-admin-token"
@@ -164,6 +164,51 @@ class Settings(BaseSettings):
         le=10_000_000,
         description="Entries of the in-process LRU used without Redis (0 = no cache).",
     )
+
+    # --- experiments and shadow traffic (service/experiments.py, service/shadow.py) ---
+    experiments_file: Path | None = Field(
+        default=None,
+        description="YAML of A/B variants and shadow bundles (see service/experiments.py); "
+        "unset or empty = no experiment.",
+    )
+    experiments_check_s: float = Field(
+        default=5.0,
+        ge=0.0,
+        le=3600.0,
+        description="Seconds between checks of the experiment file for edits (0 = check on every request).",
+    )
+    shadow_log: Path | None = Field(
+        default=None,
+        description="JSONL file of shadowed requests with both answers; unset or empty = metrics only.",
+    )
+    shadow_log_max_bytes: int = Field(
+        default=64 * 2**20,
+        ge=1024,
+        le=2**40,
+        description="Size in bytes at which the shadow log is rotated.",
+    )
+    shadow_log_backups: int = Field(default=3, ge=0, le=1000, description="Rotated shadow log files kept.")
+    shadow_queue_size: int = Field(
+        default=64,
+        ge=1,
+        le=100_000,
+        description="Shadow copies waiting to run; past it new copies are dropped (counted).",
+    )
+    shadow_timeout_s: float = Field(
+        default=5.0, ge=0.01, le=600.0, description="Seconds one shadow copy may run before it is abandoned."
+    )
+    shadow_max_age_s: float = Field(
+        default=2.0,
+        ge=0.01,
+        le=3600.0,
+        description="A shadow copy waiting longer than this for spare capacity is dropped.",
+    )
+
+    @field_validator("experiments_file", "shadow_log", mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, value: object) -> object:
+        # docker compose passes ``GENRET_EXPERIMENTS_FILE: ${GENRET_EXPERIMENTS_FILE:-}``: empty = unset
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:

@@ -34,11 +34,10 @@ import yaml
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from models.bundle import load_bundle
 from models.decoder import PAD_SCORE, DecoderConfig, TokenDecoder, safe_key_padding
 from models.encoder import EncoderConfig, QueryEncoder
 from models.index import TreeIndex
-from models.retriever import Retriever
+from training.bundle_recommender import BundleRecommender, SasrecQuery
 from training.clustering import balanced_tree_codes
 from training.export import export_bundle
 from training.registry import TrainContext, TrainedMethod, register_method
@@ -189,21 +188,6 @@ class SeaterEncoder(nn.Module):
     def forward(self, history: Tensor, history_mask: Tensor) -> tuple[Tensor, Tensor]:
         memory, _ = self.encoder(history, history_mask)  # [B, T, D]
         return memory, self.query_model(history, history_mask)  # [B, Dr]
-
-
-class SasrecQuery(nn.Module):
-    """The SASRec user vector as an encoder output: ``(history[B,T], mask[B,T]) -> [B, D]``.
-
-    SASRec reads left-padded histories and takes its most recent position (the last column).
-    """
-
-    def __init__(self, sasrec_module: nn.Module) -> None:
-        super().__init__()
-        self.sasrec = sasrec_module
-
-    def forward(self, history: Tensor, history_mask: Tensor) -> Tensor:
-        items = history * history_mask.to(history.dtype)  # [B, T] masked positions -> padding
-        return self.sasrec(items)[:, -1]  # [B, D]
 
 
 class SeaterModel(nn.Module):
@@ -481,26 +465,6 @@ def _validation_loss(
         total += seater_losses(model, tables, plain, hist[ids], tgt[ids]).gen.item() * len(idx)
         n += len(idx)
     return total / n
-
-
-class BundleRecommender:
-    """Recommends through an exported bundle (ONNX Runtime): what is measured is what is served."""
-
-    def __init__(
-        self, bundle_dir: Path, beam_size: int, backend: str = "onnx", batch_size: int = 256
-    ) -> None:
-        self.retriever = Retriever(load_bundle(bundle_dir), backend=backend)
-        self.beam_size = beam_size
-        self.batch_size = batch_size
-
-    def recommend(self, histories: list[np.ndarray], k: int, exclude: list[np.ndarray] | None) -> np.ndarray:
-        out = np.zeros((len(histories), k), np.int64)
-        for start in range(0, len(histories), self.batch_size):
-            stop = start + self.batch_size
-            chunk_exclude = exclude[start:stop] if exclude is not None else None
-            result = self.retriever.retrieve(histories[start:stop], k, max(self.beam_size, k), chunk_exclude)
-            out[start:stop] = result.items
-        return out
 
 
 def train_seater(ctx: TrainContext) -> TrainedMethod:

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from models.decoder import PAD_SCORE
 from models.encoder import recency_positions
 from models.index import TreeIndex
+from training.bundle_recommender import BundleRecommender, SasrecQuery
 from training.registry import TrainContext, TrainedMethod, register_method
 from training.tdr_sampling import (
     RECTIFY_MODES,
@@ -286,17 +287,6 @@ class PreferenceModel(nn.Module):
         return self.score(recent[beam_query], recent_mask[beam_query], candidates)
 
 
-class SasrecQuery(nn.Module):
-    """The SASRec user vector ``(history[B,T] left-padded, mask[B,T]) -> [B, D]`` (its last position)."""
-
-    def __init__(self, sasrec_module: nn.Module) -> None:
-        super().__init__()
-        self.sasrec = sasrec_module
-
-    def forward(self, history: Tensor, history_mask: Tensor) -> Tensor:
-        return self.sasrec(history * history_mask.to(history.dtype))[:, -1]  # [B, D]
-
-
 class TDREncoder(nn.Module):
     """``(history[B,T], mask[B,T]) -> (memory[B,T,D] item embeddings, query[B,Dr] rerank vector)``."""
 
@@ -494,29 +484,6 @@ def tree_learning_pairs(
     group_end = np.searchsorted(targets[order], targets[order], side="right")  # [P]
     keep = np.sort(order[(group_end - np.arange(len(order))) <= per_item])
     return histories[keep], targets[keep]
-
-
-class BundleRecommender:
-    """Recommends through an exported bundle (ONNX Runtime): what is measured is what is served."""
-
-    def __init__(
-        self, bundle_dir: Path, beam_size: int, backend: str = "onnx", batch_size: int = 256
-    ) -> None:
-        from models.bundle import load_bundle
-        from models.retriever import Retriever
-
-        self.retriever = Retriever(load_bundle(bundle_dir), backend=backend)
-        self.beam_size = beam_size
-        self.batch_size = batch_size
-
-    def recommend(self, histories: list[np.ndarray], k: int, exclude: list[np.ndarray] | None) -> np.ndarray:
-        out = np.zeros((len(histories), k), np.int64)
-        for start in range(0, len(histories), self.batch_size):
-            stop = start + self.batch_size
-            chunk_exclude = exclude[start:stop] if exclude is not None else None
-            result = self.retriever.retrieve(histories[start:stop], k, max(self.beam_size, k), chunk_exclude)
-            out[start:stop] = result.items
-        return out
 
 
 def export_tdr(

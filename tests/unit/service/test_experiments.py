@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from service.experiments import (
     ExperimentConfig,
@@ -21,12 +22,13 @@ from service.experiments import (
     ShadowTarget,
     Variant,
     ranked_from_response,
-    router_from_env,
+    router_from_settings,
     unit_hash,
     user_key,
 )
 from service.metrics import REGISTRY
 from service.schemas import ModelRef, RetrieveRequest, RetrieveResponse, ScoredItem
+from service.settings import Settings
 from service.shadow import Ranked, ShadowConfig, ShadowLog, read_records
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -185,14 +187,31 @@ def test_experiment_file_reloads_on_change_and_keeps_the_last_good(tmp_path: Pat
     assert source.router().config.salt == "s2-longer-so-the-size-changes"  # no retry until the next edit
 
 
-def test_router_from_env(tmp_path: Path) -> None:
-    assert router_from_env({}) is None
+def test_router_from_settings(tmp_path: Path) -> None:
+    assert router_from_settings(Settings()) is None
     path = write_config(tmp_path / "exp.yaml", CONFIG)
-    hooks = router_from_env({"GENRET_EXPERIMENTS_FILE": str(path), "GENRET_SHADOW_QUEUE_SIZE": "7"})
+    hooks = router_from_settings(Settings(experiments_file=path, shadow_queue_size=7))
     assert hooks is not None and hooks.shadow_log is None and hooks.shadow_config.queue_size == 7
     assert hooks.assign("u:1") == ExperimentRouter(ExperimentConfig.from_dict(CONFIG)).assign("u:1")
-    with pytest.raises(ExperimentConfigError, match="GENRET_SHADOW_QUEUE_SIZE"):
-        router_from_env({"GENRET_EXPERIMENTS_FILE": str(path), "GENRET_SHADOW_QUEUE_SIZE": "0"})
+    with pytest.raises(ValidationError, match="shadow_queue_size"):
+        Settings(experiments_file=path, shadow_queue_size=0)
+
+
+def test_router_from_settings_reads_the_genret_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_config(tmp_path / "exp.yaml", CONFIG)
+    monkeypatch.setenv("GENRET_EXPERIMENTS_FILE", "")
+    assert router_from_settings(Settings()) is None  # empty = unset, as docker compose passes it
+    monkeypatch.setenv("GENRET_EXPERIMENTS_FILE", str(path))
+    monkeypatch.setenv("GENRET_SHADOW_QUEUE_SIZE", "7")
+    monkeypatch.setenv("GENRET_SHADOW_LOG", str(tmp_path / "shadow.jsonl"))
+    hooks = router_from_settings(Settings())
+    assert hooks is not None and hooks.shadow_log is not None and hooks.shadow_config.queue_size == 7
+    asyncio.run(hooks.aclose())
+    monkeypatch.setenv("GENRET_SHADOW_QUEUE_SIZE", "0")
+    with pytest.raises(ValidationError, match="shadow_queue_size"):
+        Settings()
 
 
 # ---- hooks: what the engine calls ---------------------------------------------------------------
