@@ -6,6 +6,13 @@
 3. drive it from a separate process — ``wrk`` with a Lua script sending random histories — at each
    concurrency for ``duration`` seconds, after a short warm-up;
 4. print QPS and p50/p95/p99 per mode and concurrency, the QPS ratio, and the service's resident memory.
+
+With ``shadow_rates`` (``--shadow 0,0.5,1``) it measures the shadow lane's cost instead: a second
+bundle of the same size (seed + 1) is served next to the primary one (a directory of symlinks
+``primary/`` and ``shadow/`` as ``GENRET_BUNDLE_PATH``), and for each rate > 0 an experiment file
+copies that share of users' requests to ``shadow``. Per rate and concurrency it prints the primary's
+QPS and latency, the p99 change against rate 0 at the same concurrency, and the shadow copies
+completed and dropped (deltas of ``genret_shadow_*`` counters read from ``/metrics``).
 """
 
 from __future__ import annotations
@@ -16,10 +23,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 
 from service.launcher import ServiceProcess
@@ -66,6 +74,7 @@ class BenchConfig:
     workdir: Path
     seed: int = 0
     threads: int = 1  # torch and ONNX Runtime intra-op threads of the served app (both modes alike)
+    shadow_rates: tuple[float, ...] = ()  # non-empty: run the shadow experiment instead of the modes
 
     def __post_init__(self) -> None:
         if self.items < 2 or self.levels < 1 or self.dim < 1 or not self.concurrency:
@@ -74,6 +83,8 @@ class BenchConfig:
             raise ValueError(f"concurrency levels must be >= 1 and duration > 0: {self}")
         if not set(self.modes) <= {"generative", "bruteforce"} or not self.modes:
             raise ValueError(f"modes must be among generative, bruteforce; got {self.modes}")
+        if any(not 0.0 <= r <= 1.0 for r in self.shadow_rates):
+            raise ValueError(f"shadow rates must be in [0, 1], got {self.shadow_rates}")
 
     @property
     def tree_branching(self) -> int:
@@ -91,6 +102,22 @@ class Measurement:
     requests: int
     errors: int  # non-2xx + socket errors + timeouts
     rss_mib: float
+
+
+@dataclass(frozen=True)
+class ShadowMeasurement:
+    rate: float  # shadow sample_rate (0 = no experiment file)
+    concurrency: int
+    qps: float  # primary 2xx answers per second
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    requests: int
+    errors: int
+    rss_mib: float
+    shadow_runs: dict[str, int] = field(default_factory=dict)  # result (ok, error, timeout) -> count
+    shadow_dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    p99_change_pct: float | None = None  # vs rate 0 at the same concurrency
 
 
 def build_bundle(cfg: BenchConfig) -> Path:
@@ -138,9 +165,9 @@ def run_wrk(url: str, script: Path, concurrency: int, duration_s: float) -> dict
     raise RuntimeError(f"wrk printed no summary:\n{out}")
 
 
-def measure_mode(mode: str, bundle: Path, script: Path, cfg: BenchConfig) -> list[Measurement]:
-    env = {
-        "GENRET_BUNDLE_PATH": str(bundle),
+def service_env(cfg: BenchConfig, bundle_path: Path, mode: str) -> dict[str, str]:
+    return {
+        "GENRET_BUNDLE_PATH": str(bundle_path),
         "GENRET_SEARCH_MODE": mode,
         "GENRET_LOCAL_CACHE_ENTRIES": "0",  # every request computes: measure the search, not the cache
         "GENRET_MAX_BATCH_SIZE": str(cfg.max_batch_size),
@@ -152,26 +179,35 @@ def measure_mode(mode: str, bundle: Path, script: Path, cfg: BenchConfig) -> lis
         "GENRET_TORCH_THREADS": str(cfg.threads),
         "GENRET_INTRA_OP_THREADS": str(cfg.threads),
     }
+
+
+def measure_level(mode: str, service: ServiceProcess, script: Path, c: int, cfg: BenchConfig) -> Measurement:
+    """One wrk run of ``cfg.duration_s`` at ``c`` connections against a started service."""
+    raw = run_wrk(service.url, script, c, cfg.duration_s)
+    errors = raw["connect"] + raw["read"] + raw["write"] + raw["status"] + raw["timeout"]
+    seconds = raw["duration_us"] / 1e6
+    rss, _ = service.rss_bytes()
+    return Measurement(
+        mode=mode,
+        concurrency=c,
+        qps=(raw["requests"] - raw["status"]) / seconds,
+        p50_ms=raw["p50_us"] / 1000,
+        p95_ms=raw["p95_us"] / 1000,
+        p99_ms=raw["p99_us"] / 1000,
+        requests=raw["requests"],
+        errors=errors,
+        rss_mib=rss / 2**20,
+    )
+
+
+def measure_mode(mode: str, bundle: Path, script: Path, cfg: BenchConfig) -> list[Measurement]:
+    env = service_env(cfg, bundle, mode)
     service = ServiceProcess(env, cfg.workdir / f"service-{mode}.log").start(ready_timeout_s=600)
     results = []
     try:
         run_wrk(service.url, script, 8, 2.0)  # warm-up
         for c in cfg.concurrency:
-            raw = run_wrk(service.url, script, c, cfg.duration_s)
-            errors = raw["connect"] + raw["read"] + raw["write"] + raw["status"] + raw["timeout"]
-            seconds = raw["duration_us"] / 1e6
-            rss, _ = service.rss_bytes()
-            m = Measurement(
-                mode=mode,
-                concurrency=c,
-                qps=(raw["requests"] - raw["status"]) / seconds,
-                p50_ms=raw["p50_us"] / 1000,
-                p95_ms=raw["p95_us"] / 1000,
-                p99_ms=raw["p99_us"] / 1000,
-                requests=raw["requests"],
-                errors=errors,
-                rss_mib=rss / 2**20,
-            )
+            m = measure_level(mode, service, script, c, cfg)
             print(
                 f"  {mode:<10} c={c:<3} qps={m.qps:8.1f} p50={m.p50_ms:7.1f}ms p95={m.p95_ms:7.1f}ms "
                 f"p99={m.p99_ms:7.1f}ms errors={m.errors} rss={m.rss_mib:.0f}MiB",
@@ -181,6 +217,176 @@ def measure_mode(mode: str, bundle: Path, script: Path, cfg: BenchConfig) -> lis
     finally:
         service.stop()
     return results
+
+
+SHADOW_RUNS_METRIC = "genret_shadow_requests_total"
+SHADOW_DROPPED_METRIC = "genret_shadow_dropped_total"
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """``a="x",b="y"`` -> {a: x, b: y} (label values in these metrics hold no quotes or commas)."""
+    out = {}
+    for part in text.split(","):
+        if "=" in part:
+            key, value = part.split("=", 1)
+            out[key.strip()] = value.strip().strip('"')
+    return out
+
+
+def shadow_counters(metrics_text: str) -> tuple[dict[str, int], dict[str, int]]:
+    """From a Prometheus text page: shadow runs by result and shadow drops by reason (summed over labels)."""
+    runs: dict[str, int] = {}
+    dropped: dict[str, int] = {}
+    for line in metrics_text.splitlines():
+        if line.startswith("#") or "{" not in line:
+            continue
+        name, rest = line.split("{", 1)
+        labels_text, _, value_text = rest.rpartition("}")
+        labels = parse_labels(labels_text)
+        value = int(float(value_text.strip().split()[0]))
+        if name == SHADOW_RUNS_METRIC:
+            result = labels.get("result", "?")
+            runs[result] = runs.get(result, 0) + value
+        elif name == SHADOW_DROPPED_METRIC:
+            reason = labels.get("reason", "?")
+            dropped[reason] = dropped.get(reason, 0) + value
+    return runs, dropped
+
+
+def read_shadow_counters(url: str) -> tuple[dict[str, int], dict[str, int]]:
+    response = httpx.get(f"{url}/metrics", timeout=10.0)
+    response.raise_for_status()
+    return shadow_counters(response.text)
+
+
+def counter_delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in sorted(after.items()) if v - before.get(k, 0)}
+
+
+def shadow_root(workdir: Path, primary: Path, shadow: Path) -> Path:
+    """A bundle directory serving ``primary`` and ``shadow`` under those names (symlinks)."""
+    root = workdir / f"shadow-root-{primary.name}"
+    root.mkdir(parents=True, exist_ok=True)
+    for name, target in (("primary", primary), ("shadow", shadow)):
+        link = root / name
+        if link.is_symlink() or link.exists():
+            if link.resolve() == target.resolve():
+                continue
+            link.unlink()
+        link.symlink_to(target.resolve(), target_is_directory=True)
+    return root
+
+
+def experiment_yaml(rate: float) -> str:
+    return (
+        f"name: bench-shadow-{rate:g}\n"
+        "salt: genret-bench-shadow\n"
+        "variants:\n"
+        "  - {name: default, bundle: primary, weight: 1}\n"
+        "shadows:\n"
+        f"  - {{bundle: shadow, sample_rate: {rate!r}}}\n"
+    )
+
+
+def measure_shadow_rate(rate: float, root: Path, script: Path, cfg: BenchConfig) -> list[ShadowMeasurement]:
+    env = service_env(cfg, root, "generative")
+    env["GENRET_DEFAULT_MODEL"] = "primary"
+    env["GENRET_EXPERIMENTS_FILE"] = ""  # rate 0: no experiment, whatever the caller's environment says
+    if rate > 0:
+        path = cfg.workdir / f"experiment-shadow-{rate:g}.yaml"
+        path.write_text(experiment_yaml(rate))
+        env["GENRET_EXPERIMENTS_FILE"] = str(path)
+    service = ServiceProcess(env, cfg.workdir / f"service-shadow-{rate:g}.log").start(ready_timeout_s=600)
+    results = []
+    try:
+        run_wrk(service.url, script, 8, 2.0)  # warm-up (both bundles when shadowing)
+        for c in cfg.concurrency:
+            runs_before, dropped_before = read_shadow_counters(service.url)
+            m = measure_level("generative", service, script, c, cfg)
+            runs_after, dropped_after = read_shadow_counters(service.url)
+            sm = ShadowMeasurement(
+                rate=rate,
+                concurrency=c,
+                qps=m.qps,
+                p50_ms=m.p50_ms,
+                p95_ms=m.p95_ms,
+                p99_ms=m.p99_ms,
+                requests=m.requests,
+                errors=m.errors,
+                rss_mib=m.rss_mib,
+                shadow_runs=counter_delta(runs_after, runs_before),
+                shadow_dropped=counter_delta(dropped_after, dropped_before),
+            )
+            print(
+                f"  shadow={rate:<4g} c={c:<3} qps={sm.qps:8.1f} p50={sm.p50_ms:7.1f}ms "
+                f"p99={sm.p99_ms:7.1f}ms errors={sm.errors} shadow_runs={sm.shadow_runs} "
+                f"dropped={sm.shadow_dropped}",
+                flush=True,
+            )
+            results.append(sm)
+    finally:
+        service.stop()
+    return results
+
+
+def with_p99_change(results: list[ShadowMeasurement]) -> list[ShadowMeasurement]:
+    """Fill ``p99_change_pct`` against the rate-0 row at the same concurrency (None without one)."""
+    base = {m.concurrency: m.p99_ms for m in results if m.rate == 0}
+    out = []
+    for m in results:
+        b = base.get(m.concurrency)
+        change = None if not b else 100.0 * (m.p99_ms - b) / b
+        out.append(replace(m, p99_change_pct=change))
+    return out
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in counts.items()) or "0"
+
+
+def format_shadow_table(results: list[ShadowMeasurement]) -> str:
+    lines = [
+        "| shadow rate | concurrency | primary QPS | p50 ms | p99 ms | p99 vs rate 0 | shadow completed "
+        "| shadow error/timeout | shadow dropped | primary errors |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
+    ]
+    for m in results:
+        change = "-" if m.p99_change_pct is None else f"{m.p99_change_pct:+.1f}%"
+        failed = {k: v for k, v in m.shadow_runs.items() if k != "ok"}
+        lines.append(
+            f"| {m.rate:g} | {m.concurrency} | {m.qps:.1f} | {m.p50_ms:.1f} | {m.p99_ms:.1f} | {change} "
+            f"| {m.shadow_runs.get('ok', 0)} | {_counts(failed)} | {_counts(m.shadow_dropped)} | {m.errors} |"
+        )
+    return "\n".join(lines)
+
+
+def run_shadow_bench(cfg: BenchConfig, as_json: bool = False) -> int:
+    primary = build_bundle(cfg)
+    shadow = build_bundle(replace(cfg, seed=cfg.seed + 1))
+    root = shadow_root(cfg.workdir, primary, shadow)
+    results: list[ShadowMeasurement] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        script = wrk_script(primary, cfg, Path(tmp) / "retrieve.lua")
+        for rate in cfg.shadow_rates:
+            print(f"measuring shadow rate {rate:g} ...", flush=True)
+            results.extend(measure_shadow_rate(rate, root, script, cfg))
+    results = with_p99_change(results)
+    print(
+        f"\nbench serve --shadow: N={cfg.items} L={cfg.levels} branching={cfg.tree_branching} dim={cfg.dim} "
+        f"k={cfg.k} beam={cfg.beam_size} batch<={cfg.max_batch_size} threads={cfg.threads} "
+        f"duration={cfg.duration_s}s (primary and shadow bundles of the same size; load: wrk, 1 thread)"
+    )
+    print(format_shadow_table(results))
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "config": {**asdict(cfg), "workdir": str(cfg.workdir)},
+                    "shadow_results": [asdict(m) for m in results],
+                }
+            )
+        )
+    return 0
 
 
 def format_table(results: list[Measurement]) -> str:
@@ -210,6 +416,8 @@ def run_bench(cfg: BenchConfig, as_json: bool = False) -> int:
         print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
     cfg.workdir.mkdir(parents=True, exist_ok=True)
+    if cfg.shadow_rates:
+        return run_shadow_bench(cfg, as_json=as_json)
     bundle = build_bundle(cfg)
     results: list[Measurement] = []
     with tempfile.TemporaryDirectory() as tmp:

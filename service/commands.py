@@ -47,6 +47,12 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
         "--threads", type=int, default=1, help="torch / ONNX Runtime threads of the served app"
     )
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument(
+        "--shadow",
+        default="",
+        help="comma-separated shadow sample rates, e.g. 0,0.5,1: measure the primary's latency with a "
+        "same-size shadow bundle copied that share of requests (instead of the mode comparison)",
+    )
     bench.add_argument("--json", action="store_true", help="print the results as JSON too")
     bench.set_defaults(func=cmd_bench_serve)
 
@@ -84,5 +90,6 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         seed=args.seed,
         threads=args.threads,
+        shadow_rates=tuple(float(r) for r in args.shadow.split(",") if r.strip()),
     )
     return run_bench(config, as_json=args.json)
