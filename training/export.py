@@ -308,3 +308,17 @@ def publish_dir(tmp: Path, out: Path) -> None:
     os.rename(out, old)
     os.rename(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def record_metrics(bundle_dir: Path, metrics: dict[str, float]) -> None:
+    """Write offline ``metrics`` into an exported bundle's manifest (atomically).
+
+    Trainers export before the test evaluation, so the metrics arrive afterwards. The manifest is
+    not among the checksummed files, so the fingerprint (and every cache key derived from it) stays.
+    """
+    path = Path(bundle_dir) / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["metrics"] = _json_safe(metrics)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

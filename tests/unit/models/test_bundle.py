@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from models.bundle import BundleError, bundle_fingerprint, file_sha256, load_bundle
-from training.export import ExportError, export_bundle, publish_dir
+from training.export import ExportError, export_bundle, publish_dir, record_metrics
 
 from .conftest import DIM, MAX_HISTORY, NUM_ITEMS, TinyModel
 
@@ -171,3 +171,15 @@ def test_publish_replaces_an_existing_bundle_whole(tiny_bundle_dir: Path, tmp_pa
     assert not (out / "stale.txt").exists() and not new.exists()
     assert load_bundle(out).manifest.name == "tiny"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["served"], "temporary directories left behind"
+
+
+def test_recorded_metrics_reach_the_manifest_and_keep_the_fingerprint(
+    tiny_bundle_dir: Path, tmp_path: Path
+) -> None:
+    bundle_dir = tmp_path / "b"
+    shutil.copytree(tiny_bundle_dir, bundle_dir)
+    before = load_bundle(bundle_dir).fingerprint
+    record_metrics(bundle_dir, {"recall@20": 0.25, "ndcg@20": np.float32(0.125)})
+    loaded = load_bundle(bundle_dir)
+    assert loaded.manifest.metrics == {"recall@20": 0.25, "ndcg@20": 0.125}
+    assert loaded.fingerprint == before
