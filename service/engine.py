@@ -14,7 +14,6 @@ written back with one pipelined SET after the batch is answered.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,6 +27,7 @@ from service.batcher import Batcher, BatcherConfig, Job
 from service.bruteforce import bruteforce_topk
 from service.cache import StateCache, StateRow, cache_key
 from service.errors import LimitExceeded, Unavailable
+from service.experiments import user_key as experiment_user_key
 from service.metrics import FALLBACKS, INFLIGHT, STAGE_SECONDS, UNKNOWN_HISTORY_ITEMS
 from service.models_registry import LoadedModel, ModelRegistry
 from service.schemas import DebugInfo, ModelRef, RetrieveRequest, RetrieveResponse, ScoredItem
@@ -46,17 +46,6 @@ class VariantRouter(Protocol):
 
     def assign(self, user_key: str) -> str: ...
     def bundle_of(self, variant: str) -> str: ...
-
-
-def default_assignment_key(user_id: str | None, history: Sequence[str]) -> str:
-    """``u:<user_id>``, else ``h:<hash of the history ids>`` (the experiments module's convention)."""
-    if user_id:
-        return f"u:{user_id}"
-    h = hashlib.blake2b(digest_size=12)
-    for item in history:
-        h.update(str(item).encode())
-        h.update(b"\x1f")
-    return f"h:{h.hexdigest()}"
 
 
 # on_primary_result(request, response, timings in seconds): called after each primary answer (shadowing)
@@ -122,7 +111,7 @@ class Engine:
         *,
         router: VariantRouter | None = None,
         on_primary_result: PrimaryResultHook | None = None,
-        assignment_key: Callable[[str | None, Sequence[str]], str] = default_assignment_key,
+        assignment_key: Callable[[str | None, Sequence[str]], str] = experiment_user_key,
     ) -> None:
         self.settings = settings
         self.registry = registry
