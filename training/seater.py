@@ -13,6 +13,10 @@ Pipeline of :func:`train_seater`:
    children ``c`` of the current node, exactly the decoder step with ``score_mode="logprob"``).
 3. losses: ``L_gen + lambda_a L_ali + lambda_r L_rank`` (:mod:`training.seater_losses`), L2 via
    Adam weight decay; ``align=false`` / ``rank=false`` switch the contrastive terms off.
+Under ``torchrun`` (``genret train``, :mod:`training.distributed`) every rank trains on its shard of
+the training pairs through a DDP-wrapped :class:`SeaterLoss`; rank 0 builds the index (broadcast to
+the others), decides on the validation loss and exports the bundle.
+
 4. export: the bundle's ``query`` (rerank vector) is the SASRec user vector computed inside
    ``encoder.onnx`` and ``item_emb`` the SASRec item table (see ``configs/seater.yaml``); the
    recommender evaluates through ``Retriever(load_bundle(dir), backend="onnx")``.
@@ -37,6 +41,7 @@ from tqdm import tqdm
 from models.decoder import PAD_SCORE, DecoderConfig, TokenDecoder, safe_key_padding
 from models.encoder import EncoderConfig, QueryEncoder
 from models.index import TreeIndex
+from training import distributed
 from training.bundle_recommender import BundleRecommender, SasrecQuery
 from training.clustering import balanced_tree_codes
 from training.export import export_bundle
@@ -343,6 +348,22 @@ def seater_losses(
     return LossParts(total=total, gen=gen, ali=ali, rank=rnk)
 
 
+class SeaterLoss(nn.Module):
+    """The training step as a module (DDP hooks ``forward``): ``(history[B, T], target[B]) -> (total, gen, ali, rank)``."""
+
+    def __init__(self, model: SeaterModel, tables: TreeTables, cfg: SeaterConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.tables = tables
+        self.cfg = cfg
+
+    def forward(
+        self, history: Tensor, target: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        parts = seater_losses(self.model, self.tables, self.cfg, history, target, generator)
+        return parts.total, parts.gen, parts.ali, parts.rank
+
+
 def init_tokens_from_items(model: SeaterModel, index: TreeIndex, item_emb: np.ndarray) -> None:
     """Leaf rows <- item embeddings; every inner node <- the mean of its items (root included)."""
     N, L = index.num_items, index.levels
@@ -397,31 +418,42 @@ def _valid_pairs(ctx: TrainContext, max_pairs: int = 2000) -> tuple[np.ndarray, 
 def train_model(
     model: SeaterModel, tables: TreeTables, cfg: SeaterConfig, ctx: TrainContext
 ) -> dict[str, Any]:
-    """Adam over the training pairs; keeps the epoch with the lowest validation generation loss."""
+    """Adam over the training pairs; keeps the epoch with the lowest validation generation loss.
+
+    Under torchrun each rank steps on its shard of the pairs with DDP; rank 0 computes the
+    validation loss and broadcasts it, so every rank keeps the same best epoch.
+    """
+    dist = distributed.current()
     hist_np, tgt_np = training_pairs(ctx.split.train, ctx.split.max_len)
     rng = np.random.default_rng(ctx.seed)
     if cfg.max_train_pairs and hist_np.shape[0] > cfg.max_train_pairs:
         keep = rng.choice(hist_np.shape[0], cfg.max_train_pairs, replace=False)
         hist_np, tgt_np = hist_np[keep], tgt_np[keep]
+    num_pairs = int(hist_np.shape[0])
+    if dist.is_distributed:  # equal-sized strided shards: every rank takes the same number of steps
+        shard = dist.shard_indices(num_pairs)
+        hist_np, tgt_np = hist_np[shard], tgt_np[shard]
     history, target = torch.from_numpy(hist_np), torch.from_numpy(tgt_np)
     v_hist, v_tgt = (torch.from_numpy(a) for a in _valid_pairs(ctx))
-    gen = torch.Generator().manual_seed(ctx.seed)
+    gen = torch.Generator().manual_seed(ctx.seed + dist.rank)
+    net = dist.wrap(SeaterLoss(model, tables, cfg), find_unused_parameters=True)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     best_loss, best_state, best_epoch, stale = float("inf"), copy.deepcopy(model.state_dict()), 0, 0
     history_log: list[dict[str, float]] = []
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
+        net.train()
         sums = np.zeros(4)
         batches = _batches(history.shape[0], cfg.batch_size, rng)
         for idx in tqdm(batches, desc=f"seater epoch {epoch}/{cfg.epochs}", leave=False, mininterval=5.0):
             ids = torch.from_numpy(idx)
-            parts = seater_losses(model, tables, cfg, history[ids], target[ids], gen)
+            total, gen_loss, ali, rnk = net(history[ids], target[ids], gen)
             opt.zero_grad(set_to_none=True)
-            parts.total.backward()
+            total.backward()
             opt.step()
-            sums += [parts.total.item(), parts.gen.item(), parts.ali.item(), parts.rank.item()]
-        sums /= max(len(batches), 1)
-        valid_gen = _validation_loss(model, tables, cfg, v_hist, v_tgt)
+            sums += [total.item(), gen_loss.item(), ali.item(), rnk.item()]
+        sums = dist.all_reduce_mean(torch.from_numpy(sums / max(len(batches), 1))).double().numpy()
+        valid_gen = _validation_loss(model, tables, cfg, v_hist, v_tgt) if dist.is_main else 0.0
+        valid_gen = float(dist.broadcast(valid_gen))
         row = {
             "epoch": epoch,
             "loss": sums[0],
@@ -447,7 +479,8 @@ def train_model(
         "best_epoch": best_epoch,
         "best_valid_gen": best_loss,
         "epochs_run": len(history_log),
-        "train_pairs": int(history.shape[0]),
+        "train_pairs": num_pairs,
+        **({"world_size": dist.world_size} if dist.is_distributed else {}),
     }
 
 
@@ -479,7 +512,9 @@ def train_seater(ctx: TrainContext) -> TrainedMethod:
     t_sasrec = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    index = build_index(item_emb, cfg, ctx.seed)
+    dist = distributed.current()
+    # rank 0's tree on every rank: the model's shapes follow it, and DDP needs them equal
+    index = dist.broadcast(build_index(item_emb, cfg, ctx.seed) if dist.is_main else None)
     t_index = time.perf_counter() - t1
     log.info("seater index: %s", index.stats())
 
@@ -496,6 +531,8 @@ def train_seater(ctx: TrainContext) -> TrainedMethod:
     finally:
         torch.set_num_threads(threads)
     t_train = time.perf_counter() - t2
+    if not dist.is_main:  # rank 0 exports and serves; this rank's copy of the model is the same
+        return TrainedMethod(recommender=sasrec, info={"rank": dist.rank, **train_info})
 
     bundle_dir = export_seater(ctx, cfg, model, index, sasrec, item_emb)
     recommender = BundleRecommender(bundle_dir, cfg.beam_size)

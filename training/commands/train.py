@@ -18,12 +18,13 @@ from training import distributed
 from training.commands.compare import add_split_arguments, make_context, train_and_evaluate
 from training.commands.data import add_data_arguments
 from training.distributed import DistContext
+from training.export import record_metrics
 from training.metrics import DEFAULT_KS
 from training.registry import get_method
 
 log = logging.getLogger(__name__)
 
-DATA_PARALLEL_METHODS: frozenset[str] = frozenset({"sasrec"})
+DATA_PARALLEL_METHODS: frozenset[str] = frozenset({"sasrec", "seater"})
 """Methods whose trainers shard their data over the ranks of a torchrun job."""
 
 
@@ -38,6 +39,7 @@ def _copy_bundle(bundle_dir: Path, out: Path, force: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.out is not None and args.out.exists() and not args.force:
         raise SystemExit(f"genret: {args.out} exists; pass --force to replace it")
+    args.overrides = list(args.overrides or []) + tdr_flag_overrides(args)
     dist = DistContext.from_env()
     if dist.is_distributed and args.method not in DATA_PARALLEL_METHODS:
         if not dist.is_main:
@@ -56,6 +58,12 @@ def run(args: argparse.Namespace) -> int:
         return _train_and_report(args)
 
 
+def tdr_flag_overrides(args: argparse.Namespace) -> list[str]:
+    """``--sampler`` / ``--rectify`` as the ``--set`` overrides they stand for (TDR's config keys)."""
+    extra = [f"sampler={args.sampler}"] if args.sampler else []
+    return extra + (["rectify=true"] if args.rectify else [])
+
+
 def _train_and_report(args: argparse.Namespace) -> int:
     ctx = make_context(args, f"train/{args.method}")
     trained, result = train_and_evaluate(ctx, args.method)
@@ -63,6 +71,7 @@ def _train_and_report(args: argparse.Namespace) -> int:
     if args.out is not None:
         if trained.bundle_dir is not None:
             _copy_bundle(trained.bundle_dir, args.out, args.force)
+            record_metrics(args.out, result.metrics)
             saved = args.out
         elif hasattr(trained.recommender, "save"):  # SASRec: its weights, not a serving bundle
             if args.out.exists():
@@ -106,4 +115,6 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     parser.add_argument("--force", action="store_true", help="replace --out when it exists")
     add_split_arguments(parser)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--sampler", choices=["uniform", "topdown"], help="TDR: same as --set sampler=...")
+    parser.add_argument("--rectify", action="store_true", help="TDR: rectified labels (--set rectify=true)")
     parser.set_defaults(func=run)
