@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from models.encoder import layer_options
+
 TokenScheme = Literal["level", "node"]
 
 PAD_SCORE = -1.0e9
@@ -174,13 +176,7 @@ class TokenDecoder(nn.Module):
         self.level_embedding = nn.Embedding(self.max_depth, D)
         self.bias = nn.Parameter(torch.zeros(self.num_rows)) if config.use_bias else None
         layer = nn.TransformerDecoderLayer(
-            d_model=D,
-            nhead=config.num_heads,
-            dim_feedforward=config.ff_mult * D,
-            dropout=config.dropout,
-            activation="gelu",
-            batch_first=True,
-            norm_first=True,
+            **layer_options(D, config.num_heads, config.ff_mult, config.dropout)
         )
         self.layers = nn.TransformerDecoder(layer, num_layers=config.num_layers)
         self.output_norm = nn.LayerNorm(D)

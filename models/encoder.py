@@ -16,12 +16,26 @@ table with its decoder), and :meth:`QueryEncoder.embed_items` can be overridden.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 Pooling = Literal["last", "mean"]
+
+
+def layer_options(dim: int, num_heads: int, ff_mult: int, dropout: float) -> dict[str, Any]:
+    """Keyword arguments shared by every Transformer layer of the encoder and decoder:
+    pre-norm, GELU, batch first (the exported graphs and the parity tests assume these)."""
+    return {
+        "d_model": dim,
+        "nhead": num_heads,
+        "dim_feedforward": ff_mult * dim,
+        "dropout": dropout,
+        "activation": "gelu",
+        "batch_first": True,
+        "norm_first": True,
+    }
 
 
 @dataclass(frozen=True)
@@ -114,13 +128,7 @@ class QueryEncoder(nn.Module):
         self.input_norm = nn.LayerNorm(D)
         self.dropout = nn.Dropout(config.dropout)
         layer = nn.TransformerEncoderLayer(
-            d_model=D,
-            nhead=config.num_heads,
-            dim_feedforward=config.ff_mult * D,
-            dropout=config.dropout,
-            activation="gelu",
-            batch_first=True,
-            norm_first=True,
+            **layer_options(D, config.num_heads, config.ff_mult, config.dropout)
         )
         self.layers = nn.TransformerEncoder(layer, num_layers=config.num_layers, enable_nested_tensor=False)
         self.output_norm = nn.LayerNorm(D)
