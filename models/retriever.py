@@ -26,7 +26,16 @@ from torch import Tensor
 
 from models.backend import DecoderBackend, OnnxBackend
 from models.bundle import Bundle
-from models.search import DeviceTrie, ScoreMode, beam_search
+from models.search import (
+    BeamState,
+    DeviceTrie,
+    ScoreMode,
+    Scorer,
+    beam_finish,
+    beam_search,
+    beam_start,
+    beam_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +89,79 @@ class RetrievalResult:
     scores: np.ndarray  # [B, k] float32 inner products, -inf where padded
     num_candidates: np.ndarray  # [B] items in the beam's leaves after exclusion
     leaves: np.ndarray  # [B, b] global leaf node ids from the beam, -1 where fewer exist
+
+
+def check_search_args(k: int, beam_size: int) -> None:
+    if k < 1 or beam_size < 1:
+        raise ValueError(f"k and beam_size must be >= 1, got k={k}, beam_size={beam_size}")
+
+
+class StagedSearch:
+    """One :meth:`Retriever.search` split into stages: each beam-search level, then the rerank.
+
+    Each :meth:`step` runs one stage and returns its name (``"level1"`` .. ``"levelL"``,
+    ``"rerank"``); between two steps the caller may run other work (the service's shadow lane gives
+    way to primary batches there). The stages are the one-shot search's
+    (:func:`models.search.beam_step` is the body of :func:`beam_search`'s loop), so the result is
+    the same. Not thread-safe: one caller steps it at a time (any thread).
+    """
+
+    def __init__(
+        self,
+        retriever: Retriever,
+        states: EncoderStates,
+        k: int,
+        beam_size: int,
+        exclude: Sequence[np.ndarray] | None = None,
+    ) -> None:
+        check_search_args(k, beam_size)
+        self._retriever = retriever
+        self._k = k
+        self._exclude = exclude
+        memory, memory_mask, self._query = retriever._on_device(states)  # [B,T,D], [B,T], [B,Dr]
+        self._scorer = retriever._scorer(memory, memory_mask)
+        self._beam: BeamState = beam_start(retriever.trie, states.batch_size, beam_size, retriever.score_mode)
+        self._result: RetrievalResult | None = None
+
+    @property
+    def num_stages(self) -> int:
+        """Beam-search levels + the rerank."""
+        return self._retriever.trie.levels + 1
+
+    @property
+    def done(self) -> bool:
+        return self._result is not None
+
+    @property
+    def next_stage(self) -> str:
+        """The name of the stage :meth:`step` runs next (``"done"`` when none is left)."""
+        if self._result is not None:
+            return "done"
+        depth = self._beam.depth
+        return f"level{depth + 1}" if depth < self._retriever.trie.levels else "rerank"
+
+    def step(self) -> str:
+        """Run the next stage; returns its name."""
+        trie = self._retriever.trie
+        if self._result is not None:
+            raise RuntimeError("the staged search is already done")
+        if not self._beam.done(trie):
+            self._beam = beam_step(trie, self._scorer, self._beam)
+            return f"level{self._beam.depth}"
+        beam = beam_finish(trie, self._beam)
+        self._result = self._retriever.rerank(beam.leaves, self._query, self._k, self._exclude)
+        return "rerank"
+
+    def run(self) -> RetrievalResult:
+        """The remaining stages in one go."""
+        while self._result is None:
+            self.step()
+        return self._result
+
+    def result(self) -> RetrievalResult:
+        if self._result is None:
+            raise RuntimeError("the staged search is not done: call step() until done")
+        return self._result
 
 
 class Retriever:
@@ -202,18 +284,40 @@ class Retriever:
     def search(
         self, states: EncoderStates, k: int, beam_size: int, exclude: Sequence[np.ndarray] | None = None
     ) -> RetrievalResult:
-        if k < 1 or beam_size < 1:
-            raise ValueError(f"k and beam_size must be >= 1, got k={k}, beam_size={beam_size}")
-        B = states.batch_size
-        memory = states.memory.to(self.device)
-        memory_mask = states.memory_mask.to(self.device)
-        query = states.query.to(self.device, torch.float32)
+        check_search_args(k, beam_size)
+        memory, memory_mask, query = self._on_device(states)
+        beam = beam_search(
+            self.trie, self._scorer(memory, memory_mask), states.batch_size, beam_size, self.score_mode
+        )
+        return self.rerank(beam.leaves, query, k, exclude)
 
+    def staged_search(
+        self, states: EncoderStates, k: int, beam_size: int, exclude: Sequence[np.ndarray] | None = None
+    ) -> StagedSearch:
+        """The same search as :meth:`search`, run one stage per :meth:`StagedSearch.step` call."""
+        return StagedSearch(self, states, k, beam_size, exclude)
+
+    def _on_device(self, states: EncoderStates) -> tuple[Tensor, Tensor, Tensor]:
+        """``(memory [B,T,D], memory_mask [B,T], query [B,Dr] float32)`` on the retriever's device."""
+        return (
+            states.memory.to(self.device),
+            states.memory_mask.to(self.device),
+            states.query.to(self.device, torch.float32),
+        )
+
+    def _scorer(self, memory: Tensor, memory_mask: Tensor) -> Scorer:
         def scorer(beam_query: Tensor, prefix: Tensor, candidates: Tensor) -> Tensor:
             return self.backend.score(memory, memory_mask, beam_query, prefix, candidates)
 
-        beam = beam_search(self.trie, scorer, B, beam_size, self.score_mode)
-        items, valid = self.leaf_candidates(beam.leaves)  # [B, C]
+        return scorer
+
+    def rerank(
+        self, leaves: Tensor, query: Tensor, k: int, exclude: Sequence[np.ndarray] | None
+    ) -> RetrievalResult:
+        """``leaves [B,b]`` from the beam, ``query [B,Dr]`` -> the top ``k`` items of those leaves by
+        ``query · item_emb``, minus ``exclude``."""
+        B = leaves.shape[0]
+        items, valid = self.leaf_candidates(leaves)  # [B, C]
         if exclude is not None:
             valid = valid & ~self.excluded(items, exclude)
         scores = torch.bmm(self.item_emb[items], query[:, :, None])[:, :, 0]  # [B, C]
@@ -228,7 +332,7 @@ class Retriever:
             items=out_items,
             scores=out_scores,
             num_candidates=valid.sum(dim=1).cpu().numpy(),
-            leaves=beam.leaves.cpu().numpy(),
+            leaves=leaves.cpu().numpy(),
         )
 
     def retrieve(

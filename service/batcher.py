@@ -8,6 +8,11 @@ never computed), and hands the batch to ``process`` — an async function that d
 
 A full queue answers at once with :class:`QueueFull` (429 + Retry-After). :meth:`Batcher.stop` lets
 queued and running batches finish before the task ends.
+
+Lower-priority work (the shadow lane, ``service.engine``) runs small stages on a second,
+background thread with a lowered OS priority (:meth:`Batcher.run_low_priority`), each only after
+:meth:`Batcher.wait_idle` says that no batch is queued, being formed or computing, so a primary batch
+overlaps with at most one such stage and wins the CPU while it does.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -58,15 +65,26 @@ class Job(Generic[Req, Res]):
 ProcessFn = Callable[[Sequence[Job[Req, Res]]], Awaitable[Sequence[Res | BaseException]]]
 
 
+def lower_thread_priority(nice: int = 19) -> None:
+    """Lower the calling thread's OS scheduling priority (Linux: per-thread nice; no-op elsewhere)."""
+    if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError as exc:
+            log.warning("could not lower the background thread's priority: %s", exc)
+
+
 class Batcher(Generic[Req, Res]):
     def __init__(self, process: ProcessFn[Req, Res], config: BatcherConfig) -> None:
         self._process = process
         self._config = config
         self._queue: asyncio.Queue[Job[Req, Res]] = asyncio.Queue(maxsize=config.queue_size)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genret-compute")
+        self._background: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._busy = False
+        self._went_idle: asyncio.Event | None = None  # set when the last batch ends with an empty queue
 
     @property
     def depth(self) -> int:
@@ -78,7 +96,23 @@ class Batcher(Generic[Req, Res]):
 
     def start(self) -> None:
         if self._task is None:
+            self._went_idle = asyncio.Event()
             self._task = asyncio.create_task(self._run(), name="genret-batcher")
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until nothing is queued or running (:attr:`idle`); False when ``timeout_s`` passed first
+        or the batcher is stopping. Woken by the batcher itself, no polling."""
+        deadline = time.monotonic() + timeout_s
+        while not self.idle:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._closing or self._went_idle is None:
+                return False
+            self._went_idle.clear()
+            try:
+                await asyncio.wait_for(self._went_idle.wait(), timeout=remaining)
+            except TimeoutError:
+                return False
+        return not self._closing
 
     async def submit(self, payload: Req, deadline: float) -> Res:
         """Queue ``payload`` and wait for its result; raises QueueFull / DeadlineExceeded / Unavailable."""
@@ -107,9 +141,21 @@ class Batcher(Generic[Req, Res]):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn, *args)
 
+    async def run_low_priority(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the background thread (OS nice 19: the compute thread, the event loop
+        and the load generator win the CPU when both are runnable)."""
+        if self._background is None:
+            self._background = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="genret-background", initializer=lower_thread_priority
+            )
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._background, fn, *args)
+
     async def stop(self, timeout_s: float) -> None:
         """Refuse new work, let queued and running batches finish (up to ``timeout_s``), then end."""
         self._closing = True
+        if self._went_idle is not None:
+            self._went_idle.set()  # wake wait_idle() callers: they give up while closing
         deadline = time.monotonic() + timeout_s
         while not self.idle and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -123,6 +169,8 @@ class Batcher(Generic[Req, Res]):
             if not job.future.done():
                 job.future.set_exception(Unavailable("shutting down before this request could run"))
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._background is not None:
+            self._background.shutdown(wait=False, cancel_futures=True)
 
     async def _collect(self) -> list[Job[Req, Res]]:
         first = await self._queue.get()
@@ -157,6 +205,8 @@ class Batcher(Generic[Req, Res]):
                         job.future.set_exception(exc)
             finally:
                 self._busy = False
+                if self._went_idle is not None and self._queue.empty():
+                    self._went_idle.set()
 
     async def _run_batch(self, batch: list[Job[Req, Res]]) -> None:
         now = time.monotonic()

@@ -53,6 +53,12 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
         help="comma-separated shadow sample rates, e.g. 0,0.5,1: measure the primary's latency with a "
         "same-size shadow bundle copied that share of requests (instead of the mode comparison)",
     )
+    bench.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="shadow bench: rounds over all rates, interleaved in rotating order; the table gives medians",
+    )
     bench.add_argument("--json", action="store_true", help="print the results as JSON too")
     bench.set_defaults(func=cmd_bench_serve)
 
@@ -91,5 +97,6 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         seed=args.seed,
         threads=args.threads,
         shadow_rates=tuple(float(r) for r in args.shadow.split(",") if r.strip()),
+        repeat=args.repeat,
     )
     return run_bench(config, as_json=args.json)

@@ -328,12 +328,12 @@ class ExperimentHooks:
         self.lane.start()
 
     def bind_engine(self, engine: Any) -> None:
-        """``bind`` to a ``service.engine.Engine``: copies run through ``engine.retrieve`` (its batcher,
-        cache and compute thread) and only while ``engine.idle`` (no primary request in flight)."""
+        """``bind`` to a ``service.engine.Engine``: copies run through ``engine.run_shadow`` (staged,
+        each stage only while the primary batcher is idle) and start only while ``engine.idle``."""
 
         async def run_shadow(request: Any) -> Ranked:
             started = time.perf_counter()
-            response = await engine.retrieve(request)
+            response = await engine.run_shadow(request)
             return ranked_from_response(response, time.perf_counter() - started)
 
         self.bind(run_shadow, primary_idle=lambda: bool(engine.idle))

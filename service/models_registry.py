@@ -11,6 +11,7 @@ old :class:`LoadedModel` finish on it. A bundle that fails to load or warm is re
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import threading
@@ -230,6 +231,9 @@ class ModelRegistry:
                         "changed": old is None or old.fingerprint != new.fingerprint,
                     }
                 )
+            if outcomes:  # as Engine.start: keep full collections from walking the new bundle's objects
+                gc.collect()
+                gc.freeze()
             return outcomes
 
     async def watch(self, poll_s: float) -> None:

@@ -10,7 +10,10 @@ and both latencies, as ``genret_shadow_*`` metrics and as one JSON line in a rot
 
 Nothing on the primary path awaits the lane, and the lane only reads the primary result (it keeps
 an immutable copy of the item ids), so a shadow can neither delay nor change a primary response
-beyond sharing the compute thread while the primary queue is empty.
+beyond sharing the compute thread while the primary queue is empty. The service's ``run_shadow``
+(``service.engine.Engine.run_shadow``) runs a copy in small stages that each wait for an idle
+primary batcher, so a primary batch arriving mid-copy waits for one stage, not a whole retrieve;
+a copy that gave way for too long raises :class:`ShadowStale` and is counted as dropped (``stale``).
 
 Sections: agreement measures (pure functions), results and jobs (data), the JSONL log, the lane.
 """
@@ -39,6 +42,12 @@ from service.metrics import REGISTRY
 log = logging.getLogger(__name__)
 
 Req = TypeVar("Req")
+
+
+class ShadowStale(Exception):
+    """Raised by ``run_shadow`` when a copy waited too long for spare capacity between its stages;
+    the lane counts it as ``genret_shadow_dropped_total{reason="stale"}`` (not as an error)."""
+
 
 # ---- agreement measures (pure) ------------------------------------------------------------------
 
@@ -297,6 +306,12 @@ SHADOW_DROPPED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+SHADOW_YIELDS = Counter(
+    "genret_shadow_yields_total",
+    "Times a running shadow copy paused between two stages because primary work was waiting.",
+    ["shadow"],
+    registry=REGISTRY,
+)
 SHADOW_QUEUE_DEPTH = Gauge(
     "genret_shadow_queue_depth", "Shadow copies waiting for spare capacity.", registry=REGISTRY
 )
@@ -407,13 +422,18 @@ class ShadowLane(Generic[Req]):
         self.count_drop(reason)
 
     async def _yield_to_primary(self, job: ShadowJob[Req]) -> bool:
-        """Wait for an idle primary; False when the copy got older than ``max_age_s`` meanwhile."""
+        """Wait for an idle primary; False when the copy got older than ``max_age_s`` meanwhile.
+
+        Polls every ``idle_poll_s``, backing off to 8x that while the primary stays busy (a saturated
+        primary should not also pay for hundreds of lane wake-ups a second)."""
+        poll_s = self.config.idle_poll_s
         while True:
             if time.monotonic() - job.enqueued_at > self.config.max_age_s:
                 return False
             if self._primary_idle():
                 return True
-            await asyncio.sleep(self.config.idle_poll_s)
+            await asyncio.sleep(poll_s)
+            poll_s = min(2 * poll_s, 8 * self.config.idle_poll_s)
 
     async def _run(self) -> None:
         while True:
@@ -438,6 +458,9 @@ class ShadowLane(Generic[Req]):
         error: str | None = None
         try:
             shadow = await asyncio.wait_for(self._run_shadow(job.request), timeout=self.config.timeout_s)
+        except ShadowStale:
+            self._drop("stale")
+            return
         except TimeoutError:
             error = f"timeout after {self.config.timeout_s} s"
             result = "timeout"

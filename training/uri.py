@@ -50,6 +50,7 @@ from models.encoder import EncoderConfig, QueryEncoder
 from models.index import TreeIndex
 from training.metrics import average_partition_entropy
 from training.registry import TrainContext, TrainedMethod, register_method
+from training.sasrec import SASRecModule
 from training.splits import EvalSet, training_pairs
 from training.uri_losses import (
     balance_loss,
@@ -59,6 +60,7 @@ from training.uri_losses import (
     memory_loss,
     sampled_softmax_loss,
 )
+from training.uri_query import SasrecQueryEncoder
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,12 @@ class URIConfig:
     levels: int = 2
     """Index depth L; leaves are buckets of items."""
     dim: int = 96
-    """Model and representation dimension d."""
+    """Model and representation dimension d (with ``query_encoder: sasrec``: the SASRec width)."""
+    query_encoder: str = "own"
+    """``own``: a QueryEncoder trained from scratch; ``sasrec``: a copy of the split's SASRec baseline
+    (:mod:`training.uri_query`), fine-tuned at ``lr * encoder_lr_scale``."""
+    encoder_lr_scale: float = 1.0
+    """Learning-rate multiplier of the query encoder (and its item table); 0 freezes it."""
     decoder_layers: int = 2
     encoder_layers: int = 2
     heads: int = 2
@@ -105,7 +112,11 @@ class URIConfig:
     detach_targets: bool = True
     memory_weight: float = 1.0
     commit_weight: float = 1.0
+    commit_weight_deeper: float = 1.0
+    """Commitment weight at levels >= 2 (see configs/uri.yaml: breaks the uniform fixed point)."""
     balance_weight: float = 1.0
+    balance_weight_deeper: float = 1.0
+    """Balance weight at levels >= 2."""
     num_negatives: int = 10
     hard_negatives: int = 1
     ranker_weight: float = 1.0
@@ -146,6 +157,10 @@ class URIConfig:
             raise ValueError("ranker_epochs, steps_per_epoch must be >= 0 and beam_size >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"URIConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.query_encoder not in ("own", "sasrec"):
+            raise ValueError(f"URIConfig.query_encoder must be 'own' or 'sasrec', got {self.query_encoder!r}")
+        if self.encoder_lr_scale < 0:
+            raise ValueError(f"URIConfig.encoder_lr_scale must be >= 0, got {self.encoder_lr_scale}")
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> URIConfig:
@@ -225,12 +240,21 @@ class ItemFeatures(nn.Module):
     Used as the query encoder's item embedding (history items) and as the item tower.
     """
 
-    def __init__(self, num_items: int, dim: int, attributes: np.ndarray | None, num_attributes: int) -> None:
+    def __init__(
+        self,
+        num_items: int,
+        dim: int,
+        attributes: np.ndarray | None,
+        num_attributes: int,
+        id_embedding: nn.Embedding | None = None,
+    ) -> None:
         super().__init__()
-        self.id_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)
-        nn.init.normal_(self.id_embedding.weight, std=dim**-0.5)
-        with torch.no_grad():
-            self.id_embedding.weight[0].zero_()
+        if id_embedding is None:  # else shared with (and initialised by) the query encoder
+            id_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)
+            nn.init.normal_(id_embedding.weight, std=dim**-0.5)
+            with torch.no_grad():
+                id_embedding.weight[0].zero_()
+        self.id_embedding = id_embedding
         self.attr_embedding: nn.Embedding | None = None
         has_attributes = attributes is not None and num_attributes > 0
         table = (
@@ -265,26 +289,50 @@ class ItemFeatures(nn.Module):
 
 
 class URIModel(nn.Module):
-    """Query encoder, item tower and the shared decoder (on the complete tree while training)."""
+    """Query encoder, item tower and the shared decoder (on the complete tree while training).
+
+    ``sasrec``: start the query encoder from this SASRec module (``query_encoder: sasrec``); the
+    item tower then shares its item table, and the ranker's item vectors are that table alone
+    (what the SASRec query was trained against), while the decoder sees ids and attributes.
+    """
 
     def __init__(
-        self, config: URIConfig, num_items: int, attributes: np.ndarray | None, num_attributes: int
+        self,
+        config: URIConfig,
+        num_items: int,
+        attributes: np.ndarray | None,
+        num_attributes: int,
+        sasrec: SASRecModule | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.tree = FullTree.build(config.k, config.levels)
-        self.items = ItemFeatures(num_items, config.dim, attributes, num_attributes)
-        self.encoder = QueryEncoder(
-            EncoderConfig(
-                num_items=num_items,
-                dim=config.dim,
-                num_layers=config.encoder_layers,
-                num_heads=config.heads,
-                max_len=config.max_len,
-                dropout=config.dropout,
-            ),
-            item_embedding=self.items,
-        )
+        self.encoder: nn.Module
+        if sasrec is not None:
+            encoder = SasrecQueryEncoder(sasrec)
+            if encoder.dim != config.dim:
+                raise ValueError(
+                    f"URIConfig.dim={config.dim} must equal the SASRec width {encoder.dim} with "
+                    "query_encoder=sasrec (set uri.dim)"
+                )
+            self.items = ItemFeatures(
+                num_items, config.dim, attributes, num_attributes, id_embedding=encoder.item_embedding
+            )
+            self.encoder = encoder
+        else:
+            self.items = ItemFeatures(num_items, config.dim, attributes, num_attributes)
+            self.encoder = QueryEncoder(
+                EncoderConfig(
+                    num_items=num_items,
+                    dim=config.dim,
+                    num_layers=config.encoder_layers,
+                    num_heads=config.heads,
+                    max_len=config.max_len,
+                    dropout=config.dropout,
+                ),
+                item_embedding=self.items,
+            )
+        self.rank_with_attributes = sasrec is None
         self.decoder = TokenDecoder(
             self.decoder_config(), self.tree.index.node_token, self.tree.index.level_offsets
         )
@@ -309,7 +357,7 @@ class URIModel(nn.Module):
 
     def item_vectors(self, items: Tensor) -> Tensor:
         """``items[M] -> [M, D]`` rerank representations (inner product with ``query``)."""
-        return self.items(items)
+        return self.items(items) if self.rank_with_attributes else self.items.id_embedding(items)
 
     def level_logits(self, memory: Tensor, mask: Tensor, prefix_codes: Tensor) -> list[Tensor]:
         """Teacher-forced logits of levels ``1..S+1`` given ``prefix_codes[B, S]``: a list of ``[B, k]``.
@@ -457,12 +505,22 @@ class URITrainer:
             for item, attrs in enumerate(ds.item_attributes):
                 attrs = attrs[: config.max_attributes]
                 attributes[item, : len(attrs)] = attrs
+        sasrec = ctx.sasrec().module if config.query_encoder == "sasrec" else None
         self.model = URIModel(
-            config, ds.num_items, attributes, ds.num_attributes if attributes is not None else 0
+            config, ds.num_items, attributes, ds.num_attributes if attributes is not None else 0, sasrec
         )
-        self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-        )
+        self.frozen_encoder = config.encoder_lr_scale == 0
+        encoder_params = list(self.model.encoder.parameters())
+        shared = {id(p) for p in encoder_params}
+        groups: list[dict[str, Any]] = [
+            {"params": [p for p in self.model.parameters() if id(p) not in shared], "lr": config.lr}
+        ]
+        if self.frozen_encoder:
+            for param in encoder_params:
+                param.requires_grad_(False)
+        else:
+            groups.append({"params": encoder_params, "lr": config.lr * config.encoder_lr_scale})
+        self.optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
         histories, targets = training_pairs(ctx.split.train, config.max_len)
         if len(targets) == 0:
             raise ValueError("URI needs training sequences with at least two items")
@@ -530,14 +588,14 @@ class URITrainer:
         terms = {
             "e_step": e_step_loss(q_cur, i_cur[:B], detach_target=c.detach_targets),
             "m_step": m_step_loss(q_cur, i_cur[:B], detach_target=c.detach_targets),
-            "commit": c.commit_weight * commitment_loss(i_cur),
+            "commit": (c.commit_weight if level == 1 else c.commit_weight_deeper) * commitment_loss(i_cur),
         }
         if level > 1 and c.balance_per_parent:  # per parent, over the parent-stratified random items
             groups = model.tree.prefix_nodes(codes[rand, : level - 1])[:, -1]  # [B]
             balance = balance_loss(i_cur[B:], adaptive=c.balance_adaptive, groups=groups)
         else:
             balance = balance_loss(i_cur, adaptive=c.balance_adaptive)
-        terms["balance"] = c.balance_weight * balance
+        terms["balance"] = (c.balance_weight if level == 1 else c.balance_weight_deeper) * balance
         if level > 1:
             terms["memory"] = c.memory_weight * memory_loss(
                 q_logits[:-1], [x[:B] for x in i_logits[:-1]], codes[pos, : level - 1]
@@ -569,6 +627,8 @@ class URITrainer:
 
     def _epoch(self, level: int, desc: str, sibling: SiblingSampler | None = None) -> dict[str, float]:
         self.model.train()
+        if self.frozen_encoder:
+            self.model.encoder.eval()  # no dropout in a frozen encoder
         sums: dict[str, float] = {}
         chunks = self.batches.epoch()
         for rows in tqdm(chunks, desc=desc, leave=False, mininterval=2.0):

@@ -193,3 +193,33 @@ def test_offline_evaluation_runs_the_serving_path(onnx_retriever: Retriever, bun
     leaves[0, 0] = bundle.index.item_path[5, -1]
     same_leaf = bundle.index.item_path[9, -1] == bundle.index.item_path[5, -1]
     assert beam_coverage(bundle, leaves, [np.array([5, 9])])[0] == (1.0 if same_leaf else 0.5)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3, 20])
+def test_staged_search_equals_one_shot(onnx_retriever: Retriever, beam_size: int) -> None:
+    """Stage by stage (each level, then the rerank), interleaved with another search, the result is
+    exactly :meth:`Retriever.search`'s (the shadow lane serves through the staged path)."""
+    states = onnx_retriever.encode(HISTORIES)
+    exclude = [np.array([17, 3], np.int64), np.zeros(0, np.int64), np.array([1, 2, 3]), np.array([40])]
+    expected = onnx_retriever.search(states, k=7, beam_size=beam_size, exclude=exclude)
+    other_states = onnx_retriever.encode(HISTORIES[:2])
+    other_expected = onnx_retriever.search(other_states, k=3, beam_size=2)
+
+    staged = onnx_retriever.staged_search(states, k=7, beam_size=beam_size, exclude=exclude)
+    other = onnx_retriever.staged_search(other_states, k=3, beam_size=2)
+    names = []
+    while not staged.done:
+        names.append(staged.step())
+        if not other.done:
+            other.step()
+    assert names == [f"level{i + 1}" for i in range(onnx_retriever.trie.levels)] + ["rerank"]
+    assert len(names) == staged.num_stages
+    for got, want in ((staged.result(), expected), (other.run(), other_expected)):
+        np.testing.assert_array_equal(got.leaves, want.leaves)
+        np.testing.assert_array_equal(got.items, want.items)
+        np.testing.assert_array_equal(got.scores, want.scores)
+        np.testing.assert_array_equal(got.num_candidates, want.num_candidates)
+    with pytest.raises(RuntimeError, match="already done"):
+        staged.step()
+    with pytest.raises(RuntimeError, match="not done"):
+        onnx_retriever.staged_search(states, k=7, beam_size=beam_size).result()

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from models.index import TreeIndex
-from models.search import DeviceTrie, beam_search
+from models.search import DeviceTrie, beam_finish, beam_search, beam_start, beam_step
 
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -197,3 +197,58 @@ def test_matches_per_query_dict_trie_search() -> None:
         for model in setup.models:
             ours = beam_search(setup.trie, model, 5, 7, "logprob")
             assert ours.leaves.tolist() == genre_search(model, 3, 5, trie, 7)
+
+
+@SETTINGS
+@given(
+    index=trees(),
+    mode=st.sampled_from(["logprob", "node"]),
+    beam=st.integers(1, 6),
+    seed=st.integers(0, 10_000),
+)
+def test_staged_search_interleaved_with_another_equals_one_shot(
+    index: TreeIndex, mode: str, beam: int, seed: int
+) -> None:
+    """Two searches stepped level by level, alternately (as the shadow lane does between primary
+    batches), give exactly the one-shot results: the stages keep no state outside ``BeamState``."""
+    trie = DeviceTrie.from_index(index)
+    rng = np.random.default_rng(seed)
+    exclude = torch.from_numpy(rng.random((2, index.num_nodes)) < 0.2)
+    exclude[:, 0] = False
+    scorers = [TableScorer(2, index.num_nodes, seed), TableScorer(3, index.num_nodes, seed + 1)]
+    oneshot = [
+        beam_search(trie, scorers[0], 2, beam, mode, exclude_nodes=exclude),  # type: ignore[arg-type]
+        beam_search(trie, scorers[1], 3, beam + 1, mode),  # type: ignore[arg-type]
+    ]
+    states = [
+        beam_start(trie, 2, beam, mode, exclude_nodes=exclude),  # type: ignore[arg-type]
+        beam_start(trie, 3, beam + 1, mode),  # type: ignore[arg-type]
+    ]
+    for level in range(index.levels):
+        for i in (1, 0) if level % 2 else (0, 1):
+            assert states[i].depth == level and not states[i].done(trie)
+            states[i] = beam_step(trie, scorers[i], states[i])
+    for state, expected in zip(states, oneshot, strict=True):
+        assert state.done(trie)
+        got = beam_finish(trie, state)
+        assert torch.equal(got.leaves, expected.leaves)
+        assert torch.equal(got.paths, expected.paths)
+        assert torch.equal(got.scores, expected.scores)
+
+
+def test_staged_search_refuses_steps_out_of_order() -> None:
+    index = TreeIndex.from_codes(np.array([[-1, -1], [0, 0], [1, 1]]), 2, "level")
+    trie = DeviceTrie.from_index(index)
+
+    def scorer(q: torch.Tensor, p: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(c.shape)
+
+    state = beam_start(trie, 1, 2, "logprob")
+    with pytest.raises(ValueError, match="leaves are at 2"):
+        beam_finish(trie, state)
+    state = beam_step(trie, scorer, beam_step(trie, scorer, state))
+    with pytest.raises(ValueError, match="already reached the leaves"):
+        beam_step(trie, scorer, state)
+    assert sorted(beam_finish(trie, state).leaves[0].tolist()) == sorted(
+        range(index.leaf_start, index.num_nodes)
+    )
