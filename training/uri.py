@@ -85,7 +85,9 @@ class URIConfig:
     """``own``: a QueryEncoder trained from scratch; ``sasrec``: a copy of the split's SASRec baseline
     (:mod:`training.uri_query`), fine-tuned at ``lr * encoder_lr_scale``."""
     encoder_lr_scale: float = 1.0
-    """Learning-rate multiplier of the query encoder (and its item table); 0 freezes it."""
+    """Learning-rate multiplier of the query encoder (and its item table) in the level stages; 0 freezes it."""
+    ranker_encoder_lr_scale: float = 1.0
+    """The same multiplier in the final ranker stage."""
     decoder_layers: int = 2
     encoder_layers: int = 2
     heads: int = 2
@@ -117,6 +119,8 @@ class URIConfig:
     balance_weight: float = 1.0
     balance_weight_deeper: float = 1.0
     """Balance weight at levels >= 2."""
+    balance_parent_items: int = 64
+    """Levels >= 2: random items drawn per parent for its balance term (batch_size / this parents per step)."""
     num_negatives: int = 10
     hard_negatives: int = 1
     ranker_weight: float = 1.0
@@ -136,6 +140,7 @@ class URIConfig:
             "heads",
             "max_len",
             "batch_size",
+            "balance_parent_items",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -159,8 +164,11 @@ class URIConfig:
             raise ValueError(f"URIConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.query_encoder not in ("own", "sasrec"):
             raise ValueError(f"URIConfig.query_encoder must be 'own' or 'sasrec', got {self.query_encoder!r}")
-        if self.encoder_lr_scale < 0:
-            raise ValueError(f"URIConfig.encoder_lr_scale must be >= 0, got {self.encoder_lr_scale}")
+        if self.encoder_lr_scale < 0 or self.ranker_encoder_lr_scale < 0:
+            raise ValueError(
+                "URIConfig.encoder_lr_scale and ranker_encoder_lr_scale must be >= 0, got "
+                f"{self.encoder_lr_scale}, {self.ranker_encoder_lr_scale}"
+            )
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> URIConfig:
@@ -509,18 +517,16 @@ class URITrainer:
         self.model = URIModel(
             config, ds.num_items, attributes, ds.num_attributes if attributes is not None else 0, sasrec
         )
-        self.frozen_encoder = config.encoder_lr_scale == 0
         encoder_params = list(self.model.encoder.parameters())
         shared = {id(p) for p in encoder_params}
-        groups: list[dict[str, Any]] = [
-            {"params": [p for p in self.model.parameters() if id(p) not in shared], "lr": config.lr}
-        ]
-        if self.frozen_encoder:
-            for param in encoder_params:
-                param.requires_grad_(False)
-        else:
-            groups.append({"params": encoder_params, "lr": config.lr * config.encoder_lr_scale})
-        self.optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+        rest = [p for p in self.model.parameters() if id(p) not in shared]
+        self.optimizer = torch.optim.Adam(
+            [{"params": rest, "lr": config.lr}, {"params": encoder_params, "lr": config.lr}],
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+        )
+        self.frozen_encoder = False
+        self.set_encoder_lr_scale(config.encoder_lr_scale)
         histories, targets = training_pairs(ctx.split.train, config.max_len)
         if len(targets) == 0:
             raise ValueError("URI needs training sequences with at least two items")
@@ -536,8 +542,8 @@ class URITrainer:
         """``[count]`` random items for the commitment and balance terms.
 
         Level 1 (or ``balance_per_parent`` off): uniform over all items. Level >= 2: uniform
-        within ``ceil(count / 2k)`` random parents, so that each parent present in the batch has
-        about ``2k`` items to estimate its children's balance from.
+        within ``ceil(count / balance_parent_items)`` random parents, so that each parent present in
+        the batch has about ``balance_parent_items`` items to estimate its children's balance from.
         """
         c = self.config
         if level == 1 or not c.balance_per_parent:
@@ -547,7 +553,7 @@ class URITrainer:
             order = np.argsort(groups, kind="stable")  # items (0-based) grouped by parent
             self._parents = (level, order, np.searchsorted(groups[order], np.arange(groups.max() + 2)))
         _, order, offsets = self._parents  # offsets [G+1]
-        parents = self.rng.integers(0, len(offsets) - 1, size=max(1, math.ceil(count / (2 * c.k))))
+        parents = self.rng.integers(0, len(offsets) - 1, size=max(1, math.ceil(count / c.balance_parent_items)))
         parent = parents[np.arange(count) % len(parents)]  # [count]
         size = offsets[parent + 1] - offsets[parent]
         return order[offsets[parent] + self.rng.integers(0, size)] + 1
@@ -625,6 +631,13 @@ class URITrainer:
         vectors = self.model.item_vectors(items)  # [B + B*n, D]
         return sampled_softmax_loss(query, vectors[:B], vectors[B:].reshape(B, c.num_negatives, -1))
 
+    def set_encoder_lr_scale(self, scale: float) -> None:
+        """The query encoder (param group 1) learns at ``lr * scale``; 0 freezes it (no gradients, no dropout)."""
+        self.frozen_encoder = scale == 0
+        self.optimizer.param_groups[1]["lr"] = self.config.lr * scale
+        for param in self.model.encoder.parameters():
+            param.requires_grad_(not self.frozen_encoder)
+
     def _epoch(self, level: int, desc: str, sibling: SiblingSampler | None = None) -> dict[str, float]:
         self.model.train()
         if self.frozen_encoder:
@@ -694,6 +707,7 @@ class URITrainer:
 
     def train_ranker(self, index: TreeIndex) -> None:
         sibling = SiblingSampler(index, self.rng)
+        self.set_encoder_lr_scale(self.config.ranker_encoder_lr_scale)
         for epoch in range(1, self.config.ranker_epochs + 1):
             stats = self._epoch(0, f"URI ranker epoch {epoch}", sibling)
             log.info("URI ranker epoch %d: %s", epoch, " ".join(f"{n}={v:.4f}" for n, v in stats.items()))

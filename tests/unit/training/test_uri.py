@@ -20,7 +20,16 @@ from training.registry import TrainContext, get_method
 from training.splits import make_split
 from training.uri import FullTree, SiblingSampler, URIConfig, URIModel, URITrainer, assign_level, train_uri
 
-SMALL = {"uri.k": 3, "uri.levels": 2, "uri.dim": 16, "uri.heads": 2, "uri.dropout": 0.0, "uri.max_len": 8}
+SMALL = {
+    "uri.k": 3,
+    "uri.levels": 2,
+    "uri.dim": 16,
+    "uri.heads": 2,
+    "uri.dropout": 0.0,
+    "uri.max_len": 8,
+    "uri.query_encoder": "own",
+    "uri.encoder_lr_scale": "1",
+}
 
 
 def small_context(tmp_path: Path, overrides: Mapping[str, object], **data: int | float) -> TrainContext:
@@ -136,8 +145,26 @@ def test_serving_decoder_scores_the_real_index_like_training(tmp_path: Path) -> 
         torch.testing.assert_close(scores[row, : len(c)], expected[1][row, tokens])
 
 
+ENCODERS = {
+    # a query encoder trained from scratch: the setting this test was first validated with
+    "own": {
+        "uri.query_encoder": "own",
+        "uri.encoder_lr_scale": "1",
+        "uri.detach_targets": "true",
+        "uri.lr": "0.005",
+    },
+    # the default: the split's SASRec (trained here on the planted data) as the query encoder
+    "sasrec": {
+        "uri.query_encoder": "sasrec",
+        "sasrec.dim": "32",
+        "sasrec.max_epochs": "20",
+    },
+}
+
+
 @pytest.mark.slow
-def test_planted_clusters_are_recovered_and_retrieval_beats_popularity(tmp_path: Path) -> None:
+@pytest.mark.parametrize("encoder", sorted(ENCODERS))
+def test_planted_clusters_are_recovered_and_retrieval_beats_popularity(tmp_path: Path, encoder: str) -> None:
     """Users read items of two planted leaves under one top cluster (``follow_prob=0``: no
     successor rule, so only the clusters can be learned). Level-1 tokens must recover the planted
     top clusters, and recommending through the exported bundle must beat popularity."""
@@ -148,10 +175,11 @@ def test_planted_clusters_are_recovered_and_retrieval_beats_popularity(tmp_path:
         "uri.levels": 1,
         "uri.dim": 32,
         "uri.batch_size": 128,
-        "uri.lr": 0.005,
         "uri.level_max_epochs": 12,
         "uri.ranker_epochs": 1,
         "uri.beam_size": 2,
+        "cache_dir": str(tmp_path / "cache"),
+        **ENCODERS[encoder],
     }
     ctx = TrainContext(ds, split, 0, tmp_path, overrides)
     trained = train_uri(ctx)
@@ -174,6 +202,7 @@ def test_planted_clusters_are_recovered_and_retrieval_beats_popularity(tmp_path:
 def test_two_level_schedule_runs_and_assigns_within_capacity(tmp_path: Path) -> None:
     overrides = {
         **SMALL,
+        "uri.balance_parent_items": 6,
         "uri.batch_size": 16,
         "uri.steps_per_epoch": 2,
         "uri.level_min_epochs": 1,
@@ -192,5 +221,5 @@ def test_two_level_schedule_runs_and_assigns_within_capacity(tmp_path: Path) -> 
     assert np.bincount(trainer.codes[1:, 0], minlength=3).max() <= math.ceil(n / 3)
     assert np.bincount(index.leaf_of_item()[1:]).max() <= math.ceil(math.ceil(n / 3) / 3)
     # level-2 random items come from a few parents only, to estimate each parent's balance
-    randoms = trainer._random_items(2, 12)  # ceil(12 / (2 * 3)) = 2 parents
+    randoms = trainer._random_items(2, 12)  # ceil(12 / balance_parent_items=6) = 2 parents
     assert len(np.unique(trainer.codes[randoms, 0])) <= 2

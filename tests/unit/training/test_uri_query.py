@@ -88,6 +88,9 @@ def test_encoder_learning_rate_scale(tmp_path: Path, scale: float) -> None:
     )
     assert decoder_moved
     assert encoder_moved == (scale > 0)
-    lrs = sorted(group["lr"] for group in trainer.optimizer.param_groups)
     base = trainer.config.lr
-    assert lrs == ([base] if scale == 0 else [base * scale, base])
+    assert [group["lr"] for group in trainer.optimizer.param_groups] == [base, base * scale]
+    # the ranker stage has its own scale: 0.5 unfreezes a frozen encoder
+    trainer.set_encoder_lr_scale(0.5)
+    assert all(p.requires_grad for p in trainer.model.encoder.parameters())
+    assert trainer.optimizer.param_groups[1]["lr"] == base * 0.5
