@@ -553,7 +553,9 @@ class URITrainer:
             order = np.argsort(groups, kind="stable")  # items (0-based) grouped by parent
             self._parents = (level, order, np.searchsorted(groups[order], np.arange(groups.max() + 2)))
         _, order, offsets = self._parents  # offsets [G+1]
-        parents = self.rng.integers(0, len(offsets) - 1, size=max(1, math.ceil(count / c.balance_parent_items)))
+        parents = self.rng.integers(
+            0, len(offsets) - 1, size=max(1, math.ceil(count / c.balance_parent_items))
+        )
         parent = parents[np.arange(count) % len(parents)]  # [count]
         size = offsets[parent + 1] - offsets[parent]
         return order[offsets[parent] + self.rng.integers(0, size)] + 1
