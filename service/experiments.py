@@ -363,6 +363,9 @@ class ExperimentHooks:
         primary = ranked_from_response(response, float(total) if total is not None else float("nan"))
         queued = 0
         for bundle in targets:
+            if self.lane is not None and self.lane.full:  # past capacity: shed before copying anything
+                ShadowLane.count_drop("queue_full")
+                continue
             self._seq += 1
             job = ShadowJob(
                 request=request.model_copy(update={"model": bundle, "debug": False}),

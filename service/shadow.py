@@ -383,6 +383,11 @@ class ShadowLane(Generic[Req]):
             self._closing = False
             self._task = asyncio.get_running_loop().create_task(self._run(), name="genret-shadow")
 
+    @property
+    def full(self) -> bool:
+        """True when :meth:`offer` would drop: callers skip building a copy that cannot be queued."""
+        return self._queue.full()
+
     def offer(self, job: ShadowJob[Req]) -> bool:
         """Queue ``job`` without waiting; False (and counted) when the lane is full or not running."""
         if self._task is None or self._closing:

@@ -112,6 +112,8 @@ class URIConfig:
     balance_per_parent: bool = True
     """Balance each parent's children (level >= 2) rather than the level as a whole."""
     detach_targets: bool = True
+    detach_warmup_epochs: int = 0
+    """Epochs at the start of each level with detached targets even when ``detach_targets`` is false."""
     memory_weight: float = 1.0
     commit_weight: float = 1.0
     commit_weight_deeper: float = 1.0
@@ -158,8 +160,8 @@ class URIConfig:
                 f"need 0 <= hard_negatives <= num_negatives and num_negatives >= 1, got "
                 f"{self.hard_negatives}, {self.num_negatives}"
             )
-        if self.ranker_epochs < 0 or self.steps_per_epoch < 0 or self.beam_size < 1:
-            raise ValueError("ranker_epochs, steps_per_epoch must be >= 0 and beam_size >= 1")
+        if min(self.ranker_epochs, self.steps_per_epoch, self.detach_warmup_epochs) < 0 or self.beam_size < 1:
+            raise ValueError("ranker_epochs, steps_per_epoch, detach_warmup_epochs must be >= 0 and beam_size >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"URIConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.query_encoder not in ("own", "sasrec"):
@@ -527,6 +529,7 @@ class URITrainer:
         )
         self.frozen_encoder = False
         self.set_encoder_lr_scale(config.encoder_lr_scale)
+        self.detach = config.detach_targets  # per epoch: see detach_warmup_epochs
         histories, targets = training_pairs(ctx.split.train, config.max_len)
         if len(targets) == 0:
             raise ValueError("URI needs training sequences with at least two items")
@@ -594,8 +597,8 @@ class URITrainer:
         i_logits = model.level_logits(i_memory, i_mask, codes[items, : level - 1])  # level x [2B, k]
         q_cur, i_cur = q_logits[-1], i_logits[-1]
         terms = {
-            "e_step": e_step_loss(q_cur, i_cur[:B], detach_target=c.detach_targets),
-            "m_step": m_step_loss(q_cur, i_cur[:B], detach_target=c.detach_targets),
+            "e_step": e_step_loss(q_cur, i_cur[:B], detach_target=self.detach),
+            "m_step": m_step_loss(q_cur, i_cur[:B], detach_target=self.detach),
             "commit": (c.commit_weight if level == 1 else c.commit_weight_deeper) * commitment_loss(i_cur),
         }
         if level > 1 and c.balance_per_parent:  # per parent, over the parent-stratified random items
@@ -672,6 +675,7 @@ class URITrainer:
         prev_tokens = self.item_probs(level).argmax(1)
         epochs = 0
         for epoch in range(1, c.level_max_epochs + 1):
+            self.detach = c.detach_targets or epoch <= c.detach_warmup_epochs
             stats = self._epoch(level, f"URI level {level}/{c.levels} epoch {epoch}")
             tokens = self.item_probs(level).argmax(1)
             changed = float((tokens != prev_tokens).mean())
