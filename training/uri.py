@@ -1,8 +1,10 @@
 """URI trainer: the decoder is both the retriever and the indexer (Li et al., ICLR 2025).
 
 One shared :class:`~models.decoder.TokenDecoder` gives, at every index level, a distribution over
-the ``k`` tokens of that level for a query (memory = the :class:`~models.encoder.QueryEncoder`
-states of the user's history) and for an item (memory = the item's id and attribute embeddings).
+the ``k`` tokens of that level for a query (memory = the query encoder's states of the user's
+history: by default a frozen copy of the split's SASRec, :mod:`training.uri_query`; or a
+:class:`~models.encoder.QueryEncoder` trained from scratch) and for an item (memory = the item's id
+and attribute embeddings).
 The index is built layer by layer (paper 4.2):
 
 1. level ``l`` trains ``E-step + M-step`` (eqs. 8-10, :mod:`training.uri_losses`) plus the memory
@@ -161,7 +163,9 @@ class URIConfig:
                 f"{self.hard_negatives}, {self.num_negatives}"
             )
         if min(self.ranker_epochs, self.steps_per_epoch, self.detach_warmup_epochs) < 0 or self.beam_size < 1:
-            raise ValueError("ranker_epochs, steps_per_epoch, detach_warmup_epochs must be >= 0 and beam_size >= 1")
+            raise ValueError(
+                "ranker_epochs, steps_per_epoch, detach_warmup_epochs must be >= 0 and beam_size >= 1"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"URIConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.query_encoder not in ("own", "sasrec"):

@@ -158,8 +158,6 @@ ENCODERS = {
         "uri.query_encoder": "sasrec",
         "sasrec.dim": "32",
         "sasrec.max_epochs": "20",
-        "uri.detach_targets": "false",
-        "uri.detach_warmup_epochs": "2",
     },
 }
 
