@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from models.decoder import DecoderConfig, TokenDecoder, safe_key_padding
 from models.encoder import EncoderConfig, QueryEncoder
 from models.index import TreeIndex
+from training.bundle_recommender import BundleRecommender
 from training.metrics import average_partition_entropy
 from training.registry import TrainContext, TrainedMethod, register_method
 from training.sasrec import SASRecModule
@@ -766,30 +767,12 @@ class URITrainer:
         return table
 
 
-class BundleRecommender:
-    """Recommends through the exported bundle, exactly as the service does."""
+class URIBundleRecommender(BundleRecommender):
+    """Recommends through the exported bundle, exactly as the service does. URI's leaves are buckets
+    of items, so the beam counts leaves and is not widened to ``k``."""
 
-    def __init__(self, bundle_dir: Path, beam_size: int, batch_size: int) -> None:
-        from models.bundle import load_bundle
-        from models.retriever import Retriever
-
-        self.retriever = Retriever(load_bundle(bundle_dir), device="cpu", backend="onnx")
-        self.beam_size = beam_size
-        self.batch_size = batch_size
-        self.last_num_candidates: np.ndarray | None = None
-
-    def recommend(self, histories: list[np.ndarray], k: int, exclude: list[np.ndarray] | None) -> np.ndarray:
-        out = np.zeros((len(histories), k), dtype=np.int64)
-        candidates = np.zeros(len(histories), dtype=np.int64)
-        for start in range(0, len(histories), self.batch_size):
-            stop = start + self.batch_size
-            result = self.retriever.retrieve(
-                histories[start:stop], k, self.beam_size, exclude[start:stop] if exclude is not None else None
-            )
-            out[start:stop] = result.items
-            candidates[start:stop] = result.num_candidates
-        self.last_num_candidates = candidates
-        return out
+    def beam_for(self, k: int) -> int:
+        return self.beam_size
 
     def diagnose(self, eval_set: EvalSet, k: int = 20) -> dict[str, float]:
         """Where recall is lost (history excluded from the results, as in the evaluation):
@@ -799,7 +782,7 @@ class BundleRecommender:
         r = self.retriever
         item_emb = r.item_emb  # [N+1, Dr]
         leaf_of_item = torch.as_tensor(r.bundle.index.item_path[:, -1].astype(np.int64))  # [N+1]
-        covered, beam_hits, full_hits, sizes, cands = [], [], [], [], []
+        covered, beam_hits, full_hits, cands = [], [], [], []
         for start in range(0, len(eval_set.histories), self.batch_size):
             histories = eval_set.histories[start : start + self.batch_size]
             states = r.encode(histories)
@@ -817,7 +800,6 @@ class BundleRecommender:
                 beam_hits.append(len(np.intersect1d(result.items[row], target)) / len(target))
                 top = torch.topk(scores[row], k).indices.numpy()
                 full_hits.append(len(np.intersect1d(top, target)) / len(target))
-                sizes.append(len(target))
                 cands.append(float(result.num_candidates[row]))
         return {
             "beam_coverage": float(np.mean(covered)),
@@ -874,7 +856,7 @@ def train_uri(ctx: TrainContext) -> TrainedMethod:
     (out_dir.parent / "uri_train_log.json").write_text(
         json.dumps({"reports": reports, "epochs": trainer.log}, indent=1)
     )
-    recommender = BundleRecommender(Path(bundle_dir), config.beam_size, config.eval_batch_size)
+    recommender = URIBundleRecommender(Path(bundle_dir), config.beam_size, batch_size=config.eval_batch_size)
     diagnosis = recommender.diagnose(ctx.split.valid)
     log.info("URI validation diagnosis (through the bundle): %s", diagnosis)
     info.update({f"valid_{name}": round(value, 4) for name, value in diagnosis.items()})

@@ -17,14 +17,15 @@ import copy
 
 from torch import Tensor, nn
 
+from training.bundle_recommender import sasrec_states
 from training.sasrec import SASRecModule
 
 
 class SasrecQueryEncoder(nn.Module):
     """A trainable copy of a SASRec module as URI's query encoder.
 
-    SASRec reads left-padded histories and its last position is the most recent item, so masked
-    positions are turned into padding and the query is the last column of the hidden states.
+    The states are :func:`~training.bundle_recommender.sasrec_states` (the convention SEATER's and
+    TDR's exported SASRec query uses too); the query is their last column.
     """
 
     def __init__(self, sasrec: SASRecModule) -> None:
@@ -41,6 +42,5 @@ class SasrecQueryEncoder(nn.Module):
         return int(self.sasrec.item_emb.embedding_dim)
 
     def forward(self, history: Tensor, history_mask: Tensor) -> tuple[Tensor, Tensor]:
-        items = history * history_mask.to(history.dtype)  # [B, T] masked positions -> padding
-        hidden = self.sasrec(items)  # [B, T, D]
+        hidden = sasrec_states(self.sasrec, history, history_mask)  # [B, T, D]
         return hidden, hidden[:, -1]  # memory [B, T, D], query [B, D]
