@@ -3,22 +3,17 @@
 1. build (or reuse) a synthetic bundle of N items (``training.synthetic_bundle``);
 2. for each mode (``generative``: beam search + rerank; ``bruteforce``: encode, then exact
    ``query @ item_emb.T`` top-K), start `genret serve` as a subprocess with the cache off;
-3. drive it from a separate process — ``wrk`` with a Lua script sending random histories — at each
-   concurrency for ``duration`` seconds, after a short warm-up;
-4. print QPS and p50/p95/p99 per mode and concurrency, the QPS ratio, and the service's resident memory.
+3. closed loop: drive it from a separate process — ``wrk`` with a Lua script sending random
+   histories — at each concurrency for ``duration`` seconds, after a short warm-up;
+4. open loop (``open_loop`` fractions, default 0.5, 0.8, 0.95): the mode's maximum throughput is
+   its best error-free closed-loop QPS of this run; requests are then sent at each fraction of it
+   at scheduled times (:mod:`service.bench_load`), latency timed from the scheduled send; a row
+   whose achieved rate is under 98 % of its target is marked invalid;
+5. print QPS and p50/p95/p99 per mode and concurrency, the QPS ratio, the open-loop rows and the
+   service's resident memory.
 
-With ``shadow_rates`` (``--shadow 0,0.5,1``) it measures the shadow lane's cost instead: a second
-bundle of the same size (seed + 1) is served next to the primary one (a directory of symlinks
-``primary/`` and ``shadow/`` as ``GENRET_BUNDLE_PATH``), and for each rate > 0 an experiment file
-copies that share of users' requests to ``shadow``. Per rate and concurrency it prints the primary's
-QPS and latency, the p99 change against rate 0 at the same concurrency, and the shadow copies
-completed and dropped (deltas of ``genret_shadow_*`` counters read from ``/metrics``).
-
-Noise: one 8-second wrk run's p99 moves by ±10 % on a shared 2-core machine, as much as the effect
-measured. So the shadow bench starts one service per rate up front and measures them interleaved:
-``repeat`` rounds, each going over every concurrency and every rate (the rate order rotated per
-round), and reports per rate and concurrency the median QPS / p50 / p99 over the rounds (with the
-p99 range), the shadow counters summed; the rate-0 baseline is measured in the same rounds.
+With ``shadow_rates`` (``--shadow 0,0.5,1``) it measures the shadow lane's cost instead
+(:mod:`service.bench_shadow`).
 """
 
 from __future__ import annotations
@@ -29,14 +24,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
+from service.bench_load import Arrivals, OpenLoopStats, http_post, open_loop, run_loop, send_times
 from service.launcher import ServiceProcess
 
 WRK_SCRIPT = r"""
@@ -83,6 +77,8 @@ class BenchConfig:
     threads: int = 1  # torch and ONNX Runtime intra-op threads of the served app (both modes alike)
     shadow_rates: tuple[float, ...] = ()  # non-empty: run the shadow experiment instead of the modes
     repeat: int = 1  # shadow bench: interleaved rounds over all rates; the table shows medians
+    open_loop: tuple[float, ...] = (0.5, 0.8, 0.95)  # fractions of the best error-free closed-loop QPS
+    arrivals: Arrivals = "fixed"  # open-loop send times: evenly spaced or Poisson
 
     def __post_init__(self) -> None:
         if self.items < 2 or self.levels < 1 or self.dim < 1 or not self.concurrency:
@@ -95,6 +91,11 @@ class BenchConfig:
             raise ValueError(f"shadow rates must be in [0, 1], got {self.shadow_rates}")
         if self.repeat < 1:
             raise ValueError(f"repeat must be >= 1, got {self.repeat}")
+        if any(not 0.0 < f <= 2.0 for f in self.open_loop) or self.arrivals not in ("fixed", "poisson"):
+            raise ValueError(
+                f"open-loop fractions must be in (0, 2] and arrivals fixed|poisson, got {self.open_loop}, "
+                f"{self.arrivals!r}"
+            )
 
     @property
     def tree_branching(self) -> int:
@@ -112,26 +113,25 @@ class Measurement:
     requests: int
     errors: int  # non-2xx + socket errors + timeouts
     rss_mib: float
+    load: str = "closed"  # wrk: each connection sends when its previous answer arrived
 
 
 @dataclass(frozen=True)
-class ShadowMeasurement:
-    rate: float  # shadow sample_rate (0 = no experiment file)
-    concurrency: int
-    qps: float  # primary 2xx answers per second
-    p50_ms: float
-    p95_ms: float
+class OpenLoopMeasurement:
+    mode: str
+    fraction: float  # of max_qps
+    max_qps: float  # the mode's best error-free closed-loop QPS in this run
+    target_qps: float
+    achieved_qps: float
+    p50_ms: float  # from each request's scheduled send time
     p99_ms: float
-    requests: int
     errors: int
-    rss_mib: float
-    shadow_runs: dict[str, int] = field(default_factory=dict)  # result (ok, error, timeout) -> count
-    shadow_dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
-    p99_change_pct: float | None = None  # vs rate 0 at the same concurrency
-    shadow_yields: int = 0  # times a running copy paused between stages for primary work
-    rounds: int = 1  # measurements this row is the median of
-    p99_min_ms: float | None = None  # range of p99 over the rounds
-    p99_max_ms: float | None = None
+    valid: bool  # achieved >= 98 % of target
+    arrivals: str
+    requests: int
+    send_lag_p99_ms: float  # generator / connection delay, already inside the latencies
+    connections: int  # peak open connections
+    load: str = "open"
 
 
 def build_bundle(cfg: BenchConfig) -> Path:
@@ -179,6 +179,19 @@ def run_wrk(url: str, script: Path, concurrency: int, duration_s: float) -> dict
     raise RuntimeError(f"wrk printed no summary:\n{out}")
 
 
+def retrieve_bodies(bundle: Path, cfg: BenchConfig, count: int = 2000) -> list[bytes]:
+    """Pre-encoded ``POST /v1/retrieve`` requests with random histories, as the wrk script sends."""
+    with np.load(bundle / "items.npz", allow_pickle=False) as data:
+        item_ids = data["item_ids"]
+    rng = np.random.default_rng(cfg.seed + 7)
+    out = []
+    for i in range(count):
+        history = item_ids[rng.integers(1, len(item_ids), size=int(rng.integers(3, 21)))].tolist()
+        body = {"user_id": f"o{i}", "history": history, "k": cfg.k, "beam_size": cfg.beam_size}
+        out.append(http_post("/v1/retrieve", json.dumps(body).encode()))
+    return out
+
+
 def service_env(cfg: BenchConfig, bundle_path: Path, mode: str) -> dict[str, str]:
     return {
         "GENRET_BUNDLE_PATH": str(bundle_path),
@@ -214,7 +227,50 @@ def measure_level(mode: str, service: ServiceProcess, script: Path, c: int, cfg:
     )
 
 
-def measure_mode(mode: str, bundle: Path, script: Path, cfg: BenchConfig) -> list[Measurement]:
+def measure_open(
+    mode: str, service: ServiceProcess, bodies: list[bytes], max_qps: float, cfg: BenchConfig
+) -> list[OpenLoopMeasurement]:
+    """One open-loop run of ``cfg.duration_s`` per fraction of ``max_qps``."""
+    rows = []
+    for fraction in cfg.open_loop:
+        offsets = send_times(fraction * max_qps, cfg.duration_s, cfg.arrivals, seed=cfg.seed)
+        stats: OpenLoopStats = run_loop(
+            open_loop("127.0.0.1", service.port, bodies, offsets, cfg.duration_s, timeout_s=10.0)
+        )
+        row = OpenLoopMeasurement(
+            mode=mode,
+            fraction=fraction,
+            max_qps=max_qps,
+            target_qps=stats.target_qps,
+            achieved_qps=stats.achieved_qps,
+            p50_ms=stats.p50_ms,
+            p99_ms=stats.p99_ms,
+            errors=stats.errors,
+            valid=stats.valid,
+            arrivals=cfg.arrivals,
+            requests=stats.sent,
+            send_lag_p99_ms=stats.send_lag_p99_ms,
+            connections=stats.connections,
+        )
+        print(
+            f"  {mode:<10} open {fraction:.0%} of {max_qps:.0f}: target={row.target_qps:7.1f} "
+            f"achieved={row.achieved_qps:7.1f} p50={row.p50_ms:7.1f}ms p99={row.p99_ms:7.1f}ms "
+            f"errors={row.errors} valid={row.valid} lag_p99={row.send_lag_p99_ms:.1f}ms",
+            flush=True,
+        )
+        rows.append(row)
+    return rows
+
+
+def max_throughput(rows: list[Measurement]) -> float | None:
+    """The best closed-loop QPS among rows with no error (None when every row erred)."""
+    clean = [m.qps for m in rows if m.errors == 0]
+    return max(clean) if clean else None
+
+
+def measure_mode(
+    mode: str, bundle: Path, script: Path, bodies: list[bytes], cfg: BenchConfig
+) -> tuple[list[Measurement], list[OpenLoopMeasurement]]:
     env = service_env(cfg, bundle, mode)
     service = ServiceProcess(env, cfg.workdir / f"service-{mode}.log").start(ready_timeout_s=600)
     results = []
@@ -228,281 +284,13 @@ def measure_mode(mode: str, bundle: Path, script: Path, cfg: BenchConfig) -> lis
                 flush=True,
             )
             results.append(m)
+        best = max_throughput(results)
+        if cfg.open_loop and best is None:
+            print(f"  {mode}: no error-free closed-loop row, so no open-loop rows", flush=True)
+        opened = measure_open(mode, service, bodies, best, cfg) if cfg.open_loop and best else []
     finally:
         service.stop()
-    return results
-
-
-SHADOW_RUNS_METRIC = "genret_shadow_requests_total"
-SHADOW_DROPPED_METRIC = "genret_shadow_dropped_total"
-SHADOW_YIELDS_METRIC = "genret_shadow_yields_total"
-SHADOW_DEPTH_METRIC = "genret_shadow_queue_depth"
-
-
-def parse_labels(text: str) -> dict[str, str]:
-    """``a="x",b="y"`` -> {a: x, b: y} (label values in these metrics hold no quotes or commas)."""
-    out = {}
-    for part in text.split(","):
-        if "=" in part:
-            key, value = part.split("=", 1)
-            out[key.strip()] = value.strip().strip('"')
-    return out
-
-
-def shadow_counters(metrics_text: str) -> tuple[dict[str, int], dict[str, int]]:
-    """From a Prometheus text page: shadow runs by result and shadow drops by reason (summed over labels)."""
-    runs: dict[str, int] = {}
-    dropped: dict[str, int] = {}
-    for line in metrics_text.splitlines():
-        if line.startswith("#") or "{" not in line:
-            continue
-        name, rest = line.split("{", 1)
-        labels_text, _, value_text = rest.rpartition("}")
-        labels = parse_labels(labels_text)
-        value = int(float(value_text.strip().split()[0]))
-        if name == SHADOW_RUNS_METRIC:
-            result = labels.get("result", "?")
-            runs[result] = runs.get(result, 0) + value
-        elif name == SHADOW_DROPPED_METRIC:
-            reason = labels.get("reason", "?")
-            dropped[reason] = dropped.get(reason, 0) + value
-    return runs, dropped
-
-
-def shadow_yields(metrics_text: str) -> int:
-    """``genret_shadow_yields_total`` summed over its labels (0 when absent)."""
-    total = 0
-    for line in metrics_text.splitlines():
-        if line.startswith(SHADOW_YIELDS_METRIC + "{"):
-            total += int(float(line.rpartition("}")[2].strip().split()[0]))
-    return total
-
-
-def shadow_queue_depth(metrics_text: str) -> int:
-    """The ``genret_shadow_queue_depth`` gauge (0 when absent: no experiment)."""
-    for line in metrics_text.splitlines():
-        if line.startswith(SHADOW_DEPTH_METRIC + " "):
-            return int(float(line.split()[1]))
-    return 0
-
-
-def wait_shadow_drained(url: str, timeout_s: float) -> None:
-    """Wait until the service's shadow lane has no copy left queued (checked twice, 0.1 s apart),
-    so that its backlog does not run during the next measurement (of another service)."""
-    deadline = time.monotonic() + timeout_s
-    empty_checks = 0
-    while empty_checks < 2 and time.monotonic() < deadline:
-        response = httpx.get(f"{url}/metrics", timeout=10.0)
-        response.raise_for_status()
-        empty_checks = empty_checks + 1 if shadow_queue_depth(response.text) == 0 else 0
-        time.sleep(0.1)
-
-
-@dataclass(frozen=True)
-class ShadowCounters:
-    runs: dict[str, int]
-    dropped: dict[str, int]
-    yields: int
-
-
-def read_shadow_counters(url: str) -> ShadowCounters:
-    response = httpx.get(f"{url}/metrics", timeout=10.0)
-    response.raise_for_status()
-    runs, dropped = shadow_counters(response.text)
-    return ShadowCounters(runs, dropped, shadow_yields(response.text))
-
-
-def counter_delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
-    return {k: v - before.get(k, 0) for k, v in sorted(after.items()) if v - before.get(k, 0)}
-
-
-def shadow_root(workdir: Path, primary: Path, shadow: Path) -> Path:
-    """A bundle directory serving ``primary`` and ``shadow`` under those names (symlinks)."""
-    root = workdir / f"shadow-root-{primary.name}"
-    root.mkdir(parents=True, exist_ok=True)
-    for name, target in (("primary", primary), ("shadow", shadow)):
-        link = root / name
-        if link.is_symlink() or link.exists():
-            if link.resolve() == target.resolve():
-                continue
-            link.unlink()
-        link.symlink_to(target.resolve(), target_is_directory=True)
-    return root
-
-
-def experiment_yaml(rate: float) -> str:
-    return (
-        f"name: bench-shadow-{rate:g}\n"
-        "salt: genret-bench-shadow\n"
-        "variants:\n"
-        "  - {name: default, bundle: primary, weight: 1}\n"
-        "shadows:\n"
-        f"  - {{bundle: shadow, sample_rate: {rate!r}}}\n"
-    )
-
-
-def start_shadow_service(rate: float, root: Path, cfg: BenchConfig) -> ServiceProcess:
-    """The primary + shadow bundles served with ``rate`` of users' requests shadowed (0: no experiment)."""
-    env = service_env(cfg, root, "generative")
-    env["GENRET_DEFAULT_MODEL"] = "primary"
-    env["GENRET_EXPERIMENTS_FILE"] = ""  # rate 0: no experiment, whatever the caller's environment says
-    if rate > 0:
-        path = cfg.workdir / f"experiment-shadow-{rate:g}.yaml"
-        path.write_text(experiment_yaml(rate))
-        env["GENRET_EXPERIMENTS_FILE"] = str(path)
-    return ServiceProcess(env, cfg.workdir / f"service-shadow-{rate:g}.log").start(ready_timeout_s=600)
-
-
-def measure_shadow_once(
-    rate: float, service: ServiceProcess, script: Path, c: int, cfg: BenchConfig
-) -> ShadowMeasurement:
-    """One wrk run at ``c`` connections; shadow counters as deltas over that run."""
-    before = read_shadow_counters(service.url)
-    m = measure_level("generative", service, script, c, cfg)
-    after = read_shadow_counters(service.url)
-    return ShadowMeasurement(
-        rate=rate,
-        concurrency=c,
-        qps=m.qps,
-        p50_ms=m.p50_ms,
-        p95_ms=m.p95_ms,
-        p99_ms=m.p99_ms,
-        requests=m.requests,
-        errors=m.errors,
-        rss_mib=m.rss_mib,
-        shadow_runs=counter_delta(after.runs, before.runs),
-        shadow_dropped=counter_delta(after.dropped, before.dropped),
-        shadow_yields=after.yields - before.yields,
-        p99_min_ms=m.p99_ms,
-        p99_max_ms=m.p99_ms,
-    )
-
-
-def _sum_counts(counts: list[dict[str, int]]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for c in counts:
-        for key, value in c.items():
-            out[key] = out.get(key, 0) + value
-    return dict(sorted(out.items()))
-
-
-def median_row(rows: list[ShadowMeasurement]) -> ShadowMeasurement:
-    """Rounds of one (rate, concurrency) -> one row: median QPS and latencies, p99 range, summed counts."""
-    if not rows or len({(r.rate, r.concurrency) for r in rows}) != 1:
-        raise ValueError("median_row needs measurements of one rate and concurrency")
-    p99s = [r.p99_ms for r in rows]
-    return ShadowMeasurement(
-        rate=rows[0].rate,
-        concurrency=rows[0].concurrency,
-        qps=float(np.median([r.qps for r in rows])),
-        p50_ms=float(np.median([r.p50_ms for r in rows])),
-        p95_ms=float(np.median([r.p95_ms for r in rows])),
-        p99_ms=float(np.median(p99s)),
-        requests=sum(r.requests for r in rows),
-        errors=sum(r.errors for r in rows),
-        rss_mib=max(r.rss_mib for r in rows),
-        shadow_runs=_sum_counts([r.shadow_runs for r in rows]),
-        shadow_dropped=_sum_counts([r.shadow_dropped for r in rows]),
-        shadow_yields=sum(r.shadow_yields for r in rows),
-        rounds=len(rows),
-        p99_min_ms=min(p99s),
-        p99_max_ms=max(p99s),
-    )
-
-
-def interleaved_order(rates: tuple[float, ...], round_index: int) -> list[float]:
-    """The rates in round ``round_index``: rotated by one each round, so no rate always goes first."""
-    shift = round_index % len(rates)
-    return list(rates[shift:] + rates[:shift])
-
-
-def measure_shadow_rates(root: Path, script: Path, cfg: BenchConfig) -> list[ShadowMeasurement]:
-    """Every rate's service up at once; ``cfg.repeat`` interleaved rounds; median rows per (rate, c)."""
-    services: dict[float, ServiceProcess] = {}
-    raw: dict[tuple[float, int], list[ShadowMeasurement]] = {}
-    try:
-        for rate in cfg.shadow_rates:
-            print(f"starting the service for shadow rate {rate:g} ...", flush=True)
-            services[rate] = start_shadow_service(rate, root, cfg)
-            run_wrk(services[rate].url, script, 8, 2.0)  # warm-up (both bundles when shadowing)
-        for r in range(cfg.repeat):
-            for c in cfg.concurrency:
-                for rate in interleaved_order(cfg.shadow_rates, r):
-                    sm = measure_shadow_once(rate, services[rate], script, c, cfg)
-                    print(
-                        f"  round {r + 1}/{cfg.repeat} shadow={rate:<4g} c={c:<3} qps={sm.qps:8.1f} "
-                        f"p50={sm.p50_ms:7.1f}ms p99={sm.p99_ms:7.1f}ms errors={sm.errors} "
-                        f"shadow_runs={sm.shadow_runs} dropped={sm.shadow_dropped} yields={sm.shadow_yields}",
-                        flush=True,
-                    )
-                    raw.setdefault((rate, c), []).append(sm)
-                    if rate > 0:  # queued copies are run (or go stale) in the lull after the load
-                        wait_shadow_drained(services[rate].url, timeout_s=30.0)
-    finally:
-        for service in services.values():
-            service.stop()
-    return [median_row(raw[(rate, c)]) for rate in cfg.shadow_rates for c in cfg.concurrency]
-
-
-def with_p99_change(results: list[ShadowMeasurement]) -> list[ShadowMeasurement]:
-    """Fill ``p99_change_pct`` against the rate-0 row at the same concurrency (None without one)."""
-    base = {m.concurrency: m.p99_ms for m in results if m.rate == 0}
-    out = []
-    for m in results:
-        b = base.get(m.concurrency)
-        change = None if not b else 100.0 * (m.p99_ms - b) / b
-        out.append(replace(m, p99_change_pct=change))
-    return out
-
-
-def _counts(counts: dict[str, int]) -> str:
-    return " ".join(f"{k}={v}" for k, v in counts.items()) or "0"
-
-
-def format_shadow_table(results: list[ShadowMeasurement]) -> str:
-    lines = [
-        "| shadow rate | concurrency | primary QPS | p50 ms | p99 ms | p99 vs rate 0 | shadow completed "
-        "| shadow error/timeout | shadow dropped | primary errors | shadow yields | rounds | p99 range ms |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---|",
-    ]
-    for m in results:
-        change = "-" if m.p99_change_pct is None else f"{m.p99_change_pct:+.1f}%"
-        failed = {k: v for k, v in m.shadow_runs.items() if k != "ok"}
-        spread = (
-            "-" if m.p99_min_ms is None or m.p99_max_ms is None else f"{m.p99_min_ms:.1f}-{m.p99_max_ms:.1f}"
-        )
-        lines.append(
-            f"| {m.rate:g} | {m.concurrency} | {m.qps:.1f} | {m.p50_ms:.1f} | {m.p99_ms:.1f} | {change} "
-            f"| {m.shadow_runs.get('ok', 0)} | {_counts(failed)} | {_counts(m.shadow_dropped)} | {m.errors} "
-            f"| {m.shadow_yields} | {m.rounds} | {spread} |"
-        )
-    return "\n".join(lines)
-
-
-def run_shadow_bench(cfg: BenchConfig, as_json: bool = False) -> int:
-    primary = build_bundle(cfg)
-    shadow = build_bundle(replace(cfg, seed=cfg.seed + 1))
-    root = shadow_root(cfg.workdir, primary, shadow)
-    with tempfile.TemporaryDirectory() as tmp:
-        script = wrk_script(primary, cfg, Path(tmp) / "retrieve.lua")
-        results = with_p99_change(measure_shadow_rates(root, script, cfg))
-    print(
-        f"\nbench serve --shadow: N={cfg.items} L={cfg.levels} branching={cfg.tree_branching} dim={cfg.dim} "
-        f"k={cfg.k} beam={cfg.beam_size} batch<={cfg.max_batch_size} threads={cfg.threads} "
-        f"duration={cfg.duration_s}s x {cfg.repeat} interleaved rounds, medians (primary and shadow "
-        "bundles of the same size; load: wrk, 1 thread)"
-    )
-    print(format_shadow_table(results))
-    if as_json:
-        print(
-            json.dumps(
-                {
-                    "config": {**asdict(cfg), "workdir": str(cfg.workdir)},
-                    "shadow_results": [asdict(m) for m in results],
-                }
-            )
-        )
-    return 0
+    return results, opened
 
 
 def format_table(results: list[Measurement]) -> str:
@@ -527,33 +315,73 @@ def format_table(results: list[Measurement]) -> str:
     return "\n".join(lines)
 
 
-def run_bench(cfg: BenchConfig, as_json: bool = False) -> int:
+def format_open_table(rows: list[OpenLoopMeasurement]) -> str:
+    lines = [
+        "| mode | arrivals | % of max | max QPS | target QPS | achieved QPS | p50 ms | p99 ms | errors | valid "
+        "| send lag p99 ms | connections |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.mode} | {r.arrivals} | {r.fraction:.0%} | {r.max_qps:.1f} | {r.target_qps:.1f} "
+            f"| {r.achieved_qps:.1f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} | {'yes' if r.valid else 'NO'} "
+            f"| {r.send_lag_p99_ms:.1f} | {r.connections} |"
+        )
+    return "\n".join(lines)
+
+
+def generator_ceiling() -> list[dict[str, Any]]:
+    """The open-loop generator against a trivial server (:func:`service.bench_load.measure_ceiling`)."""
+    from service.bench_load import measure_ceiling
+
+    print("measuring the open-loop generator's ceiling against a trivial server ...", flush=True)
+    rows = [{**asdict(r), "valid": r.valid} for r in measure_ceiling()]
+    for r in rows:
+        print(
+            f"  target={r['target_qps']:8.0f} achieved={r['achieved_qps']:8.0f} p99={r['p99_ms']:6.1f}ms "
+            f"lag_p99={r['send_lag_p99_ms']:.1f}ms valid={r['valid']}",
+            flush=True,
+        )
+    return rows
+
+
+def run_bench(cfg: BenchConfig, as_json: bool = False, ceiling: bool = False) -> int:
     if shutil.which("wrk") is None:
-        print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        print("wrk is not installed (apt-get install wrk, or run `make bench`)", file=sys.stderr)
         return 2
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     if cfg.shadow_rates:
+        from service.bench_shadow import run_shadow_bench
+
         return run_shadow_bench(cfg, as_json=as_json)
+    generator = generator_ceiling() if ceiling else []
     bundle = build_bundle(cfg)
+    bodies = retrieve_bodies(bundle, cfg)
     results: list[Measurement] = []
+    opened: list[OpenLoopMeasurement] = []
     with tempfile.TemporaryDirectory() as tmp:
         script = wrk_script(bundle, cfg, Path(tmp) / "retrieve.lua")
         for mode in cfg.modes:
             print(f"measuring {mode} ...", flush=True)
-            results.extend(measure_mode(mode, bundle, script, cfg))
+            closed, open_rows = measure_mode(mode, bundle, script, bodies, cfg)
+            results.extend(closed)
+            opened.extend(open_rows)
     print(
         f"\nbench serve: N={cfg.items} L={cfg.levels} branching={cfg.tree_branching} dim={cfg.dim} k={cfg.k} "
         f"beam={cfg.beam_size} batch<={cfg.max_batch_size} threads={cfg.threads} duration={cfg.duration_s}s "
-        "(load: wrk, 1 thread, separate process)"
+        "(closed loop: wrk, 1 thread, separate process; open loop: service.bench_load, "
+        f"{cfg.arrivals} arrivals, latency from the scheduled send)"
     )
     print(format_table(results))
+    if opened:
+        print()
+        print(format_open_table(opened))
     if as_json:
-        print(
-            json.dumps(
-                {
-                    "config": {**asdict(cfg), "workdir": str(cfg.workdir)},
-                    "results": [asdict(m) for m in results],
-                }
-            )
-        )
+        payload = {
+            "config": {**asdict(cfg), "workdir": str(cfg.workdir)},
+            "results": [asdict(m) for m in results] + [asdict(r) for r in opened],
+        }
+        if generator:
+            payload["generator_ceiling"] = generator
+        print(json.dumps(payload))
     return 0

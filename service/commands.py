@@ -28,7 +28,9 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
         "serve",
         help="QPS and latency of the service vs brute-force top-K over the same items",
         description="Build a synthetic bundle of N items, serve it (uvicorn subprocess), drive it with wrk at "
-        "each concurrency, then the same against brute-force inner-product top-K served the same way.",
+        "each concurrency (closed loop), then at fixed fractions of the best error-free closed-loop QPS with "
+        "requests sent at scheduled times (open loop); then the same against brute-force inner-product top-K "
+        "served the same way.",
     )
     bench.add_argument("--items", type=int, default=1_000_000, help="catalogue size N")
     bench.add_argument("--levels", type=int, default=3, help="index depth L")
@@ -59,13 +61,25 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
         default=1,
         help="shadow bench: rounds over all rates, interleaved in rotating order; the table gives medians",
     )
+    bench.add_argument(
+        "--open-loop",
+        default="0.5,0.8,0.95",
+        help="comma-separated fractions of the best error-free closed-loop QPS to offer open loop ('' = none)",
+    )
+    bench.add_argument(
+        "--arrivals", choices=["fixed", "poisson"], default="fixed", help="open-loop send times"
+    )
+    bench.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="first measure the open-loop generator's own ceiling against a trivial HTTP server",
+    )
     bench.add_argument("--json", action="store_true", help="print the results as JSON too")
     bench.set_defaults(func=cmd_bench_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from service.server import serve
-    from service.settings import Settings
+    from service.server import run
 
     overrides: dict[str, Any] = {
         "bundle_path": args.bundle,
@@ -75,8 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "search_mode": args.search_mode,
         "redis_url": args.redis_url,
     }
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    return serve(settings)
+    return run({k: v for k, v in overrides.items() if v is not None})  # checks, then uvicorn
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
@@ -98,5 +111,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         threads=args.threads,
         shadow_rates=tuple(float(r) for r in args.shadow.split(",") if r.strip()),
         repeat=args.repeat,
+        open_loop=tuple(float(f) for f in args.open_loop.split(",") if f.strip()),
+        arrivals=args.arrivals,
     )
-    return run_bench(config, as_json=args.json)
+    return run_bench(config, as_json=args.json, ceiling=args.ceiling)

@@ -1,26 +1,34 @@
-"""The pieces of ``genret bench serve --shadow`` that need no running service: metrics parsing,
-counter deltas, the generated experiment file, the bundle directory and the p99 comparison."""
+"""The pieces of ``genret bench serve`` that need no service: metrics parsing, counter deltas, the
+generated experiment file, the bundle directory and the p99 comparison of ``--shadow``; the
+open-loop schedule, its client against small in-test servers, and the row validity."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
-from service.bench import (
-    BenchConfig,
+from service.bench import BenchConfig, Measurement, max_throughput
+from service.bench_load import Arrivals, OpenLoopStats, http_post, open_loop, run_loop, send_times
+from service.bench_shadow import (
     ShadowMeasurement,
     counter_delta,
     experiment_yaml,
     format_shadow_table,
     shadow_counters,
+    shadow_queue_depth,
     shadow_root,
+    shadow_yields,
     with_p99_change,
 )
 from service.experiments import ExperimentConfig
+from service.launcher import free_port
 from service.models_registry import ModelRegistry
 from service.settings import Settings
 
@@ -111,3 +119,85 @@ def test_bench_config_rejects_rates_outside_unit_interval(tmp_path: Path) -> Non
             workdir=tmp_path,
             shadow_rates=(0.0, 1.5),
         )
+
+
+def test_shadow_gauge_and_yields_parse_with_prometheus_client() -> None:
+    text = METRICS + (
+        "# TYPE genret_shadow_queue_depth gauge\ngenret_shadow_queue_depth 3.0\n"
+        "# TYPE genret_shadow_yields_total counter\n"
+        'genret_shadow_yields_total{shadow="a"} 4.0\ngenret_shadow_yields_total{shadow="b"} 1.0\n'
+    )
+    assert shadow_queue_depth(text) == 3
+    assert shadow_yields(text) == 5
+    assert shadow_queue_depth(METRICS) == 0
+
+
+@pytest.mark.parametrize("arrivals", ["fixed", "poisson"])
+def test_send_times_offer_exactly_the_target_within_the_window(arrivals: Arrivals) -> None:
+    offsets = send_times(250.0, 4.0, arrivals, seed=3)
+    assert len(offsets) == 1000
+    assert np.all(np.diff(offsets) >= 0) and offsets[0] >= 0 and offsets[-1] < 4.0
+    gaps = np.diff(offsets)
+    if arrivals == "fixed":
+        assert np.allclose(gaps, 1 / 250.0)
+    else:  # exponential gaps: mean 1/rate, coefficient of variation ~1 (fixed spacing has 0)
+        assert gaps.mean() == pytest.approx(1 / 250.0, rel=0.1)
+        assert gaps.std() / gaps.mean() == pytest.approx(1.0, abs=0.15)
+
+
+def test_open_loop_times_latency_from_the_scheduled_send() -> None:
+    """A server that answers one request at a time, 20 ms each, offered 100/s: the generator keeps
+    its schedule (achieved = target, valid), and the queue the server builds shows in the latency
+    (a closed-loop client would see ~20 ms every time)."""
+
+    async def main() -> OpenLoopStats:
+        lock = asyncio.Lock()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                    await reader.readexactly(length)
+                    async with lock:
+                        await asyncio.sleep(0.02)
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            body = http_post("/v1/retrieve", b"{}")
+            return await open_loop("127.0.0.1", port, [body], send_times(100.0, 1.0, "fixed"), 1.0)
+
+    stats = run_loop(main())
+    assert stats.sent == 100 and stats.errors == 0
+    assert stats.achieved_qps == pytest.approx(100.0, rel=0.02) and stats.valid
+    assert stats.p50_ms > 200.0  # 100/s offered to a 50/s server: the backlog grows for the whole second
+    assert stats.p99_ms > stats.p50_ms
+
+
+def test_a_row_under_98_percent_of_its_target_is_invalid() -> None:
+    ok = OpenLoopStats(100.0, 98.5, 985, 0, 5.0, 9.0, 1.0, 8)
+    slow = OpenLoopStats(100.0, 97.0, 970, 0, 5.0, 9.0, 1.0, 8)
+    assert ok.valid and not slow.valid
+
+
+def test_open_loop_errors_count_refused_connections() -> None:
+    async def main() -> OpenLoopStats:
+        port = free_port()  # nothing listens there
+        return await open_loop(
+            "127.0.0.1", port, [b"x"], send_times(10.0, 0.5, "fixed"), 0.5, warm_connections=0
+        )
+
+    stats = run_loop(main())
+    assert stats.errors == 5 and stats.sent == 0 and not stats.valid
+
+
+def _closed(qps: float, errors: int) -> Measurement:
+    return Measurement("generative", 32, qps, 1.0, 2.0, 3.0, 100, errors, 10.0)
+
+
+def test_max_throughput_is_the_best_error_free_closed_loop_row() -> None:
+    assert max_throughput([_closed(400.0, 0), _closed(480.0, 0), _closed(520.0, 3)]) == 480.0
+    assert max_throughput([_closed(520.0, 3)]) is None
