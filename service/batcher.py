@@ -1,18 +1,29 @@
-"""Dynamic batcher: one bounded queue, one task forming batches, compute off the event loop.
+"""Dynamic batcher: one bounded queue, batches formed by one task, compute off the event loop,
+encode of the next batch overlapping search of the current one.
 
-Requests from many clients meet in one ``asyncio.Queue``. One batcher task takes the first waiting
+Requests from many clients meet in one ``asyncio.Queue``. The batcher takes the first waiting
 request, then keeps collecting until the batch has ``max_batch_size`` requests or ``max_wait_s`` has
-passed, drops those whose deadline already passed (they fail with :class:`DeadlineExceeded` and are
-never computed), and hands the batch to ``process`` — an async function that does its heavy part with
-:meth:`Batcher.run_in_worker` (a single worker thread, so the event loop keeps serving).
+passed, and drops those whose deadline already passed (they fail with :class:`DeadlineExceeded`
+and are never computed). A batch then goes through the :class:`Stages` it was given:
+
+* ``prepare(jobs)`` -> one value or exception per job (the service: cache lookup + encode of the
+  misses), its heavy part on the *prepare* thread (:meth:`Batcher.run_prepare`);
+* ``finish(jobs, prepared)`` -> one result or exception per job (the service: beam search +
+  rerank), its heavy part on the *compute* thread (:meth:`Batcher.run_in_worker`).
+
+With ``pipeline`` on, the two stages run as two tasks on two threads joined by a bounded hand-off
+of prepared jobs: while the compute thread searches batch ``n``, the prepare task collects and
+encodes what arrived since, and the compute task takes every prepared job (up to
+``max_batch_size``, oldest first) as soon as it is free. The hand-off holds at most
+``max_batch_size`` jobs, so prepare runs at most one batch ahead; a job whose deadline passes there
+fails with :class:`DeadlineExceeded` before it is searched. With ``pipeline`` off (one core: the
+stages would only take turns) both stages run one after the other on the compute thread, as a
+plain ``process(jobs)`` function always does.
 
 A full queue answers at once with :class:`QueueFull` (429 + Retry-After). :meth:`Batcher.stop` lets
-queued and running batches finish before the task ends.
-
-Lower-priority work (the shadow lane, ``service.engine``) runs small stages on a second,
-background thread with a lowered OS priority (:meth:`Batcher.run_low_priority`), each only after
-:meth:`Batcher.wait_idle` says that no batch is queued, being formed or computing, so a primary batch
-overlaps with at most one such stage and wins the CPU while it does.
+queued, prepared and running jobs finish before the tasks end. Lower-priority work (the shadow
+lane) runs on a third, background thread at OS nice 19 (:meth:`Batcher.run_low_priority`), each
+stage only once :meth:`Batcher.wait_idle` says that no request is queued, prepared or computing.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,6 +56,7 @@ class BatcherConfig:
     max_wait_s: float
     queue_size: int
     retry_after_s: int = 1
+    pipeline: bool = False  # prepare and finish on two threads, overlapping (needs >= 2 cores to pay)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.queue_size < 1 or self.max_wait_s < 0:
@@ -63,6 +76,18 @@ class Job(Generic[Req, Res]):
 
 # process(batch) -> one result or exception per job, in order
 ProcessFn = Callable[[Sequence[Job[Req, Res]]], Awaitable[Sequence[Res | BaseException]]]
+# prepare(batch) -> one prepared value or exception per job, in order
+PrepareFn = Callable[[Sequence[Job[Req, Res]]], Awaitable[Sequence[Any]]]
+# finish(batch, prepared values) -> one result or exception per job, in order
+FinishFn = Callable[[Sequence[Job[Req, Res]], Sequence[Any]], Awaitable[Sequence[Res | BaseException]]]
+
+
+@dataclass(frozen=True)
+class Stages(Generic[Req, Res]):
+    """A batch's two stages (module docstring); ``prepare=None``: ``finish`` gets ``None`` per job."""
+
+    finish: FinishFn[Req, Res]
+    prepare: PrepareFn[Req, Res] | None = None
 
 
 def lower_thread_priority(nice: int = 19) -> None:
@@ -74,17 +99,72 @@ def lower_thread_priority(nice: int = 19) -> None:
             log.warning("could not lower the background thread's priority: %s", exc)
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _deliver(job: Job[Req, Res], result: Res | BaseException) -> None:
+    if job.future.done():  # the client went away, or its deadline passed while waiting
+        return
+    if isinstance(result, BaseException):
+        job.future.set_exception(result)
+    else:
+        job.future.set_result(result)
+
+
+class Handoff(Generic[T]):
+    """Prepared jobs waiting for the compute stage: at most ``capacity``, taken oldest first."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: deque[T] = deque()
+        self._changed = asyncio.Condition()
+
+    async def put(self, items: Sequence[T]) -> None:
+        """Add ``items`` (at most ``capacity`` of them) once there is room for all."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: len(self._items) + len(items) <= self.capacity)
+            self._items.extend(items)
+            self._changed.notify_all()
+
+    async def take(self, most: int) -> list[T]:
+        """Wait for at least one item; take up to ``most``."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: bool(self._items))
+            out = [self._items.popleft() for _ in range(min(most, len(self._items)))]
+            self._changed.notify_all()
+            return out
+
+
 class Batcher(Generic[Req, Res]):
-    def __init__(self, process: ProcessFn[Req, Res], config: BatcherConfig) -> None:
-        self._process = process
+    def __init__(self, process: ProcessFn[Req, Res] | Stages[Req, Res], config: BatcherConfig) -> None:
+        if isinstance(process, Stages):
+            self._stages: Stages[Req, Res] = process
+        else:
+            plain = process
+
+            async def finish(
+                jobs: Sequence[Job[Req, Res]], _: Sequence[Any]
+            ) -> Sequence[Res | BaseException]:
+                return await plain(jobs)
+
+            self._stages = Stages(finish=finish)
         self._config = config
+        self.pipelined = config.pipeline and self._stages.prepare is not None
         self._queue: asyncio.Queue[Job[Req, Res]] = asyncio.Queue(maxsize=config.queue_size)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genret-compute")
+        self._prepare_executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="genret-prepare") if self.pipelined else None
+        )
         self._background: ThreadPoolExecutor | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._handoff: Handoff[tuple[Job[Req, Res], Any]] | None = None
         self._closing = False
-        self._busy = False
-        self._went_idle: asyncio.Event | None = None  # set when the last batch ends with an empty queue
+        self._active: dict[int, Job[Req, Res]] = {}  # taken from the queue, not yet answered
+        self._went_idle: asyncio.Event | None = None  # set when the last job is answered with an empty queue
 
     @property
     def depth(self) -> int:
@@ -92,12 +172,20 @@ class Batcher(Generic[Req, Res]):
 
     @property
     def idle(self) -> bool:
-        return self._queue.empty() and not self._busy
+        return self._queue.empty() and not self._active
 
     def start(self) -> None:
-        if self._task is None:
-            self._went_idle = asyncio.Event()
-            self._task = asyncio.create_task(self._run(), name="genret-batcher")
+        if self._tasks:
+            return
+        self._went_idle = asyncio.Event()
+        if self.pipelined:
+            self._handoff = Handoff(self._config.max_batch_size)
+            self._tasks = [
+                asyncio.create_task(self._run_prepare_stage(), name="genret-batcher-prepare"),
+                asyncio.create_task(self._run_finish_stage(), name="genret-batcher-compute"),
+            ]
+        else:
+            self._tasks = [asyncio.create_task(self._run(), name="genret-batcher")]
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until nothing is queued or running (:attr:`idle`); False when ``timeout_s`` passed first
@@ -116,7 +204,7 @@ class Batcher(Generic[Req, Res]):
 
     async def submit(self, payload: Req, deadline: float) -> Res:
         """Queue ``payload`` and wait for its result; raises QueueFull / DeadlineExceeded / Unavailable."""
-        if self._closing or self._task is None:
+        if self._closing or not self._tasks:
             raise Unavailable("the batcher is not running (starting up or shutting down)")
         loop = asyncio.get_running_loop()
         job: Job[Req, Res] = Job(payload=payload, deadline=deadline, future=loop.create_future())
@@ -129,7 +217,7 @@ class Batcher(Generic[Req, Res]):
             ) from None
         QUEUE_DEPTH.set(self._queue.qsize())
         try:
-            # on timeout wait_for cancels the future, so the batcher skips the job if still queued
+            # on timeout wait_for cancels the future, so the batcher skips the job if still waiting
             return await asyncio.wait_for(job.future, timeout=max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             raise DeadlineExceeded(
@@ -140,6 +228,11 @@ class Batcher(Generic[Req, Res]):
         """Run ``fn(*args)`` on the compute thread (one at a time, off the event loop)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn, *args)
+
+    async def run_prepare(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the prepare thread when pipelined, else on the compute thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._prepare_executor or self._executor, fn, *args)
 
     async def run_low_priority(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the background thread (OS nice 19: the compute thread, the event loop
@@ -152,86 +245,153 @@ class Batcher(Generic[Req, Res]):
         return await loop.run_in_executor(self._background, fn, *args)
 
     async def stop(self, timeout_s: float) -> None:
-        """Refuse new work, let queued and running batches finish (up to ``timeout_s``), then end."""
+        """Refuse new work, let queued, prepared and running jobs finish (up to ``timeout_s``), then end."""
         self._closing = True
         if self._went_idle is not None:
             self._went_idle.set()  # wake wait_idle() callers: they give up while closing
         deadline = time.monotonic() + timeout_s
         while not self.idle and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        while not self._queue.empty():  # only left when the grace period ran out
-            job = self._queue.get_nowait()
-            if not job.future.done():
-                job.future.set_exception(Unavailable("shutting down before this request could run"))
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        if self._background is not None:
-            self._background.shutdown(wait=False, cancel_futures=True)
+                await task
+        self._tasks = []
+        left = list(self._active.values())  # only left when the grace period ran out
+        while not self._queue.empty():
+            left.append(self._queue.get_nowait())
+        for job in left:
+            _deliver(job, Unavailable("shutting down before this request could run"))
+        self._active.clear()
+        for executor in (self._executor, self._prepare_executor, self._background):
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
+
+    # --- batch forming and the stages ---
 
     async def _collect(self) -> list[Job[Req, Res]]:
         first = await self._queue.get()
-        self._busy = True
+        self._active[id(first)] = first
         batch = [first]
         wait_until = time.monotonic() + self._config.max_wait_s
         while len(batch) < self._config.max_batch_size:
             try:
-                batch.append(self._queue.get_nowait())
-                continue
+                job = self._queue.get_nowait()
             except asyncio.QueueEmpty:
-                pass
-            remaining = wait_until - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), timeout=remaining))
-            except TimeoutError:
-                break
+                remaining = wait_until - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self._queue.get(), timeout=remaining)
+                except TimeoutError:
+                    break
+            self._active[id(job)] = job
+            batch.append(job)
         QUEUE_DEPTH.set(self._queue.qsize())
         return batch
 
-    async def _run(self) -> None:
-        while True:
-            batch = await self._collect()
-            try:
-                await self._run_batch(batch)
-            except Exception as exc:  # never let one batch kill the batcher
-                log.exception("batch failed")
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-            finally:
-                self._busy = False
-                if self._went_idle is not None and self._queue.empty():
-                    self._went_idle.set()
+    def _answered(self, jobs: Sequence[Job[Req, Res]]) -> None:
+        for job in jobs:
+            self._active.pop(id(job), None)
+        if self._went_idle is not None and self.idle:
+            self._went_idle.set()
 
-    async def _run_batch(self, batch: list[Job[Req, Res]]) -> None:
+    @staticmethod
+    def _live(batch: Sequence[Job[Req, Res]], where: str) -> list[Job[Req, Res]]:
+        """The jobs still wanted: a gone client is skipped, a passed deadline fails (never computed)."""
         now = time.monotonic()
-        live: list[Job[Req, Res]] = []
+        live = []
+        for job in batch:
+            if job.future.done():
+                continue
+            if now >= job.deadline:
+                waited = (now - job.enqueued_at) * 1000
+                job.future.set_exception(DeadlineExceeded(f"deadline passed after {waited:.0f} ms {where}"))
+                continue
+            live.append(job)
+        return live
+
+    def _admit(self, batch: Sequence[Job[Req, Res]]) -> list[Job[Req, Res]]:
+        now = time.monotonic()
         for job in batch:
             job.queue_seconds = now - job.enqueued_at
             STAGE_SECONDS.labels(stage="queue").observe(job.queue_seconds)
-            if job.future.done():  # the client went away
-                continue
-            if now >= job.deadline:
-                job.future.set_exception(
-                    DeadlineExceeded(f"deadline passed after {job.queue_seconds * 1000:.0f} ms in the queue")
-                )
-                continue
-            live.append(job)
-        if not live:
-            return
-        BATCH_SIZE.observe(len(live))
-        results = await self._process(live)
-        if len(results) != len(live):
-            raise RuntimeError(f"process returned {len(results)} results for {len(live)} jobs")
-        for job, result in zip(live, results, strict=True):
-            if job.future.done():
-                continue
-            if isinstance(result, BaseException):
-                job.future.set_exception(result)
+        return self._live(batch, "in the queue")
+
+    async def _prepare(self, jobs: list[Job[Req, Res]]) -> list[tuple[Job[Req, Res], Any]]:
+        """Run ``prepare``; jobs it gave an exception are answered with it, the rest come back."""
+        if self._stages.prepare is None:
+            return [(job, None) for job in jobs]
+        values = await self._stages.prepare(jobs)
+        if len(values) != len(jobs):
+            raise RuntimeError(f"prepare returned {len(values)} values for {len(jobs)} jobs")
+        ready = []
+        for job, value in zip(jobs, values, strict=True):
+            if isinstance(value, BaseException):
+                _deliver(job, value)
             else:
-                job.future.set_result(result)
+                ready.append((job, value))
+        return ready
+
+    async def _finish(self, ready: Sequence[tuple[Job[Req, Res], Any]]) -> None:
+        jobs = [job for job, _ in ready]
+        BATCH_SIZE.observe(len(jobs))
+        results = await self._stages.finish(jobs, [value for _, value in ready])
+        if len(results) != len(jobs):
+            raise RuntimeError(f"finish returned {len(results)} results for {len(jobs)} jobs")
+        for job, result in zip(jobs, results, strict=True):
+            _deliver(job, result)
+
+    @staticmethod
+    def _fail(jobs: Sequence[Job[Req, Res]], exc: Exception) -> None:
+        log.exception("batch failed")  # never let one batch kill the batcher
+        for job in jobs:
+            _deliver(job, exc)
+
+    async def _run(self) -> None:
+        """Not pipelined: each batch goes through both stages before the next is formed."""
+        while True:
+            batch = await self._collect()
+            try:
+                live = self._admit(batch)
+                if live:
+                    ready = await self._prepare(live)
+                    if ready:
+                        await self._finish(ready)
+            except Exception as exc:
+                self._fail(batch, exc)
+            finally:
+                self._answered(batch)
+
+    async def _run_prepare_stage(self) -> None:
+        """Pipelined, first task: form a batch, prepare it, hand its jobs to the compute task."""
+        assert self._handoff is not None
+        while True:
+            batch = await self._collect()
+            ready: list[tuple[Job[Req, Res], Any]] = []
+            try:
+                live = self._admit(batch)
+                if live:
+                    ready = await self._prepare(live)
+            except Exception as exc:
+                self._fail(batch, exc)
+            handed = {id(job) for job, _ in ready}
+            self._answered([job for job in batch if id(job) not in handed])
+            if ready:
+                await self._handoff.put(ready)
+
+    async def _run_finish_stage(self) -> None:
+        """Pipelined, second task: every prepared job (oldest first, up to a batch) through finish."""
+        assert self._handoff is not None
+        while True:
+            taken = await self._handoff.take(self._config.max_batch_size)
+            try:
+                live = {id(job) for job in self._live([job for job, _ in taken], "before the search")}
+                ready = [(job, value) for job, value in taken if id(job) in live]
+                if ready:
+                    await self._finish(ready)
+            except Exception as exc:
+                self._fail([job for job, _ in taken], exc)
+            finally:
+                self._answered([job for job, _ in taken])
