@@ -1,21 +1,27 @@
 """HTTP routes only: each route calls the engine or the registry and returns its answer.
 
-Errors are raised, never caught here; ``service.errors`` maps them to HTTP once.
+``router`` is the public API (port ``GENRET_PORT``); ``admin_router`` is served only by the admin
+app on its own port (``GENRET_ADMIN_PORT``), and only when ``GENRET_ADMIN_TOKEN`` is set: every
+route under ``/admin`` belongs there. Errors are raised, never caught here; ``service.errors``
+maps them to HTTP once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.engine import Engine
-from service.errors import ERROR_RESPONSES, ErrorBody, Forbidden, Unauthorized, Unavailable
+from service.errors import ERROR_RESPONSES, ErrorBody, Forbidden, LimitExceeded, Unauthorized, Unavailable
 from service.metrics import render
 from service.schemas import (
+    AdminModelDescription,
+    AdminModelsResponse,
     BatchRetrieveRequest,
     BatchRetrieveResponse,
     ModelDescription,
@@ -29,6 +35,7 @@ from service.schemas import (
 )
 
 router = APIRouter()
+admin_router = APIRouter(prefix="/admin")
 _bearer = HTTPBearer(auto_error=False, description="GENRET_ADMIN_TOKEN")
 
 
@@ -44,9 +51,22 @@ def require_admin(
 ) -> None:
     if credentials is None:
         raise Unauthorized("missing bearer token")
-    expected = request.app.state.settings.admin_token.get_secret_value()
+    token = request.app.state.settings.admin_token
+    if token is None:  # the admin app is not started without a token; refuse if it ever is
+        raise Forbidden("the admin API is off: GENRET_ADMIN_TOKEN is not set")
+    expected = token.get_secret_value()
     if not hmac.compare_digest(credentials.credentials.encode(), expected.encode()):
         raise Forbidden("wrong admin token")
+
+
+def check_debug(request: Request, bodies: list[RetrieveRequest]) -> None:
+    """``debug: true`` only where the settings allow it (off in prod by default): 422 naming the setting."""
+    if request.app.state.settings.debug_on:
+        return
+    for i, body in enumerate(bodies):
+        if body.debug:
+            loc: tuple[str | int, ...] = ("debug",) if len(bodies) == 1 else ("requests", i, "debug")
+            raise LimitExceeded(loc, "debug answers are off here (GENRET_DEBUG_RESPONSES)")
 
 
 @router.post(
@@ -59,6 +79,7 @@ def require_admin(
 async def retrieve(
     body: RetrieveRequest, request: Request, engine: Engine = Depends(get_engine)
 ) -> RetrieveResponse:
+    check_debug(request, [body])
     response = await engine.retrieve(body)
     request.state.variant = response.variant
     return response
@@ -72,17 +93,23 @@ async def retrieve(
     summary="Several retrieval requests in one call",
 )
 async def retrieve_batch(
-    body: BatchRetrieveRequest, engine: Engine = Depends(get_engine)
+    body: BatchRetrieveRequest, request: Request, engine: Engine = Depends(get_engine)
 ) -> BatchRetrieveResponse:
+    check_debug(request, body.requests)
     return BatchRetrieveResponse(results=await engine.retrieve_batch(body.requests))
+
+
+def describe_models(engine: Engine, kind: type[ModelDescription]) -> list[Any]:
+    default = engine.registry.default_name
+    return [
+        kind(**{k: v for k, v in m.describe().items() if k in kind.model_fields}, default=m.name == default)
+        for m in engine.registry.all()
+    ]
 
 
 @router.get("/v1/models", response_model=ModelsResponse, summary="Loaded models")
 async def models(engine: Engine = Depends(get_engine)) -> ModelsResponse:
-    default = engine.registry.default_name
-    return ModelsResponse(
-        models=[ModelDescription(**m.describe(), default=m.name == default) for m in engine.registry.all()]
-    )
+    return ModelsResponse(models=describe_models(engine, ModelDescription))
 
 
 @router.get("/healthz", summary="Liveness: the process answers")
@@ -122,13 +149,33 @@ async def metrics() -> Response:
     return Response(payload, media_type=content_type)
 
 
-@router.post(
-    "/admin/reload",
+ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "No bearer token."},
+    403: {"model": ErrorBody, "description": "Wrong bearer token."},
+}
+
+
+@admin_router.get(
+    "/models",
+    response_model=AdminModelsResponse,
+    dependencies=[Depends(require_admin)],
+    responses=ADMIN_RESPONSES,
+    summary="Loaded models with their bundle paths",
+)
+async def admin_models(engine: Engine = Depends(get_engine)) -> AdminModelsResponse:
+    return AdminModelsResponse(models=describe_models(engine, AdminModelDescription))
+
+
+@admin_router.post(
+    "/reload",
     response_model=ReloadResponse,
     dependencies=[Depends(require_admin)],
     responses={
-        401: {"model": ErrorBody, "description": "No bearer token."},
-        403: {"model": ErrorBody, "description": "Wrong bearer token."},
+        **ADMIN_RESPONSES,
+        409: {
+            "model": ErrorBody,
+            "description": "The reload would change the default model; nothing swapped.",
+        },
         422: {"model": ErrorBody, "description": "The new bundle was refused; the old one keeps serving."},
     },
     summary="Load bundles again from disk, beside the serving ones, and swap them in",

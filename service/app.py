@@ -1,8 +1,10 @@
-"""App factory and lifespan: load + warm bundles, start the batcher, stop gracefully.
+"""App factories and lifespan: load + warm bundles, start the batcher, stop gracefully.
 
-``create_app(settings)`` returns the FastAPI app; the engine is built in the lifespan (bundles are
-loaded off the event loop) and stored on ``app.state.engine``. On shutdown the engine drains:
-new requests get 503, queued and running ones finish within ``shutdown_grace_s``.
+``create_app(settings)`` returns the public FastAPI app; the engine is built in its lifespan
+(bundles are loaded off the event loop) and stored on ``app.state.engine``. On shutdown the engine
+drains: new requests get 503, queued and running ones finish within the time left of
+``shutdown_grace_s``. ``create_admin_app(settings, app)`` returns the admin app (``/admin/*``),
+served on its own port and sharing the public app's state (engine, settings); it has no lifespan.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ import torch
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api import router
+from service.api import admin_router, router
 from service.cache import CircuitBreaker, LocalCache, NoCache, RedisCache, StateCache
 from service.engine import DEFAULT_VARIANT, Engine
 from service.errors import PayloadTooLarge, error_response, install_error_handlers
 from service.metrics import REQUEST_SECONDS
 from service.models_registry import ModelRegistry
-from service.settings import Settings
+from service.settings import SHUTDOWN_CLOSE_S, Settings
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +107,45 @@ class ServiceMiddleware:
         return replay
 
 
+class OneLineStartupError:
+    """Pure ASGI around the app: a failed lifespan startup is reported as the exception's last line.
+
+    Starlette sends the whole traceback as the ``lifespan.startup.failed`` message and uvicorn logs
+    it; the useful line (e.g. ``BadBundle: bundle 'x' at ... refused: ...``) is the last one.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_short(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed" and message.get("message"):
+                lines = [line for line in str(message["message"]).splitlines() if line.strip()]
+                message = {**message, "message": lines[-1] if lines else ""}
+            await send(message)
+
+        await self.app(scope, receive, send_short)  # uvicorn logs no traceback after startup.failed
+
+
 def make_cache(settings: Settings) -> StateCache:
-    if settings.redis_url:
+    secret = settings.cache_hmac_key
+    hmac_key = None if secret is None else secret.get_secret_value().encode()
+    url = settings.redis_connection_url()
+    if url:
         return RedisCache(
-            settings.redis_url,
+            url,
             ttl_s=settings.cache_ttl_s,
             timeout_s=settings.redis_timeout_ms / 1000.0,
             pool_size=settings.redis_pool_size,
             breaker=CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s),
+            hmac_key=hmac_key,
         )
     if settings.local_cache_entries > 0:
-        return LocalCache(settings.local_cache_entries)
+        return LocalCache(settings.local_cache_entries, hmac_key=hmac_key)
     return NoCache()
 
 
@@ -146,6 +176,14 @@ def wire_experiment(hooks: Any, engine: Engine) -> None:
         )
 
     hooks.bind(run_shadow, lambda: engine.batcher.idle)
+
+
+def grace_left(app: FastAPI, settings: Settings) -> float:
+    """Seconds the engine may still take to stop: what the drain (server.py) left, at least a little."""
+    deadline: float | None = getattr(app.state, "shutdown_deadline", None)
+    if deadline is None:
+        return settings.shutdown_grace_s
+    return max(SHUTDOWN_CLOSE_S, deadline - time.monotonic())
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -193,7 +231,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await watcher
             if hooks is not None:
                 await hooks.aclose()
-            await engine.stop(settings.shutdown_grace_s)
+            await engine.stop(grace_left(app, settings))
             await cache.close()
 
     app = FastAPI(
@@ -201,10 +239,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Online generative retrieval: history -> beam search over an item-index trie -> top-K items",
         lifespan=lifespan,
+        **docs_urls(settings),
     )
     app.state.settings = settings
     app.state.engine = None
+    app.state.shutdown_deadline = None  # set by server.DrainingServer when a drain begins
     install_error_handlers(app)
     app.include_router(router)
     app.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_body_bytes)
     return app
+
+
+def docs_urls(settings: Settings) -> dict[str, Any]:
+    if settings.docs_on:
+        return {}
+    return {"docs_url": None, "redoc_url": None, "openapi_url": None}
+
+
+def create_admin_app(settings: Settings, public: FastAPI) -> FastAPI:
+    """The ``/admin/*`` routes, on their own app and port; the engine is the public app's."""
+    admin = FastAPI(title="genret admin", version="0.1.0", **docs_urls(settings))
+    admin.state = public.state  # settings + the engine the public lifespan builds
+    install_error_handlers(admin)
+    admin.include_router(admin_router)
+    admin.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_body_bytes)
+    return admin

@@ -80,6 +80,13 @@ class Unavailable(ServiceError):
     kind = "unavailable"
 
 
+class Overloaded(ServiceError):
+    """More open connections or running requests than ``max_connections`` (service/http_guard.py)."""
+
+    status = 503
+    kind = "overloaded"
+
+
 class Unauthorized(ServiceError):
     status = 401
     kind = "unauthorized"

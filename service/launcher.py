@@ -1,7 +1,9 @@
 """Start `genret serve` as a subprocess on a free loopback port, wait until ready, stop it.
 
 Used by the integration tests and by ``genret bench serve``: a real uvicorn process, polled on
-``/readyz`` until a deadline (failing fast if it exits), terminate-then-kill on stop.
+``/readyz`` until a deadline (failing fast if it exits), terminate-then-kill on stop. The public
+API is at ``url``; the admin API (served only when ``GENRET_ADMIN_TOKEN`` is in ``env``) at
+``admin_url``, on a free port of its own so that several services can run side by side.
 """
 
 from __future__ import annotations
@@ -24,11 +26,22 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    def __init__(self, env: dict[str, str], log_path: Path, port: int | None = None) -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path, port: int | None = None, admin_port: int | None = None
+    ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_port = admin_port or free_port()
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         self.log_path = log_path
-        self._env = {**os.environ, **env, "GENRET_HOST": "127.0.0.1", "GENRET_PORT": str(self.port)}
+        self._env = {
+            **os.environ,
+            **env,
+            "GENRET_HOST": "127.0.0.1",
+            "GENRET_PORT": str(self.port),
+            "GENRET_ADMIN_HOST": "127.0.0.1",
+            "GENRET_ADMIN_PORT": str(self.admin_port),
+        }
         self._log: IO[bytes] | None = None
         self.proc: subprocess.Popen[bytes] | None = None
 

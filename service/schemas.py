@@ -78,8 +78,14 @@ class ModelRef(BaseModel):
 
 
 class DebugInfo(BaseModel):
-    timings_ms: dict[str, float] = Field(description="Per-stage milliseconds (queue, cache, encode, search).")
-    cache: str = Field(description="hit | miss | none (the encoder was not needed)")
+    """Nothing here depends on whether this request's encoder states were cached: the cache key is the
+    caller-chosen ``user_id`` plus the history, so a hit/miss field would tell anyone whether that
+    user's history was cached (service/engine.py ``Engine._debug``)."""
+
+    timings_ms: dict[str, float] = Field(
+        description="Milliseconds: queue (this request), cache (the batch's lookup), compute (the batch's "
+        "encode + search, the same for every request of the batch), total."
+    )
     batch_size: int
     num_candidates: int
     history_used: int = Field(description="Known history items given to the encoder.")
@@ -96,6 +102,11 @@ class RetrieveResponse(BaseModel):
     fallback: Literal["popular"] | None = Field(
         default=None, description="Set when the history had no known item and popular items were returned."
     )
+    fewer: Literal["catalogue", "beam_limit"] | None = Field(
+        default=None,
+        description="Set when fewer than k items are returned: 'catalogue' = fewer than k items are left "
+        "after exclusions; 'beam_limit' = the beam, widened up to GENRET_MAX_BEAM_SIZE, reached too few.",
+    )
     debug: DebugInfo | None = None
 
 
@@ -110,13 +121,22 @@ class ModelDescription(BaseModel):
     fingerprint: str
     num_items: int
     max_history: int
-    path: str
     loaded_at: float
     default: bool
 
 
 class ModelsResponse(BaseModel):
     models: list[ModelDescription]
+
+
+class AdminModelDescription(ModelDescription):
+    """What the admin API adds: where the bundle lives on the server's disk."""
+
+    path: str
+
+
+class AdminModelsResponse(BaseModel):
+    models: list[AdminModelDescription]
 
 
 class ReadyResponse(BaseModel):
@@ -134,14 +154,19 @@ class ReadyResponse(BaseModel):
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(default=None, description="Reload only this model (default: every bundle).")
+    model: str | None = Field(
+        default=None,
+        description="Reload only this model, or unload it if its bundle left the bundle path "
+        "(default: every bundle, and unload every model whose bundle is gone).",
+    )
 
 
 class ReloadOutcome(BaseModel):
     name: str
     old_version: str | None
-    new_version: str
+    new_version: str | None = Field(description="None when the model was unloaded.")
     changed: bool
+    removed: bool = Field(default=False, description="The model's bundle left the bundle path: unloaded.")
 
 
 class ReloadResponse(BaseModel):

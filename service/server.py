@@ -1,22 +1,41 @@
-"""Run the app under uvicorn with a draining shutdown.
+"""Run the public and the admin app under uvicorn, in one process and one event loop.
 
-On the first SIGTERM/SIGINT the engine starts draining (``/readyz`` turns false, new requests get
-503) while queued and running requests finish; uvicorn is told to exit once the engine is idle or
-the grace period has passed. A second signal exits at once. A drained exit returns status 0.
+Start-up (``run``): the checks of ``service.startup`` (unknown ``GENRET_*`` variables, settings,
+bundle path, ports) each end `genret serve` with one line on stderr and exit status 2. Both
+sockets are bound before uvicorn starts. The admin app (``/admin/*``) listens on
+``admin_host:admin_port`` only when ``admin_token`` is set.
+
+Connections are guarded by ``service.http_guard`` (header/body read timeouts, connection cap).
+
+Shutdown: on the first SIGTERM/SIGINT the engine starts draining (``/readyz`` turns false, new
+requests get 503) while queued and running requests finish; the server exits once the engine is
+idle or ``shutdown_grace_s`` has passed. Closing connections and stopping the engine then get the
+time left of the grace period (at least ``SHUTDOWN_CLOSE_S`` each), so SIGTERM to exit takes at
+most ``settings.shutdown_budget_s``; uploads still sending their body are cut at once. A second
+signal exits at once. A drained exit returns status 0.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
 import signal
+import socket
+import sys
 import time
+from collections.abc import Iterator, Mapping
 from types import FrameType
+from typing import Any, Literal
 
 import uvicorn
 from fastapi import FastAPI
 
-from service.app import create_app
-from service.settings import Settings
+from service.app import OneLineStartupError, create_admin_app, create_app
+from service.http_guard import guarded_protocol
+from service.settings import SHUTDOWN_CLOSE_S, Settings
+from service.startup import StartupError, bind, check_bundle_path, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +51,7 @@ class DrainingServer(uvicorn.Server):
         if self._drain_started is None and sig in (signal.SIGTERM, signal.SIGINT):
             log.info("signal %d: draining for up to %.1fs", sig, self._grace_s)
             self._drain_started = time.monotonic()
+            self._app.state.shutdown_deadline = self._drain_started + self._grace_s
             engine = getattr(self._app.state, "engine", None)
             if engine is not None:
                 engine.begin_drain()  # a flag: safe here, the handler runs on the loop's thread
@@ -48,20 +68,92 @@ class DrainingServer(uvicorn.Server):
             if engine is None or engine.idle or waited >= self._grace_s:
                 if waited >= self._grace_s:
                     log.warning("grace period of %.1fs over with requests still running", self._grace_s)
+                # uvicorn's wait for open connections gets what is left of the grace period
+                self.config.timeout_graceful_shutdown = max(SHUTDOWN_CLOSE_S, self._grace_s - waited)  # type: ignore[assignment]
                 self.should_exit = True
         return await super().on_tick(counter)
 
 
-def serve(settings: Settings) -> int:
-    app = create_app(settings)
-    config = uvicorn.Config(
+class AdminServer(uvicorn.Server):
+    """The admin port's server: the public server owns the signals and tells this one to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def uvicorn_config(app: Any, settings: Settings, lifespan: Literal["on", "off"]) -> uvicorn.Config:
+    return uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.port,
+        http=guarded_protocol(settings.header_timeout_s, settings.body_timeout_s, settings.max_connections),
         log_level="info",
         access_log=False,
+        timeout_keep_alive=settings.keepalive_timeout_s,
         timeout_graceful_shutdown=int(max(1, settings.shutdown_grace_s)),
-        lifespan="on",
+        lifespan=lifespan,
     )
-    DrainingServer(config, app, settings.shutdown_grace_s).run()
+
+
+async def serve_both(
+    public: DrainingServer,
+    public_sock: socket.socket,
+    admin: AdminServer | None,
+    admin_sock: socket.socket | None,
+) -> None:
+    admin_task = None
+    if admin is not None and admin_sock is not None:
+        admin_task = asyncio.create_task(admin.serve(sockets=[admin_sock]))
+    try:
+        await public.serve(sockets=[public_sock])
+    finally:
+        if admin is not None and admin_task is not None:
+            admin.should_exit = True
+            await admin_task
+
+
+def address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{host}:{port}"
+
+
+def serve(settings: Settings) -> int:
+    """Bind both ports, then serve until shut down; raises :class:`StartupError` on a busy port."""
+    public_sock = bind(settings.host, settings.port, "port")
+    admin_sock = None
+    if settings.admin_token is not None:
+        try:
+            admin_sock = bind(settings.admin_host, settings.admin_port, "admin_port")
+        except StartupError:
+            public_sock.close()
+            raise
+    app = create_app(settings)
+    public = DrainingServer(
+        uvicorn_config(OneLineStartupError(app), settings, "on"), app, settings.shutdown_grace_s
+    )
+    admin = None
+    if admin_sock is not None:
+        admin = AdminServer(uvicorn_config(create_admin_app(settings, app), settings, "off"))
+    log.info(
+        "public API on %s; admin API %s",
+        address(public_sock),
+        "off (GENRET_ADMIN_TOKEN is not set)" if admin_sock is None else f"on {address(admin_sock)}",
+    )
+    runner = asyncio.Runner(loop_factory=public.config.get_loop_factory())
+    try:
+        runner.run(serve_both(public, public_sock, admin, admin_sock))
+    except SystemExit as exc:  # uvicorn exits this way when the app's startup fails
+        return exc.code if isinstance(exc.code, int) else 1
+    finally:
+        runner.close()
     return 0
+
+
+def run(overrides: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> int:
+    """`genret serve`: the start-up checks, then :func:`serve`; a mistake is one line on stderr, status 2."""
+    try:
+        settings = load_settings(overrides, os.environ if environ is None else environ)
+        check_bundle_path(settings)
+        return serve(settings)
+    except StartupError as exc:
+        print(f"genret serve: {exc}", file=sys.stderr, flush=True)
+        return 2

@@ -1,18 +1,24 @@
 """Service settings: one pydantic-settings class, read from ``GENRET_*`` environment variables.
 
 Every field documents itself and carries its bounds; cross-field checks name the offending values.
-Outside ``env=dev`` the default admin token is refused, so a deployment cannot ship it by accident.
+Defaults fail closed: ``env`` defaults to ``prod``; without ``admin_token`` the admin API (its own
+port) is off; ``/docs`` and ``debug`` answers are off in ``prod`` unless turned on explicitly.
+The Redis URL is built here, in one place, with the credentials percent-escaped.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import quote
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_ADMIN_TOKEN = "dev-admin-token"
+MIN_ADMIN_TOKEN_CHARS = 16
+# After the drain, uvicorn gets this long to close connections and the lifespan to stop the engine
+# (server.py gives each the time left of the grace period, but at least this).
+SHUTDOWN_CLOSE_S = 2.0
 
 
 class Settings(BaseSettings):
@@ -22,21 +28,64 @@ class Settings(BaseSettings):
 
     # --- deployment ---
     env: Literal["dev", "test", "prod"] = Field(
-        default="dev", description="Deployment environment; outside 'dev' unsafe defaults are refused."
+        default="prod",
+        description="Deployment environment; 'prod' (the default) turns /docs and debug answers off.",
     )
-    host: str = Field(default="127.0.0.1", description="Address `genret serve` binds to.")
-    port: int = Field(
-        default=8000, ge=0, le=65535, description="Port `genret serve` binds to (0 = any free port)."
+    host: str = Field(default="127.0.0.1", description="Address the public API binds to.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port of the public API (0 = any free port).")
+    admin_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token for /admin/* (at least 16 characters); unset or empty = admin API off.",
     )
-    admin_token: SecretStr = Field(
-        default=SecretStr(DEFAULT_ADMIN_TOKEN),
-        description="Bearer token for /admin/*; the default is accepted only when env='dev'.",
+    admin_host: str = Field(
+        default="127.0.0.1",
+        description="Address the admin API binds to; loopback keeps it to `kubectl port-forward`/exec.",
+    )
+    admin_port: int = Field(
+        default=8081, ge=0, le=65535, description="Port of the admin API, apart from the public one."
+    )
+    docs_enabled: bool | None = Field(
+        default=None, description="Serve /docs and /openapi.json (unset = on unless env='prod')."
+    )
+    debug_responses: bool | None = Field(
+        default=None,
+        description="Answer `debug: true` with timings and cache hit/miss (unset = on unless env='prod'); "
+        "off, such a request gets 422. Hit/miss would tell a caller whether a user's history is cached.",
     )
     shutdown_grace_s: float = Field(
         default=20.0,
         ge=0.5,
         le=600.0,
-        description="On SIGTERM: seconds to finish queued and running requests.",
+        description="On SIGTERM: seconds to finish queued and running requests (the whole shutdown "
+        "takes at most this plus a small fixed margin).",
+    )
+
+    # --- HTTP server (uvicorn, service/http_guard.py) ---
+    header_timeout_s: float = Field(
+        default=10.0,
+        ge=0.1,
+        le=120.0,
+        description="A connection must deliver a request's complete headers within this many seconds "
+        "of opening or of the previous response (else 408 and close).",
+    )
+    body_timeout_s: float = Field(
+        default=30.0,
+        ge=0.1,
+        le=600.0,
+        description="A request's complete body must arrive within this many seconds after its headers "
+        "(else the connection is closed).",
+    )
+    keepalive_timeout_s: int = Field(
+        default=5,
+        ge=1,
+        le=600,
+        description="An idle keep-alive connection is closed after this many seconds.",
+    )
+    max_connections: int = Field(
+        default=1024,
+        ge=1,
+        le=1_000_000,
+        description="Open connections (or running requests) per port; past it a request gets 503.",
     )
 
     # --- models ---
@@ -49,10 +98,11 @@ class Settings(BaseSettings):
         description="Model served when a request names none; defaults to the only/first one loaded.",
     )
     device: str = Field(default="cpu", description="Torch / ONNX Runtime device, e.g. 'cpu' or 'cuda:0'.")
-    decoder_backend: Literal["onnx"] = Field(
+    decoder_backend: Literal["onnx", "torch"] = Field(
         default="onnx",
-        description="Retriever backend for the encoder and decoder steps: ONNX Runtime, the only one a bundle "
-        "can serve (the PyTorch reference needs the training modules).",
+        description="Retriever backend for the encoder and decoder steps: 'onnx' (ONNX Runtime; CUDA provider "
+        "with IO binding on cuda devices, needs onnxruntime-gpu) or 'torch' (the modules rebuilt from the "
+        "bundle's weights.safetensors + modules.json, tensors on `device`); the bundle must hold its files.",
     )
     torch_threads: int | None = Field(
         default=None,
@@ -82,8 +132,12 @@ class Settings(BaseSettings):
     # --- request limits ---
     default_k: int = Field(default=10, ge=1, le=10_000, description="k used when a request gives none.")
     max_k: int = Field(default=200, ge=1, le=10_000, description="Largest k a request may ask for.")
-    default_beam_size: int = Field(
-        default=20, ge=1, le=4096, description="Beam width used when a request gives none."
+    default_beam_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="Beam width used when a request gives none; unset = each bundle's own default "
+        "(manifest config.beam_size, the catalogue rule of models/beam_policy.py).",
     )
     min_beam_size: int = Field(
         default=1, ge=1, le=4096, description="Smallest beam width a request may ask for."
@@ -124,6 +178,12 @@ class Settings(BaseSettings):
         le=10_000.0,
         description="How long the batcher waits to fill a batch after its first request.",
     )
+    pipeline: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Encode the next batch (cache lookup + encoder) on its own thread while the current "
+        "one is searched ('auto': on when the process may use >= 2 CPU cores; 'off': encode and search "
+        "of a batch run in turn on the compute thread).",
+    )
     queue_size: int = Field(
         default=512,
         ge=1,
@@ -137,7 +197,21 @@ class Settings(BaseSettings):
     # --- cache ---
     redis_url: str | None = Field(
         default=None,
-        description="redis://host:port/db for the shared encoder-state cache; unset = in-process LRU.",
+        description="redis[s]://[user:password@]host:port/db with credentials percent-escaped; or leave it "
+        "unset and give redis_host etc.; neither = in-process LRU.",
+    )
+    redis_host: str | None = Field(default=None, description="Redis host (instead of redis_url).")
+    redis_port: int = Field(default=6379, ge=1, le=65535, description="Redis port (with redis_host).")
+    redis_db: int = Field(
+        default=0, ge=0, le=1_000_000, description="Redis database number (with redis_host)."
+    )
+    redis_username: str | None = Field(default=None, description="Redis ACL user (with redis_host).")
+    redis_password: SecretStr | None = Field(
+        default=None, description="Redis password (with redis_host); any characters, escaped here."
+    )
+    redis_tls: bool = Field(default=False, description="Connect to redis_host over TLS (rediss://).")
+    redis_ca_file: Path | None = Field(
+        default=None, description="CA bundle that verifies the Redis server's certificate (with redis_tls)."
     )
     redis_timeout_ms: float = Field(
         default=50.0,
@@ -163,6 +237,12 @@ class Settings(BaseSettings):
         ge=0,
         le=10_000_000,
         description="Entries of the in-process LRU used without Redis (0 = no cache).",
+    )
+    cache_hmac_key: SecretStr | None = Field(
+        default=None,
+        min_length=16,
+        description="Key (at least 16 characters) of an HMAC-SHA256 over each cached value and its key; "
+        "values without a valid tag are misses. Unset = values are checked for bundle and shapes only.",
     )
 
     # --- experiments and shadow traffic (service/experiments.py, service/shadow.py) ---
@@ -204,15 +284,60 @@ class Settings(BaseSettings):
         description="A shadow copy waiting longer than this for spare capacity is dropped.",
     )
 
-    @field_validator("experiments_file", "shadow_log", mode="before")
+    @field_validator(
+        "experiments_file",
+        "shadow_log",
+        "admin_token",
+        "redis_url",
+        "redis_host",
+        "redis_username",
+        "redis_password",
+        "cache_hmac_key",
+        "redis_ca_file",
+        "docs_enabled",
+        "debug_responses",
+        mode="before",
+    )
     @classmethod
-    def _empty_path_is_none(cls, value: object) -> object:
+    def _empty_is_none(cls, value: object) -> object:
         # docker compose passes ``GENRET_EXPERIMENTS_FILE: ${GENRET_EXPERIMENTS_FILE:-}``: empty = unset
         return None if value == "" else value
 
+    @property
+    def docs_on(self) -> bool:
+        return self.env != "prod" if self.docs_enabled is None else self.docs_enabled
+
+    @property
+    def debug_on(self) -> bool:
+        return self.env != "prod" if self.debug_responses is None else self.debug_responses
+
+    @property
+    def shutdown_budget_s(self) -> float:
+        """Longest time from SIGTERM to exit: the drain, then closing connections and the engine."""
+        return self.shutdown_grace_s + 2 * SHUTDOWN_CLOSE_S
+
+    def redis_connection_url(self) -> str | None:
+        """The one place a Redis URL is built: ``redis_url`` as given, or one from the separate fields."""
+        if self.redis_url is not None or self.redis_host is None:
+            return self.redis_url
+        user = quote(self.redis_username or "", safe="")
+        password = (
+            "" if self.redis_password is None else quote(self.redis_password.get_secret_value(), safe="")
+        )
+        auth = f"{user}:{password}@" if user or password else ""
+        host = f"[{self.redis_host}]" if ":" in self.redis_host else self.redis_host
+        scheme = "rediss" if self.redis_tls else "redis"
+        query = (
+            "" if self.redis_ca_file is None else "?ssl_ca_certs=" + quote(str(self.redis_ca_file), safe="")
+        )
+        return f"{scheme}://{auth}{host}:{self.redis_port}/{self.redis_db}{query}"
+
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
-        if not self.min_beam_size <= self.default_beam_size <= self.max_beam_size:
+        if self.min_beam_size > self.max_beam_size or (
+            self.default_beam_size is not None
+            and not self.min_beam_size <= self.default_beam_size <= self.max_beam_size
+        ):
             raise ValueError(
                 "need min_beam_size <= default_beam_size <= max_beam_size, got "
                 f"{self.min_beam_size} <= {self.default_beam_size} <= {self.max_beam_size}"
@@ -228,8 +353,12 @@ class Settings(BaseSettings):
                 f"max_wait_ms={self.max_wait_ms} must be below default_deadline_ms={self.default_deadline_ms}, "
                 "or every request would expire while its batch forms"
             )
-        if self.env != "dev" and self.admin_token.get_secret_value() == DEFAULT_ADMIN_TOKEN:
-            raise ValueError(f"env={self.env!r} refuses the default admin_token: set GENRET_ADMIN_TOKEN")
-        if self.env != "dev" and len(self.admin_token.get_secret_value()) < 16:
-            raise ValueError(f"env={self.env!r} needs an admin_token of at least 16 characters")
+        if self.admin_token is not None and len(self.admin_token.get_secret_value()) < MIN_ADMIN_TOKEN_CHARS:
+            raise ValueError(f"admin_token needs at least {MIN_ADMIN_TOKEN_CHARS} characters")
+        if self.admin_token is not None and self.port != 0 and self.admin_port == self.port:
+            raise ValueError(f"admin_port={self.admin_port} must differ from port={self.port}")
+        if self.redis_url is not None and self.redis_host is not None:
+            raise ValueError("give redis_url or redis_host (with its fields), not both")
+        if self.redis_ca_file is not None and not self.redis_tls:
+            raise ValueError(f"redis_ca_file={self.redis_ca_file} needs redis_tls=true")
         return self

@@ -1,0 +1,116 @@
+"""Checks `genret serve` runs before it starts uvicorn; each failure is one line naming the setting.
+
+* every ``GENRET_*`` environment variable must be a setting (or a name the trainer reads): a typo
+  such as ``GENRET_MAX_KK`` is refused with the closest known name;
+* the settings must validate (bounds, cross-field checks);
+* the bundle path must exist and hold a bundle;
+* the ports must be free: the sockets are bound here and handed to uvicorn, so "address in use"
+  names the setting instead of surfacing as a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from service.settings import Settings
+
+# GENRET_* variables read outside Settings (grep the repo for "GENRET_"): not settings, not typos.
+OTHER_VARIABLES = frozenset({"GENRET_CACHE_DIR"})
+PREFIX = "GENRET_"
+# a CLI flag of `genret serve` -> the setting it overrides, to name both in messages
+FLAGS = {
+    "bundle_path": "--bundle",
+    "host": "--host",
+    "port": "--port",
+    "device": "--device",
+    "decoder_backend": "--backend",
+    "search_mode": "--search-mode",
+    "redis_url": "--redis-url",
+}
+
+
+class StartupError(Exception):
+    """A mistake in the configuration: its message is the one line `genret serve` prints."""
+
+
+def known_variables() -> frozenset[str]:
+    return frozenset(PREFIX + name.upper() for name in Settings.model_fields) | OTHER_VARIABLES
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Refuse ``GENRET_*`` variables that no part of genret reads, suggesting the closest name."""
+    known = known_variables()
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(PREFIX) or upper in known:
+            continue
+        close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else "; see service/settings.py for the settings"
+        raise StartupError(f"unknown environment variable {name}{hint}")
+
+
+def variable(field: str, value: object = None) -> str:
+    """``GENRET_BUNDLE_PATH=/x (--bundle)``: the variable, its value if given, the flag if any."""
+    flag = FLAGS.get(field)
+    shown = "" if value is None else f"={value}"
+    return PREFIX + field.upper() + shown + (f" ({flag})" if flag else "")
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """All problems of one ValidationError on one line, each naming its variable."""
+    parts = []
+    for error in exc.errors():
+        loc = [str(p) for p in error["loc"]]
+        message = error["msg"].removeprefix("Value error, ")
+        if loc:
+            value = error.get("input")
+            parts.append(f"{variable(loc[0], None if isinstance(value, dict) else value)}: {message}")
+        else:
+            parts.append(f"settings: {message}")
+    return "; ".join(parts)
+
+
+def load_settings(overrides: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
+    check_environment(environ)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise StartupError(describe_validation_error(exc)) from None
+
+
+def check_bundle_path(settings: Settings) -> None:
+    """The bundle path must name a bundle or a directory of bundles (the registry's own discovery)."""
+    from service.errors import ServiceError
+    from service.models_registry import ModelRegistry
+
+    root = settings.bundle_path
+    if root is None:
+        raise StartupError(f"{variable('bundle_path')} is not set: give a bundle directory")
+    if not root.exists():
+        raise StartupError(f"{variable('bundle_path', root)}: no such directory")
+    try:
+        ModelRegistry(settings).discover()
+    except ServiceError as exc:
+        raise StartupError(exc.message) from None
+
+
+def bind(host: str, port: int, field: str) -> socket.socket:
+    """A listening TCP socket for uvicorn; a busy port is a :class:`StartupError` naming ``field``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(
+            f"{variable(field, port)}: cannot listen on {host}:{port}: {exc.strerror}"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
