@@ -5,98 +5,38 @@ One row of encoder states (``memory [T, D]``, ``memory_mask [T]``, ``query [Dr]`
 struct header — never pickle. Redis down or slow means no cache, never a failed request: short
 timeouts, no retries, one MGET per batch, one pipelined SET-with-TTL per batch, and a breaker that
 stops calling Redis after ``breaker_failures`` consecutive failures until a half-open probe succeeds.
+
+Values are bound to the model that wrote them (:mod:`service.cache_codec`): a value the serving
+model cannot use — another bundle's, wrong shapes, damaged, unsigned — is a miss, counted as
+``genret_cache_results_total{result="invalid"}``, deleted, recomputed by the engine, never an error.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal, Protocol
 
-import numpy as np
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from service.cache_codec import CacheFormatError, StateCodec, StateRow, StateSpec
 from service.metrics import CACHE_RESULTS
 
 log = logging.getLogger(__name__)
 
-_MAGIC = b"GRS1"
-_VERSION = 1
-_DTYPE_F32 = 1
-# magic, version, dtype code, T, D, Dr
-_HEADER = struct.Struct("<4sBBIII")
-
-
-class CacheFormatError(ValueError):
-    """A cached value does not have the expected header or length."""
-
-
-@dataclass(frozen=True)
-class StateRow:
-    """The encoder states of one request row."""
-
-    memory: np.ndarray  # [T, D] float32
-    memory_mask: np.ndarray  # [T] bool
-    query: np.ndarray  # [Dr] float32
-
-
-def encode_state(row: StateRow) -> bytes:
-    """Header + memory (f32 LE) + mask (u8) + query (f32 LE)."""
-    t, d = row.memory.shape
-    (dr,) = row.query.shape
-    if row.memory_mask.shape != (t,):
-        raise ValueError(f"memory_mask shape {row.memory_mask.shape} does not match memory [{t}, {d}]")
-    return b"".join(
-        (
-            _HEADER.pack(_MAGIC, _VERSION, _DTYPE_F32, t, d, dr),
-            np.ascontiguousarray(row.memory, dtype="<f4").tobytes(),
-            np.ascontiguousarray(row.memory_mask, dtype=np.uint8).tobytes(),
-            np.ascontiguousarray(row.query, dtype="<f4").tobytes(),
-        )
-    )
-
-
-def decode_state(data: bytes) -> StateRow:
-    """Inverse of :func:`encode_state`; raises :class:`CacheFormatError` on anything unexpected."""
-    if len(data) < _HEADER.size:
-        raise CacheFormatError(f"cached value of {len(data)} bytes is shorter than the header")
-    magic, version, dtype, t, d, dr = _HEADER.unpack_from(data)
-    if magic != _MAGIC or version != _VERSION or dtype != _DTYPE_F32:
-        raise CacheFormatError(f"bad header magic={magic!r} version={version} dtype={dtype}")
-    expected = _HEADER.size + 4 * t * d + t + 4 * dr
-    if len(data) != expected:
-        raise CacheFormatError(f"cached value has {len(data)} bytes, header says {expected}")
-    off = _HEADER.size
-    memory = np.frombuffer(data, dtype="<f4", count=t * d, offset=off).reshape(t, d)  # [T, D]
-    off += 4 * t * d
-    mask = np.frombuffer(data, dtype=np.uint8, count=t, offset=off).astype(bool)  # [T]
-    off += t
-    query = np.frombuffer(data, dtype="<f4", count=dr, offset=off)  # [Dr]
-    return StateRow(memory=memory.astype(np.float32), memory_mask=mask, query=query.astype(np.float32))
-
-
-def history_hash(dense_history: np.ndarray) -> str:
-    """A short stable digest of the (already truncated) dense history."""
-    return hashlib.blake2b(
-        np.ascontiguousarray(dense_history, dtype="<i8").tobytes(), digest_size=16
-    ).hexdigest()
-
-
-def cache_key(fingerprint: str, user_key: str, dense_history: np.ndarray) -> str:
-    return f"genret:{fingerprint}:{user_key}:{history_hash(dense_history)}"
-
 
 class CircuitBreaker:
-    """Closed -> open after ``failures`` consecutive failures -> half-open after ``reset_s`` (one probe)."""
+    """Closed -> open after ``failures`` consecutive failures -> half-open after ``reset_s`` (one probe).
+
+    A probe that ends without an answer (cancelled: :meth:`abandon`), or that is still out after
+    ``reset_s`` (lost), frees the probe slot, so the breaker can never stay half-open with no probe.
+    """
 
     def __init__(self, failures: int, reset_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         if failures < 1 or reset_s <= 0:
@@ -106,7 +46,7 @@ class CircuitBreaker:
         self._clock = clock
         self._consecutive = 0
         self._opened_at: float | None = None
-        self._probing = False
+        self._probe_started: float | None = None  # set while a half-open probe is out
 
     @property
     def state(self) -> Literal["closed", "open", "half_open"]:
@@ -116,33 +56,44 @@ class CircuitBreaker:
             return "half_open"
         return "open"
 
+    @property
+    def probing(self) -> bool:
+        return self._probe_started is not None
+
     def allow(self) -> bool:
         """Whether a call may go out now; in half-open only one probe at a time."""
         state = self.state
         if state == "closed":
             return True
-        if state == "half_open" and not self._probing:
-            self._probing = True
+        if state == "open":
+            return False
+        now = self._clock()
+        if self._probe_started is None or now - self._probe_started >= self._reset_s:
+            self._probe_started = now
             return True
         return False
 
     def record_success(self) -> None:
         self._consecutive = 0
         self._opened_at = None
-        self._probing = False
+        self._probe_started = None
 
     def record_failure(self) -> None:
         self._consecutive += 1
-        self._probing = False
+        self._probe_started = None
         if self._opened_at is not None or self._consecutive >= self._failures_to_open:
             self._opened_at = self._clock()
+
+    def abandon(self) -> None:
+        """A call ended without an answer (cancelled): it says nothing about Redis, free the probe slot."""
+        self._probe_started = None
 
 
 class StateCache(Protocol):
     """What the engine needs from a cache."""
 
-    async def get_many(self, keys: Sequence[str]) -> list[StateRow | None]: ...
-    async def set_many(self, rows: dict[str, StateRow]) -> None: ...
+    async def get_many(self, keys: Sequence[str], specs: Sequence[StateSpec]) -> list[StateRow | None]: ...
+    async def set_many(self, rows: Mapping[str, tuple[StateSpec, StateRow]]) -> None: ...
     def status(self) -> dict[str, object]: ...
     async def close(self) -> None: ...
 
@@ -150,10 +101,10 @@ class StateCache(Protocol):
 class NoCache:
     """Caching switched off."""
 
-    async def get_many(self, keys: Sequence[str]) -> list[StateRow | None]:
+    async def get_many(self, keys: Sequence[str], specs: Sequence[StateSpec]) -> list[StateRow | None]:
         return [None] * len(keys)
 
-    async def set_many(self, rows: dict[str, StateRow]) -> None:
+    async def set_many(self, rows: Mapping[str, tuple[StateSpec, StateRow]]) -> None:
         return None
 
     def status(self) -> dict[str, object]:
@@ -166,33 +117,39 @@ class NoCache:
 class LocalCache:
     """In-process LRU of encoded rows (used when ``GENRET_REDIS_URL`` is unset)."""
 
-    def __init__(self, max_entries: int) -> None:
+    def __init__(self, max_entries: int, hmac_key: bytes | None = None) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
         self._max = max_entries
+        self._codec = StateCodec(hmac_key)
         self._data: OrderedDict[str, bytes] = OrderedDict()
         self._lock = threading.Lock()
 
-    async def get_many(self, keys: Sequence[str]) -> list[StateRow | None]:
-        out: list[StateRow | None] = []
+    async def get_many(self, keys: Sequence[str], specs: Sequence[StateSpec]) -> list[StateRow | None]:
         with self._lock:
-            for key in keys:
-                raw = self._data.get(key)
-                if raw is not None:
+            raw: list[object] = [self._data.get(key) for key in keys]
+            for key, value in zip(keys, raw, strict=True):
+                if value is not None:
                     self._data.move_to_end(key)
-                out.append(None if raw is None else decode_state(raw))
-        for row in out:
-            CACHE_RESULTS.labels(result="miss" if row is None else "hit").inc()
+        out, invalid = self._codec.decode_many(keys, specs, raw)
+        with self._lock:
+            for key in invalid:
+                self._data.pop(key, None)
         return out
 
-    async def set_many(self, rows: dict[str, StateRow]) -> None:
-        encoded = {key: encode_state(row) for key, row in rows.items()}
+    async def set_many(self, rows: Mapping[str, tuple[StateSpec, StateRow]]) -> None:
+        encoded = _encode_all(self._codec, rows)
         with self._lock:
             for key, raw in encoded.items():
                 self._data[key] = raw
                 self._data.move_to_end(key)
             while len(self._data) > self._max:
                 self._data.popitem(last=False)
+
+    def put_raw(self, key: str, value: bytes) -> None:
+        """Store ``value`` as is (tests use it to plant damaged entries)."""
+        with self._lock:
+            self._data[key] = value
 
     def __len__(self) -> int:
         return len(self._data)
@@ -202,6 +159,16 @@ class LocalCache:
 
     async def close(self) -> None:
         return None
+
+
+def _encode_all(codec: StateCodec, rows: Mapping[str, tuple[StateSpec, StateRow]]) -> dict[str, bytes]:
+    out = {}
+    for key, (spec, row) in rows.items():
+        try:
+            out[key] = codec.encode(key, spec, row)
+        except CacheFormatError as exc:  # a row that does not fit its spec is not cached
+            log.error("not caching %s: %s", key, exc)
+    return out
 
 
 class RedisCache:
@@ -215,11 +182,12 @@ class RedisCache:
         timeout_s: float,
         pool_size: int,
         breaker: CircuitBreaker,
+        hmac_key: bytes | None = None,
     ) -> None:
         self._ttl_s = ttl_s
         self._timeout_s = timeout_s
         self._breaker = breaker
-        self._url = url
+        self._codec = StateCodec(hmac_key)
         pool = BlockingConnectionPool.from_url(
             url,
             max_connections=pool_size,
@@ -236,7 +204,7 @@ class RedisCache:
     def breaker(self) -> CircuitBreaker:
         return self._breaker
 
-    async def get_many(self, keys: Sequence[str]) -> list[StateRow | None]:
+    async def get_many(self, keys: Sequence[str], specs: Sequence[StateSpec]) -> list[StateRow | None]:
         if not keys:
             return []
         if not self._breaker.allow():
@@ -248,36 +216,38 @@ class RedisCache:
             self._on_failure(exc)
             CACHE_RESULTS.labels(result="error").inc(len(keys))
             return [None] * len(keys)
+        except BaseException:  # cancelled mid-call: no verdict on Redis, but free a half-open probe
+            self._breaker.abandon()
+            raise
         self._breaker.record_success()
-        out: list[StateRow | None] = []
-        for value in raw:
-            if value is None:
-                CACHE_RESULTS.labels(result="miss").inc()
-                out.append(None)
-                continue
-            try:
-                if not isinstance(value, bytes):  # the pool never decodes responses
-                    raise CacheFormatError(f"expected bytes from Redis, got {type(value).__name__}")
-                out.append(decode_state(value))
-                CACHE_RESULTS.labels(result="hit").inc()
-            except CacheFormatError as exc:
-                log.warning("ignoring malformed cache value: %s", exc)
-                CACHE_RESULTS.labels(result="error").inc()
-                out.append(None)
+        out, invalid = self._codec.decode_many(keys, specs, raw)
+        if invalid:
+            await self._delete(invalid)
         return out
 
-    async def set_many(self, rows: dict[str, StateRow]) -> None:
-        if not rows or not self._breaker.allow():
+    async def set_many(self, rows: Mapping[str, tuple[StateSpec, StateRow]]) -> None:
+        encoded = _encode_all(self._codec, rows)
+        if not encoded or not self._breaker.allow():
             return
         try:
             pipe = self._redis.pipeline(transaction=False)
-            for key, row in rows.items():
-                pipe.set(key, encode_state(row), ex=self._ttl_s)
+            for key, value in encoded.items():
+                pipe.set(key, value, ex=self._ttl_s)
             await asyncio.wait_for(pipe.execute(), timeout=self._timeout_s * 2)
         except Exception as exc:
             self._on_failure(exc)
             return
+        except BaseException:
+            self._breaker.abandon()
+            raise
         self._breaker.record_success()
+
+    async def _delete(self, keys: list[str]) -> None:
+        """Drop refused values (best effort, bounded by the timeout; a failure only leaves them to expire)."""
+        try:
+            await asyncio.wait_for(self._redis.delete(*keys), timeout=self._timeout_s * 2)
+        except Exception as exc:
+            log.warning("could not delete %d refused cache values: %s", len(keys), exc)
 
     def _on_failure(self, exc: BaseException) -> None:
         self._last_error = f"{type(exc).__name__}: {exc}"

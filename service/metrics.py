@@ -39,8 +39,17 @@ INFLIGHT = Gauge(
 )
 CACHE_RESULTS = Counter(
     "genret_cache_results_total",
-    "Encoder-state cache lookups by result (hit, miss, error, breaker_open).",
+    "Encoder-state cache lookups by result: hit, miss, invalid (a value the serving model cannot use: "
+    "another bundle's, wrong shapes, damaged or unsigned; deleted and recomputed), error (Redis failed), "
+    "breaker_open (Redis not asked).",
     ["result"],
+    registry=REGISTRY,
+)
+ROW_FAILURES = Counter(
+    "genret_row_failures_total",
+    "Rows of a batch whose compute failed while their batch-mates were answered, by stage (encode, search) "
+    "and outcome (recomputed: a fresh encode answered it; failed: answered with a 500).",
+    ["stage", "outcome"],
     registry=REGISTRY,
 )
 ERRORS = Counter(

@@ -6,17 +6,32 @@ dropped in place — or a symlink switched — keeps its name). A reload loads a
 version while the old one keeps serving, then swaps the dict entry; requests already holding the
 old :class:`LoadedModel` finish on it. A bundle that fails to load or warm is refused with
 :class:`BadBundle` and the old one stays.
+
+Names and the default model:
+
+* A model name must match ``^[a-z0-9][a-z0-9._-]{0,63}$`` (it is a metric label, a path-free id
+  and part of every cache key); a bundle with any other name is refused when discovered.
+* Requests without ``model`` get ``GENRET_DEFAULT_MODEL``, or the only model loaded; with more than
+  one model loaded ``GENRET_DEFAULT_MODEL`` is required (startup fails without it).
+* A reload mirrors the bundle path: every discovered bundle is (re)loaded, and a model whose bundle
+  left the path is unloaded (``reload(name)`` does the same for one name). A reload that would
+  change the default — unload ``GENRET_DEFAULT_MODEL``, or, without it, replace the only model by
+  another name or add a second one — is refused with :class:`ReloadConflict` before anything loads.
+* A reload loads every new version first and swaps them in together, so a refused bundle leaves
+  every serving model as it was.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
+import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +39,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.errors import BadBundle, UnknownModel
+from service.cache import StateSpec
+from service.errors import BadBundle, ReloadConflict, ServiceError, UnknownModel
 from service.metrics import MODEL_INFO, RELOADS
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def check_model_name(name: str, path: Path) -> str:
+    """``name`` if it is a valid model name, else :class:`BadBundle` naming the rule."""
+    if not MODEL_NAME.fullmatch(name):
+        raise BadBundle(
+            f"bundle at {path}: model name {name!r} refused: names match ^{MODEL_NAME.pattern}$ "
+            "(lowercase letters, digits, '.', '_', '-'; at most 64 characters)"
+        )
+    return name
 
 
 def manifest_field(manifest: Any, name: str, default: Any = None) -> Any:
@@ -71,11 +98,17 @@ class LoadedModel:
     popularity: np.ndarray  # [N+1]
     item_emb: torch.Tensor  # [N+1, Dr] float32 on the serving device (brute-force baseline)
     max_history: int
+    memory_dim: int  # D of the encoder's memory [T, D]
+    query_dim: int  # Dr of the encoder's query [Dr]
     loaded_at: float
 
     @property
     def num_items(self) -> int:
         return len(self.raw_ids) - 1
+
+    def state_spec(self, length: int) -> StateSpec:
+        """What a cached encoder-state row of a ``length``-item history must be for this model."""
+        return StateSpec(self.fingerprint, length, self.memory_dim, self.query_dim)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -110,6 +143,7 @@ def load_model(name: str, path: Path, settings: Settings) -> LoadedModel:
     item_emb = retriever.item_emb  # [N+1, Dr], already on the device
     fingerprint = str(manifest_field(bundle.manifest, "fingerprint", ""))
     version = str(manifest_field(bundle.manifest, "version", "") or fingerprint[:12])
+    dims = manifest_field(bundle.manifest, "dims", {})
     model = LoadedModel(
         name=name,
         version=version,
@@ -124,6 +158,8 @@ def load_model(name: str, path: Path, settings: Settings) -> LoadedModel:
         popularity=popularity,
         item_emb=item_emb,
         max_history=int(retriever.max_history),
+        memory_dim=int(dims["memory"]),
+        query_dim=int(dims["query"]),
         loaded_at=time.time(),
     )
     warm(model, settings)
@@ -133,7 +169,7 @@ def load_model(name: str, path: Path, settings: Settings) -> LoadedModel:
 def warm(model: LoadedModel, settings: Settings) -> None:
     """One dummy batch through encode + search (and the brute-force path), so the first request is not slow."""
     history = [np.array([1], dtype=np.int64), np.array([1, min(2, model.num_items)], dtype=np.int64)]
-    beam = min(settings.default_beam_size, settings.max_beam_size)
+    beam = min(settings.default_beam_size or model.retriever.default_beam_size, settings.max_beam_size)
     result = model.retriever.retrieve(history, k=min(settings.default_k, model.num_items), beam_size=beam)
     if np.asarray(result.items).shape[0] != len(history):
         raise BadBundle(f"warm-up of {model.name} returned {np.asarray(result.items).shape} items")
@@ -155,7 +191,7 @@ class ModelRegistry:
         self._lock = threading.Lock()  # one reload at a time
 
     def discover(self) -> dict[str, Path]:
-        """Bundle name -> directory, from ``settings.bundle_path``."""
+        """Bundle name -> directory, from ``settings.bundle_path``; a bad name is :class:`BadBundle`."""
         root = self._settings.bundle_path
         if root is None:
             raise BadBundle("no bundle configured: set GENRET_BUNDLE_PATH")
@@ -166,10 +202,10 @@ class ModelRegistry:
                 name = str(json.loads((root / MANIFEST).read_text())["name"])
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise BadBundle(f"{root / MANIFEST}: cannot read the bundle name ({exc})") from exc
-            return {name: root}
+            return {check_model_name(name, root): root}
         # hidden directories (".partial" copies in flight) are never served
         found = {
-            p.name: p
+            check_model_name(p.name, p): p
             for p in sorted(root.iterdir())
             if not p.name.startswith(".") and (p / MANIFEST).is_file()
         }
@@ -181,9 +217,10 @@ class ModelRegistry:
     def default_name(self) -> str:
         if self._settings.default_model is not None:
             return self._settings.default_model
-        if not self._models:
-            raise UnknownModel("no model is loaded")
-        return sorted(self._models)[0]
+        if len(self._models) == 1:
+            return next(iter(self._models))
+        # load_all and reload never leave several models without GENRET_DEFAULT_MODEL
+        raise UnknownModel(f"no default model among {self.names()}: set GENRET_DEFAULT_MODEL")
 
     def names(self) -> list[str]:
         return sorted(self._models)
@@ -200,56 +237,85 @@ class ModelRegistry:
 
     def load_all(self) -> None:
         """Initial load: every discovered bundle must load, or startup fails with the reason."""
-        for name, path in self.discover().items():
-            self._install(self._load(name, path))
-        if self._settings.default_model is not None and self._settings.default_model not in self._models:
-            raise BadBundle(f"GENRET_DEFAULT_MODEL={self._settings.default_model!r} not among {self.names()}")
+        found = self.discover()
+        self._check_default(set(found), BadBundle)
+        self._swap({name: self._load(name, path) for name, path in found.items()}, removed=())
 
     def reload(self, name: str | None = None, *, force: bool = True) -> list[dict[str, Any]]:
-        """Load changed (or, with ``force``, all) bundles beside the serving ones, then swap each in.
+        """Make the served models match the bundle path (module docstring): load changed (or, with
+        ``force``, all) bundles beside the serving ones, unload those gone, then swap all at once.
 
-        Raises :class:`BadBundle` at the first bundle that fails; the ones serving stay.
+        Raises :class:`ReloadConflict` when the default model would change, :class:`BadBundle` when a
+        bundle fails to load; either way nothing is swapped and the serving models stay.
         """
         with self._lock:
             found = self.discover()
-            if name is not None:
-                if name not in found:
-                    raise UnknownModel(f"no bundle named {name!r} under {self._settings.bundle_path}")
-                found = {name: found[name]}
-            outcomes = []
-            for key, path in found.items():
-                old = self._models.get(key)
-                if not force and old is not None and read_fingerprint(path) == old.fingerprint:
-                    continue
-                new = self._load(key, path)
-                self._install(new)
-                outcomes.append(
-                    {
-                        "name": key,
-                        "old_version": None if old is None else old.version,
-                        "new_version": new.version,
-                        "changed": old is None or old.fingerprint != new.fingerprint,
-                    }
-                )
-            if outcomes:  # as Engine.start: keep full collections from walking the new bundle's objects
-                gc.collect()
-                gc.freeze()
+            if name is None:
+                removed = [n for n in self._models if n not in found]
+            elif name in found:
+                found, removed = {name: found[name]}, []
+            elif name in self._models:
+                found, removed = {}, [name]
+            else:
+                raise UnknownModel(f"no bundle named {name!r} under {self._settings.bundle_path}")
+            self._check_default((set(self._models) - set(removed)) | set(found), ReloadConflict)
+            fresh = {
+                key: self._load(key, path)
+                for key, path in found.items()
+                if force or key not in self._models or read_fingerprint(path) != self._models[key].fingerprint
+            }
+            outcomes = [self._outcome(key, self._models.get(key), new) for key, new in fresh.items()]
+            outcomes += [self._outcome(key, self._models[key], None) for key in removed]
+            self._swap(fresh, removed)
+            if outcomes:
+                collect_and_freeze()
             return outcomes
 
     async def watch(self, poll_s: float) -> None:
-        """Poll the bundle path; reload bundles whose manifest fingerprint changed (runs until cancelled)."""
+        """Poll the bundle path; reload bundles whose manifest fingerprint changed and unload those
+        gone (runs until cancelled)."""
         while True:
             await asyncio.sleep(poll_s)
             try:
                 changed = await asyncio.to_thread(self.reload, None, force=False)
-            except BadBundle as exc:
-                log.error("watched reload refused, old bundle keeps serving: %s", exc)
+            except ServiceError as exc:
+                log.error("watched reload refused, serving models unchanged: %s", exc.message)
                 continue
             except Exception:
-                log.exception("watched reload failed, old bundle keeps serving")
+                log.exception("watched reload failed, serving models unchanged")
                 continue
             for outcome in changed:
                 log.info("reloaded %s", outcome)
+
+    def _check_default(self, after: set[str], error: type[ServiceError]) -> None:
+        """Refuse a model set ``after`` in which the default would be missing, ambiguous or changed."""
+        default = self._settings.default_model
+        if default is not None:
+            if default not in after:
+                raise error(f"GENRET_DEFAULT_MODEL={default!r} would not be served (models: {sorted(after)})")
+            return
+        if len(after) > 1:
+            raise error(
+                f"{len(after)} models {sorted(after)} and no GENRET_DEFAULT_MODEL: set it to the model "
+                "requests without `model` get"
+            )
+        if not after:
+            raise error(f"no model would be served (serving {self.names()})")
+        if self._models and after != set(self._models):
+            raise error(
+                f"the default model would change from {self.names()[0]!r} to {sorted(after)[0]!r}: "
+                "set GENRET_DEFAULT_MODEL to make the switch explicit"
+            )
+
+    @staticmethod
+    def _outcome(key: str, old: LoadedModel | None, new: LoadedModel | None) -> dict[str, Any]:
+        return {
+            "name": key,
+            "old_version": None if old is None else old.version,
+            "new_version": None if new is None else new.version,
+            "changed": old is None or new is None or old.fingerprint != new.fingerprint,
+            "removed": new is None,
+        }
 
     def _load(self, name: str, path: Path) -> LoadedModel:
         started = time.perf_counter()
@@ -273,17 +339,37 @@ class ModelRegistry:
         )
         return model
 
-    def _install(self, model: LoadedModel) -> None:
-        old = self._models.get(model.name)
-        self._models = {**self._models, model.name: model}  # readers see the old or the new dict, whole
-        if old is not None and old.version != model.version:
-            MODEL_INFO.remove(
-                old.name, old.version, old.method, self._settings.device, self._settings.decoder_backend
-            )
-        MODEL_INFO.labels(
-            name=model.name,
-            version=model.version,
-            method=model.method,
-            device=self._settings.device,
-            backend=self._settings.decoder_backend,
-        ).set(1)
+    def _swap(self, fresh: dict[str, LoadedModel], removed: Sequence[str]) -> None:
+        """Install ``fresh`` and drop ``removed`` in one dict swap (readers see the old or new dict, whole)."""
+        old = self._models
+        models = {k: v for k, v in old.items() if k not in removed}
+        models.update(fresh)
+        self._models = models
+        for key in [*removed, *fresh]:
+            if key in old:
+                self._model_info(old[key], present=False)
+        for model in fresh.values():
+            self._model_info(model, present=True)
+
+    def _model_info(self, model: LoadedModel, *, present: bool) -> None:
+        labels = (
+            model.name,
+            model.version,
+            model.method,
+            self._settings.device,
+            self._settings.decoder_backend,
+        )
+        if present:
+            MODEL_INFO.labels(*labels).set(1)
+        else:
+            with contextlib.suppress(KeyError):  # already removed
+                MODEL_INFO.remove(*labels)
+
+
+def collect_and_freeze() -> None:
+    """After a reload: collect everything (the replaced models included, even if an earlier
+    ``gc.freeze`` moved them out of the collector's sight), then freeze what is left, as
+    :meth:`service.engine.Engine.start` does, so later collections do not walk the new bundle."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()

@@ -1,4 +1,4 @@
-"""Encoder-state cache pieces without Redis: codec, key, breaker, in-process LRU."""
+"""Encoder-state cache pieces without Redis: codec bound to the model, key, breaker, in-process LRU."""
 
 from __future__ import annotations
 
@@ -7,15 +7,18 @@ import asyncio
 import numpy as np
 import pytest
 
-from service.cache import (
+from service.cache import CircuitBreaker, LocalCache
+from service.cache_codec import (
     CacheFormatError,
-    CircuitBreaker,
-    LocalCache,
     StateRow,
+    StateSpec,
     cache_key,
     decode_state,
     encode_state,
 )
+from service.metrics import CACHE_RESULTS
+
+SPEC = StateSpec(fingerprint="fp-a", length=5, memory_dim=8, query_dim=4)
 
 
 def make_row(t: int = 5, d: int = 8, dr: int = 4, seed: int = 0) -> StateRow:
@@ -29,21 +32,86 @@ def make_row(t: int = 5, d: int = 8, dr: int = 4, seed: int = 0) -> StateRow:
     )
 
 
+def spec_of(row: StateRow, fingerprint: str = "fp-a") -> StateSpec:
+    t, d = row.memory.shape
+    return StateSpec(fingerprint, t, d, row.query.shape[0])
+
+
+def invalid_count() -> float:
+    return CACHE_RESULTS.labels(result="invalid")._value.get()
+
+
 def test_codec_round_trips_exactly() -> None:
     row = make_row()
-    back = decode_state(encode_state(row))
+    back = decode_state(encode_state(row, SPEC), SPEC)
     np.testing.assert_array_equal(back.memory, row.memory)
     np.testing.assert_array_equal(back.memory_mask, row.memory_mask)
     np.testing.assert_array_equal(back.query, row.query)
     assert back.memory.dtype == np.float32 and back.memory_mask.dtype == bool
 
 
-@pytest.mark.parametrize("damage", ["truncate", "magic", "extra"])
+@pytest.mark.parametrize("damage", ["truncate", "magic", "extra", "old_format", "header_only"])
 def test_codec_refuses_damaged_values(damage: str) -> None:
-    raw = encode_state(make_row())
-    bad = {"truncate": raw[:-3], "magic": b"XXXX" + raw[4:], "extra": raw + b"\0"}[damage]
+    raw = encode_state(make_row(), SPEC)
+    bad = {
+        "truncate": raw[:-3],
+        "magic": b"XXXX" + raw[4:],
+        "extra": raw + b"\0",
+        "old_format": b"GRS1" + raw[4:],
+        "header_only": raw[:20],
+    }[damage]
     with pytest.raises(CacheFormatError):
-        decode_state(bad)
+        decode_state(bad, SPEC)
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        StateSpec("fp-other", 5, 8, 4),  # another bundle
+        StateSpec("fp-a", 5, 16, 4),  # wrong width (the issue's poisoned entry)
+        StateSpec("fp-a", 4, 8, 4),  # another history length
+        StateSpec("fp-a", 5, 8, 6),  # another query width
+    ],
+)
+def test_a_well_framed_value_for_another_model_or_shape_is_refused(written: StateSpec) -> None:
+    row = make_row(written.length, written.memory_dim, written.query_dim)
+    raw = encode_state(row, written)
+    assert decode_state(raw, written).memory.shape == (written.length, written.memory_dim)  # well framed
+    with pytest.raises(CacheFormatError):
+        decode_state(raw, SPEC)
+
+
+def test_non_finite_and_bad_masks_are_refused() -> None:
+    row = make_row()
+    nan = StateRow(memory=row.memory.copy(), memory_mask=row.memory_mask, query=row.query)
+    nan.memory[0, 0] = np.nan
+    empty = StateRow(memory=row.memory, memory_mask=np.zeros(5, dtype=bool), query=row.query)
+    for bad in (nan, empty):
+        with pytest.raises(CacheFormatError):
+            decode_state(encode_state(bad, SPEC), SPEC)
+
+
+def test_encode_refuses_a_row_that_does_not_fit_its_spec() -> None:
+    with pytest.raises(CacheFormatError):
+        encode_state(make_row(d=16), SPEC)
+
+
+def test_hmac_binds_the_value_to_its_key_and_the_signing_key() -> None:
+    row, key = make_row(), "genret:fp-a:alice:h1"
+    signed = encode_state(row, SPEC, key=key, hmac_key=b"k" * 16)
+    np.testing.assert_array_equal(decode_state(signed, SPEC, key=key, hmac_key=b"k" * 16).query, row.query)
+    for bad_key, hmac_key, value in (
+        ("genret:fp-a:bob:h1", b"k" * 16, signed),  # copied under another user's key
+        (key, b"j" * 16, signed),  # another signing key
+        (key, b"k" * 16, encode_state(row, SPEC, key=key)),  # unsigned value where signing is on
+        (key, None, signed),  # signed value where signing is off
+    ):
+        with pytest.raises(CacheFormatError):
+            decode_state(value, SPEC, key=bad_key, hmac_key=hmac_key)
+    flipped = bytearray(signed)
+    flipped[40] ^= 1  # one bit of the memory array
+    with pytest.raises(CacheFormatError, match="HMAC"):
+        decode_state(bytes(flipped), SPEC, key=key, hmac_key=b"k" * 16)
 
 
 def test_key_depends_on_fingerprint_user_and_history() -> None:
@@ -76,16 +144,47 @@ def test_breaker_opens_then_probes_once_then_closes() -> None:
     assert breaker.state == "closed" and breaker.allow()
 
 
+def test_an_abandoned_or_lost_probe_frees_the_probe_slot() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(failures=1, reset_s=1.0, clock=lambda: now[0])
+    breaker.record_failure()
+    now[0] = 1.0
+    assert breaker.allow() and breaker.probing
+    breaker.abandon()  # the probe was cancelled: no verdict, but the slot is free again
+    assert breaker.state == "half_open" and not breaker.probing
+    assert breaker.allow()  # a new probe
+    assert not breaker.allow()
+    now[0] = 2.5  # that probe never reported back (lost): after reset_s another may go
+    assert breaker.allow()
+
+
 def test_local_cache_hits_and_evicts_least_recent() -> None:
     async def main() -> None:
         cache = LocalCache(max_entries=2)
         rows = {f"k{i}": make_row(seed=i) for i in range(3)}
-        await cache.set_many({"k0": rows["k0"], "k1": rows["k1"]})
-        got = await cache.get_many(["k0", "missing"])
+        await cache.set_many({"k0": (SPEC, rows["k0"]), "k1": (SPEC, rows["k1"])})
+        got = await cache.get_many(["k0", "missing"], [SPEC, SPEC])
         assert got[1] is None and got[0] is not None
         np.testing.assert_array_equal(got[0].query, rows["k0"].query)
-        await cache.set_many({"k2": rows["k2"]})  # evicts k1, the least recently used
-        assert [r is not None for r in await cache.get_many(["k0", "k1", "k2"])] == [True, False, True]
+        await cache.set_many({"k2": (SPEC, rows["k2"])})  # evicts k1, the least recently used
+        hits = await cache.get_many(["k0", "k1", "k2"], [SPEC] * 3)
+        assert [r is not None for r in hits] == [True, False, True]
         assert len(cache) == 2
+
+    asyncio.run(main())
+
+
+def test_local_cache_refused_values_are_misses_counted_and_deleted() -> None:
+    async def main() -> None:
+        cache = LocalCache(max_entries=10)
+        wide = make_row(d=16)
+        cache.put_raw("poisoned", encode_state(wide, spec_of(wide)))
+        cache.put_raw("junk", b"\x80\x04not-a-state")
+        before = invalid_count()
+        assert await cache.get_many(["poisoned", "junk"], [SPEC, SPEC]) == [None, None]
+        assert invalid_count() - before == 2
+        assert len(cache) == 0  # both deleted
+        await cache.set_many({"bad": (SPEC, wide)})  # a row that does not fit its spec is not stored
+        assert len(cache) == 0
 
     asyncio.run(main())

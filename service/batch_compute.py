@@ -1,0 +1,201 @@
+"""One batch on the compute thread: encode the cache misses, search by (bundle, beam), and keep a
+failure to the rows that cause it.
+
+Invariant: every row of the batch ends with a result or an error of its own, and one row's fault
+never fails another. A failing encode or search call is retried row by row; a row whose *cached*
+state fails the search is encoded afresh and searched again (its fresh state replaces the cached
+one in the cache); only a row that still fails alone gets :class:`service.errors.ComputeFailed`
+(500, kind ``compute``) and is counted in ``genret_row_failures_total{stage, outcome="failed"}``.
+The retries cost nothing while no call fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from models.retriever import EncoderStates
+from service.bruteforce import bruteforce_topk
+from service.cache_codec import StateRow, StateSpec
+from service.errors import ComputeFailed
+from service.metrics import ROW_FAILURES, STAGE_SECONDS
+from service.models_registry import LoadedModel
+
+log = logging.getLogger(__name__)
+
+# key -> (spec, row): fresh encoder states to write back to the cache
+FreshRows = dict[str, tuple[StateSpec, StateRow]]
+# row index -> (items [k'], scores [k'], num_candidates), k' = the largest k of the row's group
+Found = dict[int, tuple[np.ndarray, np.ndarray, int]]
+
+
+class RowInput(Protocol):
+    """What the compute reads of one queued request (``service.engine.Prepared``)."""
+
+    @property
+    def model(self) -> LoadedModel: ...
+    @property
+    def key(self) -> str: ...  # cache key
+    @property
+    def history(self) -> np.ndarray: ...  # [t] dense ids, t >= 1
+    @property
+    def exclude(self) -> np.ndarray: ...  # [e] dense ids
+    @property
+    def k(self) -> int: ...
+    @property
+    def beam_size(self) -> int: ...
+
+
+def state_spec(p: RowInput) -> StateSpec:
+    """What a cached state row of ``p`` must be: written by ``p``'s bundle, for its history length."""
+    return p.model.state_spec(len(p.history))
+
+
+def stack_rows(rows: Sequence[StateRow], device: str) -> EncoderStates:
+    """Per-row states -> one left-padded batch (the encoder counts positions from the most recent
+    item, so a left-padded row gives the same states at any padded length)."""
+    return EncoderStates.stack([(r.memory, r.memory_mask, r.query) for r in rows], device)
+
+
+def split_rows(states: EncoderStates) -> list[StateRow]:
+    """Per-row states without their left padding, as numpy (what the cache stores)."""
+    rows = []
+    for i in range(states.batch_size):
+        memory, mask, query = states.row(i)  # [t, D], [t], [Dr]
+        rows.append(StateRow(memory=memory, memory_mask=mask.astype(bool), query=query))
+    return rows
+
+
+@dataclass
+class BatchOutcome:
+    found: Found = field(default_factory=dict)
+    errors: dict[int, BaseException] = field(default_factory=dict)
+    fresh: FreshRows = field(default_factory=dict)
+    from_cache: set[int] = field(default_factory=set)  # rows answered from their cached states
+    encode_s: float = 0.0
+    search_s: float = 0.0
+
+
+class BatchCompute:
+    """The compute of one batch (module docstring); one instance per batch."""
+
+    def __init__(
+        self,
+        payloads: Sequence[RowInput],
+        cached: Sequence[StateRow | None],
+        *,
+        search_mode: str,
+        device: str,
+    ) -> None:
+        self.payloads = payloads
+        self.cached = cached
+        self.rows: list[StateRow | None] = list(cached)
+        self.search_mode = search_mode
+        self.device = device
+        self.out = BatchOutcome()
+
+    def run(self) -> BatchOutcome:
+        t0 = time.perf_counter()
+        misses = [i for i, row in enumerate(self.cached) if row is None]
+        self._encode(misses)
+        self.out.encode_s = time.perf_counter() - t0
+        if misses:
+            STAGE_SECONDS.labels(stage="encode").observe(self.out.encode_s)
+        t1 = time.perf_counter()
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, p in enumerate(self.payloads):
+            if i not in self.out.errors:
+                beam = 0 if self.search_mode == "bruteforce" else p.beam_size
+                groups.setdefault((id(p.model), beam), []).append(i)
+        for (_, beam), idxs in groups.items():
+            self.out.found.update(self._search_narrowed(idxs, beam))
+        self.out.search_s = time.perf_counter() - t1
+        STAGE_SECONDS.labels(stage="search").observe(self.out.search_s)
+        self.out.from_cache = {
+            i for i, row in enumerate(self.cached) if row is not None and self.rows[i] is row
+        }
+        return self.out
+
+    def _encode(self, idxs: list[int]) -> None:
+        """Encode rows ``idxs`` (one call per bundle); a failing call is retried row by row."""
+        by_model: dict[int, list[int]] = {}
+        for i in idxs:
+            by_model.setdefault(id(self.payloads[i].model), []).append(i)
+        for group in by_model.values():
+            model = self.payloads[group[0]].model
+            try:
+                states = model.retriever.encode([self.payloads[i].history for i in group])
+            except Exception as exc:
+                if len(group) == 1:
+                    self._fail(group[0], "encode", exc)
+                    continue
+                log.warning("encode of %d rows for %s failed (%r): row by row", len(group), model.name, exc)
+                for i in group:
+                    self._encode([i])
+                continue
+            for i, row in zip(group, split_rows(states), strict=True):
+                self.rows[i] = row
+                self.out.fresh[self.payloads[i].key] = (state_spec(self.payloads[i]), row)
+
+    def _search_narrowed(self, idxs: list[int], beam: int) -> Found:
+        """Search one (bundle, beam) group; on failure row by row, then a cached row afresh."""
+        try:
+            return self._search(idxs, beam)
+        except Exception as exc:
+            failure: Exception = exc
+        if len(idxs) > 1:
+            log.warning("search of %d rows failed (%r): row by row", len(idxs), failure)
+            found: Found = {}
+            for i in idxs:
+                found.update(self._search_narrowed([i], beam))
+            return found
+        i = idxs[0]
+        cached = self.cached[i]
+        if cached is not None and self.rows[i] is cached:  # the state came from the cache
+            self._encode([i])
+            if i in self.out.errors:
+                return {}
+            try:
+                found = self._search([i], beam)
+            except Exception as exc:
+                failure = exc
+            else:
+                log.warning("a cached state failed the search (%r): recomputed", failure)
+                ROW_FAILURES.labels(stage="search", outcome="recomputed").inc()
+                return found
+        self._fail(i, "search", failure)
+        return {}
+
+    def _search(self, idxs: list[int], beam: int) -> Found:
+        payloads = self.payloads
+        model = payloads[idxs[0]].model
+        group_rows = [self.rows[i] for i in idxs]
+        if any(r is None for r in group_rows):
+            raise RuntimeError("search reached a row without encoder states")
+        states = stack_rows([r for r in group_rows if r is not None], self.device)
+        k = max(payloads[i].k for i in idxs)
+        exclude = [payloads[i].exclude for i in idxs]
+        if beam == 0:  # brute-force baseline
+            items, scores = bruteforce_topk(states.query, model.item_emb, k, exclude)
+            candidates = [model.num_items - len(e) for e in exclude]
+        else:
+            result = model.retriever.search(states, k=k, beam_size=beam, exclude=exclude)
+            items = np.asarray(result.items)  # [b, k]
+            scores = np.asarray(result.scores, dtype=np.float32)  # [b, k]
+            candidates = [int(c) for c in np.asarray(result.num_candidates)]
+        return {i: (items[j], scores[j], candidates[j]) for j, i in enumerate(idxs)}
+
+    def _fail(self, i: int, stage: str, exc: Exception) -> None:
+        p = self.payloads[i]
+        log.error(
+            "%s failed for one row of %s (%d history items): %r", stage, p.model.name, len(p.history), exc
+        )
+        ROW_FAILURES.labels(stage=stage, outcome="failed").inc()
+        self.out.errors[i] = ComputeFailed(
+            f"model {p.model.name!r} failed on this request's history ({stage}: {type(exc).__name__})"
+        )
