@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from service.launcher import ServiceProcess
-from tests.integration.conftest import ADMIN_TOKEN, ServiceFactory, resign_bundle
+from tests.integration.conftest import ADMIN_HEADERS, ServiceFactory, resign_bundle
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +99,7 @@ def test_bad_bundle_is_refused_and_the_old_one_keeps_serving(
     with httpx.Client(base_url=service.url, timeout=30) as client:
         serving = version(client)
         point(layout["link"], layout["bad"])
-        refused = client.post("/admin/reload", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        refused = httpx.post(f"{service.admin_url}/admin/reload", headers=ADMIN_HEADERS, timeout=30)
         assert refused.status_code == 422, refused.text
         assert refused.json()["kind"] == "bad_bundle" and "decoder.onnx" in refused.json()["message"]
         assert version(client) == serving
