@@ -4,6 +4,16 @@
 * ``redis_server`` (module): a throwaway redis-server without persistence, stopped on teardown.
 * ``start_service`` (module): starts one service process with the given ``GENRET_*`` env, polls
   ``/readyz`` until a deadline (failing fast if the process exits), terminate-then-kill on teardown.
+  It returns a ``ServiceProcess``: ``service.url`` is the public API (``/v1/*``, ``/readyz``,
+  ``/metrics``), ``service.admin_url`` the admin API (``/admin/*``) on its own port, which needs
+  ``ADMIN_HEADERS`` (bearer ``ADMIN_TOKEN``)::
+
+      service = start_service({"GENRET_BUNDLE_PATH": str(bundle_dir)})
+      httpx.post(f"{service.admin_url}/admin/reload", headers=ADMIN_HEADERS)
+      with admin_client(service) as admin: admin.post("/admin/reload")
+
+  ``GENRET_ENV=test`` (``/docs`` and ``debug`` on). Pass ``{"GENRET_ADMIN_TOKEN": ""}`` for a
+  service without admin API, ``{"GENRET_ENV": "prod"}`` for the production defaults.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import redis
@@ -25,12 +36,19 @@ BUNDLE_ITEMS = 1000
 BUNDLE_BRANCHING = 10
 BUNDLE_LEVELS = 3
 ADMIN_TOKEN = "integration-test-admin-token"
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def admin_client(service: ServiceProcess, timeout_s: float = 30.0) -> httpx.Client:
+    """An httpx client for ``service``'s admin port that sends the admin token."""
+    return httpx.Client(base_url=service.admin_url, headers=ADMIN_HEADERS, timeout=timeout_s)
 
 
 class RedisServer:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, password: str | None = None) -> None:
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.url = f"redis://127.0.0.1:{self.port}/0"  # without the password: see ``password``
+        self.password = password
         self._workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -48,12 +66,13 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self._workdir),
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout_s
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.2)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
@@ -66,7 +85,7 @@ class RedisServer:
         raise TimeoutError(f"redis-server on port {self.port} not answering after {timeout_s}s")
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=1.0)
+        return redis.Redis(port=self.port, password=self.password, socket_timeout=1.0)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -1,5 +1,7 @@
 """The HTTP API against a real uvicorn process (in-process LRU cache): parity with the offline
-Retriever, cache hit = miss, request semantics, limits, admin auth, OpenAPI, malformed requests."""
+Retriever, cache hit = miss, request semantics, limits, admin auth on the admin port, OpenAPI,
+generated requests (malformed ones and valid ones with known ids). Each test creates the state it
+asserts on, so any one of them passes when run alone."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.launcher import ServiceProcess
-from tests.integration.conftest import ADMIN_TOKEN, ServiceFactory
+from tests.integration.conftest import ADMIN_HEADERS, ServiceFactory, admin_client
 
 pytestmark = pytest.mark.integration
 
@@ -73,10 +75,17 @@ def test_results_equal_the_offline_retriever(client: httpx.Client, bundle_dir: P
 
 def test_cache_hit_returns_the_same_items_as_the_miss(client: httpx.Client) -> None:
     body = {"user_id": "cache-user", "history": [ids(i) for i in (5, 17, 400, 999)], "k": 10, "debug": True}
+    hits = 'genret_cache_results_total{result="hit"}'
+
+    def hit_count() -> float:
+        lines = [x for x in client.get("/metrics").text.splitlines() if x.startswith(hits)]
+        return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
     first = client.post("/v1/retrieve", json=body).json()
+    before = hit_count()
     second = client.post("/v1/retrieve", json=body).json()
-    assert first["debug"]["cache"] == "miss"
-    assert second["debug"]["cache"] == "hit"
+    assert hit_count() - before == 1  # debug says nothing about the cache (a chosen user_id's entry)
+    assert "cache" not in first["debug"] and "cache" not in second["debug"]
     assert [i["id"] for i in second["items"]] == [i["id"] for i in first["items"]]
     np.testing.assert_allclose(
         [i["score"] for i in second["items"]], [i["score"] for i in first["items"]], rtol=1e-6
@@ -165,6 +174,7 @@ def test_bodies_past_the_limit_get_413(client: httpx.Client) -> None:
 def test_models_health_and_readiness(client: httpx.Client) -> None:
     models = client.get("/v1/models").json()["models"]
     assert [m["name"] for m in models] == ["synthetic-1000"] and models[0]["default"] is True
+    assert "path" not in models[0]  # where bundles live on disk: admin port only
     assert client.get("/healthz").status_code == 200
     ready = client.get("/readyz")
     assert ready.status_code == 200
@@ -174,7 +184,16 @@ def test_models_health_and_readiness(client: httpx.Client) -> None:
 
 
 def test_metrics_expose_the_genret_families(client: httpx.Client) -> None:
-    client.post("/v1/retrieve", json={"history": ["item0001"], "k": 2})
+    # the state each family below needs: a computed request, then the same one again (cache hit),
+    # one over a limit, one with an unknown history id
+    repeated = {"user_id": "metrics-user", "history": ["item0001", "item0002"], "k": 2}
+    for body in (
+        repeated,
+        repeated,
+        {"history": ["item0001"], "k": MAX_K + 1},
+        {"history": ["nope", "item0003"]},
+    ):
+        client.post("/v1/retrieve", json=body)
     text = client.get("/metrics").text
     for family in (
         "genret_request_duration_seconds_bucket",
@@ -192,12 +211,21 @@ def test_metrics_expose_the_genret_families(client: httpx.Client) -> None:
     assert 'route="/v1/retrieve"' in text
 
 
-def test_admin_reload_needs_the_bearer_token(client: httpx.Client) -> None:
-    assert client.post("/admin/reload").status_code == 401
-    assert client.post("/admin/reload", headers={"Authorization": "Bearer wrong"}).status_code == 403
-    ok = client.post("/admin/reload", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
-    assert ok.status_code == 200, ok.text
-    assert ok.json()["reloaded"][0]["changed"] is False  # same files, same fingerprint
+def test_admin_api_is_on_its_own_port_and_needs_the_bearer_token(
+    client: httpx.Client, service: ServiceProcess, bundle_dir: Path
+) -> None:
+    assert client.post("/admin/reload", headers=ADMIN_HEADERS).status_code == 404  # not on the public port
+    assert client.get("/admin/models", headers=ADMIN_HEADERS).status_code == 404
+    assert httpx.post(f"{service.admin_url}/admin/reload").status_code == 401
+    wrong = httpx.post(f"{service.admin_url}/admin/reload", headers={"Authorization": "Bearer wrong"})
+    assert wrong.status_code == 403
+    with admin_client(service) as admin:
+        ok = admin.post("/admin/reload")
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["reloaded"][0]["changed"] is False  # same files, same fingerprint
+        models = admin.get("/admin/models").json()["models"]
+        assert models[0]["path"] == str(bundle_dir)
+        assert admin.post("/v1/retrieve", json={"history": ["item0001"]}).status_code == 404
 
 
 def test_openapi_schema_describes_the_routes(client: httpx.Client) -> None:
@@ -211,6 +239,13 @@ def test_openapi_schema_describes_the_routes(client: httpx.Client) -> None:
     assert {"history", "k", "beam_size", "exclude", "deadline_ms", "model"} <= set(
         request_schema["properties"]
     )
+    assert not [p for p in paths if p.startswith("/admin")]
+    assert "path" not in schema["components"]["schemas"]["ModelDescription"]["properties"]
+
+
+def test_admin_openapi_describes_the_admin_routes(service: ServiceProcess) -> None:
+    paths = httpx.get(f"{service.admin_url}/openapi.json").json()["paths"]
+    assert set(paths) == {"/admin/reload", "/admin/models"}
     assert "security" in paths["/admin/reload"]["post"]
 
 
@@ -245,8 +280,45 @@ request_like = st.fixed_dictionaries(
 @given(body=request_like | json_values)
 def test_generated_malformed_requests_get_4xx_never_5xx(client: httpx.Client, body: object) -> None:
     got = client.post("/v1/retrieve", json=body)
-    assert got.status_code < 500, (body, got.status_code, got.text)
-    assert got.status_code in (200, 404, 422), (body, got.status_code, got.text)
+    tiny_deadline = isinstance(body, dict) and "deadline_ms" in body  # 504 is the right answer then
+    assert got.status_code < 500 or (got.status_code == 504 and tiny_deadline), (
+        body,
+        got.status_code,
+        got.text,
+    )
+    assert got.status_code in (200, 404, 422, 504), (body, got.status_code, got.text)
+
+
+known_id = st.integers(min_value=1, max_value=1000).map(ids)
+valid_request = st.fixed_dictionaries(
+    {"history": st.lists(known_id, min_size=1, max_size=60)},  # past max_history 50: truncated
+    optional={
+        "user_id": st.text(max_size=12),
+        "k": st.integers(min_value=1, max_value=MAX_K),
+        "beam_size": st.integers(min_value=1, max_value=64),
+        "exclude": st.lists(known_id, max_size=5),
+        "exclude_history": st.booleans(),
+        "deadline_ms": st.integers(min_value=1, max_value=5000),
+        "debug": st.booleans(),
+    },
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=valid_request)
+def test_generated_valid_requests_reach_the_model(client: httpx.Client, body: dict[str, object]) -> None:
+    """Every body carries known ids, so each one runs encode + beam search + rerank (no fallback)."""
+    got = client.post("/v1/retrieve", json=body)
+    assert got.status_code in (200, 504), (body, got.status_code, got.text)
+    if got.status_code == 504:
+        assert got.json()["kind"] == "deadline"
+        return
+    data = got.json()
+    assert "fallback" not in data and data["unknown_history_items"] == 0, data
+    returned = [i["id"] for i in data["items"]]
+    assert returned or data.get("fewer"), data  # fewer than k only with the reason given
+    assert len(returned) <= body.get("k", 10) and len(set(returned)) == len(returned)  # type: ignore[operator]
+    assert not set(returned) & set(body.get("exclude", []))  # type: ignore[call-overload]
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
