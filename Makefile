@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install redis demo test lint fmt clean
+.PHONY: install redis demo test lint fmt clean bench wrk
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,18 @@ demo: install
 
 test: install redis
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { \
+	  echo "installing wrk (apt)"; \
+	  (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null; }
+
+# A short `genret bench serve` (closed loop with wrk, open loop at 50/80/95 % of the best closed-loop
+# QPS, the open-loop generator's own ceiling); a full run: make bench BENCH_SERVE_ARGS="--items 1000000".
+BENCH_SERVE_ARGS ?= --items 100000 --concurrency 32,64 --duration 5 --ceiling
+
+bench: install wrk
+	$(BIN)/python -m training.cli bench serve $(BENCH_SERVE_ARGS)
 
 lint: install
 	$(BIN)/ruff check models training service tests
