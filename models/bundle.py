@@ -1,8 +1,15 @@
 """A bundle: one exported version of one model, as a directory (DESIGN.md "Bundle").
 
 ```
-manifest.json  encoder.onnx  decoder.onnx  index.npz  items.npz
+manifest.json  index.npz  items.npz         always
+encoder.onnx  decoder.onnx                  backend "onnx" (ONNX Runtime)
+modules.json  weights.safetensors           backend "torch" (module specs + weights, no pickle)
 ```
+
+The manifest's ``backends`` (default ``["onnx"]`` for bundles written before it existed) says which
+backends the bundle holds; ``files`` must list exactly the files those backends need. A
+torch-only bundle is valid: it serves with ``Retriever(..., backend="torch")``
+(:mod:`models.torch_bundle` rebuilds the modules from ``modules.json`` and the safetensors).
 
 :func:`load_bundle` verifies everything before anything can serve from it: the schema version,
 the size and sha256 of every file, the fingerprint, the index invariants
@@ -27,14 +34,28 @@ import numpy as np
 import onnx
 
 from models.index import IndexValidationError, TreeIndex
+from models.torch_files import TORCH_MODULES_FILE, TORCH_WEIGHTS_FILE, check_torch_files
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: ``decoder.onnx`` is the incremental step (``cache`` in, ``cache_out`` out; ``dims.cache``)."""
 MANIFEST = "manifest.json"
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 INDEX_FILE = "index.npz"
 ITEMS_FILE = "items.npz"
 BUNDLE_FILES = (ENCODER_FILE, DECODER_FILE, INDEX_FILE, ITEMS_FILE)
+"""The files of an ONNX-only bundle (``backends == ["onnx"]``)."""
+DATA_FILES = (INDEX_FILE, ITEMS_FILE)
+BACKEND_FILES: dict[str, tuple[str, ...]] = {
+    "onnx": (ENCODER_FILE, DECODER_FILE),
+    "torch": (TORCH_MODULES_FILE, TORCH_WEIGHTS_FILE),
+}
+
+
+def bundle_files(backends: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The files a bundle holding ``backends`` must have: the data files, then each backend's."""
+    return DATA_FILES + tuple(f for b in BACKEND_FILES if b in backends for f in BACKEND_FILES[b])
+
 
 # name -> (ONNX element type, rank); the decoder-step and encoder signatures of DESIGN.md
 _F, _I, _B = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.BOOL
@@ -47,8 +68,9 @@ ONNX_SIGNATURES: dict[str, tuple[dict[str, tuple[int, int]], dict[str, tuple[int
             "beam_query": (_I, 1),
             "prefix": (_I, 2),
             "candidates": (_I, 2),
+            "cache": (_F, 3),
         },
-        {"scores": (_F, 2)},
+        {"scores": (_F, 2), "cache_out": (_F, 3)},
     ),
 }
 
@@ -75,7 +97,7 @@ class Manifest:
     branching: int
     token_scheme: str
     score_mode: str
-    dims: dict[str, int]  # {"memory": D, "query": Dr}
+    dims: dict[str, int]  # {"memory": D, "query": Dr, "cache": W (decoder step cache width)}
     num_items: int
     max_history: int
     opset: int
@@ -84,6 +106,7 @@ class Manifest:
     config: dict[str, Any]
     dataset_fingerprint: str
     raw: dict[str, Any] = field(repr=False, compare=False)
+    backends: tuple[str, ...] = ("onnx",)
 
     def __getitem__(self, key: str) -> Any:
         return self.raw[key]
@@ -119,7 +142,11 @@ _MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
 
 @dataclass(frozen=True)
 class Bundle:
-    """A verified bundle in memory (the ONNX graphs stay files: backends open them)."""
+    """A verified bundle in memory (the model files stay files: backends open them).
+
+    ``encoder_path`` / ``decoder_path`` name the ONNX graphs even where ``backends`` lacks
+    ``"onnx"`` (then the files do not exist and :class:`models.backend.OnnxBackend` is refused).
+    """
 
     path: Path
     manifest: Manifest
@@ -129,6 +156,11 @@ class Bundle:
     popularity: np.ndarray  # [N+1] float32, row 0 = 0
     encoder_path: Path
     decoder_path: Path
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """Which backends the bundle holds files for: ``"onnx"``, ``"torch"`` or both."""
+        return self.manifest.backends
 
     @property
     def fingerprint(self) -> str:
@@ -175,17 +207,37 @@ def parse_manifest(path: Path) -> Manifest:
     for key in ("memory", "query"):
         if not isinstance(dims.get(key), int) or dims[key] < 1:
             raise BundleError(path, f"{MANIFEST}: dims.{key} must be a positive int, got {dims.get(key)!r}")
+    if not isinstance(dims.get("cache"), int) or dims["cache"] < 0:
+        raise BundleError(path, f"{MANIFEST}: dims.cache must be an int >= 0, got {dims.get('cache')!r}")
     if raw["score_mode"] not in ("logprob", "node"):
         raise BundleError(path, f"{MANIFEST}: unknown score_mode {raw['score_mode']!r}")
     if raw["max_history"] < 1 or raw["num_items"] < 1:
         raise BundleError(path, f"{MANIFEST}: max_history and num_items must be >= 1")
-    return Manifest(**{key: raw[key] for key in _MANIFEST_TYPES}, raw=raw)
+    backends = raw.get("backends", ["onnx"])
+    if (
+        not isinstance(backends, list)
+        or not backends
+        or len(set(backends)) != len(backends)
+        or not set(backends) <= set(BACKEND_FILES)
+    ):
+        raise BundleError(
+            path,
+            f"{MANIFEST}: backends must be a non-empty list of {sorted(BACKEND_FILES)}, got {backends!r}",
+        )
+    return Manifest(**{key: raw[key] for key in _MANIFEST_TYPES}, raw=raw, backends=tuple(backends))
 
 
 def verify_files(path: Path, manifest: Manifest) -> None:
-    """Every bundle file is listed, present, of the listed size and sha256; fingerprint matches."""
+    """Exactly the files of the manifest's backends are listed; each is present, of the listed size
+    and sha256; the fingerprint (over all of them) matches."""
     hashes: dict[str, str] = {}
-    for name in BUNDLE_FILES:
+    expected = bundle_files(manifest.backends)
+    unexpected = sorted(set(manifest.files) - set(expected))
+    if unexpected:
+        raise BundleError(
+            path, f"{MANIFEST}: files lists {unexpected}, not part of backends {list(manifest.backends)}"
+        )
+    for name in expected:
         entry = manifest.files.get(name)
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
             raise BundleError(path, f"{MANIFEST}: files.{name} is missing or has no sha256")
@@ -303,6 +355,7 @@ def verify_onnx(path: Path, name: str, manifest: Manifest) -> None:
                     f"expected {onnx.TensorProto.DataType.Name(elem)} rank {rank}",
                 )
     static = {"memory": manifest.dims["memory"], "query": manifest.dims["query"]}
+    static |= {"cache": manifest.dims["cache"], "cache_out": manifest.dims["cache"]}
     for io_name, width in static.items():
         sig = got_in.get(io_name) or got_out.get(io_name)
         if sig is not None and isinstance(sig[1][-1], int) and sig[1][-1] not in (0, width):
@@ -318,8 +371,14 @@ def load_bundle(path: str | Path) -> Bundle:
     verify_files(path, manifest)
     index = load_index(path, manifest)
     item_emb, item_ids, popularity = load_items(path, manifest)
-    for name in (ENCODER_FILE, DECODER_FILE):
-        verify_onnx(path, name, manifest)
+    if "onnx" in manifest.backends:
+        for name in (ENCODER_FILE, DECODER_FILE):
+            verify_onnx(path, name, manifest)
+    if "torch" in manifest.backends:
+        try:
+            check_torch_files(path)
+        except ValueError as exc:
+            raise BundleError(path, str(exc)) from exc
     return Bundle(
         path=path,
         manifest=manifest,

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.backend import DecoderBackend, OnnxBackend
+from models.backend import DecoderBackend
 from models.bundle import Bundle
 from models.search import (
     BeamState,
@@ -36,6 +36,7 @@ from models.search import (
     beam_start,
     beam_step,
 )
+from models.torch_bundle import bundle_backend
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +166,9 @@ class StagedSearch:
 
 
 class Retriever:
-    """Serve a verified bundle. ``backend``: ``"onnx"`` (ONNX Runtime on ``device``) or any
-    :class:`DecoderBackend` instance, e.g. ``TorchBackend(encoder, decoder)`` as the reference
-    (a bundle holds only ONNX graphs, so the torch path needs the modules)."""
+    """Serve a verified bundle. ``backend``: ``"onnx"`` (ONNX Runtime on ``device``), ``"torch"``
+    (the modules rebuilt from the bundle's safetensors + specs, :mod:`models.torch_bundle`) or any
+    :class:`DecoderBackend` instance, e.g. ``TorchBackend(encoder, decoder)`` as the reference."""
 
     def __init__(
         self,
@@ -179,13 +180,8 @@ class Retriever:
     ) -> None:
         self.bundle = bundle
         self.device = torch.device(device)
-        if isinstance(backend, str):
-            if backend != "onnx":
-                raise ValueError(
-                    f"backend {backend!r}: a bundle holds ONNX graphs only; use 'onnx' or pass a "
-                    "DecoderBackend instance such as TorchBackend(encoder, decoder)"
-                )
-            self.backend: DecoderBackend = OnnxBackend.from_bundle(bundle, self.device, intra_op_threads)
+        if isinstance(backend, str):  # "onnx" | "torch": built from the bundle's own files
+            self.backend: DecoderBackend = bundle_backend(bundle, backend, self.device, intra_op_threads)
         else:
             self.backend = backend
         manifest = bundle.manifest

@@ -20,6 +20,7 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
     serve.add_argument("--host", help="bind address (GENRET_HOST)")
     serve.add_argument("--port", type=int, help="port (GENRET_PORT)")
     serve.add_argument("--device", help="cpu | cuda:0 (GENRET_DEVICE)")
+    serve.add_argument("--backend", choices=["onnx", "torch"], help="GENRET_DECODER_BACKEND")
     serve.add_argument("--search-mode", choices=["generative", "bruteforce"], help="GENRET_SEARCH_MODE")
     serve.add_argument("--redis-url", help="redis://host:port/0 (GENRET_REDIS_URL)")
     serve.set_defaults(func=cmd_serve)
@@ -86,6 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "host": args.host,
         "port": args.port,
         "device": args.device,
+        "decoder_backend": args.backend,
         "search_mode": args.search_mode,
         "redis_url": args.redis_url,
     }

@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "training.commands.train",
     "training.commands.evaluate",
     "training.commands.bench_search",
+    "training.commands.bench_retrieve",
     "training.commands.index_report",
     "service.commands",
     "service.experiment_commands",

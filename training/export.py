@@ -19,7 +19,7 @@ import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,18 +32,19 @@ from torch.export import Dim
 
 from models.backend import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, OnnxSession
 from models.bundle import (
-    BUNDLE_FILES,
     DECODER_FILE,
     ENCODER_FILE,
     INDEX_FILE,
     ITEMS_FILE,
     MANIFEST,
     SCHEMA_VERSION,
+    bundle_files,
     bundle_fingerprint,
     file_sha256,
     load_bundle,
 )
 from models.index import TreeIndex
+from training.export_torch import choose_backends, probe_dims, write_torch_files
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,9 @@ def check_parity(out: Path, enc: nn.Module, dec: nn.Module, ex: dict[str, Tensor
     return worst
 
 
-def write_items(path: Path, item_emb: np.ndarray, item_ids: list[str], popularity: np.ndarray) -> None:
+def write_items(
+    path: Path, item_emb: np.ndarray, item_ids: Sequence[str] | np.ndarray, popularity: np.ndarray
+) -> None:
     ids = np.asarray(item_ids, dtype=np.str_)  # fixed-width unicode, never an object array
     with path.open("wb") as fh:
         np.savez(
@@ -202,7 +205,11 @@ def write_items(path: Path, item_emb: np.ndarray, item_ids: list[str], popularit
 
 
 def _check_inputs(
-    index: TreeIndex, item_emb: np.ndarray, item_ids: list[str], popularity: np.ndarray, score_mode: str
+    index: TreeIndex,
+    item_emb: np.ndarray,
+    item_ids: Sequence[str] | np.ndarray,
+    popularity: np.ndarray,
+    score_mode: str,
 ) -> None:
     rows = index.num_items + 1
     if item_emb.ndim != 2 or item_emb.shape[0] != rows:
@@ -231,7 +238,7 @@ def export_bundle(
     decoder: nn.Module,
     index: TreeIndex,
     item_emb: np.ndarray,
-    item_ids: list[str],
+    item_ids: Sequence[str] | np.ndarray,
     popularity: np.ndarray,
     score_mode: str,
     max_history: int,
@@ -239,12 +246,15 @@ def export_bundle(
     config: dict[str, Any],
     dataset_fingerprint: str,
     version: str | None = None,
+    backends: Sequence[str] | None = None,
 ) -> Path:
     """Write a verified bundle to ``out_dir`` (replacing an existing one atomically); returns its path.
 
     ``encoder``: any module ``(history[B,T], mask[B,T]) -> (memory[B,T,D], query[B,Dr])``;
     ``decoder``: any module with the decoder-step signature. ``item_emb`` [N+1, Dr] must use the
     same Dr as the encoder's ``query``. ``version`` defaults to the UTC creation time.
+    ``backends``: None = ONNX, plus the torch files (safetensors + module specs) when the modules
+    are kinds :mod:`models.torch_bundle` rebuilds; or an explicit subset of ``("onnx", "torch")``.
     """
     out = Path(out_dir)
     _check_inputs(index, item_emb, item_ids, popularity, score_mode)
@@ -252,15 +262,16 @@ def export_bundle(
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        graphs = export_graphs(tmp, encoder, decoder, index, index.num_items, max_history)
+        chosen = choose_backends(encoder, decoder, index, backends)
+        graphs = write_model_files(tmp, encoder, decoder, index, max_history, chosen)
         if item_emb.shape[1] != graphs["dims"]["query"]:
             raise ExportError(
                 f"item_emb has {item_emb.shape[1]} columns but the encoder's query has {graphs['dims']['query']}"
             )
         index.save(tmp / INDEX_FILE)
         write_items(tmp / ITEMS_FILE, item_emb, item_ids, popularity)
-        hashes = {f: file_sha256(tmp / f) for f in BUNDLE_FILES}
-        files = {f: {"sha256": hashes[f], "bytes": (tmp / f).stat().st_size} for f in BUNDLE_FILES}
+        hashes = {f: file_sha256(tmp / f) for f in bundle_files(chosen)}
+        files = {f: {"sha256": hashes[f], "bytes": (tmp / f).stat().st_size} for f in hashes}
         created = datetime.now(UTC)
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -280,13 +291,15 @@ def export_bundle(
             "max_history": max_history,
             "opset": OPSET,
             "files": files,
+            "backends": list(chosen),
             "metrics": _json_safe(metrics),
             "config": _json_safe(config),
             "dataset_fingerprint": dataset_fingerprint,
             "export": {
                 "torch": torch.__version__,
                 "onnx": onnx.__version__,
-                "parity_max_abs_error": graphs["parity_max_abs_error"],
+                "parity_max_abs_error": graphs.get("parity_max_abs_error"),
+                "torch_roundtrip_max_abs_error": graphs.get("torch_roundtrip_max_abs_error"),
             },
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -297,6 +310,26 @@ def export_bundle(
         raise
     log.info("bundle %s (%s) written to %s, fingerprint %s", name, method, out, manifest["fingerprint"][:12])
     return out
+
+
+def write_model_files(
+    out: Path,
+    encoder: nn.Module,
+    decoder: nn.Module,
+    index: TreeIndex,
+    max_history: int,
+    backends: tuple[str, ...],
+) -> dict[str, Any]:
+    """The model files of each backend; returns dims and the parity / round-trip errors measured."""
+    info: dict[str, Any] = {}
+    if "onnx" in backends:
+        info.update(export_graphs(out, encoder, decoder, index, index.num_items, max_history))
+    else:
+        info["dims"] = probe_dims(encoder, example_inputs(index, index.num_items, max_history, dim=1))
+    if "torch" in backends:
+        ex = example_inputs(index, index.num_items, max_history, dim=info["dims"]["memory"])
+        info["torch_roundtrip_max_abs_error"] = write_torch_files(out, encoder, decoder, index, ex)
+    return info
 
 
 def publish_dir(tmp: Path, out: Path) -> None:

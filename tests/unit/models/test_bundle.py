@@ -45,7 +45,14 @@ def test_good_bundle_loads(tiny_bundle_dir: Path, tiny_model: TinyModel) -> None
     )
     assert (m.levels, m.branching, m.token_scheme, m.score_mode) == (2, 4, "level", "logprob")
     assert m["metrics"] == {"recall@20": 0.5} and m.dataset_fingerprint == "tiny-dataset"
-    assert set(m.files) == {"encoder.onnx", "decoder.onnx", "index.npz", "items.npz"}
+    assert set(m.files) == {
+        "encoder.onnx",
+        "decoder.onnx",
+        "index.npz",
+        "items.npz",
+        "modules.json",  # the torch backend's files: see test_torch_bundle.py
+        "weights.safetensors",
+    }
     assert bundle.item_ids.dtype.kind == "U" and bundle.item_ids.tolist() == tiny_model.item_ids
     np.testing.assert_array_equal(bundle.item_emb, tiny_model.item_emb)
     np.testing.assert_array_equal(bundle.index.leaf_items, tiny_model.index.leaf_items)
