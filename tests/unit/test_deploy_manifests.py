@@ -1,6 +1,8 @@
 """Deployment files: the offline checks of scripts/validate_deploy.sh, then properties of the
 rendered Kubernetes manifests that a schema cannot express (probe paths, non-root, read-only root
-filesystem, grace period covering the preStop sleep, GPU requests, network exposure).
+filesystem, grace period covering preStop + the service's whole shutdown as Settings computes it,
+every ConfigMap key a setting, GPU requests, network exposure: admin port internal, egress to
+DNS and Redis only).
 
 The script is run as is (hadolint, the compose schema, kubectl kustomize + kubernetes-validate
 --strict); a broken copy of docker/ and k8s/ checks that each stage can fail.
@@ -18,6 +20,9 @@ from typing import Any
 
 import pytest
 import yaml
+
+from service.settings import Settings
+from service.startup import known_variables
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "validate_deploy.sh"
@@ -55,8 +60,14 @@ def overlays() -> dict[str, list[dict[str, Any]]]:
     return {name: render(ROOT / "k8s" / "overlays" / name) for name in OVERLAYS}
 
 
-def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].startswith(name)]
+def one(docs: list[dict[str, Any]], kind: str, name: str, exact: bool = False) -> dict[str, Any]:
+    """The one object of ``kind`` whose name is ``name`` or (generated names) starts with it."""
+    found = [
+        d
+        for d in docs
+        if d["kind"] == kind
+        and (d["metadata"]["name"] == name or (not exact and d["metadata"]["name"].startswith(name)))
+    ]
     assert len(found) == 1, f"expected one {kind}/{name}*, found {[d['metadata']['name'] for d in found]}"
     return found[0]
 
@@ -150,8 +161,55 @@ def test_server_probes_and_shutdown(overlays: dict[str, list[dict[str, Any]]], o
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "startup must cover bundle load"
     assert c["ports"][0]["containerPort"] == 8000
     pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
-    drain = float(one(docs, "ConfigMap", "genret-settings")["data"]["GENRET_SHUTDOWN_GRACE_S"])
-    assert pod["terminationGracePeriodSeconds"] > pre_stop + drain, "grace period must cover preStop + drain"
+    settings = settings_of(docs)
+    assert settings.shutdown_grace_s == 25  # the value the deployment's comment reasons about
+    needed = pre_stop + settings.shutdown_budget_s
+    assert pod["terminationGracePeriodSeconds"] > needed, (
+        f"terminationGracePeriodSeconds={pod['terminationGracePeriodSeconds']} must exceed preStop {pre_stop}s "
+        f"+ the service's shutdown budget {settings.shutdown_budget_s}s"
+    )
+
+
+def settings_of(docs: list[dict[str, Any]]) -> Settings:
+    """The Settings a pod gets from the rendered ConfigMap (the Secret's values are not needed)."""
+    data = one(docs, "ConfigMap", "genret-settings")["data"]
+    return Settings(**{key.removeprefix("GENRET_").lower(): value for key, value in data.items()})
+
+
+def settings_env_keys() -> dict[str, list[str]]:
+    """Every key the kustomizations put into genret-settings, by file, read without kubectl."""
+    found: dict[str, list[str]] = {}
+    for path in (ROOT / "k8s").rglob("kustomization.yaml"):
+        for generator in yaml.safe_load(path.read_text()).get("configMapGenerator", []):
+            if generator["name"] != "genret-settings":
+                continue
+            keys = [lit.split("=", 1)[0] for lit in generator.get("literals", [])]
+            for env_file in generator.get("envs", []):
+                lines = (path.parent / env_file).read_text().splitlines()
+                keys += [line.split("=", 1)[0] for line in lines if line.strip() and not line.startswith("#")]
+            found[str(path.relative_to(ROOT))] = keys
+    return found
+
+
+def test_every_settings_key_in_k8s_is_a_setting() -> None:
+    """A misspelled key (GENRET_MAX_KK) would be silently ignored by pydantic and refused at start."""
+    found = settings_env_keys()
+    assert len(found) >= 4  # base + the gpu component + the shadow and managed-redis overlays
+    known = known_variables()
+    for path, keys in found.items():
+        assert keys, path
+        unknown = [k for k in keys if k not in known]
+        assert not unknown, f"{path}: {unknown} are not settings (service/settings.py)"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rendered_settings_validate(overlays: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    settings = settings_of(overlays[overlay])
+    assert settings.env == "prod" and settings.redis_connection_url() is not None
+    assert (
+        settings.header_timeout_s <= 10 and settings.body_timeout_s <= 30 and settings.max_connections >= 256
+    )
 
 
 @needs_kubectl
@@ -208,16 +266,67 @@ def test_gpu_overlays_request_a_gpu_and_cpu_does_not(overlays: dict[str, list[di
 def test_redis_self_hosted_or_managed(overlays: dict[str, list[dict[str, Any]]]) -> None:
     for overlay in ("cpu", "gpu", "shadow"):
         one(overlays[overlay], "StatefulSet", "genret-redis")
-        assert one(overlays[overlay], "ConfigMap", "genret-settings")["data"]["REDIS_ENDPOINT"].startswith(
-            "genret-redis:"
+        redis_port = one(overlays[overlay], "Service", "genret-redis", exact=True)["spec"]["ports"][0]["port"]
+        settings = settings_of(overlays[overlay])
+        assert (settings.redis_host, settings.redis_port, settings.redis_tls) == (
+            "genret-redis",
+            redis_port,
+            False,
         )
     managed = overlays["managed-redis"]
     assert not [d for d in managed if d["kind"] == "StatefulSet"]
-    assert one(managed, "ConfigMap", "genret-settings")["data"]["REDIS_SCHEME"] == "rediss"
-    env = {e["name"]: e for e in server_container(managed)["env"]}
-    assert env["GENRET_REDIS_URL"]["value"] == "$(REDIS_SCHEME)://:$(REDIS_PASSWORD)@$(REDIS_ENDPOINT)/0"
-    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "genret-secrets"
-    assert env["GENRET_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "genret-secrets"
+    assert settings_of(managed).redis_tls is True
+    for overlay in OVERLAYS:
+        env = {e["name"]: e for e in server_container(overlays[overlay])["env"]}
+        assert "GENRET_REDIS_URL" not in env, "the URL is built by the service, the password escaped"
+        assert env["GENRET_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "genret-secrets"
+        assert env["GENRET_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "genret-secrets"
+
+
+def egress_rules(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    server = {"app.kubernetes.io/name": "genret", "app.kubernetes.io/component": "server"}
+    rules = []
+    for policy in docs:
+        spec = policy.get("spec", {})
+        if policy["kind"] == "NetworkPolicy" and "Egress" in spec["policyTypes"]:
+            rules += spec["egress"] if spec["podSelector"]["matchLabels"] == server else []
+    return rules
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_server_egress_is_dns_and_redis_only(overlays: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    docs = overlays[overlay]
+    settings = settings_of(docs)
+    rules = egress_rules(docs)
+    assert rules, "no egress policy: the pods may reach anything"
+    kinds = set()
+    for rule in rules:
+        ports = {(p["port"], p["protocol"]) for p in rule["ports"]}
+        (peer,) = rule["to"]
+        if ports <= {(53, "UDP"), (53, "TCP")}:
+            assert peer["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+            kinds.add("dns")
+        else:
+            assert ports == {(settings.redis_port, "TCP")}, rule
+            if "podSelector" in peer:
+                assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "genret-redis"}
+            else:
+                assert "except" not in peer["ipBlock"] and not peer["ipBlock"]["cidr"].endswith("/0")
+            kinds.add("redis")
+    assert kinds == {"dns", "redis"}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_admin_port_is_not_exposed(overlays: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    docs = overlays[overlay]
+    settings = settings_of(docs)
+    assert settings.admin_host == "127.0.0.1" and settings.admin_port != settings.port
+    assert [p["containerPort"] for p in server_container(docs)["ports"]] == [settings.port]
+    assert [p["targetPort"] for p in one(docs, "Service", "genret", exact=True)["spec"]["ports"]] == ["http"]
+    policy = one(docs, "NetworkPolicy", "genret-ingress")["spec"]
+    assert {p["port"] for rule in policy["ingress"] for p in rule["ports"]} == {"http"}
 
 
 @needs_kubectl
