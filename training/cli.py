@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "training.commands.index_report",
     "service.commands",
     "service.experiment_commands",
+    "service.soak",
 )
 
 
