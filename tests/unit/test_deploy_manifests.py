@@ -285,7 +285,7 @@ def test_redis_self_hosted_or_managed(overlays: dict[str, list[dict[str, Any]]])
 
 def egress_rules(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     server = {"app.kubernetes.io/name": "genret", "app.kubernetes.io/component": "server"}
-    rules = []
+    rules: list[dict[str, Any]] = []
     for policy in docs:
         spec = policy.get("spec", {})
         if policy["kind"] == "NetworkPolicy" and "Egress" in spec["policyTypes"]:
