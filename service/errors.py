@@ -107,6 +107,20 @@ class BadBundle(ServiceError):
     kind = "bad_bundle"
 
 
+class ReloadConflict(ServiceError):
+    """A reload would change which model requests without ``model`` get; refused, nothing swapped."""
+
+    status = 409
+    kind = "reload_conflict"
+
+
+class ComputeFailed(ServiceError):
+    """The model failed on this request's own inputs; the rest of its batch was answered."""
+
+    status = 500
+    kind = "compute"
+
+
 # Responses to declare in the OpenAPI schema of the retrieval routes.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "Unknown model name."},
@@ -116,6 +130,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "Queue full; retry after the Retry-After header.",
         "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}},
     },
+    500: {"model": ErrorBody, "description": "The model failed on this request's inputs (kind 'compute')."},
     503: {"model": ErrorBody, "description": "Not ready, or shutting down."},
     504: {"model": ErrorBody, "description": "Deadline passed while the request was queued."},
 }
