@@ -367,9 +367,9 @@ class ModelRegistry:
 
 
 def collect_and_freeze() -> None:
-    """After a reload: collect everything (the replaced models included, even if an earlier
-    ``gc.freeze`` moved them out of the collector's sight), then freeze what is left, as
-    :meth:`service.engine.Engine.start` does, so later collections do not walk the new bundle."""
-    gc.unfreeze()
+    """After a reload, as :meth:`service.engine.Engine.start` does: collect, then freeze what is
+    left so later collections do not walk the new bundle. A replaced model is freed by reference
+    counting alone (it holds no reference cycle), so freezing never keeps an old one alive; the
+    reload test in tests/integration/test_reliability_reload.py watches the RSS for that."""
     gc.collect()
     gc.freeze()
