@@ -49,8 +49,8 @@ class Settings(BaseSettings):
     )
     debug_responses: bool | None = Field(
         default=None,
-        description="Answer `debug: true` with timings and cache hit/miss (unset = on unless env='prod'); "
-        "off, such a request gets 422. Hit/miss would tell a caller whether a user's history is cached.",
+        description="Answer `debug: true` with batch size, candidates and batch-level timings (unset = on "
+        "unless env='prod'); off, such a request gets 422. No debug field tells whether a cache entry exists.",
     )
     shutdown_grace_s: float = Field(
         default=20.0,
