@@ -13,7 +13,7 @@ $(BIN)/python:
 # torch 2.13.0 first: the CPU wheel on local disk (a bare `torch` would pull a multi-GB CUDA build).
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/pip install -q --no-deps recbole==1.2.1
 	touch $(STAMP)
 

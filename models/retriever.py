@@ -25,8 +25,10 @@ import torch
 from torch import Tensor
 
 from models.backend import DecoderBackend
+from models.beam_policy import beam_for_k, default_beam, smallest_leaves_cumsum
 from models.bundle import Bundle
 from models.search import (
+    BeamResult,
     BeamState,
     DeviceTrie,
     ScoreMode,
@@ -90,6 +92,7 @@ class RetrievalResult:
     scores: np.ndarray  # [B, k] float32 inner products, -inf where padded
     num_candidates: np.ndarray  # [B] items in the beam's leaves after exclusion
     leaves: np.ndarray  # [B, b] global leaf node ids from the beam, -1 where fewer exist
+    num_scored: np.ndarray  # [B] items scored: all items of the beam's leaves, before exclusion
 
 
 def check_search_args(k: int, beam_size: int) -> None:
@@ -193,7 +196,17 @@ class Retriever:
         self.leaf_start = index.leaf_start
         self.leaf_offsets = torch.as_tensor(index.leaf_offsets, dtype=torch.int64, device=self.device)
         self.leaf_items = torch.as_tensor(index.leaf_items, dtype=torch.int64, device=self.device)
-        self.max_leaf_size = int(np.diff(index.leaf_offsets).max())
+        leaf_sizes = np.diff(index.leaf_offsets)  # [L]
+        self.max_leaf_size = int(leaf_sizes.max())
+        self._cumsum_smallest = smallest_leaves_cumsum(leaf_sizes)  # [L] for beam_for
+        configured = manifest.config.get("beam_size")
+        # the bundle's default beam: written at export by the rule of models.beam_policy (bundles
+        # exported before it carry a trainer's value, or none: then the rule is applied here)
+        self.default_beam_size = (
+            int(configured)
+            if isinstance(configured, int) and configured >= 1
+            else default_beam(self.num_items, leaf_sizes)
+        )
         self.item_emb = torch.from_numpy(bundle.item_emb).to(self.device)  # [N+1, Dr]
         log.info(
             "retriever for %s (%s, %d items, %d leaves, max leaf %d) on %s",
@@ -208,6 +221,13 @@ class Retriever:
     @property
     def device_info(self) -> str:
         return self.backend.device_info
+
+    def beam_for(self, k: int, beam_size: int | None, num_excluded: int, max_beam: int | None = None) -> int:
+        """The beam answering ``k`` items: ``beam_size`` (``None``: the bundle's default) widened so
+        that the beam's leaves hold ``k + num_excluded`` items, within ``max_beam``
+        (:func:`models.beam_policy.beam_for_k`)."""
+        beam = self.default_beam_size if beam_size is None else beam_size
+        return beam_for_k(k, beam, num_excluded, self._cumsum_smallest, max_beam)
 
     # ------------------------------------------------------------------ encode
     def pad_histories(self, histories: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
@@ -281,11 +301,13 @@ class Retriever:
         self, states: EncoderStates, k: int, beam_size: int, exclude: Sequence[np.ndarray] | None = None
     ) -> RetrievalResult:
         check_search_args(k, beam_size)
-        memory, memory_mask, query = self._on_device(states)
-        beam = beam_search(
-            self.trie, self._scorer(memory, memory_mask), states.batch_size, beam_size, self.score_mode
-        )
-        return self.rerank(beam.leaves, query, k, exclude)
+        return self.rerank(self.beam(states, beam_size).leaves, self._on_device(states)[2], k, exclude)
+
+    def beam(self, states: EncoderStates, beam_size: int) -> BeamResult:
+        """The beam search alone: the ``beam_size`` best leaves ``[B,b]`` and their path scores."""
+        memory, memory_mask, _ = self._on_device(states)
+        scorer = self._scorer(memory, memory_mask)
+        return beam_search(self.trie, scorer, states.batch_size, beam_size, self.score_mode)
 
     def staged_search(
         self, states: EncoderStates, k: int, beam_size: int, exclude: Sequence[np.ndarray] | None = None
@@ -314,6 +336,7 @@ class Retriever:
         ``query · item_emb``, minus ``exclude``."""
         B = leaves.shape[0]
         items, valid = self.leaf_candidates(leaves)  # [B, C]
+        num_scored = valid.sum(dim=1).cpu().numpy()  # before exclusion: every leaf item is scored
         if exclude is not None:
             valid = valid & ~self.excluded(items, exclude)
         scores = torch.bmm(self.item_emb[items], query[:, :, None])[:, :, 0]  # [B, C]
@@ -329,6 +352,7 @@ class Retriever:
             scores=out_scores,
             num_candidates=valid.sum(dim=1).cpu().numpy(),
             leaves=leaves.cpu().numpy(),
+            num_scored=num_scored,
         )
 
     def retrieve(

@@ -133,6 +133,15 @@ def split_rows(states: EncoderStates) -> list[StateRow]:
     return rows
 
 
+def fewer_reason(returned: int, k: int, available: int) -> str | None:
+    """Why a response holds fewer than ``k`` items: ``"catalogue"`` (fewer than ``k`` items are left
+    once the excluded ones are removed) or ``"beam_limit"`` (the beam, widened up to
+    ``GENRET_MAX_BEAM_SIZE``, reached too few); ``None`` when it holds ``k``."""
+    if returned >= k:
+        return None
+    return "catalogue" if available < k else "beam_limit"
+
+
 class Engine:
     def __init__(
         self,
@@ -326,8 +335,20 @@ class Engine:
             history=mapped.history,
             exclude=mapped.exclude,
             k=k,
-            beam_size=request.beam_size or self.settings.default_beam_size,
+            beam_size=self.beam_size(request, mapped, k),
         )
+
+    def beam_size(self, request: RetrieveRequest, mapped: Mapped, k: int) -> int:
+        """The request's beam, else ``GENRET_DEFAULT_BEAM_SIZE`` when set, else the bundle's own default
+        (manifest ``config.beam_size``, clamped to the beam bounds); then widened so that the beam's
+        leaves hold ``k`` items besides the excluded ones, within ``max_beam_size``
+        (:meth:`models.retriever.Retriever.beam_for`, the same widening as the offline evaluation)."""
+        s = self.settings
+        retriever = mapped.model.retriever
+        beam = request.beam_size or s.default_beam_size
+        if beam is None:
+            beam = min(max(retriever.default_beam_size, s.min_beam_size), s.max_beam_size)
+        return int(retriever.beam_for(k, beam, len(mapped.exclude), s.max_beam_size))
 
     def _respond(
         self, request: RetrieveRequest, mapped: Mapped, row: RowResult, timings: dict[str, float]
@@ -337,12 +358,14 @@ class Engine:
             ScoredItem(id=mapped.model.raw_ids[int(d)], score=float(s))
             for d, s in zip(row.items[keep], row.scores[keep], strict=True)
         ]
+        k = request.k or self.settings.default_k
         return RetrieveResponse(
             items=items,
             model=self._model_ref(mapped.model),
             variant=mapped.variant,
             unknown_history_items=mapped.unknown,
             truncated=mapped.truncated,
+            fewer=fewer_reason(len(items), k, mapped.model.num_items - len(mapped.exclude)),
             debug=self._debug(
                 request, timings, row.cache, row.batch_size, row.num_candidates, len(mapped.history)
             ),
@@ -361,6 +384,7 @@ class Engine:
             unknown_history_items=mapped.unknown,
             truncated=mapped.truncated,
             fallback="popular",
+            fewer=fewer_reason(len(take), k, model.num_items - len(mapped.exclude)),
             debug=self._debug(request, {}, "none", 0, model.num_items - len(mapped.exclude), 0),
         )
 

@@ -50,7 +50,12 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
     )
     replay.add_argument("--targets", type=Path, help="targets JSONL, one line per request")
     replay.add_argument("--k", type=int, default=10, help="items per request (offline replay)")
-    replay.add_argument("--beam-size", type=int, default=20, help="beam width (offline replay)")
+    replay.add_argument(
+        "--beam-size",
+        type=int,
+        default=None,
+        help="beam width (offline replay; default: each bundle's own, manifest config.beam_size)",
+    )
     replay.add_argument(
         "--batch-size", type=int, default=32, help="requests per retrieve call (offline replay)"
     )
@@ -226,9 +231,15 @@ class BundleRun:
 
 
 def run_bundle(
-    path: Path, requests: Sequence[dict[str, Any]], k: int, beam_size: int, batch_size: int, device: str
+    path: Path,
+    requests: Sequence[dict[str, Any]],
+    k: int,
+    beam_size: int | None,
+    batch_size: int,
+    device: str,
 ) -> BundleRun:
-    """Every request through ``Retriever.retrieve`` in batches, timed per batch."""
+    """Every request through ``Retriever.retrieve`` in batches, timed per batch. ``beam_size`` ``None``
+    = the bundle's own default; each request's beam is widened for ``k`` as the service widens it."""
     from models.bundle import load_bundle
     from models.retriever import Retriever
 
@@ -236,7 +247,8 @@ def run_bundle(
     retriever = Retriever(bundle, device=device)
     raw_ids = [str(x) for x in bundle.item_ids]
     dense_of = {raw: i for i, raw in enumerate(raw_ids) if i > 0}
-    retriever.warmup(beam_size=min(beam_size, 8))
+    beam = retriever.default_beam_size if beam_size is None else beam_size
+    retriever.warmup(beam_size=min(beam, 8))
     dense = np.zeros((len(requests), k), np.int64)  # [R, k]
     seconds: list[float] = []
     for start in range(0, len(requests), batch_size):
@@ -250,10 +262,16 @@ def run_bundle(
         for i, r in enumerate(chunk):
             if r.get("exclude_history"):
                 excludes[i] = np.concatenate([excludes[i], histories[i]])
+        groups: dict[int, list[int]] = {}  # widened beam -> rows of the chunk
+        for i, e in enumerate(excludes):
+            groups.setdefault(retriever.beam_for(k, beam, len(np.unique(e))), []).append(i)
         t0 = time.perf_counter()
-        result = retriever.retrieve(histories, k=k, beam_size=beam_size, exclude=excludes)
+        for row_beam, rows in groups.items():
+            result = retriever.retrieve(
+                [histories[i] for i in rows], k=k, beam_size=row_beam, exclude=[excludes[i] for i in rows]
+            )
+            dense[[start + i for i in rows]] = result.items  # [b, k]
         seconds.append(time.perf_counter() - t0)
-        dense[start : start + len(chunk)] = result.items  # [b, k]
     items = [[raw_ids[d] for d in row if d > 0] for row in dense]
     return BundleRun(bundle.manifest.name, bundle.fingerprint[:12], dense, items, seconds, dense_of)
 
@@ -304,7 +322,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return 0
     if len(args.bundle) != 2:
         raise SystemExit(f"genret replay --requests needs exactly two --bundle, got {len(args.bundle)}")
-    if args.k < 1 or args.beam_size < 1 or args.batch_size < 1:
+    if args.k < 1 or (args.beam_size is not None and args.beam_size < 1) or args.batch_size < 1:
         raise SystemExit("genret replay: --k, --beam-size and --batch-size must be >= 1")
     requests = load_requests(args.requests)
     if not requests:
@@ -319,7 +337,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     ]
     rows = compare_runs(runs[0], runs[1], args.k, args.batch_size, targets)
     print(
-        f"{args.requests}: {len(requests)} requests, k={args.k}, beam={args.beam_size}, batch={args.batch_size}"
+        f"{args.requests}: {len(requests)} requests, k={args.k}, beam={args.beam_size or 'bundle default'}, batch={args.batch_size}"
     )
     print(format_table(rows))
     _write_json(args.json, {"requests": str(args.requests), "k": args.k, "bundles": rows})

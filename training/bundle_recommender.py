@@ -43,28 +43,44 @@ class SasrecQuery(nn.Module):
 class BundleRecommender:
     """Recommends through an exported bundle (ONNX Runtime): what is measured is what is served.
 
-    Histories are retrieved ``batch_size`` at a time with a beam of :meth:`beam_for` ``(k)``:
-    ``max(beam_size, k)``, since a leaf here holds one item (SEATER, TDR). Methods whose leaves are
-    buckets override it (URI).
+    ``beam_size`` ``None`` (or 0) = the bundle's own default (manifest ``config.beam_size``). Each
+    history is answered at :meth:`Retriever.beam_for` ``(k, beam_size, excluded)``, the widening the
+    service applies (a beam whose leaves hold ``k`` items besides the excluded ones), so offline
+    figures are the service's. ``scored`` / ``queries`` count the items scored (before exclusion)
+    and the histories answered, for :attr:`mean_candidates`.
     """
 
     def __init__(
-        self, bundle_dir: Path, beam_size: int, backend: str = "onnx", batch_size: int = 256
+        self, bundle_dir: Path, beam_size: int | None = None, backend: str = "onnx", batch_size: int = 256
     ) -> None:
         self.retriever = Retriever(load_bundle(bundle_dir), backend=backend)
-        self.beam_size = beam_size
+        self.beam_size = beam_size or self.retriever.default_beam_size
         self.batch_size = batch_size
+        self.scored = 0
+        self.queries = 0
 
-    def beam_for(self, k: int) -> int:
-        """The beam width used to answer ``k`` items."""
-        return max(self.beam_size, k)
+    @property
+    def mean_candidates(self) -> float:
+        """Mean items scored per history answered so far (counted before history exclusion)."""
+        return self.scored / max(1, self.queries)
+
+    def beam_for(self, k: int, num_excluded: int = 0) -> int:
+        """The beam width used to answer ``k`` items with ``num_excluded`` ids excluded."""
+        return self.retriever.beam_for(k, self.beam_size, num_excluded)
 
     def recommend(self, histories: list[np.ndarray], k: int, exclude: list[np.ndarray] | None) -> np.ndarray:
         """Top-``k`` item ids per history, ``[N, k]``; ``exclude[i]`` are never returned for history i."""
         out = np.zeros((len(histories), k), np.int64)  # [N, k]
-        for start in range(0, len(histories), self.batch_size):
-            stop = start + self.batch_size
-            chunk_exclude = exclude[start:stop] if exclude is not None else None
-            result = self.retriever.retrieve(histories[start:stop], k, self.beam_for(k), chunk_exclude)
-            out[start:stop] = result.items
+        excluded = [len(np.unique(e)) for e in exclude] if exclude is not None else [0] * len(histories)
+        groups: dict[int, list[int]] = {}
+        for row, e in enumerate(excluded):
+            groups.setdefault(self.beam_for(k, e), []).append(row)
+        for beam, rows in groups.items():
+            for start in range(0, len(rows), self.batch_size):
+                idx = rows[start : start + self.batch_size]
+                chunk_exclude = [exclude[i] for i in idx] if exclude is not None else None
+                result = self.retriever.retrieve([histories[i] for i in idx], k, beam, chunk_exclude)
+                out[idx] = result.items
+                self.scored += int(result.num_scored.sum())
+                self.queries += len(idx)
         return out

@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "training.commands.bench_search",
     "training.commands.bench_retrieve",
     "training.commands.index_report",
+    "training.commands.frontier",
     "service.commands",
     "service.experiment_commands",
     "service.soak",

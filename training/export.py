@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.export import Dim
 
 from models.backend import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, OnnxSession
+from models.beam_policy import default_beam
 from models.bundle import (
     DECODER_FILE,
     ENCODER_FILE,
@@ -293,7 +294,7 @@ def export_bundle(
             "files": files,
             "backends": list(chosen),
             "metrics": _json_safe(metrics),
-            "config": _json_safe(config),
+            "config": _json_safe(with_default_beam(config, index)),
             "dataset_fingerprint": dataset_fingerprint,
             "export": {
                 "torch": torch.__version__,
@@ -330,6 +331,15 @@ def write_model_files(
         ex = example_inputs(index, index.num_items, max_history, dim=info["dims"]["memory"])
         info["torch_roundtrip_max_abs_error"] = write_torch_files(out, encoder, decoder, index, ex)
     return info
+
+
+def with_default_beam(config: dict[str, Any], index: TreeIndex) -> dict[str, Any]:
+    """``config`` with ``beam_size`` from the catalogue rule (:mod:`models.beam_policy`) unless the
+    trainer set one explicitly (``beam_size`` >= 1): the bundle's default beam, read by the service,
+    ``genret eval`` and ``genret replay`` when a request or flag gives none."""
+    if isinstance(config.get("beam_size"), int) and config["beam_size"] >= 1:
+        return config
+    return {**config, "beam_size": default_beam(index.num_items, np.diff(index.leaf_offsets))}
 
 
 def publish_dir(tmp: Path, out: Path) -> None:

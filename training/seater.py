@@ -81,7 +81,7 @@ class SeaterConfig:
     epochs: int = 2
     patience: int = 3
     max_train_pairs: int = 0
-    beam_size: int = 100
+    beam_size: int = 0  # 0 = the catalogue rule (models.beam_policy)
     rerank: str = "sasrec"
     threads: int = 1
 
@@ -90,7 +90,11 @@ class SeaterConfig:
             raise ValueError(f"SeaterConfig.branching must be >= 2, got {self.branching}")
         if self.dim < 1 or self.dim % self.heads != 0:
             raise ValueError(f"SeaterConfig.dim={self.dim} must be >= 1 and divisible by heads={self.heads}")
-        for name in ("layers", "heads", "ffn_mult", "batch_size", "epochs", "beam_size", "kmeans_iters"):
+        if self.beam_size < 0:
+            raise ValueError(
+                f"SeaterConfig.beam_size must be >= 0 (0 = the catalogue rule), got {self.beam_size}"
+            )
+        for name in ("layers", "heads", "ffn_mult", "batch_size", "epochs", "kmeans_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SeaterConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.threads < 0:
@@ -542,7 +546,7 @@ def train_seater(ctx: TrainContext) -> TrainedMethod:
         "train_seconds": round(t_train, 1),
         "levels": index.levels,
         "num_nodes": index.num_nodes,
-        "beam_size": cfg.beam_size,
+        "beam_size": recommender.beam_size,
         "align": cfg.align,
         "rank": cfg.rank,
         **train_info,

@@ -77,7 +77,7 @@ class TDRConfig:
     tree_rounds: int = 1
     tree_step: int = 1
     tree_pairs_per_item: int = 10
-    beam_size: int = 100
+    beam_size: int = 0  # 0 = the catalogue rule (models.beam_policy)
     rerank: str = "sasrec"
     eval_users: int = 1000
     threads: int = 1
@@ -91,9 +91,9 @@ class TDRConfig:
         for name in ("round_epochs", "max_train_pairs", "tree_rounds", "eval_users", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TDRConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.tree_step < 1 or self.tree_pairs_per_item < 1 or self.beam_size < 1:
+        if self.tree_step < 1 or self.tree_pairs_per_item < 1 or self.beam_size < 0:
             raise ValueError(
-                "TDRConfig.tree_step, tree_pairs_per_item and beam_size must be >= 1, got "
+                "TDRConfig.tree_step, tree_pairs_per_item must be >= 1 and beam_size >= 0, got "
                 f"{self.tree_step}, {self.tree_pairs_per_item}, {self.beam_size}"
             )
         if not self.windows or min(self.windows) < 1:

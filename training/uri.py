@@ -130,7 +130,7 @@ class URIConfig:
     hard_negatives: int = 1
     ranker_weight: float = 1.0
     ranker_epochs: int = 3
-    beam_size: int = 20
+    beam_size: int = 0  # 0 = the catalogue rule (models.beam_policy)
     eval_batch_size: int = 256
     threads: int = 1
     """torch intra-op threads while training (0 = torch's default)."""
@@ -163,10 +163,8 @@ class URIConfig:
                 f"need 0 <= hard_negatives <= num_negatives and num_negatives >= 1, got "
                 f"{self.hard_negatives}, {self.num_negatives}"
             )
-        if min(self.ranker_epochs, self.steps_per_epoch, self.detach_warmup_epochs) < 0 or self.beam_size < 1:
-            raise ValueError(
-                "ranker_epochs, steps_per_epoch, detach_warmup_epochs must be >= 0 and beam_size >= 1"
-            )
+        if min(self.ranker_epochs, self.steps_per_epoch, self.detach_warmup_epochs, self.beam_size) < 0:
+            raise ValueError("ranker_epochs, steps_per_epoch, detach_warmup_epochs, beam_size must be >= 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"URIConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.query_encoder not in ("own", "sasrec"):
@@ -768,11 +766,8 @@ class URITrainer:
 
 
 class URIBundleRecommender(BundleRecommender):
-    """Recommends through the exported bundle, exactly as the service does. URI's leaves are buckets
-    of items, so the beam counts leaves and is not widened to ``k``."""
-
-    def beam_for(self, k: int) -> int:
-        return self.beam_size
+    """Recommends through the exported bundle, exactly as the service does (URI's leaves are buckets
+    of items: the beam counts leaves, widened only when they cannot hold ``k`` items)."""
 
     def diagnose(self, eval_set: EvalSet, k: int = 20) -> dict[str, float]:
         """Where recall is lost (history excluded from the results, as in the evaluation):

@@ -4,7 +4,9 @@ The bundle is loaded and verified like the service does, and the test users of t
 (``training.splits``) go through :class:`models.retriever.Retriever` on the ONNX backend. Printed:
 Recall / NDCG / HR @ 10, 20, 50, the beam coverage (share of the targets that are among the items
 of the beam's leaves, i.e. recall of the candidate set before the rerank) and the mean candidate
-count. ``--png`` sweeps the beam size and plots Recall@K against the candidate-set size (the
+count (items scored per user, before history exclusion; ``--json``: ``candidates``). The beam is
+the bundle's own default unless ``--beam`` gives one, widened per user as the service widens it.
+``--png`` sweeps the beam size and plots Recall@K against the candidate-set size (the
 URI paper's figure 4).
 """
 
@@ -60,27 +62,46 @@ def beam_coverage(bundle: Bundle, leaves: np.ndarray, targets: Sequence[np.ndarr
 def evaluate_retriever(
     retriever: Retriever,
     evalset: EvalSet,
-    beam_size: int,
+    beam_size: int | None,
     ks: Sequence[int] = DEFAULT_KS,
     *,
     exclude_history: bool = True,
     batch_size: int = 256,
+    widen: bool = True,
 ) -> EvalResult:
-    """Retrieve top-max(ks) for every user of ``evalset`` (bundle dense ids) and score it."""
+    """Retrieve top-max(ks) for every user of ``evalset`` (bundle dense ids) and score it.
+
+    ``beam_size`` ``None`` = the bundle's default. ``widen``: each user's beam widened as the service
+    widens it (:meth:`Retriever.beam_for`: leaves holding ``k`` items besides the excluded ones);
+    ``False`` keeps ``beam_size`` as given (a beam sweep). ``mean_candidates`` = items scored per
+    user, counted before history exclusion; ``mean_after_exclusion`` the ones left after it.
+    """
     k = max(ks)
-    ranked, coverage, candidates = [], [], []
+    beam = retriever.default_beam_size if beam_size is None else beam_size
+    n = len(evalset.histories)
+    ranked = np.zeros((n, k), np.int64)
+    coverage, scored, kept = np.zeros(n), np.zeros(n), np.zeros(n)
+    groups: dict[int, list[int]] = {}
+    for row, history in enumerate(evalset.histories):
+        excluded = len(np.unique(history)) if exclude_history else 0
+        groups.setdefault(retriever.beam_for(k, beam, excluded) if widen else beam, []).append(row)
     start = time.perf_counter()
-    for lo in range(0, len(evalset.histories), batch_size):
-        histories = evalset.histories[lo : lo + batch_size]
-        result = retriever.retrieve(histories, k=k, beam_size=beam_size, exclude_history=exclude_history)
-        ranked.append(result.items)
-        coverage.append(beam_coverage(retriever.bundle, result.leaves, evalset.targets[lo : lo + batch_size]))
-        candidates.append(result.num_candidates)
+    for row_beam, rows in groups.items():
+        for lo in range(0, len(rows), batch_size):
+            idx = rows[lo : lo + batch_size]
+            histories = [evalset.histories[i] for i in idx]
+            result = retriever.retrieve(histories, k=k, beam_size=row_beam, exclude_history=exclude_history)
+            ranked[idx] = result.items
+            coverage[idx] = beam_coverage(retriever.bundle, result.leaves, [evalset.targets[i] for i in idx])
+            scored[idx] = result.num_scored
+            kept[idx] = result.num_candidates
     seconds = time.perf_counter() - start
-    metrics = evaluate_ranking(np.concatenate(ranked), evalset.targets, ks)
-    metrics["beam_coverage"] = float(np.concatenate(coverage).mean())
-    metrics["mean_candidates"] = float(np.concatenate(candidates).mean())
-    return EvalResult(beam_size=beam_size, metrics=metrics, users=len(evalset.histories), seconds=seconds)
+    metrics = evaluate_ranking(ranked, evalset.targets, ks)
+    metrics["beam_coverage"] = float(coverage.mean()) if n else 0.0
+    metrics["mean_candidates"] = float(scored.mean()) if n else 0.0
+    metrics["mean_after_exclusion"] = float(kept.mean()) if n else 0.0
+    metrics["mean_beam"] = float(sum(b * len(r) for b, r in groups.items()) / max(1, n))
+    return EvalResult(beam_size=beam, metrics=metrics, users=n, seconds=seconds)
 
 
 def bundle_eval_set(ds: Dataset, bundle: Bundle, kind: str, seed: int) -> tuple[EvalSet, dict[str, Any]]:
@@ -152,10 +173,10 @@ def run_eval(args: argparse.Namespace) -> int:
     result = evaluate_retriever(retriever, evalset, args.beam, ks, exclude_history=exclude)
     sweep: list[EvalResult] = []
     if args.png:
-        beams = sorted({b for b in SWEEP_BEAMS if b <= bundle.index.num_leaves} | {args.beam})
+        beams = sorted({b for b in SWEEP_BEAMS if b <= bundle.index.num_leaves} | {result.beam_size})
         sweep = [
             result
-            if b == args.beam
+            if b == result.beam_size
             else evaluate_retriever(retriever, evalset, b, ks, exclude_history=exclude)
             for b in beams
         ]
@@ -173,6 +194,7 @@ def run_eval(args: argparse.Namespace) -> int:
             "backend": retriever.device_info,
             **info,
             "beam_size": result.beam_size,
+            "candidates": result.metrics["mean_candidates"],
             "metrics": result.metrics,
             "seconds": result.seconds,
             "sweep": [{"beam_size": r.beam_size, **r.metrics} for r in sweep],
@@ -202,7 +224,12 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     add_data_arguments(parser)
     parser.add_argument("--split", choices=SPLIT_KINDS, default="user", help="split protocol (default: user)")
     parser.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
-    parser.add_argument("--beam", type=int, default=50, help="beam size (default: 50)")
+    parser.add_argument(
+        "--beam",
+        type=int,
+        default=None,
+        help="beam size (default: the bundle's own, manifest config.beam_size)",
+    )
     parser.add_argument("--png", help="also sweep the beam size and plot Recall@K vs candidate-set size here")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N test users (0 = all)")
