@@ -247,6 +247,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
     app.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_body_bytes)
+    exposed = [path for route in router.routes if (path := getattr(route, "path", "")).startswith("/admin")]
+    if exposed:  # admin routes belong to service.api.admin_router (the admin port) only
+        raise RuntimeError(f"admin routes on the public app: {exposed}")
     return app
 
 
