@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install redis demo test lint fmt clean bench wrk
+.PHONY: install redis demo test lint fmt clean bench wrk gpu-check wheels
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,24 @@ BENCH_SERVE_ARGS ?= --items 100000 --concurrency 32,64 --duration 5 --ceiling
 
 bench: install wrk
 	$(BIN)/python -m training.cli bench serve $(BENCH_SERVE_ARGS)
+
+# The GPU check (scripts/gpu_check.sh): on a CUDA machine `bash scripts/gpu_check.sh --device cuda`;
+# here its CPU dry run at small sizes (`make test` runs it too: tests/unit/test_gpu_check.py).
+gpu-check: install
+	bash scripts/gpu_check.sh --device cpu --small --out runs/gpu_check_cpu
+
+# Pure-Python packages the GPU check needs and the CUDA machine lacks (scripts/gpu_wheels.txt,
+# name==version lines; none today): cp312 manylinux wheels into the git-ignored .whl/, carried with
+# the check (< 64 MiB), installed there by scripts/gpu_check.sh from the folder (no index).
+WHEEL_DIR := .whl
+wheels: | $(BIN)/python
+	@mkdir -p $(WHEEL_DIR)
+	@reqs=$$(grep -v '^[[:space:]]*#' scripts/gpu_wheels.txt | grep -v '^[[:space:]]*$$' || true); \
+	if [ -z "$$reqs" ]; then echo "wheels: scripts/gpu_wheels.txt lists none; $(WHEEL_DIR)/ stays empty"; exit 0; fi; \
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_17_x86_64 -d $(WHEEL_DIR) $$reqs && \
+	size=$$(du -sm $(WHEEL_DIR) | cut -f1) && echo "wheels: $$size MiB in $(WHEEL_DIR)/" && \
+	{ [ $$size -lt 64 ] || { echo "wheels: $(WHEEL_DIR)/ is $$size MiB, over the 64 MiB a check may carry"; exit 1; }; }
 
 lint: install
 	$(BIN)/ruff check models training service tests

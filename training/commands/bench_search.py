@@ -268,6 +268,10 @@ def print_search_report(report: dict[str, Any]) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    if args.device is not None:  # wall time on a device (the GPU check): bench_search_device.py
+        from training.commands.bench_search_device import cmd_search_device
+
+        return cmd_search_device(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     report = run_search_bench(args)
@@ -369,6 +373,11 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     )
     search.add_argument("--seed", type=int, default=0)
     search.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch default)")
+    search.add_argument(
+        "--device",
+        help="cpu | cuda[:i]: step vs full-prefix vs table search cost against --sizes in synchronised "
+        "wall time on that device (no GENRE baseline, no profiles); omitted: the CPU bench above",
+    )
     search.add_argument("--json", action="store_true", help="print the report as JSON")
     search.set_defaults(func=cmd_search)
 

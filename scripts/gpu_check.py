@@ -1,0 +1,232 @@
+"""The GPU check's steps (run by scripts/gpu_check.sh, which sets PYTHONPATH and installs wheels).
+
+Steps, each a subprocess with its own time limit inside one overall budget, so that one slow or
+failing step never takes the others with it:
+
+1. ``tests``: the device-parametrised tests (torch backend vs ONNX Runtime on the CPU, safetensors
+   round trip, torch-only bundles) on ``cpu`` and ``--device``, plus the import-graph test;
+2. ``bench_search``: ``genret bench search --device D --json``;
+3. ``retrieve_1M`` / ``retrieve_10M``: ``genret bench retrieve`` (in-process Retriever: max
+   throughput, open-loop p50/p99 at 2,000 requests/s) at 1M items (L=3) and 10M items (L=4).
+
+``--small``: the same steps at sizes that run in well under a minute on a CPU (``make test`` runs
+``--device cpu --small``). One JSON report, ``OUT/gpu_check.json``, is rewritten after every
+step (a step being run is marked ``running``), so a run cut off from outside still reports; each
+step's full output is in ``OUT/<step>.log``; ``bench retrieve`` also rewrites its own
+``OUT/<step>.json`` after every phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+TAIL_CHARS = 3000
+HOST_PROBE = (
+    "import json, os, platform, torch; c = torch.cuda.is_available(); "
+    "print(json.dumps({'python': platform.python_version(), 'torch': torch.__version__, "
+    "'cuda_available': c, 'cuda': torch.version.cuda, 'cpu_count': os.cpu_count(), "
+    "'gpu': torch.cuda.get_device_name(0) if c else None}))"
+)
+
+
+@dataclass
+class Step:
+    name: str
+    argv: list[str]
+    limit_s: float
+    env: dict[str, str] = field(default_factory=dict)
+    json_out: Path | None = None  # a report the step rewrites as it goes (merged even on timeout)
+
+
+def steps_for(args: argparse.Namespace, py: str) -> list[Step]:
+    out, dev = args.out, args.device
+    cli = [py, "-m", "training.cli", "bench"]
+    tests = [
+        py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        "tests/unit/models/test_torch_bundle.py", "tests/unit/test_gpu_imports.py",
+        f"--junitxml={out / 'tests.xml'}",
+    ]  # fmt: skip
+    devices = "cpu" if dev == "cpu" else f"cpu,{dev}"
+    if args.small:
+        search = ["--sizes", "1000,4000", "--batch", "8", "--beam", "4", "--branching", "8", "--levels", "2"]
+        search += ["--repeats", "1", "--schemes", "level", "--node-baseline-queries", "1"]
+        retrieve = ["--batches", "8,32", "--throughput-seconds", "0.3", "--rate", "100", "--duration", "0.5"]
+        retrieve += ["--max-batch", "16", "--dim", "32"]
+        # about a minute on an idle 2-core CPU; the limits leave room for a shared, busy one
+        sizes, limits = ("4000:3", "30000:4"), (240.0, 120.0, 120.0, 120.0)
+    else:
+        search, retrieve = [], []
+        sizes, limits = ("1000000:3", "10000000:4"), (100.0, 90.0, 100.0, 170.0)
+    work = str(args.out / "bundles")
+    steps = [
+        Step("tests", tests, limits[0], env={"GENRET_TEST_DEVICES": devices}),
+        Step("bench_search", [*cli, "search", "--device", dev, "--json", *search], limits[1]),
+    ]
+    for (size, name), limit in zip(
+        zip(sizes, ("retrieve_1M", "retrieve_10M"), strict=True), limits[2:], strict=True
+    ):
+        json_out = out / f"{name}.json"
+        argv = [*cli, "retrieve", "--device", dev, "--sizes", size, "--workdir", work, *retrieve]
+        steps.append(Step(name, [*argv, "--json-out", str(json_out)], limit, json_out=json_out))
+    return steps
+
+
+def write_report(report: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def run_process(argv: list[str], limit_s: float, log: Path, env: dict[str, str]) -> tuple[int | None, float]:
+    """Run ``argv`` in its own process group, output to ``log``; (exit code or None on timeout, seconds)."""
+    start = time.monotonic()
+    with log.open("w") as fh:
+        proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            start_new_session=True,
+        )
+        try:
+            return proc.wait(timeout=max(1.0, limit_s)), time.monotonic() - start
+        except subprocess.TimeoutExpired:
+            for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+                try:
+                    os.killpg(proc.pid, sig)
+                    proc.wait(timeout=grace)
+                    break
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    continue
+            return None, time.monotonic() - start
+
+
+def junit_summary(path: Path) -> dict[str, Any]:
+    """Counts and failing test ids from pytest's JUnit XML."""
+    root = ET.parse(path).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    if suite is None:
+        return {}
+    failed = [
+        f"{case.get('classname')}::{case.get('name')}"
+        for case in suite.iter("testcase")
+        if case.find("failure") is not None or case.find("error") is not None
+    ]
+    counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
+    return {**counts, "failed": failed}
+
+
+def last_json(text: str) -> Any:
+    """The JSON object a command printed (the last line starting with '{' begins it)."""
+    lines = text.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("{"):
+            try:
+                return json.loads("\n".join(lines[i:]))
+            except json.JSONDecodeError:
+                continue
+    return None
+
+
+def run_step(step: Step, out: Path, deadline: float) -> dict[str, Any]:
+    left = deadline - time.monotonic()
+    if left < 10:
+        return {"status": "skipped", "reason": f"overall budget spent ({left:.0f} s left)"}
+    log = out / f"{step.name}.log"
+    code, seconds = run_process(step.argv, min(step.limit_s, left - 5), log, step.env)
+    text = log.read_text(errors="replace")
+    status = "timeout" if code is None else ("passed" if code == 0 else "failed")
+    result: dict[str, Any] = {"status": status, "seconds": round(seconds, 1), "limit_s": step.limit_s}
+    result["command"] = " ".join(step.argv)
+    if code is not None:
+        result["exit_code"] = code
+    if step.name == "tests" and (out / "tests.xml").is_file():
+        result["summary"] = junit_summary(out / "tests.xml")
+    elif step.json_out is not None and step.json_out.is_file():
+        result["report"] = json.loads(step.json_out.read_text())
+    elif step.name == "bench_search":
+        result["report"] = last_json(text)
+    if status != "passed":
+        result["output_tail"] = text[-TAIL_CHARS:]
+    return result
+
+
+def host_info(py: str) -> dict[str, Any]:
+    try:
+        probe = subprocess.run([py, "-c", HOST_PROBE], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        info: dict[str, Any] = (
+            json.loads(probe.stdout) if probe.returncode == 0 else {"error": probe.stderr[-800:]}
+        )
+    except (subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
+        info = {"error": f"host probe failed: {exc}"}
+    try:
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        info["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        info["nvidia_smi"] = None
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda", help="cuda | cuda:N | cpu")
+    parser.add_argument("--small", action="store_true", help="small sizes (CPU dry run, seconds)")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu_check", help="report folder")
+    parser.add_argument(
+        "--budget", type=float, default=0.0, help="overall seconds (0 = 470, or 540 with --small)"
+    )
+    args = parser.parse_args(argv)
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    budget = args.budget or (540.0 if args.small else 470.0)
+    deadline = time.monotonic() + budget
+    py = sys.executable
+    path = args.out / "gpu_check.json"
+    report: dict[str, Any] = {
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "device": args.device,
+        "small": args.small,
+        "budget_s": budget,
+        "pythonpath": os.environ.get("PYTHONPATH", ""),
+        "steps": {},
+    }
+    write_report(report, path)
+    report["host"] = host_info(py)
+    if args.device.startswith("cuda") and not report["host"].get("cuda_available"):
+        report["error"] = f"--device {args.device} but torch.cuda.is_available() is False on this machine"
+    write_report(report, path)
+    for step in steps_for(args, py):
+        report["steps"][step.name] = {"status": "running", "command": " ".join(step.argv)}
+        write_report(report, path)
+        report["steps"][step.name] = run_step(step, args.out, deadline)
+        write_report(report, path)
+        print(f"gpu_check: {step.name}: {report['steps'][step.name]['status']}", flush=True)
+    report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    report["total_s"] = round(budget - (deadline - time.monotonic()), 1)
+    report["ok"] = "error" not in report and all(s["status"] == "passed" for s in report["steps"].values())
+    write_report(report, path)
+    print(f"gpu_check: report {path} ({'all steps passed' if report['ok'] else 'NOT all steps passed'})")
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""``scripts/gpu_check.sh --device cpu --small``: the GPU check's own steps, on the CPU, so that
+the script cannot rot between the runs on a CUDA machine.
+
+Runs the real script (a subprocess: bash, then scripts/gpu_check.py, then one subprocess per
+step) and reads its JSON report: every step passed, the nested device tests ran and none failed,
+``bench search --device`` and both ``bench retrieve`` sizes measured what the report promises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "gpu_check"
+    result = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", "--device", "cpu", "--small", "--out", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    report = json.loads((out / "gpu_check.json").read_text())
+    steps = report["steps"]
+    failed = {
+        name: step.get("output_tail", "")[-1500:]
+        for name, step in steps.items()
+        if step["status"] != "passed"
+    }
+    assert result.returncode == 0 and report["ok"], (failed, result.stdout[-2000:], result.stderr[-2000:])
+    assert list(steps) == ["tests", "bench_search", "retrieve_1M", "retrieve_10M"]
+    assert report["host"]["torch"] and report["device"] == "cpu" and report["small"] is True
+
+    summary = steps["tests"]["summary"]
+    assert summary["tests"] >= 5 and summary["failures"] == summary["errors"] == 0
+
+    search = steps["bench_search"]["report"]
+    assert search["device"] == "cpu" and len(search["scaling"]) == 2
+    for row in search["scaling"]:
+        assert row["step_ms_per_level"] > 0 and row["step_reference_same_leaf_sets"] == row["queries"]
+
+    for name, levels in (("retrieve_1M", 3), ("retrieve_10M", 4)):
+        run = steps[name]["report"]
+        assert run["status"] == "done" and run == json.loads((out / f"{name}.json").read_text())
+        (size,) = run["sizes"]
+        assert "error" not in size and size["levels"] == levels
+        assert [t["batch"] for t in size["throughput"]] == [8, 32]
+        assert size["max_requests_per_s"] == max(t["requests_per_s"] for t in size["throughput"]) > 0
+        loop = size["open_loop"]
+        assert loop["requests"] == 50 and 0 < loop["p50_ms"] <= loop["p99_ms"] <= loop["max_ms"]
+        assert 1 <= loop["batch_size_mean"] <= loop["batch_size_max"] <= 16
