@@ -142,3 +142,33 @@ def test_a_cancelled_probe_does_not_shut_redis_out(tmp_path: Path) -> None:
         asyncio.run(main())
     finally:
         server.stop()
+
+
+def test_signed_values_round_trip_and_unsigned_or_moved_ones_are_refused(redis_server: RedisServer) -> None:
+    key = b"k" * 16
+
+    async def main() -> list[StateRow | None]:
+        signed = RedisCache(
+            redis_server.url,
+            ttl_s=60,
+            timeout_s=0.05,
+            pool_size=2,
+            breaker=CircuitBreaker(failures=2, reset_s=30.0),
+            hmac_key=key,
+        )
+        unsigned = make_cache(redis_server)
+        try:
+            await signed.set_many({"genret:fp:alice:h": (SPEC, row(0))})
+            await unsigned.set_many({"genret:fp:mallory:h": (SPEC, row(1))})
+            raw = redis_server.client().get("genret:fp:alice:h")
+            assert isinstance(raw, bytes)
+            redis_server.client().set("genret:fp:bob:h", raw)  # alice's signed value under bob's key
+            keys = ["genret:fp:alice:h", "genret:fp:mallory:h", "genret:fp:bob:h"]
+            return await signed.get_many(keys, [SPEC] * 3)
+        finally:
+            await signed.close()
+            await unsigned.close()
+
+    got = asyncio.run(main())
+    assert got[0] is not None and got[1:] == [None, None]
+    np.testing.assert_array_equal(got[0].query, row(0).query)
