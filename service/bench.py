@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from models.bundle import SCHEMA_VERSION
 from service.bench_load import Arrivals, OpenLoopStats, http_post, open_loop, run_loop, send_times
 from service.launcher import ServiceProcess
 
@@ -138,9 +139,13 @@ def build_bundle(cfg: BenchConfig) -> Path:
     from training.synthetic_bundle import make_synthetic_bundle
 
     out = cfg.workdir / f"bundle-n{cfg.items}-l{cfg.levels}-b{cfg.tree_branching}-d{cfg.dim}-s{cfg.seed}"
-    if (out / "manifest.json").is_file():
-        print(f"reusing bundle {out}", flush=True)
-        return out
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        version = json.loads(manifest.read_text()).get("schema_version")
+        if version == SCHEMA_VERSION:
+            print(f"reusing bundle {out}", flush=True)
+            return out
+        print(f"rebuilding {out}: its schema_version {version} is not this build's {SCHEMA_VERSION}")
     if out.exists():
         shutil.rmtree(out)
     print(
