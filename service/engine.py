@@ -50,10 +50,11 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from models.retriever import EncoderStates
+from service.batch_compute import BatchCompute, FreshRows, split_rows, stack_rows, state_spec
 from service.batcher import Batcher, BatcherConfig, Job
 from service.bruteforce import bruteforce_topk
-from service.cache import StateCache, StateRow, cache_key
+from service.cache import StateCache
+from service.cache_codec import StateRow, cache_key
 from service.errors import LimitExceeded, Unavailable
 from service.experiments import user_key as experiment_user_key
 from service.metrics import FALLBACKS, INFLIGHT, STAGE_SECONDS, UNKNOWN_HISTORY_ITEMS
@@ -116,21 +117,6 @@ class Mapped:
     exclude: np.ndarray  # [e] dense
     unknown: int
     truncated: bool
-
-
-def stack_rows(rows: Sequence[StateRow], device: str) -> EncoderStates:
-    """Per-row states -> one left-padded batch (the encoder counts positions from the most recent
-    item, so a left-padded row gives the same states at any padded length)."""
-    return EncoderStates.stack([(r.memory, r.memory_mask, r.query) for r in rows], device)
-
-
-def split_rows(states: EncoderStates) -> list[StateRow]:
-    """Per-row states without their left padding, as numpy (what the cache stores)."""
-    rows = []
-    for i in range(states.batch_size):
-        memory, mask, query = states.row(i)  # [t, D], [t], [Dr]
-        rows.append(StateRow(memory=memory, memory_mask=mask.astype(bool), query=query))
-    return rows
 
 
 def fewer_reason(returned: int, k: int, available: int) -> str | None:
@@ -366,9 +352,7 @@ class Engine:
             unknown_history_items=mapped.unknown,
             truncated=mapped.truncated,
             fewer=fewer_reason(len(items), k, mapped.model.num_items - len(mapped.exclude)),
-            debug=self._debug(
-                request, timings, row.cache, row.batch_size, row.num_candidates, len(mapped.history)
-            ),
+            debug=self._debug(request, timings, row.batch_size, row.num_candidates, len(mapped.history)),
         )
 
     def _popular(self, request: RetrieveRequest, mapped: Mapped, k: int) -> RetrieveResponse:
@@ -385,7 +369,7 @@ class Engine:
             truncated=mapped.truncated,
             fallback="popular",
             fewer=fewer_reason(len(take), k, model.num_items - len(mapped.exclude)),
-            debug=self._debug(request, {}, "none", 0, model.num_items - len(mapped.exclude), 0),
+            debug=self._debug(request, {}, 0, model.num_items - len(mapped.exclude), 0),
         )
 
     @staticmethod
@@ -394,18 +378,20 @@ class Engine:
 
     @staticmethod
     def _debug(
-        request: RetrieveRequest,
-        timings: dict[str, float],
-        cache: str,
-        batch: int,
-        candidates: int,
-        used: int,
+        request: RetrieveRequest, timings: dict[str, float], batch: int, candidates: int, used: int
     ) -> DebugInfo | None:
+        """Debug details that say nothing about the cache entry of ``request``'s key (the caller chose
+        its ``user_id``): no hit/miss, and only batch-level stage times — ``compute`` is the batch's
+        encode + search, the same for every row whether its states were cached or not. (A request
+        alone in its batch still takes a little longer on a miss; that shows in any client's
+        stopwatch too, and hiding it would mean encoding on every hit.)"""
         if not request.debug:
             return None
+        shown = {k: v for k, v in timings.items() if k in ("queue", "cache", "total")}
+        if "encode" in timings or "search" in timings:
+            shown["compute"] = sum(timings.get(stage, 0.0) for stage in ("encode", "search", "rerank"))
         return DebugInfo(
-            timings_ms={k: round(v * 1000.0, 3) for k, v in timings.items()},
-            cache=cache,
+            timings_ms={k: round(v * 1000.0, 3) for k, v in shown.items()},
             batch_size=batch,
             num_candidates=candidates,
             history_used=used,
@@ -426,7 +412,7 @@ class Engine:
     async def _process(self, jobs: Sequence[Job[Prepared, RowResult]]) -> list[RowResult | BaseException]:
         payloads = [job.payload for job in jobs]
         t0 = time.perf_counter()
-        cached = await self.cache.get_many([p.key for p in payloads])
+        cached = await self.cache.get_many([p.key for p in payloads], [state_spec(p) for p in payloads])
         t_cache = time.perf_counter() - t0
         STAGE_SECONDS.labels(stage="cache").observe(t_cache)
         results, fresh = await self.batcher.run_in_worker(self._compute, payloads, cached)
@@ -441,83 +427,29 @@ class Engine:
 
     def _compute(
         self, payloads: list[Prepared], cached: list[StateRow | None]
-    ) -> tuple[list[RowResult | BaseException], dict[str, StateRow]]:
-        """Encode the misses, then search; runs on the compute thread. One failing group fails only its rows."""
-        rows: list[StateRow | None] = list(cached)
-        errors: dict[int, BaseException] = {}
-        fresh: dict[str, StateRow] = {}
-        t0 = time.perf_counter()
-        misses: dict[int, list[int]] = {}
-        for i, (p, row) in enumerate(zip(payloads, cached, strict=True)):
-            if row is None:
-                misses.setdefault(id(p.model), []).append(i)
-        for idxs in misses.values():
-            model = payloads[idxs[0]].model
-            try:
-                states = model.retriever.encode([payloads[i].history for i in idxs])
-            except Exception as exc:
-                log.exception("encode failed for %s", model.name)
-                errors.update(dict.fromkeys(idxs, exc))
-                continue
-            for i, row in zip(idxs, split_rows(states), strict=True):
-                rows[i] = row
-                fresh[payloads[i].key] = row
-        t_encode = time.perf_counter() - t0
-        if misses:
-            STAGE_SECONDS.labels(stage="encode").observe(t_encode)
-
-        t1 = time.perf_counter()
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, p in enumerate(payloads):
-            if i not in errors:
-                beam = 0 if self.settings.search_mode == "bruteforce" else p.beam_size
-                groups.setdefault((id(p.model), beam), []).append(i)
-        found: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
-        for (_, beam), idxs in groups.items():
-            try:
-                found.update(self._search(payloads, rows, idxs, beam))
-            except Exception as exc:
-                log.exception("search failed")
-                errors.update(dict.fromkeys(idxs, exc))
-        t_search = time.perf_counter() - t1
-        STAGE_SECONDS.labels(stage="search").observe(t_search)
-
+    ) -> tuple[list[RowResult | BaseException], FreshRows]:
+        """Encode the misses, then search (runs on the compute thread); a failure stays with the rows
+        that cause it (:mod:`service.batch_compute`), so batch-mates are always answered."""
+        out = BatchCompute(
+            payloads, cached, search_mode=self.settings.search_mode, device=self.settings.device
+        ).run()
         results: list[RowResult | BaseException] = []
         for i, p in enumerate(payloads):
-            if i in errors:
-                results.append(errors[i])
+            if i in out.errors:
+                results.append(out.errors[i])
                 continue
-            items, scores, candidates = found[i]
+            items, scores, candidates = out.found[i]
             results.append(
                 RowResult(
                     items=items[: p.k],
                     scores=scores[: p.k],
                     num_candidates=candidates,
-                    cache="hit" if cached[i] is not None else "miss",
+                    cache="hit" if i in out.from_cache else "miss",
                     batch_size=len(payloads),
-                    timings={"encode": t_encode if cached[i] is None else 0.0, "search": t_search},
+                    timings={"encode": out.encode_s, "search": out.search_s},  # the batch's, for every row
                 )
             )
-        return results, fresh
-
-    def _search(
-        self, payloads: list[Prepared], rows: list[StateRow | None], idxs: list[int], beam: int
-    ) -> dict[int, tuple[np.ndarray, np.ndarray, int]]:
-        model = payloads[idxs[0]].model
-        group_rows = [rows[i] for i in idxs]
-        assert all(r is not None for r in group_rows)
-        states = stack_rows([r for r in group_rows if r is not None], self.settings.device)
-        k = max(payloads[i].k for i in idxs)
-        exclude = [payloads[i].exclude for i in idxs]
-        if beam == 0:  # brute-force baseline
-            items, scores = bruteforce_topk(states.query, model.item_emb, k, exclude)
-            candidates = [model.num_items - len(e) for e in exclude]
-        else:
-            result = model.retriever.search(states, k=k, beam_size=beam, exclude=exclude)
-            items = np.asarray(result.items)
-            scores = np.asarray(result.scores, dtype=np.float32)
-            candidates = [int(c) for c in np.asarray(result.num_candidates)]
-        return {i: (items[j], scores[j], candidates[j]) for j, i in enumerate(idxs)}
+        return results, out.fresh
 
     # --- shadow copies: staged, giving way to primary batches ---
 
@@ -550,11 +482,11 @@ class Engine:
                 timings[timing] += time.perf_counter() - t_run
 
         t0 = time.perf_counter()
-        cached = (await self.cache.get_many([p.key]))[0]
+        cached = (await self.cache.get_many([p.key], [state_spec(p)]))[0]
         timings["cache"] = time.perf_counter() - t0
         if cached is None:
             states = await stage("encode", "encode", p.model.retriever.encode, [p.history])
-            self._write_back({p.key: split_rows(states)[0]})
+            self._write_back({p.key: (state_spec(p), split_rows(states)[0])})
         else:
             states = stack_rows([cached], self.settings.device)
         if self.settings.search_mode == "bruteforce":
@@ -581,7 +513,7 @@ class Engine:
             timings=timings,
         )
 
-    def _write_back(self, fresh: dict[str, StateRow]) -> None:
+    def _write_back(self, fresh: FreshRows) -> None:
         """Store fresh encoder states after the answer (one pipelined SET, not awaited)."""
         task = asyncio.create_task(self.cache.set_many(fresh))
         self._writes.add(task)
