@@ -164,6 +164,7 @@ def wire_experiment(hooks: Any, engine: Engine) -> None:
 
     for bundle in hooks.source.router().config.bundles:
         engine.registry.get(bundle)  # UnknownModel at startup, not on the first request
+    engine.registry.keep_loaded(lambda: hooks.source.router().config.bundles)  # a reload may not drop them
 
     async def run_shadow(request: Any) -> Any:
         started = time.perf_counter()

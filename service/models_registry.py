@@ -31,7 +31,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,6 +189,11 @@ class ModelRegistry:
         self._loader = loader
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()  # one reload at a time
+        self._in_use: Callable[[], Collection[str]] = frozenset
+
+    def keep_loaded(self, in_use: Callable[[], Collection[str]]) -> None:
+        """Refuse reloads that would unload a name ``in_use()`` returns (e.g. the experiment's bundles)."""
+        self._in_use = in_use
 
     def discover(self) -> dict[str, Path]:
         """Bundle name -> directory, from ``settings.bundle_path``; a bad name is :class:`BadBundle`."""
@@ -259,6 +264,9 @@ class ModelRegistry:
             else:
                 raise UnknownModel(f"no bundle named {name!r} under {self._settings.bundle_path}")
             self._check_default((set(self._models) - set(removed)) | set(found), ReloadConflict)
+            needed = sorted(set(removed) & set(self._in_use()))
+            if needed:
+                raise ReloadConflict(f"reload would unload {needed}, still named by the experiment file")
             fresh = {
                 key: self._load(key, path)
                 for key, path in found.items()

@@ -154,3 +154,17 @@ def test_a_bundle_that_fails_to_load_leaves_every_model_as_it_was(tmp_path: Path
     with pytest.raises(BadBundle, match="damaged"):
         reg.reload()
     assert reg.get("a").version == "fp1"  # "a" loaded fine, but nothing is swapped when "b" fails
+
+
+def test_a_model_the_experiment_names_is_never_unloaded(tmp_path: Path) -> None:
+    write_bundle(tmp_path, "a")
+    write_bundle(tmp_path, "b")
+    reg = registry(tmp_path, default="a")
+    reg.load_all()
+    reg.keep_loaded(lambda: ["a", "b"])  # e.g. variant b of the experiment file
+    (tmp_path / "b" / "manifest.json").unlink()
+    with pytest.raises(ReloadConflict, match=r"\['b'\]"):
+        reg.reload()
+    assert reg.names() == ["a", "b"]
+    reg.keep_loaded(lambda: ["a"])  # the experiment moved on
+    assert reg.reload("b")[0]["removed"] is True
