@@ -16,7 +16,8 @@ Names and the default model:
 * A reload mirrors the bundle path: every discovered bundle is (re)loaded, and a model whose bundle
   left the path is unloaded (``reload(name)`` does the same for one name). A reload that would
   change the default — unload ``GENRET_DEFAULT_MODEL``, or, without it, replace the only model by
-  another name or add a second one — is refused with :class:`ReloadConflict` before anything loads.
+  another name or add a second one — is refused with :class:`ReloadConflict` before anything loads,
+  as is one that would unload a name :meth:`ModelRegistry.keep_loaded` protects (the experiment's).
 * A reload loads every new version first and swaps them in together, so a refused bundle leaves
   every serving model as it was.
 """
