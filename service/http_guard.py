@@ -8,6 +8,7 @@ keeps two timers:
 
 * header timer: armed when the connection opens and when a request's first byte arrives,
   cancelled when its headers are complete. On expiry: 408 if a request had begun, then close.
+  Between requests uvicorn's keep-alive timer closes an idle connection.
 * body timer: armed when the headers are complete, cancelled when the body is complete (a request
   without body completes in the same parser call). On expiry: 408 unless the app already started
   its response, then close; the app's ``receive()`` returns ``http.disconnect``.
@@ -95,11 +96,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._request_begun = False
         super().on_message_complete()
 
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing() and not self.pipeline:
-            self._arm_header_timer()  # the keep-alive timer closes an idle one sooner
-
     # --- timers ---
     def _arm_header_timer(self) -> None:
         if self._header_timer is not None:
@@ -117,7 +113,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if self.cycle is not None and not self.cycle.response_complete:
-            return  # a request is running; its own answer (or the body timer) ends it
+            # a request is running (a pipelined one's headers are still coming): check again later
+            self._arm_header_timer()
+            return
         if self._request_begun:
             ERRORS.labels(kind="header_timeout").inc()
             self._reject(f"request headers incomplete after header_timeout_s={self.header_timeout_s}", 408)
@@ -134,7 +132,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _reject(self, reason: str, status: int) -> None:
         """Answer ``status`` with ``connection: close`` unless a response has begun, then close."""
         log.warning("closing %s: %s", self.client, reason)
-        if self.cycle is None or not self.cycle.response_started:
+        running = self.cycle is not None and not self.cycle.response_complete
+        if not running or not self.cycle.response_started:  # nothing of another answer on the wire
             body = reason.encode()
             self.transport.write(
                 b"".join(
@@ -147,7 +146,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                     )
                 )
             )
-        if self.cycle is not None:  # the app's receive() returns http.disconnect; its answer is dropped
+        if running:  # the app's receive() returns http.disconnect; its answer is dropped
             self.cycle.disconnected = True
             self.cycle.message_event.set()
         self.transport.close()

@@ -5,6 +5,8 @@ and a Redis password with '@' and '/' works."""
 
 from __future__ import annotations
 
+import re
+import select
 import shutil
 import signal
 import socket
@@ -64,6 +66,33 @@ def test_a_client_stalled_mid_headers_gets_408_and_is_closed(guarded: ServicePro
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert b"header_timeout_s" in answer
     assert HEADER_TIMEOUT_S * 0.9 <= waited <= HEADER_TIMEOUT_S + SLACK_S
+
+
+def test_trickling_header_bytes_does_not_extend_the_deadline(guarded: ServiceProcess) -> None:
+    """A slowloris client sends a byte now and then; the deadline runs from the request's first byte."""
+    with connect(guarded) as sock:
+        sock.sendall(HALF_HEADERS)
+        started = time.monotonic()
+        answer = b""
+        while time.monotonic() - started < HEADER_TIMEOUT_S + SLACK_S:
+            ready, _, _ = select.select([sock], [], [], HEADER_TIMEOUT_S / 5)
+            if ready:
+                answer, _ = read_until_closed(sock)
+                break
+            sock.sendall(b"x")
+        waited = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert waited <= HEADER_TIMEOUT_S + SLACK_S
+
+
+def test_a_pipelined_request_stalled_mid_headers_is_cut_after_the_first_answer(
+    guarded: ServiceProcess,
+) -> None:
+    with connect(guarded) as sock:
+        sock.sendall(HEADERS % len(BODY) + BODY + HALF_HEADERS)
+        answer, waited = read_until_closed(sock)
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [b"200", b"408"], answer  # responses back to back
+    assert waited <= HEADER_TIMEOUT_S * 2 + SLACK_S
 
 
 def test_a_client_stalled_mid_body_gets_408_and_is_closed(guarded: ServiceProcess) -> None:
