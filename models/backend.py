@@ -5,6 +5,10 @@
 Both take and return torch tensors on the Retriever's device, so beam search and rerank never
 leave the device between decoder steps.
 
+The search calls :meth:`DecoderBackend.step`, the serving form of the decoder step
+(:mod:`models.decoder_step`: one new prefix position per level, the others' self-attention
+keys/values cached); :meth:`DecoderBackend.score` is the full-prefix form (the reference).
+
 Provider choice is explicit and logged: ``device="cuda[:i]"`` asks for the CUDA execution
 provider (with IO binding on torch CUDA tensors: no host round trip) and fails loudly if ONNX
 Runtime cannot give it; ``device="cpu"`` uses the CPU provider. ``device_info`` says what runs.
@@ -21,6 +25,8 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
+from models.decoder_step import DecoderStep
+
 if TYPE_CHECKING:
     from models.bundle import Bundle
 
@@ -29,13 +35,19 @@ log = logging.getLogger(__name__)
 ENCODER_INPUTS = ("history", "history_mask")
 ENCODER_OUTPUTS = ("memory", "query")
 DECODER_INPUTS = ("memory", "memory_mask", "beam_query", "prefix", "candidates")
+"""The reference (full-prefix) decoder step's inputs, ``nn.Module.forward`` order."""
 DECODER_OUTPUTS = ("scores",)
+STEP_INPUTS = (*DECODER_INPUTS, "cache")
+"""``decoder.onnx``'s inputs: the serving step, :class:`models.decoder_step.DecoderStep` order."""
+STEP_OUTPUTS = ("scores", "cache_out")
 
 
 @runtime_checkable
 class DecoderBackend(Protocol):
     name: str
     device_info: str
+    cache_width: int
+    """W of the step's cache (0: a stateless scorer)."""
 
     def encode(self, history: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """``history[B,T] int64, mask[B,T] bool -> memory[B,T,D], query[B,Dr]`` (float32)."""
@@ -45,6 +57,18 @@ class DecoderBackend(Protocol):
         self, memory: Tensor, memory_mask: Tensor, beam_query: Tensor, prefix: Tensor, candidates: Tensor
     ) -> Tensor:
         """``-> scores[Bb,C]`` float32; padded candidates (-1) get a large negative score."""
+        ...
+
+    def step(
+        self,
+        memory: Tensor,
+        memory_mask: Tensor,
+        beam_query: Tensor,
+        prefix: Tensor,
+        candidates: Tensor,
+        cache: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """``cache[Bb,S-1,W] -> (scores[Bb,C], cache_out[Bb,1,W])``, beams grouped by query."""
         ...
 
 
@@ -57,6 +81,8 @@ class TorchBackend:
         self.device = torch.device(device)
         self.encoder = encoder.to(self.device).eval()
         self.decoder = decoder.to(self.device).eval()
+        self.step_module = DecoderStep(self.decoder)
+        self.cache_width = self.step_module.cache_width
         self.device_info = f"torch {torch.__version__} on {self.device}"
         log.info("decoder backend: %s", self.device_info)
 
@@ -71,15 +97,44 @@ class TorchBackend:
     ) -> Tensor:
         return self.decoder(memory, memory_mask, beam_query, prefix, candidates).float()
 
+    @torch.inference_mode()
+    def step(
+        self,
+        memory: Tensor,
+        memory_mask: Tensor,
+        beam_query: Tensor,
+        prefix: Tensor,
+        candidates: Tensor,
+        cache: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        scores, cache_out = self.step_module(memory, memory_mask, beam_query, prefix, candidates, cache)
+        return scores.float(), cache_out
+
 
 _NUMPY_DTYPE = {torch.float32: np.float32, torch.int64: np.int64, torch.bool: np.bool_}
 
 
-def session_options(intra_op_threads: int | None) -> ort.SessionOptions:
+GRAPH_OPTIMIZATION = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+"""ORT graph optimisation levels by name (``genret bench search`` measures them; serving uses ``all``)."""
+
+
+def session_options(
+    intra_op_threads: int | None, optimization: str = "all", profile_prefix: str | None = None
+) -> ort.SessionOptions:
+    """``optimization``: a key of :data:`GRAPH_OPTIMIZATION`; ``profile_prefix``: write an ORT
+    profile (JSON trace) under that file prefix (for ``genret bench search --profile``)."""
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = GRAPH_OPTIMIZATION[optimization]
     if intra_op_threads is not None:
         opts.intra_op_num_threads = intra_op_threads
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     return opts
 
 
@@ -90,7 +145,13 @@ class OnnxSession:
     tells the output shapes, which the caller knows from the inputs.
     """
 
-    def __init__(self, path: Path, device: torch.device, intra_op_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        device: torch.device,
+        intra_op_threads: int | None = None,
+        options: ort.SessionOptions | None = None,
+    ) -> None:
         self.path = path
         self.device = device
         if device.type == "cuda":
@@ -100,7 +161,8 @@ class OnnxSession:
             providers = ["CPUExecutionProvider"]
         else:
             raise ValueError(f"ONNX backend supports devices 'cpu' and 'cuda[:i]', got {device}")
-        self.session = ort.InferenceSession(str(path), session_options(intra_op_threads), providers=providers)
+        opts = options if options is not None else session_options(intra_op_threads)
+        self.session = ort.InferenceSession(str(path), opts, providers=providers)
         self.provider = self.session.get_providers()[0]
         if device.type == "cuda" and self.provider != "CUDAExecutionProvider":
             raise RuntimeError(
@@ -128,7 +190,10 @@ class OnnxSession:
         outs = []
         for name in self.output_names:
             out = torch.empty(out_shapes[name], dtype=torch.float32, device=self.device)
-            binding.bind_output(name, "cuda", device_id, np.float32, tuple(out.shape), out.data_ptr())
+            if out.numel() == 0:  # e.g. a stateless scorer's cache_out: nothing to write, let ORT allocate
+                binding.bind_output(name, "cuda", device_id)
+            else:
+                binding.bind_output(name, "cuda", device_id, np.float32, tuple(out.shape), out.data_ptr())
             outs.append(out)
         # torch kernels that wrote the inputs run on torch's stream, not ORT's
         torch.cuda.synchronize(self.device)
@@ -139,7 +204,8 @@ class OnnxSession:
 class OnnxBackend:
     """``encoder.onnx`` + ``decoder.onnx`` of a bundle with ONNX Runtime.
 
-    ``memory_dim`` / ``query_dim`` (D, Dr) come from the manifest; they size the IO-bound outputs.
+    ``memory_dim`` / ``query_dim`` / ``cache_width`` (D, Dr, W) come from the manifest; they size
+    the IO-bound outputs.
     """
 
     name = "onnx"
@@ -152,10 +218,12 @@ class OnnxBackend:
         query_dim: int,
         device: str | torch.device = "cpu",
         intra_op_threads: int | None = None,
+        cache_width: int = 0,
     ) -> None:
         self.device = torch.device(device)
         self.memory_dim = memory_dim
         self.query_dim = query_dim
+        self.cache_width = cache_width
         self.encoder = OnnxSession(Path(encoder_path), self.device, intra_op_threads)
         self.decoder = OnnxSession(Path(decoder_path), self.device, intra_op_threads)
         self.provider = self.encoder.provider
@@ -175,6 +243,7 @@ class OnnxBackend:
             query_dim=int(dims["query"]),
             device=device,
             intra_op_threads=intra_op_threads,
+            cache_width=int(dims["cache"]),
         )
 
     def encode(self, history: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -185,17 +254,68 @@ class OnnxBackend:
         )
         return memory.to(self.device), query.to(self.device)
 
-    def score(
-        self, memory: Tensor, memory_mask: Tensor, beam_query: Tensor, prefix: Tensor, candidates: Tensor
-    ) -> Tensor:
-        (scores,) = self.decoder.run(
+    def step(
+        self,
+        memory: Tensor,
+        memory_mask: Tensor,
+        beam_query: Tensor,
+        prefix: Tensor,
+        candidates: Tensor,
+        cache: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        scores, cache_out = self.decoder.run(
             {
                 "memory": memory.to(torch.float32),
                 "memory_mask": memory_mask.to(torch.bool),
                 "beam_query": beam_query.to(torch.int64),
                 "prefix": prefix.to(torch.int64),
                 "candidates": candidates.to(torch.int64),
+                "cache": cache.to(torch.float32),
             },
-            {"scores": tuple(candidates.shape)},
+            {"scores": tuple(candidates.shape), "cache_out": (prefix.shape[0], 1, self.cache_width)},
         )
-        return scores.to(self.device)
+        return scores.to(self.device), cache_out.to(self.device)
+
+    def score(
+        self, memory: Tensor, memory_mask: Tensor, beam_query: Tensor, prefix: Tensor, candidates: Tensor
+    ) -> Tensor:
+        """The full-prefix form through the graph: one step per prefix position (beams grouped by query)."""
+        return replay_prefix(self, memory, memory_mask, beam_query, prefix, candidates)
+
+
+def replay_prefix(
+    backend: DecoderBackend,
+    memory: Tensor,
+    memory_mask: Tensor,
+    beam_query: Tensor,
+    prefix: Tensor,
+    candidates: Tensor,
+) -> Tensor:
+    """``score`` from ``step``: positions ``0..S-1`` one at a time, caching each -> ``scores[Bb,C]``.
+
+    The positions before the last are scored against ``candidates[:, :1]`` (their scores are dropped).
+    """
+    Bb, S = prefix.shape
+    cache = torch.zeros(Bb, 0, backend.cache_width, device=memory.device)  # [Bb, 0, W]
+    for s in range(1, S):
+        _, out = backend.step(memory, memory_mask, beam_query, prefix[:, :s], candidates[:, :1], cache)
+        cache = torch.cat([cache, out], dim=1)  # [Bb, s, W]
+    scores, _ = backend.step(memory, memory_mask, beam_query, prefix, candidates, cache)
+    return scores
+
+
+class BackendScorer:
+    """The search's :class:`models.search.StepScorer` over one batch's encoder states."""
+
+    def __init__(self, backend: DecoderBackend, memory: Tensor, memory_mask: Tensor) -> None:
+        self.backend, self.memory, self.memory_mask = backend, memory, memory_mask
+        self.cache_width = backend.cache_width
+
+    def step(
+        self, beam_query: Tensor, prefix: Tensor, candidates: Tensor, cache: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return self.backend.step(self.memory, self.memory_mask, beam_query, prefix, candidates, cache)
+
+    def __call__(self, beam_query: Tensor, prefix: Tensor, candidates: Tensor) -> Tensor:
+        """The reference form (full prefix), e.g. to compare against the step."""
+        return self.backend.score(self.memory, self.memory_mask, beam_query, prefix, candidates)

@@ -1,6 +1,9 @@
 """The decoder step, one signature for every method (DESIGN.md "The decoder step").
 
 ``(memory[B,T,D], memory_mask[B,T], beam_query[Bb], prefix[Bb,S], candidates[Bb,C]) -> scores[Bb,C]``
+is the reference form (``forward``: the whole prefix, any ``beam_query``); serving runs the
+incremental form of :mod:`models.decoder_step` (``TokenDecoder.step``: cached prefix keys/values,
+beams grouped by query), which ``decoder.onnx`` is exported from and which is held to ``forward``.
 
 * ``beam_query[i]`` is the row of ``memory`` beam ``i`` belongs to (memory is never repeated).
 * ``prefix`` holds global node ids, root first, so ``prefix[:, s]`` is a node of level ``s`` and
@@ -25,6 +28,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from models.decoder_step import (
+    cached_self_attention,
+    grouped_cross_attention,
+    key_bias,
+    memory_keys_values,
+    take,
+)
 from models.encoder import layer_options
 
 TokenScheme = Literal["level", "node"]
@@ -167,6 +177,17 @@ class TokenDecoder(nn.Module):
         D = config.dim
         rows = token_rows(node_token, level_offsets, config.token_scheme)
         self.num_rows = int(rows.max()) + 1
+        self.level_vocab = int(np.asarray(node_token).max()) + 1  # V: rows per level (level tokens)
+        self.cache_width = config.num_layers * 2 * D  # W of the incremental step's cache
+        # the step's score column of candidate c at index c+1 (index 0: padding, c = -1): the
+        # level-local token (level tokens: a column of the level's [Bb, V] product), else the row
+        column = (
+            rows - node_levels(level_offsets) * self.level_vocab if config.token_scheme == "level" else rows
+        )
+        self.score_column: Tensor
+        self.register_buffer(
+            "score_column", torch.from_numpy(np.concatenate([[0], column])), persistent=False
+        )
         self.max_depth = len(level_offsets) - 1  # L + 1 prefix positions (root .. leaf)
         self.node_row: Tensor
         self.register_buffer("node_row", torch.from_numpy(rows), persistent=False)
@@ -212,7 +233,59 @@ class TokenDecoder(nn.Module):
     def forward(
         self, memory: Tensor, memory_mask: Tensor, beam_query: Tensor, prefix: Tensor, candidates: Tensor
     ) -> Tensor:
+        """The reference step: the whole prefix, any ``beam_query`` (the trainers' form)."""
         return self.score_hidden(self.hidden(memory, memory_mask, beam_query, prefix), candidates)
+
+    def step(
+        self,
+        memory: Tensor,
+        memory_mask: Tensor,
+        beam_query: Tensor,
+        prefix: Tensor,
+        candidates: Tensor,
+        cache: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """The serving step (:mod:`models.decoder_step`), eval mode only (no dropout).
+
+        ``cache[Bb,S-1,W]`` holds the self-attention keys|values of prefix positions ``0..S-2``;
+        only the last position is computed: ``-> (scores[Bb,C], cache_out[Bb,1,W])``. Beams must be
+        grouped by query (``Bb = B*w``, ``beam_query[i] = i // w``), as the search passes them.
+        """
+        S, D = prefix.shape[1], memory.shape[-1]
+        if cache.shape[1] != S - 1:
+            raise ValueError(f"step wants a cache of S-1={S - 1} positions, got {tuple(cache.shape)}")
+        node = take(self.node_row, prefix[:, -1])  # [Bb] token row of the new position
+        x = self.token_embedding(node) + self.level_embedding.weight[S - 1]  # [Bb, D]
+        cross_bias = key_bias(memory_mask, x.dtype)  # [B, 1, 1, T] 0 = attend, -inf = blocked
+        memory_kv = memory_keys_values(self.layers.layers, memory)  # [B, T, layers*2D]
+        states = []
+        for i, layer in enumerate(self.layers.layers):
+            own = slice(2 * D * i, 2 * D * (i + 1))  # this layer's keys | values
+            attn_out, kv = cached_self_attention(layer.self_attn, layer.norm1(x), cache[..., own])
+            states.append(kv)  # [Bb, 2D]
+            x = x + attn_out  # [Bb, D]
+            x = x + grouped_cross_attention(
+                layer.multihead_attn, layer.norm2(x), memory_kv[..., own], cross_bias
+            )
+            x = x + layer.linear2(layer.activation(layer.linear1(layer.norm3(x))))  # [Bb, D]
+        if self.layers.norm is not None:
+            x = self.layers.norm(x)
+        h = self.output_norm(x)  # [Bb, D]
+        column = take(self.score_column, candidates + 1)  # [Bb, C] (padding -> column 0)
+        if self.config.token_scheme == "level":  # candidates are nodes of level S: one product
+            V = self.level_vocab
+            rows = (torch.arange(V, device=h.device) + S * V).clamp(max=self.num_rows - 1)  # [V]
+            logits = h @ self.token_embedding(rows).T  # [Bb, V] (rows past the table: never a column)
+            if self.bias is not None:
+                logits = logits + self.bias[rows]
+            scores = logits.gather(1, column)  # [Bb, C]
+        else:  # node tokens: the candidates of every beam are distinct rows, a gather is inherent
+            scores = torch.bmm(self.token_embedding(column), h[:, :, None])[:, :, 0]  # [Bb, C]
+            if self.bias is not None:
+                scores = scores + take(self.bias, column)
+        return scores.masked_fill(candidates < 0, PAD_SCORE), torch.stack(states, dim=1).reshape(
+            -1, 1, self.cache_width
+        )
 
 
 class NodeScorer(nn.Module):

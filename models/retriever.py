@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.backend import DecoderBackend
+from models.backend import BackendScorer, DecoderBackend
 from models.beam_policy import beam_for_k, default_beam, smallest_leaves_cumsum
 from models.bundle import Bundle
 from models.search import (
@@ -32,7 +32,6 @@ from models.search import (
     BeamState,
     DeviceTrie,
     ScoreMode,
-    Scorer,
     beam_finish,
     beam_search,
     beam_start,
@@ -323,11 +322,9 @@ class Retriever:
             states.query.to(self.device, torch.float32),
         )
 
-    def _scorer(self, memory: Tensor, memory_mask: Tensor) -> Scorer:
-        def scorer(beam_query: Tensor, prefix: Tensor, candidates: Tensor) -> Tensor:
-            return self.backend.score(memory, memory_mask, beam_query, prefix, candidates)
-
-        return scorer
+    def _scorer(self, memory: Tensor, memory_mask: Tensor) -> BackendScorer:
+        """The incremental decoder step over this batch's states (the search carries its cache)."""
+        return BackendScorer(self.backend, memory, memory_mask)
 
     def rerank(
         self, leaves: Tensor, query: Tensor, k: int, exclude: Sequence[np.ndarray] | None

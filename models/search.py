@@ -1,9 +1,11 @@
 """Batched constrained beam search over the index trie, in torch.
 
-One Python loop over the L levels; nothing loops over queries or beams. At each level the live
-beams of all queries are flattened to ``Bb`` rows, their children come from the device CSR in one
-gather (padded to ``max_branching`` with -1), the scorer is called once, and one ``topk`` per query
-picks the next beams among all ``w * C`` expanded children. Paths never leave the trie (only real
+One Python loop over the L levels; nothing loops over queries or beams, and no step waits on the
+device (no host sync). At each level the ``w`` beams of each of the ``B`` queries are flattened to
+``Bb = B*w`` rows grouped by query (a dead beam stays in place with only padded candidates), their
+children come from the device CSR in one gather (padded to ``max_branching`` with -1), the scorer
+is called once, and one ``topk`` per query picks the next beams among all ``w * C`` expanded
+children. Paths never leave the trie (only real
 children are ever candidates) and never repeat a leaf (a node has one parent, and the beams of a
 query are distinct nodes, so their children are distinct).
 
@@ -19,15 +21,20 @@ Staged form: :func:`beam_start`, then :func:`beam_step` once per level, then :fu
 (:func:`beam_search` is exactly that loop); a caller may run other work between two levels — the
 service's shadow lane gives way to primary batches there.
 
+Scorers: a plain :data:`Scorer` (the full prefix at every level), or a :class:`StepScorer` (the
+serving decoder step): the search then carries each beam's cache (``[B, w, depth, W]``: the
+scorer's state of every prefix position but the last) from parent to child, so the scorer
+computes only the newest prefix position.
+
 The beam width may exceed the number of nodes of a level (e.g. ``b`` > level-1 branching): the
-surplus beams are padding (score -inf, node -1) and are not passed to the scorer.
+surplus beams are padding (score -inf, node -1).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -37,6 +44,24 @@ from models.index import TreeIndex
 Scorer = Callable[[Tensor, Tensor, Tensor], Tensor]
 """``(beam_query [Bb] int64, prefix [Bb, S] int64 global ids root first, candidates [Bb, C] int64,
 -1 padded) -> scores [Bb, C]``. Scores at padded candidates are ignored."""
+
+
+@runtime_checkable
+class StepScorer(Protocol):
+    """An incremental scorer (the serving form of the decoder step, :mod:`models.decoder_step`).
+
+    ``step(beam_query, prefix, candidates, cache [Bb, S-1, W]) -> (scores [Bb, C], cache_out [Bb, 1, W])``:
+    ``cache`` holds what the scorer returned for the first ``S-1`` prefix positions of the beam
+    (the search carries it from parent to child beam), ``cache_out`` is the state of the last one.
+    """
+
+    cache_width: int
+    """W (0 for a stateless scorer)."""
+
+    def step(
+        self, beam_query: Tensor, prefix: Tensor, candidates: Tensor, cache: Tensor
+    ) -> tuple[Tensor, Tensor]: ...
+
 
 ScoreMode = Literal["logprob", "node"]
 SCORE_MODES: tuple[str, ...] = ("logprob", "node")
@@ -107,6 +132,7 @@ class BeamState:
     beam_size: int
     score_mode: ScoreMode
     exclude_nodes: Tensor | None  # [num_nodes] or [B, num_nodes] bool, on the trie's device
+    cache: Tensor | None = None  # [B, w, depth, W] a StepScorer's state of prefix positions 0..depth-1
 
     def done(self, trie: DeviceTrie) -> bool:
         return self.depth >= trie.levels
@@ -146,68 +172,76 @@ def beam_start(
     )
 
 
-def beam_step(trie: DeviceTrie, scorer: Scorer, state: BeamState) -> BeamState:
-    """Expand every live beam by one level: one scorer call, one ``topk`` per query."""
+def beam_step(trie: DeviceTrie, scorer: Scorer | StepScorer, state: BeamState) -> BeamState:
+    """Expand every beam by one level: one scorer call, one ``topk`` per query.
+
+    The scorer sees all ``Bb = B*w`` beams grouped by query (``beam_query[i] = i // w``); a dead
+    beam has only padded candidates, so its scores are ignored. A :class:`StepScorer` also gets
+    each beam's cache, and a child beam inherits its parent's cache plus the parent's ``cache_out``.
+    """
     if state.done(trie):
         raise ValueError(f"the search already reached the leaves (depth {state.depth} of {trie.levels})")
     dev = trie.device
     B, b, C = state.batch_size, state.beam_size, trie.max_branching
-    nodes, scores, alive, paths = state.nodes, state.scores, state.alive, state.paths
-    exclude_nodes = state.exclude_nodes
-    root = torch.zeros(B, 1, 1, dtype=torch.int64, device=dev)
-
+    nodes, paths, d = state.nodes, state.paths, state.depth
     w = nodes.shape[1]
-    flat_alive = alive.reshape(-1)  # [B*w]
-    rows = flat_alive.nonzero().squeeze(1)  # [Bb] live beams only
-    beam_query = torch.div(rows, w, rounding_mode="floor")  # [Bb]
-    prefix = torch.cat([root.expand(B, w, 1), paths], dim=2).reshape(B * w, -1)[rows]  # [Bb, S]
-    cand = trie.children(nodes.reshape(-1)[rows])  # [Bb, C]
-    valid = cand >= 0  # [Bb, C]
-    # no scorer call when every beam of every query is dead (all excluded)
-    raw = scorer(beam_query, prefix, cand) if rows.numel() else torch.zeros(cand.shape, device=dev)
+    beam_query = torch.arange(B, device=dev).repeat_interleave(w)  # [Bb]
+    root = torch.zeros(B, w, 1, dtype=torch.int64, device=dev)
+    prefix = torch.cat([root, paths.clamp(min=0)], dim=2).reshape(B * w, d + 1)  # [Bb, S] dead: any path
+    cand = trie.children(nodes.reshape(-1))  # [Bb, C], dead beams: all -1
+    cache_out: Tensor | None = None
+    if isinstance(scorer, StepScorer):
+        W = scorer.cache_width
+        cache = state.cache if state.cache is not None else torch.zeros(B, w, d, W, device=dev)
+        raw, cache_out = scorer.step(beam_query, prefix, cand, cache.reshape(B * w, d, W))
+    else:
+        raw = scorer(beam_query, prefix, cand)
     if raw.shape != cand.shape:
         raise ValueError(f"scorer returned shape {tuple(raw.shape)}, expected {tuple(cand.shape)}")
-    raw = raw.to(torch.float32)
-    if state.score_mode == "logprob":
-        logp = torch.log_softmax(raw.masked_fill(~valid, float("-inf")), dim=-1)  # [Bb, C]
-        total = scores.reshape(-1)[rows][:, None] + logp
-    else:
-        total = raw
-    if exclude_nodes is not None:
-        safe = cand.clamp(min=0)
-        if exclude_nodes.dim() == 1:
-            excluded = exclude_nodes[safe]  # [Bb, C]
-        else:
-            excluded = exclude_nodes[beam_query[:, None], safe]  # [Bb, C]
-        valid = valid & ~excluded
-    total = total.masked_fill(~valid, float("-inf"))
-
-    # back to [B, w*C] (dead beams contribute only padding), then one topk per query
-    all_total = torch.full((B * w, C), float("-inf"), device=dev)
-    all_total[rows] = total
-    all_valid = torch.zeros(B * w, C, dtype=torch.bool, device=dev)
-    all_valid[rows] = valid
-    all_cand = torch.full((B * w, C), -1, dtype=torch.int64, device=dev)
-    all_cand[rows] = cand
+    total, valid = expand_scores(state, raw.to(torch.float32), cand, beam_query)  # [Bb, C] each
     # rank valid entries above padding even when their score is -inf or NaN
     lowest = torch.finfo(torch.float32).min
-    key = torch.where(all_valid, all_total.nan_to_num(nan=lowest, neginf=lowest), float("-inf"))
+    key = torch.where(valid, total.nan_to_num(nan=lowest, neginf=lowest), float("-inf"))
     k = min(b, w * C)
     _, top_idx = torch.topk(key.reshape(B, w * C), k, dim=1)  # [B, k]
-    top_scores = torch.gather(all_total.reshape(B, w * C), 1, top_idx)  # [B, k]
-    alive = torch.gather(all_valid.reshape(B, w * C), 1, top_idx)  # [B, k]
-    nodes = torch.gather(all_cand.reshape(B, w * C), 1, top_idx)  # [B, k]
+    top_scores = torch.gather(total.reshape(B, w * C), 1, top_idx)  # [B, k]
+    alive = torch.gather(valid.reshape(B, w * C), 1, top_idx)  # [B, k]
+    nodes = torch.gather(cand.reshape(B, w * C), 1, top_idx)  # [B, k]
     src = torch.div(top_idx, C, rounding_mode="floor")  # [B, k] beam each child came from
-    parent_paths = torch.gather(paths, 1, src[:, :, None].expand(B, k, paths.shape[2]))  # [B, k, depth]
-    paths = torch.cat([parent_paths, nodes[:, :, None]], dim=2)  # [B, k, depth+1]
+    parent_paths = torch.gather(paths, 1, src[:, :, None].expand(B, k, d))  # [B, k, depth]
+    new_cache = None
+    if cache_out is not None:  # the parent's cache and its new position, for every child beam
+        parent = (src + torch.arange(B, device=dev)[:, None] * w).reshape(-1)  # [B*k] flat parent row
+        both = torch.cat([cache.reshape(B * w, d, W), cache_out.reshape(B * w, 1, W)], dim=1)
+        new_cache = both.index_select(0, parent).reshape(B, k, d + 1, W)  # [B, k, depth+1, W]
     return replace(
         state,
         nodes=nodes.masked_fill(~alive, -1),
         scores=top_scores.masked_fill(~alive, float("-inf")),
         alive=alive,
-        paths=paths,
-        depth=state.depth + 1,
+        paths=torch.cat([parent_paths, nodes[:, :, None]], dim=2),  # [B, k, depth+1]
+        depth=d + 1,
+        cache=new_cache,
     )
+
+
+def expand_scores(state: BeamState, raw: Tensor, cand: Tensor, beam_query: Tensor) -> tuple[Tensor, Tensor]:
+    """``raw[Bb,C]`` scorer output -> (path score of every child [Bb,C], valid [Bb,C]): real, not
+    excluded children of live beams. ``logprob``: normalised over the real children, then summed."""
+    valid = cand >= 0  # [Bb, C]
+    if state.score_mode == "logprob":
+        logp = torch.log_softmax(raw.masked_fill(~valid, float("-inf")), dim=-1)  # [Bb, C] NaN on dead rows
+        total = state.scores.reshape(-1)[:, None] + logp
+    else:
+        total = raw
+    if state.exclude_nodes is not None:
+        safe = cand.clamp(min=0)
+        if state.exclude_nodes.dim() == 1:
+            excluded = state.exclude_nodes[safe]  # [Bb, C]
+        else:
+            excluded = state.exclude_nodes[beam_query[:, None], safe]  # [Bb, C]
+        valid = valid & ~excluded
+    return total.masked_fill(~valid, float("-inf")), valid
 
 
 def beam_finish(trie: DeviceTrie, state: BeamState) -> BeamResult:
@@ -231,7 +265,7 @@ def beam_finish(trie: DeviceTrie, state: BeamState) -> BeamResult:
 
 def beam_search(
     trie: DeviceTrie,
-    scorer: Scorer,
+    scorer: Scorer | StepScorer,
     batch_size: int,
     beam_size: int,
     score_mode: ScoreMode,

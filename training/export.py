@@ -1,11 +1,12 @@
 """Write a bundle: ONNX encoder/decoder, index, item tables and a manifest (see models/bundle.py).
 
 The graphs are exported with ``torch.onnx.export(..., dynamo=True)`` with dynamic batch,
-history length, beam count, prefix length and candidate count, and saved as single files (no
-external data). After writing, the bundle is read back with :func:`models.bundle.load_bundle`
-and ONNX Runtime is checked against the torch modules on the example inputs. The bundle is
-written into a temporary sibling directory and renamed into place, so a reader never sees a
-half-written bundle.
+history length, beam count, prefix length (= cached positions + 1) and candidate count, and saved
+as single files (no external data). ``decoder.onnx`` holds the serving step
+(:class:`models.decoder_step.DecoderStep`: cache in, cache out; ``dims.cache`` in the manifest).
+After writing, the bundle is read back with :func:`models.bundle.load_bundle` and ONNX Runtime
+is checked against the torch modules on the example inputs. The bundle is written into a
+temporary sibling directory and renamed into place, so a reader never sees a half-written bundle.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim
 
-from models.backend import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, OnnxSession
+from models.backend import ENCODER_INPUTS, ENCODER_OUTPUTS, STEP_INPUTS, STEP_OUTPUTS, OnnxSession
 from models.beam_policy import default_beam
 from models.bundle import (
     DECODER_FILE,
@@ -44,6 +45,7 @@ from models.bundle import (
     file_sha256,
     load_bundle,
 )
+from models.decoder_step import DecoderStep
 from models.index import TreeIndex
 from training.export_torch import choose_backends, probe_dims, write_torch_files
 
@@ -79,12 +81,14 @@ def _quiet() -> Iterator[None]:
 
 
 def example_inputs(
-    index: TreeIndex, num_items: int, max_history: int, dim: int, seed: int = 0
+    index: TreeIndex, num_items: int, max_history: int, dim: int, seed: int = 0, cache_width: int = 0
 ) -> dict[str, Tensor]:
     """Inputs for tracing and the parity check. Dynamic sizes get distinct examples >= 2 so that
-    the exporter specialises none of them: B=3, T=min(max_history, 5) (>= 2), Bb=4, S=2, C=max(3, branching)."""
+    the exporter specialises none of them: B=3, T=min(max_history, 5) (>= 2), Bb=6 (2 beams per
+    query, grouped), S=3 with a cache of P=2 positions (S=1 for a one-level tree, the only prefix
+    it has), C=max(3, branching). ``beam_query`` is grouped, as the serving step requires."""
     g = torch.Generator().manual_seed(seed)
-    B, T, Bb, S = 3, max(2, min(max_history, 5)), 4, 2
+    B, T, Bb, S = 3, max(2, min(max_history, 5)), 6, 3 if index.levels >= 2 else 1
     C = max(3, index.max_branching)
     history = torch.randint(1, num_items + 1, (B, T), generator=g)  # [B, T]
     mask = torch.ones(B, T, dtype=torch.bool)
@@ -97,10 +101,29 @@ def example_inputs(
         "history_mask": mask,
         "memory": torch.randn(B, T, dim, generator=g),
         "memory_mask": mask,
-        "beam_query": torch.tensor([0, 0, 1, 2]),
+        "beam_query": torch.arange(B).repeat_interleave(Bb // B),  # [Bb] grouped by query
         "prefix": torch.randint(0, index.num_nodes, (Bb, S), generator=g),
         "candidates": candidates,
+        "cache": torch.randn(Bb, S - 1, cache_width, generator=g),  # [Bb, P, W]
     }
+
+
+def step_dynamic_shapes(levels: int, batch: Dim, seq: Dim) -> dict[str, dict[int, Any]]:
+    """Dynamic axes of ``decoder.onnx``: the cache has ``prefix - 1`` positions (a derived dim, so
+    that ``cache_out`` has exactly one). A one-level tree only ever has the root as prefix: static."""
+    beams, cands = Dim("beams"), Dim("cands")
+    shapes: dict[str, dict[int, Any]] = {
+        "memory": {0: batch, 1: seq},
+        "memory_mask": {0: batch, 1: seq},
+        "beam_query": {0: beams},
+        "prefix": {0: beams},
+        "candidates": {0: beams, 1: cands},
+        "cache": {0: beams},
+    }
+    if levels >= 2:
+        past = Dim("past", min=0, max=levels)
+        shapes["prefix"][1], shapes["cache"][1] = past + 1, past
+    return shapes
 
 
 def export_onnx(
@@ -139,10 +162,10 @@ def export_graphs(
     with torch.no_grad():
         probe = example_inputs(index, num_items, max_history, dim=1)
         memory, query = enc(probe["history"], probe["history_mask"])  # [B, T, D], [B, Dr]
-    dims = {"memory": int(memory.shape[-1]), "query": int(query.shape[-1])}
-    ex = example_inputs(index, num_items, max_history, dim=dims["memory"])
+    step = DecoderStep(dec)  # the serving form (cache in, cache out), what decoder.onnx holds
+    dims = {"memory": int(memory.shape[-1]), "query": int(query.shape[-1]), "cache": step.cache_width}
+    ex = example_inputs(index, num_items, max_history, dim=dims["memory"], cache_width=step.cache_width)
     batch, seq = Dim("batch"), Dim("seq")
-    beams, prefix, cands = Dim("beams"), Dim("prefix", min=1, max=index.levels + 1), Dim("cands")
     export_onnx(
         enc,
         (ex["history"], ex["history_mask"]),
@@ -152,25 +175,19 @@ def export_graphs(
         {"history": {0: batch, 1: seq}, "history_mask": {0: batch, 1: seq}},
     )
     export_onnx(
-        dec,
-        tuple(ex[name] for name in DECODER_INPUTS),
+        step,
+        tuple(ex[name] for name in STEP_INPUTS),
         out / DECODER_FILE,
-        DECODER_INPUTS,
-        DECODER_OUTPUTS,
-        {
-            "memory": {0: batch, 1: seq},
-            "memory_mask": {0: batch, 1: seq},
-            "beam_query": {0: beams},
-            "prefix": {0: beams, 1: prefix},
-            "candidates": {0: beams, 1: cands},
-        },
+        STEP_INPUTS,
+        STEP_OUTPUTS,
+        step_dynamic_shapes(index.levels, batch, seq),
     )
-    error = check_parity(out, enc, dec, ex)
+    error = check_parity(out, enc, step, ex)
     return {"dims": dims, "parity_max_abs_error": error}
 
 
-def check_parity(out: Path, enc: nn.Module, dec: nn.Module, ex: dict[str, Tensor]) -> float:
-    """ONNX Runtime (CPU) vs torch on the example inputs, and on a root-only prefix (S=1)."""
+def check_parity(out: Path, enc: nn.Module, step: DecoderStep, ex: dict[str, Tensor]) -> float:
+    """ONNX Runtime (CPU) vs torch on the example inputs, and on a root-only prefix (S=1, empty cache)."""
     cpu = torch.device("cpu")
     enc_sess = OnnxSession(out / ENCODER_FILE, cpu, intra_op_threads=1)
     dec_sess = OnnxSession(out / DECODER_FILE, cpu, intra_op_threads=1)
@@ -179,11 +196,11 @@ def check_parity(out: Path, enc: nn.Module, dec: nn.Module, ex: dict[str, Tensor
         ref = enc(ex["history"], ex["history_mask"])
         got = enc_sess.run({k: ex[k] for k in ENCODER_INPUTS}, {})
         errors += [float((r - g).abs().max()) for r, g in zip(ref, got, strict=True)]
-        for prefix in (ex["prefix"], ex["prefix"][:, :1]):
-            inputs = {**{k: ex[k] for k in DECODER_INPUTS}, "prefix": prefix}
-            ref_scores = dec(*(inputs[k] for k in DECODER_INPUTS))
-            (got_scores,) = dec_sess.run(inputs, {})
-            errors.append(float((ref_scores - got_scores).abs().max()))
+        for S in sorted({1, ex["prefix"].shape[1]}):
+            inputs = {**ex, "prefix": ex["prefix"][:, :S], "cache": ex["cache"][:, : S - 1]}
+            ref = step(*(inputs[k] for k in STEP_INPUTS))
+            got = dec_sess.run(inputs, {})
+            errors += [float((r - g).abs().max()) if r.numel() else 0.0 for r, g in zip(ref, got, strict=True)]
     worst = max(errors)
     if not worst <= PARITY_ATOL:
         raise ExportError(
@@ -313,6 +330,15 @@ def export_bundle(
     return out
 
 
+def with_default_beam(config: dict[str, Any], index: TreeIndex) -> dict[str, Any]:
+    """``config`` with ``beam_size`` from the catalogue rule (:mod:`models.beam_policy`) unless the
+    trainer set one explicitly (``beam_size`` >= 1): the bundle's default beam, read by the service,
+    ``genret eval`` and ``genret replay`` when a request or flag gives none."""
+    if isinstance(config.get("beam_size"), int) and config["beam_size"] >= 1:
+        return config
+    return {**config, "beam_size": default_beam(index.num_items, np.diff(index.leaf_offsets))}
+
+
 def write_model_files(
     out: Path,
     encoder: nn.Module,
@@ -327,19 +353,11 @@ def write_model_files(
         info.update(export_graphs(out, encoder, decoder, index, index.num_items, max_history))
     else:
         info["dims"] = probe_dims(encoder, example_inputs(index, index.num_items, max_history, dim=1))
+        info["dims"]["cache"] = DecoderStep(decoder).cache_width  # W of the serving step's cache
     if "torch" in backends:
         ex = example_inputs(index, index.num_items, max_history, dim=info["dims"]["memory"])
         info["torch_roundtrip_max_abs_error"] = write_torch_files(out, encoder, decoder, index, ex)
     return info
-
-
-def with_default_beam(config: dict[str, Any], index: TreeIndex) -> dict[str, Any]:
-    """``config`` with ``beam_size`` from the catalogue rule (:mod:`models.beam_policy`) unless the
-    trainer set one explicitly (``beam_size`` >= 1): the bundle's default beam, read by the service,
-    ``genret eval`` and ``genret replay`` when a request or flag gives none."""
-    if isinstance(config.get("beam_size"), int) and config["beam_size"] >= 1:
-        return config
-    return {**config, "beam_size": default_beam(index.num_items, np.diff(index.leaf_offsets))}
 
 
 def publish_dir(tmp: Path, out: Path) -> None:

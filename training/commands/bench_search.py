@@ -6,10 +6,12 @@ flattened, one decoder call per level) against constrained decoding as GENRE and
 ``prefix_allowed_tokens_fn`` do it: a Python dict trie asked per beam per step for the allowed
 next tokens, a mask over the full vocabulary built from its answer, beam search one query at a
 time. Both normalise over the allowed tokens (log-softmax of the masked logits), so they must
-return the same leaves; the bench checks it. Then the cost of our search against catalogue size.
+return the same leaves; the bench checks it. Our search runs the serving decoder step
+(:meth:`TokenDecoder.step`); :mod:`training.commands.bench_step` times that step per level against
+the reference step and this CPU's matrix-product limit. Then the cost of our search against
+catalogue size.
 
-``bench cluster``: :func:`training.clustering.balanced_tree_codes` on synthetic embeddings against
-plain (unbalanced) hierarchical k-means with the same number of iterations, same run.
+``bench cluster``: :mod:`training.commands.bench_cluster` (registered here).
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from models.backend import GRAPH_OPTIMIZATION
 from models.decoder import DecoderConfig, TokenDecoder, TokenScheme
 from models.index import TreeIndex
 from models.search import DeviceTrie, beam_search
-from training.clustering import KMeansConfig, level_sizes, tree_codes
+from training.commands.bench_cluster import cmd_cluster
+from training.commands.bench_step import print_step_report, run_step_bench
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -57,19 +61,26 @@ def levels_for(num_items: int, k: int) -> int:
 
 
 class DecoderModel:
-    """The real decoder step (:class:`TokenDecoder`) over fixed encoder states, seen two ways: as our
-    scorer (``__call__``, candidates only) and as a language model over the full vocabulary
-    (``vocab_logits``: ``h @ table.T + bias``, what GENRE / HF beam search consume)."""
+    """The real decoder step (:class:`TokenDecoder`) over fixed encoder states, seen three ways: as
+    our scorer (``step``: the serving step, candidates only, a :class:`models.search.StepScorer`),
+    as the reference step (``reference``: the whole prefix every level) and as a language model over
+    the full vocabulary (``vocab_logits``: ``h @ table.T + bias``, what GENRE / HF beam search consume)."""
 
     name = "TokenDecoder (2 layers, D=64)"
 
     def __init__(self, decoder: TokenDecoder, memory: Tensor, memory_mask: Tensor) -> None:
         self.decoder, self.memory, self.memory_mask = decoder, memory, memory_mask
+        self.cache_width = decoder.cache_width
         self.vocab_id = decoder.node_row  # [num_nodes] output row of every node
         self.table = decoder.token_embedding(torch.arange(decoder.num_rows))  # [V, D]
         self.bias = decoder.bias if decoder.bias is not None else torch.zeros(decoder.num_rows)
 
-    def __call__(self, beam_query: Tensor, prefix: Tensor, candidates: Tensor) -> Tensor:
+    def step(
+        self, beam_query: Tensor, prefix: Tensor, candidates: Tensor, cache: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return self.decoder.step(self.memory, self.memory_mask, beam_query, prefix, candidates, cache)
+
+    def reference(self, beam_query: Tensor, prefix: Tensor, candidates: Tensor) -> Tensor:
         return self.decoder(self.memory, self.memory_mask, beam_query, prefix, candidates)
 
     def vocab_logits(self, beam_query: Tensor, prefix: Tensor) -> Tensor:
@@ -105,7 +116,14 @@ class SearchSetup:
 
 
 def make_setup(
-    num_items: int, k: int, levels: int, batch: int, dim: int, seed: int, token_scheme: TokenScheme = "level"
+    num_items: int,
+    k: int,
+    levels: int,
+    batch: int,
+    dim: int,
+    seed: int,
+    token_scheme: TokenScheme = "level",
+    memory_len: int = 20,
 ) -> SearchSetup:
     index = TreeIndex.from_codes(balanced_codes(num_items, k, levels), k, token_scheme)
     torch.manual_seed(seed)
@@ -115,8 +133,8 @@ def make_setup(
         index.level_offsets,
     ).eval()
     gen = torch.Generator().manual_seed(seed)
-    memory = torch.randn(batch, 20, dim, generator=gen)  # [B, T, D] stands for the encoder states
-    memory_mask = torch.ones(batch, 20, dtype=torch.bool)
+    memory = torch.randn(batch, memory_len, dim, generator=gen)  # [B, T, D] stands for the encoder states
+    memory_mask = torch.ones(batch, memory_len, dtype=torch.bool)
     table = TableModel(torch.randn(batch, decoder.num_rows, generator=gen), decoder.node_row)
     return SearchSetup(
         index, DeviceTrie.from_index(index), (DecoderModel(decoder, memory, memory_mask), table), batch
@@ -200,7 +218,9 @@ def run_search_bench(args: argparse.Namespace) -> dict[str, Any]:
     report["setup"] = {"items": k**L, "branching": k, "levels": L, "beam": b, "batch": B}
     report["comparison"] = []
     for scheme in args.schemes:
-        setup = make_setup(k**L, k, L, B, args.dim, args.seed, scheme)
+        setup = make_setup(k**L, k, L, B, args.dim, args.seed, scheme, args.memory_len)
+        if scheme == "level":
+            report["step"] = run_step_bench(setup.models[0], setup.trie, args)
         dict_trie = DictTrie(setup.index, setup.models[0].vocab_id.numpy())
         # the full-vocabulary baseline costs O(num_nodes) per beam with node tokens: fewer queries
         nq = B if scheme == "level" else min(B, args.node_baseline_queries)
@@ -225,7 +245,7 @@ def run_search_bench(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for n in args.sizes:
         depth = levels_for(n, k)
-        s = make_setup(n, k, depth, B, args.dim, args.seed)
+        s = make_setup(n, k, depth, B, args.dim, args.seed, memory_len=args.memory_len)
         row: dict[str, Any] = {"items": n, "levels": depth, "nodes": s.index.num_nodes}
         for key, model in zip(("decoder", "table"), s.models, strict=True):
             with torch.inference_mode():
@@ -255,6 +275,9 @@ def print_search_report(report: dict[str, Any]) -> None:
             f"{r['ours_ms_per_query']:>10.3f}{r['speedup']:>8.1f}x{r['same_leaf_sets']:>9}/{n:<3}"
             f"{r['same_leaf_order']:>8}/{n:<3}"
         )
+    if "step" in report:
+        print()
+        print_step_report(report["step"])
     print()
     print("cost of our search against catalogue size (level tokens, same branching, batch, beam):")
     print(
@@ -282,52 +305,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------- bench cluster
-def synthetic_embeddings(num_items: int, dim: int, seed: int, centers: int = 256) -> np.ndarray:
-    """``[N+1, D]`` float32 Gaussian mixture (row 0 = padding, zeros)."""
-    rng = np.random.default_rng(seed)
-    mean = rng.normal(size=(centers, dim)).astype(np.float32) * 3.0
-    emb = np.zeros((num_items + 1, dim), np.float32)
-    emb[1:] = mean[rng.integers(0, centers, num_items)] + rng.normal(size=(num_items, dim)).astype(np.float32)
-    return emb
-
-
-def cmd_cluster(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    emb = synthetic_embeddings(args.items, args.dim, args.seed)
-    report: dict[str, Any] = {
-        "items": args.items,
-        "dim": args.dim,
-        "k": args.k,
-        "iters": args.iters,
-        "torch_threads": torch.get_num_threads(),
-    }
-    runs = {
-        "balanced (capacity greedy)": KMeansConfig(iters=args.iters, balanced=True),
-        "plain k-means (baseline)": KMeansConfig(iters=args.iters, balanced=False),
-    }
-    for name, cfg in runs.items():
-        wall, cpu = time.perf_counter(), time.process_time()
-        codes = tree_codes(emb, args.k, seed=args.seed, config=cfg)
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        TreeIndex.from_codes(codes, args.k, "node").validate()
-        report[name] = {"cpu_seconds": cpu, "wall_seconds": wall, "levels": level_sizes(codes)}
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(
-        f"bench cluster: {args.items} items x {args.dim} dims, k={args.k}, {args.iters} iterations per level, "
-        f"torch threads {report['torch_threads']}"
-    )
-    print(f"{'method':<28}{'cpu s':>8}{'wall s':>8}  per level: clusters [min size, max size]")
-    for name in runs:
-        r = report[name]
-        levels = "  ".join(f"L{i + 1}:{c}[{lo},{hi}]" for i, (c, lo, hi) in enumerate(r["levels"]))
-        print(f"{name:<28}{r['cpu_seconds']:>8.1f}{r['wall_seconds']:>8.1f}  {levels}")
-    return 0
-
-
 # ---------------------------------------------------------------------------- CLI
 def _sizes(text: str) -> list[int]:
     try:
@@ -337,6 +314,18 @@ def _sizes(text: str) -> list[int]:
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"--sizes wants positive integers, got {text!r}")
     return sizes
+
+
+def _choices(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        parts = [part for part in text.split(",") if part]
+        if not parts or any(part not in allowed for part in parts):
+            raise argparse.ArgumentTypeError(
+                f"want a comma-separated subset of {','.join(allowed)}, got {text!r}"
+            )
+        return parts
+
+    return parse
 
 
 def _schemes(text: str) -> list[str]:
@@ -360,6 +349,29 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
         "--levels", type=int, default=3, help="depth of the comparison tree (branching**levels items)"
     )
     search.add_argument("--dim", type=int, default=64, help="decoder width")
+    search.add_argument("--memory-len", type=int, default=50, help="T: encoder states per query")
+    search.add_argument(
+        "--onnx",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time decoder.onnx (the exported step) under ONNX Runtime",
+    )
+    search.add_argument(
+        "--ort-optimizations",
+        type=_choices(tuple(GRAPH_OPTIMIZATION)),
+        default=["basic", "all"],
+        help=f"ORT graph optimisation levels to time, a comma-separated subset of {','.join(GRAPH_OPTIMIZATION)}",
+    )
+    search.add_argument(
+        "--ort-threads",
+        type=_sizes,
+        default=[1, 2],
+        help="ORT intra-op thread counts to time (comma-separated)",
+    )
+    search.add_argument("--gemm-repeats", type=int, default=15, help="runs of each GEMM shape for the limit")
+    search.add_argument(
+        "--profile", action="store_true", help="print the step's top ops (torch.profiler and ORT's profiler)"
+    )
     search.add_argument("--sizes", type=_sizes, default=[10_000, 100_000, 1_000_000], help="catalogue sizes")
     search.add_argument("--repeats", type=int, default=3)
     search.add_argument(

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.bundle import BundleError, bundle_fingerprint, file_sha256, load_bundle
+from models.bundle import SCHEMA_VERSION, BundleError, bundle_fingerprint, file_sha256, load_bundle
 from training.export import ExportError, export_bundle, publish_dir, record_metrics
 
 from .conftest import DIM, MAX_HISTORY, NUM_ITEMS, TinyModel
@@ -39,9 +39,10 @@ def edit_manifest(path: Path, **changes: object) -> None:
 def test_good_bundle_loads(tiny_bundle_dir: Path, tiny_model: TinyModel) -> None:
     bundle = load_bundle(tiny_bundle_dir)
     m = bundle.manifest
-    assert (m.schema_version, m.name, m.method, m.version) == (1, "tiny", "test", "v1")
+    assert (m.schema_version, m.name, m.method, m.version) == (SCHEMA_VERSION, "tiny", "test", "v1")
     assert (
-        m.dims == {"memory": DIM, "query": DIM} and m.num_items == NUM_ITEMS and m.max_history == MAX_HISTORY
+        m.dims == {"memory": DIM, "query": DIM, "cache": 2 * 2 * DIM}  # cache: 2 layers x (key, value) x D
+        and m.num_items == NUM_ITEMS and m.max_history == MAX_HISTORY
     )
     assert (m.levels, m.branching, m.token_scheme, m.score_mode) == (2, 4, "level", "logprob")
     assert m["metrics"] == {"recall@20": 0.5} and m.dataset_fingerprint == "tiny-dataset"

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.backend import OnnxBackend, TorchBackend
+from models.backend import BackendScorer, OnnxBackend, TorchBackend
 from models.bundle import load_bundle
+from models.index import TreeIndex
+from models.search import DeviceTrie, beam_search
 
 from .conftest import DIM, MAX_HISTORY, NUM_ITEMS, TinyModel
 
@@ -52,45 +54,95 @@ def test_encoder_parity(backends: tuple[OnnxBackend, TorchBackend], batch: int, 
     torch.testing.assert_close(ort_query, ref_query, atol=ATOL, rtol=RTOL)
 
 
+def step_inputs(
+    index: TreeIndex, batch: int, beams: int, prefix_len: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grouped beams (``beam_query[i] = i // beams``), a prefix of real nodes of levels ``0..S-1``,
+    candidates = nodes of level ``S`` with padding (as the search passes them)."""
+    g = torch.Generator().manual_seed(seed)
+    Bb, lo = batch * beams, index.level_offsets
+    beam_query = torch.arange(batch).repeat_interleave(beams)  # [Bb]
+    prefix = torch.zeros(Bb, prefix_len, dtype=torch.int64)  # [Bb, S] root first
+    for s in range(1, prefix_len):
+        prefix[:, s] = torch.randint(int(lo[s]), int(lo[s + 1]), (Bb,), generator=g)
+    C = index.max_branching
+    candidates = torch.randint(int(lo[prefix_len]), int(lo[prefix_len + 1]), (Bb, C), generator=g)
+    candidates[::2, C // 2 :] = -1  # padding in every other beam
+    candidates[-1] = -1  # a fully padded beam
+    return beam_query, prefix, candidates
+
+
 @pytest.mark.parametrize("batch,beams_per_query", [(1, 1), (3, 2), (7, 5)])
-@pytest.mark.parametrize("prefix_len", [1, 2, 3])
-def test_decoder_parity(
+@pytest.mark.parametrize("prefix_len", [1, 2])
+def test_decoder_step_parity(
     backends: tuple[OnnxBackend, TorchBackend],
     tiny_model: TinyModel,
     batch: int,
     beams_per_query: int,
     prefix_len: int,
 ) -> None:
+    """decoder.onnx (the incremental step) against the torch step: scores and the new cache row."""
     onnx_backend, torch_backend = backends
-    index = tiny_model.index
     history, mask = random_history(batch, 5, seed=batch)
     memory, _ = torch_backend.encode(history, mask)
-    g = torch.Generator().manual_seed(batch * 10 + prefix_len)
-    Bb = batch * beams_per_query
-    beam_query = torch.arange(batch).repeat_interleave(beams_per_query)  # [Bb]
-    prefix = torch.randint(0, index.num_nodes, (Bb, prefix_len), generator=g)  # [Bb, S]
-    prefix[:, 0] = 0  # the root
-    C = index.max_branching
-    candidates = torch.randint(1, index.num_nodes, (Bb, C), generator=g)  # [Bb, C]
-    candidates[::2, C // 2 :] = -1  # padding in every other beam
-    candidates[-1] = -1  # a fully padded beam
-    ort_scores = onnx_backend.score(memory, mask, beam_query, prefix, candidates)
-    ref_scores = torch_backend.score(memory, mask, beam_query, prefix, candidates)
-    assert ort_scores.shape == (Bb, C)
+    beam_query, prefix, candidates = step_inputs(tiny_model.index, batch, beams_per_query, prefix_len, batch)
+    cache = torch.randn(prefix.shape[0], prefix_len - 1, torch_backend.cache_width)  # [Bb, S-1, W]
+    ort_scores, ort_cache = onnx_backend.step(memory, mask, beam_query, prefix, candidates, cache)
+    ref_scores, ref_cache = torch_backend.step(memory, mask, beam_query, prefix, candidates, cache)
+    assert ort_scores.shape == candidates.shape and ort_cache.shape == (prefix.shape[0], 1, DIM * 4)
     torch.testing.assert_close(ort_scores, ref_scores, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(ort_cache, ref_cache, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("prefix_len", [1, 2])
+def test_onnx_step_chain_matches_the_torch_reference(
+    backends: tuple[OnnxBackend, TorchBackend], tiny_model: TinyModel, prefix_len: int
+) -> None:
+    """New vs reference across backends: ORT steps replayed over the prefix (each position cached)
+    against ``TokenDecoder.forward`` (the whole prefix at once, per-beam cross-attention)."""
+    onnx_backend, torch_backend = backends
+    history, mask = random_history(4, 5, seed=3)
+    memory, _ = torch_backend.encode(history, mask)
+    beam_query, prefix, candidates = step_inputs(tiny_model.index, 4, 3, prefix_len, seed=11)
+    got = onnx_backend.score(memory, mask, beam_query, prefix, candidates)
+    ref = torch_backend.score(memory, mask, beam_query, prefix, candidates)
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
 
 
 def test_decoder_parity_with_many_candidates(
     backends: tuple[OnnxBackend, TorchBackend], tiny_model: TinyModel
 ) -> None:
-    """More candidates than the export example had (C is a dynamic axis too): every node at once."""
+    """More candidates than the export example had (C is a dynamic axis too): every leaf at once."""
     onnx_backend, torch_backend = backends
-    history, mask = random_history(2, 4, seed=7)
+    history, mask = random_history(3, 4, seed=7)
     memory, _ = torch_backend.encode(history, mask)
-    nodes = np.arange(-1, tiny_model.index.num_nodes)
-    candidates = torch.from_numpy(np.tile(nodes, (3, 1)))  # [3, num_nodes + 1]
-    args = (memory, mask, torch.tensor([0, 1, 1]), torch.tensor([[0], [0], [0]]), candidates)
-    torch.testing.assert_close(onnx_backend.score(*args), torch_backend.score(*args), atol=ATOL, rtol=RTOL)
+    lo = tiny_model.index.level_offsets
+    beam_query, prefix, _ = step_inputs(tiny_model.index, 3, 2, 2, seed=5)
+    nodes = np.concatenate([[-1], np.arange(int(lo[2]), int(lo[3]))])  # padding, then every level-2 node
+    candidates = torch.from_numpy(np.tile(nodes, (6, 1)))  # [6, C] candidates of a 2-long prefix
+    cache = torch.randn(6, 1, torch_backend.cache_width)
+    args = (memory, mask, beam_query, prefix, candidates, cache)
+    for got, ref in zip(onnx_backend.step(*args), torch_backend.step(*args), strict=True):
+        torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("beam", [1, 3, 8])
+def test_beam_search_with_the_step_equals_the_reference(
+    backends: tuple[OnnxBackend, TorchBackend], tiny_model: TinyModel, beam: int
+) -> None:
+    """The served search (ORT step, cache carried by the search) returns the same leaves as the
+    search over the reference decoder (full prefix every level), and path scores within ATOL."""
+    onnx_backend, torch_backend = backends
+    trie = DeviceTrie.from_index(tiny_model.index)
+    history, mask = random_history(5, MAX_HISTORY, seed=beam)
+    memory, _ = torch_backend.encode(history, mask)
+    served = beam_search(trie, BackendScorer(onnx_backend, memory, mask), 5, beam, "logprob")
+    reference = BackendScorer(torch_backend, memory, mask)
+    ref = beam_search(trie, reference.__call__, 5, beam, "logprob")  # a plain Scorer: full prefix
+    assert torch.equal(served.leaves, ref.leaves) and torch.equal(served.paths, ref.paths)
+    finite = torch.isfinite(ref.scores)
+    assert torch.equal(torch.isfinite(served.scores), finite)
+    torch.testing.assert_close(served.scores[finite], ref.scores[finite], atol=ATOL, rtol=RTOL)
 
 
 def test_onnx_backend_reports_its_provider(backends: tuple[OnnxBackend, TorchBackend]) -> None:

@@ -1,0 +1,370 @@
+"""The decoder step per level, for ``genret bench search``: FLOPs, the matrix-product limit, old vs new.
+
+At every level of one real search (level tokens, the bench's tree), the CPU time of the scorer
+calls is taken for
+
+* ``new``: :meth:`models.decoder.TokenDecoder.step`, the serving step (cached prefix keys/values,
+  cross-attention batched per query; what ``decoder.onnx`` holds);
+* ``old``: :meth:`TokenDecoder.forward`, the reference (the whole prefix at every level, the
+  cross-attention keys/values gathered per beam); both searches must return the same leaves;
+* ``limit``: single-thread ``torch.matmul`` on random matrices of the new step's GEMM shapes
+  (:func:`step_gemms`), measured in the same run: what the step's products cost at this CPU's
+  fp32 matrix-product speed, without anything else the step does;
+* optionally ``decoder.onnx`` (the same step exported) under ONNX Runtime at each graph
+  optimisation level and thread count.
+
+FLOPs count a multiply-add as 2 (formulas in :data:`STEP_FORMULA` / :data:`REFERENCE_FORMULA`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from models.decoder import TokenDecoder
+from models.search import DeviceTrie, beam_search
+
+STEP_FORMULA = "4*NL*B*T*D^2 + NL*Bb*(12*D^2 + 4*S*D + 4*T*D + 4*D*F) + 2*Bb*D*V"
+"""FLOPs of the new step at a level: cross keys/values of the memory, then per layer and beam
+q/k/v (6D^2), self-attention over S cached positions, out (2D^2), cross q and out (4D^2),
+cross-attention over T keys, the feed-forward (F = ff_mult*D); scores over the level's V tokens."""
+REFERENCE_FORMULA = "4*NL*B*T*D^2 + NL*Bb*S*(12*D^2 + 4*S*D + 4*T*D + 4*D*F) + 2*Bb*C*D"
+"""FLOPs of the reference at a level: the same per position, for all S prefix positions; scores
+over the C gathered candidate rows."""
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The sizes of one level's step: B queries x w beams (Bb = B*w), prefix length S."""
+
+    level: int
+    B: int
+    w: int
+    S: int
+    T: int
+    D: int
+    layers: int
+    heads: int
+    F: int  # feed-forward width
+    C: int  # candidates per beam
+    V: int  # tokens per level (level scheme)
+
+    @property
+    def Bb(self) -> int:
+        return self.B * self.w
+
+    def flops(self) -> int:
+        d, Bb = self.D, self.Bb
+        per_beam = 12 * d * d + 4 * self.S * d + 4 * self.T * d + 4 * d * self.F
+        return 4 * self.layers * self.B * self.T * d * d + self.layers * Bb * per_beam + 2 * Bb * d * self.V
+
+    def reference_flops(self) -> int:
+        d, Bb, S = self.D, self.Bb, self.S
+        per_pos = 12 * d * d + 4 * S * d + 4 * self.T * d + 4 * d * self.F
+        return (
+            4 * self.layers * self.B * self.T * d * d + self.layers * Bb * S * per_pos + 2 * Bb * self.C * d
+        )
+
+
+def level_shapes(decoder: TokenDecoder, B: int, beam: int, T: int, C: int, levels: int) -> list[StepShape]:
+    cfg = decoder.config
+    shapes, w = [], 1
+    for level in range(1, levels + 1):
+        shapes.append(
+            StepShape(
+                level,
+                B,
+                w,
+                level,
+                T,
+                cfg.dim,
+                cfg.num_layers,
+                cfg.num_heads,
+                cfg.ff_mult * cfg.dim,
+                C,
+                decoder.level_vocab,
+            )
+        )
+        w = min(beam, w * C)
+    return shapes
+
+
+def step_gemms(s: StepShape) -> list[tuple[int, int, int, int, int]]:
+    """``(count, batch, M, K, N)``: the matrix products of the new step at ``s`` (batch 1 = a plain GEMM)."""
+    D, H, Bb = s.D, s.heads, s.Bb
+    hd = D // H
+    per_layer = [
+        (1, 1, Bb, D, 3 * D),  # q, k, v of the new position
+        (1, Bb * H, 1, hd, s.S),  # self-attention logits over S positions
+        (1, Bb * H, 1, s.S, hd),  # ... weighted values
+        (3, 1, Bb, D, D),  # self out, cross q, cross out
+        (1, s.B * H, s.w, hd, s.T),  # cross-attention logits, one product per query and head
+        (1, s.B * H, s.w, s.T, hd),  # ... weighted values
+        (1, 1, Bb, D, s.F),  # feed-forward in
+        (1, 1, Bb, s.F, D),  # feed-forward out
+    ]
+    memory = (1, 1, s.B * s.T, D, 2 * s.layers * D)  # cross keys | values of all layers
+    scores = (1, 1, Bb, D, s.V)
+    layered = [(n * s.layers, batch, M, K, N) for n, batch, M, K, N in per_layer]
+    return [memory, *layered, scores]
+
+
+def gemm_ms(batch: int, M: int, K: int, N: int, repeats: int) -> float:
+    """Median CPU ms of ``torch.matmul`` on random ``[batch,] M x K`` and ``K x N`` (threads as set)."""
+    a = torch.randn(batch, M, K) if batch > 1 else torch.randn(M, K)
+    b = torch.randn(batch, K, N) if batch > 1 else torch.randn(K, N)
+    torch.matmul(a, b)
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        torch.matmul(a, b)
+        times.append(time.process_time() - start)
+    return 1e3 * statistics.median(times)
+
+
+def limit_ms(s: StepShape, repeats: int) -> float:
+    return sum(n * gemm_ms(batch, M, K, N, repeats) for n, batch, M, K, N in step_gemms(s))
+
+
+# ---------------------------------------------------------------------------- scorers timed per level
+class TimedScorer:
+    """A plain (full-prefix) scorer; CPU seconds of its calls, by level (= prefix length)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.seconds: dict[int, float] = defaultdict(float)
+
+    def __call__(self, beam_query: Tensor, prefix: Tensor, candidates: Tensor) -> Tensor:
+        start = time.process_time()
+        out = self.fn(beam_query, prefix, candidates)
+        self.seconds[prefix.shape[1]] += time.process_time() - start
+        return out
+
+
+class TimedStepScorer:
+    """A :class:`models.search.StepScorer`; CPU (and wall) seconds of its calls, by level."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.cache_width = inner, inner.cache_width
+        self.seconds: dict[int, float] = defaultdict(float)
+        self.wall: dict[int, float] = defaultdict(float)
+
+    def step(
+        self, beam_query: Tensor, prefix: Tensor, candidates: Tensor, cache: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        start, wall = time.process_time(), time.perf_counter()
+        out = self.inner.step(beam_query, prefix, candidates, cache)
+        self.seconds[prefix.shape[1]] += time.process_time() - start
+        self.wall[prefix.shape[1]] += time.perf_counter() - wall
+        return out
+
+
+class OrtStep:
+    """``decoder.onnx``'s step over fixed encoder states (CPU, numpy in and out)."""
+
+    def __init__(self, session: Any, memory: Tensor, memory_mask: Tensor, cache_width: int) -> None:
+        self.session, self.cache_width = session, cache_width
+        self.fixed = {"memory": memory.numpy(), "memory_mask": memory_mask.numpy()}
+
+    def step(
+        self, beam_query: Tensor, prefix: Tensor, candidates: Tensor, cache: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        feeds = {
+            **self.fixed,
+            "beam_query": beam_query.numpy(),
+            "prefix": prefix.numpy(),
+            "candidates": candidates.numpy(),
+            "cache": cache.contiguous().numpy(),
+        }
+        scores, cache_out = self.session.run(["scores", "cache_out"], feeds)
+        return torch.from_numpy(scores), torch.from_numpy(cache_out)
+
+
+def per_level_ms(
+    trie: DeviceTrie, make: Any, B: int, beam: int, repeats: int
+) -> tuple[list[float], list[float], Any]:
+    """Median per-level CPU ms (and wall ms) of ``repeats`` searches, each with a fresh timed scorer."""
+    runs, walls, result = [], [], None
+    for i in range(repeats + 1):  # the first run warms up
+        scorer = make()
+        with torch.inference_mode():
+            result = beam_search(trie, scorer, B, beam, "logprob")
+        if i:
+            runs.append([1e3 * scorer.seconds[s] for s in sorted(scorer.seconds)])
+            walls.append(
+                [1e3 * scorer.wall[s] for s in sorted(scorer.wall)] if hasattr(scorer, "wall") else []
+            )
+    cpu = [statistics.median(col) for col in zip(*runs, strict=True)]
+    wall = [statistics.median(col) for col in zip(*walls, strict=True)] if walls[0] else []
+    return cpu, wall, result
+
+
+def export_step(decoder: TokenDecoder, memory: Tensor, mask: Tensor, levels: int, out: Path) -> Path:
+    """``decoder.onnx`` exactly as a bundle holds it (:func:`training.export.export_graphs`' step export)."""
+    from torch.export import Dim
+
+    from models.backend import STEP_INPUTS, STEP_OUTPUTS
+    from models.decoder_step import DecoderStep
+    from training.export import export_onnx, step_dynamic_shapes
+
+    step = DecoderStep(decoder).eval()
+    S = 3 if levels >= 2 else 1
+    example = {
+        "memory": memory[:3],
+        "memory_mask": mask[:3],
+        "beam_query": torch.arange(3).repeat_interleave(2),
+        "prefix": torch.zeros(6, S, dtype=torch.int64),
+        "candidates": torch.zeros(6, 4, dtype=torch.int64),
+        "cache": torch.zeros(6, S - 1, step.cache_width),
+    }
+    path = out / "decoder.onnx"
+    shapes = step_dynamic_shapes(levels, Dim("batch"), Dim("seq"))
+    export_onnx(step, tuple(example[k] for k in STEP_INPUTS), path, STEP_INPUTS, STEP_OUTPUTS, shapes)
+    return path
+
+
+def run_ort(
+    decoder: TokenDecoder, trie: DeviceTrie, memory: Tensor, mask: Tensor, args: Any, new_leaves: Tensor
+) -> list[dict[str, Any]]:
+    """The exported step at each graph optimisation level x intra-op thread count."""
+    from models.backend import OnnxSession, session_options
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_step(decoder, memory, mask, trie.levels, Path(tmp))
+        for optimization in args.ort_optimizations:
+            for threads in args.ort_threads:
+                session = OnnxSession(
+                    path, torch.device("cpu"), options=session_options(threads, optimization)
+                )
+                ort_step = OrtStep(session.session, memory, mask, decoder.cache_width)
+                cpu, wall, result = per_level_ms(
+                    trie, lambda s=ort_step: TimedStepScorer(s), memory.shape[0], args.beam, args.repeats
+                )
+                rows.append(
+                    {
+                        "optimization": optimization,
+                        "threads": threads,
+                        "cpu_ms": cpu,
+                        "wall_ms": wall,
+                        "same_leaves": bool(torch.equal(result.leaves, new_leaves)),
+                    }
+                )
+    return rows
+
+
+def run_step_bench(model: Any, trie: DeviceTrie, args: Any) -> dict[str, Any]:
+    """``model``: the bench's decoder over fixed states (``.decoder``, ``.memory``, ``.memory_mask``,
+    ``.step`` the new step, ``.reference`` the old one)."""
+    dec, memory, mask = model.decoder, model.memory, model.memory_mask
+    B, T = memory.shape[:2]
+    shapes = level_shapes(dec, B, args.beam, T, trie.max_branching, trie.levels)
+    new_ms, _, new = per_level_ms(trie, lambda: TimedStepScorer(model), B, args.beam, args.repeats)
+    old_ms, _, old = per_level_ms(trie, lambda: TimedScorer(model.reference), B, args.beam, args.repeats)
+    levels = []
+    for s, new_l, old_l in zip(shapes, new_ms, old_ms, strict=True):
+        limit = limit_ms(s, args.gemm_repeats)
+        levels.append(
+            {
+                "level": s.level,
+                "queries": s.B,
+                "beams_per_query": s.w,
+                "prefix": s.S,
+                "flops": s.flops(),
+                "reference_flops": s.reference_flops(),
+                "limit_ms": limit,
+                "new_ms": new_l,
+                "old_ms": old_l,
+                "new_over_limit": new_l / limit,
+                "gemms": step_gemms(s),
+            }
+        )
+    report: dict[str, Any] = {
+        "formula": STEP_FORMULA,
+        "reference_formula": REFERENCE_FORMULA,
+        "sizes": {"T": T, "D": dec.config.dim, "NL": dec.config.num_layers, "H": dec.config.num_heads},
+        "levels": levels,
+        "same_leaves": bool(torch.equal(new.leaves, old.leaves)),
+        "ort": run_ort(dec, trie, memory, mask, args, new.leaves) if args.onnx else [],
+    }
+    if args.profile:
+        report["profile"] = profile_step(model, trie, args)
+    return report
+
+
+def profile_step(
+    model: Any, trie: DeviceTrie, args: Any, top: int = 12
+) -> dict[str, list[tuple[str, float]]]:
+    """Top ops (name, % of the step's self time) of one search: torch.profiler over the torch step,
+    ORT's own profiler (``SessionOptions.enable_profiling``) over ``decoder.onnx`` (level ``all``)."""
+    import json
+
+    from models.backend import OnnxSession, session_options
+
+    B = model.memory.shape[0]
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        beam_search(trie, model, B, args.beam, "logprob")
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    torch_top = sorted(((e.key, 100 * e.self_cpu_time_total / total) for e in events), key=lambda r: -r[1])
+    by_op: dict[str, float] = defaultdict(float)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_step(model.decoder, model.memory, model.memory_mask, trie.levels, Path(tmp))
+        opts = session_options(1, "all", profile_prefix=str(Path(tmp) / "ort"))
+        session = OnnxSession(path, torch.device("cpu"), options=opts).session
+        with torch.inference_mode():
+            beam_search(
+                trie,
+                OrtStep(session, model.memory, model.memory_mask, model.cache_width),
+                B,
+                args.beam,
+                "logprob",
+            )
+        trace = json.loads(Path(session.end_profiling()).read_text())
+    for e in trace:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            by_op[e["args"]["op_name"]] += e["dur"]
+    ort_total = sum(by_op.values()) or 1.0
+    ort_top = sorted(((op, 100 * us / ort_total) for op, us in by_op.items()), key=lambda r: -r[1])
+    return {"torch": torch_top[:top], "onnxruntime": ort_top[:top]}
+
+
+def print_step_report(r: dict[str, Any]) -> None:
+    z = r["sizes"]
+    print(
+        f"decoder step per level (level tokens, T={z['T']}, D={z['D']}, {z['NL']} layers, {z['H']} heads; "
+        f"CPU ms of the scorer calls, median; same leaves new vs old: {r['same_leaves']})"
+    )
+    print(f"  new step FLOPs = {r['formula']}")
+    print(f"  old path FLOPs = {r['reference_formula']}")
+    print("  limit = single-thread torch.matmul of the new step's GEMM shapes, this run")
+    print(
+        f"  {'level':>5}{'B x w':>10}{'S':>3}{'new MFLOP':>11}{'old MFLOP':>11}{'limit ms':>10}"
+        f"{'new ms':>9}{'new/limit':>10}{'old ms':>9}{'old/new':>8}"
+    )
+    for lv in r["levels"]:
+        print(
+            f"  {lv['level']:>5}{str(lv['queries']) + ' x ' + str(lv['beams_per_query']):>10}{lv['prefix']:>3}"
+            f"{lv['flops'] / 1e6:>11.1f}{lv['reference_flops'] / 1e6:>11.1f}{lv['limit_ms']:>10.2f}"
+            f"{lv['new_ms']:>9.2f}{lv['new_over_limit']:>9.2f}x{lv['old_ms']:>9.2f}{lv['old_ms'] / lv['new_ms']:>7.1f}x"
+        )
+    if r["ort"]:
+        print("  decoder.onnx under ONNX Runtime, per level CPU ms (wall ms), same leaves as the torch step:")
+        for row in r["ort"]:
+            cells = "  ".join(
+                f"{c:.2f} ({w:.2f})" for c, w in zip(row["cpu_ms"], row["wall_ms"], strict=True)
+            )
+            print(
+                f"  {row['optimization']:>9} x{row['threads']} threads: {cells}   same leaves: {row['same_leaves']}"
+            )
+    for engine, rows in r.get("profile", {}).items():
+        print(f"  top ops, {engine} (% of self time over one search):")
+        print("    " + "; ".join(f"{name} {pct:.1f}%" for name, pct in rows))
