@@ -100,15 +100,23 @@ async def serve_both(
     admin: AdminServer | None,
     admin_sock: socket.socket | None,
 ) -> None:
-    admin_task = None
-    if admin is not None and admin_sock is not None:
-        admin_task = asyncio.create_task(admin.serve(sockets=[admin_sock]))
+    if admin is None or admin_sock is None:
+        await public.serve(sockets=[public_sock])
+        return
+
+    async def stop_admin_with_public() -> None:
+        while not public.should_exit:  # the drain is over: the admin port closes alongside
+            await asyncio.sleep(0.1)
+        admin.should_exit = True
+
+    admin_task = asyncio.create_task(admin.serve(sockets=[admin_sock]))
+    watcher = asyncio.create_task(stop_admin_with_public())
     try:
         await public.serve(sockets=[public_sock])
     finally:
-        if admin is not None and admin_task is not None:
-            admin.should_exit = True
-            await admin_task
+        watcher.cancel()
+        admin.should_exit = True
+        await admin_task
 
 
 def address(sock: socket.socket) -> str:
@@ -133,6 +141,7 @@ def serve(settings: Settings) -> int:
     admin = None
     if admin_sock is not None:
         admin = AdminServer(uvicorn_config(create_admin_app(settings, app), settings, "off"))
+        admin.config.timeout_graceful_shutdown = int(SHUTDOWN_CLOSE_S)  # within the shutdown budget
     log.info(
         "public API on %s; admin API %s",
         address(public_sock),
