@@ -35,7 +35,7 @@ def test_server_limits_default_to_safe_values() -> None:
     s = Settings()
     assert 0 < s.header_timeout_s <= 10
     assert 0 < s.body_timeout_s <= 30
-    assert 0 < s.keepalive_timeout_s <= s.header_timeout_s
+    assert s.keepalive_timeout_s > 0
     assert s.max_connections >= 256
     assert s.shutdown_budget_s > s.shutdown_grace_s
 
