@@ -16,6 +16,7 @@ from models.decoder import (
     safe_key_padding,
     token_rows,
 )
+from models.decoder_step import DecoderStep
 from models.encoder import EncoderConfig, QueryEncoder, recency_positions
 from models.index import TreeIndex
 
@@ -201,3 +202,106 @@ def test_hidden_equals_the_plain_transformer_decoder() -> None:
         x, memory[beam_query], tgt_mask=causal, memory_key_padding_mask=safe_key_padding(mask[beam_query])
     )
     torch.testing.assert_close(dec.hidden(memory, mask, beam_query, prefix), dec.output_norm(out[:, -1]))
+
+
+# ------------------------------------------------------------------ the serving step (models/decoder_step.py)
+STEP_TOL = 1e-5
+"""|step - reference| bound: the same float32 arithmetic in another order (keys/values cached,
+attention batched per query, level scores by one product then a gather); observed ~2e-6 at D=16."""
+
+
+def deep_index(token_scheme: str) -> TreeIndex:
+    """3 levels, branching 3, 40 items spread over most leaves."""
+    rng = np.random.default_rng(0)
+    codes = np.zeros((41, 3), np.int64)
+    codes[1:] = rng.integers(0, 3, size=(40, 3))
+    return TreeIndex.from_codes(codes, 3, token_scheme)
+
+
+def grouped_prefix(index: TreeIndex, B: int, w: int, S: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``beam_query[B*w]`` grouped by query and a root-first path ``[B*w, S]`` through the tree."""
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.zeros(B * w, S, dtype=torch.int64)
+    for s in range(1, S):
+        for row in range(B * w):
+            children = index.children(int(prefix[row, s - 1]))
+            prefix[row, s] = int(children[torch.randint(len(children), (1,), generator=g)])
+    return torch.arange(B).repeat_interleave(w), prefix
+
+
+def children_of(index: TreeIndex, nodes: torch.Tensor) -> torch.Tensor:
+    """``[M, C]`` children of each node, -1 padded (the candidates the search passes)."""
+    rows = [index.children(int(n)).tolist() for n in nodes]
+    return torch.tensor([r + [-1] * (index.max_branching - len(r)) for r in rows])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("scheme", ["level", "node"])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_step_fed_its_own_cache_equals_the_reference(scheme: str, use_bias: bool) -> None:
+    """New vs reference: the step at every prefix length, fed the cache its earlier calls returned,
+    scores like ``forward`` over the whole prefix (empty-history rows included)."""
+    index = deep_index(scheme)
+    dec = decoder(index, use_bias=use_bias)
+    if dec.bias is not None:
+        dec.bias.normal_()
+    B, w = 3, 4
+    memory = torch.randn(B, 5, D)
+    mask = torch.tensor([[True] * 5, [False, False, True, True, True], [False] * 5])
+    beam_query, prefix = grouped_prefix(index, B, w, index.levels, seed=1)
+    cache = torch.zeros(B * w, 0, dec.cache_width)
+    for S in range(1, index.levels + 1):
+        cands = children_of(index, prefix[:, S - 1])  # [Bb, C] nodes of level S
+        scores, out = dec.step(memory, mask, beam_query, prefix[:, :S], cands, cache)
+        torch.testing.assert_close(
+            scores, dec(memory, mask, beam_query, prefix[:, :S], cands), atol=STEP_TOL, rtol=STEP_TOL
+        )
+        assert out.shape == (B * w, 1, dec.cache_width)
+        cache = torch.cat([cache, out], dim=1)
+
+
+@torch.no_grad()
+def test_step_with_an_injected_token_table_equals_the_reference() -> None:
+    """SEATER's tied leaves: node tokens read from an injected table, scored by a gather."""
+    index = deep_index("node")
+    table = nn.Embedding(index.num_nodes, D)
+    cfg = DecoderConfig(dim=D, num_heads=2, dropout=0.0, token_scheme="node", use_bias=False)
+    dec = TokenDecoder(cfg, index.node_token, index.level_offsets, token_embedding=table).eval()
+    memory, mask = torch.randn(2, 4, D), torch.ones(2, 4, dtype=torch.bool)
+    beam_query, prefix = grouped_prefix(index, 2, 3, 1, seed=2)
+    candidates = children_of(index, prefix[:, 0])
+    scores, _ = dec.step(memory, mask, beam_query, prefix, candidates, torch.zeros(6, 0, dec.cache_width))
+    ref = dec(memory, mask, beam_query, prefix, candidates)
+    torch.testing.assert_close(scores, ref, atol=STEP_TOL, rtol=STEP_TOL)
+
+
+def test_step_refuses_a_cache_of_the_wrong_length() -> None:
+    dec = decoder(small_index())
+    memory, mask = torch.randn(1, 2, D), torch.ones(1, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="S-1=1 positions"):
+        dec.step(
+            memory,
+            mask,
+            torch.tensor([0]),
+            torch.tensor([[0, 1]]),
+            torch.tensor([[4]]),
+            torch.zeros(1, 0, 64),
+        )
+
+
+@torch.no_grad()
+def test_decoder_step_wraps_a_stateless_scorer() -> None:
+    """NodeScorer (TDR) has no step: the wrapper scores with forward and carries a width-0 cache."""
+    torch.manual_seed(0)
+    scorer = NodeScorer(D, num_nodes=9).eval()
+    step = DecoderStep(scorer)
+    memory, mask = torch.randn(2, 3, D), torch.ones(2, 3, dtype=torch.bool)
+    beam_query, prefix, cands = (
+        torch.tensor([0, 1]),
+        torch.tensor([[0, 1], [0, 2]]),
+        torch.tensor([[4, -1], [5, 6]]),
+    )
+    scores, out = step(memory, mask, beam_query, prefix, cands, torch.zeros(2, 1, 0))
+    assert step.cache_width == 0 and out.shape == (2, 1, 0)
+    torch.testing.assert_close(scores, scorer(memory, mask, beam_query, prefix, cands))
+    assert DecoderStep(decoder(small_index())).cache_width == 2 * 2 * D  # layers x (key, value) x D

@@ -252,3 +252,45 @@ def test_staged_search_refuses_steps_out_of_order() -> None:
     assert sorted(beam_finish(trie, state).leaves[0].tolist()) == sorted(
         range(index.leaf_start, index.num_nodes)
     )
+
+
+class CachedTableScorer:
+    """A :class:`StepScorer` scoring like :class:`TableScorer`. Its cache row of a position is that
+    position's node id (W=1), so it can check what the search hands it: beams grouped by query and,
+    for every beam, exactly the ids of its prefix positions ``0..S-2``."""
+
+    cache_width = 1
+
+    def __init__(self, table: TableScorer) -> None:
+        self.table = table
+
+    def step(
+        self, beam_query: torch.Tensor, prefix: torch.Tensor, cand: torch.Tensor, cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        B = int(beam_query.max()) + 1
+        assert torch.equal(beam_query, torch.arange(B).repeat_interleave(prefix.shape[0] // B))
+        assert cache.shape == (prefix.shape[0], prefix.shape[1] - 1, 1)
+        assert torch.equal(cache[..., 0], prefix[:, :-1].float()), "a beam got another beam's cache"
+        return self.table(beam_query, prefix, cand), prefix[:, -1:, None].float()  # [Bb, C], [Bb, 1, 1]
+
+
+@SETTINGS
+@given(
+    index=trees(),
+    mode=st.sampled_from(["logprob", "node"]),
+    beam=st.integers(1, 6),
+    seed=st.integers(0, 10_000),
+)
+def test_step_scorer_search_carries_each_beams_cache(
+    index: TreeIndex, mode: str, beam: int, seed: int
+) -> None:
+    """With a :class:`StepScorer` the search hands every beam its parent's cache plus the parent's
+    new row, and returns exactly what the same scorer gives as a plain (full-prefix) scorer."""
+    trie = DeviceTrie.from_index(index)
+    exclude = torch.from_numpy(np.random.default_rng(seed).random((3, index.num_nodes)) < 0.2)
+    exclude[:, 0] = False
+    table = TableScorer(3, index.num_nodes, seed)
+    plain = beam_search(trie, table, 3, beam, mode, exclude_nodes=exclude)  # type: ignore[arg-type]
+    cached = beam_search(trie, CachedTableScorer(table), 3, beam, mode, exclude_nodes=exclude)  # type: ignore[arg-type]
+    assert torch.equal(cached.leaves, plain.leaves) and torch.equal(cached.paths, plain.paths)
+    assert torch.equal(cached.scores, plain.scores)
