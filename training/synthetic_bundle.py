@@ -112,11 +112,11 @@ def synthetic_item_ids(num_items: int) -> np.ndarray:
     """``[N+1]`` fixed-width unicode ids ``"", "item001", ...`` (zero-padded to the width of N),
     built from digit arithmetic on an array of code points: no per-item Python strings."""
     width = len(str(num_items))
-    powers = 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)  # [width]
-    codes = np.empty((num_items + 1, 4 + width), np.uint32)  # UCS-4 code points, row 0 = ""
-    codes[0] = 0
+    codes = np.zeros((num_items + 1, 4 + width), np.uint32)  # UCS-4 code points, row 0 = ""
     codes[1:, :4] = [ord(c) for c in "item"]
-    numbers = np.arange(1, num_items + 1, dtype=np.int64)  # [N]
-    codes[1:, 4:] = (numbers[:, None] // powers[None, :]) % 10 + ord("0")  # [N, width]
+    rest = np.arange(1, num_items + 1, dtype=np.int64)  # [N] digits peeled off from the right
+    for column in range(3 + width, 3, -1):
+        codes[1:, column] = rest % 10 + ord("0")
+        rest //= 10
     ids = codes.view(f"<U{4 + width}")[:, 0]  # [N+1] trailing NULs end a numpy unicode string
     return ids

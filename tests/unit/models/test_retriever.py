@@ -135,8 +135,8 @@ def test_bad_inputs_are_rejected(onnx_retriever: Retriever, bundle: Bundle) -> N
         onnx_retriever.encode([np.array([NUM_ITEMS + 1])])
     with pytest.raises(ValueError, match="k and beam_size"):
         onnx_retriever.retrieve(HISTORIES, k=0, beam_size=2)
-    with pytest.raises(ValueError, match="TorchBackend"):
-        Retriever(bundle, backend="torch")
+    with pytest.raises(ValueError, match=r"choose one of \('onnx', 'torch'\)"):
+        Retriever(bundle, backend="tensorrt")  # "torch" is a bundle backend now: test_torch_bundle.py
 
 
 def test_single_item_leaves_use_the_plain_gather(bundle: Bundle) -> None:
