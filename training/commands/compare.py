@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import time
@@ -12,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from training.bundle_recommender import BundleRecommender
 from training.commands.data import add_data_arguments, dataset_from_args
 from training.data import Dataset, dataset_stats
 from training.evaluation import evaluate_recommender
@@ -32,6 +34,8 @@ class MethodResult:
     eval_seconds: float
     info: dict[str, Any] = field(default_factory=dict)
     bundle_dir: Path | None = None
+    candidates: float | None = None  # generative methods: mean items scored per test user (before exclusion)
+    ivf_recall_at_budget: float | None = None  # SASRec in faiss IVF, Recall@20 at those candidates
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -84,8 +88,11 @@ def train_and_evaluate(ctx: TrainContext, method: str) -> tuple[TrainedMethod, M
     start = time.perf_counter()
     trained = train_fn(ctx)
     train_seconds = time.perf_counter() - start
+    recommender = trained.recommender
+    if isinstance(recommender, BundleRecommender):  # count the test evaluation's candidates only
+        recommender.scored = recommender.queries = 0
     start = time.perf_counter()
-    metrics = evaluate_recommender(trained.recommender, ctx.split.test, DEFAULT_KS)
+    metrics = evaluate_recommender(recommender, ctx.split.test, DEFAULT_KS)
     eval_seconds = time.perf_counter() - start
     log.info(
         "%s: test recall@20 %.4f (train %.1fs, eval %.1fs)",
@@ -97,7 +104,28 @@ def train_and_evaluate(ctx: TrainContext, method: str) -> tuple[TrainedMethod, M
     result = MethodResult(
         method, metrics, train_seconds, eval_seconds, dict(trained.info), trained.bundle_dir
     )
+    if isinstance(recommender, BundleRecommender):
+        result.candidates = recommender.mean_candidates
     return trained, result
+
+
+def add_ivf_at_budget(ctx: TrainContext, results: list[MethodResult]) -> None:
+    """For each generative method, SASRec-in-IVF Recall@20 at the candidates it scored (the same
+    test users, history excluded; :mod:`training.frontier`). Skipped without faiss-cpu."""
+    budgets = [r for r in results if r.candidates is not None]
+    if not budgets:
+        return
+    if importlib.util.find_spec("faiss") is None:
+        log.warning("faiss-cpu is not installed (pip install 'genret[bench]'): no IVF figures")
+        return
+    from training.frontier import ivf_at, sweep_ivf
+
+    sasrec = ctx.sasrec()
+    users = sasrec.encode(ctx.split.test.histories)  # [U, D]
+    points, _ = sweep_ivf(sasrec.item_embeddings(), users, ctx.split.test, 0.0, seed=ctx.seed)
+    for r in budgets:
+        assert r.candidates is not None
+        r.ivf_recall_at_budget = ivf_at(points, r.candidates)
 
 
 def split_summary(split: Split) -> dict[str, Any]:
@@ -112,7 +140,9 @@ def split_summary(split: Split) -> dict[str, Any]:
 
 
 def run_compare(ctx: TrainContext, methods: list[str]) -> list[MethodResult]:
-    return [train_and_evaluate(ctx, method)[1] for method in methods]
+    results = [train_and_evaluate(ctx, method)[1] for method in methods]
+    add_ivf_at_budget(ctx, results)
+    return results
 
 
 def format_table(dataset: Dataset, split: Split, results: list[MethodResult]) -> str:
@@ -128,14 +158,32 @@ def format_table(dataset: Dataset, split: Split, results: list[MethodResult]) ->
     lines = [
         header,
         "",
-        "  ".join([f"{'method':<{width}}", *(f"{c:>9}" for c in columns), "  train_s", "   eval_s"]),
+        "  ".join(
+            [
+                f"{'method':<{width}}",
+                *(f"{c:>9}" for c in columns),
+                "  train_s",
+                "   eval_s",
+                "candidates",
+                "ivf_recall@20",
+            ]
+        ),
     ]
     for r in results:
         cells = [f"{r.metrics[c]:9.4f}" for c in columns]
-        lines.append(
-            "  ".join([f"{r.method:<{width}}", *cells, f"{r.train_seconds:9.1f}", f"{r.eval_seconds:9.1f}"])
-        )
+        cands = "" if r.candidates is None else f"{r.candidates:10.1f}"
+        ivf = "" if r.ivf_recall_at_budget is None else f"{r.ivf_recall_at_budget:13.4f}"
+        row = [f"{r.method:<{width}}", *cells, f"{r.train_seconds:9.1f}", f"{r.eval_seconds:9.1f}"]
+        lines.append("  ".join([*row, f"{cands:>10}", f"{ivf:>13}"]).rstrip())
     notes = [f"{r.method}: {_info_text(r.info)}" for r in results if r.info]
+    notes += [
+        f"{r.method}: {r.candidates:.1f} candidates scored per test user "
+        f"({100 * r.candidates / dataset.num_items:.2f}% of the catalogue); SASRec in faiss IVF at that budget: "
+        + ("n/a" if r.ivf_recall_at_budget is None else f"recall@20 {r.ivf_recall_at_budget:.4f}")
+        + f" vs {r.metrics['recall@20']:.4f}"
+        for r in results
+        if r.candidates is not None
+    ]
     return "\n".join([*lines, "", *notes]) if notes else "\n".join(lines)
 
 
@@ -159,6 +207,8 @@ def results_json(dataset: Dataset, split: Split, results: list[MethodResult]) ->
                 "eval_seconds": r.eval_seconds,
                 "info": r.info,
                 "bundle_dir": str(r.bundle_dir) if r.bundle_dir else None,
+                "candidates": r.candidates,
+                "ivf_recall_at_budget": r.ivf_recall_at_budget,
             }
             for r in results
         ],

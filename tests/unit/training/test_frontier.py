@@ -36,7 +36,9 @@ def bucket_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def histories(n: int, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [rng.choice(np.arange(1, ITEMS + 1), size=int(rng.integers(1, 40)), replace=False) for _ in range(n)]
+    return [
+        rng.choice(np.arange(1, ITEMS + 1), size=int(rng.integers(1, 40)), replace=False) for _ in range(n)
+    ]
 
 
 def test_the_manifest_carries_the_rule_default_beam(leaf_bundle: Path, bucket_bundle: Path) -> None:

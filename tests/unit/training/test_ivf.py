@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("faiss")
 
-from training.ivf import IvfIndex, interpolate_at, ivf_nlist, nprobe_sweep  # noqa: E402
+from training.ivf import IvfIndex, interpolate_at, ivf_nlist, nprobe_sweep
 
 N, D, USERS, K = 600, 16, 40, 20
 
@@ -77,6 +77,6 @@ def test_interpolation_is_linear_in_log_candidates() -> None:
     cands, recall = [10.0, 100.0, 1000.0], [0.1, 0.3, 0.4]
     assert interpolate_at(cands, recall, math.sqrt(10 * 100)) == pytest.approx(0.2)
     assert interpolate_at(cands, recall, 100.0) == pytest.approx(0.3)
-    assert interpolate_at(cands[::-1], recall[::-1], 10 ** 2.5) == pytest.approx(0.35)
+    assert interpolate_at(cands[::-1], recall[::-1], 10**2.5) == pytest.approx(0.35)
     assert math.isnan(interpolate_at(cands, recall, 5.0))
     assert interpolate_at(cands, recall, 5000.0) == 0.4
