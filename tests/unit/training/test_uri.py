@@ -41,7 +41,7 @@ def small_context(tmp_path: Path, overrides: Mapping[str, object], **data: int |
 def test_config_reads_yaml_and_prefixed_overrides() -> None:
     config = URIConfig.load(overrides={"uri.k": "16", "uri.balance_adaptive": "false", "sasrec.dim": 7})
     assert config.k == 16 and config.balance_adaptive is False
-    assert config.levels == 2 and config.beam_size == 20  # the YAML defaults (paper: L=2, beam 20)
+    assert config.levels == 2 and config.beam_size == 0  # the YAML defaults (L=2; beam: the catalogue rule)
     capped = URIConfig.load(overrides={"max_epochs": 1})
     assert capped.level_max_epochs == capped.level_min_epochs == capped.ranker_epochs == 1
     with pytest.raises(ValueError, match=r"uri\.nope"):
