@@ -78,7 +78,8 @@ class BatchOutcome:
     fresh: FreshRows = field(default_factory=dict)
     from_cache: set[int] = field(default_factory=set)  # rows answered from their cached states
     encode_s: float = 0.0
-    search_s: float = 0.0
+    search_s: float = 0.0  # beam search (or brute-force top-K)
+    rerank_s: float = 0.0  # leaf items scored by inner product, top-k
 
 
 class BatchCompute:
@@ -91,21 +92,32 @@ class BatchCompute:
         *,
         search_mode: str,
         device: str,
+        rows: Sequence[StateRow | None] | None = None,  # states encoded earlier (pipelined batcher)
     ) -> None:
         self.payloads = payloads
         self.cached = cached
-        self.rows: list[StateRow | None] = list(cached)
+        self.rows: list[StateRow | None] = list(cached if rows is None else rows)
         self.search_mode = search_mode
         self.device = device
         self.out = BatchOutcome()
 
     def run(self) -> BatchOutcome:
+        """Encode the misses, then search: both halves in turn."""
+        self.encode_misses()
+        return self.search_all()
+
+    def encode_misses(self) -> BatchOutcome:
+        """First half (the batcher's prepare stage when pipelined): encode the rows with no state."""
         t0 = time.perf_counter()
-        misses = [i for i, row in enumerate(self.cached) if row is None]
+        misses = [i for i, row in enumerate(self.rows) if row is None]
         self._encode(misses)
         self.out.encode_s = time.perf_counter() - t0
         if misses:
             STAGE_SECONDS.labels(stage="encode").observe(self.out.encode_s)
+        return self.out
+
+    def search_all(self) -> BatchOutcome:
+        """Second half: search every row with a state, by (bundle, beam); the rerank timed apart."""
         t1 = time.perf_counter()
         groups: dict[tuple[int, int], list[int]] = {}
         for i, p in enumerate(self.payloads):
@@ -114,8 +126,10 @@ class BatchCompute:
                 groups.setdefault((id(p.model), beam), []).append(i)
         for (_, beam), idxs in groups.items():
             self.out.found.update(self._search_narrowed(idxs, beam))
-        self.out.search_s = time.perf_counter() - t1
+        self.out.search_s = time.perf_counter() - t1 - self.out.rerank_s
         STAGE_SECONDS.labels(stage="search").observe(self.out.search_s)
+        if self.out.rerank_s:
+            STAGE_SECONDS.labels(stage="rerank").observe(self.out.rerank_s)
         self.out.from_cache = {
             i for i, row in enumerate(self.cached) if row is not None and self.rows[i] is row
         }
@@ -184,7 +198,10 @@ class BatchCompute:
             items, scores = bruteforce_topk(states.query, model.item_emb, k, exclude)
             candidates = [model.num_items - len(e) for e in exclude]
         else:
-            result = model.retriever.search(states, k=k, beam_size=beam, exclude=exclude)
+            leaves = model.retriever.beam(states, beam).leaves  # [b, beam]
+            t_rerank = time.perf_counter()
+            result = model.retriever.rerank(leaves, states.query, k, exclude)
+            self.out.rerank_s += time.perf_counter() - t_rerank
             items = np.asarray(result.items)  # [b, k]
             scores = np.asarray(result.scores, dtype=np.float32)  # [b, k]
             candidates = [int(c) for c in np.asarray(result.num_candidates)]

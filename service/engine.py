@@ -5,10 +5,12 @@ raw history ids to dense ids (unknown ids skipped and counted), keep the model's
 most recent (``truncated``), answer an empty usable history with popular items
 (``fallback: "popular"``), and queue the rest in the batcher.
 
-Per batch: one cache MGET for every row, then on the compute thread: encode the misses (grouped by
-bundle), stack cached and fresh encoder states, search (grouped by bundle and beam width) — beam
-search + rerank, or the brute-force baseline — and cut each row to its own k; fresh states are
-written back with one pipelined SET after the batch is answered.
+Per batch, in two batcher stages: *prepare* — one cache MGET for every row, then encode the misses
+(grouped by bundle), fresh states written back with one pipelined SET, not awaited; *finish* — on
+the compute thread, stack cached and fresh encoder states, search (grouped by bundle and beam
+width) — beam search, then rerank, or the brute-force baseline — and cut each row to its own k.
+With ``GENRET_PIPELINE`` on (``auto``: two or more usable cores), prepare runs on its own thread,
+so the next batch is encoded while the current one is searched (:mod:`service.batcher`).
 
 Shadow copies (:meth:`Engine.run_shadow`, called by the shadow lane) never enter the batcher, and
 two mechanisms keep them off the primary's path:
@@ -50,8 +52,8 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from service.batch_compute import BatchCompute, FreshRows, split_rows, stack_rows, state_spec
-from service.batcher import Batcher, BatcherConfig, Job
+from service.batch_compute import BatchCompute, BatchOutcome, FreshRows, split_rows, stack_rows, state_spec
+from service.batcher import Batcher, BatcherConfig, Job, Stages, usable_cores
 from service.bruteforce import bruteforce_topk
 from service.cache import StateCache
 from service.cache_codec import StateRow, cache_key
@@ -107,6 +109,16 @@ class RowResult:
 
 
 @dataclass(frozen=True)
+class Encoded:
+    """One job after the prepare stage: the states to search with and where they came from."""
+
+    cached: StateRow | None  # the cache's row (None on a miss)
+    row: StateRow  # the cached row itself, or freshly encoded states
+    cache_s: float  # the prepare batch's cache lookup
+    encode_s: float  # the prepare batch's encode (0.0 when every row hit)
+
+
+@dataclass(frozen=True)
 class Mapped:
     """The raw request mapped onto one bundle (before any compute)."""
 
@@ -146,12 +158,13 @@ class Engine:
         self.on_primary_result = on_primary_result
         self.assignment_key = assignment_key
         self.batcher: Batcher[Prepared, RowResult] = Batcher(
-            self._process,
+            Stages(finish=self._finish_stage, prepare=self._prepare_stage),
             BatcherConfig(
                 max_batch_size=settings.max_batch_size,
                 max_wait_s=settings.max_wait_ms / 1000.0,
                 queue_size=settings.queue_size,
                 retry_after_s=settings.retry_after_s,
+                pipeline=settings.pipeline == "on" or (settings.pipeline == "auto" and usable_cores() >= 2),
             ),
         )
         self.ready = False
@@ -409,36 +422,71 @@ class Engine:
 
     # --- batches ---
 
-    async def _process(self, jobs: Sequence[Job[Prepared, RowResult]]) -> list[RowResult | BaseException]:
+    async def _prepare_stage(self, jobs: Sequence[Job[Prepared, RowResult]]) -> list[Encoded | BaseException]:
+        """The batcher's first stage: cache lookup on the event loop, then the misses encoded on the
+        prepare thread (the compute thread when not pipelined); fresh states go to the cache now."""
         payloads = [job.payload for job in jobs]
         t0 = time.perf_counter()
         cached = await self.cache.get_many([p.key for p in payloads], [state_spec(p) for p in payloads])
         t_cache = time.perf_counter() - t0
         STAGE_SECONDS.labels(stage="cache").observe(t_cache)
-        results, fresh = await self.batcher.run_in_worker(self._compute, payloads, cached)
-        if fresh:
+        out, rows = await self.batcher.run_prepare(self._encode, payloads, cached)
+        if out.fresh:
+            self._write_back(out.fresh)
+        encoded: list[Encoded | BaseException] = []
+        for i, row in enumerate(rows):
+            if i in out.errors or row is None:
+                encoded.append(out.errors.get(i) or RuntimeError("encode left a row without states"))
+            else:
+                encoded.append(Encoded(cached[i], row, t_cache, out.encode_s))
+        return encoded
+
+    def _encode(
+        self, payloads: list[Prepared], cached: list[StateRow | None]
+    ) -> tuple[BatchOutcome, list[StateRow | None]]:
+        compute = BatchCompute(
+            payloads, cached, search_mode=self.settings.search_mode, device=self.settings.device
+        )
+        return compute.encode_misses(), compute.rows
+
+    async def _finish_stage(
+        self, jobs: Sequence[Job[Prepared, RowResult]], encoded: Sequence[Encoded]
+    ) -> list[RowResult | BaseException]:
+        """The batcher's second stage: search + rerank on the compute thread."""
+        results, fresh = await self.batcher.run_in_worker(
+            self._search, [job.payload for job in jobs], list(encoded)
+        )
+        if fresh:  # cached states that failed the search and were encoded afresh
             self._write_back(fresh)
-        out: list[RowResult | BaseException] = []
         for job, result in zip(jobs, results, strict=True):
             if isinstance(result, RowResult):
-                result.timings.update(queue=job.queue_seconds, cache=t_cache)
-            out.append(result)
-        return out
+                result.timings["queue"] = job.queue_seconds
+        return results
 
-    def _compute(
-        self, payloads: list[Prepared], cached: list[StateRow | None]
+    def _search(
+        self, payloads: list[Prepared], encoded: list[Encoded]
     ) -> tuple[list[RowResult | BaseException], FreshRows]:
-        """Encode the misses, then search (runs on the compute thread); a failure stays with the rows
-        that cause it (:mod:`service.batch_compute`), so batch-mates are always answered."""
+        """Search every row (runs on the compute thread); a failure stays with the rows that cause it
+        (:mod:`service.batch_compute`), so batch-mates are always answered."""
         out = BatchCompute(
-            payloads, cached, search_mode=self.settings.search_mode, device=self.settings.device
-        ).run()
+            payloads,
+            [e.cached for e in encoded],
+            search_mode=self.settings.search_mode,
+            device=self.settings.device,
+            rows=[e.row for e in encoded],
+        ).search_all()
         results: list[RowResult | BaseException] = []
-        for i, p in enumerate(payloads):
+        for i, (p, e) in enumerate(zip(payloads, encoded, strict=True)):
             if i in out.errors:
                 results.append(out.errors[i])
                 continue
             items, scores, candidates = out.found[i]
+            timings = {
+                "cache": e.cache_s,
+                "encode": e.encode_s,
+                "search": out.search_s,
+                "rerank": out.rerank_s,
+            }
             results.append(
                 RowResult(
                     items=items[: p.k],
@@ -446,7 +494,7 @@ class Engine:
                     num_candidates=candidates,
                     cache="hit" if i in out.from_cache else "miss",
                     batch_size=len(payloads),
-                    timings={"encode": out.encode_s, "search": out.search_s},  # the batch's, for every row
+                    timings=timings,  # the batches', for every row
                 )
             )
         return results, out.fresh

@@ -21,8 +21,9 @@ REQUEST_SECONDS = Histogram(
 )
 STAGE_SECONDS = Histogram(
     "genret_stage_duration_seconds",
-    "Duration of one retrieval stage: queue and total per request; cache, encode and search once per batch "
-    "(search = beam search + rerank, one Retriever.search call).",
+    "Duration of one retrieval stage: queue and total per request; cache, encode, search and rerank once "
+    "per batch (search = the beam search or brute-force top-K; rerank = the beam's leaf items scored and cut "
+    "to k). With the pipelined batcher, encode of one batch overlaps search of the previous one.",
     ["stage"],
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
