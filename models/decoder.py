@@ -257,16 +257,14 @@ class TokenDecoder(nn.Module):
         node = take(self.node_row, prefix[:, -1])  # [Bb] token row of the new position
         x = self.token_embedding(node) + self.level_embedding.weight[S - 1]  # [Bb, D]
         cross_bias = key_bias(memory_mask, x.dtype)  # [B, 1, 1, T] 0 = attend, -inf = blocked
-        memory_kv = memory_keys_values(self.layers.layers, memory)  # [B, T, layers*2D]
         states = []
         for i, layer in enumerate(self.layers.layers):
-            own = slice(2 * D * i, 2 * D * (i + 1))  # this layer's keys | values
+            own = slice(2 * D * i, 2 * D * (i + 1))  # this layer's keys | values in the cache
             attn_out, kv = cached_self_attention(layer.self_attn, layer.norm1(x), cache[..., own])
             states.append(kv)  # [Bb, 2D]
             x = x + attn_out  # [Bb, D]
-            x = x + grouped_cross_attention(
-                layer.multihead_attn, layer.norm2(x), memory_kv[..., own], cross_bias
-            )
+            k, v = memory_keys_values(layer.multihead_attn, memory)  # [B, T, D] each, per query
+            x = x + grouped_cross_attention(layer.multihead_attn, layer.norm2(x), k, v, cross_bias)
             x = x + layer.linear2(layer.activation(layer.linear1(layer.norm3(x))))  # [Bb, D]
         if self.layers.norm is not None:
             x = self.layers.norm(x)

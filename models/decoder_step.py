@@ -14,15 +14,13 @@ cache[Bb,P,W]) -> (scores[Bb,C], cache_out[Bb,S-P,W])``
   query, ``[B, H, w, hd] x [B, H, hd, T]``, instead of gathering a ``[T, D]`` copy of the keys
   and values for every beam. The reference :meth:`TokenDecoder.forward` accepts any
   ``beam_query``; the tests hold this step to it.
-* The cross-attention keys/values of all layers come from one ``[B*T, D] x [D, layers*2*D]``
-  product per step. With ``level`` tokens the candidates of a step are rows of one level of the
+* The cross-attention keys and values of every layer are ``[B*T, D] x [D, D]`` products per step
+  (per query, not per beam). With ``level`` tokens the candidates of a step are rows of one level of the
   token table: one ``[Bb, D] x [D, V]`` product and a gather replace the per-beam gather of
   ``C`` embedding rows.
 """
 
 from __future__ import annotations
-
-from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -53,21 +51,21 @@ def cached_self_attention(attn: nn.MultiheadAttention, h: Tensor, past: Tensor) 
 
 
 def grouped_cross_attention(
-    attn: nn.MultiheadAttention, h: Tensor, memory_kv: Tensor, bias: Tensor
+    attn: nn.MultiheadAttention, h: Tensor, k: Tensor, v: Tensor, bias: Tensor
 ) -> Tensor:
     """Cross-attention of the beams of each query to that query's memory, one batched product per query.
 
-    ``h[Bb,D]`` (beams grouped by query, ``Bb = B*w``), ``memory_kv[B,T,2D]`` (keys | values),
+    ``h[Bb,D]`` (beams grouped by query, ``Bb = B*w``), ``k, v [B,T,D]`` (:func:`memory_keys_values`),
     ``bias[B,1,1,T]`` (:func:`key_bias`) ``-> [Bb,D]``.
     """
     Bb, D = h.shape
-    B, T, _ = memory_kv.shape
+    B, T, _ = k.shape
     H = attn.num_heads
     w_q = attn.in_proj_weight[:D]  # [D, D]
     b_q = attn.in_proj_bias[:D] if attn.in_proj_bias is not None else None
     q = F.linear(h, w_q, b_q).reshape(B, Bb // B, H, D // H).transpose(1, 2)  # [B, H, w, hd]
-    k = memory_kv[..., :D].reshape(B, T, H, D // H).transpose(1, 2)  # [B, H, T, hd]
-    v = memory_kv[..., D:].reshape(B, T, H, D // H).transpose(1, 2)  # [B, H, T, hd]
+    k = k.reshape(B, T, H, D // H).transpose(1, 2)  # [B, H, T, hd]
+    v = v.reshape(B, T, H, D // H).transpose(1, 2)  # [B, H, T, hd]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, H, w, hd]
     return attn.out_proj(out.transpose(1, 2).reshape(Bb, D))
 
@@ -88,15 +86,15 @@ def take(table: Tensor, index: Tensor) -> Tensor:
     return table.index_select(0, index.reshape(-1)).reshape(*index.shape, *table.shape[1:])
 
 
-def memory_keys_values(layers: nn.ModuleList, memory: Tensor) -> Tensor:
-    """``memory[B,T,D] -> [B,T,layers*2D]``: the cross-attention keys | values of every layer, one
-    ``[B*T, D] x [D, layers*2D]`` product."""
+def memory_keys_values(attn: nn.MultiheadAttention, memory: Tensor) -> tuple[Tensor, Tensor]:
+    """``memory[B,T,D] -> (keys, values)`` each ``[B,T,D]``: one ``[B*T, D] x [D, D]`` product each,
+    so that neither needs slicing out of a wider product (a copy under ONNX Runtime)."""
     B, T, D = memory.shape
-    attns = [cast(nn.MultiheadAttention, layer.multihead_attn) for layer in layers]
-    weight = torch.cat([a.in_proj_weight[D:] for a in attns])  # [layers*2D, D]
-    biases = [a.in_proj_bias for a in attns]
-    bias = torch.cat([b[D:] for b in biases]) if all(b is not None for b in biases) else None  # type: ignore[index]
-    return F.linear(memory.reshape(B * T, D), weight, bias).reshape(B, T, -1)  # [B, T, layers*2D]
+    flat = memory.reshape(B * T, D)  # [B*T, D]
+    w, b = attn.in_proj_weight, attn.in_proj_bias
+    k = F.linear(flat, w[D : 2 * D], b[D : 2 * D] if b is not None else None)  # [B*T, D]
+    v = F.linear(flat, w[2 * D :], b[2 * D :] if b is not None else None)  # [B*T, D]
+    return k.reshape(B, T, D), v.reshape(B, T, D)
 
 
 class DecoderStep(nn.Module):

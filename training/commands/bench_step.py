@@ -111,7 +111,7 @@ def step_gemms(s: StepShape) -> list[tuple[int, int, int, int, int]]:
         (1, 1, Bb, D, s.F),  # feed-forward in
         (1, 1, Bb, s.F, D),  # feed-forward out
     ]
-    memory = (1, 1, s.B * s.T, D, 2 * s.layers * D)  # cross keys | values of all layers
+    memory = (2 * s.layers, 1, s.B * s.T, D, D)  # cross keys, values of every layer, per query
     scores = (1, 1, Bb, D, s.V)
     layered = [(n * s.layers, batch, M, K, N) for n, batch, M, K, N in per_layer]
     return [memory, *layered, scores]
