@@ -64,7 +64,7 @@ def steps_for(args: argparse.Namespace, py: str) -> list[Step]:
         search = ["--sizes", "1000,4000", "--batch", "8", "--beam", "4", "--branching", "8", "--levels", "2"]
         search += ["--repeats", "1", "--schemes", "level", "--node-baseline-queries", "1"]
         retrieve = ["--batches", "8,32", "--throughput-seconds", "0.3", "--rate", "100", "--duration", "0.5"]
-        retrieve += ["--max-batch", "16", "--dim", "32"]
+        retrieve += ["--max-batch", "16", "--dim", "32", "--threads", "1"]  # 1: no spinning on a shared CPU
         # about a minute on an idle 2-core CPU; the limits leave room for a shared, busy one
         sizes, limits = ("4000:3", "30000:4"), {"tests": 240.0, "1M": 120.0, "10M": 120.0, "search": 120.0}
     else:

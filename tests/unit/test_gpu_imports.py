@@ -3,8 +3,8 @@ are absent: everything it imports must import without them.
 
 A subprocess puts a finder in front of ``sys.meta_path`` that refuses those packages (as their
 absence would), then imports every module of ``models``, what the check uses from ``training``,
-the device-parametrised test module, and builds the ``genret`` CLI parser (``python -m
-training.cli bench ...`` imports every command module).
+the device-parametrised test module and the conftest files pytest loads for it, and builds the
+``genret`` CLI parser (``python -m training.cli bench ...`` imports every command module).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ ABSENT_ON_GPU_MACHINE = (
 )  # fmt: skip
 
 PROBE = """
-import importlib, pkgutil, sys
+import importlib, pathlib, pkgutil, sys
 ABSENT = set(sys.argv[1].split(","))
 
 class Absent:
@@ -37,6 +37,9 @@ for name in ("training.synthetic_bundle", "training.export", "training.export_to
              "training.commands.bench_search", "training.commands.bench_retrieve",
              "tests.unit.models.test_torch_bundle"):
     importlib.import_module(name)
+for conftest in ("tests/conftest.py", "tests/unit/conftest.py", "tests/unit/models/conftest.py"):
+    if pathlib.Path(conftest).is_file():  # pytest imports every conftest on the way to a test file
+        importlib.import_module(conftest[:-3].replace("/", "."))
 import training.cli
 training.cli.build_parser().parse_args(["bench", "retrieve", "--device", "cpu"])
 leaked = sorted(m for m in sys.modules if m.split(".")[0] in ABSENT)
