@@ -186,7 +186,12 @@ class OnnxSession:
         for name in self.input_names:
             t = inputs[name].to(self.device).contiguous()
             keep.append(t)
-            binding.bind_input(name, "cuda", device_id, _NUMPY_DTYPE[t.dtype], tuple(t.shape), t.data_ptr())
+            if t.numel() == 0:  # e.g. the level-1 step's empty cache: no device buffer to point at
+                binding.bind_cpu_input(name, np.empty(tuple(t.shape), _NUMPY_DTYPE[t.dtype]))
+            else:
+                binding.bind_input(
+                    name, "cuda", device_id, _NUMPY_DTYPE[t.dtype], tuple(t.shape), t.data_ptr()
+                )
         outs = []
         for name in self.output_names:
             out = torch.empty(out_shapes[name], dtype=torch.float32, device=self.device)

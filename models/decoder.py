@@ -15,7 +15,8 @@ beams grouped by query), which ``decoder.onnx`` is exported from and which is he
 :class:`TokenDecoder` (URI, SEATER) scores ``h · E[token(candidate)] + bias`` with ``h`` the last
 hidden state of a Transformer decoder over the prefix; :class:`NodeScorer` (TDR) scores
 ``MLP(user, node)`` and ignores the prefix. The backends and the exporter accept any
-``nn.Module`` with this forward signature.
+``nn.Module`` with this forward signature (:class:`models.decoder_step.DecoderStep` serves a
+module without a ``step`` statelessly).
 """
 
 from __future__ import annotations

@@ -1,23 +1,22 @@
 """The serving form of the decoder step: incremental, with cached prefix keys/values.
 
 ``step(memory[B,T,D], memory_mask[B,T], beam_query[Bb], prefix[Bb,S], candidates[Bb,C],
-cache[Bb,P,W]) -> (scores[Bb,C], cache_out[Bb,S-P,W])``
+cache[Bb,S-1,W]) -> (scores[Bb,C], cache_out[Bb,1,W])``
 
-* ``cache`` holds the per-position state of the first ``P`` prefix positions (``0 <= P < S``);
-  the step computes positions ``P..S-1`` only and returns their state in ``cache_out``. Serving
-  calls it with ``P = S-1`` (one new position per level); ``P = 0`` is the full-prefix form.
+* ``cache`` holds the per-position state of prefix positions ``0..S-2``; the step computes the
+  last position only and returns its state in ``cache_out``. :func:`models.search.beam_step`
+  hands each child beam its parent's cache plus the parent's ``cache_out``.
 * :class:`~models.decoder.TokenDecoder`: the state of a position is the self-attention key and
   value of every layer, ``W = num_layers * 2 * D`` laid out ``[layer, (key, value), D]``.
-  Stateless scorers (:class:`~models.decoder.NodeScorer`, TDR) have ``W = 0``.
-* Beams are grouped by query: ``Bb = B * w`` and ``beam_query[i] = i // w`` (what
-  :func:`models.search.beam_step` passes). Cross-attention then runs as one batched product per
-  query, ``[B, H, w, hd] x [B, H, hd, T]``, instead of gathering a ``[T, D]`` copy of the keys
-  and values for every beam. The reference :meth:`TokenDecoder.forward` accepts any
-  ``beam_query``; the tests hold this step to it.
-* The cross-attention keys and values of every layer are ``[B*T, D] x [D, D]`` products per step
-  (per query, not per beam). With ``level`` tokens the candidates of a step are rows of one level of the
-  token table: one ``[Bb, D] x [D, V]`` product and a gather replace the per-beam gather of
-  ``C`` embedding rows.
+  Stateless scorers (:class:`~models.decoder.NodeScorer`, TDR) have ``W = 0`` (:class:`DecoderStep`).
+* Beams are grouped by query: ``Bb = B * w`` and ``beam_query[i] = i // w`` (what the search
+  passes). Cross-attention then runs as one batched product per query and head,
+  ``[w, hd] x [hd, T]``, instead of gathering a ``[T, D]`` copy of the keys and values for every
+  beam; the keys and values are ``[B*T, D] x [D, D]`` products per layer (per query, not per beam).
+* With ``level`` tokens the candidates of a step are rows of one level of the token table: one
+  ``[Bb, D] x [D, V]`` product and a gather replace the per-beam gather of ``C`` embedding rows.
+* The reference :meth:`TokenDecoder.forward` (whole prefix, any ``beam_query``) is what the
+  trainers run; the tests hold this step to it within float32 reordering.
 """
 
 from __future__ import annotations
