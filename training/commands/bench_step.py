@@ -267,11 +267,15 @@ def run_step_bench(model: Any, trie: DeviceTrie, args: Any) -> dict[str, Any]:
     dec, memory, mask = model.decoder, model.memory, model.memory_mask
     B, T = memory.shape[:2]
     shapes = level_shapes(dec, B, args.beam, T, trie.max_branching, trie.levels)
-    new_ms, _, new = per_level_ms(trie, lambda: TimedStepScorer(model), B, args.beam, args.repeats)
-    old_ms, _, old = per_level_ms(trie, lambda: TimedScorer(model.reference), B, args.beam, args.repeats)
+    # rounds of (new, old, limit), so that a change of the host's load between them shows in all three
+    rounds: list[tuple[list[float], list[float], list[float]]] = []
+    for _ in range(args.repeats):
+        new_ms, _, new = per_level_ms(trie, lambda: TimedStepScorer(model), B, args.beam, 1)
+        old_ms, _, old = per_level_ms(trie, lambda: TimedScorer(model.reference), B, args.beam, 1)
+        rounds.append((new_ms, old_ms, [limit_ms(s, args.gemm_repeats) for s in shapes]))
     levels = []
-    for s, new_l, old_l in zip(shapes, new_ms, old_ms, strict=True):
-        limit = limit_ms(s, args.gemm_repeats)
+    for i, s in enumerate(shapes):
+        new_l, old_l, limit = (statistics.median(r[j][i] for r in rounds) for j in range(3))
         levels.append(
             {
                 "level": s.level,
@@ -283,7 +287,7 @@ def run_step_bench(model: Any, trie: DeviceTrie, args: Any) -> dict[str, Any]:
                 "limit_ms": limit,
                 "new_ms": new_l,
                 "old_ms": old_l,
-                "new_over_limit": new_l / limit,
+                "new_over_limit": statistics.median(r[0][i] / r[2][i] for r in rounds),
                 "gemms": step_gemms(s),
             }
         )
