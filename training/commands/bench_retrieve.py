@@ -120,10 +120,32 @@ def history_pool(num_items: int, length: int, count: int, seed: int) -> list[np.
     return list(rng.integers(1, num_items + 1, size=(count, length), dtype=np.int64))
 
 
+def stage_times(
+    retriever: Retriever, histories: list[np.ndarray], args: argparse.Namespace
+) -> dict[str, float]:
+    """Median ms of encode and of search + rerank for one batch (device synchronised), 5 runs each."""
+    device = retriever.device
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    encode, search = [], []
+    for _ in range(5):
+        start = time.perf_counter()
+        states = retriever.encode(histories)
+        sync()
+        encode.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        retriever.search(states, k=args.k, beam_size=args.beam)  # results land on the host
+        search.append(time.perf_counter() - start)
+    return {"encode_ms_p50": 1e3 * float(np.median(encode)), "search_ms_p50": 1e3 * float(np.median(search))}
+
+
 def measure_throughput(
     retriever: Retriever, pool: list[np.ndarray], args: argparse.Namespace
 ) -> list[dict[str, Any]]:
-    """Back-to-back batches of each size: median batch time and requests/s."""
+    """Back-to-back batches of each size: median batch time, requests/s, and the encode / search split."""
     rows = []
     for batch in args.batches:
         histories = [pool[i % len(pool)] for i in range(batch)]
@@ -142,6 +164,7 @@ def measure_throughput(
                 "ms_per_batch_p50": 1e3 * median,
                 "ms_per_batch_max": 1e3 * max(times),
                 "requests_per_s": batch / median,
+                **stage_times(retriever, histories, args),
             }
         )
     return rows
@@ -304,8 +327,10 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     p.add_argument("--beam", type=int, default=20)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--history", type=int, default=20, help="history length of every request")
-    p.add_argument("--batches", type=parse_ints, default=[64, 256, 1024], help="max-throughput batch sizes")
-    p.add_argument("--throughput-seconds", type=float, default=3.0, help="time per batch size")
+    p.add_argument(
+        "--batches", type=parse_ints, default=[1, 16, 64, 256, 1024], help="max-throughput batch sizes"
+    )
+    p.add_argument("--throughput-seconds", type=float, default=2.0, help="time per batch size")
     p.add_argument("--rate", type=float, default=2000.0, help="open-loop offered requests/s")
     p.add_argument("--duration", type=float, default=5.0, help="open-loop seconds of arrivals")
     p.add_argument("--max-batch", type=int, default=64, help="open-loop batcher: max batch size")
