@@ -188,6 +188,48 @@ def host_info(py: str) -> dict[str, Any]:
     return info
 
 
+def step_summary(name: str, step: dict[str, Any]) -> list[str]:
+    """A few lines of figures per step, printed as the check goes (the run's output tail shows them)."""
+    head = f"gpu_check: {name}: {step['status']} in {step.get('seconds', 0)} s"
+    lines = [head + (f" ({step['reason']})" if "reason" in step else "")]
+    report = step.get("report") or {}
+    if name == "tests" and "summary" in step:
+        t = step["summary"]
+        lines.append(
+            f"  {t['tests']} tests, {t['failures']} failures, {t['errors']} errors; failed: {t['failed']}"
+        )
+    for size in report.get("sizes", []):
+        if "error" in size:
+            lines.append(f"  {size['items']} items L={size['levels']}: ERROR {size['error'][:300]}")
+            continue
+        lines.append(
+            f"  {size['items']} items L={size['levels']}: build {size.get('build_s', 0):.1f} s, load "
+            f"{size.get('load_s', 0):.1f} s, GPU peak {size.get('gpu_peak_memory_gib', '-')} GiB"
+        )
+        for t in size.get("throughput", []):
+            lines.append(
+                f"    batch {t['batch']:>5}: {t['ms_per_batch_p50']:8.2f} ms/batch ({t.get('encode_ms_p50', float('nan')):.2f} encode, "
+                f"{t.get('search_ms_p50', float('nan')):.2f} search+rerank), {t['requests_per_s']:9.0f} req/s"
+            )
+        ol = size.get("open_loop")
+        if ol:
+            lines.append(
+                f"    open loop {ol['offered_per_s']:.0f}/s offered, max batch {ol['max_batch']}, max wait "
+                f"{ol['max_wait_ms']} ms: p50 {ol['p50_ms']:.2f} ms, p99 {ol['p99_ms']:.2f} ms, mean batch "
+                f"{ol['batch_size_mean']:.1f}, achieved {ol['achieved_per_s']:.0f}/s, "
+                f"{'valid' if ol['valid'] else 'INVALID'} ({ol['unserved']} unserved)"
+            )
+    for row in report.get("scaling", []):
+        lines.append(
+            f"  search {row['items']} items L={row['levels']}: step {row['step_ms_per_level']:.2f} ms/level, "
+            f"full prefix {row['reference_ms_per_level']:.2f}, table {row['table_ms_per_level']:.2f}; "
+            f"same leaves {row['step_reference_same_leaf_sets']}/{row['queries']}"
+        )
+    if step["status"] != "passed" and step.get("output_tail"):
+        lines.append("  output tail: " + step["output_tail"][-600:].replace("\n", "\n  | "))
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -220,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_report(report, path)
     report["host"] = host_info(py)
+    print(f"gpu_check: host {json.dumps(report['host'])}", flush=True)
     if args.device.startswith("cuda") and not report["host"].get("cuda_available"):
         report["error"] = f"--device {args.device} but torch.cuda.is_available() is False on this machine"
     write_report(report, path)
@@ -228,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         write_report(report, path)
         report["steps"][step.name] = run_step(step, args.out, deadline)
         write_report(report, path)
-        print(f"gpu_check: {step.name}: {report['steps'][step.name]['status']}", flush=True)
+        try:
+            print("\n".join(step_summary(step.name, report["steps"][step.name])), flush=True)
+        except (KeyError, TypeError, ValueError) as exc:  # a summary never stops the check
+            print(f"gpu_check: {step.name}: {report['steps'][step.name]['status']} (summary failed: {exc!r})")
     report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     report["total_s"] = round(budget - (deadline - time.monotonic()), 1)
     report["ok"] = "error" not in report and all(s["status"] == "passed" for s in report["steps"].values())
