@@ -256,7 +256,10 @@ class TokenDecoder(nn.Module):
         if cache.shape[1] != S - 1:
             raise ValueError(f"step wants a cache of S-1={S - 1} positions, got {tuple(cache.shape)}")
         node = take(self.node_row, prefix[:, -1])  # [Bb] token row of the new position
-        x = self.token_embedding(node) + self.level_embedding.weight[S - 1]  # [Bb, D]
+        # the level of the new position; clamped only so that the exporter may trace a prefix longer
+        # than a shallow tree's (a real prefix never reaches the clamp)
+        level = torch.full((1,), S - 1, device=prefix.device).clamp(max=self.max_depth - 1)  # [1]
+        x = self.token_embedding(node) + self.level_embedding(level)  # [Bb, D]
         cross_bias = key_bias(memory_mask, x.dtype)  # [B, 1, 1, T] 0 = attend, -inf = blocked
         states = []
         for i, layer in enumerate(self.layers.layers):

@@ -85,10 +85,10 @@ def example_inputs(
 ) -> dict[str, Tensor]:
     """Inputs for tracing and the parity check. Dynamic sizes get distinct examples >= 2 so that
     the exporter specialises none of them: B=3, T=min(max_history, 5) (>= 2), Bb=6 (2 beams per
-    query, grouped), S=3 with a cache of P=2 positions (S=1 for a one-level tree, the only prefix
-    it has), C=max(3, branching). ``beam_query`` is grouped, as the serving step requires."""
+    query, grouped), S=3 with a cache of P=2 positions (even where the tree is shallower: the graph
+    must not specialise P), C=max(3, branching). ``beam_query`` is grouped, as the serving step requires."""
     g = torch.Generator().manual_seed(seed)
-    B, T, Bb, S = 3, max(2, min(max_history, 5)), 6, 3 if index.levels >= 2 else 1
+    B, T, Bb, S = 3, max(2, min(max_history, 5)), 6, 3
     C = max(3, index.max_branching)
     history = torch.randint(1, num_items + 1, (B, T), generator=g)  # [B, T]
     mask = torch.ones(B, T, dtype=torch.bool)
@@ -108,22 +108,18 @@ def example_inputs(
     }
 
 
-def step_dynamic_shapes(levels: int, batch: Dim, seq: Dim) -> dict[str, dict[int, Any]]:
+def step_dynamic_shapes(batch: Dim, seq: Dim) -> dict[str, dict[int, Any]]:
     """Dynamic axes of ``decoder.onnx``: the cache has ``prefix - 1`` positions (a derived dim, so
-    that ``cache_out`` has exactly one). A one-level tree only ever has the root as prefix: static."""
-    beams, cands = Dim("beams"), Dim("cands")
-    shapes: dict[str, dict[int, Any]] = {
+    that ``cache_out`` has exactly one)."""
+    beams, cands, past = Dim("beams"), Dim("cands"), Dim("past", min=0)
+    return {
         "memory": {0: batch, 1: seq},
         "memory_mask": {0: batch, 1: seq},
         "beam_query": {0: beams},
-        "prefix": {0: beams},
+        "prefix": {0: beams, 1: past + 1},
         "candidates": {0: beams, 1: cands},
-        "cache": {0: beams},
+        "cache": {0: beams, 1: past},
     }
-    if levels >= 2:
-        past = Dim("past", min=0, max=levels)
-        shapes["prefix"][1], shapes["cache"][1] = past + 1, past
-    return shapes
 
 
 def export_onnx(
@@ -180,7 +176,7 @@ def export_graphs(
         out / DECODER_FILE,
         STEP_INPUTS,
         STEP_OUTPUTS,
-        step_dynamic_shapes(index.levels, batch, seq),
+        step_dynamic_shapes(batch, seq),
     )
     error = check_parity(out, enc, step, ex)
     return {"dims": dims, "parity_max_abs_error": error}
@@ -200,7 +196,9 @@ def check_parity(out: Path, enc: nn.Module, step: DecoderStep, ex: dict[str, Ten
             inputs = {**ex, "prefix": ex["prefix"][:, :S], "cache": ex["cache"][:, : S - 1]}
             ref = step(*(inputs[k] for k in STEP_INPUTS))
             got = dec_sess.run(inputs, {})
-            errors += [float((r - g).abs().max()) if r.numel() else 0.0 for r, g in zip(ref, got, strict=True)]
+            errors += [
+                float((r - g).abs().max()) if r.numel() else 0.0 for r, g in zip(ref, got, strict=True)
+            ]
     worst = max(errors)
     if not worst <= PARITY_ATOL:
         raise ExportError(

@@ -207,7 +207,7 @@ def per_level_ms(
     return cpu, wall, result
 
 
-def export_step(decoder: TokenDecoder, memory: Tensor, mask: Tensor, levels: int, out: Path) -> Path:
+def export_step(decoder: TokenDecoder, memory: Tensor, mask: Tensor, out: Path) -> Path:
     """``decoder.onnx`` exactly as a bundle holds it (:func:`training.export.export_graphs`' step export)."""
     from torch.export import Dim
 
@@ -216,7 +216,7 @@ def export_step(decoder: TokenDecoder, memory: Tensor, mask: Tensor, levels: int
     from training.export import export_onnx, step_dynamic_shapes
 
     step = DecoderStep(decoder).eval()
-    S = 3 if levels >= 2 else 1
+    S = 3
     example = {
         "memory": memory[:3],
         "memory_mask": mask[:3],
@@ -226,7 +226,7 @@ def export_step(decoder: TokenDecoder, memory: Tensor, mask: Tensor, levels: int
         "cache": torch.zeros(6, S - 1, step.cache_width),
     }
     path = out / "decoder.onnx"
-    shapes = step_dynamic_shapes(levels, Dim("batch"), Dim("seq"))
+    shapes = step_dynamic_shapes(Dim("batch"), Dim("seq"))
     export_onnx(step, tuple(example[k] for k in STEP_INPUTS), path, STEP_INPUTS, STEP_OUTPUTS, shapes)
     return path
 
@@ -239,7 +239,7 @@ def run_ort(
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_step(decoder, memory, mask, trie.levels, Path(tmp))
+        path = export_step(decoder, memory, mask, Path(tmp))
         for optimization in args.ort_optimizations:
             for threads in args.ort_threads:
                 session = OnnxSession(
@@ -321,7 +321,7 @@ def profile_step(
     torch_top = sorted(((e.key, 100 * e.self_cpu_time_total / total) for e in events), key=lambda r: -r[1])
     by_op: dict[str, float] = defaultdict(float)
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_step(model.decoder, model.memory, model.memory_mask, trie.levels, Path(tmp))
+        path = export_step(model.decoder, model.memory, model.memory_mask, Path(tmp))
         opts = session_options(1, "all", profile_prefix=str(Path(tmp) / "ort"))
         session = OnnxSession(path, torch.device("cpu"), options=opts).session
         with torch.inference_mode():

@@ -149,3 +149,46 @@ def test_onnx_backend_reports_its_provider(backends: tuple[OnnxBackend, TorchBac
     onnx_backend, _ = backends
     assert onnx_backend.provider == "CPUExecutionProvider"
     assert "CPUExecutionProvider" in onnx_backend.device_info
+
+
+def test_one_level_tree_exports_a_step_that_serves(tmp_path: Path) -> None:
+    """A one-level tree only ever calls the step with the root as prefix (an empty cache): the graph
+    must still be general (no shape specialised to 0) and agree with the reference search."""
+    from models.decoder import DecoderConfig, TokenDecoder
+    from models.encoder import EncoderConfig, QueryEncoder
+    from training.export import export_bundle
+
+    codes = np.zeros((13, 1), np.int64)
+    codes[1:, 0] = np.arange(12) % 4
+    index = TreeIndex.from_codes(codes, 4, "level")
+    torch.manual_seed(0)
+    enc = QueryEncoder(EncoderConfig(num_items=12, dim=DIM, num_heads=2, max_len=4, dropout=0.0)).eval()
+    dec = TokenDecoder(
+        DecoderConfig(dim=DIM, num_heads=2, dropout=0.0), index.node_token, index.level_offsets
+    )
+    out = export_bundle(
+        tmp_path / "one-level",
+        name="one",
+        method="test",
+        encoder=enc,
+        decoder=dec.eval(),
+        index=index,
+        item_emb=np.ones((13, DIM), np.float32),
+        item_ids=[""] + [f"i{i}" for i in range(12)],
+        popularity=np.ones(13, np.float32),
+        score_mode="logprob",
+        max_history=4,
+        metrics={},
+        config={},
+        dataset_fingerprint="one-level",
+        backends=("onnx",),
+    )
+    onnx_backend, torch_backend = OnnxBackend.from_bundle(load_bundle(out)), TorchBackend(enc, dec)
+    history = torch.randint(1, 13, (3, 4), generator=torch.Generator().manual_seed(1))  # [B, T]
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    memory, _ = torch_backend.encode(history, mask)
+    trie = DeviceTrie.from_index(index)
+    served = beam_search(trie, BackendScorer(onnx_backend, memory, mask), 3, 2, "logprob")
+    ref = beam_search(trie, BackendScorer(torch_backend, memory, mask).__call__, 3, 2, "logprob")
+    assert torch.equal(served.leaves, ref.leaves)
+    torch.testing.assert_close(served.scores, ref.scores, atol=ATOL, rtol=RTOL)
