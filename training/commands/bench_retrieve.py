@@ -21,6 +21,7 @@ limit still reports what it measured. GPU timings include the device-to-host cop
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -209,7 +210,12 @@ def open_loop(retriever: Retriever, pool: list[np.ndarray], args: argparse.Names
     n = max(1, int(args.rate * args.duration))
     rng = np.random.default_rng(args.seed + 1)
     arrivals = np.cumsum(rng.exponential(1.0 / args.rate, size=n))  # [n] seconds after t0
+    for size in range(1, args.max_batch + 1):  # every batch shape the batcher can form, once
+        retriever.retrieve([pool[i % len(pool)] for i in range(size)], k=args.k, beam_size=args.beam)
+    gc.collect()
+    gc.freeze()  # as the service does after start: no collection pauses over long-lived objects
     run = serve_schedule(retriever, pool, arrivals, args)
+    gc.unfreeze()
     served, sizes, compute = run["served"], run["sizes"], run["compute"]
     offered = n / arrivals[-1]  # the drawn schedule's own rate (Poisson: near args.rate)
     achieved = served / max(run["last_done"], arrivals[-1])
