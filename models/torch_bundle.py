@@ -165,7 +165,9 @@ def build_decoder(spec: dict[str, Any], index: TreeIndex) -> nn.Module:
 def build_modules(path: Path, index: TreeIndex) -> tuple[nn.Module, nn.Module]:
     """Rebuild ``(encoder, decoder)`` in eval mode on CPU from a bundle directory's torch files.
 
-    Raises :class:`BundleError` naming the file and the problem (unknown kind, config that does
+    The modules are built on the meta device and take the file's tensors as their own
+    (``load_state_dict(assign=True)``): a spec claiming a huge table allocates nothing before its
+    tensors are checked against the file, and no random initialisation is spent. Raises :class:`BundleError` naming the file and the problem (unknown kind, config that does
     not fit, a missing / unexpected / misshapen tensor).
     """
     try:
@@ -173,7 +175,8 @@ def build_modules(path: Path, index: TreeIndex) -> tuple[nn.Module, nn.Module]:
         version = json.loads((path / TORCH_MODULES_FILE).read_text()).get("spec_version")
         if version != SPEC_VERSION:
             raise ValueError(f"spec_version {version!r} is not supported (this build reads {SPEC_VERSION})")
-        modules = build_encoder(specs["encoder"]), build_decoder(specs["decoder"], index)
+        with torch.device("meta"):  # no memory, no random init: every tensor comes from the file
+            modules = build_encoder(specs["encoder"]), build_decoder(specs["decoder"], index)
     except (ValueError, KeyError) as exc:
         raise BundleError(path, f"{TORCH_MODULES_FILE}: {exc}") from exc
     try:
@@ -184,9 +187,12 @@ def build_modules(path: Path, index: TreeIndex) -> tuple[nn.Module, nn.Module]:
         prefix = f"{part}."
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
-            module.load_state_dict(state, strict=True)
+            module.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as exc:  # missing/unexpected keys or shape mismatches, all listed
             raise BundleError(path, f"{TORCH_WEIGHTS_FILE}: {part} weights do not fit: {exc}") from exc
+        unset = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+        if unset:  # a tensor the constructor makes but the state dict lacks (none of the kinds above)
+            raise BundleError(path, f"{TORCH_WEIGHTS_FILE}: {part} tensors {unset[:3]} were not loaded")
         module.eval()
     return modules
 

@@ -197,6 +197,16 @@ def test_bad_torch_files_are_refused(tiny_bundle_dir: Path, tiny_model: TinyMode
             {"encoder": {**specs["encoder"], "config": {"dims": 3}}},
             "does not fit EncoderConfig",
         ),
+        (  # 10**12 rows x 16 floats: built on the meta device, refused before anything is allocated
+            "huge table",
+            {
+                "encoder": {
+                    **specs["encoder"],
+                    "item_embedding": {**specs["encoder"]["item_embedding"], "num_embeddings": 10**12},
+                }
+            },
+            "size mismatch",
+        ),
     ):
         path = copy_bundle(tiny_bundle_dir, tmp_path / name.replace(" ", "_"))
         (path / "modules.json").write_text(json.dumps({**specs, **spec_edit}))
