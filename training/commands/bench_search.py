@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -34,7 +32,7 @@ from models.decoder import DecoderConfig, TokenDecoder, TokenScheme
 from models.index import TreeIndex
 from models.search import DeviceTrie, beam_search
 from training.commands.bench_cluster import cmd_cluster
-from training.commands.bench_step import print_step_report, run_step_bench
+from training.commands.bench_step import print_step_report, run_step_bench, timed
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -190,22 +188,6 @@ def genre_search(model: Model, levels: int, batch: int, trie: DictTrie, beam: in
             beams = new_beams
         out.append([nodes[-1] for _, nodes, _ in beams])
     return out
-
-
-# ---------------------------------------------------------------------------- timing
-def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    """Median CPU seconds of this process over ``repeats`` runs after one warm-up; (seconds, last result).
-
-    CPU time rather than wall time: the dev host is shared, and wall time there mostly measures the
-    wait for a core. With ``--threads 1`` (the default) it equals single-core wall time on an idle host.
-    """
-    result = fn()
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        result = fn()
-        times.append(time.process_time() - start)
-    return statistics.median(times), result
 
 
 def run_search_bench(args: argparse.Namespace) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,21 @@ def step_gemms(s: StepShape) -> list[tuple[int, int, int, int, int]]:
     scores = (1, 1, Bb, D, s.V)
     layered = [(n * s.layers, batch, M, K, N) for n, batch, M, K, N in per_layer]
     return [memory, *layered, scores]
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """Median CPU seconds of this process over ``repeats`` runs after one warm-up; (seconds, last result).
+
+    CPU time rather than wall time: the dev host is shared, and wall time there mostly measures the
+    wait for a core. With ``--threads 1`` (the default) it equals single-core wall time on an idle host.
+    """
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        result = fn()
+        times.append(time.process_time() - start)
+    return statistics.median(times), result
 
 
 def gemm_ms(batch: int, M: int, K: int, N: int, repeats: int) -> float:
