@@ -48,7 +48,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 
@@ -131,7 +131,7 @@ class Mapped:
     truncated: bool
 
 
-def fewer_reason(returned: int, k: int, available: int) -> str | None:
+def fewer_reason(returned: int, k: int, available: int) -> Literal["catalogue", "beam_limit"] | None:
     """Why a response holds fewer than ``k`` items: ``"catalogue"`` (fewer than ``k`` items are left
     once the excluded ones are removed) or ``"beam_limit"`` (the beam, widened up to
     ``GENRET_MAX_BEAM_SIZE``, reached too few); ``None`` when it holds ``k``."""
