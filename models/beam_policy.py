@@ -2,7 +2,7 @@
 
 **Default beam (one rule for every method).** A bundle's default beam targets a number of items
 scored per query (candidates) that grows with the catalogue:
-``target = min(N, max(MIN_CANDIDATES, CANDIDATE_FRACTION * N))``, converted to leaves through the
+``target = min(N, max(MIN_CANDIDATES, floor(CANDIDATE_FRACTION * N)))``, converted to leaves through the
 index's mean leaf size (``beam = ceil(target / mean_leaf_size)``: SEATER and TDR leaves hold one
 item, URI's buckets several) and clamped to ``[MIN_BEAM, min(MAX_BEAM, num_leaves)]``.
 The fraction is the issue's budget (at most 1% of the catalogue scored); the floor keeps small
@@ -33,7 +33,9 @@ def target_candidates(num_items: int) -> int:
     """Items to score per query at the default beam, for a catalogue of ``num_items``."""
     if num_items < 1:
         raise ValueError(f"num_items must be >= 1, got {num_items}")
-    return min(num_items, max(MIN_CANDIDATES, math.ceil(CANDIDATE_FRACTION * num_items)))
+    return min(
+        num_items, max(MIN_CANDIDATES, math.floor(CANDIDATE_FRACTION * num_items))
+    )  # <= 1% above the floor
 
 
 def default_beam(num_items: int, leaf_sizes: np.ndarray, max_beam: int = MAX_BEAM) -> int:

@@ -18,7 +18,7 @@ from models.beam_policy import (
 
 def test_target_is_a_share_of_the_catalogue_with_a_floor() -> None:
     assert target_candidates(1682) == MIN_CANDIDATES  # MovieLens-100k: the floor
-    assert target_candidates(12_101) == int(np.ceil(CANDIDATE_FRACTION * 12_101))  # Beauty: 1%
+    assert target_candidates(12_101) == int(CANDIDATE_FRACTION * 12_101) == 121  # Beauty: at most 1%
     assert target_candidates(40) == 40  # never more than the catalogue
     with pytest.raises(ValueError):
         target_candidates(0)
@@ -27,7 +27,7 @@ def test_target_is_a_share_of_the_catalogue_with_a_floor() -> None:
 @pytest.mark.parametrize(
     ("num_items", "leaf_size", "expected"),
     [
-        (12_101, 1, 122),  # one item per leaf (SEATER, TDR): beam = candidates
+        (12_101, 1, 121),  # one item per leaf (SEATER, TDR): beam = candidates
         (12_000, 12, 10),  # buckets of 12 (URI): 120 candidates / 12 items per leaf
         (1_000_000, 1, MAX_BEAM),  # clamped to the upper bound
         (50, 1, 50),  # and to the number of leaves
