@@ -33,9 +33,8 @@ def target_candidates(num_items: int) -> int:
     """Items to score per query at the default beam, for a catalogue of ``num_items``."""
     if num_items < 1:
         raise ValueError(f"num_items must be >= 1, got {num_items}")
-    return min(
-        num_items, max(MIN_CANDIDATES, math.floor(CANDIDATE_FRACTION * num_items))
-    )  # <= 1% above the floor
+    share = math.floor(CANDIDATE_FRACTION * num_items)  # floor: never more than the fraction
+    return min(num_items, max(MIN_CANDIDATES, share))
 
 
 def default_beam(num_items: int, leaf_sizes: np.ndarray, max_beam: int = MAX_BEAM) -> int:
