@@ -42,7 +42,8 @@ def test_good_bundle_loads(tiny_bundle_dir: Path, tiny_model: TinyModel) -> None
     assert (m.schema_version, m.name, m.method, m.version) == (SCHEMA_VERSION, "tiny", "test", "v1")
     assert (
         m.dims == {"memory": DIM, "query": DIM, "cache": 2 * 2 * DIM}  # cache: 2 layers x (key, value) x D
-        and m.num_items == NUM_ITEMS and m.max_history == MAX_HISTORY
+        and m.num_items == NUM_ITEMS
+        and m.max_history == MAX_HISTORY
     )
     assert (m.levels, m.branching, m.token_scheme, m.score_mode) == (2, 4, "level", "logprob")
     assert m["metrics"] == {"recall@20": 0.5} and m.dataset_fingerprint == "tiny-dataset"
