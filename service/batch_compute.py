@@ -19,8 +19,8 @@ from typing import Protocol
 
 import numpy as np
 
+from models.bruteforce import bruteforce_topk
 from models.retriever import EncoderStates
-from service.bruteforce import bruteforce_topk
 from service.cache_codec import StateRow, StateSpec
 from service.errors import ComputeFailed
 from service.metrics import ROW_FAILURES, STAGE_SECONDS

@@ -52,9 +52,9 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 
+from models.bruteforce import bruteforce_topk
 from service.batch_compute import BatchCompute, BatchOutcome, FreshRows, split_rows, stack_rows, state_spec
 from service.batcher import Batcher, BatcherConfig, Job, Stages, usable_cores
-from service.bruteforce import bruteforce_topk
 from service.cache import StateCache
 from service.cache_codec import StateRow, cache_key
 from service.errors import LimitExceeded, Unavailable

@@ -175,7 +175,7 @@ def warm(model: LoadedModel, settings: Settings) -> None:
     if np.asarray(result.items).shape[0] != len(history):
         raise BadBundle(f"warm-up of {model.name} returned {np.asarray(result.items).shape} items")
     if settings.search_mode == "bruteforce":
-        from service.bruteforce import bruteforce_topk
+        from models.bruteforce import bruteforce_topk
 
         states = model.retriever.encode(history)
         bruteforce_topk(states.query, model.item_emb, settings.default_k)
