@@ -141,8 +141,8 @@ def _grouped_capacity_assign(scores: Tensor, group: Tensor, capacity: Tensor, ch
 @contextmanager
 def _one_thread() -> Iterator[None]:
     """Run the greedy's many small gathers and sorts on one intra-op thread: they are memory bound,
-    and on a busy machine torch's thread pool makes them >10x slower (measured: 1.4 s vs 22 s for
-    200k x 64 with 2 threads on a loaded 2-core host)."""
+    and on a busy machine torch's thread pool makes them an order of magnitude slower (figures:
+    docs/results.md, "Trainer: tree building")."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
