@@ -81,51 +81,11 @@ class TreeIndex:
         """
         if token_scheme not in TOKEN_SCHEMES:
             raise ValueError(f"token_scheme must be one of {TOKEN_SCHEMES}, got {token_scheme!r}")
-        codes = np.asarray(codes)
-        if codes.ndim != 2 or codes.shape[0] < 2 or codes.shape[1] < 1:
-            raise ValueError(f"codes must be [N+1, L] with N >= 1 and L >= 1, got shape {codes.shape}")
-        if not np.issubdtype(codes.dtype, np.integer):
-            raise ValueError(f"codes must be integers, got dtype {codes.dtype}")
-        num_items, levels = codes.shape[0] - 1, codes.shape[1]
-        branch = np.asarray([branching] * levels if isinstance(branching, int) else list(branching), np.int64)
-        if branch.shape != (levels,) or (branch < 1).any():
-            raise ValueError(
-                f"branching must be >= 1, one value or one per level ({levels}), got {branching}"
-            )
-        body = codes[1:].astype(np.int64)  # [N, L]
-        bad = (body < 0) | (body >= branch[None, :])
-        if bad.any():
-            item, level = np.argwhere(bad)[0]
-            raise ValueError(
-                f"code of item {item + 1} at level {level + 1} is {body[item, level]}, "
-                f"outside [0, {branch[level]})"
-            )
-
-        # Sort items by full code: every level's prefixes are then sorted too.
-        order = np.lexsort(body.T[::-1])  # [N], primary key = level 1
-        sorted_codes = body[order]  # [N, L]
-        level_offsets = np.zeros(levels + 2, np.int64)
-        level_offsets[1] = 1
-        item_path = np.full((num_items + 1, levels), -1, np.int32)
-        parent_of_level: list[np.ndarray] = []  # per level: global parent id of each node [n_l]
-        tokens = [np.zeros(1, np.int64)]  # root token 0
-        prev_node_of_item = np.zeros(num_items, np.int64)  # sorted items -> global node at previous level
-        for level in range(levels):
-            # a new node starts wherever the prefix up to this level changes
-            new = np.ones(num_items, bool)
-            new[1:] = (sorted_codes[1:, : level + 1] != sorted_codes[:-1, : level + 1]).any(axis=1)
-            local = np.cumsum(new) - 1  # [N] node index within the level
-            first = np.flatnonzero(new)  # [n_l] first sorted item of each node
-            start = level_offsets[level + 1]
-            level_offsets[level + 2] = start + first.size
-            node_of_item = start + local
-            parent_of_level.append(prev_node_of_item[first])
-            tokens.append(sorted_codes[first, level])
-            item_path[order + 1, level] = node_of_item
-            prev_node_of_item = node_of_item
+        body, branch = _checked_codes(codes, branching)  # [N, L], [L]
+        num_items, levels = body.shape
+        order, level_offsets, item_path, parents, tokens, leaf_node = _prefix_nodes(body)
         num_nodes = int(level_offsets[-1])
 
-        parents = np.concatenate(parent_of_level)  # [num_nodes-1] parent of nodes 1..num_nodes-1
         child_counts = np.bincount(parents, minlength=num_nodes)
         child_offsets = np.zeros(num_nodes + 1, np.int64)
         np.cumsum(child_counts, out=child_offsets[1:])
@@ -133,14 +93,14 @@ class TreeIndex:
 
         leaf_start = int(level_offsets[levels])
         num_leaves = num_nodes - leaf_start
-        leaf_of_sorted = prev_node_of_item - leaf_start  # [N]
+        leaf_of_sorted = leaf_node - leaf_start  # [N]
         leaf_offsets = np.zeros(num_leaves + 1, np.int64)
         np.cumsum(np.bincount(leaf_of_sorted, minlength=num_leaves), out=leaf_offsets[1:])
         leaf_items = (order + 1).astype(np.int64)  # sorted by leaf already
 
         max_branching = int(branch.max())
         if token_scheme == "level":
-            node_token = np.concatenate(tokens).astype(np.int32)
+            node_token = tokens.astype(np.int32)
             num_tokens = max_branching
         else:
             node_token = np.arange(num_nodes, dtype=np.int32)
@@ -346,3 +306,62 @@ class TreeIndex:
         if validate:
             index.validate()
         return index
+
+
+def _checked_codes(codes: np.ndarray, branching: int | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """``codes [N+1, L]`` checked against ``branching``: returns the item rows ``[N, L]`` int64
+    (padding row dropped) and the per-level branching ``[L]`` int64."""
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.shape[0] < 2 or codes.shape[1] < 1:
+        raise ValueError(f"codes must be [N+1, L] with N >= 1 and L >= 1, got shape {codes.shape}")
+    if not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"codes must be integers, got dtype {codes.dtype}")
+    levels = codes.shape[1]
+    branch = np.asarray([branching] * levels if isinstance(branching, int) else list(branching), np.int64)
+    if branch.shape != (levels,) or (branch < 1).any():
+        raise ValueError(f"branching must be >= 1, one value or one per level ({levels}), got {branching}")
+    body = codes[1:].astype(np.int64)  # [N, L]
+    bad = (body < 0) | (body >= branch[None, :])
+    if bad.any():
+        item, level = np.argwhere(bad)[0]
+        raise ValueError(
+            f"code of item {item + 1} at level {level + 1} is {body[item, level]}, outside [0, {branch[level]})"
+        )
+    return body, branch
+
+
+def _prefix_nodes(
+    body: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One node per distinct code prefix, numbered level by level in prefix order.
+
+    ``body`` is ``[N, L]`` item codes. Returns ``order [N]`` (items sorted by full code, 0-based),
+    ``level_offsets [L+2]``, ``item_path [N+1, L]`` int32 (row 0 = -1), ``parents [num_nodes-1]``
+    (the parent of nodes ``1..num_nodes-1``), ``tokens [num_nodes]`` (each node's code at its
+    level, root 0) and ``leaf_node [N]`` (the global leaf node of each sorted item).
+    """
+    num_items, levels = body.shape
+    # Sort items by full code: every level's prefixes are then sorted too.
+    order = np.lexsort(body.T[::-1])  # [N], primary key = level 1
+    sorted_codes = body[order]  # [N, L]
+    level_offsets = np.zeros(levels + 2, np.int64)
+    level_offsets[1] = 1
+    item_path = np.full((num_items + 1, levels), -1, np.int32)
+    parent_of_level: list[np.ndarray] = []  # per level: global parent id of each node [n_l]
+    tokens = [np.zeros(1, np.int64)]  # root token 0
+    prev_node_of_item = np.zeros(num_items, np.int64)  # sorted items -> global node at previous level
+    for level in range(levels):
+        # a new node starts wherever the prefix up to this level changes
+        new = np.ones(num_items, bool)
+        new[1:] = (sorted_codes[1:, : level + 1] != sorted_codes[:-1, : level + 1]).any(axis=1)
+        local = np.cumsum(new) - 1  # [N] node index within the level
+        first = np.flatnonzero(new)  # [n_l] first sorted item of each node
+        start = level_offsets[level + 1]
+        level_offsets[level + 2] = start + first.size
+        node_of_item = start + local
+        parent_of_level.append(prev_node_of_item[first])
+        tokens.append(sorted_codes[first, level])
+        item_path[order + 1, level] = node_of_item
+        prev_node_of_item = node_of_item
+    parents = np.concatenate(parent_of_level)
+    return order, level_offsets, item_path, parents, np.concatenate(tokens), prev_node_of_item
