@@ -40,7 +40,7 @@ wrk:
 BENCH_SERVE_ARGS ?= --items 100000 --concurrency 32,64 --duration 5 --ceiling
 
 bench: install wrk
-	$(BIN)/python -m training.cli bench serve $(BENCH_SERVE_ARGS)
+	$(BIN)/python -m cli bench serve $(BENCH_SERVE_ARGS)
 
 # The GPU check (scripts/gpu_check.sh): on a CUDA machine `bash scripts/gpu_check.sh --device cuda`;
 # here its CPU dry run at small sizes (`make test` runs it too: tests/unit/test_gpu_check.py).

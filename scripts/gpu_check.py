@@ -53,7 +53,7 @@ class Step:
 
 def steps_for(args: argparse.Namespace, py: str) -> list[Step]:
     out, dev = args.out, args.device
-    cli = [py, "-m", "training.cli", "bench"]
+    cli = [py, "-m", "cli", "bench"]
     tests = [
         py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
         "tests/unit/models/test_torch_bundle.py", "tests/unit/test_gpu_imports.py",

@@ -1,4 +1,4 @@
-"""``genret serve`` and ``genret bench serve`` (registered by training/cli.py)."""
+"""``genret bench serve`` (registered by cli/main.py)."""
 
 from __future__ import annotations
 
@@ -8,23 +8,6 @@ from typing import Any
 
 
 def register(sub: Any, groups: dict[str, Any]) -> None:
-    serve = sub.add_parser(
-        "serve",
-        help="run the retrieval service (settings from GENRET_* env; flags override)",
-        description="Run the HTTP retrieval service under uvicorn. Every setting is read from GENRET_* "
-        "environment variables (see service/settings.py); the flags below override them.",
-    )
-    serve.add_argument(
-        "--bundle", type=Path, help="bundle directory, or a directory of bundles (GENRET_BUNDLE_PATH)"
-    )
-    serve.add_argument("--host", help="bind address (GENRET_HOST)")
-    serve.add_argument("--port", type=int, help="port (GENRET_PORT)")
-    serve.add_argument("--device", help="cpu | cuda:0 (GENRET_DEVICE)")
-    serve.add_argument("--backend", choices=["onnx", "torch"], help="GENRET_DECODER_BACKEND")
-    serve.add_argument("--search-mode", choices=["generative", "bruteforce"], help="GENRET_SEARCH_MODE")
-    serve.add_argument("--redis-url", help="redis://host:port/0 (GENRET_REDIS_URL)")
-    serve.set_defaults(func=cmd_serve)
-
     bench = groups["bench"].add_parser(
         "serve",
         help="QPS and latency of the service vs brute-force top-K over the same items",
@@ -77,21 +60,6 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
     )
     bench.add_argument("--json", action="store_true", help="print the results as JSON too")
     bench.set_defaults(func=cmd_bench_serve)
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from service.server import run
-
-    overrides: dict[str, Any] = {
-        "bundle_path": args.bundle,
-        "host": args.host,
-        "port": args.port,
-        "device": args.device,
-        "decoder_backend": args.backend,
-        "search_mode": args.search_mode,
-        "redis_url": args.redis_url,
-    }
-    return run({k: v for k, v in overrides.items() if v is not None})  # checks, then uvicorn
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:

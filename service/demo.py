@@ -37,7 +37,7 @@ METRIC_PREFIXES: tuple[str, ...] = (
 
 
 def train_bundle(method: str, out: Path, overrides: tuple[str, ...]) -> None:
-    cmd = [sys.executable, "-m", "training.cli", "train", "--method", method, "--data", "default"]
+    cmd = [sys.executable, "-m", "cli", "train", "--method", method, "--data", "default"]
     cmd += ["--out", str(out)]
     for item in overrides:
         cmd += ["--set", item]

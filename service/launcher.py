@@ -54,7 +54,7 @@ class ServiceProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "training.cli", "serve"],
+            [sys.executable, "-m", "service"],
             env=self._env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -1,6 +1,6 @@
 """Data-parallel training under ``torchrun``: one small context object, a no-op in a single process.
 
-``torchrun --nproc_per_node N -m training.cli train ...`` starts N processes with ``RANK``,
+``torchrun --nproc_per_node N -m cli train ...`` starts N processes with ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE`` (and ``MASTER_ADDR``/``MASTER_PORT``) in their
 environment. :meth:`DistContext.from_env` reads them; :meth:`DistContext.init` joins the process
 group: gloo for CPU tensors, plus nccl for CUDA tensors when every local rank has a GPU

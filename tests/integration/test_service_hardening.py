@@ -187,7 +187,7 @@ def serve_once(
     args: list[str], env: dict[str, str], timeout_s: float = 120
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "training.cli", "serve", *args],
+        [sys.executable, "-m", "service", *args],
         env={"PATH": "/usr/bin:/bin", "GENRET_HOST": "127.0.0.1", **env},
         capture_output=True,
         text=True,

@@ -4,7 +4,7 @@ are absent: everything it imports must import without them.
 A subprocess puts a finder in front of ``sys.meta_path`` that refuses those packages (as their
 absence would), then imports every module of ``models``, what the check uses from ``training``,
 the device-parametrised test module and the conftest files pytest loads for it, and builds the
-``genret`` CLI parser (``python -m training.cli bench ...`` imports every command module).
+``genret`` CLI parser with every command registered (``python -m cli bench ...``).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ for name in ("training.synthetic_bundle", "training.export", "training.export_to
 for conftest in ("tests/conftest.py", "tests/unit/conftest.py", "tests/unit/models/conftest.py"):
     if pathlib.Path(conftest).is_file():  # pytest imports every conftest on the way to a test file
         importlib.import_module(conftest[:-3].replace("/", "."))
-import training.cli
-training.cli.build_parser().parse_args(["bench", "retrieve", "--device", "cpu"])
+import cli.main
+cli.main.build_parser().parse_args(["bench", "retrieve", "--device", "cpu"])
 leaked = sorted(m for m in sys.modules if m.split(".")[0] in ABSENT)
 assert not leaked, leaked
 print("imports ok")

@@ -1,6 +1,6 @@
 """`genret train`: train one method, copy its bundle to ``--out`` and print its test metrics.
 
-Under ``torchrun --nproc_per_node N -m training.cli train ...`` a method of
+Under ``torchrun --nproc_per_node N -m cli train ...`` a method of
 :data:`DATA_PARALLEL_METHODS` trains on every rank with DDP (:mod:`training.distributed`); rank 0
 then evaluates, writes ``--out`` and prints, the other ranks exit 0. Any other method is trained by
 rank 0 alone as in a single process (its other ranks exit at once).

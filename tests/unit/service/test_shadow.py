@@ -1,7 +1,7 @@
 """Shadow lane: agreement measures (hand values, a direct re-implementation of the RBO formula,
 properties), the lane (never awaited by the primary, never changes its answer, yields to a busy
 primary, drops and counts under overload, times out), the rotating JSONL log, and the log's round
-trip through ``genret replay`` / ``genret ab-report`` (``training.cli.main``)."""
+trip through ``genret replay`` / ``genret ab-report`` (``cli.main.main``)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from service.shadow import (
     rank_biased_overlap,
     read_records,
 )
-from training.cli import main as genret
+from cli.main import main as genret
 
 # ---- agreement measures -------------------------------------------------------------------------
 

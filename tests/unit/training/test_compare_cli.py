@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from training.cli import main
+from cli.main import main
 
 
 @pytest.fixture

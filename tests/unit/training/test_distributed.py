@@ -28,7 +28,7 @@ from training.splits import make_split
 
 REPO = Path(__file__).resolve().parents[3]
 TORCHRUN_TIMEOUT_S = 300  # a hung rendezvous fails the test instead of the whole suite
-CLI = ["-m", "training.cli"]  # what the k8s trainer Job runs under torchrun
+CLI = ["-m", "cli"]  # what the k8s trainer Job runs under torchrun
 
 
 def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess[str]:

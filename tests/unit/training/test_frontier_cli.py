@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("faiss")
 
-from training.cli import main
+from cli.main import main
 
 QUICK = ["--data", "synthetic", "--max-epochs", "1", "--set", "max_train_pairs=2000"]
 

@@ -1,0 +1,1 @@
+"""genret: the `genret` command line (cli/main.py) and every command's wiring."""
