@@ -88,7 +88,7 @@ def config_with_overrides(config: _C, overrides: dict[str, Any], prefix: str) ->
         if name not in fields:
             raise ValueError(f"unknown setting {key!r}; known: {', '.join(f'{prefix}.{f}' for f in fields)}")
         changes[name] = _coerce(key, fields[name], value)
-    return dataclasses.replace(config, **changes)  # type: ignore[type-var]
+    return dataclasses.replace(config, **changes)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -188,7 +189,8 @@ def test_recorded_metrics_reach_the_manifest_and_keep_the_fingerprint(
     bundle_dir = tmp_path / "b"
     shutil.copytree(tiny_bundle_dir, bundle_dir)
     before = load_bundle(bundle_dir).fingerprint
-    record_metrics(bundle_dir, {"recall@20": 0.25, "ndcg@20": np.float32(0.125)})
+    # evaluators hand over numpy scalars; np.float32 is not a float, nor JSON-serialisable
+    record_metrics(bundle_dir, {"recall@20": 0.25, "ndcg@20": cast(float, np.float32(0.125))})
     loaded = load_bundle(bundle_dir)
     assert loaded.manifest.metrics == {"recall@20": 0.25, "ndcg@20": 0.125}
     assert loaded.fingerprint == before

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from models.index import TreeIndex
-from models.search import DeviceTrie, beam_finish, beam_search, beam_start, beam_step
+from models.search import BeamResult, DeviceTrie, beam_finish, beam_search, beam_start, beam_step
 
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -74,7 +74,7 @@ def trees(draw: st.DrawFn) -> TreeIndex:
     return TreeIndex.from_codes(codes, branching, scheme)
 
 
-def check_result(index: TreeIndex, result, beam: int, exclude: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+def check_result(index: TreeIndex, result: BeamResult, beam: int, exclude: np.ndarray) -> None:
     parents = index.parents()
     leaves = result.leaves.numpy()
     paths = result.paths.numpy()

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.synthetic_bundle import make_synthetic_bundle
 from models.beam_policy import default_beam
 from models.bundle import load_bundle
 from models.retriever import Retriever
 from training.bundle_recommender import BundleRecommender
 from training.frontier import K, decoder_rank, sweep_bundle
 from training.splits import EvalSet
-from training.synthetic_bundle import make_synthetic_bundle
 
 ITEMS = 1000
 
@@ -110,7 +110,7 @@ def test_decoder_alone_ranks_by_leaf_then_popularity(bucket_bundle: Path) -> Non
 def test_sweep_points_count_candidates_per_beam(leaf_bundle: Path) -> None:
     retriever = Retriever(load_bundle(leaf_bundle))
     rows = histories(30, seed=5)
-    evalset = EvalSet(np.arange(30), rows, [np.array([h[0] % ITEMS + 1]) for h in rows])
+    evalset = EvalSet([str(u) for u in range(30)], rows, [np.array([h[0] % ITEMS + 1]) for h in rows])
     points = sweep_bundle("synthetic", retriever, evalset, [4, 32])
     assert [p.method for p in points] == ["synthetic", "synthetic/decoder"] * 2
     assert [p.candidates for p in points] == [4.0, 4.0, 32.0, 32.0]  # one item per leaf, before exclusion
