@@ -32,8 +32,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "bench": (
         "training.commands.bench_search",
         "training.commands.bench_retrieve",
-        "service.commands",
-        "service.soak",
+        "cli.bench",
     ),
 }
 

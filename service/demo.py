@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from service.launcher import ServiceProcess
+from benchmarks.launcher import ServiceProcess
 
 DEMO_METHOD = "seater"
 DEMO_OVERRIDES: tuple[str, ...] = ("sasrec.max_epochs=10", "epochs=2")

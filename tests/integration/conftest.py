@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import redis
 
-from service.launcher import ServiceProcess, free_port
+from benchmarks.launcher import ServiceProcess, free_port
 
 BUNDLE_ITEMS = 1000
 BUNDLE_BRANCHING = 10
@@ -104,7 +104,7 @@ class RedisServer:
 
 @pytest.fixture(scope="session")
 def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from training.synthetic_bundle import make_synthetic_bundle
+    from benchmarks.synthetic_bundle import make_synthetic_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "small"
     return make_synthetic_bundle(

@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.launcher import ServiceProcess
+from benchmarks.launcher import ServiceProcess
 from tests.integration.conftest import ADMIN_TOKEN, BUNDLE_ITEMS
 
 pytestmark = pytest.mark.integration

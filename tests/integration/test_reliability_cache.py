@@ -23,8 +23,8 @@ import httpx
 import numpy as np
 import pytest
 
+from benchmarks.launcher import ServiceProcess
 from service.cache_codec import StateRow, StateSpec, decode_state, encode_state
-from service.launcher import ServiceProcess
 from tests.integration.conftest import RedisServer, ServiceFactory
 
 pytestmark = pytest.mark.integration

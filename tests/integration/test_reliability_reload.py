@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.launcher import ServiceProcess
+from benchmarks.launcher import ServiceProcess
 from tests.integration.conftest import ADMIN_HEADERS, ServiceFactory, admin_client
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.launcher import ServiceProcess
+from benchmarks.launcher import ServiceProcess
 from tests.integration.conftest import ServiceFactory, resign_bundle
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.launcher import ServiceProcess, free_port
+from benchmarks.launcher import ServiceProcess, free_port
 from tests.integration.conftest import RedisServer, ServiceFactory
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.launcher import ServiceProcess
+from benchmarks.launcher import ServiceProcess
 from tests.integration.conftest import RedisServer, ServiceFactory
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.launcher import ServiceProcess
+from benchmarks.launcher import ServiceProcess
 from tests.integration.conftest import ADMIN_HEADERS, ServiceFactory, resign_bundle
 
 pytestmark = pytest.mark.integration

@@ -33,7 +33,7 @@ sys.meta_path.insert(0, Absent())
 import models
 for info in pkgutil.iter_modules(models.__path__):
     importlib.import_module(f"models.{info.name}")
-for name in ("training.synthetic_bundle", "training.export", "training.export_torch",
+for name in ("benchmarks.synthetic_bundle", "training.export", "training.export_torch",
              "training.commands.bench_search", "training.commands.bench_retrieve",
              "tests.unit.models.test_torch_bundle"):
     importlib.import_module(name)

@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.synthetic_bundle import make_synthetic_bundle
 from models.bundle import BundleError, load_bundle
 from models.retriever import Retriever
-from training.synthetic_bundle import make_synthetic_bundle
 
 MIN_ACHIEVED_SHARE = 0.98
 """An open-loop row counts only if completions kept up with at least this share of the offered rate

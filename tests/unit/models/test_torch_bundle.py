@@ -23,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from benchmarks.synthetic_bundle import make_synthetic_bundle
 from models.backend import OnnxBackend
 from models.bundle import BundleError, bundle_fingerprint, file_sha256, load_bundle
 from models.decoder import NodeScorer, TokenDecoder
@@ -31,7 +32,6 @@ from models.index import TreeIndex
 from models.retriever import Retriever
 from models.torch_bundle import build_modules, describe_modules, torch_backend
 from training.export_torch import TorchExportError, choose_backends
-from training.synthetic_bundle import make_synthetic_bundle
 
 from .conftest import DIM, MAX_HISTORY, NUM_ITEMS, TinyModel
 

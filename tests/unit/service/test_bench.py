@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import yaml
 
-from service.bench import BenchConfig, Measurement, max_throughput
-from service.bench_load import Arrivals, OpenLoopStats, http_post, open_loop, run_loop, send_times
-from service.bench_shadow import (
+from benchmarks.launcher import free_port
+from benchmarks.load import Arrivals, OpenLoopStats, http_post, open_loop, run_loop, send_times
+from benchmarks.serve import BenchConfig, Measurement, max_throughput
+from benchmarks.shadow import (
     ShadowMeasurement,
     counter_delta,
     experiment_yaml,
@@ -28,7 +29,6 @@ from service.bench_shadow import (
     with_p99_change,
 )
 from service.experiments import ExperimentConfig
-from service.launcher import free_port
 from service.models_registry import ModelRegistry
 from service.settings import Settings
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.bench_shadow import (
+from benchmarks.shadow import (
     ShadowMeasurement,
     format_shadow_table,
     interleaved_order,

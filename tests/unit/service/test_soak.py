@@ -1,12 +1,12 @@
-"""The soak verdict (service/soak.py): RSS growth and p99 ratio from the first window after the
+"""The soak verdict (benchmarks/soak.py): RSS growth and p99 ratio from the first window after the
 warm-up to the last one, against the limits 5 % and 1.2x."""
 
 from __future__ import annotations
 
 import pytest
 
-from service.bench_load import OpenLoopStats
-from service.soak import MAX_P99_RATIO, MAX_RSS_GROWTH, SoakConfig, Window, verdict
+from benchmarks.load import OpenLoopStats
+from benchmarks.soak import MAX_P99_RATIO, MAX_RSS_GROWTH, SoakConfig, Window, verdict
 
 
 def window(start_s: float, p99_ms: float, rss_mib: float, achieved: float = 50.0) -> Window:

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from benchmarks.synthetic_bundle import make_synthetic_bundle
 from models.bundle import BundleError
 from service.models_registry import load_model
 from service.settings import Settings
-from training.synthetic_bundle import make_synthetic_bundle
 
 
 @pytest.fixture(scope="module")

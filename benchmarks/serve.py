@@ -1,19 +1,19 @@
 """``genret bench serve``: the served generative path against brute-force top-K, same items, same service.
 
-1. build (or reuse) a synthetic bundle of N items (``training.synthetic_bundle``);
+1. build (or reuse) a synthetic bundle of N items (``benchmarks.synthetic_bundle``);
 2. for each mode (``generative``: beam search + rerank; ``bruteforce``: encode, then exact
    ``query @ item_emb.T`` top-K), start `genret serve` as a subprocess with the cache off;
 3. closed loop: drive it from a separate process — ``wrk`` with a Lua script sending random
    histories — at each concurrency for ``duration`` seconds, after a short warm-up;
 4. open loop (``open_loop`` fractions, default 0.5, 0.8, 0.95): the mode's maximum throughput is
    its best error-free closed-loop QPS of this run; requests are then sent at each fraction of it
-   at scheduled times (:mod:`service.bench_load`), latency timed from the scheduled send; a row
+   at scheduled times (:mod:`benchmarks.load`), latency timed from the scheduled send; a row
    whose achieved rate is under 98 % of its target is marked invalid;
 5. print QPS and p50/p95/p99 per mode and concurrency, the QPS ratio, the open-loop rows and the
    service's resident memory.
 
 With ``shadow_rates`` (``--shadow 0,0.5,1``) it measures the shadow lane's cost instead
-(:mod:`service.bench_shadow`).
+(:mod:`benchmarks.shadow`).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.launcher import ServiceProcess
+from benchmarks.load import Arrivals, OpenLoopStats, http_post, open_loop, run_loop, send_times
 from models.bundle import SCHEMA_VERSION
-from service.bench_load import Arrivals, OpenLoopStats, http_post, open_loop, run_loop, send_times
-from service.launcher import ServiceProcess
 
 WRK_SCRIPT = r"""
 local ids = {%(ids)s}
@@ -136,7 +136,7 @@ class OpenLoopMeasurement:
 
 
 def build_bundle(cfg: BenchConfig) -> Path:
-    from training.synthetic_bundle import make_synthetic_bundle
+    from benchmarks.synthetic_bundle import make_synthetic_bundle
 
     out = cfg.workdir / f"bundle-n{cfg.items}-l{cfg.levels}-b{cfg.tree_branching}-d{cfg.dim}-s{cfg.seed}"
     manifest = out / "manifest.json"
@@ -336,8 +336,8 @@ def format_open_table(rows: list[OpenLoopMeasurement]) -> str:
 
 
 def generator_ceiling() -> list[dict[str, Any]]:
-    """The open-loop generator against a trivial server (:func:`service.bench_load.measure_ceiling`)."""
-    from service.bench_load import measure_ceiling
+    """The open-loop generator against a trivial server (:func:`benchmarks.load.measure_ceiling`)."""
+    from benchmarks.load import measure_ceiling
 
     print("measuring the open-loop generator's ceiling against a trivial server ...", flush=True)
     rows = [{**asdict(r), "valid": r.valid} for r in measure_ceiling()]
@@ -356,7 +356,7 @@ def run_bench(cfg: BenchConfig, as_json: bool = False, ceiling: bool = False) ->
         return 2
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     if cfg.shadow_rates:
-        from service.bench_shadow import run_shadow_bench
+        from benchmarks.shadow import run_shadow_bench
 
         return run_shadow_bench(cfg, as_json=as_json)
     generator = generator_ceiling() if ceiling else []
@@ -374,7 +374,7 @@ def run_bench(cfg: BenchConfig, as_json: bool = False, ceiling: bool = False) ->
     print(
         f"\nbench serve: N={cfg.items} L={cfg.levels} branching={cfg.tree_branching} dim={cfg.dim} k={cfg.k} "
         f"beam={cfg.beam_size} batch<={cfg.max_batch_size} threads={cfg.threads} duration={cfg.duration_s}s "
-        "(closed loop: wrk, 1 thread, separate process; open loop: service.bench_load, "
+        "(closed loop: wrk, 1 thread, separate process; open loop: benchmarks.load, "
         f"{cfg.arrivals} arrivals, latency from the scheduled send)"
     )
     print(format_table(results))

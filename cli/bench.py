@@ -1,4 +1,4 @@
-"""``genret bench serve`` (registered by cli/main.py)."""
+"""``genret bench serve`` and ``genret bench soak``: the wiring; the benchmarks live in ``benchmarks/``."""
 
 from __future__ import annotations
 
@@ -6,9 +6,17 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import benchmarks.soak
+from benchmarks.soak import SoakConfig, run_soak
+
 
 def register(sub: Any, groups: dict[str, Any]) -> None:
-    bench = groups["bench"].add_parser(
+    register_serve(groups["bench"])
+    register_soak(groups["bench"])
+
+
+def register_serve(group: Any) -> None:
+    bench = group.add_parser(
         "serve",
         help="QPS and latency of the service vs brute-force top-K over the same items",
         description="Build a synthetic bundle of N items, serve it (uvicorn subprocess), drive it with wrk at "
@@ -63,7 +71,7 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
-    from service.bench import BenchConfig, run_bench
+    from benchmarks.serve import BenchConfig, run_bench
 
     config = BenchConfig(
         items=args.items,
@@ -85,3 +93,58 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         arrivals=args.arrivals,
     )
     return run_bench(config, as_json=args.json, ceiling=args.ceiling)
+
+
+def register_soak(group: Any) -> None:
+    soak_parser = group.add_parser(
+        "soak",
+        help="sustained load at a fraction of the measured maximum: RSS and p99 per window, stable or not",
+        description=(benchmarks.soak.__doc__ or "").split("\n\n", 1)[-1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    defaults = SoakConfig()
+    soak_parser.add_argument("--minutes", type=float, default=defaults.minutes, help="soak length")
+    soak_parser.add_argument(
+        "--rate-fraction", type=float, default=defaults.rate_fraction, help="share of the maximum QPS offered"
+    )
+    soak_parser.add_argument("--window-s", type=float, default=defaults.window_s, help="seconds per row")
+    soak_parser.add_argument(
+        "--warmup-s", type=float, default=defaults.warmup_s, help="rows before this are warm-up"
+    )
+    soak_parser.add_argument("--items", type=int, default=defaults.items, help="synthetic catalogue size")
+    soak_parser.add_argument("--levels", type=int, default=defaults.levels, help="index depth")
+    soak_parser.add_argument(
+        "--probe-s", type=float, default=defaults.probe_s, help="seconds per closed-loop probe"
+    )
+    soak_parser.add_argument(
+        "--concurrency",
+        default=",".join(map(str, defaults.concurrency)),
+        help="closed-loop probe connections",
+    )
+    soak_parser.add_argument(
+        "--cache-entries",
+        type=int,
+        default=defaults.cache_entries,
+        help="GENRET_LOCAL_CACHE_ENTRIES of the server",
+    )
+    soak_parser.add_argument("--threads", type=int, default=defaults.threads, help="torch / ORT threads")
+    soak_parser.add_argument("--workdir", type=Path, default=defaults.workdir, help="bundle cache and log")
+    soak_parser.add_argument("--json", action="store_true", help="print the rows and verdict as JSON too")
+    soak_parser.set_defaults(func=cmd_soak)
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    cfg = SoakConfig(
+        minutes=args.minutes,
+        rate_fraction=args.rate_fraction,
+        window_s=args.window_s,
+        warmup_s=args.warmup_s,
+        items=args.items,
+        levels=args.levels,
+        probe_s=args.probe_s,
+        concurrency=tuple(int(c) for c in args.concurrency.split(",") if c.strip()),
+        cache_entries=args.cache_entries,
+        threads=args.threads,
+        workdir=args.workdir,
+    )
+    return run_soak(cfg, as_json=args.json)

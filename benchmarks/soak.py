@@ -4,7 +4,7 @@
 2. probe: closed loop (each connection sends its next request when the previous answer arrives)
    at a few concurrencies for a few seconds each; the best error-free throughput is the maximum;
 3. soak: offer ``rate_fraction`` of that maximum open loop (sends at fixed scheduled times,
-   latency from the scheduled time: :mod:`service.bench_load`) for ``minutes``, one window of
+   latency from the scheduled time: :mod:`benchmarks.load`) for ``minutes``, one window of
    ``window_s`` after another; after each window sample the server's resident memory;
 4. print a row per window and the verdict. **Stable** = from the first window that starts at or
    after ``warmup_s`` (minute 2) to the last one, RSS grows at most 5 % and p99 stays within 1.2x.
@@ -16,7 +16,6 @@ growth is not mistaken for a leak.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import time
@@ -26,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from service.bench_load import Connection, OpenLoopStats, http_post, open_loop, run_loop, send_times
-from service.launcher import ServiceProcess
+from benchmarks.launcher import ServiceProcess
+from benchmarks.load import Connection, OpenLoopStats, http_post, open_loop, run_loop, send_times
 
 MAX_RSS_GROWTH = 0.05
 MAX_P99_RATIO = 1.2
@@ -66,7 +65,7 @@ class Window:
 
 
 def build_bundle(cfg: SoakConfig) -> Path:
-    from training.synthetic_bundle import make_synthetic_bundle
+    from benchmarks.synthetic_bundle import make_synthetic_bundle
 
     branching = int(np.ceil(cfg.items ** (1.0 / cfg.levels)))
     out = cfg.workdir / f"bundle-{cfg.items}-{cfg.levels}-{cfg.dim}-{cfg.seed}"
@@ -215,58 +214,3 @@ def run_soak(cfg: SoakConfig, as_json: bool = False) -> int:
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
         print(json.dumps({"config": config, "probes": probes, "windows": rows, "verdict": result}, indent=2))
     return 0 if result["stable"] is not False and code == 0 else 1
-
-
-def register(sub: Any, groups: dict[str, Any]) -> None:
-    soak_parser = groups["bench"].add_parser(
-        "soak",
-        help="sustained load at a fraction of the measured maximum: RSS and p99 per window, stable or not",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    defaults = SoakConfig()
-    soak_parser.add_argument("--minutes", type=float, default=defaults.minutes, help="soak length")
-    soak_parser.add_argument(
-        "--rate-fraction", type=float, default=defaults.rate_fraction, help="share of the maximum QPS offered"
-    )
-    soak_parser.add_argument("--window-s", type=float, default=defaults.window_s, help="seconds per row")
-    soak_parser.add_argument(
-        "--warmup-s", type=float, default=defaults.warmup_s, help="rows before this are warm-up"
-    )
-    soak_parser.add_argument("--items", type=int, default=defaults.items, help="synthetic catalogue size")
-    soak_parser.add_argument("--levels", type=int, default=defaults.levels, help="index depth")
-    soak_parser.add_argument(
-        "--probe-s", type=float, default=defaults.probe_s, help="seconds per closed-loop probe"
-    )
-    soak_parser.add_argument(
-        "--concurrency",
-        default=",".join(map(str, defaults.concurrency)),
-        help="closed-loop probe connections",
-    )
-    soak_parser.add_argument(
-        "--cache-entries",
-        type=int,
-        default=defaults.cache_entries,
-        help="GENRET_LOCAL_CACHE_ENTRIES of the server",
-    )
-    soak_parser.add_argument("--threads", type=int, default=defaults.threads, help="torch / ORT threads")
-    soak_parser.add_argument("--workdir", type=Path, default=defaults.workdir, help="bundle cache and log")
-    soak_parser.add_argument("--json", action="store_true", help="print the rows and verdict as JSON too")
-    soak_parser.set_defaults(func=cmd_soak)
-
-
-def cmd_soak(args: argparse.Namespace) -> int:
-    cfg = SoakConfig(
-        minutes=args.minutes,
-        rate_fraction=args.rate_fraction,
-        window_s=args.window_s,
-        warmup_s=args.warmup_s,
-        items=args.items,
-        levels=args.levels,
-        probe_s=args.probe_s,
-        concurrency=tuple(int(c) for c in args.concurrency.split(",") if c.strip()),
-        cache_entries=args.cache_entries,
-        threads=args.threads,
-        workdir=args.workdir,
-    )
-    return run_soak(cfg, as_json=args.json)

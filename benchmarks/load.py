@@ -32,7 +32,7 @@ from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
 
-from service.launcher import free_port
+from benchmarks.launcher import free_port
 
 Arrivals = Literal["fixed", "poisson"]
 MIN_ACHIEVED_FRACTION = 0.98
@@ -267,7 +267,7 @@ async def serve_trivial(port: int) -> None:
 def start_trivial_server() -> tuple[subprocess.Popen[bytes], int]:
     """The trivial server in its own process (as the real service is); waits until it accepts."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "service.bench_load", "--trivial-server", str(port)])
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.load", "--trivial-server", str(port)])
     deadline = time.monotonic() + 20.0
     while time.monotonic() < deadline:
         try:

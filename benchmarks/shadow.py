@@ -26,8 +26,8 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.bench import BenchConfig, build_bundle, measure_level, run_wrk, service_env, wrk_script
-from service.launcher import ServiceProcess
+from benchmarks.launcher import ServiceProcess
+from benchmarks.serve import BenchConfig, build_bundle, measure_level, run_wrk, service_env, wrk_script
 
 
 @dataclass(frozen=True)
