@@ -25,7 +25,7 @@ redis:
 	  (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null; }
 
 demo: install
-	$(BIN)/python -m service.demo
+	$(BIN)/python -m cli.demo
 
 test: install redis
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
@@ -61,13 +61,13 @@ wheels: | $(BIN)/python
 	{ [ $$size -lt 64 ] || { echo "wheels: $(WHEEL_DIR)/ is $$size MiB, over the 64 MiB a check may carry"; exit 1; }; }
 
 lint: install
-	$(BIN)/ruff check models training service tests scripts
-	$(BIN)/ruff format --check models training service tests scripts
+	$(BIN)/ruff check models training service cli benchmarks tests scripts
+	$(BIN)/ruff format --check models training service cli benchmarks tests scripts
 	$(BIN)/mypy
 
 fmt: install
-	$(BIN)/ruff format models training service tests scripts
-	$(BIN)/ruff check --fix models training service tests scripts
+	$(BIN)/ruff format models training service cli benchmarks tests scripts
+	$(BIN)/ruff check --fix models training service cli benchmarks tests scripts
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -27,8 +27,8 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "index-report": ("training.commands.index_report",),
     "frontier": ("training.commands.frontier",),
     "serve": ("cli.serve",),
-    "replay": ("service.experiment_commands",),
-    "ab-report": ("service.experiment_commands",),
+    "replay": ("cli.experiments",),
+    "ab-report": ("cli.experiments",),
     "bench": (
         "training.commands.bench_search",
         "training.commands.bench_retrieve",

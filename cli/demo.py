@@ -8,8 +8,8 @@ The steps are the ones a user runs by hand, as subprocesses of the real commands
 3. a few ``POST /v1/retrieve`` and one ``/v1/retrieve/batch``, printed, then a metrics excerpt;
 4. SIGTERM, and the exit code of the drained service.
 
-The trainer runs as a subprocess so that this module (in ``service``) imports nothing from
-``training``: the dependency direction stays ``service -> models``.
+Every step runs as a subprocess of the command a user would type, so the demo exercises the
+entry points themselves (``python -m cli train``, ``python -m service``).
 """
 
 from __future__ import annotations
