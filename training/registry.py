@@ -15,16 +15,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
-    from training.baselines import SASRec
     from training.data import Dataset
+    from training.methods.sasrec.train import SASRec
     from training.splits import Split
 
 METHOD_MODULES: dict[str, str] = {
-    "popular": "training.baselines",
-    "sasrec": "training.baselines",
-    "uri": "training.uri",
-    "seater": "training.seater",
-    "tdr": "training.tdr",
+    "popular": "training.methods.sasrec.train",
+    "sasrec": "training.methods.sasrec.train",
+    "uri": "training.methods.uri.train",
+    "seater": "training.methods.seater.train",
+    "tdr": "training.methods.tdr.train",
 }
 
 
@@ -54,7 +54,7 @@ class TrainContext:
     def sasrec(self) -> SASRec:
         """The trained SASRec baseline of this split, trained once and memoised."""
         if self._sasrec is None:
-            from training.baselines import train_sasrec
+            from training.methods.sasrec.train import train_sasrec
 
             self._sasrec = train_sasrec(self)
         return self._sasrec

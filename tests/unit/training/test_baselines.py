@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from training.baselines import (
+from training.evaluation import evaluate_recommender
+from training.methods.sasrec.model import SASRec, SASRecConfig, pad_histories, top_k_excluding
+from training.methods.sasrec.train import (
     Popularity,
     config_with_overrides,
     sasrec_config,
     train_sasrec,
     training_chunks,
 )
-from training.evaluation import evaluate_recommender
 from training.registry import TrainContext, get_method
-from training.sasrec import SASRec, SASRecConfig, pad_histories, top_k_excluding
 
 FAST = {"sasrec.max_epochs": 6, "sasrec.dim": 32, "sasrec.batch_size": 64, "sasrec.dropout": 0.1}
 

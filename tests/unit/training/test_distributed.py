@@ -18,12 +18,12 @@ from hypothesis import strategies as st
 from models.bundle import load_bundle
 from models.retriever import Retriever
 from training import distributed
-from training.baselines import Popularity, sasrec_cache_key
 from training.data import synthetic_dataset
 from training.distributed import DistContext
 from training.evaluation import evaluate_recommender
+from training.methods.sasrec.model import SASRec, SASRecConfig
+from training.methods.sasrec.train import Popularity, sasrec_cache_key
 from training.metrics import evaluate_ranking
-from training.sasrec import SASRec, SASRecConfig
 from training.splits import make_split
 
 REPO = Path(__file__).resolve().parents[3]

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from models.index import TreeIndex
-from training.baselines import Popularity
 from training.data import synthetic_dataset
 from training.evaluation import evaluate_recommender
-from training.registry import TrainContext, get_method
-from training.seater import (
+from training.methods.sasrec.train import Popularity
+from training.methods.seater.losses import pair_similarity
+from training.methods.seater.train import (
     ItemsAsLeaves,
     SeaterConfig,
     SeaterModel,
@@ -24,7 +24,7 @@ from training.seater import (
     init_tokens_from_items,
     seater_losses,
 )
-from training.seater_losses import pair_similarity
+from training.registry import TrainContext, get_method
 from training.splits import make_split
 
 

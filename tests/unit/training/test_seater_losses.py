@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from training.seater_losses import (
+from training.methods.seater.losses import (
     alignment_loss,
     generation_loss,
     ranking_loss,

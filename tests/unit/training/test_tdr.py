@@ -10,8 +10,8 @@ import torch
 
 from models.decoder import PAD_SCORE
 from models.index import TreeIndex
-from training.tdr import PreferenceModel, TDRConfig, TDRModel, tree_learning_pairs
-from training.tdr_tree_learning import learn_tree
+from training.methods.tdr.train import PreferenceModel, TDRConfig, TDRModel, tree_learning_pairs
+from training.methods.tdr.tree_learning import learn_tree
 
 SMALL = TDRConfig(dim=8, windows=(1, 2, 3), attention_hidden=4, mlp_hidden=(8,))
 
@@ -131,9 +131,9 @@ def test_model_scores_histories_against_nodes() -> None:
 def test_tdr_on_planted_clusters_beats_popularity_through_the_bundle(tmp_path: Path) -> None:
     """Train every part (SASRec, tree, preference model, one tree-learning round), export, and
     evaluate through ONNX Runtime: Recall@20 must beat popularity by a wide margin."""
-    from training.baselines import Popularity
     from training.data import synthetic_dataset
     from training.evaluation import evaluate_recommender
+    from training.methods.sasrec.train import Popularity
     from training.registry import TrainContext, get_method
     from training.splits import make_split
 

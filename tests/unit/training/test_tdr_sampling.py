@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.tdr_sampling import (
+from training.methods.tdr.sampling import (
     children_table,
     level_sizes,
     rectified_weights,

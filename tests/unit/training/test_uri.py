@@ -15,10 +15,18 @@ import torch
 from models.index import TreeIndex
 from training.data import synthetic_dataset
 from training.evaluation import evaluate_recommender
+from training.methods.uri.train import (
+    FullTree,
+    SiblingSampler,
+    URIConfig,
+    URIModel,
+    URITrainer,
+    assign_level,
+    train_uri,
+)
 from training.metrics import average_partition_entropy
 from training.registry import TrainContext, get_method
 from training.splits import make_split
-from training.uri import FullTree, SiblingSampler, URIConfig, URIModel, URITrainer, assign_level, train_uri
 
 SMALL = {
     "uri.k": 3,

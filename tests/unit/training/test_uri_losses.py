@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from training.uri_losses import (
+from training.methods.uri.losses import (
     balance_loss,
     balance_weights,
     commitment_loss,

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from training.data import synthetic_dataset
+from training.methods.sasrec.model import SASRecConfig, SASRecModule
+from training.methods.uri.query import SasrecQueryEncoder
+from training.methods.uri.train import URIConfig, URIModel, URITrainer
 from training.registry import TrainContext
-from training.sasrec import SASRecConfig, SASRecModule
 from training.splits import make_split
-from training.uri import URIConfig, URIModel, URITrainer
-from training.uri_query import SasrecQueryEncoder
 
 
 def sasrec_module(num_items: int = 20, max_len: int = 6, dim: int = 16) -> SASRecModule:

@@ -18,7 +18,7 @@ import copy
 from torch import Tensor, nn
 
 from training.bundle_recommender import sasrec_states
-from training.sasrec import SASRecModule
+from training.methods.sasrec.model import SASRecModule
 
 
 class SasrecQueryEncoder(nn.Module):

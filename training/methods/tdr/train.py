@@ -36,8 +36,7 @@ from models.decoder import PAD_SCORE
 from models.encoder import recency_positions
 from models.index import TreeIndex
 from training.bundle_recommender import BundleRecommender, SasrecQuery
-from training.registry import TrainContext, TrainedMethod, register_method
-from training.tdr_sampling import (
+from training.methods.tdr.sampling import (
     RECTIFY_MODES,
     children_table,
     level_sizes,
@@ -46,10 +45,11 @@ from training.tdr_sampling import (
     topdown_negatives,
     uniform_negatives,
 )
+from training.registry import TrainContext, TrainedMethod, register_method
 
 log = logging.getLogger(__name__)
 
-CONFIG_PATH = Path(__file__).parent / "configs" / "tdr.yaml"
+CONFIG_PATH = Path(__file__).parents[2] / "configs" / "tdr.yaml"
 SAMPLERS = ("uniform", "topdown")
 
 
@@ -545,8 +545,8 @@ def train_tdr(ctx: TrainContext) -> TrainedMethod:
 
 def _train_tdr(ctx: TrainContext, cfg: TDRConfig) -> TrainedMethod:
     from training.evaluation import evaluate_recommender
+    from training.methods.tdr.tree_learning import learn_tree
     from training.splits import training_pairs
-    from training.tdr_tree_learning import learn_tree
 
     torch.manual_seed(ctx.seed)
     rng = np.random.default_rng(ctx.seed)

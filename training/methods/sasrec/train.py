@@ -6,7 +6,7 @@ method and every compare run on the same data and split reuses one training. The
 ``config_overrides["cache_dir"]``, else ``$GENRET_CACHE_DIR``, else ``runs/cache`` in the repository.
 
 Config overrides (``genret train --set key=value``, ``TrainContext.config_overrides``):
-``sasrec.<field>`` for any :class:`~training.sasrec.SASRecConfig` field, ``max_epochs`` as a
+``sasrec.<field>`` for any :class:`~training.methods.sasrec.model.SASRecConfig` field, ``max_epochs`` as a
 shorthand every method honours, ``sasrec.cache=false`` to train without the cache.
 
 Under ``torchrun`` (:func:`training.distributed.current` distributed) every rank trains with DDP on
@@ -37,8 +37,8 @@ from tqdm import tqdm
 from training import distributed
 from training.distributed import DistContext
 from training.evaluation import evaluate_recommender
+from training.methods.sasrec.model import SASRec, SASRecConfig, SASRecModule, top_k_excluding
 from training.registry import TrainContext, TrainedMethod, register_method
-from training.sasrec import SASRec, SASRecConfig, SASRecModule, top_k_excluding
 from training.splits import Split
 
 log = logging.getLogger(__name__)
@@ -313,7 +313,7 @@ def cache_root(overrides: dict[str, Any] | None = None) -> Path:
     env = os.environ.get("GENRET_CACHE_DIR")
     if env:
         return Path(env)
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[3]
     base = repo if (repo / "pyproject.toml").is_file() else Path.cwd()
     return base / "runs" / "cache"
 

@@ -11,7 +11,7 @@ Pipeline of :func:`train_seater`:
    (:class:`SharedTokenTable`). Encoder = :class:`models.encoder.QueryEncoder`, decoder =
    :class:`models.decoder.TokenDecoder` (no bias: eq. 4 is ``softmax(y_i^T e_c)`` over the
    children ``c`` of the current node, exactly the decoder step with ``score_mode="logprob"``).
-3. losses: ``L_gen + lambda_a L_ali + lambda_r L_rank`` (:mod:`training.seater_losses`), L2 via
+3. losses: ``L_gen + lambda_a L_ali + lambda_r L_rank`` (:mod:`training.methods.seater.losses`), L2 via
    Adam weight decay; ``align=false`` / ``rank=false`` switch the contrastive terms off.
 Under ``torchrun`` (``genret train``, :mod:`training.distributed`) every rank trains on its shard of
 the training pairs through a DDP-wrapped :class:`SeaterLoss`; rank 0 builds the index (broadcast to
@@ -45,14 +45,19 @@ from training import distributed
 from training.bundle_recommender import BundleRecommender, SasrecQuery
 from training.clustering import balanced_tree_codes
 from training.export import export_bundle
+from training.methods.sasrec.model import SASRec
+from training.methods.seater.losses import (
+    alignment_loss,
+    generation_loss,
+    ranking_loss,
+    sample_ranking_negatives,
+)
 from training.registry import TrainContext, TrainedMethod, register_method
-from training.sasrec import SASRec
-from training.seater_losses import alignment_loss, generation_loss, ranking_loss, sample_ranking_negatives
 from training.splits import training_pairs
 
 log = logging.getLogger(__name__)
 
-CONFIG_PATH = Path(__file__).parent / "configs" / "seater.yaml"
+CONFIG_PATH = Path(__file__).parents[2] / "configs" / "seater.yaml"
 SHARED_OVERRIDES = frozenset({"cache_dir", "max_epochs"})  # read by several methods
 
 

@@ -2,12 +2,12 @@
 
 One shared :class:`~models.decoder.TokenDecoder` gives, at every index level, a distribution over
 the ``k`` tokens of that level for a query (memory = the query encoder's states of the user's
-history: by default a frozen copy of the split's SASRec, :mod:`training.uri_query`; or a
+history: by default a frozen copy of the split's SASRec, :mod:`training.methods.uri.query`; or a
 :class:`~models.encoder.QueryEncoder` trained from scratch) and for an item (memory = the item's id
 and attribute embeddings).
 The index is built layer by layer (paper 4.2):
 
-1. level ``l`` trains ``E-step + M-step`` (eqs. 8-10, :mod:`training.uri_losses`) plus the memory
+1. level ``l`` trains ``E-step + M-step`` (eqs. 8-10, :mod:`training.methods.uri.losses`) plus the memory
    loss of the levels already assigned (eq. 11), with the assigned tokens as the decoder prefix,
    until a convergence criterion holds (``URIConfig.level_*``);
 2. every item is then assigned a level-``l`` token with the capacity-constrained assignment
@@ -51,11 +51,8 @@ from models.decoder import DecoderConfig, TokenDecoder, safe_key_padding
 from models.encoder import EncoderConfig, QueryEncoder
 from models.index import TreeIndex
 from training.bundle_recommender import BundleRecommender
-from training.metrics import average_partition_entropy
-from training.registry import TrainContext, TrainedMethod, register_method
-from training.sasrec import SASRecModule
-from training.splits import EvalSet, training_pairs
-from training.uri_losses import (
+from training.methods.sasrec.model import SASRecModule
+from training.methods.uri.losses import (
     balance_loss,
     commitment_loss,
     e_step_loss,
@@ -63,11 +60,14 @@ from training.uri_losses import (
     memory_loss,
     sampled_softmax_loss,
 )
-from training.uri_query import SasrecQueryEncoder
+from training.methods.uri.query import SasrecQueryEncoder
+from training.metrics import average_partition_entropy
+from training.registry import TrainContext, TrainedMethod, register_method
+from training.splits import EvalSet, training_pairs
 
 log = logging.getLogger(__name__)
 
-CONFIG_PATH = Path(__file__).parent / "configs" / "uri.yaml"
+CONFIG_PATH = Path(__file__).parents[2] / "configs" / "uri.yaml"
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,7 +86,7 @@ class URIConfig:
     """Model and representation dimension d (with ``query_encoder: sasrec``: the SASRec width)."""
     query_encoder: str = "own"
     """``own``: a QueryEncoder trained from scratch; ``sasrec``: a copy of the split's SASRec baseline
-    (:mod:`training.uri_query`), fine-tuned at ``lr * encoder_lr_scale``."""
+    (:mod:`training.methods.uri.query`), fine-tuned at ``lr * encoder_lr_scale``."""
     encoder_lr_scale: float = 1.0
     """Learning-rate multiplier of the query encoder (and its item table) in the level stages; 0 freezes it."""
     ranker_encoder_lr_scale: float = 1.0
@@ -183,7 +183,7 @@ class URIConfig:
         strings, converted to the field's type), ``max_epochs`` caps every stage's epochs, other
         methods' keys are ignored; an unknown ``uri.`` field raises ``ValueError``.
         """
-        from training.baselines import config_with_overrides
+        from training.methods.sasrec.train import config_with_overrides
 
         raw = yaml.safe_load(Path(path or CONFIG_PATH).read_text()) or {}
         known = {f.name for f in dataclasses.fields(cls)}

@@ -1,0 +1,1 @@
+"""SEATER: semantic tree-structured identifiers with contrastive learning (Si et al. 2024)."""

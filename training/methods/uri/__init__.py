@@ -1,0 +1,1 @@
+"""URI: the decoder is both the retriever and the indexer (Li et al., ICLR 2025)."""
