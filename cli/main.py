@@ -22,9 +22,9 @@ from service.main import configure_logging
 COMMANDS: dict[str, tuple[str, ...]] = {
     "data": ("training.commands.data",),
     "compare": ("training.commands.compare",),
-    "train": ("training.commands.train",),
+    "train": ("cli.train",),
     "eval": ("training.commands.evaluate",),
-    "index-report": ("training.commands.index_report",),
+    "index-report": ("cli.index_report",),
     "frontier": ("training.commands.frontier",),
     "serve": ("cli.serve",),
     "replay": ("cli.experiments",),

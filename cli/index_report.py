@@ -92,7 +92,7 @@ def sasrec_model(args: argparse.Namespace, ctx: Any) -> Any:
     """The SASRec of this split: ``--sasrec-dir`` (saved weights) or ``ctx.sasrec()`` (cache or train)."""
     if args.sasrec_dir is None:
         return ctx.sasrec()
-    from training.sasrec import SASRec
+    from training.methods.sasrec.model import SASRec
 
     model = SASRec.load(args.sasrec_dir)
     if model.num_items != ctx.dataset.num_items:
@@ -107,7 +107,7 @@ def uri_buckets(args: argparse.Namespace, ctx: Any) -> np.ndarray:
     from models.bundle import load_bundle
 
     if args.uri_bundle is None:
-        from training.uri import train_uri
+        from training.methods.uri.train import train_uri
 
         ctx.config_overrides.setdefault("uri.k", args.k)
         ctx.config_overrides.setdefault("uri.levels", args.levels)
