@@ -361,7 +361,48 @@ def test_dockerfiles_run_as_non_root_and_probe_healthz() -> None:
         runtime = text.split("AS runtime", 1)[1]
         assert re.search(r"^USER 10001", runtime, re.M), f"{name}: runtime stage must not run as root"
         assert "apt-get install" not in runtime or "build-essential" not in runtime
-        deps = text.index("requirements-common.txt /tmp")
-        assert deps < text.index("COPY models"), f"{name}: dependencies must be installed before the code"
+        deps = re.search(r"^COPY docker/requirements-\S+\.txt .*/tmp/", text, re.M)
+        assert deps is not None and deps.start() < text.index("COPY models"), (
+            f"{name}: dependencies must be installed before the code"
+        )
         if name != "Dockerfile.trainer":
             assert re.search(r"HEALTHCHECK .*\n.*urllib.*/healthz", runtime), name
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_server_runs_the_serving_entry_point(overlays: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    c = server_container(overlays[overlay])
+    assert c["command"] == ["genret-serve"] and not c.get("args"), (c.get("command"), c.get("args"))
+
+
+def test_serving_images_hold_only_service_and_models() -> None:
+    """The serving images copy service/ and models/ (their context holds nothing else of the code)
+    and start the serving entry point; the trainer image holds every package, for `genret`."""
+    for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        text = (ROOT / "docker" / name).read_text()
+        copied = re.findall(r"^COPY (?!--from)(\S+) ", text, re.M)
+        assert sorted(c for c in copied if not c.startswith(("docker/", "pyproject"))) == [
+            "models",
+            "service",
+        ]
+        assert "requirements-serve.txt" in text and "requirements-trainer.txt" not in text
+        assert re.search(r'^ENTRYPOINT \["genret-serve"\]$', text, re.M), name
+        assert not re.search(r"^CMD ", text.split("AS runtime", 1)[1], re.M), (
+            f"{name}: genret-serve takes no command"
+        )
+        allowed = [
+            line
+            for line in (ROOT / "docker" / f"{name}.dockerignore").read_text().splitlines()
+            if line.startswith("!")
+        ]
+        assert sorted(allowed) == [
+            "!README.md",
+            "!docker/requirements-serve.txt",
+            "!models/**",
+            "!pyproject.toml",
+            "!service/**",
+        ]
+    trainer = (ROOT / "docker" / "Dockerfile.trainer").read_text()
+    for package in ("models", "training", "service", "cli", "benchmarks"):
+        assert f"COPY {package} ./{package}" in trainer
