@@ -1,4 +1,5 @@
-"""HTTP routes only: each route calls the engine or the registry and returns its answer.
+"""HTTP routes only: each route calls the engine or the registry and returns its answer, built
+into the HTTP models here (:mod:`service.responses`): the engine answers in domain results.
 
 ``router`` is the public API (port ``GENRET_PORT``); ``admin_router`` is served only by the admin
 app on its own port (``GENRET_ADMIN_PORT``), and only when ``GENRET_ADMIN_TOKEN`` is set: every
@@ -19,6 +20,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from service.engine import Engine
 from service.errors import ERROR_RESPONSES, ErrorBody, Forbidden, LimitExceeded, Unauthorized, Unavailable
 from service.metrics import render
+from service.responses import to_response
 from service.schemas import (
     AdminModelDescription,
     AdminModelsResponse,
@@ -80,9 +82,9 @@ async def retrieve(
     body: RetrieveRequest, request: Request, engine: Engine = Depends(get_engine)
 ) -> RetrieveResponse:
     check_debug(request, [body])
-    response = await engine.retrieve(body)
-    request.state.variant = response.variant
-    return response
+    result = await engine.retrieve(body)
+    request.state.variant = result.variant
+    return to_response(result, debug=body.debug)
 
 
 @router.post(
@@ -96,7 +98,10 @@ async def retrieve_batch(
     body: BatchRetrieveRequest, request: Request, engine: Engine = Depends(get_engine)
 ) -> BatchRetrieveResponse:
     check_debug(request, body.requests)
-    return BatchRetrieveResponse(results=await engine.retrieve_batch(body.requests))
+    results = await engine.retrieve_batch(body.requests)
+    return BatchRetrieveResponse(
+        results=[to_response(r, debug=q.debug) for q, r in zip(body.requests, results, strict=True)]
+    )
 
 
 def describe_models(engine: Engine, kind: type[ModelDescription]) -> list[Any]:

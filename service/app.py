@@ -23,10 +23,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import admin_router, router
 from service.cache import CircuitBreaker, LocalCache, NoCache, RedisCache, StateCache
-from service.engine import DEFAULT_VARIANT, Engine
+from service.engine import Engine
 from service.errors import PayloadTooLarge, error_response, install_error_handlers
 from service.metrics import REQUEST_SECONDS
 from service.models_registry import ModelRegistry
+from service.request_map import DEFAULT_VARIANT
 from service.settings import SHUTDOWN_CLOSE_S, Settings
 
 log = logging.getLogger(__name__)
@@ -168,11 +169,11 @@ def wire_experiment(hooks: Any, engine: Engine) -> None:
 
     async def run_shadow(request: Any) -> Any:
         started = time.perf_counter()
-        response = await engine.run_shadow(request)
+        result = await engine.run_shadow(request)
         return Ranked(
-            items=tuple(item.id for item in response.items),
-            bundle=response.model.name,
-            version=response.model.version,
+            items=result.items,
+            bundle=result.model.name,
+            version=result.model.version,
             latency_s=time.perf_counter() - started,
         )
 

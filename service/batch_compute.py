@@ -19,12 +19,12 @@ from typing import Protocol
 
 import numpy as np
 
-from models.bruteforce import bruteforce_topk
-from models.retriever import EncoderStates
 from service.cache_codec import StateRow, StateSpec
 from service.errors import ComputeFailed
 from service.metrics import ROW_FAILURES, STAGE_SECONDS
 from service.models_registry import LoadedModel
+from service.search_strategy import SearchStrategy
+from service.states import Row, device_rows, host_rows, stack_states
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +56,6 @@ def state_spec(p: RowInput) -> StateSpec:
     return p.model.state_spec(len(p.history))
 
 
-def stack_rows(rows: Sequence[StateRow], device: str) -> EncoderStates:
-    """Per-row states -> one left-padded batch (the encoder counts positions from the most recent
-    item, so a left-padded row gives the same states at any padded length)."""
-    return EncoderStates.stack([(r.memory, r.memory_mask, r.query) for r in rows], device)
-
-
-def split_rows(states: EncoderStates) -> list[StateRow]:
-    """Per-row states without their left padding, as numpy (what the cache stores)."""
-    rows = []
-    for i in range(states.batch_size):
-        memory, mask, query = states.row(i)  # [t, D], [t], [Dr]
-        rows.append(StateRow(memory=memory, memory_mask=mask.astype(bool), query=query))
-    return rows
-
-
 @dataclass
 class BatchOutcome:
     found: Found = field(default_factory=dict)
@@ -78,7 +63,7 @@ class BatchOutcome:
     fresh: FreshRows = field(default_factory=dict)
     from_cache: set[int] = field(default_factory=set)  # rows answered from their cached states
     encode_s: float = 0.0
-    search_s: float = 0.0  # beam search (or brute-force top-K)
+    search_s: float = 0.0  # the strategy's search (beam search, or brute-force top-K)
     rerank_s: float = 0.0  # leaf items scored by inner product, top-k
 
 
@@ -90,15 +75,17 @@ class BatchCompute:
         payloads: Sequence[RowInput],
         cached: Sequence[StateRow | None],
         *,
-        search_mode: str,
+        strategy: SearchStrategy,
         device: str,
-        rows: Sequence[StateRow | None] | None = None,  # states encoded earlier (pipelined batcher)
+        store: bool,  # a cache will keep fresh states: copy them to the host for it
+        rows: Sequence[Row | None] | None = None,  # states encoded earlier (pipelined batcher)
     ) -> None:
         self.payloads = payloads
         self.cached = cached
-        self.rows: list[StateRow | None] = list(cached if rows is None else rows)
-        self.search_mode = search_mode
+        self.rows: list[Row | None] = list(cached if rows is None else rows)
+        self.strategy = strategy
         self.device = device
+        self.store = store
         self.out = BatchOutcome()
 
     def run(self) -> BatchOutcome:
@@ -122,7 +109,7 @@ class BatchCompute:
         groups: dict[tuple[int, int], list[int]] = {}
         for i, p in enumerate(self.payloads):
             if i not in self.out.errors:
-                beam = 0 if self.search_mode == "bruteforce" else p.beam_size
+                beam = self.strategy.group_beam(p.beam_size)
                 groups.setdefault((id(p.model), beam), []).append(i)
         for (_, beam), idxs in groups.items():
             self.out.found.update(self._search_narrowed(idxs, beam))
@@ -152,9 +139,11 @@ class BatchCompute:
                 for i in group:
                     self._encode([i])
                 continue
-            for i, row in zip(group, split_rows(states), strict=True):
-                self.rows[i] = row
-                self.out.fresh[self.payloads[i].key] = (state_spec(self.payloads[i]), row)
+            for i, fresh in zip(group, device_rows(states), strict=True):
+                self.rows[i] = fresh  # stays on the device for the search
+            if self.store:  # the only host copy of fresh states: for the cache
+                for i, row in zip(group, host_rows(states), strict=True):
+                    self.out.fresh[self.payloads[i].key] = (state_spec(self.payloads[i]), row)
 
     def _search_narrowed(self, idxs: list[int], beam: int) -> Found:
         """Search one (bundle, beam) group; on failure row by row, then a cached row afresh."""
@@ -191,21 +180,12 @@ class BatchCompute:
         group_rows = [self.rows[i] for i in idxs]
         if any(r is None for r in group_rows):
             raise RuntimeError("search reached a row without encoder states")
-        states = stack_rows([r for r in group_rows if r is not None], self.device)
+        states = stack_states([r for r in group_rows if r is not None], self.device)
         k = max(payloads[i].k for i in idxs)
         exclude = [payloads[i].exclude for i in idxs]
-        if beam == 0:  # brute-force baseline
-            items, scores = bruteforce_topk(states.query, model.item_emb, k, exclude)
-            candidates = [model.num_items - len(e) for e in exclude]
-        else:
-            leaves = model.retriever.beam(states, beam).leaves  # [b, beam]
-            t_rerank = time.perf_counter()
-            result = model.retriever.rerank(leaves, states.query, k, exclude)
-            self.out.rerank_s += time.perf_counter() - t_rerank
-            items = np.asarray(result.items)  # [b, k]
-            scores = np.asarray(result.scores, dtype=np.float32)  # [b, k]
-            candidates = [int(c) for c in np.asarray(result.num_candidates)]
-        return {i: (items[j], scores[j], candidates[j]) for j, i in enumerate(idxs)}
+        found = self.strategy.search(model, states, k, beam, exclude)
+        self.out.rerank_s += found.rerank_s
+        return {i: (found.items[j], found.scores[j], found.candidates[j]) for j, i in enumerate(idxs)}
 
     def _fail(self, i: int, stage: str, exc: Exception) -> None:
         p = self.payloads[i]
@@ -216,3 +196,53 @@ class BatchCompute:
         self.out.errors[i] = ComputeFailed(
             f"model {p.model.name!r} failed on this request's history ({stage}: {type(exc).__name__})"
         )
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One job after the prepare stage: the states to search with and where they came from."""
+
+    cached: StateRow | None  # the cache's row (None on a miss)
+    row: Row  # the cached row itself, or fresh states still on the device
+    cache_s: float  # the prepare batch's cache lookup
+    encode_s: float  # the prepare batch's encode (0.0 when every row hit)
+
+
+@dataclass(frozen=True)
+class RowResult:
+    """One row's search answer, in dense ids of its bundle."""
+
+    items: np.ndarray  # [k] dense ids, 0 where fewer exist
+    scores: np.ndarray  # [k] float32, -inf where padded
+    num_candidates: int
+    cache: str  # "hit" | "miss"
+    batch_size: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per batch stage
+
+
+def row_results(
+    payloads: Sequence[RowInput], encoded: Sequence[Encoded], out: BatchOutcome
+) -> list[RowResult | BaseException]:
+    """Each row's result (cut to its own k) or its own error; the timings are the batch's."""
+    results: list[RowResult | BaseException] = []
+    for i, (p, e) in enumerate(zip(payloads, encoded, strict=True)):
+        if i in out.errors:
+            results.append(out.errors[i])
+            continue
+        items, scores, candidates = out.found[i]
+        results.append(
+            RowResult(
+                items=items[: p.k],
+                scores=scores[: p.k],
+                num_candidates=candidates,
+                cache="hit" if i in out.from_cache else "miss",
+                batch_size=len(payloads),
+                timings={
+                    "cache": e.cache_s,
+                    "encode": e.encode_s,
+                    "search": out.search_s,
+                    "rerank": out.rerank_s,
+                },
+            )
+        )
+    return results

@@ -14,7 +14,7 @@ Assignment is a salted hash of the user key (``user_id``, else a hash of the his
 the cumulative weights, so it is sticky across requests, processes and replicas, and needs no
 shared state. Shadow sampling uses a second, independent salted hash per shadow bundle.
 
-Layers, each usable alone: :class:`ExperimentConfig` (parsed, validated file),
+Layers, each usable alone: :class:`ExperimentConfig` (the file, validated: :mod:`service.experiment_config`),
 :class:`ExperimentRouter` (pure assignment), :class:`ExperimentFile` (reload on change, keep the
 last good config on a bad edit), :class:`ExperimentHooks` (what the engine calls: ``assign`` on the
 request path, ``maybe_shadow`` after each primary answer; it feeds a
@@ -25,20 +25,37 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
 from prometheus_client import Counter
 
+from service.experiment_config import ExperimentConfig, ExperimentConfigError, ShadowTarget, Variant
 from service.metrics import REGISTRY
 from service.settings import Settings
-from service.shadow import Ranked, ShadowConfig, ShadowJob, ShadowLane, ShadowLog
+from service.shadow import Ranked, ShadowConfig, ShadowJob, ShadowLane
+from service.shadow_log import ShadowLog
+
+if TYPE_CHECKING:
+    from service.results import Retrieval
+    from service.schemas import RetrieveRequest
+
+__all__ = [
+    "ExperimentConfig",
+    "ExperimentConfigError",
+    "ExperimentFile",
+    "ExperimentHooks",
+    "ExperimentRouter",
+    "ShadowTarget",
+    "Variant",
+    "ranked_from_result",
+    "router_from_settings",
+    "unit_hash",
+    "user_key",
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,135 +65,6 @@ EXPERIMENT_RELOADS = Counter(
     ["result"],
     registry=REGISTRY,
 )
-
-
-class ExperimentConfigError(ValueError):
-    """The experiment file is missing, unreadable or inconsistent; the message names the file and field."""
-
-    def __init__(self, source: str, message: str) -> None:
-        super().__init__(f"{source}: {message}")
-        self.source = source
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str  # label (response `variant`, metrics, logs)
-    bundle: str  # model name in the registry
-    weight: float  # > 0; normalised over all variants
-
-
-@dataclass(frozen=True)
-class ShadowTarget:
-    bundle: str  # model name in the registry
-    sample_rate: float  # in (0, 1]: share of user keys whose requests are copied here
-
-
-@dataclass(frozen=True)
-class ExperimentConfig:
-    name: str
-    salt: str
-    variants: tuple[Variant, ...]
-    shadows: tuple[ShadowTarget, ...] = ()
-
-    def __post_init__(self) -> None:
-        src = f"experiment {self.name!r}"
-        if not self.salt:
-            raise ExperimentConfigError(src, "salt must be a non-empty string")
-        if not self.variants:
-            raise ExperimentConfigError(src, "needs at least one variant")
-        names = [v.name for v in self.variants]
-        if len(set(names)) != len(names):
-            raise ExperimentConfigError(src, f"variant names must be unique, got {names}")
-        for v in self.variants:
-            if not (v.weight > 0 and math.isfinite(v.weight)):
-                raise ExperimentConfigError(src, f"variant {v.name!r}: weight must be > 0, got {v.weight}")
-        bundles = [s.bundle for s in self.shadows]
-        if len(set(bundles)) != len(bundles):
-            raise ExperimentConfigError(src, f"shadow bundles must be unique, got {bundles}")
-        for s in self.shadows:
-            if not 0.0 < s.sample_rate <= 1.0:
-                raise ExperimentConfigError(
-                    src, f"shadow {s.bundle!r}: sample_rate must be in (0, 1], got {s.sample_rate}"
-                )
-
-    @classmethod
-    def load(cls, path: str | Path) -> ExperimentConfig:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise ExperimentConfigError(str(path), f"cannot read: {exc.strerror or exc}") from exc
-        except yaml.YAMLError as exc:
-            raise ExperimentConfigError(str(path), f"not valid YAML: {exc}") from exc
-        return cls.from_dict(data, source=str(path))
-
-    @classmethod
-    def from_dict(cls, data: Any, source: str = "<experiment>") -> ExperimentConfig:
-        if not isinstance(data, Mapping):
-            raise ExperimentConfigError(source, f"expected a mapping at the top, got {type(data).__name__}")
-        unknown = set(data) - {"name", "salt", "variants", "shadows"}
-        if unknown:
-            raise ExperimentConfigError(
-                source, f"unknown keys {sorted(unknown)} (name, salt, variants, shadows)"
-            )
-        variants_raw = data.get("variants")
-        if not isinstance(variants_raw, list) or not variants_raw:
-            raise ExperimentConfigError(source, "'variants' must be a non-empty list")
-        shadows_raw = data.get("shadows") or []
-        if not isinstance(shadows_raw, list):
-            raise ExperimentConfigError(source, "'shadows' must be a list")
-        variants = tuple(_variant(v, i, source) for i, v in enumerate(variants_raw))
-        shadows = tuple(_shadow(s, i, source) for i, s in enumerate(shadows_raw))
-        name = str(data.get("name") or Path(source).stem)
-        salt = data.get("salt")
-        if not isinstance(salt, str) or not salt:
-            raise ExperimentConfigError(source, "'salt' must be a non-empty string")
-        try:
-            return cls(name=name, salt=salt, variants=variants, shadows=shadows)
-        except ExperimentConfigError as exc:
-            raise ExperimentConfigError(source, str(exc)) from None
-
-    @classmethod
-    def single(cls, bundle: str) -> ExperimentConfig:
-        """No experiment: everyone on ``bundle``."""
-        return cls(name="default", salt="default", variants=(Variant(bundle, bundle, 1.0),))
-
-    @property
-    def bundles(self) -> list[str]:
-        """Every bundle the experiment needs loaded (variants, then shadows)."""
-        out = [v.bundle for v in self.variants]
-        return out + [s.bundle for s in self.shadows if s.bundle not in out]
-
-
-def _variant(raw: Any, i: int, source: str) -> Variant:
-    if not isinstance(raw, Mapping) or "bundle" not in raw:
-        raise ExperimentConfigError(source, f"variants[{i}] must be a mapping with a 'bundle'")
-    unknown = set(raw) - {"name", "bundle", "weight"}
-    if unknown:
-        raise ExperimentConfigError(source, f"variants[{i}]: unknown keys {sorted(unknown)}")
-    try:
-        weight = float(raw.get("weight", 1.0))
-    except (TypeError, ValueError):
-        raise ExperimentConfigError(
-            source, f"variants[{i}].weight must be a number, got {raw['weight']!r}"
-        ) from None
-    bundle = str(raw["bundle"])
-    return Variant(name=str(raw.get("name") or bundle), bundle=bundle, weight=weight)
-
-
-def _shadow(raw: Any, i: int, source: str) -> ShadowTarget:
-    if not isinstance(raw, Mapping) or "bundle" not in raw:
-        raise ExperimentConfigError(source, f"shadows[{i}] must be a mapping with a 'bundle'")
-    unknown = set(raw) - {"bundle", "sample_rate"}
-    if unknown:
-        raise ExperimentConfigError(source, f"shadows[{i}]: unknown keys {sorted(unknown)}")
-    try:
-        rate = float(raw.get("sample_rate", 1.0))
-    except (TypeError, ValueError):
-        raise ExperimentConfigError(
-            source, f"shadows[{i}].sample_rate must be a number, got {raw['sample_rate']!r}"
-        ) from None
-    return ShadowTarget(bundle=str(raw["bundle"]), sample_rate=rate)
 
 
 # ---- hashing -----------------------------------------------------------------------------------
@@ -333,8 +221,8 @@ class ExperimentHooks:
 
         async def run_shadow(request: Any) -> Ranked:
             started = time.perf_counter()
-            response = await engine.run_shadow(request)
-            return ranked_from_response(response, time.perf_counter() - started)
+            result = await engine.run_shadow(request)
+            return ranked_from_result(result, time.perf_counter() - started)
 
         self.bind(run_shadow, primary_idle=lambda: bool(engine.idle))
 
@@ -345,22 +233,21 @@ class ExperimentHooks:
             self.shadow_log.close()
 
     # after each primary answer (sync, cheap, never raises into the engine)
-    def maybe_shadow(self, request: Any, response: Any, timings: Mapping[str, float] | None = None) -> int:
+    def maybe_shadow(self, request: RetrieveRequest, result: Retrieval) -> int:
         """Offer a copy of ``request`` to each sampled shadow bundle; returns how many were queued.
 
         Skipped: requests that named a model themselves (explicit choice, and every shadow copy),
-        and popular-item fallbacks (no model ran). ``request`` / ``response`` are the service's
-        ``RetrieveRequest`` / ``RetrieveResponse`` (only read; the copy is made with ``model_copy``).
+        and popular-item fallbacks (no model ran). ``result`` is the engine's primary answer (only
+        read; the request copy is made with ``model_copy``).
         """
-        if getattr(request, "model", None) is not None or getattr(response, "fallback", None) is not None:
+        if request.model is not None or result.fallback is not None:
             return 0
         key = user_key(request.user_id, request.history)
         router = self.source.router()
-        targets = [b for b in router.shadow_targets(key) if b != response.model.name]
+        targets = [b for b in router.shadow_targets(key) if b != result.model.name]
         if not targets:
             return 0
-        total = (timings or {}).get("total")
-        primary = ranked_from_response(response, float(total) if total is not None else float("nan"))
+        primary = ranked_from_result(result, result.latency_s)
         queued = 0
         for bundle in targets:
             if self.lane is not None and self.lane.full:  # past capacity: shed before copying anything
@@ -371,7 +258,7 @@ class ExperimentHooks:
                 request=request.model_copy(update={"model": bundle, "debug": False}),
                 primary=primary,
                 shadow_bundle=bundle,
-                variant=str(response.variant),
+                variant=result.variant,
                 experiment=router.config.name,
                 request_id=f"{os.getpid()}-{self._seq}",
                 user_hash=user_key_hash(key),
@@ -384,13 +271,10 @@ class ExperimentHooks:
         return queued
 
 
-def ranked_from_response(response: Any, latency_s: float) -> Ranked:
-    """A ``RetrieveResponse`` as the shadow lane compares it (item ids in rank order, model identity)."""
+def ranked_from_result(result: Retrieval, latency_s: float) -> Ranked:
+    """An engine answer as the shadow lane compares it (item ids in rank order, model identity)."""
     return Ranked(
-        items=tuple(item.id for item in response.items),
-        bundle=response.model.name,
-        version=response.model.version,
-        latency_s=latency_s,
+        items=result.items, bundle=result.model.name, version=result.model.version, latency_s=latency_s
     )
 
 

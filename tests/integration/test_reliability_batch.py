@@ -25,7 +25,8 @@ from service.engine import Engine
 from service.errors import ComputeFailed
 from service.metrics import ROW_FAILURES
 from service.models_registry import LoadedModel, ModelRegistry, load_model
-from service.schemas import RetrieveRequest, RetrieveResponse
+from service.results import Retrieval
+from service.schemas import RetrieveRequest
 from service.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -103,8 +104,8 @@ def run_engine(registry: ModelRegistry, work: Any) -> Any:
     return asyncio.run(main())
 
 
-def ids_of(response: RetrieveResponse) -> list[str]:
-    return [item.id for item in response.items]
+def ids_of(result: Retrieval) -> list[str]:
+    return list(result.items)
 
 
 def test_one_rows_faults_never_fail_its_batch_mates(registry: ModelRegistry) -> None:
@@ -114,9 +115,8 @@ def test_one_rows_faults_never_fail_its_batch_mates(registry: ModelRegistry) -> 
 
         # user 0: its cached state is the wrong width (D=16), so the ONNX decoder fails on it;
         # user 1: its history holds the item that makes the encoder fail
-        poisoned = engine._prepare(request(0), engine.map_request(request(0)), 10)
+        poisoned = engine.prepare(request(0), engine.map_request(request(0)))
         good = clean[0]
-        assert good.debug is not None
         cache.planted[poisoned.key] = StateRow(
             memory=np.ones((len(poisoned.history), 16), np.float32),
             memory_mask=np.ones(len(poisoned.history), bool),
@@ -130,11 +130,11 @@ def test_one_rows_faults_never_fail_its_batch_mates(registry: ModelRegistry) -> 
         assert isinstance(got[1], ComputeFailed) and got[1].status == 500
         assert "encode" in got[1].message and "RuntimeError" in got[1].message
         answered = [g for i, g in enumerate(got) if i != 1]
-        assert all(isinstance(g, RetrieveResponse) for g in answered), got
+        assert all(isinstance(g, Retrieval) for g in answered), got
         assert ids_of(got[0]) == ids_of(good)  # type: ignore[arg-type]  # recomputed as a miss
         for u in range(2, CLIENTS):
             assert ids_of(got[u]) == ids_of(clean[u])  # type: ignore[arg-type]
-        assert max(g.debug.batch_size for g in answered) >= 4  # type: ignore[union-attr]  # really batched
+        assert max(g.batch_size for g in answered) >= 4  # type: ignore[union-attr]  # really batched
         assert ROW_FAILURES.labels(stage="search", outcome="recomputed")._value.get() == recomputed + 1
         assert ROW_FAILURES.labels(stage="encode", outcome="failed")._value.get() == failed + 1
         assert poisoned.key not in cache.planted  # the fresh state replaced the bad one
@@ -174,7 +174,7 @@ def test_state_spec_matches_what_the_encoder_writes(registry: ModelRegistry) -> 
 
     async def work(engine: Engine, cache: PlantedCache) -> None:
         req = request(3)
-        prepared = engine._prepare(req, engine.map_request(req), 10)
+        prepared = engine.prepare(req, engine.map_request(req))
         await engine.retrieve(req)
         await asyncio.sleep(0.05)  # the write-back runs after the answer
         spec = prepared.model.state_spec(len(prepared.history))

@@ -64,7 +64,7 @@ def test_primary_batch_overtakes_a_running_shadow_copy(bundle_dir: Path) -> None
             events.append(("primary", "submitted", engine.batcher.idle))
             response = await engine.retrieve(primary_request)
             events.append(("primary", "done", engine.batcher.idle))
-            return [item.id for item in response.items]
+            return list(response.items)
 
         def on_stage(stage: str) -> None:
             events.append(("shadow", stage, engine.batcher.idle))
@@ -78,9 +78,9 @@ def test_primary_batch_overtakes_a_running_shadow_copy(bundle_dir: Path) -> None
             # the same requests, one at a time: a shadow copy never changes an answer
             alone_shadow = await engine.run_shadow(shadow_request)
             alone_primary = await engine.retrieve(primary_request)
-            assert [i.id for i in alone_shadow.items] == [i.id for i in shadow.items]
-            assert [i.id for i in alone_primary.items] == primary_items
-            return primary_items, [i.id for i in shadow.items]
+            assert alone_shadow.items == shadow.items
+            assert list(alone_primary.items) == primary_items
+            return primary_items, list(shadow.items)
         finally:
             await engine.stop(grace_s=5.0)
 
@@ -109,7 +109,7 @@ def test_a_copy_that_cannot_find_spare_capacity_is_dropped_as_stale(bundle_dir: 
 
         async def run_shadow(request: RetrieveRequest) -> Ranked:
             response = await engine.run_shadow(request)
-            return Ranked(tuple(i.id for i in response.items), name, "v", float("nan"))
+            return Ranked(response.items, name, "v", float("nan"))
 
         # the lane's own idle check passes; the engine's per-stage check is what must shed the copy
         lane: ShadowLane[RetrieveRequest] = ShadowLane(
@@ -160,10 +160,10 @@ def test_a_staged_shadow_copy_answers_like_the_primary_path(bundle_dir: Path, se
                 primary, shadow = await engine.retrieve(request), await engine.run_shadow(request)
                 out.append(
                     (
-                        [i.id for i in primary.items],
-                        [i.score for i in primary.items],
-                        [i.id for i in shadow.items],
-                        [i.score for i in shadow.items],
+                        list(primary.items),
+                        list(primary.scores),
+                        list(shadow.items),
+                        list(shadow.scores),
                     )
                 )
             return out

@@ -4,10 +4,11 @@ reload on change, and the hooks the engine calls (with the service's real reques
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import yaml
@@ -21,15 +22,17 @@ from service.experiments import (
     ExperimentRouter,
     ShadowTarget,
     Variant,
-    ranked_from_response,
+    ranked_from_result,
     router_from_settings,
     unit_hash,
     user_key,
 )
 from service.metrics import REGISTRY
-from service.schemas import ModelRef, RetrieveRequest, RetrieveResponse, ScoredItem
+from service.results import ModelIdentity, Retrieval
+from service.schemas import RetrieveRequest
 from service.settings import Settings
-from service.shadow import Ranked, ShadowConfig, ShadowLog, read_records
+from service.shadow import Ranked, ShadowConfig
+from service.shadow_log import ShadowLog, read_records
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -80,13 +83,30 @@ def test_variant_name_defaults_to_bundle() -> None:
     ("change", "message"),
     [
         ({"salt": ""}, "salt"),
-        ({"variants": []}, "variants"),
-        ({"variants": [{"bundle": "x", "weight": 0}]}, "weight must be > 0"),
-        ({"variants": [{"bundle": "x", "weight": "heavy"}]}, "weight must be a number"),
+        ({"variants": []}, "variants: needs at least one variant"),
+        (
+            {"variants": [{"bundle": "x", "weight": float("inf")}]},
+            "variants[0].weight: Input should be a finite number",
+        ),
+        ({"variants": [{"weight": 2}]}, "variants[0].bundle: required"),
+        (
+            {"variants": [{"bundle": "x", "weight": 0}]},
+            "variants[0].weight: Input should be greater than 0 (got 0)",
+        ),
+        (
+            {"variants": [{"bundle": "x", "weight": "heavy"}]},
+            "variants[0].weight: Input should be a valid number",
+        ),
         ({"variants": [{"name": "a", "bundle": "x"}, {"name": "a", "bundle": "y"}]}, "unique"),
-        ({"shadows": [{"bundle": "s", "sample_rate": 1.5}]}, "sample_rate must be in (0, 1]"),
-        ({"shadows": [{"bundle": "s", "rate": 0.5}]}, "unknown keys ['rate']"),
-        ({"weights": [1]}, "unknown keys ['weights']"),
+        (
+            {"shadows": [{"bundle": "s", "sample_rate": 1.5}]},
+            "shadows[0].sample_rate: Input should be less than or equal to 1 (got 1.5)",
+        ),
+        (
+            {"shadows": [{"bundle": "s", "rate": 0.5}]},
+            "shadows[0].rate: unknown key (known: bundle, sample_rate)",
+        ),
+        ({"weights": [1]}, "weights: unknown key"),
     ],
 )
 def test_bad_configs_are_refused_with_the_field_named(change: dict[str, object], message: str) -> None:
@@ -217,14 +237,22 @@ def test_router_from_settings_reads_the_genret_variables(
 # ---- hooks: what the engine calls ---------------------------------------------------------------
 
 
-def _response(items: list[str], variant: str, fallback: str | None = None) -> RetrieveResponse:
-    return RetrieveResponse(
-        items=[ScoredItem(id=i, score=1.0) for i in items],
-        model=ModelRef(name="bundle-a", version="v1", method="uri"),
+def _result(
+    items: list[str], variant: str, fallback: Literal["popular"] | None = None, latency_s: float = math.nan
+) -> Retrieval:
+    return Retrieval(
+        items=tuple(items),
+        scores=(1.0,) * len(items),
+        model=ModelIdentity(name="bundle-a", version="v1", method="uri"),
         variant=variant,
         unknown_history_items=0,
         truncated=False,
-        fallback=fallback,  # type: ignore[arg-type]
+        fallback=fallback,
+        fewer=None,
+        batch_size=1,
+        num_candidates=len(items),
+        history_used=2,
+        latency_s=latency_s,
     )
 
 
@@ -244,9 +272,9 @@ def test_hooks_shadow_sampled_requests_and_log_them(tmp_path: Path) -> None:
         hooks.bind(run_shadow, primary_idle=lambda: True)
         request = RetrieveRequest(user_id="u7", history=["i1", "i2"], k=2)
         queued = [
-            hooks.maybe_shadow(request, _response(["i1", "i2"], "a"), {"total": 0.002}),
-            hooks.maybe_shadow(request.model_copy(update={"model": "bundle-b"}), _response(["i1"], "a")),
-            hooks.maybe_shadow(request, _response(["i3"], "a", fallback="popular")),
+            hooks.maybe_shadow(request, _result(["i1", "i2"], "a", latency_s=0.002)),
+            hooks.maybe_shadow(request.model_copy(update={"model": "bundle-b"}), _result(["i1"], "a")),
+            hooks.maybe_shadow(request, _result(["i3"], "a", fallback="popular")),
         ]
         assert hooks.lane is not None
         await hooks.lane.join()
@@ -269,6 +297,6 @@ def test_hooks_shadow_sampled_requests_and_log_them(tmp_path: Path) -> None:
     assert record["request"] == {"history": ["i1", "i2"], "k": 2, "model": "bundle-s"}
 
 
-def test_ranked_from_response_keeps_rank_order_and_model_identity() -> None:
-    ranked = ranked_from_response(_response(["i3", "i1", "i2"], "a"), 0.01)
+def test_ranked_from_result_keeps_rank_order_and_model_identity() -> None:
+    ranked = ranked_from_result(_result(["i3", "i1", "i2"], "a"), 0.01)
     assert ranked == Ranked(items=("i3", "i1", "i2"), bundle="bundle-a", version="v1", latency_s=0.01)

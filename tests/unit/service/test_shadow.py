@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cli.main import main as genret
 from service.metrics import REGISTRY
 from service.shadow import (
     Agreement,
@@ -20,14 +21,11 @@ from service.shadow import (
     ShadowConfig,
     ShadowJob,
     ShadowLane,
-    ShadowLog,
     jaccard,
-    log_files,
     overlap_at_k,
     rank_biased_overlap,
-    read_records,
 )
-from cli.main import main as genret
+from service.shadow_log import ShadowLog, log_files, read_records
 
 # ---- agreement measures -------------------------------------------------------------------------
 

@@ -1,0 +1,143 @@
+"""Request mapping: a raw :class:`service.schemas.RetrieveRequest` -> dense ids of one bundle.
+
+Per request, on the event loop and before any compute: check the limits from settings (422 naming
+the field), choose the variant and bundle (the experiment's router, else the request's ``model``,
+else the default), map raw history ids to dense ids (unknown ids skipped and counted), keep the
+model's ``max_history`` most recent (``truncated``), collect the excluded ids, and choose the beam.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from service.cache_codec import cache_key
+from service.errors import LimitExceeded
+from service.models_registry import LoadedModel, ModelRegistry
+from service.schemas import RetrieveRequest
+from service.settings import Settings
+
+DEFAULT_VARIANT = "default"
+ANONYMOUS = "anonymous"
+
+
+class VariantRouter(Protocol):
+    """What the mapping needs from the experiment (``service.experiments.ExperimentHooks``)."""
+
+    def assign(self, user_key: str) -> str: ...
+    def bundle_of(self, variant: str) -> str: ...
+
+
+@dataclass(frozen=True)
+class Mapped:
+    """The raw request mapped onto one bundle (before any compute)."""
+
+    model: LoadedModel
+    variant: str
+    user_key: str
+    history: np.ndarray  # [t] dense, oldest first, t <= max_history
+    exclude: np.ndarray  # [e] dense, unique
+    unknown: int  # history ids the bundle does not know (skipped)
+    truncated: bool  # the known history was longer than max_history
+    k: int  # items asked for (the request's, else the default)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready for the batcher: everything in dense ids of one bundle."""
+
+    model: LoadedModel
+    key: str  # cache key
+    history: np.ndarray  # [t] dense ids, oldest first, t <= max_history, t >= 1
+    exclude: np.ndarray  # [e] dense ids never to return
+    k: int
+    beam_size: int
+
+
+class RequestMapper:
+    """Limits, variant, bundle and dense ids for each request (module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry,
+        router: VariantRouter | None,
+        assignment_key: Callable[[str | None, Sequence[str]], str],
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.router = router
+        self.assignment_key = assignment_key
+
+    def check_limits(self, request: RetrieveRequest, loc: tuple[str | int, ...]) -> None:
+        """The settings' bounds on ``request`` (:class:`LimitExceeded` at ``loc`` + the field)."""
+        s = self.settings
+        if request.k is not None and request.k > s.max_k:
+            raise LimitExceeded((*loc, "k"), f"k={request.k} exceeds max_k={s.max_k}")
+        if request.beam_size is not None and not s.min_beam_size <= request.beam_size <= s.max_beam_size:
+            raise LimitExceeded(
+                (*loc, "beam_size"),
+                f"beam_size={request.beam_size} outside [{s.min_beam_size}, {s.max_beam_size}]",
+            )
+        if len(request.history) > s.max_history_items:
+            raise LimitExceeded(
+                (*loc, "history"),
+                f"{len(request.history)} history items exceed max_history_items={s.max_history_items}",
+            )
+        if len(request.exclude) > s.max_exclude_items:
+            raise LimitExceeded(
+                (*loc, "exclude"),
+                f"{len(request.exclude)} exclude ids exceed max_exclude_items={s.max_exclude_items}",
+            )
+        if request.deadline_ms is not None and request.deadline_ms > s.max_deadline_ms:
+            raise LimitExceeded(
+                (*loc, "deadline_ms"),
+                f"deadline_ms={request.deadline_ms} exceeds max_deadline_ms={s.max_deadline_ms}",
+            )
+
+    def map(self, request: RetrieveRequest) -> Mapped:
+        """Variant, bundle and dense ids for ``request`` (unknown ids skipped, history truncated)."""
+        user_key = request.user_id or ANONYMOUS
+        variant = DEFAULT_VARIANT
+        model_name = request.model
+        if model_name is None and self.router is not None:
+            variant = self.router.assign(self.assignment_key(request.user_id, request.history))
+            model_name = self.router.bundle_of(variant)
+        model = self.registry.get(model_name)
+        known = [model.dense_of.get(raw) for raw in request.history]
+        full = np.array([d for d in known if d is not None], dtype=np.int64)  # [t_all]
+        unknown = len(known) - len(full)
+        truncated = len(full) > model.max_history
+        dense = full[-model.max_history :]  # [t]
+        excluded = [d for d in (model.dense_of.get(raw) for raw in request.exclude) if d is not None]
+        if request.exclude_history:
+            excluded.extend(int(d) for d in full)  # the whole history, not only the encoded window
+        exclude = np.unique(np.array(excluded, dtype=np.int64))  # [e]
+        k = request.k or self.settings.default_k
+        return Mapped(model, variant, user_key, dense, exclude, unknown, truncated, k)
+
+    def prepare(self, request: RetrieveRequest, mapped: Mapped) -> Prepared:
+        """The batcher's payload for a mapped request with a usable (non-empty) history."""
+        return Prepared(
+            model=mapped.model,
+            key=cache_key(mapped.model.fingerprint, mapped.user_key, mapped.history),
+            history=mapped.history,
+            exclude=mapped.exclude,
+            k=mapped.k,
+            beam_size=self.beam_size(request, mapped),
+        )
+
+    def beam_size(self, request: RetrieveRequest, mapped: Mapped) -> int:
+        """The request's beam, else ``GENRET_DEFAULT_BEAM_SIZE`` when set, else the bundle's own default
+        (manifest ``config.beam_size``, clamped to the beam bounds); then widened so that the beam's
+        leaves hold ``k`` items besides the excluded ones, within ``max_beam_size``
+        (:meth:`models.retriever.Retriever.beam_for`, the same widening as the offline evaluation)."""
+        s = self.settings
+        retriever = mapped.model.retriever
+        beam = request.beam_size or s.default_beam_size
+        if beam is None:
+            beam = min(max(retriever.default_beam_size, s.min_beam_size), s.max_beam_size)
+        return int(retriever.beam_for(mapped.k, beam, len(mapped.exclude), s.max_beam_size))
