@@ -27,6 +27,7 @@ from torch import Tensor
 from models.backend import BackendScorer, DecoderBackend
 from models.beam_policy import beam_for_k, default_beam, smallest_leaves_cumsum
 from models.bundle import Bundle
+from models.graph_search import GraphRunner
 from models.search import (
     BeamResult,
     BeamState,
@@ -179,7 +180,11 @@ class Retriever:
         backend: str | DecoderBackend = "onnx",
         *,
         intra_op_threads: int | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
+        """``cuda_graphs``: serve :meth:`retrieve` through CUDA graphs of the static-shape search
+        (:mod:`models.graph_search`; torch backend on ``cuda`` only, else ignored). Off by default
+        until a GPU check holds the graphs' results to the eager path's."""
         self.bundle = bundle
         self.device = torch.device(device)
         if isinstance(backend, str):  # "onnx" | "torch": built from the bundle's own files
@@ -189,7 +194,7 @@ class Retriever:
         manifest = bundle.manifest
         self.max_history = manifest.max_history
         self.num_items = manifest.num_items
-        self.score_mode: ScoreMode = manifest.score_mode  # type: ignore[assignment]
+        self.score_mode: ScoreMode = manifest.score_mode
         index = bundle.index
         self.trie = DeviceTrie.from_index(index, self.device)
         self.leaf_start = index.leaf_start
@@ -207,6 +212,8 @@ class Retriever:
             else default_beam(self.num_items, leaf_sizes)
         )
         self.item_emb = torch.from_numpy(bundle.item_emb).to(self.device)  # [N+1, Dr]
+        use_graphs = cuda_graphs and self.device.type == "cuda" and self.backend.name == "torch"
+        self.graphs = GraphRunner(self) if use_graphs else None
         log.info(
             "retriever for %s (%s, %d items, %d leaves, max leaf %d) on %s",
             manifest.name,
@@ -333,23 +340,27 @@ class Retriever:
         ``query · item_emb``, minus ``exclude``."""
         B = leaves.shape[0]
         items, valid = self.leaf_candidates(leaves)  # [B, C]
-        num_scored = valid.sum(dim=1).cpu().numpy()  # before exclusion: every leaf item is scored
+        num_scored = valid.sum(dim=1)  # [B] before exclusion: every leaf item is scored
         if exclude is not None:
             valid = valid & ~self.excluded(items, exclude)
         scores = torch.bmm(self.item_emb[items], query[:, :, None])[:, :, 0]  # [B, C]
         scores = scores.masked_fill(~valid, float("-inf"))
-        top_scores, top_idx = torch.topk(scores, min(k, scores.shape[1]), dim=1)  # [B, k']
+        kk = min(k, scores.shape[1])
+        top_scores, top_idx = torch.topk(scores, kk, dim=1)  # [B, k']
         top_items = items.gather(1, top_idx).masked_fill(~valid.gather(1, top_idx), 0)
+        # two device-to-host copies (the first waits for the device), not one per output
+        ints = torch.cat([top_items, leaves, valid.sum(dim=1)[:, None], num_scored[:, None]], dim=1).cpu()
+        host = ints.numpy()  # [B, k' + b + 2]
         out_items = np.zeros((B, k), np.int64)
         out_scores = np.full((B, k), -np.inf, np.float32)
-        out_items[:, : top_idx.shape[1]] = top_items.cpu().numpy()
-        out_scores[:, : top_idx.shape[1]] = top_scores.float().cpu().numpy()
+        out_items[:, :kk] = host[:, :kk]
+        out_scores[:, :kk] = top_scores.float().cpu().numpy()
         return RetrievalResult(
             items=out_items,
             scores=out_scores,
-            num_candidates=valid.sum(dim=1).cpu().numpy(),
-            leaves=leaves.cpu().numpy(),
-            num_scored=num_scored,
+            num_candidates=host[:, -2],
+            leaves=host[:, kk:-2],
+            num_scored=host[:, -1],
         )
 
     def retrieve(
@@ -362,14 +373,18 @@ class Retriever:
         exclude_history: bool = False,
     ) -> RetrievalResult:
         """encode + search; ``exclude_history`` adds each row's (full) history to its exclusions."""
-        states = self.encode(histories)
+        check_search_args(k, beam_size)
         if exclude_history:
             extra = exclude if exclude is not None else [np.zeros(0, np.int64)] * len(histories)
             exclude = [
                 np.concatenate([np.asarray(h, np.int64), np.asarray(e, np.int64)])
                 for h, e in zip(histories, extra, strict=True)
             ]
-        return self.search(states, k, beam_size, exclude)
+        if self.graphs is not None and len(histories) > 0:
+            graphed = self.graphs.retrieve(histories, k, beam_size, exclude)
+            if graphed is not None:
+                return graphed
+        return self.search(self.encode(histories), k, beam_size, exclude)
 
     def warmup(self, beam_size: int = 8, batch_size: int = 2) -> None:
         """Run one retrieval on dummy histories so that the backends allocate before traffic."""

@@ -185,7 +185,7 @@ def beam_step(trie: DeviceTrie, scorer: Scorer | StepScorer, state: BeamState) -
     B, b, C = state.batch_size, state.beam_size, trie.max_branching
     nodes, paths, d = state.nodes, state.paths, state.depth
     w = nodes.shape[1]
-    beam_query = torch.arange(B, device=dev).repeat_interleave(w)  # [Bb]
+    beam_query = torch.arange(B, device=dev)[:, None].expand(B, w).reshape(-1)  # [Bb] = i // w
     root = torch.zeros(B, w, 1, dtype=torch.int64, device=dev)
     prefix = torch.cat([root, paths.clamp(min=0)], dim=2).reshape(B * w, d + 1)  # [Bb, S] dead: any path
     cand = trie.children(nodes.reshape(-1))  # [Bb, C], dead beams: all -1

@@ -4,10 +4,15 @@ Steps, each a subprocess with its own time limit inside one overall budget, so t
 failing step never takes the others with it:
 
 1. ``tests``: the device-parametrised tests (torch backend vs ONNX Runtime on the CPU, safetensors
-   round trip, torch-only bundles) on ``cpu`` and ``--device``, plus the import-graph test;
-2. ``retrieve_1M`` / ``retrieve_10M``: ``genret bench retrieve`` (in-process Retriever: max
-   throughput, open-loop p50/p99 at 2,000 requests/s) at 1M items (L=3) and 10M items (L=4);
-3. ``bench_search``: ``genret bench search --device D --json`` (last: the GPU goals come first).
+   round trip, torch-only bundles, CUDA graphs vs eager) on ``cpu`` and ``--device``, plus the
+   import-graph test;
+2. ``profile``: ``scripts/gpu_profile.py`` (torch.profiler over batches of 64 at 1M items, eager
+   and CUDA graphs: top ops, kernel launches and host syncs per batch);
+3. ``retrieve_1M`` / ``retrieve_1M_eager`` / ``retrieve_10M``: ``genret bench retrieve``
+   (in-process Retriever: max throughput, open-loop p50/p99 at 2,000 requests/s, at 1M items also
+   over a grid of batcher max batch / max wait) at 1M items (L=3), served through CUDA graphs
+   (``--cuda-graphs``, with their parity against the eager path) and eagerly, and 10M items (L=4);
+4. ``bench_search``: ``genret bench search --device D --json`` (last: the GPU goals come first).
 
 ``--small``: the same steps at sizes that run in well under a minute on a CPU (``make test`` runs
 ``--device cpu --small``). One JSON report, ``OUT/gpu_check.json``, is rewritten after every
@@ -65,23 +70,43 @@ def steps_for(args: argparse.Namespace, py: str) -> list[Step]:
         search += ["--repeats", "1", "--schemes", "level", "--node-baseline-queries", "1"]
         retrieve = ["--batches", "8,32", "--throughput-seconds", "0.3", "--rate", "100", "--duration", "0.5"]
         retrieve += ["--max-batch", "16", "--dim", "32", "--threads", "1"]  # 1: no spinning on a shared CPU
+        grid, eager = ["--open-loop-grid", "8:1"], ["--batches", "8"]
+        profile = ["--items", "4000", "--levels", "3", "--dim", "32", "--batch", "16", "--repeats", "2"]
         # about a minute on an idle 2-core CPU; the limits leave room for a shared, busy one
-        sizes, limits = ("4000:3", "30000:4"), {"tests": 240.0, "1M": 120.0, "10M": 120.0, "search": 120.0}
+        sizes = ("4000:3", "30000:4")
+        limits = {
+            "tests": 240.0,
+            "profile": 120.0,
+            "1M": 120.0,
+            "eager": 120.0,
+            "10M": 120.0,
+            "search": 120.0,
+        }
     else:
-        search, retrieve = [], []
+        search, retrieve, profile = [], [], []
+        grid, eager = ["--open-loop-grid", "16:1,64:1,64:2,256:2"], ["--batches", "1,64,256"]
         # 10M: building + verifying a 3 GB bundle is CPU and disk work (~1 min expected), then serving
-        sizes, limits = (
-            ("1000000:3", "10000000:4"),
-            {"tests": 100.0, "1M": 100.0, "10M": 240.0, "search": 90.0},
-        )
+        sizes = ("1000000:3", "10000000:4")
+        limits = {"tests": 100.0, "profile": 60.0, "1M": 150.0, "eager": 60.0, "10M": 240.0, "search": 90.0}
     work = str(args.workdir or (args.out / "bundles" if args.small else DEFAULT_FULL_WORKDIR))
     steps = [Step("tests", tests, limits["tests"], env={"GENRET_TEST_DEVICES": devices})]
-    for size, key in zip(sizes, ("1M", "10M"), strict=True):  # the GPU goals first, bench search last
+    # where a batch's time goes: top ops, kernel launches and host syncs per batch (1M items, batch 64)
+    profile = [py, "scripts/gpu_profile.py", "--device", dev, "--workdir", work, "--cuda-graphs", *profile]
+    steps.append(Step("profile", profile, limits["profile"]))
+    # the GPU goals first, bench search last; served through CUDA graphs (the eager path falls back
+    # by itself if a capture fails), with the eager path measured beside them at 1M items
+    runs: tuple[tuple[str, str, list[str]], ...] = (
+        (sizes[0], "1M", ["--cuda-graphs", *grid]),
+        (sizes[0], "1M_eager", eager),
+        (sizes[1], "10M", []),
+    )
+    for size, key, extra in runs:
         json_out = out / f"retrieve_{key}.json"
-        argv = [*cli, "retrieve", "--device", dev, "--sizes", size, "--workdir", work, *retrieve]
-        steps.append(
-            Step(f"retrieve_{key}", [*argv, "--json-out", str(json_out)], limits[key], json_out=json_out)
-        )
+        argv = [*cli, "retrieve", "--device", dev, "--sizes", size, "--workdir", work, *retrieve, *extra]
+        if key == "10M":
+            argv.append("--cuda-graphs")
+        limit = limits["eager" if key == "1M_eager" else key]
+        steps.append(Step(f"retrieve_{key}", [*argv, "--json-out", str(json_out)], limit, json_out=json_out))
     steps.append(Step("bench_search", [*cli, "search", "--device", dev, "--json", *search], limits["search"]))
     return steps
 
@@ -160,7 +185,7 @@ def run_step(step: Step, out: Path, deadline: float) -> dict[str, Any]:
         result["summary"] = junit_summary(out / "tests.xml")
     elif step.json_out is not None and step.json_out.is_file():
         result["report"] = json.loads(step.json_out.read_text())
-    elif step.name == "bench_search":
+    elif step.name in ("bench_search", "profile"):
         result["report"] = last_json(text)
     if status != "passed":
         result["output_tail"] = text[-TAIL_CHARS:]
@@ -219,6 +244,20 @@ def step_summary(name: str, step: dict[str, Any]) -> list[str]:
                 f"{ol['batch_size_mean']:.1f}, achieved {ol['achieved_per_s']:.0f}/s, "
                 f"{'valid' if ol['valid'] else 'INVALID'} ({ol['unserved']} unserved)"
             )
+        for g in size.get("open_loop_grid", []):
+            lines.append(
+                f"    open loop max batch {g['max_batch']}, wait {g['max_wait_ms']} ms: p50 {g['p50_ms']:.2f} ms, "
+                f"p99 {g['p99_ms']:.2f} ms, mean batch {g['batch_size_mean']:.1f}, compute mean "
+                f"{g['compute_ms_mean']:.2f} ms, {'valid' if g['valid'] else 'INVALID'}"
+            )
+        if "cuda_graphs" in size:
+            lines.append(
+                f"    cuda graphs {size['cuda_graphs']} ({size.get('cuda_graphs_captured', 0)} captured, "
+                f"disabled: {size.get('cuda_graphs_disabled')}), parity vs eager {size.get('graph_parity')}"
+            )
+    for variant in ("eager", "cuda_graphs") if name == "profile" else ():
+        if variant in report:
+            lines.append(f"  profile {variant}: {json.dumps(report[variant])}")
     for row in report.get("scaling", []):
         lines.append(
             f"  search {row['items']} items L={row['levels']}: step {row['step_ms_per_level']:.2f} ms/level, "

@@ -35,6 +35,7 @@ import torch
 
 from benchmarks.synthetic_bundle import make_synthetic_bundle
 from models.bundle import BundleError, load_bundle
+from models.graph_search import compare_with_eager
 from models.retriever import Retriever
 
 MIN_ACHIEVED_SHARE = 0.98
@@ -66,6 +67,17 @@ def parse_ints(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"want positive integers, got {text!r}")
     return values
+
+
+def parse_grid(text: str) -> list[tuple[int, float]]:
+    """``"16:1,64:2"`` -> ``[(16, 1.0), (64, 2.0)]`` (max batch, max wait ms)."""
+    pairs = []
+    for part in filter(None, text.split(",")):
+        batch, _, wait = part.partition(":")
+        if not batch.isdigit() or int(batch) < 1 or not wait:
+            raise argparse.ArgumentTypeError(f"want max_batch:max_wait_ms, got {part!r}")
+        pairs.append((int(batch), float(wait)))
+    return pairs
 
 
 def device_report(device: torch.device) -> dict[str, Any]:
@@ -241,6 +253,17 @@ def open_loop(retriever: Retriever, pool: list[np.ndarray], args: argparse.Names
     }
 
 
+def open_loop_grid(
+    retriever: Retriever, pool: list[np.ndarray], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """:func:`open_loop` at each ``--open-loop-grid`` (max batch, max wait) pair: the batch-formation
+    wait is part of the latency, so p99 depends on both."""
+    return [
+        open_loop(retriever, pool, argparse.Namespace(**{**vars(args), "max_batch": b, "max_wait_ms": w}))
+        for b, w in args.open_loop_grid
+    ]
+
+
 def run_size(args: argparse.Namespace, items: int, levels: int, row: dict[str, Any], save: Any) -> None:
     """Fill ``row`` phase by phase for one catalogue size, calling ``save()`` after each phase."""
     path, row["build_s"], row["bundle_reused"] = build_bundle(args, items, levels)
@@ -250,16 +273,25 @@ def run_size(args: argparse.Namespace, items: int, levels: int, row: dict[str, A
     row["load_s"] = time.perf_counter() - start
     row["branching"] = bundle.manifest.branching
     start = time.perf_counter()
-    retriever = Retriever(bundle, args.device, args.backend)
+    retriever = Retriever(bundle, args.device, args.backend, cuda_graphs=args.cuda_graphs)
     retriever.warmup(beam_size=args.beam)
     row["retriever_s"] = time.perf_counter() - start
     row["device_info"] = retriever.device_info
     save()
     pool = history_pool(items, args.history, 4096, args.seed)
+    if retriever.graphs is not None:
+        batches = [[pool[(i * 7) % len(pool)] for i in range(n)] for n in (1, 7, 64)]
+        row["graph_parity"] = compare_with_eager(retriever, batches, args.k, args.beam)
     row["throughput"] = measure_throughput(retriever, pool, args)
     row["max_requests_per_s"] = max(r["requests_per_s"] for r in row["throughput"])
     save()
     row["open_loop"] = open_loop(retriever, pool, args)
+    save()
+    row["open_loop_grid"] = open_loop_grid(retriever, pool, args)
+    row["cuda_graphs"] = retriever.graphs is not None and retriever.graphs.disabled is None
+    if retriever.graphs is not None:
+        row["cuda_graphs_captured"] = len(retriever.graphs.graphs)
+        row["cuda_graphs_disabled"] = retriever.graphs.disabled
     if torch.device(args.device).type == "cuda":
         row["gpu_peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     save()
@@ -316,6 +348,12 @@ def format_report(report: dict[str, Any]) -> str:
             f"p99 {ol.get('p99_ms', 0):.2f} ms, mean batch {ol.get('batch_size_mean', 0):.1f}, "
             f"achieved {ol.get('achieved_per_s', 0):.0f}/s {'valid' if ol.get('valid') else 'INVALID'}"
         )
+        for g in r.get("open_loop_grid", []):
+            lines.append(
+                f"{'':>12}open loop max batch {g['max_batch']}, wait {g['max_wait_ms']} ms: p50 {g['p50_ms']:.2f} "
+                f"ms p99 {g['p99_ms']:.2f} ms, mean batch {g['batch_size_mean']:.1f}, "
+                f"{'valid' if g['valid'] else 'INVALID'}"
+            )
     return "\n".join(lines)
 
 
@@ -341,6 +379,15 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     p.add_argument("--duration", type=float, default=5.0, help="open-loop seconds of arrivals")
     p.add_argument("--max-batch", type=int, default=64, help="open-loop batcher: max batch size")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="open-loop batcher: max wait of the oldest")
+    p.add_argument(
+        "--open-loop-grid",
+        type=parse_grid,
+        default=[],
+        help="extra open-loop runs, max_batch:max_wait_ms,... (e.g. 16:1,64:1,256:2)",
+    )
+    p.add_argument(
+        "--cuda-graphs", action="store_true", help="serve retrieve through CUDA graphs (torch on cuda)"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=Path("runs/bench_retrieve"), help="bundle cache")

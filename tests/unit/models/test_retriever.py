@@ -186,8 +186,9 @@ def test_offline_evaluation_runs_the_serving_path(onnx_retriever: Retriever, bun
     full = evaluate_retriever(onnx_retriever, evalset, beam_size=bundle.index.num_leaves, batch_size=2)
     assert full.users == 3 and full.metrics["beam_coverage"] == 1.0
     assert full.metrics["recall@50"] == 1.0  # 40 items, history excluded: every target is in the top 50
-    assert full.metrics["mean_candidates"] == NUM_ITEMS - np.mean([len(h) for h in histories])
-    narrow = evaluate_retriever(onnx_retriever, evalset, beam_size=1)
+    assert full.metrics["mean_candidates"] == NUM_ITEMS  # counted before the history's exclusion
+    assert full.metrics["mean_after_exclusion"] == NUM_ITEMS - np.mean([len(h) for h in histories])
+    narrow = evaluate_retriever(onnx_retriever, evalset, beam_size=1, widen=False)  # one leaf, as given
     assert narrow.metrics["recall@50"] <= narrow.metrics["beam_coverage"] < 1.0
     leaves = np.full((1, 2), -1)
     leaves[0, 0] = bundle.index.item_path[5, -1]

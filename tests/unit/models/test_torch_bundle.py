@@ -4,10 +4,13 @@ Parametrised over the devices present: ``cpu``, plus ``cuda`` when ``torch.cuda.
 (``GENRET_TEST_DEVICES=cpu,cuda`` names them explicitly; naming an absent one fails, so a GPU
 check cannot pass by silently running on the CPU). The reference is ONNX Runtime on the CPU.
 
-Tolerance ``atol=rtol=1e-4`` (float32), as in test_onnx_parity.py: the same graph computed by two
-runtimes differs by summation order (observed ~1e-6 on CPU); CUDA kernels (cuBLAS, SDPA) sum in
-yet another order, with TF32 off (torch's default for float32 matmul), so the same bound holds.
-A wrong mask or a dropped layer moves outputs by O(0.1).
+Tolerances (:func:`assert_parity`): on ``cpu`` ``atol=rtol=1e-4`` elementwise (float32), as in
+test_onnx_parity.py: the same graph computed by two runtimes differs by summation order
+(observed ~1e-6). On ``cuda`` the bound is a relative norm, ``|a-b| / |b| <= 1e-3``: cuBLAS and
+the fused attention / Transformer-layer kernels may use TF32 or reduced-precision paths and other
+reduction orders, and an H200 run measured elementwise gaps up to 5e-4 absolute (5e-3 relative
+on values near 0) while every retrieved item matched. Items must still be equal on every device.
+A wrong mask or a dropped layer moves outputs by O(0.1), far above both bounds.
 """
 
 from __future__ import annotations
@@ -36,6 +39,22 @@ from training.export_torch import TorchExportError, choose_backends
 from .conftest import DIM, MAX_HISTORY, NUM_ITEMS, TinyModel
 
 ATOL = RTOL = 1e-4
+CUDA_REL_NORM = 1e-3
+
+
+def assert_parity(got: torch.Tensor | np.ndarray, want: torch.Tensor | np.ndarray, device: str) -> None:
+    """``got`` (computed on ``device``) against the CPU reference ``want``: see the module docstring."""
+    a = torch.as_tensor(np.asarray(got.cpu() if isinstance(got, torch.Tensor) else got), dtype=torch.float64)
+    b = torch.as_tensor(
+        np.asarray(want.cpu() if isinstance(want, torch.Tensor) else want), dtype=torch.float64
+    )
+    assert a.shape == b.shape and torch.equal(a.isfinite(), b.isfinite())
+    if not device.startswith("cuda"):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+        return
+    finite = b.isfinite()
+    error = float((a[finite] - b[finite]).norm() / b[finite].norm().clamp(min=1e-12))
+    assert error <= CUDA_REL_NORM, f"relative norm error {error:.2e} > {CUDA_REL_NORM:.0e} on {device}"
 
 
 def present_devices() -> list[str]:
@@ -122,12 +141,12 @@ def test_torch_backend_on_device_matches_onnx_runtime(
     ref_memory, ref_query = ort_backend.encode(step["history"], step["mask"])
     memory, query = backend.encode(step["history"].to(device), step["mask"].to(device))
     assert memory.device.type == torch.device(device).type
-    torch.testing.assert_close(memory.cpu(), ref_memory, atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(query.cpu(), ref_query, atol=ATOL, rtol=RTOL)
+    assert_parity(memory, ref_memory, device)
+    assert_parity(query, ref_query, device)
     names = ("beam_query", "prefix", "candidates")
     ref = ort_backend.score(ref_memory, step["mask"], *(step[n] for n in names))
     got = backend.score(memory, step["mask"].to(device), *(step[n].to(device) for n in names))
-    torch.testing.assert_close(got.cpu(), ref, atol=ATOL, rtol=RTOL)
+    assert_parity(got, ref, device)
 
 
 def test_retriever_with_torch_backend_on_device_matches_onnx(tiny_bundle_dir: Path, device: str) -> None:
@@ -140,7 +159,30 @@ def test_retriever_with_torch_backend_on_device_matches_onnx(tiny_bundle_dir: Pa
     want = reference.retrieve(histories, k=8, beam_size=5, exclude_history=True)
     got = served.retrieve(histories, k=8, beam_size=5, exclude_history=True)
     np.testing.assert_array_equal(got.items, want.items)
-    np.testing.assert_allclose(got.scores, want.scores, atol=ATOL, rtol=RTOL)
+    assert_parity(got.scores, want.scores, device)
+
+
+@pytest.mark.parametrize("device_name", [d for d in DEVICES if d.startswith("cuda")])
+def test_cuda_graphs_match_eager_retrieval(tiny_bundle_dir: Path, device_name: str) -> None:
+    """The captured static-shape search (models.graph_search) returns what the eager path does:
+    several batch sizes (padded to buckets), exclusions, a k above the candidates of a row."""
+    bundle = load_bundle(tiny_bundle_dir)
+    eager = Retriever(bundle, device_name, "torch")
+    graphed = Retriever(bundle, device_name, "torch", cuda_graphs=True)
+    assert graphed.graphs is not None
+    rng = np.random.default_rng(5)
+    for sizes, k, beam in (((1,), 8, 5), ((1, 4, MAX_HISTORY, 9, 2), 8, 5), ((3, 3, 3), 30, 2)):
+        histories = [rng.integers(1, NUM_ITEMS + 1, size=n) for n in sizes]
+        for _ in range(2):  # capture, then replay
+            want = eager.retrieve(histories, k=k, beam_size=beam, exclude_history=True)
+            got = graphed.retrieve(histories, k=k, beam_size=beam, exclude_history=True)
+            assert graphed.graphs.disabled is None, graphed.graphs.disabled
+            np.testing.assert_array_equal(got.items, want.items)
+            np.testing.assert_array_equal(got.leaves, want.leaves)
+            np.testing.assert_array_equal(got.num_candidates, want.num_candidates)
+            np.testing.assert_array_equal(got.num_scored, want.num_scored)
+            assert_parity(got.scores, want.scores, device_name)
+    assert len(graphed.graphs.graphs) == 3
 
 
 def test_torch_only_bundle_serves_and_refuses_onnx(tmp_path: Path, device: str) -> None:

@@ -1,0 +1,83 @@
+"""The static-shape retrieval that CUDA graphs capture (models.graph_search), run eagerly on the CPU.
+
+It must return what :meth:`Retriever.retrieve` does although it pads the batch to a bucket, the
+histories to ``max_history`` and the exclusions to a power-of-two table, and lays the rerank
+candidates out per leaf instead of packed (the tiny bundle has multi-item leaves, so that layout
+is exercised). The capture itself needs a GPU: test_torch_bundle.py holds graphs to the eager path
+on ``cuda``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.bundle import load_bundle
+from models.graph_search import (
+    EXCLUDE_PAD,
+    GraphRunner,
+    bucket,
+    pack_requests,
+    static_retrieve,
+    unpack_result,
+)
+from models.retriever import Retriever
+
+from .conftest import MAX_HISTORY, NUM_ITEMS
+
+
+def static(retriever: Retriever, histories: list[np.ndarray], k: int, beam: int, exclude: list | None):
+    packed = pack_requests(histories, exclude, bucket(len(histories)), MAX_HISTORY, NUM_ITEMS)
+    with torch.inference_mode():
+        ints, scores = static_retrieve(retriever, torch.from_numpy(packed), MAX_HISTORY, k, beam)
+    return unpack_result(ints.numpy(), scores.numpy(), len(histories), k)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_static_retrieve_matches_eager_retrieve(tiny_bundle_dir: Path, backend: str) -> None:
+    retriever = Retriever(load_bundle(tiny_bundle_dir), "cpu", backend, intra_op_threads=1)
+    rng = np.random.default_rng(11)
+    cases = (((1,), 8, 5, False), ((1, 4, MAX_HISTORY, 9, 2), 8, 5, True), ((3, 0, 3), 30, 2, True))
+    for sizes, k, beam, excluding in cases:
+        histories = [rng.integers(1, NUM_ITEMS + 1, size=n) for n in sizes]
+        exclude = None
+        if excluding:  # the history and the two best items of each row: exclusion cuts candidates
+            best = retriever.retrieve(histories, k=2, beam_size=beam).items
+            exclude = [np.concatenate([h, best[i]]) for i, h in enumerate(histories)]
+        want = retriever.retrieve(histories, k=k, beam_size=beam, exclude=exclude)
+        got = static(retriever, histories, k, beam, exclude)
+        for row_got, row_want, scores in zip(got.items, want.items, want.scores, strict=True):
+            finite = scores[np.isfinite(scores)]
+            if len(np.unique(finite)) == len(finite):  # no ties: the same order
+                np.testing.assert_array_equal(row_got, row_want)
+            else:  # exact ties (an empty history scores every item 0): the same set
+                np.testing.assert_array_equal(np.sort(row_got), np.sort(row_want))
+        np.testing.assert_array_equal(got.leaves, want.leaves)
+        np.testing.assert_array_equal(got.num_candidates, want.num_candidates)
+        np.testing.assert_array_equal(got.num_scored, want.num_scored)
+        np.testing.assert_allclose(got.scores, want.scores, atol=1e-5, rtol=1e-5)
+        if excluding:  # the case is not vacuous
+            assert (got.num_candidates < got.num_scored).any()
+
+
+def test_pack_requests_pads_rows_histories_and_exclusions() -> None:
+    packed = pack_requests([np.array([3, 4]), np.array([5])], [np.array([9, 2, 9]), np.array([])], 4, 3, 10)
+    assert packed.shape == (4, 3 + 2)
+    np.testing.assert_array_equal(packed[:, :3], [[0, 3, 4], [0, 0, 5], [0, 0, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(packed[0, 3:], [2, 9])  # sorted, deduplicated
+    assert (packed[1:, 3:] == EXCLUDE_PAD).all()
+    assert [bucket(n) for n in (0, 1, 2, 3, 5, 64, 65)] == [1, 1, 2, 4, 8, 64, 128]
+    with pytest.raises(ValueError, match=r"outside 0\.\.10"):
+        pack_requests([np.array([11])], None, 1, 3, 10)
+    with pytest.raises(ValueError, match="exclude has 1 rows"):
+        pack_requests([np.array([1]), np.array([2])], [np.array([1])], 2, 3, 10)
+
+
+def test_graphs_are_refused_off_cuda_and_ignored_by_the_cpu_retriever(tiny_bundle_dir: Path) -> None:
+    retriever = Retriever(load_bundle(tiny_bundle_dir), "cpu", "torch", cuda_graphs=True)
+    assert retriever.graphs is None  # the option only takes effect with torch on cuda
+    with pytest.raises(ValueError, match="torch backend on a cuda device"):
+        GraphRunner(retriever)
