@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 
 from models.index import IndexValidationError, TreeIndex
+from models.search import SCORE_MODES, ScoreMode
 from models.torch_files import TORCH_MODULES_FILE, TORCH_WEIGHTS_FILE, check_torch_files
 
 SCHEMA_VERSION = 2
@@ -96,7 +97,7 @@ class Manifest:
     levels: int
     branching: int
     token_scheme: str
-    score_mode: str
+    score_mode: ScoreMode  # checked against models.search.SCORE_MODES on load
     dims: dict[str, int]  # {"memory": D, "query": Dr, "cache": W (decoder step cache width)}
     num_items: int
     max_history: int
@@ -209,7 +210,7 @@ def parse_manifest(path: Path) -> Manifest:
             raise BundleError(path, f"{MANIFEST}: dims.{key} must be a positive int, got {dims.get(key)!r}")
     if not isinstance(dims.get("cache"), int) or dims["cache"] < 0:
         raise BundleError(path, f"{MANIFEST}: dims.cache must be an int >= 0, got {dims.get('cache')!r}")
-    if raw["score_mode"] not in ("logprob", "node"):
+    if raw["score_mode"] not in SCORE_MODES:
         raise BundleError(path, f"{MANIFEST}: unknown score_mode {raw['score_mode']!r}")
     if raw["max_history"] < 1 or raw["num_items"] < 1:
         raise BundleError(path, f"{MANIFEST}: max_history and num_items must be >= 1")

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,6 +44,10 @@ from service.cache import StateSpec
 from service.errors import BadBundle, ReloadConflict, ServiceError, UnknownModel
 from service.metrics import MODEL_INFO, RELOADS
 from service.settings import Settings
+
+if TYPE_CHECKING:  # imported at load time only: the registry is usable without models in tests
+    from models.bundle import Bundle
+    from models.retriever import Retriever
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +95,8 @@ class LoadedModel:
     method: str
     fingerprint: str
     path: Path
-    bundle: Any  # models.bundle.Bundle
-    retriever: Any  # models.retriever.Retriever
+    bundle: Bundle
+    retriever: Retriever
     raw_ids: list[str]  # [N+1], raw_ids[0] == ""
     dense_of: dict[str, int]  # raw id -> dense id
     popular: np.ndarray  # [N] dense ids, most popular first

@@ -1,5 +1,7 @@
 """ModelRegistry rules without ONNX: model names, the default model, reloads that unload a model and
-reloads refused because they would change the default (a stub loader stands in for load + warm)."""
+reloads refused because they would change the default (a stub loader stands in for load + warm);
+then the real loader on synthetic bundles: a typed, warmed model, and a reload that swaps a changed
+bundle in while a request holding the old version still gets the old answer."""
 
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.synthetic_bundle import make_synthetic_bundle
+from models.retriever import Retriever
+from models.search import SCORE_MODES
 from service.errors import BadBundle, ReloadConflict, UnknownModel
 from service.models_registry import LoadedModel, ModelRegistry
 from service.settings import Settings
@@ -32,8 +37,8 @@ def stub_loader(name: str, path: Path, settings: Settings) -> LoadedModel:
         method="stub",
         fingerprint=manifest["fingerprint"],
         path=path,
-        bundle=None,
-        retriever=None,
+        bundle=None,  # type: ignore[arg-type]  # the rules never read the bundle or retriever
+        retriever=None,  # type: ignore[arg-type]
         raw_ids=["", "a"],
         dense_of={"a": 1},
         popular=np.array([1]),
@@ -168,3 +173,30 @@ def test_a_model_the_experiment_names_is_never_unloaded(tmp_path: Path) -> None:
     assert reg.names() == ["a", "b"]
     reg.keep_loaded(lambda: ["a"])  # the experiment moved on
     assert reg.reload("b")[0]["removed"] is True
+
+
+def test_the_real_loader_serves_a_changed_bundle_after_reload_and_the_old_one_still_answers(
+    tmp_path: Path,
+) -> None:
+    make_synthetic_bundle(tmp_path / "a", 120, 4, 2, dim=16, seed=0, max_history=6, backends=("torch",))
+    settings = Settings(bundle_path=tmp_path, decoder_backend="torch", device="cpu")
+    reg = ModelRegistry(settings)
+    reg.load_all()
+    old = reg.get()
+    assert old.name == "a" and isinstance(old.retriever, Retriever)
+    assert old.bundle.manifest.score_mode in SCORE_MODES and old.num_items == 120
+    assert old.item_emb.shape == (121, old.query_dim)
+    history = [np.array([3, 7, 9], np.int64)]
+    before = old.retriever.retrieve(history, k=5, beam_size=8).items
+    assert reg.reload(force=False) == []  # nothing changed on disk: nothing loaded
+
+    staged = make_synthetic_bundle(
+        tmp_path / ".partial", 120, 4, 2, dim=16, seed=1, max_history=6, backends=("torch",)
+    )
+    (tmp_path / "a").rename(tmp_path / ".old")
+    staged.rename(tmp_path / "a")
+    (outcome,) = reg.reload(force=False)
+    new = reg.get()
+    assert outcome["changed"] and new.fingerprint != old.fingerprint and new is not old
+    np.testing.assert_array_equal(old.retriever.retrieve(history, k=5, beam_size=8).items, before)
+    assert not np.array_equal(new.retriever.retrieve(history, k=5, beam_size=8).items, before)
