@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from training.commands.compare import add_split_arguments, make_context
-from training.commands.data import add_data_arguments
+from cli.compare import add_split_arguments, make_context
+from cli.data import add_data_arguments
 from training.data import Dataset, SyntheticDataset
 from training.metrics import average_partition_entropy
 

@@ -20,12 +20,12 @@ from service.main import configure_logging
 
 # top-level command -> the modules that register it (and its subcommands)
 COMMANDS: dict[str, tuple[str, ...]] = {
-    "data": ("training.commands.data",),
-    "compare": ("training.commands.compare",),
+    "data": ("cli.data",),
+    "compare": ("cli.compare",),
     "train": ("cli.train",),
-    "eval": ("training.commands.evaluate",),
+    "eval": ("cli.evaluate",),
     "index-report": ("cli.index_report",),
-    "frontier": ("training.commands.frontier",),
+    "frontier": ("cli.frontier",),
     "serve": ("cli.serve",),
     "replay": ("cli.experiments",),
     "ab-report": ("cli.experiments",),

@@ -14,9 +14,9 @@ import logging
 import shutil
 from pathlib import Path
 
+from cli.compare import add_split_arguments, make_context, train_and_evaluate
+from cli.data import add_data_arguments
 from training import distributed
-from training.commands.compare import add_split_arguments, make_context, train_and_evaluate
-from training.commands.data import add_data_arguments
 from training.distributed import DistContext
 from training.export import record_metrics
 from training.metrics import DEFAULT_KS

@@ -177,7 +177,7 @@ def test_single_item_leaves_use_the_plain_gather(bundle: Bundle) -> None:
 
 def test_offline_evaluation_runs_the_serving_path(onnx_retriever: Retriever, bundle: Bundle) -> None:
     """`genret eval`'s core: with the beam over every leaf, coverage is 1 and candidates are all items."""
-    from training.commands.evaluate import beam_coverage, evaluate_retriever
+    from training.bundle_evaluation import beam_coverage, evaluate_retriever
     from training.splits import EvalSet
 
     histories = [np.array([3, 17]), np.array([8]), np.array([1, 2, 4])]

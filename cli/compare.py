@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
+from cli.data import add_data_arguments, dataset_from_args
 from training.bundle_recommender import BundleRecommender
-from training.commands.data import add_data_arguments, dataset_from_args
 from training.data import Dataset, dataset_stats
 from training.evaluation import evaluate_recommender
 from training.metrics import DEFAULT_KS

@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cli.compare import add_split_arguments, make_context
+from cli.data import add_data_arguments
 from models.bundle import Bundle, load_bundle
 from models.retriever import Retriever
-from training.commands.compare import add_split_arguments, make_context
-from training.commands.data import add_data_arguments
-from training.commands.evaluate import SWEEP_BEAMS, evaluate_retriever
+from training.bundle_evaluation import SWEEP_BEAMS, evaluate_retriever
 from training.data import dataset_stats
 from training.frontier import (
     FrontierPoint,
