@@ -80,7 +80,7 @@ class ModelRef(BaseModel):
 class DebugInfo(BaseModel):
     """Nothing here depends on whether this request's encoder states were cached: the cache key is the
     caller-chosen ``user_id`` plus the history, so a hit/miss field would tell anyone whether that
-    user's history was cached (service/engine.py ``Engine._debug``)."""
+    user's history was cached (service/responses.py ``debug_info``)."""
 
     timings_ms: dict[str, float] = Field(
         description="Milliseconds: queue (this request), cache (the batch's lookup), compute (the batch's "
