@@ -29,11 +29,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "serve": ("cli.serve",),
     "replay": ("cli.experiments",),
     "ab-report": ("cli.experiments",),
-    "bench": (
-        "training.commands.bench_search",
-        "training.commands.bench_retrieve",
-        "cli.bench",
-    ),
+    "bench": ("cli.bench_compute", "cli.bench"),
 }
 
 

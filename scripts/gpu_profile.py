@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.retrieve import build_bundle, history_pool
 from models.bundle import load_bundle
 from models.retriever import Retriever
-from training.commands.bench_retrieve import build_bundle, history_pool
 
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 """Runtime calls that block the host until the device catches up (``cudaMemcpy`` with pageable

@@ -34,7 +34,7 @@ import models
 for info in pkgutil.iter_modules(models.__path__):
     importlib.import_module(f"models.{info.name}")
 for name in ("benchmarks.synthetic_bundle", "training.export", "training.export_torch",
-             "training.commands.bench_search", "training.commands.bench_retrieve",
+             "benchmarks.search", "benchmarks.retrieve",
              "tests.unit.models.test_torch_bundle"):
     importlib.import_module(name)
 for conftest in ("tests/conftest.py", "tests/unit/conftest.py", "tests/unit/models/conftest.py"):

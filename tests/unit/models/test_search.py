@@ -189,7 +189,7 @@ def test_rejects_bad_arguments() -> None:
 
 def test_matches_per_query_dict_trie_search() -> None:
     """Parity with the GENRE / HF-style baseline of ``genret bench search`` (independent code path)."""
-    from training.commands.bench_search import DictTrie, genre_search, make_setup
+    from benchmarks.search import DictTrie, genre_search, make_setup
 
     setup = make_setup(num_items=150, k=6, levels=3, batch=5, dim=16, seed=0)
     trie = DictTrie(setup.index, setup.models[0].vocab_id.numpy())

@@ -7,8 +7,8 @@ import argparse
 import pytest
 import torch
 
-from training.commands.bench_search import make_setup
-from training.commands.bench_step import StepShape, level_shapes, run_step_bench, step_gemms
+from benchmarks.search import make_setup
+from benchmarks.step import StepShape, level_shapes, run_step_bench, step_gemms
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """``genret bench cluster``: :func:`training.clustering.balanced_tree_codes` on synthetic embeddings
 against plain (unbalanced) hierarchical k-means with the same number of iterations, same run.
-(Registered by :mod:`training.commands.bench_search`.)
+(Registered by :mod:`benchmarks.search`.)
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 What ``bench search`` measures on the CPU in process time, measured here in wall time with the
 device synchronised after every search (median of ``--repeats`` after one warm-up), on ``cpu`` or
-``cuda[:i]``. Same setups (:func:`training.commands.bench_search.make_setup`: untrained
+``cuda[:i]``. Same setups (:func:`benchmarks.search.make_setup`: untrained
 ``TokenDecoder``, balanced tree, random encoder states), three scorers per size:
 
 * ``step``: the serving decoder step (one new prefix position per level, cached keys/values);
@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from benchmarks.search import DecoderModel, TableModel, levels_for, make_setup
 from models.decoder import TokenDecoder
 from models.search import BeamResult, DeviceTrie, beam_search
-from training.commands.bench_search import DecoderModel, TableModel, levels_for, make_setup
 
 
 class StepScorer:

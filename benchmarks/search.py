@@ -7,18 +7,17 @@ flattened, one decoder call per level) against constrained decoding as GENRE and
 next tokens, a mask over the full vocabulary built from its answer, beam search one query at a
 time. Both normalise over the allowed tokens (log-softmax of the masked logits), so they must
 return the same leaves; the bench checks it. Our search runs the serving decoder step
-(:meth:`TokenDecoder.step`); :mod:`training.commands.bench_step` times that step per level against
+(:meth:`TokenDecoder.step`); :mod:`benchmarks.step` times that step per level against
 the reference step and this CPU's matrix-product limit. Then the cost of our search against
 catalogue size.
 
-``bench cluster``: :mod:`training.commands.bench_cluster` (registered here).
+``bench cluster``: :mod:`benchmarks.cluster`. Both are registered by :mod:`cli.bench_compute`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -27,12 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.backend import GRAPH_OPTIMIZATION
+from benchmarks.step import print_step_report, run_step_bench, timed
 from models.decoder import DecoderConfig, TokenDecoder, TokenScheme
 from models.index import TreeIndex
 from models.search import DeviceTrie, beam_search
-from training.commands.bench_cluster import cmd_cluster
-from training.commands.bench_step import print_step_report, run_step_bench, timed
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -273,8 +270,8 @@ def print_search_report(report: dict[str, Any]) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    if args.device is not None:  # wall time on a device (the GPU check): bench_search_device.py
-        from training.commands.bench_search_device import cmd_search_device
+    if args.device is not None:  # wall time on a device (the GPU check): search_device.py
+        from benchmarks.search_device import cmd_search_device
 
         return cmd_search_device(args)
     if args.threads:
@@ -285,104 +282,3 @@ def cmd_search(args: argparse.Namespace) -> int:
     else:
         print_search_report(report)
     return 0
-
-
-# ---------------------------------------------------------------------------- CLI
-def _sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(float(part)) for part in text.split(",") if part]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--sizes wants comma-separated integers, got {text!r}") from exc
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"--sizes wants positive integers, got {text!r}")
-    return sizes
-
-
-def _choices(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        parts = [part for part in text.split(",") if part]
-        if not parts or any(part not in allowed for part in parts):
-            raise argparse.ArgumentTypeError(
-                f"want a comma-separated subset of {','.join(allowed)}, got {text!r}"
-            )
-        return parts
-
-    return parse
-
-
-def _schemes(text: str) -> list[str]:
-    schemes = [part for part in text.split(",") if part]
-    if not schemes or any(part not in ("level", "node") for part in schemes):
-        raise argparse.ArgumentTypeError(
-            f"--schemes wants a comma-separated subset of level,node, got {text!r}"
-        )
-    return schemes
-
-
-def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
-    search = groups["bench"].add_parser(
-        "search",
-        help="batched constrained beam search vs GENRE/HF-style per-query search, and cost vs catalogue size",
-    )
-    search.add_argument("--batch", type=int, default=64)
-    search.add_argument("--beam", type=int, default=20)
-    search.add_argument("--branching", type=int, default=64)
-    search.add_argument(
-        "--levels", type=int, default=3, help="depth of the comparison tree (branching**levels items)"
-    )
-    search.add_argument("--dim", type=int, default=64, help="decoder width")
-    search.add_argument("--memory-len", type=int, default=50, help="T: encoder states per query")
-    search.add_argument(
-        "--onnx",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also time decoder.onnx (the exported step) under ONNX Runtime",
-    )
-    search.add_argument(
-        "--ort-optimizations",
-        type=_choices(tuple(GRAPH_OPTIMIZATION)),
-        default=["basic", "all"],
-        help=f"ORT graph optimisation levels to time, a comma-separated subset of {','.join(GRAPH_OPTIMIZATION)}",
-    )
-    search.add_argument(
-        "--ort-threads",
-        type=_sizes,
-        default=[1, 2],
-        help="ORT intra-op thread counts to time (comma-separated)",
-    )
-    search.add_argument("--gemm-repeats", type=int, default=15, help="runs of each GEMM shape for the limit")
-    search.add_argument(
-        "--profile", action="store_true", help="print the step's top ops (torch.profiler and ORT's profiler)"
-    )
-    search.add_argument("--sizes", type=_sizes, default=[10_000, 100_000, 1_000_000], help="catalogue sizes")
-    search.add_argument("--repeats", type=int, default=3)
-    search.add_argument(
-        "--schemes", type=_schemes, default=["level", "node"], help="token schemes to compare (level,node)"
-    )
-    search.add_argument(
-        "--node-baseline-queries",
-        type=int,
-        default=4,
-        help="queries the baseline runs with node tokens (slow)",
-    )
-    search.add_argument("--seed", type=int, default=0)
-    search.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch default)")
-    search.add_argument(
-        "--device",
-        help="cpu | cuda[:i]: step vs full-prefix vs table search cost against --sizes in synchronised "
-        "wall time on that device (no GENRE baseline, no profiles); omitted: the CPU bench above",
-    )
-    search.add_argument("--json", action="store_true", help="print the report as JSON")
-    search.set_defaults(func=cmd_search)
-
-    cluster = groups["bench"].add_parser(
-        "cluster", help="balanced hierarchical k-means (SEATER Alg. 1) vs plain k-means, time and balance"
-    )
-    cluster.add_argument("--items", type=int, default=1_000_000)
-    cluster.add_argument("--dim", type=int, default=64)
-    cluster.add_argument("--k", type=int, default=64)
-    cluster.add_argument("--iters", type=int, default=8, help="k-means iterations per level (both methods)")
-    cluster.add_argument("--seed", type=int, default=0)
-    cluster.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch default)")
-    cluster.add_argument("--json", action="store_true", help="print the report as JSON")
-    cluster.set_defaults(func=cmd_cluster)

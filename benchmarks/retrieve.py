@@ -43,43 +43,6 @@ MIN_ACHIEVED_SHARE = 0.98
 (the schedule's own rate: requests / last arrival; achieved: requests / last completion)."""
 
 
-def parse_sizes(text: str) -> list[tuple[int, int]]:
-    """``"1000000:3,10000000:4"`` -> ``[(1000000, 3), (10000000, 4)]`` (items, levels)."""
-    out = []
-    for part in filter(None, text.split(",")):
-        try:
-            items, levels = (int(float(x)) for x in part.split(":"))
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"--sizes wants items:levels pairs, got {part!r}") from exc
-        if items < 2 or levels < 1:
-            raise argparse.ArgumentTypeError(f"--sizes: need items >= 2 and levels >= 1, got {part!r}")
-        out.append((items, levels))
-    if not out:
-        raise argparse.ArgumentTypeError("--sizes is empty")
-    return out
-
-
-def parse_ints(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"want comma-separated integers, got {text!r}") from exc
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"want positive integers, got {text!r}")
-    return values
-
-
-def parse_grid(text: str) -> list[tuple[int, float]]:
-    """``"16:1,64:2"`` -> ``[(16, 1.0), (64, 2.0)]`` (max batch, max wait ms)."""
-    pairs = []
-    for part in filter(None, text.split(",")):
-        batch, _, wait = part.partition(":")
-        if not batch.isdigit() or int(batch) < 1 or not wait:
-            raise argparse.ArgumentTypeError(f"want max_batch:max_wait_ms, got {part!r}")
-        pairs.append((int(batch), float(wait)))
-    return pairs
-
-
 def device_report(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "device": str(device),
@@ -355,42 +318,3 @@ def format_report(report: dict[str, Any]) -> str:
                 f"{'valid' if g['valid'] else 'INVALID'}"
             )
     return "\n".join(lines)
-
-
-def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
-    p = groups["bench"].add_parser(
-        "retrieve",
-        help="in-process Retriever speed on a device: max throughput and open-loop latency (no HTTP)",
-    )
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
-    p.add_argument(
-        "--sizes", type=parse_sizes, default=parse_sizes("1000000:3,10000000:4"), help="items:levels,..."
-    )
-    p.add_argument("--dim", type=int, default=64, help="model width D")
-    p.add_argument("--beam", type=int, default=20)
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--history", type=int, default=20, help="history length of every request")
-    p.add_argument(
-        "--batches", type=parse_ints, default=[1, 16, 64, 256, 1024], help="max-throughput batch sizes"
-    )
-    p.add_argument("--throughput-seconds", type=float, default=2.0, help="time per batch size")
-    p.add_argument("--rate", type=float, default=2000.0, help="open-loop offered requests/s")
-    p.add_argument("--duration", type=float, default=5.0, help="open-loop seconds of arrivals")
-    p.add_argument("--max-batch", type=int, default=64, help="open-loop batcher: max batch size")
-    p.add_argument("--max-wait-ms", type=float, default=2.0, help="open-loop batcher: max wait of the oldest")
-    p.add_argument(
-        "--open-loop-grid",
-        type=parse_grid,
-        default=[],
-        help="extra open-loop runs, max_batch:max_wait_ms,... (e.g. 16:1,64:1,256:2)",
-    )
-    p.add_argument(
-        "--cuda-graphs", action="store_true", help="serve retrieve through CUDA graphs (torch on cuda)"
-    )
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", type=Path, default=Path("runs/bench_retrieve"), help="bundle cache")
-    p.add_argument("--json-out", type=Path, help="rewrite the JSON report here after every phase")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=cmd_retrieve)

@@ -1,1 +1,0 @@
-"""genret: training/commands."""
