@@ -207,9 +207,15 @@ class GraphRunner:
                 if cap is None:
                     return None
                 self.graphs[key] = cap
-            cap.packed.copy_(torch.from_numpy(packed))  # the one host-to-device copy
-            cap.graph.replay()
-            ints, scores = cap.ints.cpu().numpy(), cap.scores.cpu().numpy()  # the sync
+            try:
+                with torch.inference_mode():  # the static buffers were made as inference tensors
+                    cap.packed.copy_(torch.from_numpy(packed))  # the one host-to-device copy
+                    cap.graph.replay()
+                    ints, scores = cap.ints.cpu().numpy(), cap.scores.cpu().numpy()  # the sync
+            except RuntimeError as exc:  # a replay that fails must not fail the request
+                self.disabled = f"replay of {key} failed: {type(exc).__name__}: {exc}"[:500]
+                log.warning("CUDA graphs disabled, eager retrieval serves: %s", self.disabled)
+                return None
         return unpack_result(ints, scores, B, k)
 
     def _capture(self, key: tuple[int, int, int, int, int]) -> Captured | None:
