@@ -1,9 +1,10 @@
 """The serving side's import graph holds ``service`` and ``models`` only.
 
 Each case runs in a fresh interpreter (nothing imported by pytest leaks in) and prints the
-top-level packages of everything in ``sys.modules`` afterwards: importing the serving app, the
-``genret-serve`` console script's ``--help`` (resolved through its installed entry point) and
-``python -m service --help`` must load no ``training``, ``cli`` or ``benchmarks`` module;
+top-level packages of everything in ``sys.modules`` afterwards: importing the serving app (and
+every module of ``service``), the ``genret-serve`` console script's ``--help`` (resolved through
+its installed entry point) and ``python -m service --help`` must load no ``training``, ``cli`` or
+``benchmarks`` module;
 ``genret serve --help`` loads ``cli`` but neither of the other two. A control case
 (``genret train --help``) shows that the probe does see ``training`` when it is loaded. The
 package must be installed (``make install``: ``pip install -e .``), as the scripts come from it.
@@ -28,6 +29,12 @@ print(json.dumps(sorted({m.split(".")[0] for m in sys.modules})))
 
 CASES = {
     "import service.app": "from service.app import create_app, create_admin_app",
+    "import every service module": """
+import importlib, pkgutil, service
+for info in pkgutil.iter_modules(service.__path__):
+    if info.name != "__main__":
+        importlib.import_module(f"service.{info.name}")
+""",
     "genret-serve --help": """
 from importlib.metadata import entry_points
 (script,) = entry_points(group="console_scripts", name="genret-serve")
@@ -76,7 +83,10 @@ def loaded_packages(code: str, cwd: Path) -> set[str]:
     return set(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
-@pytest.mark.parametrize("case", ["import service.app", "genret-serve --help", "python -m service --help"])
+@pytest.mark.parametrize(
+    "case",
+    ["import service.app", "import every service module", "genret-serve --help", "python -m service --help"],
+)
 def test_serving_loads_no_trainer_cli_or_benchmarks(case: str, tmp_path: Path) -> None:
     packages = loaded_packages(CASES[case], tmp_path)
     assert "service" in packages
