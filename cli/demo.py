@@ -41,7 +41,7 @@ def train_bundle(method: str, out: Path, overrides: tuple[str, ...]) -> None:
     cmd += ["--out", str(out)]
     for item in overrides:
         cmd += ["--set", item]
-    print("$ " + " ".join(cmd[2:]), flush=True)
+    print("$ genret " + " ".join(cmd[3:]), flush=True)  # python -m cli = genret
     subprocess.run(cmd, check=True)
 
 
