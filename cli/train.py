@@ -20,12 +20,9 @@ from training import distributed
 from training.distributed import DistContext
 from training.export import record_metrics
 from training.metrics import DEFAULT_KS
-from training.registry import get_method
+from training.registry import DATA_PARALLEL_METHODS, get_method
 
 log = logging.getLogger(__name__)
-
-DATA_PARALLEL_METHODS: frozenset[str] = frozenset({"sasrec", "seater"})
-"""Methods whose trainers shard their data over the ranks of a torchrun job."""
 
 
 def _copy_bundle(bundle_dir: Path, out: Path, force: bool) -> None:

@@ -47,6 +47,7 @@ from models.bundle import (
 )
 from models.decoder_step import DecoderStep
 from models.index import TreeIndex
+from training.bundle_spec import BundleSpec
 from training.export_torch import choose_backends, probe_dims, write_torch_files
 
 log = logging.getLogger(__name__)
@@ -245,87 +246,80 @@ def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
 
 
-def export_bundle(
-    out_dir: str | Path,
-    *,
-    name: str,
-    method: str,
-    encoder: nn.Module,
-    decoder: nn.Module,
-    index: TreeIndex,
-    item_emb: np.ndarray,
-    item_ids: Sequence[str] | np.ndarray,
-    popularity: np.ndarray,
-    score_mode: str,
-    max_history: int,
-    metrics: dict[str, Any],
-    config: dict[str, Any],
-    dataset_fingerprint: str,
-    version: str | None = None,
-    backends: Sequence[str] | None = None,
-) -> Path:
-    """Write a verified bundle to ``out_dir`` (replacing an existing one atomically); returns its path.
+def export_bundle(out_dir: str | Path, spec: BundleSpec | None = None, **fields: Any) -> Path:
+    """:func:`write_bundle` of ``spec``, or of ``BundleSpec(**fields)`` (the keyword form)."""
+    return write_bundle(out_dir, spec if spec is not None else BundleSpec(**fields))
 
-    ``encoder``: any module ``(history[B,T], mask[B,T]) -> (memory[B,T,D], query[B,Dr])``;
-    ``decoder``: any module with the decoder-step signature. ``item_emb`` [N+1, Dr] must use the
-    same Dr as the encoder's ``query``. ``version`` defaults to the UTC creation time.
-    ``backends``: None = ONNX, plus the torch files (safetensors + module specs) when the modules
-    are kinds :mod:`models.torch_bundle` rebuilds; or an explicit subset of ``("onnx", "torch")``.
-    """
+
+def write_bundle(out_dir: str | Path, spec: BundleSpec) -> Path:
+    """Write a verified bundle to ``out_dir`` (replacing an existing one atomically); returns its path."""
     out = Path(out_dir)
-    _check_inputs(index, item_emb, item_ids, popularity, score_mode)
+    _check_inputs(spec.index, spec.item_emb, spec.item_ids, spec.popularity, spec.score_mode)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        chosen = choose_backends(encoder, decoder, index, backends)
-        graphs = write_model_files(tmp, encoder, decoder, index, max_history, chosen)
-        if item_emb.shape[1] != graphs["dims"]["query"]:
+        chosen = choose_backends(spec.encoder, spec.decoder, spec.index, spec.backends)
+        graphs = write_model_files(tmp, spec.encoder, spec.decoder, spec.index, spec.max_history, chosen)
+        if spec.item_emb.shape[1] != graphs["dims"]["query"]:
             raise ExportError(
-                f"item_emb has {item_emb.shape[1]} columns but the encoder's query has {graphs['dims']['query']}"
+                f"item_emb has {spec.item_emb.shape[1]} columns but the encoder's query has {graphs['dims']['query']}"
             )
-        index.save(tmp / INDEX_FILE)
-        write_items(tmp / ITEMS_FILE, item_emb, item_ids, popularity)
+        spec.index.save(tmp / INDEX_FILE)
+        write_items(tmp / ITEMS_FILE, spec.item_emb, spec.item_ids, spec.popularity)
         hashes = {f: file_sha256(tmp / f) for f in bundle_files(chosen)}
-        files = {f: {"sha256": hashes[f], "bytes": (tmp / f).stat().st_size} for f in hashes}
-        created = datetime.now(UTC)
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "name": name,
-            "method": method,
-            "version": version or created.strftime("%Y%m%dT%H%M%SZ"),
-            "created_at": created.isoformat(),
-            "fingerprint": bundle_fingerprint(hashes),
-            "levels": index.levels,
-            "branching": index.max_branching,
-            "token_scheme": index.token_scheme,
-            "score_mode": score_mode,
-            "dims": graphs["dims"],
-            "num_items": index.num_items,
-            "num_nodes": index.num_nodes,
-            "num_leaves": index.num_leaves,
-            "max_history": max_history,
-            "opset": OPSET,
-            "files": files,
-            "backends": list(chosen),
-            "metrics": _json_safe(metrics),
-            "config": _json_safe(with_default_beam(config, index)),
-            "dataset_fingerprint": dataset_fingerprint,
-            "export": {
-                "torch": torch.__version__,
-                "onnx": onnx.__version__,
-                "parity_max_abs_error": graphs.get("parity_max_abs_error"),
-                "torch_roundtrip_max_abs_error": graphs.get("torch_roundtrip_max_abs_error"),
-            },
-        }
+        manifest = _manifest(spec, graphs, chosen, hashes, tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         load_bundle(tmp)  # refuse to publish what the loader would refuse
         publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("bundle %s (%s) written to %s, fingerprint %s", name, method, out, manifest["fingerprint"][:12])
+    log.info(
+        "bundle %s (%s) written to %s, fingerprint %s",
+        spec.name,
+        spec.method,
+        out,
+        manifest["fingerprint"][:12],
+    )
     return out
+
+
+def _manifest(
+    spec: BundleSpec, graphs: dict[str, Any], chosen: Sequence[str], hashes: dict[str, str], tmp: Path
+) -> dict[str, Any]:
+    """The manifest of a bundle whose files (``hashes``) are written in ``tmp``."""
+    index = spec.index
+    created = datetime.now(UTC)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "name": spec.name,
+        "method": spec.method,
+        "version": spec.version or created.strftime("%Y%m%dT%H%M%SZ"),
+        "created_at": created.isoformat(),
+        "fingerprint": bundle_fingerprint(hashes),
+        "levels": index.levels,
+        "branching": index.max_branching,
+        "token_scheme": index.token_scheme,
+        "score_mode": spec.score_mode,
+        "dims": graphs["dims"],
+        "num_items": index.num_items,
+        "num_nodes": index.num_nodes,
+        "num_leaves": index.num_leaves,
+        "max_history": spec.max_history,
+        "opset": OPSET,
+        "files": {f: {"sha256": hashes[f], "bytes": (tmp / f).stat().st_size} for f in hashes},
+        "backends": list(chosen),
+        "metrics": _json_safe(spec.metrics),
+        "config": _json_safe(with_default_beam(spec.config, index)),
+        "dataset_fingerprint": spec.dataset_fingerprint,
+        "export": {
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "parity_max_abs_error": graphs.get("parity_max_abs_error"),
+            "torch_roundtrip_max_abs_error": graphs.get("torch_roundtrip_max_abs_error"),
+        },
+    }
 
 
 def with_default_beam(config: dict[str, Any], index: TreeIndex) -> dict[str, Any]:

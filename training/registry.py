@@ -16,16 +16,19 @@ import numpy as np
 
 if TYPE_CHECKING:
     from training.data import Dataset
-    from training.methods.sasrec.train import SASRec
+    from training.methods.sasrec.model import SASRec
     from training.splits import Split
 
 METHOD_MODULES: dict[str, str] = {
-    "popular": "training.methods.sasrec.train",
-    "sasrec": "training.methods.sasrec.train",
+    "popular": "training.methods.popular",
+    "sasrec": "training.methods.sasrec.cache",
     "uri": "training.methods.uri.train",
     "seater": "training.methods.seater.train",
     "tdr": "training.methods.tdr.train",
 }
+DATA_PARALLEL_METHODS: frozenset[str] = frozenset({"sasrec", "uri", "seater", "tdr"})
+"""Methods whose trainers shard their data over the ranks of a torchrun job (each rank steps a
+DDP-wrapped training module on its share; rank 0 evaluates, decides and exports)."""
 
 
 class Recommender(Protocol):
@@ -54,7 +57,7 @@ class TrainContext:
     def sasrec(self) -> SASRec:
         """The trained SASRec baseline of this split, trained once and memoised."""
         if self._sasrec is None:
-            from training.methods.sasrec.train import train_sasrec
+            from training.methods.sasrec.cache import train_sasrec
 
             self._sasrec = train_sasrec(self)
         return self._sasrec

@@ -20,13 +20,7 @@ MAX_FUNCTION_LINES = 80
 
 # "path" (module over MAX_MODULE_LINES) or "path::qualified.name" (function over
 # MAX_FUNCTION_LINES) -> why it is still allowed.
-ALLOWED: dict[str, str] = {
-    "training/methods/uri/train.py": "H-trainer puts URI on the trainer skeleton in this wave (issue 14)",
-    "training/methods/tdr/train.py": "H-trainer puts TDR on the trainer skeleton in this wave (issue 14)",
-    "training/methods/tdr/train.py::_train_tdr": "H-trainer puts TDR on the trainer skeleton (issue 14)",
-    "training/methods/seater/train.py": "H-trainer puts SEATER on the trainer skeleton (issue 14)",
-    "training/export.py::export_bundle": "H-trainer replaces the keyword export with one bundle spec (issue 14)",
-}
+ALLOWED: dict[str, str] = {}
 
 
 def _sources() -> list[Path]:

@@ -21,8 +21,9 @@ from training import distributed
 from training.data import synthetic_dataset
 from training.distributed import DistContext
 from training.evaluation import evaluate_recommender
+from training.methods.popular import Popularity
+from training.methods.sasrec.cache import sasrec_cache_key
 from training.methods.sasrec.model import SASRec, SASRecConfig
-from training.methods.sasrec.train import Popularity, sasrec_cache_key
 from training.metrics import evaluate_ranking
 from training.splits import make_split
 

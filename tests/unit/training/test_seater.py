@@ -13,17 +13,11 @@ import torch
 from models.index import TreeIndex
 from training.data import synthetic_dataset
 from training.evaluation import evaluate_recommender
-from training.methods.sasrec.train import Popularity
-from training.methods.seater.losses import pair_similarity
-from training.methods.seater.train import (
-    ItemsAsLeaves,
-    SeaterConfig,
-    SeaterModel,
-    TreeTables,
-    build_index,
-    init_tokens_from_items,
-    seater_losses,
-)
+from training.methods.popular import Popularity
+from training.methods.seater.config import SeaterConfig
+from training.methods.seater.losses import pair_similarity, seater_losses
+from training.methods.seater.model import ItemsAsLeaves, SeaterModel, TreeTables, init_tokens_from_items
+from training.methods.seater.train import build_index
 from training.registry import TrainContext, get_method
 from training.splits import make_split
 
@@ -52,9 +46,9 @@ def test_config_loads_yaml_and_coerces_overrides() -> None:
         {"seater.beam_size": "64", "max_epochs": 2, "sasrec.lr": "0.01", "cache_dir": "/x"}
     )
     assert (shared.beam_size, shared.epochs) == (64, 2)
-    with pytest.raises(ValueError, match="unknown SEATER config"):
+    with pytest.raises(ValueError, match="unknown setting 'alignn'"):
         SeaterConfig.load({"alignn": "true"})
-    with pytest.raises(ValueError, match="not a boolean"):
+    with pytest.raises(ValueError, match="is not a bool"):
         SeaterConfig.load({"rank": "maybe"})
 
 

@@ -10,7 +10,9 @@ import torch
 
 from models.decoder import PAD_SCORE
 from models.index import TreeIndex
-from training.methods.tdr.train import PreferenceModel, TDRConfig, TDRModel, tree_learning_pairs
+from training.methods.tdr.config import TDRConfig
+from training.methods.tdr.model import PreferenceModel, TDRModel
+from training.methods.tdr.train import tree_learning_pairs
 from training.methods.tdr.tree_learning import learn_tree
 
 SMALL = TDRConfig(dim=8, windows=(1, 2, 3), attention_hidden=4, mlp_hidden=(8,))
@@ -25,7 +27,7 @@ def test_config_overrides_are_coerced_and_checked() -> None:
     assert TDRConfig.load({}).variant == "TDR(T)"
     with pytest.raises(ValueError, match="sampler"):
         TDRConfig.load({"sampler": "popularity"})
-    with pytest.raises(ValueError, match="unknown TDR config key"):
+    with pytest.raises(ValueError, match=r"unknown setting 'tdr\.samplr'"):
         TDRConfig.load({"tdr.samplr": "uniform"})
 
 
@@ -133,7 +135,7 @@ def test_tdr_on_planted_clusters_beats_popularity_through_the_bundle(tmp_path: P
     evaluate through ONNX Runtime: Recall@20 must beat popularity by a wide margin."""
     from training.data import synthetic_dataset
     from training.evaluation import evaluate_recommender
-    from training.methods.sasrec.train import Popularity
+    from training.methods.popular import Popularity
     from training.registry import TrainContext, get_method
     from training.splits import make_split
 

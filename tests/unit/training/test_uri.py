@@ -15,15 +15,11 @@ import torch
 from models.index import TreeIndex
 from training.data import synthetic_dataset
 from training.evaluation import evaluate_recommender
-from training.methods.uri.train import (
-    FullTree,
-    SiblingSampler,
-    URIConfig,
-    URIModel,
-    URITrainer,
-    assign_level,
-    train_uri,
-)
+from training.methods.uri.config import URIConfig
+from training.methods.uri.index import SiblingSampler, assign_level
+from training.methods.uri.model import FullTree, URIModel
+from training.methods.uri.train import train_uri
+from training.methods.uri.trainer import URITrainer
 from training.metrics import average_partition_entropy
 from training.registry import TrainContext, get_method
 from training.splits import make_split

@@ -10,8 +10,10 @@ import torch
 
 from training.data import synthetic_dataset
 from training.methods.sasrec.model import SASRecConfig, SASRecModule
+from training.methods.uri.config import URIConfig
+from training.methods.uri.model import URIModel
 from training.methods.uri.query import SasrecQueryEncoder
-from training.methods.uri.train import URIConfig, URIModel, URITrainer
+from training.methods.uri.trainer import URITrainer
 from training.registry import TrainContext
 from training.splits import make_split
 

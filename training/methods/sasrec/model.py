@@ -1,7 +1,7 @@
 """SASRec: a causal Transformer over the history, scored against its own (tied) item embeddings.
 
 The user vector is the encoder output at the most recent history position; an item's score is
-its inner product with the user vector. Training and caching live in ``training/baselines.py``;
+its inner product with the user vector. Training lives in :mod:`training.methods.sasrec.train`, the cache in :mod:`.cache`;
 this module holds the model, the batching of histories and the :class:`SASRec` wrapper that
 other methods use (item embeddings, user vectors, full-catalogue scores).
 """
@@ -9,7 +9,7 @@ other methods use (item embeddings, user vectors, full-catalogue scores).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,63 +19,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from training.methods.sasrec.config import SASRecConfig
+
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "sasrec.json"
 INIT_STD = 0.02  # embeddings start small so that Adam's steps move them quickly (BERT / RecBole habit)
-
-
-@dataclass(frozen=True)
-class SASRecConfig:
-    """Model and training settings; the defaults reach the reference on Amazon Beauty."""
-
-    dim: int = 64
-    """Embedding and hidden size D."""
-    layers: int = 2
-    """Causal self-attention blocks."""
-    heads: int = 1
-    """Attention heads per block (D must be divisible by it)."""
-    dropout: float = 0.3
-    """Dropout on embeddings, attention and feed-forward outputs."""
-    loss: str = "full"
-    """'full': softmax over the whole catalogue; 'sampled': over sampled negatives with log-q correction."""
-    negatives: str = "in_batch"
-    """Sampled loss only: 'uniform' (num_negatives shared uniform samples) or 'in_batch' (other rows' targets)."""
-    num_negatives: int = 256
-    """Sampled loss with uniform negatives: negatives per batch."""
-    lr: float = 1e-3
-    """Adam learning rate."""
-    weight_decay: float = 0.0
-    """Adam weight decay."""
-    batch_size: int = 128
-    """Training sequences (chunks of at most T+1 items) per step."""
-    max_epochs: int = 200
-    """Upper bound on epochs; early stopping usually ends sooner."""
-    patience: int = 5
-    """Stop after this many epochs without a better validation Recall@20."""
-    eval_users: int = 0
-    """Validation users used for early stopping (0 = all)."""
-    threads: int = 1
-    """torch intra-op threads while training (1 wastes least on a shared CPU); not part of the cache key."""
-    max_train_seconds: float = 0.0
-    """Stop after the epoch that passes this wall time, keeping the best epoch (0 = no limit); not part of the cache key."""
-
-    def __post_init__(self) -> None:
-        if self.dim < 1 or self.layers < 1 or self.heads < 1 or self.dim % self.heads:
-            raise ValueError(f"need dim, layers, heads >= 1 and dim % heads == 0, got {self}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.loss not in ("full", "sampled"):
-            raise ValueError(f"loss must be 'full' or 'sampled', got {self.loss!r}")
-        if self.negatives not in ("uniform", "in_batch"):
-            raise ValueError(f"negatives must be 'uniform' or 'in_batch', got {self.negatives!r}")
-        if (
-            self.lr <= 0
-            or self.batch_size < 1
-            or self.max_epochs < 1
-            or self.patience < 1
-            or self.threads < 1
-        ):
-            raise ValueError(f"need lr > 0 and batch_size, max_epochs, patience >= 1, got {self}")
 
 
 class CausalSelfAttentionBlock(nn.Module):

@@ -14,9 +14,15 @@ Nothing here knows about modules, optimisers or data: the trainer (``training/se
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from models.decoder import PAD_SCORE
+from training.methods.seater.config import SeaterConfig
+from training.methods.seater.model import SeaterModel, TreeTables
 
 
 def generation_loss(logits: Tensor, target: Tensor) -> Tensor:
@@ -162,3 +168,81 @@ def _shared_prefix(paths: Tensor, reference: Tensor) -> Tensor:
     """Number of leading tokens ``paths`` [..., L] shares with ``reference`` [..., L] (broadcast)."""
     equal = (paths == reference).to(torch.int64)  # [..., L]
     return equal.cumprod(dim=-1).sum(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------- one step
+@dataclass(frozen=True)
+class LossParts:
+    total: Tensor
+    gen: Tensor
+    ali: Tensor
+    rank: Tensor
+
+
+def seater_losses(
+    model: SeaterModel,
+    tables: TreeTables,
+    cfg: SeaterConfig,
+    history: Tensor,
+    target: Tensor,
+    generator: torch.Generator | None = None,
+) -> LossParts:
+    """The three losses on one batch: ``history[B, T]`` (0 = pad), ``target[B]`` dense ids."""
+    mask = history > 0  # [B, T]
+    memory, _ = model.encoder(history, mask)  # [B, T, D]
+    B = history.shape[0]
+    L = tables.item_path.shape[1]
+    path = tables.paths[target]  # [B, L+1] root .. leaf
+    paths = path[:, None]  # [B, 1, L+1]
+    shared = None
+    if cfg.rank:
+        shared_lengths = list(range(L - 1, -1, -1))[: cfg.num_negatives]  # most similar first
+        negatives, shared = sample_ranking_negatives(tables.item_path, target, shared_lengths, generator)
+        paths = torch.cat([paths, tables.paths[negatives]], dim=1)  # [B, 1+q, L+1]
+    all_states = model.path_states(memory, mask, paths)  # [B, 1+q, L+1, D]
+    states = all_states[:, 0]  # [B, L+1, D] the positive
+
+    # generation (eq. 5): position i predicts the level-(i+1) node among the children of path[i]
+    cand = tables.children[path[:, :L]]  # [B, L, C]
+    cand_emb = model.tokens(cand.clamp(min=0))  # [B, L, C, D]
+    logits = torch.einsum("bld,blcd->blc", states[:, :L], cand_emb).masked_fill(cand < 0, PAD_SCORE)
+    gen = generation_loss(logits, tables.child_pos[path[:, 1:]])
+    zero = gen.new_zeros(())
+
+    ali = zero
+    if cfg.align and L >= 2:
+        # eq. 6 level by level (a level's tokens against the distinct parents of the batch at the level
+        # above): a token's own children are never among its negatives. Level 1 has a single parent
+        # (the root), where InfoNCE is identically 0, so it is skipped.
+        parts = []
+        for level in range(2, L + 1):
+            child, parent = path[:, level], path[:, level - 1]  # [B]
+            parts.append(alignment_loss(model.tokens(child), model.tokens(parent), parent, cfg.tau))
+        ali = torch.stack(parts).mean()
+
+    rnk = zero
+    if shared is not None:
+        z_y = all_states.mean(dim=2)  # [B, 1+q, D] MEAN(Y) of each identifier (eq. 7)
+        positive = torch.full((B, 1), L, dtype=shared.dtype, device=shared.device)
+        weights = mask.to(memory.dtype)  # [B, T]
+        z_x = (memory * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1.0)  # [B, D]
+        rnk = ranking_loss(z_x, z_y, torch.cat([positive, shared], dim=1), model.rank_w, cfg.beta)
+
+    total = gen + cfg.lambda_align * ali + cfg.lambda_rank * rnk
+    return LossParts(total=total, gen=gen, ali=ali, rank=rnk)
+
+
+class SeaterLoss(nn.Module):
+    """The training step as a module (DDP hooks ``forward``): ``(history[B, T], target[B]) -> (total, gen, ali, rank)``."""
+
+    def __init__(self, model: SeaterModel, tables: TreeTables, cfg: SeaterConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.tables = tables
+        self.cfg = cfg
+
+    def forward(
+        self, history: Tensor, target: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        parts = seater_losses(self.model, self.tables, self.cfg, history, target, generator)
+        return parts.total, parts.gen, parts.ali, parts.rank
