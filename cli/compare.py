@@ -3,39 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from cli.data import add_data_arguments, dataset_from_args
-from training.bundle_recommender import BundleRecommender
+from training.comparison import MethodResult, run_compare
 from training.data import Dataset, dataset_stats
-from training.evaluation import evaluate_recommender
 from training.metrics import DEFAULT_KS
-from training.registry import TrainContext, TrainedMethod, get_method
+from training.registry import TrainContext
 from training.splits import SPLIT_KINDS, Split, make_split
 
 log = logging.getLogger(__name__)
 
 METRIC_NAMES: tuple[str, ...] = ("recall", "ndcg", "hr")
-
-
-@dataclass
-class MethodResult:
-    method: str
-    metrics: dict[str, float]
-    train_seconds: float
-    eval_seconds: float
-    info: dict[str, Any] = field(default_factory=dict)
-    bundle_dir: Path | None = None
-    candidates: float | None = None  # generative methods: mean items scored per test user (before exclusion)
-    ivf_recall_at_budget: float | None = None  # SASRec in faiss IVF, Recall@20 at those candidates
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -82,52 +66,6 @@ def make_context(args: argparse.Namespace, command: str) -> TrainContext:
     )
 
 
-def train_and_evaluate(ctx: TrainContext, method: str) -> tuple[TrainedMethod, MethodResult]:
-    """Train one method in ``ctx`` and evaluate it on the test users (history excluded)."""
-    train_fn = get_method(method)
-    start = time.perf_counter()
-    trained = train_fn(ctx)
-    train_seconds = time.perf_counter() - start
-    recommender = trained.recommender
-    if isinstance(recommender, BundleRecommender):  # count the test evaluation's candidates only
-        recommender.scored = recommender.queries = 0
-    start = time.perf_counter()
-    metrics = evaluate_recommender(recommender, ctx.split.test, DEFAULT_KS)
-    eval_seconds = time.perf_counter() - start
-    log.info(
-        "%s: test recall@20 %.4f (train %.1fs, eval %.1fs)",
-        method,
-        metrics["recall@20"],
-        train_seconds,
-        eval_seconds,
-    )
-    result = MethodResult(
-        method, metrics, train_seconds, eval_seconds, dict(trained.info), trained.bundle_dir
-    )
-    if isinstance(recommender, BundleRecommender):
-        result.candidates = recommender.mean_candidates
-    return trained, result
-
-
-def add_ivf_at_budget(ctx: TrainContext, results: list[MethodResult]) -> None:
-    """For each generative method, SASRec-in-IVF Recall@20 at the candidates it scored (the same
-    test users, history excluded; :mod:`training.frontier`). Skipped without faiss-cpu."""
-    budgets = [r for r in results if r.candidates is not None]
-    if not budgets:
-        return
-    if importlib.util.find_spec("faiss") is None:
-        log.warning("faiss-cpu is not installed (pip install 'genret[bench]'): no IVF figures")
-        return
-    from training.frontier import ivf_at, sweep_ivf
-
-    sasrec = ctx.sasrec()
-    users = sasrec.encode(ctx.split.test.histories)  # [U, D]
-    points, _ = sweep_ivf(sasrec.item_embeddings(), users, ctx.split.test, 0.0, seed=ctx.seed)
-    for r in budgets:
-        assert r.candidates is not None
-        r.ivf_recall_at_budget = ivf_at(points, r.candidates)
-
-
 def split_summary(split: Split) -> dict[str, Any]:
     return {
         "kind": split.kind,
@@ -137,12 +75,6 @@ def split_summary(split: Split) -> dict[str, Any]:
         "valid_users": len(split.valid),
         "test_users": len(split.test),
     }
-
-
-def run_compare(ctx: TrainContext, methods: list[str]) -> list[MethodResult]:
-    results = [train_and_evaluate(ctx, method)[1] for method in methods]
-    add_ivf_at_budget(ctx, results)
-    return results
 
 
 def format_table(dataset: Dataset, split: Split, results: list[MethodResult]) -> str:

@@ -14,9 +14,10 @@ import logging
 import shutil
 from pathlib import Path
 
-from cli.compare import add_split_arguments, make_context, train_and_evaluate
+from cli.compare import add_split_arguments, make_context
 from cli.data import add_data_arguments
 from training import distributed
+from training.comparison import train_and_evaluate
 from training.distributed import DistContext
 from training.export import record_metrics
 from training.metrics import DEFAULT_KS
