@@ -180,11 +180,12 @@ class Retriever:
         backend: str | DecoderBackend = "onnx",
         *,
         intra_op_threads: int | None = None,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool = True,
     ) -> None:
         """``cuda_graphs``: serve :meth:`retrieve` through CUDA graphs of the static-shape search
-        (:mod:`models.graph_search`; torch backend on ``cuda`` only, else ignored). Off by default
-        until a GPU check holds the graphs' results to the eager path's."""
+        (:mod:`models.graph_search`; torch backend on ``cuda`` only, else ignored). On by default:
+        the GPU check holds the graphs' items to the eager path's (``graph_parity``), and a capture
+        or replay that fails switches them off for this retriever, so eager retrieval answers."""
         self.bundle = bundle
         self.device = torch.device(device)
         if isinstance(backend, str):  # "onnx" | "torch": built from the bundle's own files
