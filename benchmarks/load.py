@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import subprocess
 import sys
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
@@ -67,6 +69,22 @@ def http_post(path: str, body: bytes, host: str = "127.0.0.1") -> bytes:
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode("ascii") + body
+
+
+def retrieve_bodies(
+    bundle: Path, count: int, *, k: int, beam_size: int, seed: int, user_prefix: str, users: int
+) -> list[bytes]:
+    """``count`` pre-encoded ``POST /v1/retrieve`` requests for ``bundle``'s items, each with a random
+    history of 3..20 items; request ``i`` comes from user ``{user_prefix}{i % users}``."""
+    with np.load(bundle / "items.npz", allow_pickle=False) as data:
+        item_ids = data["item_ids"]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        history = item_ids[rng.integers(1, len(item_ids), size=int(rng.integers(3, 21)))].tolist()
+        body = {"user_id": f"{user_prefix}{i % users}", "history": history, "k": k, "beam_size": beam_size}
+        out.append(http_post("/v1/retrieve", json.dumps(body).encode()))
+    return out
 
 
 class Connection:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.launcher import ServiceProcess
-from benchmarks.load import Arrivals, OpenLoopStats, http_post, open_loop, run_loop, send_times
+from benchmarks.load import Arrivals, OpenLoopStats, open_loop, retrieve_bodies, run_loop, send_times
 from models.bundle import SCHEMA_VERSION
 
 WRK_SCRIPT = r"""
@@ -182,19 +182,6 @@ def run_wrk(url: str, script: Path, concurrency: int, duration_s: float) -> dict
         if line.startswith("WRKJSON "):
             return dict(json.loads(line[len("WRKJSON ") :]))
     raise RuntimeError(f"wrk printed no summary:\n{out}")
-
-
-def retrieve_bodies(bundle: Path, cfg: BenchConfig, count: int = 2000) -> list[bytes]:
-    """Pre-encoded ``POST /v1/retrieve`` requests with random histories, as the wrk script sends."""
-    with np.load(bundle / "items.npz", allow_pickle=False) as data:
-        item_ids = data["item_ids"]
-    rng = np.random.default_rng(cfg.seed + 7)
-    out = []
-    for i in range(count):
-        history = item_ids[rng.integers(1, len(item_ids), size=int(rng.integers(3, 21)))].tolist()
-        body = {"user_id": f"o{i}", "history": history, "k": cfg.k, "beam_size": cfg.beam_size}
-        out.append(http_post("/v1/retrieve", json.dumps(body).encode()))
-    return out
 
 
 def service_env(cfg: BenchConfig, bundle_path: Path, mode: str) -> dict[str, str]:
@@ -361,7 +348,9 @@ def run_bench(cfg: BenchConfig, as_json: bool = False, ceiling: bool = False) ->
         return run_shadow_bench(cfg, as_json=as_json)
     generator = generator_ceiling() if ceiling else []
     bundle = build_bundle(cfg)
-    bodies = retrieve_bodies(bundle, cfg)
+    bodies = retrieve_bodies(
+        bundle, 2000, k=cfg.k, beam_size=cfg.beam_size, seed=cfg.seed + 7, user_prefix="o", users=2000
+    )
     results: list[Measurement] = []
     opened: list[OpenLoopMeasurement] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,7 +26,14 @@ from typing import Any
 import numpy as np
 
 from benchmarks.launcher import ServiceProcess
-from benchmarks.load import Connection, OpenLoopStats, http_post, open_loop, run_loop, send_times
+from benchmarks.load import (
+    Connection,
+    OpenLoopStats,
+    open_loop,
+    retrieve_bodies,
+    run_loop,
+    send_times,
+)
 
 MAX_RSS_GROWTH = 0.05
 MAX_P99_RATIO = 1.2
@@ -73,19 +80,6 @@ def build_bundle(cfg: SoakConfig) -> Path:
         return out
     print(f"building synthetic bundle: {cfg.items} items, {cfg.levels} levels of {branching} ...", flush=True)
     return make_synthetic_bundle(out, cfg.items, branching, cfg.levels, dim=cfg.dim, seed=cfg.seed)
-
-
-def request_bodies(bundle: Path, cfg: SoakConfig, count: int = 20_000) -> list[bytes]:
-    """Pre-encoded ``POST /v1/retrieve`` requests, each with a fresh random history of 3..20 items."""
-    with np.load(bundle / "items.npz", allow_pickle=False) as data:
-        item_ids = data["item_ids"]
-    rng = np.random.default_rng(cfg.seed + 11)
-    out = []
-    for i in range(count):
-        history = item_ids[rng.integers(1, len(item_ids), size=int(rng.integers(3, 21)))].tolist()
-        body = {"user_id": f"s{i % 5000}", "history": history, "k": cfg.k, "beam_size": cfg.beam_size}
-        out.append(http_post("/v1/retrieve", json.dumps(body).encode()))
-    return out
 
 
 def service_env(cfg: SoakConfig, bundle: Path) -> dict[str, str]:
@@ -197,7 +191,10 @@ def format_verdict(v: dict[str, Any]) -> str:
 def run_soak(cfg: SoakConfig, as_json: bool = False) -> int:
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     bundle = build_bundle(cfg)
-    bodies = request_bodies(bundle, cfg)
+    # a fresh random history per request (a cache miss) from 5000 users
+    bodies = retrieve_bodies(
+        bundle, 20_000, k=cfg.k, beam_size=cfg.beam_size, seed=cfg.seed + 11, user_prefix="s", users=5000
+    )
     service = ServiceProcess(service_env(cfg, bundle), cfg.workdir / "service.log").start(ready_timeout_s=600)
     try:
         max_qps, probes = probe_max_qps(service.port, bodies, cfg)
