@@ -16,15 +16,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from models.bundle import load_bundle
-from models.retriever import Retriever
 from training import distributed
+from training.bundle_recommender import BundleRecommender
 from training.data import synthetic_dataset
 from training.distributed import DistContext
 from training.evaluation import evaluate_recommender
 from training.methods.popular import Popularity
 from training.methods.sasrec.cache import sasrec_cache_key
 from training.methods.sasrec.model import SASRec, SASRecConfig
-from training.metrics import evaluate_ranking
+from training.metrics import DEFAULT_KS
 from training.splits import make_split
 
 REPO = Path(__file__).resolve().parents[3]
@@ -174,11 +174,10 @@ def test_genret_train_seater_under_torchrun_writes_a_serving_bundle(tmp_path: Pa
 
     bundle = load_bundle(out)
     assert bundle.manifest.metrics == pytest.approx(report["metrics"])  # `genret train` records them
-    retriever = Retriever(bundle)
     split = make_split(synthetic_dataset(), kind="user", seed=0, max_len=20)  # what --data synthetic reads
-    # k = beam = 50 as `genret train` evaluates (its largest k), so the figures must agree
-    ranked = retriever.retrieve(split.test.histories, 50, 50, exclude_history=True).items  # [B, 50]
-    seater = evaluate_ranking(ranked, split.test.targets, (20,))
+    # served from --out as `genret train` evaluates it (the config's beam, widened for k and exclusions)
+    served = BundleRecommender(out, int(SETTINGS["beam_size"]))
+    seater = evaluate_recommender(served, split.test, DEFAULT_KS)
     popular = evaluate_recommender(Popularity.fit(split), split.test, (20,))
     assert seater["recall@20"] == pytest.approx(report["metrics"]["recall@20"])
     assert seater["recall@20"] > 2 * popular["recall@20"], (seater, popular)

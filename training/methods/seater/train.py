@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -103,12 +104,13 @@ def train_model(
     v_hist, v_tgt = (torch.from_numpy(a) for a in _valid_pairs(ctx))
     net = dist.wrap(SeaterLoss(model, tables, cfg), find_unused_parameters=True)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batch_size = math.ceil(cfg.batch_size / dist.world_size)  # one process's global batch over W ranks
     keep_best = KeepBest(model, "valid_gen", cfg.patience, higher_is_better=False, min_delta=1e-4)
 
     def run_epoch(epoch: int) -> dict[str, float]:
         net.train()
         sums = np.zeros(4)
-        batches = shuffled_batches(history.shape[0], cfg.batch_size, seeds.rng)
+        batches = shuffled_batches(history.shape[0], batch_size, seeds.rng)
         for idx in progress(batches, f"seater epoch {epoch}/{cfg.epochs}", mininterval=5.0):
             ids = torch.from_numpy(idx)
             total, gen_loss, ali, rnk = net(history[ids], target[ids], seeds.generator)
