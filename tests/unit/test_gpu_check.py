@@ -35,7 +35,14 @@ def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
         if step["status"] != "passed"
     }
     assert result.returncode == 0 and report["ok"], (failed, result.stdout[-2000:], result.stderr[-2000:])
-    assert list(steps) == ["tests", "retrieve_1M", "retrieve_10M", "bench_search"]
+    assert list(steps) == [
+        "tests",
+        "profile",
+        "retrieve_1M",
+        "retrieve_1M_eager",
+        "retrieve_10M",
+        "bench_search",
+    ]
     assert report["host"]["torch"] and report["device"] == "cpu" and report["small"] is True
 
     summary = steps["tests"]["summary"]
