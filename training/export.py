@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 import warnings
@@ -285,6 +286,16 @@ def write_bundle(out_dir: str | Path, spec: BundleSpec) -> Path:
     return out
 
 
+def served_name(name: str) -> str:
+    """``name`` as the service accepts a model name (``^[a-z0-9][a-z0-9._-]{0,63}$``: a metric label
+    and a path-free id): lower case, any other character as ``-``. Trainers name bundles after the
+    dataset (``uri-Beauty``), which the service would otherwise refuse."""
+    slug = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).lstrip("._-")[:64]
+    if not slug:
+        raise ExportError(f"bundle name {name!r} has no character a model name can use")
+    return slug
+
+
 def _manifest(
     spec: BundleSpec, graphs: dict[str, Any], chosen: Sequence[str], hashes: dict[str, str], tmp: Path
 ) -> dict[str, Any]:
@@ -293,7 +304,7 @@ def _manifest(
     created = datetime.now(UTC)
     return {
         "schema_version": SCHEMA_VERSION,
-        "name": spec.name,
+        "name": served_name(spec.name),
         "method": spec.method,
         "version": spec.version or created.strftime("%Y%m%dT%H%M%SZ"),
         "created_at": created.isoformat(),
