@@ -7,7 +7,7 @@ hooks in use:
 
 * :class:`KeepBest` -- a validation figure (SASRec: Recall@20, higher is better; SEATER: the
   generation loss, lower is better) with patience; the best epoch's weights are restored;
-* a per-level convergence criterion (URI's :class:`~training.methods.uri.train.LevelConvergence`);
+* a per-level convergence criterion (URI's :class:`~training.methods.uri.schedule.LevelConvergence`);
 * none (TDR: fixed epochs per tree-learning round, the best round kept by validation Recall@20).
 
 Under ``torchrun`` (:mod:`training.distributed`) :func:`seeded` offsets the torch sampling seed by the rank,
