@@ -34,6 +34,9 @@ from service.metrics import ERRORS
 
 log = logging.getLogger(__name__)
 
+LINGER_S = 2.0
+"""Longest a timed-out connection stays half-closed, dropping what the client still sends."""
+
 
 class GuardedHttpProtocol(HttpToolsProtocol):
     """Set by :func:`guarded_protocol`; uvicorn builds one instance per connection."""
@@ -54,11 +57,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._request_begun = False
+        self._lingering = False  # answered a timeout and half-closed: what still arrives is dropped
 
     # --- connection ---
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
+        super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
@@ -68,7 +77,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         """Server shutdown: a request still waiting for its body will not get it; close at once."""
         if self.cycle is not None and not self.cycle.response_complete and self.cycle.more_body:
             self._cancel_timers()
-            self._reject("shutdown while the request body was incomplete", 503)
+            self._reject("shutdown while the request body was incomplete", 503, linger=False)
             return
         super().shutdown()
 
@@ -129,8 +138,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         ERRORS.labels(kind="body_timeout").inc()
         self._reject(f"request body incomplete after body_timeout_s={self.body_timeout_s}", 408)
 
-    def _reject(self, reason: str, status: int) -> None:
-        """Answer ``status`` with ``connection: close`` unless a response has begun, then close."""
+    def _reject(self, reason: str, status: int, *, linger: bool = True) -> None:
+        """Answer ``status`` with ``connection: close`` unless a response has begun, then close.
+
+        With ``linger`` the close is graceful: write side shut (FIN after the answer), what the client
+        still sends dropped for up to :data:`LINGER_S`, then closed. Closing at once with the
+        client's bytes unread makes the kernel send a reset, which can destroy the answer before the
+        client reads it (a slowloris client trickling bytes saw "connection reset" instead of 408)."""
         log.warning("closing %s: %s", self.client, reason)
         running = self.cycle is not None and not self.cycle.response_complete
         if not running or not self.cycle.response_started:  # nothing of another answer on the wire
@@ -149,7 +163,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if running:  # the app's receive() returns http.disconnect; its answer is dropped
             self.cycle.disconnected = True
             self.cycle.message_event.set()
-        self.transport.close()
+        if linger and self.transport.can_write_eof():
+            self._lingering = True
+            self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
+        else:
+            self.transport.close()
 
     async def _overloaded(self, scope: Scope, receive: Receive, send: Send) -> None:
         exc = Overloaded(f"more than max_connections={self.max_connections} connections or requests")
