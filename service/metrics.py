@@ -10,13 +10,13 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 REQUEST_SECONDS = Histogram(
     "genret_request_duration_seconds",
     "End-to-end HTTP request duration.",
     ["route", "variant", "status"],
-    buckets=_LATENCY_BUCKETS,
+    buckets=LATENCY_BUCKETS,
     registry=REGISTRY,
 )
 STAGE_SECONDS = Histogram(
@@ -25,7 +25,7 @@ STAGE_SECONDS = Histogram(
     "per batch (search = the beam search or brute-force top-K; rerank = the beam's leaf items scored and cut "
     "to k). With the pipelined batcher, encode of one batch overlaps search of the previous one.",
     ["stage"],
-    buckets=_LATENCY_BUCKETS,
+    buckets=LATENCY_BUCKETS,
     registry=REGISTRY,
 )
 BATCH_SIZE = Histogram(

@@ -34,7 +34,7 @@ from typing import Generic, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from service.metrics import REGISTRY
+from service.metrics import LATENCY_BUCKETS, REGISTRY
 from service.shadow_log import ShadowLog, make_record, read_records
 
 # read_records: ``genret replay`` / ``experiment report`` read the log through this module too
@@ -192,7 +192,6 @@ class ShadowConfig:
 # ---- metrics ---------------------------------------------------------------------------------------
 
 _AGREEMENT_BUCKETS = tuple(i / 10 for i in range(11))
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 SHADOW_REQUESTS = Counter(
     "genret_shadow_requests_total",
@@ -240,7 +239,7 @@ SHADOW_LATENCY = Histogram(
     "genret_shadow_latency_seconds",
     "Latency of shadowed requests: role=primary (the served answer) or role=shadow (the copy).",
     ["role", "shadow"],
-    buckets=_LATENCY_BUCKETS,
+    buckets=LATENCY_BUCKETS,
     registry=REGISTRY,
 )
 
