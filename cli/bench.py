@@ -8,6 +8,7 @@ from typing import Any
 
 import benchmarks.soak
 from benchmarks.soak import SoakConfig, run_soak
+from cli.args import comma_list
 
 
 def register(sub: Any, groups: dict[str, Any]) -> None:
@@ -78,18 +79,18 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         levels=args.levels,
         branching=args.branching,
         dim=args.dim,
-        concurrency=tuple(int(c) for c in args.concurrency.split(",") if c.strip()),
+        concurrency=comma_list(args.concurrency, int),
         duration_s=args.duration,
         k=args.k,
         beam_size=args.beam_size,
         max_batch_size=args.max_batch_size,
-        modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+        modes=comma_list(args.modes, str),
         workdir=args.workdir,
         seed=args.seed,
         threads=args.threads,
-        shadow_rates=tuple(float(r) for r in args.shadow.split(",") if r.strip()),
+        shadow_rates=comma_list(args.shadow, float),
         repeat=args.repeat,
-        open_loop=tuple(float(f) for f in args.open_loop.split(",") if f.strip()),
+        open_loop=comma_list(args.open_loop, float),
         arrivals=args.arrivals,
     )
     return run_bench(config, as_json=args.json, ceiling=args.ceiling)
@@ -142,7 +143,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
         items=args.items,
         levels=args.levels,
         probe_s=args.probe_s,
-        concurrency=tuple(int(c) for c in args.concurrency.split(",") if c.strip()),
+        concurrency=comma_list(args.concurrency, int),
         cache_entries=args.cache_entries,
         threads=args.threads,
         workdir=args.workdir,

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from cli.args import comma_list
 from cli.data import add_data_arguments, dataset_from_args
 from training.comparison import MethodResult, run_compare
 from training.data import Dataset, dataset_stats
@@ -149,7 +150,7 @@ def results_json(dataset: Dataset, split: Split, results: list[MethodResult]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = list(comma_list(args.methods, str))
     if not methods:
         raise SystemExit("genret: --methods needs at least one method")
     ctx = make_context(args, "compare")

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cli.args import comma_list
 from cli.compare import add_split_arguments, make_context
 from cli.data import add_data_arguments
 from models.bundle import Bundle, load_bundle
@@ -143,7 +144,7 @@ def _parse_bundle(item: str) -> tuple[str, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = list(comma_list(args.methods, str))
     unknown = set(methods) - {"ivf", *GENERATIVE}
     if not methods or unknown:
         raise SystemExit(f"genret: --methods takes ivf,uri,seater,tdr; got {args.methods!r}")
