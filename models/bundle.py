@@ -2,6 +2,7 @@
 
 ```
 manifest.json  index.npz  items.npz         always
+content.npz                                 optional: the content tower (models/content_tower.py)
 encoder.onnx  decoder.onnx                  backend "onnx" (ONNX Runtime)
 modules.json  weights.safetensors           backend "torch" (module specs + weights, no pickle)
 ```
@@ -10,6 +11,9 @@ The manifest's ``backends`` (default ``["onnx"]`` for bundles written before it 
 backends the bundle holds; ``files`` must list exactly the files those backends need. A
 torch-only bundle is valid: it serves with ``Retriever(..., backend="torch")``
 (:mod:`models.torch_bundle` rebuilds the modules from ``modules.json`` and the safetensors).
+Optional content (schema_version unchanged): item attributes as three more arrays in
+``items.npz`` (:mod:`models.bundle_items`), and ``content.npz``, verified like every file when the
+manifest lists it (and refused when present but unlisted).
 
 :func:`load_bundle` verifies everything before anything can serve from it: the schema version,
 the size and sha256 of every file, the fingerprint, the index invariants
@@ -25,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,10 @@ from typing import Any
 import numpy as np
 import onnx
 
+from models.bundle_items import read_items
+from models.content_tower import CONTENT_FILE, ContentTower
 from models.index import IndexValidationError, TreeIndex
+from models.item_attributes import ItemAttributes
 from models.search import SCORE_MODES, ScoreMode
 from models.torch_files import TORCH_MODULES_FILE, TORCH_WEIGHTS_FILE, check_torch_files
 
@@ -47,6 +53,8 @@ ITEMS_FILE = "items.npz"
 BUNDLE_FILES = (ENCODER_FILE, DECODER_FILE, INDEX_FILE, ITEMS_FILE)
 """The files of an ONNX-only bundle (``backends == ["onnx"]``)."""
 DATA_FILES = (INDEX_FILE, ITEMS_FILE)
+OPTIONAL_FILES = (CONTENT_FILE,)
+"""Files a bundle may hold besides its backends' (listed in the manifest when present)."""
 BACKEND_FILES: dict[str, tuple[str, ...]] = {
     "onnx": (ENCODER_FILE, DECODER_FILE),
     "torch": (TORCH_MODULES_FILE, TORCH_WEIGHTS_FILE),
@@ -157,6 +165,8 @@ class Bundle:
     popularity: np.ndarray  # [N+1] float32, row 0 = 0
     encoder_path: Path
     decoder_path: Path
+    item_attributes: ItemAttributes | None = None  # items.npz attr_* arrays, when the data had any
+    content: ContentTower | None = None  # content.npz, when the bundle has one
 
     @property
     def backends(self) -> tuple[str, ...]:
@@ -233,12 +243,15 @@ def verify_files(path: Path, manifest: Manifest) -> None:
     and sha256; the fingerprint (over all of them) matches."""
     hashes: dict[str, str] = {}
     expected = bundle_files(manifest.backends)
-    unexpected = sorted(set(manifest.files) - set(expected))
+    unexpected = sorted(set(manifest.files) - set(expected) - set(OPTIONAL_FILES))
     if unexpected:
         raise BundleError(
             path, f"{MANIFEST}: files lists {unexpected}, not part of backends {list(manifest.backends)}"
         )
-    for name in expected:
+    for name in OPTIONAL_FILES:
+        if name not in manifest.files and (path / name).exists():
+            raise BundleError(path, f"{name} is present but {MANIFEST} does not list it (no checksum)")
+    for name in expected + tuple(f for f in OPTIONAL_FILES if f in manifest.files):
         entry = manifest.files.get(name)
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
             raise BundleError(path, f"{MANIFEST}: files.{name} is missing or has no sha256")
@@ -280,42 +293,20 @@ def load_index(path: Path, manifest: Manifest) -> TreeIndex:
     return index
 
 
-def load_items(path: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``items.npz`` -> (item_emb [N+1,Dr] float32, item_ids [N+1] unicode, popularity [N+1] float32)."""
-    rows, Dr = manifest.num_items + 1, manifest.dims["query"]
+def load_content(path: Path, manifest: Manifest) -> ContentTower | None:
+    """``content.npz`` when the manifest lists it (its checksum verified already), else None."""
+    if CONTENT_FILE not in manifest.files:
+        return None
     try:
-        with np.load(path / ITEMS_FILE, allow_pickle=False) as data:
-            missing = {"item_emb", "item_ids", "popularity"} - set(data.files)
-            if missing:
-                raise BundleError(path, f"{ITEMS_FILE}: missing arrays {sorted(missing)}")
-            item_emb, item_ids, popularity = data["item_emb"], data["item_ids"], data["popularity"]
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        if isinstance(exc, BundleError):
-            raise
-        raise BundleError(path, f"{ITEMS_FILE}: cannot read: {exc}") from exc
-    if item_emb.shape != (rows, Dr) or item_emb.dtype != np.float32:
+        tower = ContentTower.load(path / CONTENT_FILE)
+    except ValueError as exc:
+        raise BundleError(path, f"{CONTENT_FILE}: {exc}") from exc
+    if tower.dim != manifest.dims["query"]:
         raise BundleError(
             path,
-            f"{ITEMS_FILE}: item_emb is {item_emb.dtype}{list(item_emb.shape)}, expected float32[{rows}, {Dr}] "
-            f"(num_items + 1 rows, dims.query columns)",
+            f"{CONTENT_FILE}: vectors have width {tower.dim}, the manifest's dims.query is {manifest.dims['query']}",
         )
-    if not np.isfinite(item_emb).all():
-        raise BundleError(path, f"{ITEMS_FILE}: item_emb has NaN or infinite values")
-    if item_ids.shape != (rows,) or item_ids.dtype.kind != "U":
-        raise BundleError(
-            path,
-            f"{ITEMS_FILE}: item_ids is {item_ids.dtype}{list(item_ids.shape)}, expected unicode[{rows}]",
-        )
-    if item_ids[0] != "":
-        raise BundleError(path, f"{ITEMS_FILE}: item_ids[0] must be '' (padding), got {item_ids[0]!r}")
-    if len(set(item_ids.tolist())) != rows:  # a hash set: np.unique sorts strings, ~10x slower
-        raise BundleError(path, f"{ITEMS_FILE}: item_ids has duplicate raw ids")
-    if popularity.shape != (rows,) or popularity.dtype != np.float32:
-        raise BundleError(
-            path,
-            f"{ITEMS_FILE}: popularity is {popularity.dtype}{list(popularity.shape)}, expected float32[{rows}]",
-        )
-    return item_emb, item_ids, popularity
+    return tower
 
 
 def _value_info_signature(values: Any) -> dict[str, tuple[int, list[int | str]]]:
@@ -371,7 +362,11 @@ def load_bundle(path: str | Path) -> Bundle:
     manifest = parse_manifest(path)
     verify_files(path, manifest)
     index = load_index(path, manifest)
-    item_emb, item_ids, popularity = load_items(path, manifest)
+    try:
+        items = read_items(path / ITEMS_FILE, manifest.num_items + 1, manifest.dims["query"])
+    except ValueError as exc:
+        raise BundleError(path, f"{ITEMS_FILE}: {exc}") from exc
+    content = load_content(path, manifest)
     if "onnx" in manifest.backends:
         for name in (ENCODER_FILE, DECODER_FILE):
             verify_onnx(path, name, manifest)
@@ -384,9 +379,11 @@ def load_bundle(path: str | Path) -> Bundle:
         path=path,
         manifest=manifest,
         index=index,
-        item_emb=item_emb,
-        item_ids=item_ids,
-        popularity=popularity,
+        item_emb=items.item_emb,
+        item_ids=items.item_ids,
+        popularity=items.popularity,
         encoder_path=path / ENCODER_FILE,
         decoder_path=path / DECODER_FILE,
+        item_attributes=items.attributes,
+        content=content,
     )

@@ -1,5 +1,6 @@
 """The one bundle spec every method exports through (:func:`training.export.write_bundle`), and
-:func:`method_bundle`, which fills in what every trained method shares (items, popularity, data)."""
+:func:`method_bundle`, which fills in what every trained method shares (items, popularity, data,
+item attributes)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import numpy as np
 from torch import nn
 
 from models.index import TreeIndex
+from models.item_attributes import ItemAttributes
+from training.data.dataset import Dataset
 from training.trainer import popularity_counts
 
 if TYPE_CHECKING:
@@ -26,6 +29,8 @@ class BundleSpec:
     same Dr as the encoder's ``query``. ``version`` defaults to the UTC creation time.
     ``backends``: None = ONNX, plus the torch files (safetensors + module specs) when the modules
     are kinds :mod:`models.torch_bundle` rebuilds; or an explicit subset of ``("onnx", "torch")``.
+    ``item_attributes``: rows for the same N+1 dense ids, written into ``items.npz``; with
+    ``content_tower`` the exporter also fits the content tower on them (``content.npz``).
     """
 
     name: str
@@ -43,6 +48,8 @@ class BundleSpec:
     dataset_fingerprint: str
     version: str | None = None
     backends: Sequence[str] | None = None
+    item_attributes: ItemAttributes | None = None
+    content_tower: bool = True
 
 
 def method_bundle(
@@ -75,4 +82,16 @@ def method_bundle(
         metrics=dict(metrics or {}),
         config=config,
         dataset_fingerprint=ctx.dataset.fingerprint(),
+        item_attributes=dataset_item_attributes(ctx.dataset),
     )
+
+
+def dataset_item_attributes(ds: Dataset) -> ItemAttributes | None:
+    """The data set's item attributes as the bundle stores them (raw attribute ids), or None."""
+    if ds.item_attributes is None or ds.num_attributes == 0:
+        return None
+    names = np.asarray(ds.attribute_names()[1:], dtype=np.str_)  # [A]: attribute id a -> names[a - 1]
+    lengths = np.asarray([len(a) for a in ds.item_attributes], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # [N+2]
+    values = np.concatenate([np.asarray(a, dtype=np.int64) for a in ds.item_attributes]) - 1  # [nnz]
+    return ItemAttributes.from_arrays(names, offsets, values, rows=ds.num_items + 1)

@@ -35,6 +35,7 @@ from torch.export import Dim
 from models.backend import ENCODER_INPUTS, ENCODER_OUTPUTS, STEP_INPUTS, STEP_OUTPUTS, OnnxSession
 from models.beam_policy import default_beam
 from models.bundle import (
+    CONTENT_FILE,
     DECODER_FILE,
     ENCODER_FILE,
     INDEX_FILE,
@@ -48,7 +49,9 @@ from models.bundle import (
 )
 from models.decoder_step import DecoderStep
 from models.index import TreeIndex
+from models.item_attributes import ItemAttributes
 from training.bundle_spec import BundleSpec
+from training.content_tower import write_content
 from training.export_torch import choose_backends, probe_dims, write_torch_files
 
 log = logging.getLogger(__name__)
@@ -210,16 +213,21 @@ def check_parity(out: Path, enc: nn.Module, step: DecoderStep, ex: dict[str, Ten
 
 
 def write_items(
-    path: Path, item_emb: np.ndarray, item_ids: Sequence[str] | np.ndarray, popularity: np.ndarray
+    path: Path,
+    item_emb: np.ndarray,
+    item_ids: Sequence[str] | np.ndarray,
+    popularity: np.ndarray,
+    attributes: ItemAttributes | None = None,
 ) -> None:
-    ids = np.asarray(item_ids, dtype=np.str_)  # fixed-width unicode, never an object array
+    """``items.npz`` (models/bundle_items.py), with the attribute arrays when ``attributes`` is given."""
+    arrays: dict[str, Any] = {
+        "item_emb": np.ascontiguousarray(item_emb, dtype=np.float32),
+        "item_ids": np.asarray(item_ids, dtype=np.str_),  # fixed-width unicode, never an object array
+        "popularity": np.asarray(popularity, dtype=np.float32),
+        **(attributes.arrays() if attributes is not None else {}),
+    }
     with path.open("wb") as fh:
-        np.savez(
-            fh,
-            item_emb=np.ascontiguousarray(item_emb, dtype=np.float32),
-            item_ids=ids,
-            popularity=np.asarray(popularity, dtype=np.float32),
-        )
+        np.savez(fh, **arrays)
 
 
 def _check_inputs(
@@ -256,6 +264,8 @@ def write_bundle(out_dir: str | Path, spec: BundleSpec) -> Path:
     """Write a verified bundle to ``out_dir`` (replacing an existing one atomically); returns its path."""
     out = Path(out_dir)
     _check_inputs(spec.index, spec.item_emb, spec.item_ids, spec.popularity, spec.score_mode)
+    if spec.item_attributes is not None and spec.item_attributes.num_rows != spec.index.num_items + 1:
+        raise ExportError(f"item_attributes cover {spec.item_attributes.num_rows} dense ids, expected N+1")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -267,9 +277,11 @@ def write_bundle(out_dir: str | Path, spec: BundleSpec) -> Path:
                 f"item_emb has {spec.item_emb.shape[1]} columns but the encoder's query has {graphs['dims']['query']}"
             )
         spec.index.save(tmp / INDEX_FILE)
-        write_items(tmp / ITEMS_FILE, spec.item_emb, spec.item_ids, spec.popularity)
-        hashes = {f: file_sha256(tmp / f) for f in bundle_files(chosen)}
-        manifest = _manifest(spec, graphs, chosen, hashes, tmp)
+        write_items(tmp / ITEMS_FILE, spec.item_emb, spec.item_ids, spec.popularity, spec.item_attributes)
+        content = write_content(tmp, spec.item_emb, spec.item_attributes if spec.content_tower else None)
+        files = bundle_files(chosen) + ((CONTENT_FILE,) if content is not None else ())
+        hashes = {f: file_sha256(tmp / f) for f in files}
+        manifest = _manifest(spec, graphs, chosen, hashes, tmp) | ({"content": content} if content else {})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         load_bundle(tmp)  # refuse to publish what the loader would refuse
         publish_dir(tmp, out)

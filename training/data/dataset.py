@@ -59,6 +59,7 @@ class Dataset:
     item_attributes: list[np.ndarray] | None = None  # [N+1] arrays of attribute ids >= 1
     num_attributes: int = 0
     skipped_lines: int = 0
+    attribute_vocab: list[str] | None = None  # [A+1] raw attribute id of each attribute id, [0] == ""
 
     def __post_init__(self) -> None:
         if len(self.user_ids) != len(self.sequences):
@@ -67,6 +68,18 @@ class Dataset:
             raise ValueError(
                 f"item_attributes has {len(self.item_attributes)} rows, expected N+1 = {self.vocab.num_items + 1}"
             )
+        if self.attribute_vocab is not None and len(self.attribute_vocab) != self.num_attributes + 1:
+            raise ValueError(
+                f"attribute_vocab has {len(self.attribute_vocab)} entries, expected num_attributes + 1 = "
+                f"{self.num_attributes + 1}"
+            )
+
+    def attribute_names(self) -> list[str]:
+        """Raw attribute id of each attribute id (``[0] == ""``): as the data file spells them, or the
+        attribute ids themselves as strings where the data set kept no raw vocabulary."""
+        if self.attribute_vocab is not None:
+            return list(self.attribute_vocab)
+        return [""] + [str(a) for a in range(1, self.num_attributes + 1)]
 
     @property
     def num_items(self) -> int:

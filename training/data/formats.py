@@ -256,6 +256,7 @@ def _attach_attributes(ds: Dataset, path: Path) -> Dataset:
         item_attributes=table,
         num_attributes=len(raw_attrs),
         skipped_lines=ds.skipped_lines,
+        attribute_vocab=["", *raw_attrs],
     )
 
 
