@@ -312,15 +312,28 @@ def replay_prefix(
 class BackendScorer:
     """The search's :class:`models.search.StepScorer` over one batch's encoder states."""
 
-    def __init__(self, backend: DecoderBackend, memory: Tensor, memory_mask: Tensor) -> None:
+    def __init__(
+        self, backend: DecoderBackend, memory: Tensor, memory_mask: Tensor, node_alias: Tensor | None = None
+    ) -> None:
+        """``node_alias [num_nodes]``: the node the decoder sees for each node of a grown catalogue
+        (added leaves reach it as an existing node: :mod:`models.catalogue`); ``None``: identity."""
         self.backend, self.memory, self.memory_mask = backend, memory, memory_mask
         self.cache_width = backend.cache_width
+        self.node_alias = node_alias
+
+    def _seen(self, prefix: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor]:
+        alias = self.node_alias
+        if alias is None:
+            return prefix, candidates
+        return alias[prefix], torch.where(candidates >= 0, alias[candidates.clamp(min=0)], candidates)
 
     def step(
         self, beam_query: Tensor, prefix: Tensor, candidates: Tensor, cache: Tensor
     ) -> tuple[Tensor, Tensor]:
+        prefix, candidates = self._seen(prefix, candidates)
         return self.backend.step(self.memory, self.memory_mask, beam_query, prefix, candidates, cache)
 
     def __call__(self, beam_query: Tensor, prefix: Tensor, candidates: Tensor) -> Tensor:
         """The reference form (full prefix), e.g. to compare against the step."""
+        prefix, candidates = self._seen(prefix, candidates)
         return self.backend.score(self.memory, self.memory_mask, beam_query, prefix, candidates)

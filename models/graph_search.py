@@ -104,6 +104,22 @@ def static_leaf_candidates(retriever: Retriever, leaves: Tensor) -> tuple[Tensor
     return items.reshape(B, b * M), valid.reshape(B, b * M)
 
 
+def static_blocked_nodes(retriever: Retriever, excl: Tensor) -> Tensor:
+    """``excl [B, E]`` (sorted, padded high) -> bool ``[B, num_nodes]``: the leaves all of whose items
+    a row excludes (what :func:`models.constraints.node_keys` blocks on the eager path), as a dense
+    mask of static shape."""
+    B = excl.shape[0]
+    N = retriever.num_items
+    real = (excl > 0) & (excl <= N)  # [B, E]
+    leaf = (retriever.item_leaf[excl.clamp(max=N)] - retriever.leaf_start).clamp(min=0)  # [B, E]
+    sizes = retriever.leaf_offsets[1:] - retriever.leaf_offsets[:-1]  # [num_leaves]
+    counts = torch.zeros(B, sizes.numel(), dtype=torch.int64, device=excl.device)
+    counts.scatter_add_(1, leaf, real.long())
+    full = (counts >= sizes[None, :]) & (counts > 0)  # [B, num_leaves]
+    inner = torch.zeros(B, retriever.leaf_start, dtype=torch.bool, device=excl.device)
+    return torch.cat([inner, full], dim=1)
+
+
 def static_retrieve(
     retriever: Retriever, packed: Tensor, history_len: int, k: int, beam_size: int
 ) -> tuple[Tensor, Tensor]:
@@ -116,7 +132,8 @@ def static_retrieve(
     mask = history > 0  # [B, T]
     memory, query = retriever.backend.encode(history, mask)  # [B,T,D], [B,Dr]
     scorer = BackendScorer(retriever.backend, memory, mask)
-    leaves = beam_search(retriever.trie, scorer, B, beam_size, retriever.score_mode).leaves  # [B, b]
+    blocked = static_blocked_nodes(retriever, excl)  # [B, num_nodes]
+    leaves = beam_search(retriever.trie, scorer, B, beam_size, retriever.score_mode, blocked).leaves  # [B, b]
     items, valid = static_leaf_candidates(retriever, leaves)  # [B, C]
     num_scored = valid.sum(dim=1)  # [B] before exclusion
     pos = torch.searchsorted(excl, items).clamp(max=excl.shape[1] - 1)  # [B, C]

@@ -16,9 +16,10 @@ the item table are moved to the device once, at construction.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,145 +28,18 @@ from torch import Tensor
 from models.backend import BackendScorer, DecoderBackend
 from models.beam_policy import beam_for_k, default_beam, smallest_leaves_cumsum
 from models.bundle import Bundle
+from models.constraints import ItemLookup, dense_fill, item_member, node_keys
 from models.graph_search import GraphRunner
-from models.search import (
-    BeamResult,
-    BeamState,
-    DeviceTrie,
-    ScoreMode,
-    beam_finish,
-    beam_search,
-    beam_start,
-    beam_step,
-)
+from models.index import TreeIndex
+from models.retrieval_types import DeviceRows, EncoderStates, RetrievalResult, check_search_args
+from models.search import BeamResult, BeamState, DeviceTrie, ScoreMode, beam_finish, beam_start, beam_step
 from models.torch_bundle import bundle_backend
 
+if TYPE_CHECKING:
+    from models.catalogue import Catalogue
+    from models.staged_search import StagedSearch
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EncoderStates:
-    """The encoder's output for a batch of histories (what the service caches per row)."""
-
-    memory: Tensor  # [B, T, D] float32
-    memory_mask: Tensor  # [B, T] bool, True = a real history item
-    query: Tensor  # [B, Dr] float32
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.query.shape[0])
-
-    def row(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Row ``i`` without its left padding: ``(memory [t,D], mask [t], query [Dr])`` as numpy."""
-        mask = self.memory_mask[i]
-        start = int(mask.long().argmax()) if bool(mask.any()) else mask.shape[0] - 1
-        return (
-            self.memory[i, start:].float().cpu().numpy(),
-            mask[start:].cpu().numpy(),
-            self.query[i].float().cpu().numpy(),
-        )
-
-    @classmethod
-    def stack(
-        cls, rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], device: str | torch.device = "cpu"
-    ) -> EncoderStates:
-        """Inverse of :meth:`row` for a batch: left-pads every row to the longest one."""
-        if not rows:
-            raise ValueError("EncoderStates.stack needs at least one row")
-        T = max(m.shape[0] for m, _, _ in rows)
-        D = rows[0][0].shape[1]
-        memory = np.zeros((len(rows), T, D), np.float32)
-        mask = np.zeros((len(rows), T), np.bool_)
-        for i, (m, k, _) in enumerate(rows):
-            memory[i, T - m.shape[0] :] = m
-            mask[i, T - k.shape[0] :] = k
-        query = np.stack([q for _, _, q in rows]).astype(np.float32)
-        dev = torch.device(device)
-        return cls(
-            torch.from_numpy(memory).to(dev), torch.from_numpy(mask).to(dev), torch.from_numpy(query).to(dev)
-        )
-
-
-@dataclass(frozen=True)
-class RetrievalResult:
-    items: np.ndarray  # [B, k] dense ids, 0 where fewer exist
-    scores: np.ndarray  # [B, k] float32 inner products, -inf where padded
-    num_candidates: np.ndarray  # [B] items in the beam's leaves after exclusion
-    leaves: np.ndarray  # [B, b] global leaf node ids from the beam, -1 where fewer exist
-    num_scored: np.ndarray  # [B] items scored: all items of the beam's leaves, before exclusion
-
-
-def check_search_args(k: int, beam_size: int) -> None:
-    if k < 1 or beam_size < 1:
-        raise ValueError(f"k and beam_size must be >= 1, got k={k}, beam_size={beam_size}")
-
-
-class StagedSearch:
-    """One :meth:`Retriever.search` split into stages: each beam-search level, then the rerank.
-
-    Each :meth:`step` runs one stage and returns its name (``"level1"`` .. ``"levelL"``,
-    ``"rerank"``); between two steps the caller may run other work (the service's shadow lane gives
-    way to primary batches there). The stages are the one-shot search's
-    (:func:`models.search.beam_step` is the body of :func:`beam_search`'s loop), so the result is
-    the same. Not thread-safe: one caller steps it at a time (any thread).
-    """
-
-    def __init__(
-        self,
-        retriever: Retriever,
-        states: EncoderStates,
-        k: int,
-        beam_size: int,
-        exclude: Sequence[np.ndarray] | None = None,
-    ) -> None:
-        check_search_args(k, beam_size)
-        self._retriever = retriever
-        self._k = k
-        self._exclude = exclude
-        memory, memory_mask, self._query = retriever._on_device(states)  # [B,T,D], [B,T], [B,Dr]
-        self._scorer = retriever._scorer(memory, memory_mask)
-        self._beam: BeamState = beam_start(retriever.trie, states.batch_size, beam_size, retriever.score_mode)
-        self._result: RetrievalResult | None = None
-
-    @property
-    def num_stages(self) -> int:
-        """Beam-search levels + the rerank."""
-        return self._retriever.trie.levels + 1
-
-    @property
-    def done(self) -> bool:
-        return self._result is not None
-
-    @property
-    def next_stage(self) -> str:
-        """The name of the stage :meth:`step` runs next (``"done"`` when none is left)."""
-        if self._result is not None:
-            return "done"
-        depth = self._beam.depth
-        return f"level{depth + 1}" if depth < self._retriever.trie.levels else "rerank"
-
-    def step(self) -> str:
-        """Run the next stage; returns its name."""
-        trie = self._retriever.trie
-        if self._result is not None:
-            raise RuntimeError("the staged search is already done")
-        if not self._beam.done(trie):
-            self._beam = beam_step(trie, self._scorer, self._beam)
-            return f"level{self._beam.depth}"
-        beam = beam_finish(trie, self._beam)
-        self._result = self._retriever.rerank(beam.leaves, self._query, self._k, self._exclude)
-        return "rerank"
-
-    def run(self) -> RetrievalResult:
-        """The remaining stages in one go."""
-        while self._result is None:
-            self.step()
-        return self._result
-
-    def result(self) -> RetrievalResult:
-        if self._result is None:
-            raise RuntimeError("the staged search is not done: call step() until done")
-        return self._result
 
 
 class Retriever:
@@ -194,16 +68,16 @@ class Retriever:
             self.backend = backend
         manifest = bundle.manifest
         self.max_history = manifest.max_history
-        self.num_items = manifest.num_items
+        self.encoder_items = manifest.num_items  # the ids the encoder knows (items added later: not)
         self.score_mode: ScoreMode = manifest.score_mode
         index = bundle.index
-        self.trie = DeviceTrie.from_index(index, self.device)
-        self.leaf_start = index.leaf_start
-        self.leaf_offsets = torch.as_tensor(index.leaf_offsets, dtype=torch.int64, device=self.device)
-        self.leaf_items = torch.as_tensor(index.leaf_items, dtype=torch.int64, device=self.device)
         leaf_sizes = np.diff(index.leaf_offsets)  # [L]
-        self.max_leaf_size = int(leaf_sizes.max())
-        self._cumsum_smallest = smallest_leaves_cumsum(leaf_sizes)  # [L] for beam_for
+        self.catalogue: Catalogue | None = None  # None: the bundle as trained (version 0)
+        self.node_alias: Tensor | None = None  # [num_nodes] the node the decoder sees, when any differs
+        self.dead_nodes: Tensor | None = None  # [num_nodes] bool: no live item below
+        self.item_emb = torch.from_numpy(bundle.item_emb).to(self.device)  # [N+1, Dr]
+        self._rows: DeviceRows | None = None  # the growing table, once a catalogue version exists
+        self._use_index(index)
         configured = manifest.config.get("beam_size")
         # the bundle's default beam: written at export by the rule of models.beam_policy (bundles
         # exported before it carry a trainer's value, or none: then the rule is applied here)
@@ -212,18 +86,58 @@ class Retriever:
             if isinstance(configured, int) and configured >= 1
             else default_beam(self.num_items, leaf_sizes)
         )
-        self.item_emb = torch.from_numpy(bundle.item_emb).to(self.device)  # [N+1, Dr]
         use_graphs = cuda_graphs and self.device.type == "cuda" and self.backend.name == "torch"
         self.graphs = GraphRunner(self) if use_graphs else None
         log.info(
             "retriever for %s (%s, %d items, %d leaves, max leaf %d) on %s",
             manifest.name,
             manifest.fingerprint[:12],
-            self.num_items,
+            self.encoder_items,
             index.num_leaves,
             self.max_leaf_size,
             self.backend.device_info,
         )
+
+    def _use_index(self, index: TreeIndex, live: np.ndarray | None = None) -> None:
+        """Serve ``index`` (the bundle's, or a catalogue version's live tree) on the device."""
+        self.num_items = index.num_items
+        self.trie = DeviceTrie.from_index(index, self.device)
+        self.leaf_start = index.leaf_start
+        self.leaf_offsets = torch.as_tensor(index.leaf_offsets, dtype=torch.int64, device=self.device)
+        self.leaf_items = torch.as_tensor(index.leaf_items, dtype=torch.int64, device=self.device)
+        self.item_leaf = torch.as_tensor(
+            index.item_path[:, -1], dtype=torch.int64, device=self.device
+        )  # [N+1]
+        leaf_sizes = np.diff(index.leaf_offsets)  # [L] (0: a leaf whose items were all removed)
+        self.max_leaf_size = max(1, int(leaf_sizes.max()))
+        self._cumsum_smallest = smallest_leaves_cumsum(leaf_sizes[leaf_sizes > 0])  # for beam_for
+        self.lookup = ItemLookup.of(index, live)
+
+    def with_catalogue(self, catalogue: Catalogue) -> Retriever:
+        """A retriever over ``catalogue`` (a version of this bundle's catalogue) sharing this one's
+        backend; this one keeps serving what it served. The device item table grows in the spare
+        rows of a shared buffer (:class:`DeviceRows`), so a version costs its new rows, not N."""
+        if catalogue.fingerprint != self.bundle.manifest.fingerprint:
+            raise ValueError(
+                f"catalogue of bundle {catalogue.fingerprint[:12]} cannot serve on {self.bundle.manifest.fingerprint[:12]}"
+            )
+        out = copy.copy(self)
+        out.catalogue = catalogue
+        out._use_index(catalogue.index, catalogue.live)
+        rows = self._rows or DeviceRows(self.item_emb)
+        out._rows = rows.with_rows(catalogue.item_emb, self.item_emb.shape[0])
+        out.item_emb = out._rows.view(catalogue.num_rows)
+        alias = catalogue.decoder_node
+        identity = len(alias) == self.bundle.index.num_nodes and bool((alias == np.arange(len(alias))).all())
+        out.node_alias = None if identity else torch.as_tensor(alias, dtype=torch.int64, device=self.device)
+        dead = catalogue.live_count == 0
+        out.dead_nodes = torch.as_tensor(dead, device=self.device) if dead.any() else None
+        out.graphs = None  # the graphs hold the bundle's tables; a changed catalogue searches eagerly
+        return out
+
+    @property
+    def catalogue_version(self) -> int:
+        return 0 if self.catalogue is None else self.catalogue.version
 
     @property
     def device_info(self) -> str:
@@ -247,8 +161,10 @@ class Retriever:
         for i, h in enumerate(recent):
             if len(h):
                 history[i, T - len(h) :] = h
-        if history.min() < 0 or history.max() > self.num_items:
-            raise ValueError(f"history holds ids outside 0..{self.num_items} (dense ids, 0 = padding)")
+        if history.min() < 0 or history.max() > self.encoder_items:
+            raise ValueError(
+                f"history holds ids outside 0..{self.encoder_items} (dense ids the encoder knows, 0 = padding)"
+            )
         hist = torch.from_numpy(history).to(self.device)
         return hist, hist > 0
 
@@ -305,22 +221,57 @@ class Retriever:
         return sorted_excl.gather(1, pos) == items
 
     def search(
-        self, states: EncoderStates, k: int, beam_size: int, exclude: Sequence[np.ndarray] | None = None
+        self,
+        states: EncoderStates,
+        k: int,
+        beam_size: int,
+        exclude: Sequence[np.ndarray] | None = None,
+        allow: Sequence[np.ndarray | None] | None = None,
     ) -> RetrievalResult:
+        """Beam search then rerank. ``exclude``: per row, dense ids never to return; ``allow``: per
+        row, the only dense ids it may return (``None``: any). Both cut the beam's branches too."""
         check_search_args(k, beam_size)
-        return self.rerank(self.beam(states, beam_size).leaves, self._on_device(states)[2], k, exclude)
+        leaves = self.beam(states, beam_size, exclude, allow).leaves
+        return self.rerank(leaves, self._on_device(states)[2], k, exclude, allow)
 
-    def beam(self, states: EncoderStates, beam_size: int) -> BeamResult:
+    def beam(
+        self,
+        states: EncoderStates,
+        beam_size: int,
+        exclude: Sequence[np.ndarray] | None = None,
+        allow: Sequence[np.ndarray | None] | None = None,
+    ) -> BeamResult:
         """The beam search alone: the ``beam_size`` best leaves ``[B,b]`` and their path scores."""
         memory, memory_mask, _ = self._on_device(states)
         scorer = self._scorer(memory, memory_mask)
-        return beam_search(self.trie, scorer, states.batch_size, beam_size, self.score_mode)
+        state = self.beam_begin(states.batch_size, beam_size, exclude, allow)
+        while not state.done(self.trie):
+            state = beam_step(self.trie, scorer, state)
+        return beam_finish(self.trie, state)
+
+    def beam_begin(
+        self,
+        batch_size: int,
+        beam_size: int,
+        exclude: Sequence[np.ndarray] | None = None,
+        allow: Sequence[np.ndarray | None] | None = None,
+    ) -> BeamState:
+        """The beams at the root, with the catalogue's dead nodes and the rows' constraints cut."""
+        keys = node_keys(self.lookup, batch_size, exclude, allow, self.device)
+        return beam_start(self.trie, batch_size, beam_size, self.score_mode, self.dead_nodes, keys)
 
     def staged_search(
-        self, states: EncoderStates, k: int, beam_size: int, exclude: Sequence[np.ndarray] | None = None
+        self,
+        states: EncoderStates,
+        k: int,
+        beam_size: int,
+        exclude: Sequence[np.ndarray] | None = None,
+        allow: Sequence[np.ndarray | None] | None = None,
     ) -> StagedSearch:
         """The same search as :meth:`search`, run one stage per :meth:`StagedSearch.step` call."""
-        return StagedSearch(self, states, k, beam_size, exclude)
+        from models.staged_search import StagedSearch  # it imports this module
+
+        return StagedSearch(self, states, k, beam_size, exclude, allow)
 
     def _on_device(self, states: EncoderStates) -> tuple[Tensor, Tensor, Tensor]:
         """``(memory [B,T,D], memory_mask [B,T], query [B,Dr] float32)`` on the retriever's device."""
@@ -332,18 +283,28 @@ class Retriever:
 
     def _scorer(self, memory: Tensor, memory_mask: Tensor) -> BackendScorer:
         """The incremental decoder step over this batch's states (the search carries its cache)."""
-        return BackendScorer(self.backend, memory, memory_mask)
+        return BackendScorer(self.backend, memory, memory_mask, self.node_alias)
 
     def rerank(
-        self, leaves: Tensor, query: Tensor, k: int, exclude: Sequence[np.ndarray] | None
+        self,
+        leaves: Tensor,
+        query: Tensor,
+        k: int,
+        exclude: Sequence[np.ndarray] | None,
+        allow: Sequence[np.ndarray | None] | None = None,
+        *,
+        fill: bool = False,
     ) -> RetrievalResult:
         """``leaves [B,b]`` from the beam, ``query [B,Dr]`` -> the top ``k`` items of those leaves by
-        ``query · item_emb``, minus ``exclude``."""
+        ``query · item_emb``, minus ``exclude``, within ``allow``. ``fill``: a row left with fewer
+        than ``k`` takes the rest from exact search over what it may return (:func:`dense_fill`)."""
         B = leaves.shape[0]
         items, valid = self.leaf_candidates(leaves)  # [B, C]
         num_scored = valid.sum(dim=1)  # [B] before exclusion: every leaf item is scored
         if exclude is not None:
             valid = valid & ~self.excluded(items, exclude)
+        if allow is not None:
+            valid = valid & item_member(items, allow)
         scores = torch.bmm(self.item_emb[items], query[:, :, None])[:, :, 0]  # [B, C]
         scores = scores.masked_fill(~valid, float("-inf"))
         kk = min(k, scores.shape[1])
@@ -356,13 +317,44 @@ class Retriever:
         out_scores = np.full((B, k), -np.inf, np.float32)
         out_items[:, :kk] = host[:, :kk]
         out_scores[:, :kk] = top_scores.float().cpu().numpy()
+        filled = np.zeros(B, np.int64)
+        if fill:
+            self._fill(out_items, out_scores, filled, query, exclude, allow)
         return RetrievalResult(
             items=out_items,
             scores=out_scores,
             num_candidates=host[:, -2],
             leaves=host[:, kk:-2],
             num_scored=host[:, -1],
+            dense_filled=filled,
         )
+
+    def _fill(
+        self,
+        items: np.ndarray,
+        scores: np.ndarray,
+        filled: np.ndarray,
+        query: Tensor,
+        exclude: Sequence[np.ndarray] | None,
+        allow: Sequence[np.ndarray | None] | None,
+    ) -> None:
+        """Complete, in place, every row of ``items [B,k]``/``scores [B,k]`` holding fewer than k."""
+        k = items.shape[1]
+        for r in np.flatnonzero((items > 0).sum(axis=1) < k).tolist():
+            have = items[r][items[r] > 0]
+            more, more_scores = dense_fill(
+                self.lookup,
+                self.item_emb,
+                query[r],
+                have,
+                k - len(have),
+                None if allow is None else allow[r],
+                None if exclude is None else np.asarray(exclude[r], np.int64),
+            )
+            n, m = len(have), len(more)
+            items[r, n : n + m] = more
+            scores[r, n : n + m] = more_scores
+            filled[r] = m
 
     def retrieve(
         self,
@@ -372,8 +364,11 @@ class Retriever:
         exclude: Sequence[np.ndarray] | None = None,
         *,
         exclude_history: bool = False,
+        allow: Sequence[np.ndarray | None] | None = None,
+        fill: bool = False,
     ) -> RetrievalResult:
-        """encode + search; ``exclude_history`` adds each row's (full) history to its exclusions."""
+        """encode + search; ``exclude_history`` adds each row's (full) history to its exclusions.
+        Histories hold dense ids the encoder knows (items added to the catalogue later: skipped by the caller)."""
         check_search_args(k, beam_size)
         if exclude_history:
             extra = exclude if exclude is not None else [np.zeros(0, np.int64)] * len(histories)
@@ -381,11 +376,14 @@ class Retriever:
                 np.concatenate([np.asarray(h, np.int64), np.asarray(e, np.int64)])
                 for h, e in zip(histories, extra, strict=True)
             ]
-        if self.graphs is not None and len(histories) > 0:
+        plain = allow is None and not fill  # the graphs hold exclusions, not allow-lists or the fill
+        if self.graphs is not None and len(histories) > 0 and plain:
             graphed = self.graphs.retrieve(histories, k, beam_size, exclude)
             if graphed is not None:
                 return graphed
-        return self.search(self.encode(histories), k, beam_size, exclude)
+        states = self.encode(histories)
+        leaves = self.beam(states, beam_size, exclude, allow).leaves
+        return self.rerank(leaves, self._on_device(states)[2], k, exclude, allow, fill=fill)
 
     def warmup(self, beam_size: int = 8, batch_size: int = 2) -> None:
         """Run one retrieval on dummy histories so that the backends allocate before traffic."""

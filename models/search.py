@@ -109,6 +109,37 @@ class DeviceTrie:
         return torch.where(valid, self.child_ids[idx], torch.full_like(idx, -1))
 
 
+def sorted_member(keys: Tensor, query: Tensor) -> Tensor:
+    """``query[...]`` int64 -> bool ``[...]``: the value is in ``keys`` (1-d, sorted ascending)."""
+    if keys.numel() == 0:
+        return torch.zeros(query.shape, dtype=torch.bool, device=query.device)
+    pos = torch.searchsorted(keys, query.reshape(-1)).clamp(max=keys.numel() - 1)
+    return (keys[pos] == query.reshape(-1)).reshape(query.shape)
+
+
+@dataclass(frozen=True)
+class NodeKeys:
+    """Per-row node constraints of one batch, as sorted ``row * num_nodes + node`` keys.
+
+    ``allowed``: the nodes above at least one item a row may return (only rows with
+    ``allow_rows[row]`` are restricted; other rows allow every node). ``blocked``: nodes none of whose
+    items a row may return (its excluded leaves). A node that fails either is never expanded, so a
+    beam never spends width on a branch with nothing left to return.
+    """
+
+    num_nodes: int
+    allow_rows: Tensor  # [B] bool
+    allowed: Tensor  # [A] int64 sorted keys
+    blocked: Tensor  # [E] int64 sorted keys
+
+    def valid(self, beam_query: Tensor, cand: Tensor) -> Tensor:
+        """``beam_query [Bb]``, ``cand [Bb, C]`` (-1 padded) -> bool ``[Bb, C]``: allowed, not blocked."""
+        key = beam_query[:, None] * self.num_nodes + cand.clamp(min=0)  # [Bb, C]
+        ok = ~sorted_member(self.blocked, key)
+        restricted = self.allow_rows[beam_query][:, None]  # [Bb, 1]
+        return ok & (~restricted | sorted_member(self.allowed, key))
+
+
 @dataclass(frozen=True)
 class BeamResult:
     leaves: Tensor  # [B, b] global leaf node ids, -1 where fewer than b leaves exist
@@ -133,6 +164,7 @@ class BeamState:
     score_mode: ScoreMode
     exclude_nodes: Tensor | None  # [num_nodes] or [B, num_nodes] bool, on the trie's device
     cache: Tensor | None = None  # [B, w, depth, W] a StepScorer's state of prefix positions 0..depth-1
+    node_keys: NodeKeys | None = None  # per-row node constraints (allow-lists, fully excluded leaves)
 
     def done(self, trie: DeviceTrie) -> bool:
         return self.depth >= trie.levels
@@ -144,6 +176,7 @@ def beam_start(
     beam_size: int,
     score_mode: ScoreMode,
     exclude_nodes: Tensor | None = None,
+    node_keys: NodeKeys | None = None,
 ) -> BeamState:
     """Validate the arguments and put ``batch_size`` searches at the root (no scorer call)."""
     if score_mode not in SCORE_MODES:
@@ -169,6 +202,7 @@ def beam_start(
         beam_size=beam_size,
         score_mode=score_mode,
         exclude_nodes=exclude_nodes,
+        node_keys=node_keys,
     )
 
 
@@ -241,6 +275,8 @@ def expand_scores(state: BeamState, raw: Tensor, cand: Tensor, beam_query: Tenso
         else:
             excluded = state.exclude_nodes[beam_query[:, None], safe]  # [Bb, C]
         valid = valid & ~excluded
+    if state.node_keys is not None:
+        valid = valid & state.node_keys.valid(beam_query, cand)
     return total.masked_fill(~valid, float("-inf")), valid
 
 
@@ -270,15 +306,17 @@ def beam_search(
     beam_size: int,
     score_mode: ScoreMode,
     exclude_nodes: Tensor | None = None,
+    node_keys: NodeKeys | None = None,
 ) -> BeamResult:
     """Find the ``beam_size`` best leaves of each of ``batch_size`` queries.
 
     ``exclude_nodes``: boolean ``[num_nodes]`` (same for all queries) or ``[B, num_nodes]``; an
-    excluded node is never expanded nor returned (its subtree is cut). The same search in stages
+    excluded node is never expanded nor returned (its subtree is cut); ``node_keys`` does the same
+    per row (:class:`NodeKeys`). The same search in stages
     (one level per call, e.g. to let other work run in between) is :func:`beam_start`,
     :func:`beam_step` until ``state.done(trie)``, :func:`beam_finish`; this function is exactly that.
     """
-    state = beam_start(trie, batch_size, beam_size, score_mode, exclude_nodes)
+    state = beam_start(trie, batch_size, beam_size, score_mode, exclude_nodes, node_keys)
     while not state.done(trie):
         state = beam_step(trie, scorer, state)
     return beam_finish(trie, state)

@@ -22,7 +22,8 @@ from typing import Protocol
 import numpy as np
 
 from models.bruteforce import bruteforce_topk
-from models.retriever import EncoderStates, StagedSearch
+from models.retriever import EncoderStates
+from models.staged_search import StagedSearch
 from service.models_registry import LoadedModel
 
 

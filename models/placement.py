@@ -1,0 +1,252 @@
+"""Where an added item goes in the tree (docs/live_catalogue.md): a descent, then a leaf.
+
+1. **Descent.** From the root, level by level, the item's unit vector is compared with the
+   centroids (mean unit item vector) of the children of the ``DESCENT_WIDTH`` best nodes so far:
+   a few comparisons per level, batched over the delta's items, so placement stays fast at
+   millions of items. It yields the best parents of leaves, best first.
+2. **Leaf, per parent in that order.** The parent's leaves are scored by their centroids.
+   * A near copy (cosine >= ``NEAR_COPY_COSINE``) of an item: the item joins that item's leaf,
+     whatever the capacity. Copies are looked for in the whole catalogue when that costs at most
+     ``EXACT_COPY_BUDGET`` multiply-adds (small catalogues or deltas), else where the descent leads
+     (the candidate parents' leaves; in a bucket tree, the best bucket).
+   * Otherwise, with single-item leaves (SEATER, TDR): a new leaf beside its nearest leaf when the
+     parent has room (fewer than ``max_branching`` children); the decoder scores it as that leaf.
+   * With buckets (URI): the best bucket holding fewer than ``leaf_capacity`` items; else a new
+     bucket under the parent, with a token no sibling uses, when the parent has room.
+   * Neither: the next parent. No parent with room: the best leaf of the first parent
+     (``over_capacity``).
+
+The vectors are the rerank vectors (``items.npz``), the space the service scores items in. URI's
+own item side (the token distribution of an item) is not part of a bundle, so URI places by the
+same descent over its buckets' centroids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from models.index import TreeIndex
+
+NEAR_COPY_COSINE = 0.99  # an added item this close to an item joins its leaf
+DESCENT_WIDTH = 4  # parents of leaves tried per added item, best first
+EXACT_COPY_BUDGET = 2e9  # multiply-adds allowed for an exact near-copy scan of the whole catalogue
+_CHUNK = 1024  # items per batched descent step (bounds the [m, width*C, Dr] gather)
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit norm (zero rows stay zero): ``[M, D] -> [M, D]`` float32."""
+    x = np.asarray(x, np.float32)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+
+
+@dataclass(frozen=True)
+class PlacementTree:
+    """What placement reads from one catalogue version."""
+
+    index: TreeIndex  # live: leaf_offsets/leaf_items hold live items only
+    parent: np.ndarray  # [num_nodes] int64
+    leaf_of: np.ndarray  # [N+1] int64
+    live: np.ndarray  # [N+1] bool
+    centroid_sum: np.ndarray  # [S, Dr] float64 unit-vector sums of nodes 0..S-1 (S >= leaf_start)
+    item_emb: np.ndarray  # [N+1, Dr]
+    leaf_capacity: int
+
+
+@dataclass(frozen=True)
+class Placement:
+    leaf: int  # global node id of the leaf the item joins (new or existing)
+    parent: int  # that leaf's parent
+    new_leaf: bool
+    token: int  # node_token of a new leaf (-1 otherwise)
+    alias: int  # the existing node a new leaf reaches the decoder as (-1 otherwise)
+    near_copy: bool = False
+    over_capacity: bool = False
+
+
+@dataclass
+class _Growth:
+    """What the items placed so far in this delta added (later items of the delta see it)."""
+
+    next_node: int
+    children: dict[int, list[int]] = field(default_factory=dict)  # parent -> new leaves
+    members: dict[int, list[np.ndarray]] = field(default_factory=dict)  # leaf -> unit vectors added
+    tokens: dict[int, int] = field(default_factory=dict)  # new leaf -> token
+    aliases: dict[int, int] = field(default_factory=dict)  # new leaf -> alias
+
+
+def place_items(tree: PlacementTree, vectors: np.ndarray) -> list[Placement]:
+    """A place for each row of ``vectors [M, Dr]``, in order (each sees the ones before)."""
+    unit = unit_rows(vectors)  # [M, Dr]
+    parents = candidate_parents(tree, unit)  # [M, P]
+    copies = exact_copies(tree, unit)  # [M] the item each one nearly copies, -1 if none (or not scanned)
+    growth = _Growth(next_node=tree.index.num_nodes)
+    level_token_node = _token_nodes(tree.index)
+    out = []
+    for i in range(len(unit)):
+        if copies[i] > 0:
+            leaf = int(tree.leaf_of[copies[i]])
+            placed = Placement(leaf, int(tree.parent[leaf]), False, -1, -1, near_copy=True)
+        else:
+            placed = _place_one(tree, growth, unit[i], parents[i], level_token_node)
+        out.append(placed)
+        growth.members.setdefault(placed.leaf, []).append(unit[i])
+    return out
+
+
+def exact_copies(tree: PlacementTree, unit: np.ndarray) -> np.ndarray:
+    """``unit [M, Dr]`` -> ``[M]`` the live item each row nearly copies (cosine >= NEAR_COPY_COSINE),
+    -1 where none; all -1 when the scan would exceed ``EXACT_COPY_BUDGET``."""
+    live = np.flatnonzero(tree.live)
+    out = np.full(len(unit), -1, np.int64)
+    if len(live) == 0 or len(unit) * len(live) * unit.shape[1] > EXACT_COPY_BUDGET:
+        return out
+    sims = unit @ unit_rows(tree.item_emb[live]).T  # [M, n]
+    best = sims.argmax(axis=1)
+    hit = sims[np.arange(len(unit)), best] >= NEAR_COPY_COSINE
+    out[hit] = live[best[hit]]
+    return out
+
+
+def candidate_parents(tree: PlacementTree, unit: np.ndarray) -> np.ndarray:
+    """``unit [M, Dr]`` -> ``[M, P]`` parents of leaves (level L-1 nodes), best first, -1 padded."""
+    index = tree.index
+    M = unit.shape[0]
+    if index.levels == 1:
+        return np.zeros((M, 1), np.int64)
+    centroids = unit_rows(tree.centroid_sum[: index.leaf_start])  # [S, Dr]
+    out = np.full((M, DESCENT_WIDTH), -1, np.int64)
+    co, ci = index.child_offsets, index.child_ids
+    width = int(np.diff(co[: index.leaf_start]).max())
+    slot = np.arange(width)
+    for lo in range(0, M, _CHUNK):
+        u = unit[lo : lo + _CHUNK]  # [m, Dr]
+        beams = np.zeros((len(u), 1), np.int64)  # [m, w] at the root
+        for _ in range(index.levels - 1):
+            start, count = co[beams.clip(0)], np.diff(co)[beams.clip(0)] * (beams >= 0)  # [m, w]
+            ok = slot[None, None, :] < count[:, :, None]  # [m, w, C]
+            kids = np.where(ok, ci[(start[:, :, None] + slot).clip(max=len(ci) - 1)], -1).reshape(len(u), -1)
+            score = np.einsum("md,mcd->mc", u, centroids[kids.clip(0)])  # [m, w*C]
+            score = np.where(kids >= 0, score, -np.inf)
+            top = np.argsort(-score, axis=1, kind="stable")[:, :DESCENT_WIDTH]
+            beams = np.where(
+                np.take_along_axis(score, top, 1) > -np.inf, np.take_along_axis(kids, top, 1), -1
+            )
+        out[lo : lo + len(u), : beams.shape[1]] = beams
+    return out
+
+
+def _place_one(
+    tree: PlacementTree, growth: _Growth, u: np.ndarray, parents: np.ndarray, token_node: dict[int, int]
+) -> Placement:
+    index = tree.index
+    buckets = index.token_scheme == "level" and tree.leaf_capacity > 1
+    first: tuple[int, int] | None = None  # (parent, best leaf) of the first parent tried
+    for par in (int(p) for p in parents if p >= 0):
+        leaves, cent, sizes = _leaf_stats(tree, growth, par)
+        if not leaves:
+            continue
+        order = np.argsort(-(cent @ u), kind="stable")  # leaves by centroid, best first
+        near = order[:1] if buckets else order  # a bucket's near copies are in its best bucket
+        for j in near.tolist():
+            members = _members(tree, growth, leaves[j])
+            if len(members) and float((members @ u).max()) >= NEAR_COPY_COSINE:
+                return Placement(leaves[j], par, False, -1, -1, near_copy=True)
+        if first is None:
+            first = (par, leaves[int(order[0])])
+        room = len(leaves) < index.max_branching
+        if buckets:
+            for j in order.tolist():
+                if sizes[j] < tree.leaf_capacity:
+                    return Placement(leaves[j], par, False, -1, -1)
+            token = _free_token(tree, growth, par, token_node)
+            if room and token >= 0:
+                return _new_leaf(growth, par, token, token_node[token])
+            continue
+        if room:
+            nearest = leaves[int(order[0])]
+            alias = growth.aliases.get(nearest, nearest)
+            token = growth.next_node if index.token_scheme == "node" else int(index.node_token[alias])
+            return _new_leaf(growth, par, token, alias)
+    if first is None:
+        raise ValueError("no leaf under any candidate parent: the catalogue has no live item to place beside")
+    return Placement(first[1], first[0], False, -1, -1, over_capacity=True)
+
+
+def _new_leaf(growth: _Growth, parent: int, token: int, alias: int) -> Placement:
+    leaf = growth.next_node
+    growth.next_node += 1
+    growth.children.setdefault(parent, []).append(leaf)
+    growth.tokens[leaf] = token
+    growth.aliases[leaf] = alias
+    return Placement(leaf, parent, True, token, alias)
+
+
+def _leaf_stats(
+    tree: PlacementTree, growth: _Growth, parent: int
+) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """The leaves under ``parent`` (the catalogue's, then this delta's), their centroids ``[n, Dr]``
+    (unit) and live sizes ``[n]``. Leaf centroids come from ``centroid_sum`` when it holds leaves
+    (buckets), else from the leaves' items."""
+    index = tree.index
+    base = index.child_ids[index.child_offsets[parent] : index.child_offsets[parent + 1]]
+    leaves = base.tolist() + growth.children.get(parent, [])
+    j = base - index.leaf_start
+    sizes = np.concatenate([np.diff(index.leaf_offsets)[j], np.zeros(len(leaves) - len(base), np.int64)])
+    dim = tree.item_emb.shape[1]
+    if tree.centroid_sum.shape[0] > base.max(initial=0):
+        sums = np.zeros((len(leaves), dim), np.float64)
+        sums[: len(base)] = tree.centroid_sum[base]
+    else:
+        sums = np.zeros((len(leaves), dim), np.float64)
+        starts, ends = index.leaf_offsets[j], index.leaf_offsets[j + 1]
+        rows = np.concatenate(
+            [index.leaf_items[a:b] for a, b in zip(starts, ends, strict=True)] or [np.zeros(0, np.int64)]
+        )
+        owner = np.repeat(np.arange(len(base)), ends - starts)
+        np.add.at(sums, owner, unit_rows(tree.item_emb[rows.astype(np.int64)]))
+    for n, leaf in enumerate(leaves):
+        extra = growth.members.get(leaf)
+        if extra:
+            sums[n] += np.sum(extra, axis=0)
+            sizes[n] += len(extra)
+    return leaves, unit_rows(sums), sizes
+
+
+def _members(tree: PlacementTree, growth: _Growth, leaf: int) -> np.ndarray:
+    """Unit vectors ``[n, Dr]`` of the live items of ``leaf`` (the catalogue's, then this delta's)."""
+    index = tree.index
+    parts = []
+    if leaf < index.num_nodes:
+        j = leaf - index.leaf_start
+        rows = index.leaf_items[index.leaf_offsets[j] : index.leaf_offsets[j + 1]]
+        parts.append(unit_rows(tree.item_emb[rows]))
+    extra = growth.members.get(leaf)
+    if extra:
+        parts.append(np.stack(extra))
+    return np.concatenate(parts) if parts else np.zeros((0, tree.item_emb.shape[1]), np.float32)
+
+
+def _token_nodes(index: TreeIndex) -> dict[int, int]:
+    """Level scheme: level-L token -> the first leaf carrying it (what a new leaf's decoder alias is)."""
+    if index.token_scheme != "level":
+        return {}
+    leaves = np.arange(index.leaf_start, len(index.node_token))
+    tokens = index.node_token[leaves]
+    first: dict[int, int] = {}
+    for node, tok in zip(leaves.tolist(), tokens.tolist(), strict=True):
+        first.setdefault(int(tok), int(node))
+    return first
+
+
+def _free_token(tree: PlacementTree, growth: _Growth, parent: int, token_node: dict[int, int]) -> int:
+    """A level-L token no child of ``parent`` uses and some leaf carries (so the decoder knows it); -1 if none."""
+    index = tree.index
+    kids = index.child_ids[index.child_offsets[parent] : index.child_offsets[parent + 1]]
+    used = {int(t) for t in index.node_token[kids]} | {
+        growth.tokens[x] for x in growth.children.get(parent, [])
+    }
+    free = [t for t in sorted(token_node) if t not in used]
+    return free[0] if free else -1

@@ -1,0 +1,173 @@
+"""The live catalogue: deltas applied to a bundle, served by a Retriever without a reload."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.bundle import Bundle, load_bundle
+from models.catalogue import Catalogue, Delta, DeltaError, NewItem
+from models.retriever import Retriever
+
+from .conftest import DIM, NUM_ITEMS, build_tiny_model
+
+HISTORIES = [np.array([3, 17, 22]), np.array([8]), np.array([1, 2, 4, 5])]
+
+
+@pytest.fixture(scope="module")
+def bucket_bundle(tiny_bundle_dir: Path) -> Bundle:
+    return load_bundle(tiny_bundle_dir)
+
+
+@pytest.fixture(scope="module")
+def node_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    """The tiny model with one token per node (SEATER/TDR-like: the decoder knows the bundle's nodes only)."""
+    from training.export import export_bundle
+
+    m = build_tiny_model(seed=1, token_scheme="node")
+    out = export_bundle(
+        tmp_path_factory.mktemp("bundles") / "node",
+        name="node",
+        method="test",
+        encoder=m.encoder,
+        decoder=m.decoder,
+        index=m.index,
+        item_emb=m.item_emb,
+        item_ids=m.item_ids,
+        popularity=m.popularity,
+        score_mode="logprob",
+        max_history=6,
+        metrics={},
+        config={},
+        dataset_fingerprint="tiny",
+        version="v1",
+    )
+    return load_bundle(out)
+
+
+def vec(rng: np.random.Generator) -> np.ndarray:
+    return rng.standard_normal(DIM).astype(np.float32)
+
+
+def test_delta_json_errors_name_the_field() -> None:
+    cases = [
+        ([], "body"),
+        ({"add": [{"vector": [1.0]}]}, "add[0].id"),
+        ({"add": [{"id": "x", "vector": [1.0, "a"]}]}, "add[0].vector"),
+        ({"add": [{"id": "x", "vector": [float("nan")]}]}, "add[0].vector"),
+        ({"remove": [None]}, "remove[0]"),
+        ({"add": [{"id": "x", "colour": 1}]}, "add[0].colour"),
+        ({}, "body"),
+    ]
+    for body, field in cases:
+        with pytest.raises(DeltaError) as err:
+            Delta.from_json(body)
+        assert err.value.field == field, body
+    delta = Delta.from_json({"add": [{"id": 7, "vector": [1, 2]}], "remove": ["a"]})
+    again = Delta.from_json(delta.to_json())
+    assert again.remove == ("a",) and again.add[0].id == "7"
+    np.testing.assert_array_equal(again.add[0].vector, [1.0, 2.0])
+
+
+def test_check_refuses_what_the_catalogue_contradicts(bucket_bundle: Bundle) -> None:
+    cat = Catalogue.from_bundle(bucket_bundle)
+    rng = np.random.default_rng(0)
+    bad = [
+        (Delta(add=(NewItem("sku-001", vec(rng)),)), "add[0].id"),
+        (Delta(add=(NewItem("new", vec(rng)), NewItem("new", vec(rng)))), "add[1].id"),
+        (Delta(add=(NewItem("new", np.ones(DIM + 1, np.float32)),)), "add[0].vector"),
+        (Delta(add=(NewItem("new", None, ("a",)),)), "add[0].vector"),  # no content tower
+        (Delta(remove=("nope",)), "remove[0]"),
+    ]
+    for delta, field in bad:
+        with pytest.raises(DeltaError) as err:
+            cat.apply(delta)
+        assert err.value.field == field
+    assert cat.version == 0 and cat.num_items == NUM_ITEMS  # nothing changed
+
+
+@pytest.mark.parametrize("which", ["bucket_bundle", "node_bundle"])
+def test_added_items_are_served_and_removed_ones_never(which: str, request: pytest.FixtureRequest) -> None:
+    bundle: Bundle = request.getfixturevalue(which)
+    base = Retriever(bundle, "cpu", "onnx", intra_op_threads=1)
+    cat = Catalogue.from_bundle(bundle)
+    states = base.encode(HISTORIES)
+    query = states.query.numpy()
+    # one added item per user, pointing along that user's query: the best item for it once added
+    adds = tuple(NewItem(f"new-{r}", (query[r] * 10).astype(np.float32)) for r in range(len(HISTORIES)))
+    removed = tuple(f"sku-{i:03d}" for i in (5, 6, 7))
+    v1, report = cat.apply(Delta(add=adds, remove=removed))
+    assert (v1.version, report.added, report.removed) == (1, 3, 3)
+    assert report.dense_ids == (NUM_ITEMS + 1, NUM_ITEMS + 2, NUM_ITEMS + 3)
+    assert cat.version == 0 and cat.num_items == NUM_ITEMS  # the old version is untouched
+    served = base.with_catalogue(v1)
+    assert served.catalogue_version == 1 and base.catalogue_version == 0
+    full = served.search(states, k=5, beam_size=served.trie.num_nodes)  # every leaf
+    removed_dense = {5, 6, 7}
+    for r in range(len(HISTORIES)):
+        assert full.items[r, 0] == NUM_ITEMS + 1 + r  # its own added item is its best match
+        assert not set(full.items[r].tolist()) & removed_dense
+    narrow = served.search(states, k=3, beam_size=2)
+    assert not set(narrow.items.reshape(-1).tolist()) & removed_dense
+    old = base.search(states, k=5, beam_size=base.trie.num_nodes)  # the old version still serves
+    assert (old.items <= NUM_ITEMS).all()
+    # removing an added item and every item of a leaf: dead leaves are never in a beam
+    leaf = int(bundle.index.leaf_start)
+    whole_leaf = tuple(v1.item_ids[int(d)] for d in bundle.index.items_of_leaf(0) if v1.live[int(d)])
+    v2, _ = v1.apply(Delta(remove=("new-0", *whole_leaf)))
+    again = base.with_catalogue(v2).search(states, k=5, beam_size=v2.index.num_nodes)
+    assert NUM_ITEMS + 1 not in again.items and leaf not in again.leaves
+
+
+@pytest.mark.parametrize("which", ["bucket_bundle", "node_bundle"])
+def test_placement_is_deterministic_and_near_copies_join(which: str, request: pytest.FixtureRequest) -> None:
+    bundle: Bundle = request.getfixturevalue(which)
+    cat = Catalogue.from_bundle(bundle)
+    rng = np.random.default_rng(5)
+    copy_of_9 = bundle.item_emb[9] * 1.5  # cosine 1 with item 9
+    delta = Delta(add=(NewItem("copy", copy_of_9), *(NewItem(f"n{i}", vec(rng)) for i in range(30))))
+    a, report = cat.apply(delta)
+    b, _ = cat.apply(delta)
+    assert report.joined_copies >= 1
+    assert a.leaf_of[NUM_ITEMS + 1] == a.leaf_of[9]  # the copy joined item 9's leaf
+    for name in ("leaf_of", "decoder_node", "live_count"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    np.testing.assert_array_equal(a.index.child_ids, b.index.child_ids)
+    assert a.index.child_offsets.max() == a.index.num_nodes - 1
+    counts = np.diff(a.index.child_offsets)
+    assert counts.max() <= bundle.index.max_branching  # new leaves only where a parent has room
+    # every node the decoder sees is one of the bundle's
+    assert a.decoder_node.max() < bundle.index.num_nodes
+    # each live item sits in exactly one leaf, and its path is a parent chain
+    live = np.flatnonzero(a.live)
+    np.testing.assert_array_equal(np.sort(a.index.leaf_items), live)
+    path = a.index.item_path[live].astype(np.int64)
+    assert (a.parent[path[:, 1:]] == path[:, :-1]).all() and (a.parent[path[:, 0]] == 0).all()
+
+
+def test_allow_lists_hold_and_k_is_guaranteed(bucket_bundle: Bundle) -> None:
+    """Property: every returned item is allowed and not excluded; k is met when k allowed items exist."""
+    retriever = Retriever(bucket_bundle, "cpu", "onnx", intra_op_threads=1)
+    rng = np.random.default_rng(7)
+    for trial in range(25):
+        B = int(rng.integers(1, 5))
+        histories = [rng.integers(1, NUM_ITEMS + 1, size=int(rng.integers(1, 6))) for _ in range(B)]
+        allow = [
+            None if rng.random() < 0.25 else rng.choice(np.arange(1, NUM_ITEMS + 1), int(rng.integers(1, 15)))
+            for _ in range(B)
+        ]
+        exclude = [rng.integers(1, NUM_ITEMS + 1, size=int(rng.integers(0, 4))) for _ in range(B)]
+        k, beam = int(rng.integers(1, 12)), int(rng.integers(1, 4))
+        result = retriever.retrieve(histories, k=k, beam_size=beam, exclude=exclude, allow=allow, fill=True)
+        for r in range(B):
+            got = result.items[r][result.items[r] > 0]
+            assert len(set(got.tolist())) == len(got), trial
+            assert not set(got.tolist()) & set(exclude[r].tolist()), trial
+            pool = set(range(1, NUM_ITEMS + 1)) if allow[r] is None else set(allow[r].tolist())
+            assert set(got.tolist()) <= pool, trial
+            available = len(pool - set(exclude[r].tolist()))
+            assert len(got) == min(k, available), trial
+            assert result.dense_filled is not None and result.dense_filled[r] <= len(got)
+            assert np.all(np.diff(result.scores[r][: len(got) - result.dense_filled[r]]) <= 0)
