@@ -165,7 +165,8 @@ def test_allow_lists_hold_and_k_is_guaranteed(bucket_bundle: Bundle) -> None:
             got = result.items[r][result.items[r] > 0]
             assert len(set(got.tolist())) == len(got), trial
             assert not set(got.tolist()) & set(exclude[r].tolist()), trial
-            pool = set(range(1, NUM_ITEMS + 1)) if allow[r] is None else set(allow[r].tolist())
+            allowed = allow[r]
+            pool = set(range(1, NUM_ITEMS + 1)) if allowed is None else set(allowed.tolist())
             assert set(got.tolist()) <= pool, trial
             available = len(pool - set(exclude[r].tolist()))
             assert len(got) == min(k, available), trial
