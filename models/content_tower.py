@@ -1,17 +1,25 @@
 """The content tower: an item's attributes -> a vector in the bundle's item space (``item_emb``).
 
 For items nobody has interacted with (added after training without a vector). The tower is
-linear in the mean of the item's attribute one-hots (fitted by ridge regression at export time:
-:mod:`training.content_tower`)::
+linear in the mean of the item's attribute one-hots (two ridge regressions fitted at export time:
+:mod:`training.content_tower`), a direction and a norm::
 
-    vector(attrs) = bias + mean(weight[a] for a in attrs if a is known)      # [Dr]
+    known = [a for a in attrs if a is known]
+    u = bias + mean(weight[known])                  # [Dr]  the vector regression
+    n = max(norm_bias + mean(norm_weight[known]), 0) # []   the norm regression
+    vector(attrs) = u * n / |u|                     # [Dr]
+
+The norm is predicted separately because the regressed vectors are shrunk towards the mean item
+vector, and a short vector is never retrieved by inner product.
 
 Stored as the optional bundle file ``content.npz`` (listed in the manifest's files with its
 sha256 like every other file)::
 
-    vocab  [A]     unicode  the raw attribute ids the tower knows
-    weight [A, Dr] float32  one row per known attribute
-    bias   [Dr]    float32  the vector of an item whose attributes say nothing (the mean item)
+    vocab       [A]     unicode  the raw attribute ids the tower knows
+    weight      [A, Dr] float32  one row per known attribute
+    bias        [Dr]    float32  the vector of an item whose attributes say nothing (the mean item)
+    norm_weight [A]     float32  one per known attribute
+    norm_bias   []      float32  the mean item norm
 
 An item none of whose attributes the tower knows gets no vector: :meth:`ContentTower.vectors`
 refuses it, and callers check :meth:`ContentTower.has_known` first (then they must require a
@@ -29,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 CONTENT_FILE = "content.npz"
+ARRAYS = ("vocab", "weight", "bias", "norm_weight", "norm_bias")
 
 
 class ContentTowerError(ValueError):
@@ -42,6 +51,8 @@ class ContentTower:
     vocab: np.ndarray  # [A] unicode raw attribute ids
     weight: np.ndarray  # [A, Dr] float32
     bias: np.ndarray  # [Dr] float32
+    norm_weight: np.ndarray  # [A] float32
+    norm_bias: np.ndarray  # [] float32
 
     def __post_init__(self) -> None:
         A = len(self.vocab)
@@ -59,18 +70,24 @@ class ContentTower:
                 f"weight is {self.weight.dtype}{list(self.weight.shape)}, expected float32[{A}, {Dr}] "
                 "(one row per vocab entry, bias's width)"
             )
-        if not (np.isfinite(self.weight).all() and np.isfinite(self.bias).all()):
-            raise ContentTowerError("weight or bias has NaN or infinite values")
+        for name, want in (("norm_weight", (A,)), ("norm_bias", ())):
+            got = getattr(self, name)
+            if got.shape != want or got.dtype != np.float32:
+                raise ContentTowerError(
+                    f"{name} is {got.dtype}{list(got.shape)}, expected float32{list(want)}"
+                )
+        if not all(np.isfinite(getattr(self, k)).all() for k in ARRAYS[1:]):
+            raise ContentTowerError("weight, bias, norm_weight or norm_bias has NaN or infinite values")
 
     @classmethod
     def load(cls, path: str | Path) -> ContentTower:
         """Read ``content.npz``; raises :class:`ContentTowerError` if it is unreadable or malformed."""
         try:
             with np.load(path, allow_pickle=False) as data:
-                missing = {"vocab", "weight", "bias"} - set(data.files)
+                missing = set(ARRAYS) - set(data.files)
                 if missing:
                     raise ContentTowerError(f"missing arrays {sorted(missing)}")
-                return cls(vocab=data["vocab"], weight=data["weight"], bias=data["bias"])
+                return cls(**{k: data[k] for k in ARRAYS})
         except (OSError, ValueError, zipfile.BadZipFile) as exc:
             if isinstance(exc, ContentTowerError):
                 raise
@@ -78,7 +95,7 @@ class ContentTower:
 
     def save(self, path: str | Path) -> None:
         with Path(path).open("wb") as fh:
-            np.savez(fh, vocab=self.vocab, weight=self.weight, bias=self.bias)
+            np.savez(fh, **{k: getattr(self, k) for k in ARRAYS})
 
     @property
     def dim(self) -> int:
@@ -106,5 +123,7 @@ class ContentTower:
             idx = self.known(attrs)
             if not idx:
                 raise ValueError(f"attribute_lists[{i}] holds no attribute the content tower knows")
-            out[i] = self.bias + self.weight[idx].mean(axis=0)
+            u = self.bias + self.weight[idx].mean(axis=0)  # [Dr]
+            n = max(float(self.norm_bias + self.norm_weight[idx].mean()), 0.0)
+            out[i] = u * (n / max(float(np.linalg.norm(u)), 1e-12))
         return out

@@ -7,7 +7,10 @@ space (``item_emb``, the rerank vectors), in closed form::
     W   = (X^T X + lam I)^-1 X^T (Y - mean(Y))         # [A, Dr]; bias = mean(Y)
 
 The target is centred, so the penalty shrinks towards the mean item vector (an item whose
-attributes say little lands near the middle of the space rather than at the origin). ``lam`` is
+attributes say little lands near the middle of the space rather than at the origin). The shrunk
+vectors are short (about half the items' norm on Beauty), and with inner-product scoring a short
+vector is never retrieved; so a second ridge of the same form predicts the item's norm
+(``norm_weight``, ``norm_bias``) and the tower's vector is the first one's direction at that norm. ``lam`` is
 chosen by a rule, not per data set: K-fold cross-validation over items (held-out items, none of
 whose rows the fold's fit sees) on a grid relative to ``trace(X^T X) / A``, the value with the least
 held-out squared error; one eigendecomposition of each fold's Gram matrix serves the whole grid.
@@ -149,11 +152,34 @@ def _cross_validate(X: _Design, Y: np.ndarray, grid: np.ndarray, cfg: ContentFit
     return total / cfg.folds
 
 
+def _ridge(
+    X: _Design, Y: np.ndarray, cfg: ContentFitConfig
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Ridge of Y [N+1, D] (rows of X's items) on X, penalty by cross-validation: (W [A, D], bias [D],
+    what cross-validation measured at the chosen penalty)."""
+    G = X.gram()  # [A, A]
+    grid = np.asarray(LAMBDA_GRID) * float(np.trace(G)) / X.num_cols
+    cv = _cross_validate(X, Y, grid, cfg)
+    best = int(np.argmin(cv[:, 0]))
+    y_mean = Y[X.items].mean(axis=0)  # [D]
+    colsum = np.bincount(X.cols, weights=X.w, minlength=X.num_cols)
+    XtY = X.t_times(Y[X.items]) - np.outer(colsum, y_mean)  # X^T (Y - mean), [A, D]
+    W = np.linalg.solve(G + grid[best] * np.eye(X.num_cols), XtY)  # [A, D]
+    cv_best = {"lambda": float(grid[best]), "lambda_relative": LAMBDA_GRID[best]}
+    cv_best |= {
+        "cv_mse": float(cv[best, 0]),
+        "cv_cosine": float(cv[best, 1]),
+        "cv_mse_mean": float(cv[best, 2]),
+    }
+    return W, y_mean, cv_best
+
+
 def fit_content_tower(
     item_emb: np.ndarray, attrs: ItemAttributes, cfg: ContentFitConfig | None = None
 ) -> ContentFit | None:
-    """The content tower of ``item_emb`` [N+1, Dr] from ``attrs`` (rows for the same dense ids);
-    None when fewer than ``cfg.min_items`` items have attributes."""
+    """The content tower of ``item_emb`` [N+1, Dr] from ``attrs`` (rows for the same dense ids):
+    one ridge for the vectors (their direction) and one for their norms; None when fewer than
+    ``cfg.min_items`` items have attributes."""
     cfg = cfg or ContentFitConfig()
     if cfg.folds < 2:
         raise ValueError(f"folds must be >= 2, got {cfg.folds}")
@@ -163,30 +189,20 @@ def fit_content_tower(
     if len(X.items) < max(cfg.min_items, 2 * cfg.folds):
         log.info("content tower: %d items with attributes, too few to fit one", len(X.items))
         return None
-    Y = np.asarray(item_emb, np.float64)
-    G = X.gram()
-    scale = float(np.trace(G)) / X.num_cols
-    grid = np.asarray(LAMBDA_GRID) * scale
-    cv = _cross_validate(X, Y, grid, cfg)
-    best = int(np.argmin(cv[:, 0]))
-    y_mean = Y[X.items].mean(axis=0)
-    colsum = np.bincount(X.cols, weights=X.w, minlength=X.num_cols)
-    XtY = X.t_times(Y[X.items]) - np.outer(colsum, y_mean)
-    W = np.linalg.solve(G + grid[best] * np.eye(X.num_cols), XtY)  # [A, Dr]
+    Y = np.asarray(item_emb, np.float64)  # [N+1, Dr]
+    W, bias, cv_vec = _ridge(X, Y, cfg)
+    norm_w, norm_b, cv_norm = _ridge(X, np.linalg.norm(Y, axis=1, keepdims=True), cfg)
     tower = ContentTower(
-        vocab=attrs.vocab[vocab_idx], weight=W.astype(np.float32), bias=y_mean.astype(np.float32)
+        vocab=attrs.vocab[vocab_idx],
+        weight=W.astype(np.float32),
+        bias=bias.astype(np.float32),
+        norm_weight=norm_w[:, 0].astype(np.float32),
+        norm_bias=np.asarray(norm_b[0], np.float32),
     )
-    report = {
-        "kind": "ridge-mean-onehot",
-        "items": len(X.items),
-        "attributes": X.num_cols,
-        "lambda": float(grid[best]),
-        "lambda_relative": LAMBDA_GRID[best],
-        "folds": cfg.folds,
-        "cv_mse": float(cv[best, 0]),
-        "cv_cosine": float(cv[best, 1]),
-        "cv_mse_mean_vector": float(cv[best, 2]),
-    }
+    report: dict[str, Any] = {"kind": "ridge-mean-onehot", "items": len(X.items), "attributes": X.num_cols}
+    report |= {"folds": cfg.folds, **cv_vec}
+    report |= {"norm_lambda_relative": cv_norm["lambda_relative"], "norm_cv_mse": cv_norm["cv_mse"]}
+    report["norm_cv_mse_mean"] = cv_norm["cv_mse_mean"]
     log.info("content tower: %s", report)
     return ContentFit(tower=tower, report=report)
 

@@ -46,10 +46,14 @@ def test_recovers_a_planted_linear_map() -> None:
     assert fit.report["cv_cosine"] > 0.99 and fit.report["lambda_relative"] <= 1e-2
     t = fit.tower
     # the map is identifiable up to a constant shared by all rows (each x sums to 1): compare
-    # predictions, not raw weights
+    # predictions, not raw weights; the direction is the linear map's, the norm is itself a ridge
+    # (the norm of a mean is not linear in the attributes): close, not exact
     new = [["a3", "a7"], ["a11"], ["a0", "a1", "a29"]]
     want = np.stack([bias + W[[int(a[1:]) for a in r]].mean(axis=0) for r in new])
-    np.testing.assert_allclose(t.vectors(new), want, atol=0.05)
+    got = t.vectors(new)
+    cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosine.min() > 0.999
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.linalg.norm(want, axis=1), rtol=0.25)
 
 
 def test_pure_noise_targets_get_a_strong_penalty() -> None:
@@ -58,7 +62,7 @@ def test_pure_noise_targets_get_a_strong_penalty() -> None:
     fit = fit_content_tower(emb, attrs)
     assert fit is not None
     assert fit.report["lambda_relative"] >= 1.0  # shrinks towards the mean vector
-    assert fit.report["cv_mse"] <= fit.report["cv_mse_mean_vector"] * 1.02
+    assert fit.report["cv_mse"] <= fit.report["cv_mse_mean"] * 1.02
 
 
 def test_too_few_items_give_no_tower_and_the_vocabulary_is_capped() -> None:
