@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "eval": ("cli.evaluate",),
     "index-report": ("cli.index_report",),
     "frontier": ("cli.frontier",),
+    "coldstart": ("cli.coldstart",),
     "serve": ("cli.serve",),
     "replay": ("cli.experiments",),
     "ab-report": ("cli.experiments",),
