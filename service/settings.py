@@ -283,6 +283,13 @@ class Settings(BaseSettings):
         le=3600.0,
         description="A shadow copy waiting longer than this for spare capacity is dropped.",
     )
+    quality_sample: float = Field(
+        default=0.01,
+        ge=0.0,
+        le=1.0,
+        description="Share of primary requests also run as exact inner-product top-K in the shadow lane "
+        "(service/quality_monitor.py: genret_quality_overlap / _beam_coverage per model); 0 = off.",
+    )
 
     @field_validator(
         "experiments_file",
