@@ -27,6 +27,7 @@ from service.engine import Engine
 from service.errors import PayloadTooLarge, error_response, install_error_handlers
 from service.metrics import REQUEST_SECONDS
 from service.models_registry import ModelRegistry
+from service.quality_monitor import QualityMonitor
 from service.request_map import DEFAULT_VARIANT
 from service.settings import SHUTDOWN_CLOSE_S, Settings
 
@@ -199,14 +200,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await asyncio.to_thread(registry.load_all)
         cache = make_cache(settings)
         hooks, assignment_key = load_experiment(settings)
+        monitor = QualityMonitor(settings.quality_sample, None if hooks is None else hooks.maybe_shadow)
         engine = Engine(
             settings,
             registry,
             cache,
             router=hooks,
-            on_primary_result=None if hooks is None else hooks.maybe_shadow,
+            on_primary_result=monitor.hook(),
             assignment_key=assignment_key,
         )
+        monitor.bind(engine)
         if hooks is not None:
             wire_experiment(hooks, engine)
         engine.start()
@@ -233,6 +236,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await watcher
             if hooks is not None:
                 await hooks.aclose()
+            await monitor.aclose()
             await engine.stop(grace_left(app, settings))
             await cache.close()
 
