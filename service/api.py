@@ -13,15 +13,17 @@ import asyncio
 import hmac
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Body, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.catalogue_live import LiveCatalogue
 from service.engine import Engine
 from service.errors import ERROR_RESPONSES, ErrorBody, Forbidden, LimitExceeded, Unauthorized, Unavailable
 from service.metrics import render
 from service.responses import to_response
 from service.schemas import (
+    AddItemsResponse,
     AdminModelDescription,
     AdminModelsResponse,
     BatchRetrieveRequest,
@@ -46,6 +48,13 @@ def get_engine(request: Request) -> Engine:
     if engine is None:
         raise Unavailable("not ready: the engine is starting")
     return engine
+
+
+def get_catalogue(request: Request) -> LiveCatalogue:
+    catalogue: LiveCatalogue | None = getattr(request.app.state, "catalogue", None)
+    if catalogue is None:
+        raise Unavailable("not ready: the engine is starting")
+    return catalogue
 
 
 def require_admin(
@@ -188,3 +197,31 @@ async def admin_models(engine: Engine = Depends(get_engine)) -> AdminModelsRespo
 async def reload(body: ReloadRequest | None = None, engine: Engine = Depends(get_engine)) -> ReloadResponse:
     outcomes = await asyncio.to_thread(engine.registry.reload, None if body is None else body.model)
     return ReloadResponse(reloaded=[ReloadOutcome(**o) for o in outcomes])
+
+
+@admin_router.post(
+    "/items",
+    response_model=AddItemsResponse,
+    dependencies=[Depends(require_admin)],
+    responses={
+        **ADMIN_RESPONSES,
+        404: {"model": ErrorBody, "description": "Unknown model name."},
+        422: {
+            "description": "A malformed or contradicting delta (the field named); nothing written or changed."
+        },
+    },
+    summary="Add and remove items: a catalogue delta, written where every replica sees it and applied here",
+)
+async def add_items(
+    body: dict[str, Any] = Body(
+        ...,
+        examples=[{"add": [{"id": "sku-1", "vector": [0.1, 0.2], "attributes": ["7"]}], "remove": ["sku-9"]}],
+        description="A delta (docs/live_catalogue.md) plus an optional `model` (default: the default model).",
+    ),
+    catalogue: LiveCatalogue = Depends(get_catalogue),
+) -> AddItemsResponse:
+    delta = dict(body)
+    model = delta.pop("model", None)
+    if model is not None and not isinstance(model, str):
+        raise LimitExceeded(("model",), "a model name (string)")
+    return AddItemsResponse(**await asyncio.to_thread(catalogue.add, model, delta))

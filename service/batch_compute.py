@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 # key -> (spec, row): fresh encoder states to write back to the cache
 FreshRows = dict[str, tuple[StateSpec, StateRow]]
-# row index -> (items [k'], scores [k'], num_candidates), k' = the largest k of the row's group
-Found = dict[int, tuple[np.ndarray, np.ndarray, int]]
+# row index -> (items [k'], scores [k'], num_candidates, filled), k' = the largest k of the row's group;
+# filled = items of the row from the dense fill
+Found = dict[int, tuple[np.ndarray, np.ndarray, int, int]]
 
 
 class RowInput(Protocol):
@@ -49,6 +50,8 @@ class RowInput(Protocol):
     def k(self) -> int: ...
     @property
     def beam_size(self) -> int: ...
+    @property
+    def allow(self) -> np.ndarray | None: ...  # [a] dense ids the row may return (None: any)
 
 
 def state_spec(p: RowInput) -> StateSpec:
@@ -183,9 +186,15 @@ class BatchCompute:
         states = stack_states([r for r in group_rows if r is not None], self.device)
         k = max(payloads[i].k for i in idxs)
         exclude = [payloads[i].exclude for i in idxs]
-        found = self.strategy.search(model, states, k, beam, exclude)
+        allow = [payloads[i].allow for i in idxs]
+        found = self.strategy.search(
+            model, states, k, beam, exclude, allow if any(a is not None for a in allow) else None
+        )
         self.out.rerank_s += found.rerank_s
-        return {i: (found.items[j], found.scores[j], found.candidates[j]) for j, i in enumerate(idxs)}
+        filled = found.filled or [0] * len(idxs)
+        return {
+            i: (found.items[j], found.scores[j], found.candidates[j], filled[j]) for j, i in enumerate(idxs)
+        }
 
     def _fail(self, i: int, stage: str, exc: Exception) -> None:
         p = self.payloads[i]
@@ -218,6 +227,7 @@ class RowResult:
     cache: str  # "hit" | "miss"
     batch_size: int
     timings: dict[str, float] = field(default_factory=dict)  # seconds per batch stage
+    filled: int = 0  # of the k items, how many the dense fill gave (the beam left too few)
 
 
 def row_results(
@@ -229,11 +239,12 @@ def row_results(
         if i in out.errors:
             results.append(out.errors[i])
             continue
-        items, scores, candidates = out.found[i]
+        items, scores, candidates, filled = out.found[i]
         results.append(
             RowResult(
                 items=items[: p.k],
                 scores=scores[: p.k],
+                filled=filled_within(items, filled, p.k),
                 num_candidates=candidates,
                 cache="hit" if i in out.from_cache else "miss",
                 batch_size=len(payloads),
@@ -246,3 +257,10 @@ def row_results(
             )
         )
     return results
+
+
+def filled_within(items: np.ndarray, filled: int, k: int) -> int:
+    """Of a row's ``filled`` dense-fill items (after the beam's, at the end of ``items [k']``), those
+    left when the row is cut to its own ``k``."""
+    total = int((items > 0).sum())
+    return max(0, min(total, k) - (total - filled))

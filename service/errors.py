@@ -8,6 +8,7 @@ in ``genret_errors_total{kind}``. Nothing else in the service builds an error re
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from models.catalogue_delta import DeltaError
 from service.metrics import ERRORS
 
 log = logging.getLogger(__name__)
@@ -146,6 +148,21 @@ def error_response(exc: ServiceError) -> JSONResponse:
     return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
 
+def field_loc(field: str) -> list[str | int]:
+    """A delta's field path (``add[3].vector``) as a validation ``loc`` (``["add", 3, "vector"]``)."""
+    return [int(p) if p.isdigit() else p for p in re.findall(r"[^.\[\]]+", field)]
+
+
+def delta_response(exc: DeltaError) -> JSONResponse:
+    """A delta that cannot apply (``models.catalogue_delta.DeltaError``): 422 naming its field, in the
+    shape of a validation error (nothing was written or changed)."""
+    ERRORS.labels(kind="delta").inc()
+    detail = [
+        {"loc": ["body", *field_loc(exc.field)], "msg": exc.message, "type": "delta", "field": exc.field}
+    ]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every error to its HTTP answer, once, for the whole app."""
 
@@ -159,6 +176,10 @@ def install_error_handlers(app: FastAPI) -> None:
         errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
         return JSONResponse({"detail": errors}, status_code=422)
 
+    async def on_delta_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, DeltaError)
+        return delta_response(exc)
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
         ERRORS.labels(kind="internal").inc()
@@ -167,4 +188,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(ServiceError, on_service_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(DeltaError, on_delta_error)
     app.add_exception_handler(Exception, on_unexpected)

@@ -33,21 +33,15 @@ import re
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
-import torch
-
-from service.cache import StateSpec
 from service.errors import BadBundle, ReloadConflict, ServiceError, UnknownModel
+from service.loaded_model import LoadedModel, load_model, manifest_field, warm
 from service.metrics import MODEL_INFO, RELOADS
 from service.settings import Settings
 
-if TYPE_CHECKING:  # imported at load time only: the registry is usable without models in tests
-    from models.bundle import Bundle
-    from models.retriever import Retriever
+__all__ = ["LoadedModel", "ModelRegistry", "load_model", "manifest_field", "warm"]
 
 log = logging.getLogger(__name__)
 
@@ -65,124 +59,12 @@ def check_model_name(name: str, path: Path) -> str:
     return name
 
 
-def manifest_field(manifest: Any, name: str, default: Any = None) -> Any:
-    """Read ``name`` from a manifest that may be a dataclass, a mapping or both."""
-    if isinstance(manifest, dict):
-        return manifest.get(name, default)
-    value = getattr(manifest, name, None)
-    if value is not None:
-        return value
-    try:
-        return manifest[name]
-    except (KeyError, TypeError):
-        return default
-
-
 def read_fingerprint(path: Path) -> str | None:
     """The fingerprint written in ``path/manifest.json`` (cheap: no arrays are read)."""
     try:
         return str(json.loads((path / MANIFEST).read_text())["fingerprint"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """One verified, warmed bundle version and everything a request needs from it."""
-
-    name: str
-    version: str
-    method: str
-    fingerprint: str
-    path: Path
-    bundle: Bundle
-    retriever: Retriever
-    raw_ids: list[str]  # [N+1], raw_ids[0] == ""
-    dense_of: dict[str, int]  # raw id -> dense id
-    popular: np.ndarray  # [N] dense ids, most popular first
-    popularity: np.ndarray  # [N+1]
-    item_emb: torch.Tensor  # [N+1, Dr] float32 on the serving device (brute-force baseline)
-    max_history: int
-    memory_dim: int  # D of the encoder's memory [T, D]
-    query_dim: int  # Dr of the encoder's query [Dr]
-    loaded_at: float
-
-    @property
-    def num_items(self) -> int:
-        return len(self.raw_ids) - 1
-
-    def state_spec(self, length: int) -> StateSpec:
-        """What a cached encoder-state row of a ``length``-item history must be for this model."""
-        return StateSpec(self.fingerprint, length, self.memory_dim, self.query_dim)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "method": self.method,
-            "fingerprint": self.fingerprint,
-            "num_items": self.num_items,
-            "max_history": self.max_history,
-            "path": str(self.path),
-            "loaded_at": self.loaded_at,
-        }
-
-
-def load_model(name: str, path: Path, settings: Settings) -> LoadedModel:
-    """Load + verify a bundle, build its Retriever and warm it with a dummy batch."""
-    from models.bundle import load_bundle  # imported here: the registry is usable without models in tests
-    from models.retriever import Retriever
-
-    bundle = load_bundle(path)
-    retriever = Retriever(
-        bundle,
-        device=settings.device,
-        backend=settings.decoder_backend,
-        intra_op_threads=settings.intra_op_threads,
-    )
-    raw_ids = [str(x) for x in bundle.item_ids]
-    if len(raw_ids) >= 1 and raw_ids[0] != "":
-        raise BadBundle(f"bundle {path}: item_ids[0] must be the padding id '', got {raw_ids[0]!r}")
-    popularity = np.asarray(bundle.popularity, dtype=np.float64)
-    popular = np.argsort(-popularity[1:], kind="stable").astype(np.int64) + 1  # [N]
-    item_emb = retriever.item_emb  # [N+1, Dr], already on the device
-    fingerprint = str(manifest_field(bundle.manifest, "fingerprint", ""))
-    version = str(manifest_field(bundle.manifest, "version", "") or fingerprint[:12])
-    dims = manifest_field(bundle.manifest, "dims", {})
-    model = LoadedModel(
-        name=name,
-        version=version,
-        method=str(manifest_field(bundle.manifest, "method", "unknown")),
-        fingerprint=fingerprint,
-        path=path,
-        bundle=bundle,
-        retriever=retriever,
-        raw_ids=raw_ids,
-        dense_of={raw: i for i, raw in enumerate(raw_ids) if i > 0},
-        popular=popular,
-        popularity=popularity,
-        item_emb=item_emb,
-        max_history=int(retriever.max_history),
-        memory_dim=int(dims["memory"]),
-        query_dim=int(dims["query"]),
-        loaded_at=time.time(),
-    )
-    warm(model, settings)
-    return model
-
-
-def warm(model: LoadedModel, settings: Settings) -> None:
-    """One dummy batch through encode + search (and the brute-force path), so the first request is not slow."""
-    history = [np.array([1], dtype=np.int64), np.array([1, min(2, model.num_items)], dtype=np.int64)]
-    beam = min(settings.default_beam_size or model.retriever.default_beam_size, settings.max_beam_size)
-    result = model.retriever.retrieve(history, k=min(settings.default_k, model.num_items), beam_size=beam)
-    if np.asarray(result.items).shape[0] != len(history):
-        raise BadBundle(f"warm-up of {model.name} returned {np.asarray(result.items).shape} items")
-    if settings.search_mode == "bruteforce":
-        from models.bruteforce import bruteforce_topk
-
-        states = model.retriever.encode(history)
-        bruteforce_topk(states.query, model.item_emb, settings.default_k)
 
 
 Loader = Callable[[str, Path, Settings], LoadedModel]
@@ -195,6 +77,22 @@ class ModelRegistry:
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()  # one reload at a time
         self._in_use: Callable[[], Collection[str]] = frozenset
+        self._on_load: Callable[[LoadedModel], LoadedModel] | None = None
+
+    def on_load(self, hook: Callable[[LoadedModel], LoadedModel]) -> None:
+        """Pass every freshly loaded model through ``hook`` before it serves (the live catalogue
+        re-applies its deltas there: service/catalogue_live.py)."""
+        self._on_load = hook
+
+    def replace_model(self, old: LoadedModel, new: LoadedModel) -> bool:
+        """Swap ``new`` in for ``old`` (same name: a new catalogue version of the same bundle) if
+        ``old`` still serves; False when a reload replaced or unloaded it meanwhile. Requests holding
+        ``old`` finish on it."""
+        with self._lock:
+            if self._models.get(old.name) is not old:
+                return False
+            self._models = {**self._models, old.name: new}
+            return True
 
     def keep_loaded(self, in_use: Callable[[], Collection[str]]) -> None:
         """Refuse reloads that would unload a name ``in_use()`` returns (e.g. the experiment's bundles)."""
@@ -334,6 +232,8 @@ class ModelRegistry:
         started = time.perf_counter()
         try:
             model = self._loader(name, path, self._settings)
+            if self._on_load is not None:
+                model = self._on_load(model)
         except BadBundle:
             RELOADS.labels(result="error").inc()
             raise

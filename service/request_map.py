@@ -4,6 +4,12 @@ Per request, on the event loop and before any compute: check the limits from set
 the field), choose the variant and bundle (the experiment's router, else the request's ``model``,
 else the default), map raw history ids to dense ids (unknown ids skipped and counted), keep the
 model's ``max_history`` most recent (``truncated``), collect the excluded ids, and choose the beam.
+
+Live catalogue (docs/live_catalogue.md): history items added after training (dense ids past
+``retriever.encoder_items``) are skipped before encode and counted
+(``genret_history_skipped_total{reason="added_item"}``), so the cache key, built from the dense
+ids encoded, carries what the cached state depends on; removed items still encode. ``allow`` and
+``categories`` become one sorted array of live dense ids the row may return (unknown ids ignored).
 """
 
 from __future__ import annotations
@@ -13,15 +19,25 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+from prometheus_client import Counter
 
 from service.cache_codec import cache_key
 from service.errors import LimitExceeded
+from service.metrics import REGISTRY
 from service.models_registry import LoadedModel, ModelRegistry
 from service.schemas import RetrieveRequest
 from service.settings import Settings
 
 DEFAULT_VARIANT = "default"
 ANONYMOUS = "anonymous"
+
+HISTORY_SKIPPED = Counter(
+    "genret_history_skipped_total",
+    "Known history items not given to the encoder, by reason (added_item: added to the catalogue after "
+    "training; shadow copies included).",
+    ["reason"],
+    registry=REGISTRY,
+)
 
 
 class VariantRouter(Protocol):
@@ -43,6 +59,9 @@ class Mapped:
     unknown: int  # history ids the bundle does not know (skipped)
     truncated: bool  # the known history was longer than max_history
     k: int  # items asked for (the request's, else the default)
+    added: int = 0  # history items added after training (the encoder does not know them): skipped
+    allow: np.ndarray | None = None  # [a] live dense ids the row may return (allow and categories), sorted
+    available: int = 0  # items the row may return at all (live, allowed, not excluded)
 
 
 @dataclass(frozen=True)
@@ -55,6 +74,7 @@ class Prepared:
     exclude: np.ndarray  # [e] dense ids never to return
     k: int
     beam_size: int
+    allow: np.ndarray | None = None  # [a] dense ids the row may return (None: any)
 
 
 class RequestMapper:
@@ -92,6 +112,11 @@ class RequestMapper:
                 (*loc, "exclude"),
                 f"{len(request.exclude)} exclude ids exceed max_exclude_items={s.max_exclude_items}",
             )
+        if request.allow is not None and len(request.allow) > s.max_allow_items:
+            raise LimitExceeded(
+                (*loc, "allow"),
+                f"{len(request.allow)} allow ids exceed max_allow_items={s.max_allow_items}",
+            )
         if request.deadline_ms is not None and request.deadline_ms > s.max_deadline_ms:
             raise LimitExceeded(
                 (*loc, "deadline_ms"),
@@ -107,17 +132,45 @@ class RequestMapper:
             variant = self.router.assign(self.assignment_key(request.user_id, request.history))
             model_name = self.router.bundle_of(variant)
         model = self.registry.get(model_name)
-        known = [model.dense_of.get(raw) for raw in request.history]
+        known = [model.history_dense(raw) for raw in request.history]
         full = np.array([d for d in known if d is not None], dtype=np.int64)  # [t_all]
         unknown = len(known) - len(full)
-        truncated = len(full) > model.max_history
-        dense = full[-model.max_history :]  # [t]
+        encodable = full[full <= model.encoder_items]  # items added after training: skipped
+        added = len(full) - len(encodable)
+        if added:
+            HISTORY_SKIPPED.labels(reason="added_item").inc(added)
+        truncated = len(encodable) > model.max_history
+        dense = encodable[-model.max_history :]  # [t]
         excluded = [d for d in (model.dense_of.get(raw) for raw in request.exclude) if d is not None]
         if request.exclude_history:
             excluded.extend(int(d) for d in full)  # the whole history, not only the encoded window
         exclude = np.unique(np.array(excluded, dtype=np.int64))  # [e]
+        allow = self.allowed(request, model)
+        if allow is None:
+            available = model.num_live - len(exclude) + int(np.isin(exclude, model.removed).sum())
+        else:
+            available = len(np.setdiff1d(allow, exclude, assume_unique=True))
         k = request.k or self.settings.default_k
-        return Mapped(model, variant, user_key, dense, exclude, unknown, truncated, k)
+        return Mapped(
+            model, variant, user_key, dense, exclude, unknown, truncated, k, added, allow, available
+        )
+
+    @staticmethod
+    def allowed(request: RetrieveRequest, model: LoadedModel) -> np.ndarray | None:
+        """``[a]`` sorted live dense ids of ``allow`` and ``categories`` (both when both are given)."""
+        allow = None
+        if request.allow is not None:
+            ids = [d for d in (model.dense_of.get(raw) for raw in request.allow) if d is not None]
+            allow = np.unique(np.array(ids, dtype=np.int64))
+        if request.categories is not None:
+            if model.item_attributes is None:
+                raise LimitExceeded(
+                    ("categories",), f"model {model.name!r} has no item attributes: categories cannot filter"
+                )
+            holding = model.item_attributes.items_with(request.categories)  # [c] sorted unique
+            holding = holding[~np.isin(holding, model.removed)]
+            allow = holding if allow is None else np.intersect1d(allow, holding, assume_unique=True)
+        return allow
 
     def prepare(self, request: RetrieveRequest, mapped: Mapped) -> Prepared:
         """The batcher's payload for a mapped request with a usable (non-empty) history."""
@@ -128,6 +181,7 @@ class RequestMapper:
             exclude=mapped.exclude,
             k=mapped.k,
             beam_size=self.beam_size(request, mapped),
+            allow=mapped.allow,
         )
 
     def beam_size(self, request: RetrieveRequest, mapped: Mapped) -> int:

@@ -11,11 +11,18 @@ def to_response(result: Retrieval, *, debug: bool) -> RetrieveResponse:
     """``result`` as the API answers it; ``debug`` adds :func:`debug_info` (the request asked)."""
     return RetrieveResponse(
         items=[ScoredItem(id=i, score=s) for i, s in zip(result.items, result.scores, strict=True)],
-        model=ModelRef(name=result.model.name, version=result.model.version, method=result.model.method),
+        model=ModelRef(
+            name=result.model.name,
+            version=result.model.version,
+            method=result.model.method,
+            catalogue_version=result.model.catalogue_version,
+        ),
         variant=result.variant,
         unknown_history_items=result.unknown_history_items,
+        added_history_items=result.added_history_items,
         truncated=result.truncated,
         fallback=result.fallback,
+        fallback_items=result.fallback_items if result.fallback == "dense" else None,
         fewer=result.fewer,
         debug=debug_info(result) if debug else None,
     )

@@ -15,6 +15,7 @@ from service.batch_compute import RowResult
 from service.request_map import Mapped
 
 Fewer = Literal["catalogue", "beam_limit"]
+Fallback = Literal["popular", "dense"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class ModelIdentity:
     name: str
     version: str
     method: str
+    catalogue_version: int = 0
 
 
 @dataclass(frozen=True)
@@ -34,18 +36,20 @@ class Retrieval:
     variant: str
     unknown_history_items: int
     truncated: bool
-    fallback: Literal["popular"] | None
+    fallback: Fallback | None  # popular: no usable history; dense: the beam left too few, filled
     fewer: Fewer | None
     batch_size: int  # rows of the batch it was computed in (0: no compute)
     num_candidates: int  # items its answer was chosen from
     history_used: int  # known history items given to the encoder
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (what debug shows)
     latency_s: float = math.nan  # request to answer, as the engine measured it
+    fallback_items: int = 0  # items the fallback gave (dense: filled by exact search)
+    added_history_items: int = 0  # history items added after training: skipped before encode
 
 
 def fewer_reason(returned: int, k: int, available: int) -> Fewer | None:
     """Why an answer holds fewer than ``k`` items: ``"catalogue"`` (fewer than ``k`` items are left
-    once the excluded ones are removed) or ``"beam_limit"`` (the beam, widened up to
+    once the excluded, removed and not allowed ones are out) or ``"beam_limit"`` (the beam, widened up to
     ``GENRET_MAX_BEAM_SIZE``, reached too few); ``None`` when it holds ``k``."""
     if returned >= k:
         return None
@@ -54,7 +58,9 @@ def fewer_reason(returned: int, k: int, available: int) -> Fewer | None:
 
 def identity(mapped: Mapped) -> ModelIdentity:
     m = mapped.model
-    return ModelIdentity(name=m.name, version=m.version, method=m.method)
+    return ModelIdentity(
+        name=m.name, version=m.version, method=m.method, catalogue_version=m.catalogue_version
+    )
 
 
 def answered(mapped: Mapped, row: RowResult, timings: dict[str, float], latency_s: float) -> Retrieval:
@@ -69,24 +75,28 @@ def answered(mapped: Mapped, row: RowResult, timings: dict[str, float], latency_
         variant=mapped.variant,
         unknown_history_items=mapped.unknown,
         truncated=mapped.truncated,
-        fallback=None,
-        fewer=fewer_reason(len(items), mapped.k, mapped.model.num_items - len(mapped.exclude)),
+        fallback="dense" if row.filled else None,
+        fewer=fewer_reason(len(items), mapped.k, mapped.available),
         batch_size=row.batch_size,
         num_candidates=row.num_candidates,
         history_used=len(mapped.history),
         timings=timings,
         latency_s=latency_s,
+        fallback_items=row.filled,
+        added_history_items=mapped.added,
     )
 
 
 def popular(mapped: Mapped, latency_s: float = math.nan) -> Retrieval:
-    """The answer to a history with no known item: the most popular items, minus the excluded."""
+    """The answer to a history with no usable item: the most popular live items it may return."""
     model = mapped.model
-    take = model.popular[: mapped.k + len(mapped.exclude)]
+    take = model.popular  # [n_live]
+    if mapped.allow is not None:
+        take = take[np.isin(take, mapped.allow)]
+    take = take[: mapped.k + len(mapped.exclude)]
     if len(mapped.exclude):
         take = take[~np.isin(take, mapped.exclude)]
     take = take[: mapped.k]
-    available = model.num_items - len(mapped.exclude)
     return Retrieval(
         items=tuple(model.raw_ids[int(d)] for d in take),
         scores=tuple(float(model.popularity[d]) for d in take),
@@ -95,9 +105,11 @@ def popular(mapped: Mapped, latency_s: float = math.nan) -> Retrieval:
         unknown_history_items=mapped.unknown,
         truncated=mapped.truncated,
         fallback="popular",
-        fewer=fewer_reason(len(take), mapped.k, available),
+        fewer=fewer_reason(len(take), mapped.k, mapped.available),
         batch_size=0,
-        num_candidates=available,
+        num_candidates=mapped.available,
         history_used=0,
         latency_s=latency_s,
+        fallback_items=len(take),
+        added_history_items=mapped.added,
     )

@@ -47,6 +47,16 @@ class RetrieveRequest(BaseModel):
     )
     exclude: list[ItemId] = Field(default_factory=list, description="Item ids never to return.")
     exclude_history: bool = Field(default=False, description="Never return items of the history.")
+    allow: list[ItemId] | None = Field(
+        default=None,
+        description="Return only these item ids (at most GENRET_MAX_ALLOW_ITEMS; unknown ids ignored); "
+        "k is still met while k allowed items exist (`fallback: dense`).",
+    )
+    categories: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        default=None,
+        description="Return only items holding one of these raw attribute ids (with `allow`: both); "
+        "422 when the model has no item attributes.",
+    )
     debug: bool = Field(default=False, description="Add timings, cache and batch details to the response.")
     deadline_ms: int | None = Field(
         default=None,
@@ -75,6 +85,7 @@ class ModelRef(BaseModel):
     name: str
     version: str
     method: str
+    catalogue_version: int = Field(default=0, description="The catalogue version that answered.")
 
 
 class DebugInfo(BaseModel):
@@ -99,13 +110,20 @@ class RetrieveResponse(BaseModel):
     truncated: bool = Field(
         description="True when the history was cut to the model's max_history most recent."
     )
-    fallback: Literal["popular"] | None = Field(
-        default=None, description="Set when the history had no known item and popular items were returned."
+    added_history_items: int = Field(
+        default=0,
+        description="History items added to the catalogue after training (the encoder does not know them): skipped.",
     )
+    fallback: Literal["popular", "dense"] | None = Field(
+        default=None,
+        description="'popular': the history had no usable item and popular items were returned; 'dense': "
+        "the beam left fewer than k items and `fallback_items` came from exact search over what may be returned.",
+    )
+    fallback_items: int | None = Field(default=None, description="Items filled by the dense fallback.")
     fewer: Literal["catalogue", "beam_limit"] | None = Field(
         default=None,
         description="Set when fewer than k items are returned: 'catalogue' = fewer than k items are left "
-        "after exclusions; 'beam_limit' = the beam, widened up to GENRET_MAX_BEAM_SIZE, reached too few.",
+        "after exclusions and filters; 'beam_limit' = the beam reached too few (not with the dense fill).",
     )
     debug: DebugInfo | None = None
 
@@ -120,6 +138,8 @@ class ModelDescription(BaseModel):
     method: str
     fingerprint: str
     num_items: int
+    num_live: int = Field(description="Items that may be returned (added ones included, removed ones not).")
+    catalogue_version: int = Field(description="Deltas applied to the bundle (0 = as trained).")
     max_history: int
     loaded_at: float
     default: bool
@@ -171,3 +191,17 @@ class ReloadOutcome(BaseModel):
 
 class ReloadResponse(BaseModel):
     reloaded: list[ReloadOutcome]
+
+
+class AddItemsResponse(BaseModel):
+    """What ``POST /admin/items`` did: the catalogue version it made and where the items went."""
+
+    model: str
+    version: int = Field(description="The catalogue version this delta made.")
+    added: int
+    removed: int
+    new_leaves: int = Field(description="Added items placed in a new leaf beside their nearest items.")
+    joined_copies: int = Field(
+        description="Added items that joined the leaf of a near copy (cosine >= 0.99)."
+    )
+    over_capacity: int = Field(description="Added items that joined a full leaf (no room near them).")

@@ -2,11 +2,17 @@
 baseline (``GENRET_SEARCH_MODE``), behind one interface the compute worker and the shadow executor
 both use.
 
-* :class:`GenerativeSearch`: constrained beam search over the bundle's trie, then the rerank of the
-  beam's leaf items (:class:`models.retriever.Retriever`). Rows search together only with rows of
-  the same beam width.
-* :class:`BruteForceSearch`: exact inner-product top-K over the whole item table
-  (:func:`models.bruteforce.bruteforce_topk`); the beam width does not matter.
+* :class:`GenerativeSearch`: constrained beam search over the bundle's trie (exclusions and
+  allow-lists cut its branches), then the rerank of the beam's leaf items
+  (:class:`models.retriever.Retriever`); a row left with fewer than k items is filled by exact
+  search over what it may return (``Found.filled``). Rows search together only with rows of the
+  same beam width.
+* :class:`BruteForceSearch`: exact inner-product top-K over the live items
+  (:func:`models.bruteforce.bruteforce_topk`; a row with an allow-list over its allowed items);
+  the beam width does not matter.
+
+``allow``: per row, the dense ids it may return, or None (any live item). Removed items are never
+returned by either.
 
 Each also runs *staged* (:meth:`SearchStrategy.staged`): one stage per call, so the shadow
 executor can give way to primary batches between stages; the staged result equals the one-shot one.
@@ -20,8 +26,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from models.bruteforce import bruteforce_topk
+from models.constraints import dense_fill
 from models.retriever import EncoderStates
 from models.staged_search import StagedSearch
 from service.models_registry import LoadedModel
@@ -35,6 +43,10 @@ class Found:
     scores: np.ndarray  # [b, k] float32, -inf where padded
     candidates: list[int]  # [b] items the row's answer was chosen from (after exclusion)
     rerank_s: float = 0.0  # of the search's time, spent scoring the leaf items
+    filled: list[int] | None = None  # [b] items of each row from the dense fill (None: none)
+
+
+Allow = Sequence[np.ndarray | None] | None  # per row: dense ids it may return, or None (any)
 
 
 class StagedRun(Protocol):
@@ -56,11 +68,23 @@ class SearchStrategy(Protocol):
         ...
 
     def search(
-        self, model: LoadedModel, states: EncoderStates, k: int, beam_size: int, exclude: Sequence[np.ndarray]
+        self,
+        model: LoadedModel,
+        states: EncoderStates,
+        k: int,
+        beam_size: int,
+        exclude: Sequence[np.ndarray],
+        allow: Allow = None,
     ) -> Found: ...
 
     def staged(
-        self, model: LoadedModel, states: EncoderStates, k: int, beam_size: int, exclude: Sequence[np.ndarray]
+        self,
+        model: LoadedModel,
+        states: EncoderStates,
+        k: int,
+        beam_size: int,
+        exclude: Sequence[np.ndarray],
+        allow: Allow = None,
     ) -> StagedRun: ...
 
 
@@ -71,24 +95,40 @@ class GenerativeSearch:
         return beam_size
 
     def search(
-        self, model: LoadedModel, states: EncoderStates, k: int, beam_size: int, exclude: Sequence[np.ndarray]
+        self,
+        model: LoadedModel,
+        states: EncoderStates,
+        k: int,
+        beam_size: int,
+        exclude: Sequence[np.ndarray],
+        allow: Allow = None,
     ) -> Found:
-        leaves = model.retriever.beam(states, beam_size).leaves  # [b, beam]
+        leaves = model.retriever.beam(states, beam_size, exclude, allow).leaves  # [b, beam]
         t_rerank = time.perf_counter()
-        result = model.retriever.rerank(leaves, states.query, k, exclude)
+        query = states.query.to(model.retriever.device, torch.float32)  # [b, Dr]
+        result = model.retriever.rerank(leaves, query, k, exclude, allow, fill=True)
         rerank_s = time.perf_counter() - t_rerank
+        filled = result.dense_filled
         return Found(
             items=np.asarray(result.items),  # [b, k]
             scores=np.asarray(result.scores, dtype=np.float32),  # [b, k]
             candidates=[int(c) for c in np.asarray(result.num_candidates)],
             rerank_s=rerank_s,
+            filled=None if filled is None else [int(f) for f in filled],
         )
 
     def staged(
-        self, model: LoadedModel, states: EncoderStates, k: int, beam_size: int, exclude: Sequence[np.ndarray]
+        self,
+        model: LoadedModel,
+        states: EncoderStates,
+        k: int,
+        beam_size: int,
+        exclude: Sequence[np.ndarray],
+        allow: Allow = None,
     ) -> StagedRun:
+        """Staged (the shadow lane): the same search without the dense fill."""
         return _StagedGenerative(
-            model.retriever.staged_search(states, k=k, beam_size=beam_size, exclude=exclude)
+            model.retriever.staged_search(states, k=k, beam_size=beam_size, exclude=exclude, allow=allow)
         )
 
 
@@ -125,19 +165,43 @@ class BruteForceSearch:
         return 0  # the beam width plays no part
 
     def search(
-        self, model: LoadedModel, states: EncoderStates, k: int, beam_size: int, exclude: Sequence[np.ndarray]
+        self,
+        model: LoadedModel,
+        states: EncoderStates,
+        k: int,
+        beam_size: int,
+        exclude: Sequence[np.ndarray],
+        allow: Allow = None,
     ) -> Found:
-        items, scores = bruteforce_topk(states.query, model.item_emb, k, list(exclude))  # [b, k]
-        return Found(
-            items=np.asarray(items),
-            scores=np.asarray(scores, dtype=np.float32),
-            candidates=[model.num_items - len(e) for e in exclude],
+        removed = model.removed
+        blocked = (
+            [np.concatenate([np.asarray(e, np.int64), removed]) for e in exclude] if len(removed) else exclude
         )
+        items, scores = bruteforce_topk(states.query, model.item_emb, k, list(blocked))  # [b, k]
+        items, scores = np.array(items), np.array(scores, dtype=np.float32)
+        candidates = [model.num_live - len(e) for e in exclude]
+        for r, a in enumerate(allow or []):
+            if a is None:
+                continue
+            lookup, query = model.retriever.lookup, states.query[r].to(model.item_emb.device, torch.float32)
+            got, got_scores = dense_fill(
+                lookup, model.item_emb, query, np.zeros(0, np.int64), k, a, exclude[r]
+            )
+            items[r], scores[r] = 0, -np.inf
+            items[r, : len(got)], scores[r, : len(got)] = got, got_scores
+            candidates[r] = len(lookup.allowed_items(a, exclude[r]))
+        return Found(items=items, scores=scores, candidates=candidates)
 
     def staged(
-        self, model: LoadedModel, states: EncoderStates, k: int, beam_size: int, exclude: Sequence[np.ndarray]
+        self,
+        model: LoadedModel,
+        states: EncoderStates,
+        k: int,
+        beam_size: int,
+        exclude: Sequence[np.ndarray],
+        allow: Allow = None,
     ) -> StagedRun:
-        return _OneStage(lambda: self.search(model, states, k, beam_size, exclude))
+        return _OneStage(lambda: self.search(model, states, k, beam_size, exclude, allow))
 
 
 class _OneStage:

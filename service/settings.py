@@ -128,6 +128,20 @@ class Settings(BaseSettings):
         le=3600.0,
         description="Poll the bundle path for new versions every N seconds (0 = off).",
     )
+    catalogue_dir: Path | None = Field(
+        default=None,
+        description="Where the catalogue deltas live: `{dir}/{bundle dir name}.deltas/` (docs/live_catalogue.md); "
+        "a volume every replica mounts. Unset = beside each bundle (its parent directory).",
+    )
+    catalogue_poll_s: float = Field(
+        default=2.0,
+        ge=0.0,
+        le=3600.0,
+        description="Apply deltas other replicas wrote every N seconds (0 = only this replica's own).",
+    )
+    max_delta_items: int = Field(
+        default=100_000, ge=1, le=10_000_000, description="Most items added + removed by one delta."
+    )
 
     # --- request limits ---
     default_k: int = Field(default=10, ge=1, le=10_000, description="k used when a request gives none.")
@@ -153,6 +167,9 @@ class Settings(BaseSettings):
     )
     max_exclude_items: int = Field(
         default=2000, ge=0, le=100_000, description="Most ids in one request's `exclude`."
+    )
+    max_allow_items: int = Field(
+        default=100_000, ge=0, le=10_000_000, description="Most ids in one request's `allow`."
     )
     max_batch_requests: int = Field(
         default=64, ge=1, le=4096, description="Most requests in one /v1/retrieve/batch."
@@ -294,6 +311,7 @@ class Settings(BaseSettings):
     @field_validator(
         "experiments_file",
         "shadow_log",
+        "catalogue_dir",
         "admin_token",
         "redis_url",
         "redis_host",
