@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import admin_router, router
 from service.cache import CircuitBreaker, LocalCache, NoCache, RedisCache, StateCache
+from service.catalogue_live import LiveCatalogue
 from service.engine import Engine
 from service.errors import PayloadTooLarge, error_response, install_error_handlers
 from service.metrics import REQUEST_SECONDS
@@ -197,6 +198,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.torch_threads is not None:
             torch.set_num_threads(settings.torch_threads)
         registry = ModelRegistry(settings)
+        catalogue = LiveCatalogue(settings, registry)  # every load applies the bundle's deltas
         await asyncio.to_thread(registry.load_all)
         cache = make_cache(settings)
         hooks, assignment_key = load_experiment(settings)
@@ -214,6 +216,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             wire_experiment(hooks, engine)
         engine.start()
         app.state.engine = engine
+        app.state.catalogue = catalogue
+        poller = (
+            asyncio.create_task(catalogue.poll(settings.catalogue_poll_s))
+            if settings.catalogue_poll_s > 0
+            else None
+        )
         watcher = (
             asyncio.create_task(registry.watch(settings.reload_poll_s))
             if settings.reload_poll_s > 0
@@ -230,10 +238,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            if watcher is not None:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+            for task in (watcher, poller):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             if hooks is not None:
                 await hooks.aclose()
             await monitor.aclose()
@@ -249,6 +258,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.engine = None
+    app.state.catalogue = None
     app.state.shutdown_deadline = None  # set by server.DrainingServer when a drain begins
     install_error_handlers(app)
     app.include_router(router)
