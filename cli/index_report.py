@@ -32,6 +32,7 @@ from cli.compare import add_split_arguments, make_context
 from cli.data import add_data_arguments
 from training.data import SyntheticDataset
 from training.index_report import ape_row, category_labels, level_buckets, random_codes
+from training.methods.uri.index import eval_queries
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,10 @@ def uri_buckets(args: argparse.Namespace, ctx: Any) -> np.ndarray:
 def build_report(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     ctx = make_context(args, "index_report")
     ds, k, levels = ctx.dataset, args.k, args.levels
-    queries = [s for s in ctx.split.train if len(s) > 1]
+    queries = {
+        "train": [s for s in ctx.split.train if len(s) > 1],
+        "test": eval_queries(ctx.split.test),  # held-out users: the index never saw them
+    }
     labels = category_labels(ds)
     rows = [
         ape_row("random", level_buckets(random_codes(ds.num_items, k, levels, args.seed)), queries, labels)
@@ -104,7 +108,7 @@ def build_report(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[s
         "data": ds.name,
         "k": k,
         "levels": levels,
-        "queries": len(queries),
+        "queries": {name: len(sets) for name, sets in queries.items()},
         "labels": int(labels.max()) + 1 if labels is not None else 0,
         "split": ctx.split.describe(),
     }
@@ -114,8 +118,9 @@ def build_report(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[s
 def format_report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     columns = [c for c in rows[0] if c != "index"]
     head = (
-        f"APE (lower is better) on {meta['data']}, k={meta['k']}, L={meta['levels']}: users = "
-        f"{meta['queries']:,} training users as queries; labels = {meta['labels']} item labels as queries"
+        f"APE (lower is better) on {meta['data']}, k={meta['k']}, L={meta['levels']}: train / test = "
+        f"{meta['queries']['train']:,} training / {meta['queries']['test']:,} test users as queries "
+        f"(test: history and targets); labels = {meta['labels']} item labels as queries"
     )
     lines = [head, "  ".join([f"{'index':<8}", *(f"{c:>10}" for c in columns)])]
     for row in rows:

@@ -51,12 +51,17 @@ def category_labels(ds: Dataset) -> np.ndarray | None:
 
 
 def ape_row(
-    name: str, buckets: np.ndarray, queries: list[np.ndarray], labels: np.ndarray | None
+    name: str,
+    buckets: np.ndarray,
+    queries: dict[str, list[np.ndarray]],
+    labels: np.ndarray | None,
 ) -> dict[str, Any]:
-    """APE of one index at every level: ``buckets [N+1, L]``."""
+    """APE of one index at every level: ``buckets [N+1, L]``; ``queries``: one column per query set
+    (e.g. ``train`` = training users' sequences, ``test`` = test users' history and targets)."""
     row: dict[str, Any] = {"index": name}
     for level in range(buckets.shape[1]):
-        row[f"users_l{level + 1}"] = average_partition_entropy(buckets[:, level], queries)
+        for column, sets in queries.items():
+            row[f"{column}_l{level + 1}"] = average_partition_entropy(buckets[:, level], sets)
         if labels is not None:
             row[f"labels_l{level + 1}"] = average_partition_entropy(buckets[:, level], labels)
     _, sizes = np.unique(buckets[1:, -1], return_counts=True)

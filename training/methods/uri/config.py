@@ -64,6 +64,17 @@ class URIConfig:
     """Balance weight at levels >= 2."""
     balance_parent_items: int = 64
     """Levels >= 2: random items drawn per parent for its balance term (batch_size / this parents per step)."""
+    assign_from: str = "items"
+    """``items``: argmax of the item's own P_I under capacity (paper 4.2); ``queries``: of the mean
+    P_Q of its training queries blended with P_I (paper 4.1's greedy algorithm, :mod:`.assign`)."""
+    evidence_prior: float = 1.0
+    """``assign_from: queries``: weight of P_I as pseudo-queries in an item's evidence."""
+    warm_start: str = "none"
+    """``none``; ``deeper``: levels >= 2 start from balanced k-means inside each parent; ``all``:
+    every level does. A warm level trains the decoder on its tokens (memory loss) and moves items by
+    query evidence after every epoch (hard EM)."""
+    reassign: bool = True
+    """Warm levels only: false keeps the k-means tokens (the control: k-means under URI's decoder)."""
     num_negatives: int = 10
     hard_negatives: int = 1
     ranker_weight: float = 1.0
@@ -107,6 +118,14 @@ class URIConfig:
             raise ValueError(f"URIConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.query_encoder not in ("own", "sasrec"):
             raise ValueError(f"URIConfig.query_encoder must be 'own' or 'sasrec', got {self.query_encoder!r}")
+        if self.assign_from not in ("items", "queries"):
+            raise ValueError(f"URIConfig.assign_from must be 'items' or 'queries', got {self.assign_from!r}")
+        if self.warm_start not in ("none", "deeper", "all"):
+            raise ValueError(
+                f"URIConfig.warm_start must be 'none', 'deeper' or 'all', got {self.warm_start!r}"
+            )
+        if self.evidence_prior < 0:
+            raise ValueError(f"URIConfig.evidence_prior must be >= 0, got {self.evidence_prior}")
         if self.encoder_lr_scale < 0 or self.ranker_encoder_lr_scale < 0:
             raise ValueError(
                 "URIConfig.encoder_lr_scale and ranker_encoder_lr_scale must be >= 0, got "

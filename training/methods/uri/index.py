@@ -9,6 +9,7 @@ import numpy as np
 
 from models.index import TreeIndex
 from training.metrics import average_partition_entropy
+from training.splits import EvalSet
 
 # --------------------------------------------------------------------------------------------
 # Assignment, APE, negatives
@@ -38,6 +39,11 @@ def group_ids(codes: np.ndarray) -> np.ndarray:
         return np.zeros(len(codes), dtype=np.int64)
     _, inverse = np.unique(codes, axis=0, return_inverse=True)
     return inverse.reshape(-1).astype(np.int64)
+
+
+def eval_queries(eval_set: EvalSet) -> list[np.ndarray]:
+    """APE queries of held-out users: each user's history and targets together."""
+    return [np.concatenate([h, t]) for h, t in zip(eval_set.histories, eval_set.targets, strict=True)]
 
 
 def level_report(codes: np.ndarray, level: int, queries: list[np.ndarray]) -> dict[str, float]:

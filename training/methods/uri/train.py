@@ -88,6 +88,7 @@ def train_uri(ctx: TrainContext) -> TrainedMethod:
         info["world_size"] = trainer.dist.world_size
     for r in reports:
         info[f"ape_l{r['level']}"] = round(r["ape"], 4)
+        info[f"ape_valid_l{r['level']}"] = round(r["ape_valid"], 4)
         info[f"epochs_l{r['level']}"] = r["epochs"]
     info.update(
         leaves=stats["num_leaves"],

@@ -44,8 +44,9 @@ from tqdm.auto import tqdm
 from models.decoder import TokenDecoder
 from models.index import TreeIndex
 from training import distributed
+from training.methods.uri.assign import QueryEvidence, kmeans_within_parents
 from training.methods.uri.config import URIConfig
-from training.methods.uri.index import SiblingSampler, assign_level, group_ids, level_report
+from training.methods.uri.index import SiblingSampler, assign_level, eval_queries, group_ids, level_report
 from training.methods.uri.losses import (
     balance_loss,
     commitment_loss,
@@ -122,6 +123,9 @@ class URITrainer:
         # [N+1, L] assigned tokens, -1 until a level is assigned
         self.codes = np.full((ds.num_items + 1, config.levels), -1, dtype=np.int64)
         self.queries = [s for s in ctx.split.train if len(s) > 1]  # APE queries: training users' items
+        self.valid_queries = eval_queries(ctx.split.valid)  # logged beside them, never trained on
+        self.evidence = QueryEvidence(ds.num_items, config.k)  # P_Q of each item's queries, this epoch
+        self.hard_level = False  # the level being trained started from k-means (warm_start): hard EM
         self.log: list[dict[str, Any]] = []
         self._parents: tuple[int, np.ndarray, np.ndarray] | None = None  # level, items by parent, offsets
 
@@ -165,10 +169,10 @@ class URITrainer:
         hist = torch.as_tensor(self.batches.history(rows))  # [B, T_b]
         pos = self.batches.targets[rows]  # [B]
         q_memory, q_mask, query = self.model.encode_queries(hist)
-        if level > 0:
+        if level > 0 and not self.hard_level:
             terms = self._index_terms(q_memory, q_mask, pos, level)
-        else:
-            terms = self._memory_terms(q_memory, q_mask, pos)
+        else:  # the ranker stage (all L levels) or a warm level (levels 1..level, tokens given)
+            terms = self._memory_terms(q_memory, q_mask, pos, level or self.config.levels)
         if self.config.ranker_weight > 0:
             terms["ranker"] = self.config.ranker_weight * self._ranker_term(query, pos, sibling)
         return torch.stack(list(terms.values())).sum(), terms
@@ -187,6 +191,7 @@ class URITrainer:
         q_logits = model.level_logits(q_memory, q_mask, codes[pos, : level - 1])  # level x [B, k]
         i_logits = model.level_logits(i_memory, i_mask, codes[items, : level - 1])  # level x [2B, k]
         q_cur, i_cur = q_logits[-1], i_logits[-1]
+        self.evidence.add(pos_np, q_cur)
         terms = {
             "e_step": e_step_loss(q_cur, i_cur[:B], detach_target=self.detach),
             "m_step": m_step_loss(q_cur, i_cur[:B], detach_target=self.detach),
@@ -204,14 +209,19 @@ class URITrainer:
             )
         return terms
 
-    def _memory_terms(self, q_memory: Tensor, q_mask: Tensor, pos_np: np.ndarray) -> dict[str, Tensor]:
-        """Ranker stage: eq. 11 over all L levels, so that the decoder keeps the final index."""
+    def _memory_terms(
+        self, q_memory: Tensor, q_mask: Tensor, pos_np: np.ndarray, depth: int
+    ) -> dict[str, Tensor]:
+        """Eq. 11 over levels ``1..depth``: the ranker stage (depth L, so that the decoder keeps the
+        final index) or a warm level (its tokens given; the queries' P_Q there is the evidence)."""
         c, model = self.config, self.model
         pos = torch.as_tensor(pos_np)  # [B]
-        codes = torch.as_tensor(self.codes)[pos]  # [B, L]
-        q_logits = model.level_logits(q_memory, q_mask, codes[:, : c.levels - 1])  # L x [B, k]
+        codes = torch.as_tensor(self.codes)[pos, :depth]  # [B, depth]
+        q_logits = model.level_logits(q_memory, q_mask, codes[:, : depth - 1])  # depth x [B, k]
         i_memory, i_mask = model.encode_items(pos)
-        i_logits = model.level_logits(i_memory, i_mask, codes[:, : c.levels - 1])
+        i_logits = model.level_logits(i_memory, i_mask, codes[:, : depth - 1])
+        if self.hard_level:
+            self.evidence.add(pos_np, q_logits[-1])
         return {"memory": c.memory_weight * memory_loss(q_logits, i_logits, codes)}
 
     def _ranker_term(self, query: Tensor, pos_np: np.ndarray, sibling: SiblingSampler | None) -> Tensor:
@@ -267,38 +277,76 @@ class URITrainer:
 
     # ---------------------------------------------------------------- the schedule
     def train_level(self, level: int) -> dict[str, Any]:
-        """Epochs of ``level`` until :class:`LevelConvergence`, then the capacity-constrained assignment."""
+        """Epochs of ``level`` until :class:`LevelConvergence`, then the capacity-constrained assignment.
+
+        A warm level (``warm_start``) starts from balanced k-means tokens inside each parent, trains
+        the decoder on them and reassigns every item from its queries' evidence after each epoch.
+        """
         c = self.config
-        converged = LevelConvergence(c, self.item_probs(level).argmax(1))
+        parents = group_ids(self.codes[1:, : level - 1])  # [N]
+        self.hard_level = c.warm_start == "all" or (c.warm_start == "deeper" and level > 1)
+        start: dict[str, Any] = {}
+        if self.hard_level:
+            vectors = self.model.items.id_embedding.weight.detach()[1:].numpy()  # [N, D]
+            self.codes[1:, level - 1] = kmeans_within_parents(vectors, parents, c.k, self.ctx.seed)
+            start = {"kmeans_" + n: v for n, v in self._level_apes(level).items()}
+            log.info("URI level %d warm start: %s", level, start)
+        converged = LevelConvergence(c, self._tokens(level))
 
         def run_epoch(epoch: int) -> dict[str, float]:
             self.detach = c.detach_targets or epoch <= c.detach_warmup_epochs
+            self.evidence.reset()
             stats = self._epoch(level, f"URI level {level}/{c.levels} epoch {epoch}")
-            tokens = self.item_probs(level).argmax(1)
+            if self.hard_level and c.reassign:
+                self._assign(level, parents)
+            tokens = self._tokens(level)
             converged.observe(stats["loss"], tokens)
+            apes = self._level_apes(level) if self.hard_level else {}  # what each EM round did
             log.info(
-                "URI level %d epoch %d: %s | argmax tokens used %d/%d, changed %.3f, rel loss change %.4f",
+                "URI level %d epoch %d: %s | tokens used %d/%d, changed %.3f, rel loss change %.4f",
                 level,
                 epoch,
-                " ".join(f"{n}={v:.4f}" for n, v in stats.items()),
-                len(np.unique(tokens)),
-                c.k,
-                converged.changed,
-                converged.rel,
+                " ".join(f"{n}={v:.4f}" for n, v in {**stats, **apes}.items()),
+                *(len(np.unique(tokens)), c.k, converged.changed, converged.rel),
             )
-            self.log.append(
-                {"stage": f"level{level}", "epoch": epoch, **stats, "token_change": converged.changed}
-            )
+            entry = {"stage": f"level{level}", "epoch": epoch, **stats, "token_change": converged.changed}
+            self.log.append({**entry, **apes})
             return stats
 
         result = run_epochs(c.level_max_epochs, run_epoch, converged, self.dist)
-        probs = self.item_probs(level)  # [N, k]
-        parents = group_ids(self.codes[1:, : level - 1])
-        self.codes[1:, level - 1] = assign_level(probs, parents, c.k)
+        probs = self._assign(level, parents) if not self.hard_level else self.item_probs(level)
         report = {"level": level, "epochs": result.epochs, **level_report(self.codes, level, self.queries)}
+        report.update({**self._level_apes(level), **start})
         report["argmax_agreement"] = float((probs.argmax(1) == self.codes[1:, level - 1]).mean())
+        report["evidence_coverage"] = self.evidence.coverage()
         log.info("URI level %d assigned: %s", level, report)
         return report
+
+    def _tokens(self, level: int) -> np.ndarray:
+        """``[N]`` the items' current level tokens: assigned ones on a warm level, else P_I's argmax."""
+        if self.hard_level:
+            return self.codes[1:, level - 1].copy()
+        return self.item_probs(level).argmax(1)
+
+    def _assign(self, level: int, parents: np.ndarray) -> np.ndarray:
+        """Capacity-constrained tokens of ``level`` from P_I or from query evidence; returns P_I [N, k]."""
+        c = self.config
+        probs = self.item_probs(level)  # [N, k]
+        scores = probs
+        if c.assign_from == "queries" or self.hard_level:
+            if self.dist.is_distributed:  # every rank saw its shard of the pairs: mean sums and counts
+                self.evidence.sums = self.dist.all_reduce_mean(self.evidence.sums)
+                self.evidence.counts = self.dist.all_reduce_mean(self.evidence.counts)
+            scores = self.evidence.scores(probs, c.evidence_prior)
+        self.codes[1:, level - 1] = assign_level(scores, parents, c.k)
+        return probs
+
+    def _level_apes(self, level: int) -> dict[str, float]:
+        """APE of the index truncated at ``level`` with training and validation users as queries."""
+        return {
+            "ape": level_report(self.codes, level, self.queries)["ape"],
+            "ape_valid": level_report(self.codes, level, self.valid_queries)["ape"],
+        }
 
     def train_ranker(self, index: TreeIndex) -> None:
         """The final stage: ranker (hard sibling negatives) + the memory loss of all L levels."""
@@ -319,6 +367,7 @@ class URITrainer:
             reports = [
                 self.train_level(level) for level in tqdm(range(1, self.config.levels + 1), desc="URI levels")
             ]
+            self.hard_level = False
             index = TreeIndex.from_codes(self.codes, self.config.k, token_scheme="level")
             index.validate()
             self.train_ranker(index)
