@@ -150,7 +150,8 @@ def error_response(exc: ServiceError) -> JSONResponse:
 
 def field_loc(field: str) -> list[str | int]:
     """A delta's field path (``add[3].vector``) as a validation ``loc`` (``["add", 3, "vector"]``)."""
-    return [int(p) if p.isdigit() else p for p in re.findall(r"[^.\[\]]+", field)]
+    parts = re.findall(r"[^.\[\]]+", field)
+    return [int(p) if p.isdigit() else p for p in parts if p != "body"]
 
 
 def delta_response(exc: DeltaError) -> JSONResponse:
