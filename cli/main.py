@@ -27,10 +27,11 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "index-report": ("cli.index_report",),
     "frontier": ("cli.frontier",),
     "coldstart": ("cli.coldstart",),
+    "catalogue": ("cli.catalogue",),
     "serve": ("cli.serve",),
     "replay": ("cli.experiments",),
     "ab-report": ("cli.experiments",),
-    "bench": ("cli.bench_compute", "cli.bench"),
+    "bench": ("cli.bench_compute", "cli.bench", "cli.catalogue"),
 }
 
 

@@ -1,0 +1,269 @@
+"""``genret bench catalogue``: adding items to a serving bundle under load (issue 17 goal).
+
+One run: a synthetic bundle of ``--items`` is served by a real uvicorn (``python -m service``,
+:class:`benchmarks.launcher.ServiceProcess`); ``--concurrency`` closed-loop connections (each
+sends its next ``POST /v1/retrieve`` when the previous answer arrived: pre-encoded keep-alive
+requests, :class:`benchmarks.load.Connection`) run for the whole measurement, every request
+recorded with its start, end and status. After a warm-up and ``--baseline-s`` seconds of load
+(*without*), one ``POST /admin/items`` adds ``--add`` items with vectors (*during*: requests that
+overlap the add, from its send to its answer); the load goes on a few seconds more (*after*: the new
+catalogue version serving). Goals: the add answers within 5 s, no request fails during it, p99
+during stays within 1.2x of p99 without.
+
+The deltas go to a fresh ``GENRET_CATALOGUE_DIR`` per run (removed afterwards), so the bundle is
+reusable across runs. The new items' vectors are perturbed copies of random existing items.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from benchmarks.launcher import ServiceProcess
+from benchmarks.load import Connection, retrieve_bodies, run_loop
+
+ADMIN_TOKEN = "bench-catalogue-admin-token"
+WARMUP_S = 2.0
+AFTER_S = 3.0
+REQUEST_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class CatalogueBenchConfig:
+    items: int = 1_000_000
+    add: int = 10_000
+    levels: int = 3
+    dim: int = 64
+    concurrency: int = 32
+    baseline_s: float = 10.0
+    k: int = 10
+    beam_size: int = 20
+    threads: int = 1
+    workdir: Path = Path("runs/bench_catalogue")
+    seed: int = 0
+
+    @property
+    def branching(self) -> int:
+        return max(2, math.ceil(self.items ** (1.0 / self.levels) - 1e-9))
+
+
+@dataclass(frozen=True)
+class Phase:
+    requests: int
+    failed: int  # non-2xx, socket errors, timeouts
+    qps: float
+    p50_ms: float
+    p99_ms: float
+
+
+@dataclass(frozen=True)
+class CatalogueResult:
+    items: int
+    added: int
+    concurrency: int
+    add_wall_s: float  # POST /admin/items sent -> answered (goal < 5)
+    add_status: int
+    server_apply_s: float  # genret_catalogue_apply_seconds after the add
+    version: int  # catalogue version the add answered with
+    without: Phase
+    during: Phase
+    after: Phase
+    p99_ratio: float  # during / without (goal <= 1.2)
+    answer: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Record:
+    start: float
+    end: float
+    ok: bool
+
+
+def bundle_path(cfg: CatalogueBenchConfig) -> Path:
+    from benchmarks.synthetic_bundle import make_synthetic_bundle
+
+    out = cfg.workdir / f"bundle-n{cfg.items}-l{cfg.levels}-b{cfg.branching}-d{cfg.dim}-s{cfg.seed}"
+    if (out / "manifest.json").is_file():
+        print(f"reusing bundle {out}", flush=True)
+        return out
+    print(
+        f"building synthetic bundle: {cfg.items} items, {cfg.levels} levels of {cfg.branching} ...",
+        flush=True,
+    )
+    return make_synthetic_bundle(out, cfg.items, cfg.branching, cfg.levels, dim=cfg.dim, seed=cfg.seed)
+
+
+def add_body(bundle: Path, count: int, seed: int) -> bytes:
+    """``{"add": [...]}`` of ``count`` new items: perturbed copies of random existing items' vectors."""
+    with np.load(bundle / "items.npz", allow_pickle=False) as data:
+        emb = data["item_emb"]
+    rng = np.random.default_rng(seed + 1)
+    base = emb[rng.integers(1, len(emb), count)]
+    vectors = base + 0.3 * float(emb[1:].std()) * rng.standard_normal(base.shape).astype(np.float32)
+    items = [
+        {"id": f"new-{seed}-{i}", "vector": [round(float(x), 5) for x in v]} for i, v in enumerate(vectors)
+    ]
+    return json.dumps({"add": items}).encode()
+
+
+def service_env(cfg: CatalogueBenchConfig, bundle: Path, deltas: Path) -> dict[str, str]:
+    return {
+        "GENRET_BUNDLE_PATH": str(bundle),
+        "GENRET_CATALOGUE_DIR": str(deltas),
+        "GENRET_ADMIN_TOKEN": ADMIN_TOKEN,
+        "GENRET_LOCAL_CACHE_ENTRIES": "0",  # every request computes
+        "GENRET_QUEUE_SIZE": "4096",
+        "GENRET_DEFAULT_DEADLINE_MS": "10000",
+        "GENRET_MAX_BEAM_SIZE": str(max(256, cfg.beam_size)),
+        "GENRET_DEFAULT_BEAM_SIZE": str(cfg.beam_size),
+        "GENRET_MAX_HISTORY_ITEMS": "100",
+        "GENRET_MAX_BODY_BYTES": str(64 * 1_048_576),
+        "GENRET_QUALITY_SAMPLE": "0",
+        "GENRET_TORCH_THREADS": str(cfg.threads),
+        "GENRET_INTRA_OP_THREADS": str(cfg.threads),
+        "OMP_NUM_THREADS": str(cfg.threads),
+    }
+
+
+async def _worker(
+    port: int, bodies: list[bytes], offset: int, stop: asyncio.Event, out: list[Record]
+) -> None:
+    conn: Connection | None = None
+    i = offset
+    while not stop.is_set():
+        start = time.perf_counter()
+        ok = False
+        try:
+            if conn is None:
+                conn = await Connection.open("127.0.0.1", port)
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                status, keep = await conn.exchange(bodies[i % len(bodies)])
+            ok = 200 <= status < 300
+            if not keep:
+                conn.close()
+                conn = None
+        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):
+            if conn is not None:
+                conn.close()
+            conn = None
+        out.append(Record(start, time.perf_counter(), ok))
+        i += 1
+    if conn is not None:
+        conn.close()
+
+
+async def _drive(
+    service: ServiceProcess, bodies: list[bytes], body: bytes, cfg: CatalogueBenchConfig
+) -> tuple[list[Record], float, float, httpx.Response]:
+    """Load throughout; the add after warm-up + baseline. -> (records, add sent, add answered, answer)."""
+    stop = asyncio.Event()
+    records: list[Record] = []
+    step = max(1, len(bodies) // cfg.concurrency)
+    workers = [
+        asyncio.create_task(_worker(service.port, bodies, c * step, stop, records))
+        for c in range(cfg.concurrency)
+    ]
+    await asyncio.sleep(WARMUP_S + cfg.baseline_s)
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
+    async with httpx.AsyncClient(timeout=600.0) as admin:
+        t0 = time.perf_counter()
+        answer = await admin.post(f"{service.admin_url}/admin/items", content=body, headers=headers)
+        t1 = time.perf_counter()
+    await asyncio.sleep(AFTER_S)
+    stop.set()
+    await asyncio.gather(*workers)
+    return records, t0, t1, answer
+
+
+def phase(records: list[Record], lo: float, hi: float, *, overlap: bool) -> Phase:
+    """Requests inside ``[lo, hi]`` (``overlap``: any overlapping it)."""
+    if overlap:
+        chosen = [r for r in records if r.start <= hi and r.end >= lo]
+    else:
+        chosen = [r for r in records if r.start >= lo and r.end <= hi]
+    lat = np.array([1000.0 * (r.end - r.start) for r in chosen if r.ok])
+    span = max(hi - lo, 1e-9)
+    return Phase(
+        requests=len(chosen),
+        failed=sum(not r.ok for r in chosen),
+        qps=float(sum(r.ok for r in chosen) / span),
+        p50_ms=float(np.percentile(lat, 50)) if len(lat) else math.nan,
+        p99_ms=float(np.percentile(lat, 99)) if len(lat) else math.nan,
+    )
+
+
+def apply_seconds(url: str) -> float:
+    from benchmarks.shadow import metric_samples
+
+    text = httpx.get(f"{url}/metrics", timeout=10.0).text
+    values = [v for name, _, v in metric_samples(text) if name == "genret_catalogue_apply_seconds"]
+    return max(values) if values else math.nan
+
+
+def format_table(r: CatalogueResult) -> str:
+    def row(name: str, p: Phase) -> str:
+        return f"| {name} | {p.requests} | {p.failed} | {p.qps:.0f} | {p.p50_ms:.1f} | {p.p99_ms:.1f} |"
+
+    return "\n".join(
+        [
+            f"catalogue {r.items} items, +{r.added} items by one POST /admin/items, concurrency {r.concurrency}",
+            f"add: {r.add_wall_s:.2f} s wall (goal < 5 s), status {r.add_status}, server apply "
+            f"{r.server_apply_s:.2f} s, version -> {r.version}; failed during: {r.during.failed} (goal 0); "
+            f"p99 during / without: {r.p99_ratio:.2f}x (goal <= 1.2x)",
+            "",
+            "| phase | requests | failed | QPS | p50 ms | p99 ms |",
+            "|---|---|---|---|---|---|",
+            row("without add", r.without),
+            row("during add", r.during),
+            row(f"after add ({AFTER_S:.0f} s)", r.after),
+        ]
+    )
+
+
+def run_catalogue_bench(cfg: CatalogueBenchConfig, as_json: bool = False) -> int:
+    bundle = bundle_path(cfg)
+    deltas = cfg.workdir / f"deltas-{int(time.time())}"
+    bodies = retrieve_bodies(
+        bundle, 4096, k=cfg.k, beam_size=cfg.beam_size, seed=cfg.seed, user_prefix="u", users=4096
+    )
+    body = add_body(bundle, cfg.add, cfg.seed)
+    print(f"add body: {len(body) / 2**20:.1f} MiB for {cfg.add} items", flush=True)
+    service = ServiceProcess(service_env(cfg, bundle, deltas), cfg.workdir / "service.log")
+    try:
+        service.start(ready_timeout_s=600)
+        records, t0, t1, answer = run_loop(_drive(service, bodies, body, cfg))
+        server_s = apply_seconds(service.url)
+    finally:
+        service.stop()
+        shutil.rmtree(deltas, ignore_errors=True)
+    begin = min(r.start for r in records) + WARMUP_S
+    payload = answer.json() if answer.headers.get("content-type", "").startswith("application/json") else {}
+    without = phase(records, begin, t0, overlap=False)
+    during = phase(records, t0, t1, overlap=True)
+    result = CatalogueResult(
+        items=cfg.items,
+        added=cfg.add,
+        concurrency=cfg.concurrency,
+        add_wall_s=t1 - t0,
+        add_status=answer.status_code,
+        server_apply_s=server_s,
+        version=int(payload.get("version", -1)) if isinstance(payload, dict) else -1,
+        without=without,
+        during=during,
+        after=phase(records, t1, max(r.end for r in records), overlap=False),
+        p99_ratio=during.p99_ms / without.p99_ms if without.p99_ms > 0 else math.nan,
+        answer=payload if isinstance(payload, dict) else {},
+    )
+    print(format_table(result))
+    if as_json:
+        print(json.dumps(asdict(result), indent=2))
+    return 0 if answer.status_code == 200 else 1
