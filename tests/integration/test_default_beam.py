@@ -93,4 +93,7 @@ def test_fewer_items_say_why(client: httpx.Client, bundle_dir: Path) -> None:
     widest = retriever.retrieve(list(dense), k=256, beam_size=256).items[0]
     exclude = [ids(int(i)) for i in widest[:150]]
     data = served(client, {"history": history, "k": 200, "exclude": exclude})
-    assert len(data["items"]) == 256 - 150 and data["fewer"] == "beam_limit"
+    # since issue 17 the beam skips leaves with nothing left to return, and the dense fill completes
+    # what it still misses (`fallback: dense`): k is met, never `beam_limit`
+    assert len(data["items"]) == 200 and data.get("fewer") is None
+    assert not set(exclude) & {item["id"] for item in data["items"]}
