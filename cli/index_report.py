@@ -7,11 +7,13 @@ Same ``k`` and ``L`` for every row:
   saved weights from ``--sasrec-dir``);
 * ``uri``     — the URI index, read from ``--uri-bundle`` or trained here;
 * ``planted`` — synthetic data only: the planted clusters as an index (the target to recover).
+* ``--bundle NAME=PATH`` — any other index bundle, e.g. the control (``warm_start=all em_levels=0``:
+  balanced k-means tokens under URI's decoder, the same rerank, for ``genret frontier`` at the same beam).
 
-Two APE columns per level (lower is better, natural log; meaningful for balanced indexes only):
+APE columns per level (lower is better, natural log; meaningful for balanced indexes only):
 
-* ``users`` — the paper's definition: every training user is a query whose positives are the
-  items of its sequence;
+* ``train`` — the paper's definition: every training user is a query whose positives are the
+  items of its sequence; ``test`` — every test user (history and targets), whom no index saw;
 * ``labels`` — every item label is a query whose positives are the items carrying it. Labels are
   the planted level-1 clusters on synthetic data, and on data with item attributes (Beauty's
   ``item2attributes``) the item's category path: its two most frequent attributes in the
@@ -51,19 +53,17 @@ def sasrec_model(args: argparse.Namespace, ctx: Any) -> Any:
     return model
 
 
-def uri_buckets(args: argparse.Namespace, ctx: Any) -> np.ndarray:
-    """``[N+1, L]`` URI buckets: from ``--uri-bundle`` (checked against the data) or trained now."""
+def uri_buckets(args: argparse.Namespace, ctx: Any, bundle_dir: Path | None) -> np.ndarray:
+    """``[N+1, L]`` URI buckets: from ``bundle_dir`` (checked against the data) or trained now."""
     from models.bundle import load_bundle
 
-    if args.uri_bundle is None:
+    if bundle_dir is None:
         from training.methods.uri.train import train_uri
 
         ctx.config_overrides.setdefault("uri.k", args.k)
         ctx.config_overrides.setdefault("uri.levels", args.levels)
         bundle_dir = train_uri(ctx).bundle_dir
         assert bundle_dir is not None
-    else:
-        bundle_dir = args.uri_bundle
     bundle = load_bundle(bundle_dir)
     fingerprint = bundle.manifest.get("dataset_fingerprint")
     if fingerprint not in (None, ctx.dataset.fingerprint()):
@@ -99,7 +99,10 @@ def build_report(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[s
                 "kmeans", level_buckets(balanced_tree_codes(emb, k, levels, seed=args.seed)), queries, labels
             )
         )
-    rows.append(ape_row("uri", uri_buckets(args, ctx), queries, labels))
+    rows.append(ape_row("uri", uri_buckets(args, ctx, args.uri_bundle), queries, labels))
+    for spec in args.bundle or []:  # e.g. the control: k-means tokens under URI's decoder
+        name, _, path = spec.partition("=")
+        rows.append(ape_row(name, uri_buckets(args, ctx, Path(path)), queries, labels))
     if isinstance(ds, SyntheticDataset) and ds.item_clusters.shape[1] >= 1:
         planted = level_buckets(ds.item_clusters[:, :levels])
         if planted.shape[1] == levels:
@@ -147,6 +150,12 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     parser.add_argument("--levels", type=int, default=2, help="index depth L")
     parser.add_argument(
         "--uri-bundle", type=Path, help="report the index of this URI bundle instead of training one"
+    )
+    parser.add_argument(
+        "--bundle",
+        action="append",
+        metavar="NAME=PATH",
+        help="another index bundle as a row NAME (repeatable), e.g. control=<a warm_start=all em_levels=0 bundle>",
     )
     parser.add_argument(
         "--sasrec-dir", type=Path, help="saved SASRec weights for the k-means row (default: ctx.sasrec())"

@@ -73,8 +73,11 @@ class URIConfig:
     """``none``; ``deeper``: levels >= 2 start from balanced k-means inside each parent; ``all``:
     every level does. A warm level trains the decoder on its tokens (memory loss) and moves items by
     query evidence after every epoch (hard EM)."""
-    reassign: bool = True
-    """Warm levels only: false keeps the k-means tokens (the control: k-means under URI's decoder)."""
+    em_levels: int = 99
+    """Warm levels ``<= em_levels`` move items by query evidence; deeper ones keep their k-means
+    tokens (0: every level keeps them, the control: k-means under URI's decoder)."""
+    em_first_epoch: int = 1
+    """Warm levels: items are first reassigned after this epoch (earlier ones fit the decoder to the warm tokens)."""
     num_negatives: int = 10
     hard_negatives: int = 1
     ranker_weight: float = 1.0
@@ -124,6 +127,10 @@ class URIConfig:
             raise ValueError(
                 f"URIConfig.warm_start must be 'none', 'deeper' or 'all', got {self.warm_start!r}"
             )
+        if self.em_levels < 0:
+            raise ValueError(f"URIConfig.em_levels must be >= 0, got {self.em_levels}")
+        if self.em_first_epoch < 1:
+            raise ValueError(f"URIConfig.em_first_epoch must be >= 1, got {self.em_first_epoch}")
         if self.evidence_prior < 0:
             raise ValueError(f"URIConfig.evidence_prior must be >= 0, got {self.evidence_prior}")
         if self.encoder_lr_scale < 0 or self.ranker_encoder_lr_scale < 0:

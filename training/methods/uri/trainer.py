@@ -297,7 +297,7 @@ class URITrainer:
             self.detach = c.detach_targets or epoch <= c.detach_warmup_epochs
             self.evidence.reset()
             stats = self._epoch(level, f"URI level {level}/{c.levels} epoch {epoch}")
-            if self.hard_level and c.reassign:
+            if self.hard_level and level <= c.em_levels and epoch >= c.em_first_epoch:
                 self._assign(level, parents)
             tokens = self._tokens(level)
             converged.observe(stats["loss"], tokens)
