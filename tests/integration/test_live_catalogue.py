@@ -96,7 +96,7 @@ def test_a_malformed_or_contradicting_delta_is_refused_and_changes_nothing(
     before = model_of(a)
     files = sorted(deltas.glob("*.json")) if deltas.exists() else []
     good = vector_along(queries["u0"])
-    cases = [
+    cases: list[tuple[dict[str, Any], list[Any]]] = [
         ({"add": [{"id": "x", "vector": good[:3]}]}, ["body", "add", 0, "vector"]),
         ({"add": [{"id": "x", "vector": [*good[:-1], "a"]}]}, ["body", "add", 0, "vector"]),
         ({"add": [{"id": "item001", "vector": good}]}, ["body", "add", 0, "id"]),
@@ -146,7 +146,7 @@ def test_items_added_and_removed_under_load_version_by_version(
     try:
         with httpx.Client(base_url=a.url, timeout=30) as client:
             top_u1 = [item["id"] for item in retrieve(client, "u1")["items"][:4]]
-        steps = [
+        steps: list[dict[str, Any]] = [
             {"add": [{"id": "new-u0", "vector": vector_along(queries["u0"])}]},
             {"remove": top_u1},
             {"add": [{"id": f"new-u{i}", "vector": vector_along(queries[f"u{i}"])} for i in (2, 3)]},

@@ -39,7 +39,7 @@ def with_attributes(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     with np.load(dst / "items.npz", allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
-    rows = [[]] + [
+    rows: list[list[str]] = [[]] + [
         [f"c{i % CATEGORIES}", "even" if i % 2 == 0 else "odd"] for i in range(1, BUNDLE_ITEMS + 1)
     ]
     arrays.update(ItemAttributes.from_rows(rows).arrays())
