@@ -35,7 +35,7 @@ from prometheus_client import Counter, Gauge
 from models.catalogue import ApplyReport, Catalogue
 from models.catalogue_delta import Delta, DeltaError
 from service.catalogue_store import DeltaFile, DeltaStore, SequenceTaken, delta_dir
-from service.errors import LimitExceeded
+from service.errors import CatalogueStoreFailed, LimitExceeded
 from service.metrics import REGISTRY
 from service.models_registry import LoadedModel, ModelRegistry
 from service.settings import Settings
@@ -241,6 +241,11 @@ class LiveCatalogue:
                     store.claim(seq, model.fingerprint, cat.version + 1, delta)
                 except SequenceTaken:
                     continue
+                except OSError as exc:
+                    raise CatalogueStoreFailed(
+                        f"cannot write to the delta directory {store.directory}: {exc.strerror or exc} "
+                        "(GENRET_CATALOGUE_DIR: a writable volume every replica mounts)"
+                    ) from None
                 model, reports = self._sync_locked(key)
                 report = reports.get(seq)
                 if report is None:  # refused on apply although checked: every replica skips it alike

@@ -116,6 +116,13 @@ class ReloadConflict(ServiceError):
     kind = "reload_conflict"
 
 
+class CatalogueStoreFailed(ServiceError):
+    """The delta directory cannot be written (read-only or missing volume); nothing changed."""
+
+    status = 503
+    kind = "catalogue_store"
+
+
 class ComputeFailed(ServiceError):
     """The model failed on this request's own inputs; the rest of its batch was answered."""
 
