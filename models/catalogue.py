@@ -126,7 +126,7 @@ class Catalogue:
             centroid_sum=_centroid_sums(index, emb),
             table=ItemTable(emb),
             item_ids=ids,
-            dense_of={raw: d for d, raw in enumerate(ids) if d > 0},
+            dense_of=dict(zip(ids[1:], range(1, rows), strict=True)),
             popularity=np.asarray(bundle.popularity, np.float32),
             attributes=(),
             base_items=rows - 1,
@@ -336,10 +336,9 @@ def _vectors(items: Sequence[NewItem], dim: int, content: Any) -> np.ndarray:
 
 def _subtree_counts(index: TreeIndex) -> np.ndarray:
     """``[num_nodes]`` items below every node (the root holds all)."""
-    counts = np.zeros(index.num_nodes, np.int64)
+    counts = np.bincount(index.item_path[1:].astype(np.int64).reshape(-1), minlength=index.num_nodes)
     counts[0] = index.num_items
-    np.add.at(counts, index.item_path[1:].astype(np.int64).reshape(-1), 1)
-    return counts
+    return counts.astype(np.int64)
 
 
 def _summed_levels(index: TreeIndex, centroid_sum: np.ndarray) -> int:
@@ -352,19 +351,30 @@ def _centroid_sums(index: TreeIndex, emb: np.ndarray) -> np.ndarray:
     leaves hold several items (URI buckets: placement compares bucket centroids), else the internal
     nodes only (a single-item leaf's centroid is its item).
 
-    Items sorted by leaf are sorted by every ancestor too (node ids follow the code prefix), so each
-    level is one ``reduceat`` over runs."""
+    The deepest summed level is one ``reduceat`` over the items sorted by leaf (sorted by every
+    ancestor too: node ids follow the code prefix); each level above sums its children's rows."""
     buckets = int(np.diff(index.leaf_offsets).max()) > 1
-    levels = index.levels if buckets else index.levels - 1
+    deepest = index.levels if buckets else index.levels - 1
     sums = np.zeros((index.num_nodes if buckets else index.leaf_start, emb.shape[1]), np.float64)
     order = index.leaf_items  # [N] dense ids sorted by leaf
-    unit = unit_rows(emb[order]).astype(np.float64)  # [N, Dr]
-    sums[0] = unit.sum(axis=0)
-    for level in range(levels):
-        nodes = index.item_path[order, level].astype(np.int64)  # [N] non-decreasing
+    if deepest >= 1:
+        nodes = index.item_path[order, deepest - 1].astype(np.int64)  # [N] non-decreasing
         starts = np.flatnonzero(np.r_[True, nodes[1:] != nodes[:-1]])
-        sums[nodes[starts]] = np.add.reduceat(unit, starts, axis=0)
+        sums[nodes[starts]] = np.add.reduceat(unit_rows(emb[order]), starts, axis=0)
+    lo, co = index.level_offsets, index.child_offsets
+    for level in range(deepest - 1, -1, -1):  # level's nodes from their children's sums
+        first, last = int(lo[level]), int(lo[level + 1])
+        kids = index.child_ids[co[first] : co[last]]  # children of the level's nodes, grouped by parent
+        counts = np.diff(co[first : last + 1])
+        _add_grouped(sums, kids, counts, first)
     return sums
+
+
+def _add_grouped(sums: np.ndarray, kids: np.ndarray, counts: np.ndarray, first: int) -> None:
+    """``sums[first + j] += sums[kids of j]``, kids grouped by their parent ``j`` (one ``reduceat``)."""
+    full = np.flatnonzero(counts > 0)
+    starts = (np.cumsum(counts) - counts)[full]
+    sums[first + full] += np.add.reduceat(sums[kids], starts, axis=0)
 
 
 def _children_csr(parent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -75,6 +75,7 @@ class _Growth:
     members: dict[int, list[np.ndarray]] = field(default_factory=dict)  # leaf -> unit vectors added
     tokens: dict[int, int] = field(default_factory=dict)  # new leaf -> token
     aliases: dict[int, int] = field(default_factory=dict)  # new leaf -> alias
+    touched: set[int] = field(default_factory=set)  # parents that received an item of this delta
 
 
 def place_items(tree: PlacementTree, vectors: np.ndarray) -> list[Placement]:
@@ -82,6 +83,8 @@ def place_items(tree: PlacementTree, vectors: np.ndarray) -> list[Placement]:
     unit = unit_rows(vectors)  # [M, Dr]
     parents = candidate_parents(tree, unit)  # [M, P]
     copies = exact_copies(tree, unit)  # [M] the item each one nearly copies, -1 if none (or not scanned)
+    buckets = tree.index.token_scheme == "level" and tree.leaf_capacity > 1
+    quick = None if buckets else first_parent_leaves(tree, unit, parents[:, 0])
     growth = _Growth(next_node=tree.index.num_nodes)
     level_token_node = _token_nodes(tree.index)
     out = []
@@ -89,11 +92,67 @@ def place_items(tree: PlacementTree, vectors: np.ndarray) -> list[Placement]:
         if copies[i] > 0:
             leaf = int(tree.leaf_of[copies[i]])
             placed = Placement(leaf, int(tree.parent[leaf]), False, -1, -1, near_copy=True)
+        elif quick is not None and quick[2][i] and int(parents[i, 0]) not in growth.touched:
+            fast = _place_quick(tree, growth, unit[i], parents[i], int(quick[0][i]), float(quick[1][i]))
+            placed = fast or _place_one(tree, growth, unit[i], parents[i], level_token_node)
         else:
             placed = _place_one(tree, growth, unit[i], parents[i], level_token_node)
         out.append(placed)
         growth.members.setdefault(placed.leaf, []).append(unit[i])
+        growth.touched.add(placed.parent)
     return out
+
+
+def first_parent_leaves(
+    tree: PlacementTree, unit: np.ndarray, parents: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Single-item leaves, batched: for each ``unit [M, Dr]`` row, the best leaf under its parent
+    ``parents [M]`` and the cosine to that leaf's item: ``(leaf [M], cosine [M], usable [M])``;
+    ``usable`` is False where a leaf there holds other than one live item (the per-item path decides)."""
+    index = tree.index
+    co, ci, lo_, items_ = index.child_offsets, index.child_ids, index.leaf_offsets, index.leaf_items
+    M, D = unit.shape
+    leaf, cos, usable = np.full(M, -1, np.int64), np.full(M, -2.0), np.zeros(M, bool)
+    slot = np.arange(index.max_branching)
+    for lo in range(0, M, _CHUNK):
+        p = parents[lo : lo + _CHUNK]
+        real = p >= 0
+        start, count = co[p.clip(0)], np.diff(co)[p.clip(0)] * real  # [m]
+        ok = slot[None, :] < count[:, None]  # [m, C]
+        kids = np.where(ok, ci[(start[:, None] + slot).clip(max=len(ci) - 1)], -1)  # [m, C]
+        j = (kids - index.leaf_start).clip(0)
+        size = (lo_[j + 1] - lo_[j]) * ok  # [m, C]
+        one = size == 1
+        rows = items_[lo_[j].clip(max=len(items_) - 1)]  # [m, C] the item of a one-item leaf
+        sims = np.einsum(
+            "md,mcd->mc",
+            unit[lo : lo + _CHUNK],
+            unit_rows(tree.item_emb[rows].reshape(-1, D)).reshape(*rows.shape, D),
+        )
+        sims = np.where(one, sims, -np.inf)
+        best = sims.argmax(axis=1)
+        sl = slice(lo, lo + len(p))
+        leaf[sl] = np.take_along_axis(kids, best[:, None], 1)[:, 0]
+        cos[sl] = np.take_along_axis(sims, best[:, None], 1)[:, 0]
+        usable[sl] = real & (one | ~ok).all(axis=1) & one.any(axis=1)
+    return leaf, cos, usable
+
+
+def _place_quick(
+    tree: PlacementTree, growth: _Growth, u: np.ndarray, parents: np.ndarray, best: int, cosine: float
+) -> Placement | None:
+    """Single-item leaves, first parent untouched by this delta: its best leaf is known. ``None``:
+    another parent has room, the per-item path decides."""
+    index = tree.index
+    par = int(parents[0])
+    if cosine >= NEAR_COPY_COSINE:
+        return Placement(best, par, False, -1, -1, near_copy=True)
+    if _num_children(index, growth, par) < index.max_branching:
+        token = growth.next_node if index.token_scheme == "node" else int(index.node_token[best])
+        return _new_leaf(growth, par, token, best)
+    if any(_num_children(index, growth, int(q)) < index.max_branching for q in parents[1:] if q >= 0):
+        return None
+    return Placement(best, par, False, -1, -1, over_capacity=True)
 
 
 def exact_copies(tree: PlacementTree, unit: np.ndarray) -> np.ndarray:
@@ -145,18 +204,23 @@ def _place_one(
     buckets = index.token_scheme == "level" and tree.leaf_capacity > 1
     first: tuple[int, int] | None = None  # (parent, best leaf) of the first parent tried
     for par in (int(p) for p in parents if p >= 0):
-        leaves, cent, sizes = _leaf_stats(tree, growth, par)
+        room = _num_children(index, growth, par) < index.max_branching
+        if first is not None and not room and not buckets:
+            continue  # full, and its near copies were looked for in the first parent already
+        leaves, cent, sizes, members, owner = _leaf_stats(tree, growth, par, with_members=not buckets)
         if not leaves:
             continue
         order = np.argsort(-(cent @ u), kind="stable")  # leaves by centroid, best first
-        near = order[:1] if buckets else order  # a bucket's near copies are in its best bucket
-        for j in near.tolist():
-            members = _members(tree, growth, leaves[j])
-            if len(members) and float((members @ u).max()) >= NEAR_COPY_COSINE:
-                return Placement(leaves[j], par, False, -1, -1, near_copy=True)
+        if buckets:  # a bucket's near copies are in its best bucket
+            members, owner = _members(tree, growth, leaves[int(order[0])]), None
+        if len(members):
+            sims = members @ u
+            hit = int(sims.argmax())
+            if float(sims[hit]) >= NEAR_COPY_COSINE:
+                leaf = leaves[int(order[0])] if owner is None else leaves[int(owner[hit])]
+                return Placement(leaf, par, False, -1, -1, near_copy=True)
         if first is None:
             first = (par, leaves[int(order[0])])
-        room = len(leaves) < index.max_branching
         if buckets:
             for j in order.tolist():
                 if sizes[j] < tree.leaf_capacity:
@@ -175,6 +239,11 @@ def _place_one(
     return Placement(first[1], first[0], False, -1, -1, over_capacity=True)
 
 
+def _num_children(index: TreeIndex, growth: _Growth, parent: int) -> int:
+    base = int(index.child_offsets[parent + 1] - index.child_offsets[parent])
+    return base + len(growth.children.get(parent, ()))
+
+
 def _new_leaf(growth: _Growth, parent: int, token: int, alias: int) -> Placement:
     leaf = growth.next_node
     growth.next_node += 1
@@ -185,34 +254,45 @@ def _new_leaf(growth: _Growth, parent: int, token: int, alias: int) -> Placement
 
 
 def _leaf_stats(
-    tree: PlacementTree, growth: _Growth, parent: int
-) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """The leaves under ``parent`` (the catalogue's, then this delta's), their centroids ``[n, Dr]``
-    (unit) and live sizes ``[n]``. Leaf centroids come from ``centroid_sum`` when it holds leaves
-    (buckets), else from the leaves' items."""
+    tree: PlacementTree, growth: _Growth, parent: int, *, with_members: bool
+) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The leaves under ``parent`` (the catalogue's, then this delta's): ``(leaves, centroids [n, Dr]
+    unit, live sizes [n], members [m, Dr] unit, owner [m])``. Centroids come from ``centroid_sum``
+    when it holds leaves (buckets; members are then not gathered), else from the leaves' items."""
     index = tree.index
-    base = index.child_ids[index.child_offsets[parent] : index.child_offsets[parent + 1]]
-    leaves = base.tolist() + growth.children.get(parent, [])
-    j = base - index.leaf_start
-    sizes = np.concatenate([np.diff(index.leaf_offsets)[j], np.zeros(len(leaves) - len(base), np.int64)])
     dim = tree.item_emb.shape[1]
+    base = index.child_ids[index.child_offsets[parent] : index.child_offsets[parent + 1]]
+    extra_leaves = growth.children.get(parent, [])
+    leaves = base.tolist() + extra_leaves
+    j = base - index.leaf_start
+    starts = index.leaf_offsets[j]
+    base_sizes = index.leaf_offsets[j + 1] - starts
+    sizes = np.concatenate([base_sizes, np.zeros(len(extra_leaves), np.int64)])
+    sums = np.zeros((len(leaves), dim), np.float64)
+    members = np.zeros((0, dim), np.float32)
+    owner = np.zeros(0, np.int64)
     if tree.centroid_sum.shape[0] > base.max(initial=0):
-        sums = np.zeros((len(leaves), dim), np.float64)
         sums[: len(base)] = tree.centroid_sum[base]
-    else:
-        sums = np.zeros((len(leaves), dim), np.float64)
-        starts, ends = index.leaf_offsets[j], index.leaf_offsets[j + 1]
-        rows = np.concatenate(
-            [index.leaf_items[a:b] for a, b in zip(starts, ends, strict=True)] or [np.zeros(0, np.int64)]
-        )
-        owner = np.repeat(np.arange(len(base)), ends - starts)
-        np.add.at(sums, owner, unit_rows(tree.item_emb[rows.astype(np.int64)]))
+    if with_members or tree.centroid_sum.shape[0] <= base.max(initial=0):
+        total = int(base_sizes.sum())
+        owner = np.repeat(np.arange(len(base)), base_sizes)
+        first_slot = np.repeat(starts - (np.cumsum(base_sizes) - base_sizes), base_sizes)
+        members = unit_rows(tree.item_emb[index.leaf_items[first_slot + np.arange(total)]])
+        if tree.centroid_sum.shape[0] <= base.max(initial=0) and total:
+            full = np.flatnonzero(base_sizes > 0)  # members are grouped by owner, in leaf order
+            sums[full] = np.add.reduceat(members, (np.cumsum(base_sizes) - base_sizes)[full], axis=0)
+    extra_rows, extra_owner = [], []
     for n, leaf in enumerate(leaves):
         extra = growth.members.get(leaf)
         if extra:
             sums[n] += np.sum(extra, axis=0)
             sizes[n] += len(extra)
-    return leaves, unit_rows(sums), sizes
+            extra_rows.extend(extra)
+            extra_owner.extend([n] * len(extra))
+    if with_members and extra_rows:
+        members = np.concatenate([members, np.stack(extra_rows)])
+        owner = np.concatenate([owner, np.asarray(extra_owner, np.int64)])
+    return leaves, unit_rows(sums), sizes, members, owner
 
 
 def _members(tree: PlacementTree, growth: _Growth, leaf: int) -> np.ndarray:

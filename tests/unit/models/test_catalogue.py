@@ -145,6 +145,11 @@ def test_placement_is_deterministic_and_near_copies_join(which: str, request: py
     np.testing.assert_array_equal(np.sort(a.index.leaf_items), live)
     path = a.index.item_path[live].astype(np.int64)
     assert (a.parent[path[:, 1:]] == path[:, :-1]).all() and (a.parent[path[:, 0]] == 0).all()
+    # the centroid sums kept up to date equal the sums recomputed from scratch
+    unit = a.item_emb[live] / np.linalg.norm(a.item_emb[live], axis=1, keepdims=True)
+    for node in range(1, a.centroid_sum.shape[0]):
+        below = (path == node).any(axis=1)
+        np.testing.assert_allclose(a.centroid_sum[node], unit[below].sum(axis=0), atol=1e-4)
 
 
 def test_allow_lists_hold_and_k_is_guaranteed(bucket_bundle: Bundle) -> None:
