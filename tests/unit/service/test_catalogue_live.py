@@ -1,0 +1,134 @@
+"""Deltas applied to serving models (service/catalogue_live.py) and the request mapping over a live
+catalogue (service/request_map.py), in process on a small torch-only bundle."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.catalogue_delta import DeltaError
+from service.catalogue_live import LiveCatalogue
+from service.catalogue_store import DeltaStore
+from service.errors import LimitExceeded
+from service.models_registry import ModelRegistry
+from service.request_map import RequestMapper
+from service.schemas import RetrieveRequest
+from service.settings import Settings
+
+ITEMS = 200
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from benchmarks.synthetic_bundle import make_synthetic_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "small"
+    return make_synthetic_bundle(out, ITEMS, 8, 2, dim=16, seed=0, num_layers=1, backends=("torch",))
+
+
+def serving(bundle: Path, deltas: Path, **extra: object) -> tuple[ModelRegistry, LiveCatalogue]:
+    settings = Settings(bundle_path=bundle, decoder_backend="torch", catalogue_dir=deltas, **extra)  # type: ignore[arg-type]
+    registry = ModelRegistry(settings)
+    live = LiveCatalogue(settings, registry)
+    registry.load_all()
+    return registry, live
+
+
+def new_item(i: int, dim: int = 16) -> dict[str, object]:
+    return {"id": f"new-{i}", "vector": np.random.default_rng(i).normal(size=dim).tolist()}
+
+
+def test_a_delta_makes_a_new_model_and_the_old_one_stays_as_it_was(bundle: Path, tmp_path: Path) -> None:
+    registry, live = serving(bundle, tmp_path)
+    old = registry.get()
+    out = live.add(None, {"add": [new_item(1), new_item(2)], "remove": ["item001"]})
+    assert out["version"] == 1 and out["added"] == 2 and out["removed"] == 1
+    new = registry.get()
+    assert new is not old and new.catalogue_version == 1 and new.num_live == ITEMS + 1
+    assert new.dense_of["new-1"] == ITEMS + 1 and "item001" not in new.dense_of
+    assert new.history_dense("item001") == 1  # a removed item still encodes
+    assert 1 not in new.popular and ITEMS + 1 in new.popular
+    assert old.catalogue_version == 0 and old.num_items == ITEMS and "item001" in old.dense_of
+    assert new.describe()["catalogue_version"] == 1 and new.describe()["num_live"] == ITEMS + 1
+
+
+def test_nothing_is_written_for_a_delta_that_cannot_apply(bundle: Path, tmp_path: Path) -> None:
+    registry, live = serving(bundle, tmp_path, max_delta_items=3)
+    with pytest.raises(DeltaError) as err:
+        live.add(None, {"add": [{"id": "x", "vector": [1.0, 2.0]}]})
+    assert err.value.field == "add[0].vector"
+    with pytest.raises(LimitExceeded):
+        live.add(None, {"remove": ["item001", "item002", "item003", "item004"]})
+    assert registry.get().catalogue_version == 0 and not list(tmp_path.rglob("*.json"))
+
+
+def test_replicas_writing_at_once_converge(bundle: Path, tmp_path: Path) -> None:
+    replicas = [serving(bundle, tmp_path) for _ in range(3)]
+    errors: list[BaseException] = []
+
+    def write(r: int) -> None:
+        try:
+            for j in range(4):
+                replicas[r][1].add(None, {"add": [new_item(100 * r + j)]})
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for _, live in replicas:
+        live.sync_all()
+    models = [registry.get() for registry, _ in replicas]
+    assert {m.catalogue_version for m in models} == {12}
+    assert len({tuple(m.raw_ids) for m in models}) == 1  # the same dense ids everywhere
+    emb = [m.item_emb.cpu().numpy() for m in models]
+    assert all(np.array_equal(emb[0], e) for e in emb[1:])
+
+
+def test_a_contradicting_file_is_skipped_alike_and_a_reload_keeps_the_deltas(
+    bundle: Path, tmp_path: Path
+) -> None:
+    registry, live = serving(bundle, tmp_path)
+    live.add(None, {"add": [new_item(1)]})
+    model = registry.get()
+    store = DeltaStore(next(tmp_path.iterdir()))
+    from models.catalogue_delta import Delta
+
+    store.claim(2, model.fingerprint, 2, Delta.from_json({"remove": ["no-such-item"]}))
+    live.sync_all()
+    assert registry.get().catalogue_version == 1 and registry.get().catalogue_seq == 2
+    live.add(None, {"remove": ["new-1"]})
+    assert registry.get().catalogue_version == 2 and registry.get().catalogue_seq == 3
+    registry.reload()
+    again = registry.get()
+    assert again.catalogue_version == 2 and "new-1" not in again.dense_of and again.num_live == ITEMS
+
+
+def test_the_mapping_skips_added_history_items_and_maps_filters(bundle: Path, tmp_path: Path) -> None:
+    registry, live = serving(bundle, tmp_path)
+    live.add(None, {"add": [new_item(1), new_item(2)], "remove": ["item005"]})
+    mapper = RequestMapper(registry._settings, registry, None, lambda user, history: "x")
+    request = RetrieveRequest(
+        history=["item001", "new-1", "item005", "nope"],
+        allow=["new-2", "item005", "item007", "nope"],
+        exclude=["item007"],
+    )
+    mapped = mapper.map(request)
+    assert list(mapped.history) == [1, 5] and mapped.added == 1 and mapped.unknown == 1
+    assert (
+        mapped.allow is not None and list(mapped.allow) == [7, ITEMS + 2] and mapped.available == 1
+    )  # removed + unknown ignored
+    plain_request = RetrieveRequest(history=["item001", "item005"])
+    plain = mapper.map(plain_request)
+    key = mapper.prepare(request, mapped).key
+    assert key == mapper.prepare(plain_request, plain).key  # keyed on what is encoded
+    assert plain.available == ITEMS + 2 - 1
+    with pytest.raises(LimitExceeded) as err:
+        mapper.map(RetrieveRequest(history=["item001"], categories=["c1"]))
+    assert err.value.loc == ("categories",)
