@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 65_536  # items scored per exact-search stage (a few ms on one core)
 WINDOW = 200  # samples in each gauge's moving average
-QUEUE_SIZE = 16  # samples waiting for spare capacity; more are dropped
+QUEUE_SIZE = 64  # samples waiting for spare capacity; more are dropped
 
 QUALITY_OVERLAP = Gauge(
     "genret_quality_overlap",
