@@ -50,6 +50,7 @@ class CatalogueBenchConfig:
     threads: int = 1
     workdir: Path = Path("runs/bench_catalogue")
     seed: int = 0
+    poll_s: float | None = None  # GENRET_CATALOGUE_POLL_S of the served app (None: its default)
 
     @property
     def branching(self) -> int:
@@ -131,6 +132,7 @@ def service_env(cfg: CatalogueBenchConfig, bundle: Path, deltas: Path) -> dict[s
         "GENRET_TORCH_THREADS": str(cfg.threads),
         "GENRET_INTRA_OP_THREADS": str(cfg.threads),
         "OMP_NUM_THREADS": str(cfg.threads),
+        **({} if cfg.poll_s is None else {"GENRET_CATALOGUE_POLL_S": str(cfg.poll_s)}),
     }
 
 
@@ -236,7 +238,11 @@ def run_catalogue_bench(cfg: CatalogueBenchConfig, as_json: bool = False) -> int
         bundle, 4096, k=cfg.k, beam_size=cfg.beam_size, seed=cfg.seed, user_prefix="u", users=4096
     )
     body = add_body(bundle, cfg.add, cfg.seed)
-    print(f"add body: {len(body) / 2**20:.1f} MiB for {cfg.add} items", flush=True)
+    poll = "service default" if cfg.poll_s is None else f"{cfg.poll_s:g}"
+    print(
+        f"add body: {len(body) / 2**20:.1f} MiB for {cfg.add} items; GENRET_CATALOGUE_POLL_S: {poll}",
+        flush=True,
+    )
     service = ServiceProcess(service_env(cfg, bundle, deltas), cfg.workdir / "service.log")
     try:
         service.start(ready_timeout_s=600)

@@ -167,6 +167,12 @@ def register_bench(group: Any) -> None:
     b.add_argument("--threads", type=int, default=1, help="torch / ONNX Runtime threads of the served app")
     b.add_argument("--workdir", type=Path, default=Path("runs/bench_catalogue"))
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument(
+        "--poll-s",
+        type=float,
+        default=None,
+        help="GENRET_CATALOGUE_POLL_S of the served app (default: its own)",
+    )
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench_catalogue)
 
@@ -205,7 +211,7 @@ def cmd_bench_catalogue(args: argparse.Namespace) -> int:
     cfg = CatalogueBenchConfig(
         items=args.items, add=args.add, levels=args.levels, dim=args.dim, concurrency=args.concurrency,
         baseline_s=args.baseline_s, k=args.k, beam_size=args.beam_size, threads=args.threads,
-        workdir=args.workdir, seed=args.seed,
+        workdir=args.workdir, seed=args.seed, poll_s=args.poll_s,
     )  # fmt: skip
     started = time.monotonic()
     code = run_catalogue_bench(cfg, as_json=args.json)
