@@ -24,7 +24,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -71,23 +71,19 @@ class Chain:
     """Deltas applied on top of one model, before its new :class:`LoadedModel` is built."""
 
     model: LoadedModel
-    catalogue: Catalogue
+    base: Callable[[], Catalogue]  # the model's catalogue, built only when a file is to apply
     seq: int
     retired: dict[str, int]
+    catalogue: Catalogue | None = None
     added_attributes: list[tuple[str, ...]] = field(default_factory=list)
     reports: dict[int, ApplyReport] = field(default_factory=dict)  # file sequence -> what it did
-
-    @classmethod
-    def start(cls, model: LoadedModel) -> Chain:
-        cat = model.retriever.catalogue or Catalogue.from_bundle(model.bundle)
-        return cls(model, cat, model.catalogue_seq, dict(model.retired))
 
     def apply(self, f: DeltaFile, content: Any) -> str | None:
         """Apply file ``f``; the reason it is refused, or None."""
         self.seq = f.seq
         if f.delta is None:
             return f.error
-        before = self.catalogue
+        before = self.catalogue = self.catalogue or self.base()
         try:
             self.catalogue, report = before.apply(f.delta, content=content)
         except DeltaError as exc:
@@ -107,7 +103,7 @@ class Chain:
     def built(self) -> LoadedModel:
         """The model serving the chain's catalogue (the same model when nothing applied)."""
         old, cat = self.model, self.catalogue
-        if not self.reports:
+        if not self.reports or cat is None:
             return old if self.seq == old.catalogue_seq else replace(old, catalogue_seq=self.seq)
         retriever = old.retriever.with_catalogue(cat)
         live = cat.live
@@ -140,12 +136,28 @@ class LiveCatalogue:
         self._locks: dict[str, threading.Lock] = {}
         self._stores: dict[Path, DeltaStore] = {}
         self._guard = threading.Lock()
+        self._base: dict[str, Catalogue] = {}  # fingerprint -> version 0
         registry.on_load(self.caught_up)
 
     def store(self, model: LoadedModel) -> DeltaStore:
         path = delta_dir(model.path, self.settings.catalogue_dir)
         with self._guard:
             return self._stores.setdefault(path, DeltaStore(path))
+
+    def catalogue_of(self, model: LoadedModel) -> Catalogue:
+        """The catalogue ``model`` serves; version 0 is built from the bundle once per fingerprint
+        (models no longer loaded are forgotten)."""
+        if model.retriever.catalogue is not None:
+            return model.retriever.catalogue
+        with self._guard:
+            base = self._base.get(model.fingerprint)
+        if base is None:
+            base = Catalogue.from_bundle(model.bundle)
+            with self._guard:
+                loaded = {m.fingerprint for m in self.registry.all()} | {model.fingerprint}
+                self._base = {fp: c for fp, c in self._base.items() if fp in loaded}
+                self._base[model.fingerprint] = base
+        return base
 
     def _lock(self, name: str) -> threading.Lock:
         with self._guard:
@@ -155,7 +167,7 @@ class LiveCatalogue:
     def chain(self, model: LoadedModel) -> Chain:
         """``model`` with every pending delta file applied (not installed)."""
         store = self.store(model)
-        chain = Chain.start(model)
+        chain = Chain(model, lambda: self.catalogue_of(model), model.catalogue_seq, dict(model.retired))
         content = getattr(model.bundle, "content", None)
         for f in store.pending(model.catalogue_seq):
             if f.delta is not None and f.base_fingerprint != model.fingerprint:
@@ -231,7 +243,7 @@ class LiveCatalogue:
         with self._lock(key):
             while True:
                 model, _ = self._sync_locked(key)
-                cat = model.retriever.catalogue or Catalogue.from_bundle(model.bundle)
+                cat = self.catalogue_of(model)
                 cat.check(delta, getattr(model.bundle, "content", None))
                 store = self.store(model)
                 if store.sequences(model.catalogue_seq):
