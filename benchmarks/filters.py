@@ -7,8 +7,8 @@ top-K over the allowed live items (:func:`models.constraints.dense_fill` from no
 
 * ``none``: no filter (exact top-K over every item), the baseline;
 * ``random``: ``--share`` of the catalogue drawn uniformly at random per request;
-* ``subtree``: the same share as a few runs of consecutive leaves (a category that the index
-  keeps together: the synthetic tree puts consecutive dense ids in one leaf);
+* ``subtree``: the same share as whole subtrees of the index (every item under a few random
+  parents of leaves, cut to the share): a category that the index keeps together;
 * ``nearest``: the same share as the items nearest (cosine) to one random item (a category that is
   together in the item space, wherever the index put it).
 
@@ -45,7 +45,6 @@ class FilterConfig:
     k: int = 20
     requests: int = 200
     batch: int = 16
-    blocks: int = 8  # runs of leaves in a ``subtree`` allow-list
     backend: str = "onnx"
     workdir: Path = Path("runs/bench_filters")
     seed: int = 0
@@ -75,7 +74,7 @@ def synthetic(cfg: FilterConfig) -> Path:
     return make_synthetic_bundle(out, cfg.items, branching, cfg.levels, dim=cfg.dim, seed=cfg.seed)
 
 
-def allow_lists(kind: str, n: int, size: int, retriever: Retriever, rng: np.random.Generator, blocks: int) -> list[np.ndarray | None]:  # fmt: skip
+def allow_lists(kind: str, n: int, size: int, retriever: Retriever, rng: np.random.Generator) -> list[np.ndarray | None]:  # fmt: skip
     """``n`` allow-lists of ``size`` dense ids (``None`` for ``kind == "none"``)."""
     num = retriever.num_items
     if kind == "none":
@@ -83,11 +82,15 @@ def allow_lists(kind: str, n: int, size: int, retriever: Retriever, rng: np.rand
     if kind == "random":
         return [np.sort(rng.choice(num, size, replace=False) + 1) for _ in range(n)]
     out: list[np.ndarray | None] = []
-    if kind == "subtree":  # ``blocks`` runs of consecutive ids (whole leaves of the balanced tree)
-        run = max(1, size // blocks)
+    if kind == "subtree":  # whole subtrees: the items under random parents of leaves, ``size`` in all
+        path = retriever.lookup.item_path  # [N+1, L]
+        group = path[1:, max(0, path.shape[1] - 2)]  # [N] each item's leaf's parent
         for _ in range(n):
-            starts = rng.choice(max(1, num - run), blocks, replace=False) + 1
-            out.append(np.unique(np.concatenate([np.arange(s, s + run) for s in starts])))
+            ids = np.zeros(0, np.int64)
+            while len(ids) < size:
+                seed = int(rng.integers(num))
+                ids = np.union1d(ids, np.flatnonzero(group == group[seed]) + 1)
+            out.append(np.sort(rng.permutation(ids)[:size]))
         return out
     if kind == "nearest":
         emb = retriever.item_emb[1:].float()
@@ -109,7 +112,7 @@ def exact(retriever: Retriever, query: torch.Tensor, k: int, allow: np.ndarray |
 def measure(kind: str, retriever: Retriever, histories: list[np.ndarray], cfg: FilterConfig) -> FilterRow:
     rng = np.random.default_rng(cfg.seed + KINDS.index(kind))
     size = max(cfg.k, round(cfg.share * retriever.num_items))
-    allows = allow_lists(kind, len(histories), size, retriever, rng, cfg.blocks)
+    allows = allow_lists(kind, len(histories), size, retriever, rng)
     beam = retriever.beam_for(cfg.k, None, 0)
     full = filled_rows = filled_items = returned = 0
     overlaps: list[float] = []
