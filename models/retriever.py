@@ -293,11 +293,12 @@ class Retriever:
         exclude: Sequence[np.ndarray] | None,
         allow: Sequence[np.ndarray | None] | None = None,
         *,
-        fill: bool = False,
+        fill: bool | Sequence[int] = False,
     ) -> RetrievalResult:
         """``leaves [B,b]`` from the beam, ``query [B,Dr]`` -> the top ``k`` items of those leaves by
         ``query · item_emb``, minus ``exclude``, within ``allow``. ``fill``: a row left with fewer
-        than ``k`` takes the rest from exact search over what it may return (:func:`dense_fill`)."""
+        than ``k`` (or than its own target, one per row) takes the rest from exact search over what
+        it may return (:func:`dense_fill`), merged into its list by score."""
         B = leaves.shape[0]
         items, valid = self.leaf_candidates(leaves)  # [B, C]
         num_scored = valid.sum(dim=1)  # [B] before exclusion: every leaf item is scored
@@ -318,8 +319,9 @@ class Retriever:
         out_items[:, :kk] = host[:, :kk]
         out_scores[:, :kk] = top_scores.float().cpu().numpy()
         filled = np.zeros(B, np.int64)
-        if fill:
-            self._fill(out_items, out_scores, filled, query, exclude, allow)
+        if fill is not False:
+            targets = [k] * B if fill is True else [min(k, int(t)) for t in fill]
+            self._fill(out_items, out_scores, filled, targets, query, exclude, allow)
         return RetrievalResult(
             items=out_items,
             scores=out_scores,
@@ -334,13 +336,16 @@ class Retriever:
         items: np.ndarray,
         scores: np.ndarray,
         filled: np.ndarray,
+        targets: Sequence[int],
         query: Tensor,
         exclude: Sequence[np.ndarray] | None,
         allow: Sequence[np.ndarray | None] | None,
     ) -> None:
-        """Complete, in place, every row of ``items [B,k]``/``scores [B,k]`` holding fewer than k."""
-        k = items.shape[1]
-        for r in np.flatnonzero((items > 0).sum(axis=1) < k).tolist():
+        """Complete, in place, every row of ``items [B,k]``/``scores [B,k]`` holding fewer than its
+        target, then order the row by score (the fill may find better items than the beam did)."""
+        counts = (items > 0).sum(axis=1)
+        for r in np.flatnonzero(counts < np.asarray(targets)).tolist():
+            k = int(targets[r])
             have = items[r][items[r] > 0]
             more, more_scores = dense_fill(
                 self.lookup,
@@ -354,6 +359,8 @@ class Retriever:
             n, m = len(have), len(more)
             items[r, n : n + m] = more
             scores[r, n : n + m] = more_scores
+            order = np.argsort(-scores[r, : n + m], kind="stable")
+            items[r, : n + m], scores[r, : n + m] = items[r, order], scores[r, order]
             filled[r] = m
 
     def retrieve(
@@ -365,7 +372,7 @@ class Retriever:
         *,
         exclude_history: bool = False,
         allow: Sequence[np.ndarray | None] | None = None,
-        fill: bool = False,
+        fill: bool | Sequence[int] = False,
     ) -> RetrievalResult:
         """encode + search; ``exclude_history`` adds each row's (full) history to its exclusions.
         Histories hold dense ids the encoder knows (items added to the catalogue later: skipped by the caller)."""
@@ -376,7 +383,7 @@ class Retriever:
                 np.concatenate([np.asarray(h, np.int64), np.asarray(e, np.int64)])
                 for h, e in zip(histories, extra, strict=True)
             ]
-        plain = allow is None and not fill  # the graphs hold exclusions, not allow-lists or the fill
+        plain = allow is None and fill is False  # the graphs hold exclusions, not allow-lists or the fill
         if self.graphs is not None and len(histories) > 0 and plain:
             graphed = self.graphs.retrieve(histories, k, beam_size, exclude)
             if graphed is not None:

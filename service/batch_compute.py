@@ -188,7 +188,13 @@ class BatchCompute:
         exclude = [payloads[i].exclude for i in idxs]
         allow = [payloads[i].allow for i in idxs]
         found = self.strategy.search(
-            model, states, k, beam, exclude, allow if any(a is not None for a in allow) else None
+            model,
+            states,
+            k,
+            beam,
+            exclude,
+            allow if any(a is not None for a in allow) else None,
+            [payloads[i].k for i in idxs],
         )
         self.out.rerank_s += found.rerank_s
         filled = found.filled or [0] * len(idxs)

@@ -75,6 +75,7 @@ class SearchStrategy(Protocol):
         beam_size: int,
         exclude: Sequence[np.ndarray],
         allow: Allow = None,
+        ks: Sequence[int] | None = None,
     ) -> Found: ...
 
     def staged(
@@ -102,11 +103,13 @@ class GenerativeSearch:
         beam_size: int,
         exclude: Sequence[np.ndarray],
         allow: Allow = None,
+        ks: Sequence[int] | None = None,
     ) -> Found:
         leaves = model.retriever.beam(states, beam_size, exclude, allow).leaves  # [b, beam]
         t_rerank = time.perf_counter()
         query = states.query.to(model.retriever.device, torch.float32)  # [b, Dr]
-        result = model.retriever.rerank(leaves, query, k, exclude, allow, fill=True)
+        # each row filled up to its own k (a row batched with a larger k is not searched exhaustively)
+        result = model.retriever.rerank(leaves, query, k, exclude, allow, fill=True if ks is None else ks)
         rerank_s = time.perf_counter() - t_rerank
         filled = result.dense_filled
         return Found(
@@ -172,6 +175,7 @@ class BruteForceSearch:
         beam_size: int,
         exclude: Sequence[np.ndarray],
         allow: Allow = None,
+        ks: Sequence[int] | None = None,
     ) -> Found:
         removed = model.removed
         blocked = (
