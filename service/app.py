@@ -281,5 +281,5 @@ def create_admin_app(settings: Settings, public: FastAPI) -> FastAPI:
     admin.state = public.state  # settings + the engine the public lifespan builds
     install_error_handlers(admin)
     admin.include_router(admin_router)
-    admin.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_body_bytes)
+    admin.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_admin_body_bytes)
     return admin

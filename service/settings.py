@@ -180,6 +180,13 @@ class Settings(BaseSettings):
         le=64 * 1_048_576,
         description="Largest request body in bytes (413 past it).",
     )
+    max_admin_body_bytes: int = Field(
+        default=64 * 1_048_576,
+        ge=1024,
+        le=1024 * 1_048_576,
+        description="Largest admin API request body in bytes (413 past it): a POST /admin/items of "
+        "10,000 items of 64 floats is about 7 MB of JSON.",
+    )
     default_deadline_ms: int = Field(
         default=1000, ge=1, le=600_000, description="Request deadline when a request gives none."
     )
