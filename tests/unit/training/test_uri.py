@@ -206,6 +206,7 @@ def test_planted_clusters_are_recovered_and_retrieval_beats_popularity(tmp_path:
 def test_two_level_schedule_runs_and_assigns_within_capacity(tmp_path: Path) -> None:
     overrides = {
         **SMALL,
+        "uri.warm_start": "none",  # the soft losses' schedule (the warm start: test_uri_assign.py)
         "uri.balance_parent_items": 6,
         "uri.batch_size": 16,
         "uri.steps_per_epoch": 2,
