@@ -127,7 +127,7 @@ def service_env(cfg: CatalogueBenchConfig, bundle: Path, deltas: Path) -> dict[s
         "GENRET_MAX_BEAM_SIZE": str(max(256, cfg.beam_size)),
         "GENRET_DEFAULT_BEAM_SIZE": str(cfg.beam_size),
         "GENRET_MAX_HISTORY_ITEMS": "100",
-        "GENRET_MAX_BODY_BYTES": str(64 * 1_048_576),
+        "GENRET_MAX_ADMIN_BODY_BYTES": str(max(64 * 1_048_576, 1024 * cfg.add)),  # ~620 bytes per item
         "GENRET_QUALITY_SAMPLE": "0",
         "GENRET_TORCH_THREADS": str(cfg.threads),
         "GENRET_INTRA_OP_THREADS": str(cfg.threads),
