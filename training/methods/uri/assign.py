@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from training.clustering import balanced_tree_codes
+from training.distributed import DistContext
 
 
 class QueryEvidence:
@@ -49,6 +50,12 @@ class QueryEvidence:
         counts = self.counts[1:].numpy()[:, None]  # [N, 1]
         blended = (sums + prior * item_probs) / np.maximum(counts + prior, 1e-12)
         return np.where(counts + prior > 0, blended, item_probs)
+
+    def reduce(self, dist: DistContext) -> None:
+        """Under torchrun: the mean over ranks of the sums and counts (their ratio is the global one)."""
+        if dist.is_distributed:
+            self.sums = dist.all_reduce_mean(self.sums)
+            self.counts = dist.all_reduce_mean(self.counts)
 
     def coverage(self) -> float:
         """Share of items with at least one query in the accumulated pairs."""

@@ -77,6 +77,8 @@ class URIConfig:
     """Warm levels ``<= em_levels`` move items by query evidence; deeper ones keep their k-means
     tokens (0: every level keeps them, the control: k-means under URI's decoder)."""
     em_first_epoch: int = 1
+    em_accept: str = "always"
+    """``always``: every M-step of a warm level stands; ``valid``: undone when it raises the validation users' APE."""
     """Warm levels: items are first reassigned after this epoch (earlier ones fit the decoder to the warm tokens)."""
     num_negatives: int = 10
     hard_negatives: int = 1
@@ -127,6 +129,8 @@ class URIConfig:
             raise ValueError(
                 f"URIConfig.warm_start must be 'none', 'deeper' or 'all', got {self.warm_start!r}"
             )
+        if self.em_accept not in ("always", "valid"):
+            raise ValueError(f"URIConfig.em_accept must be 'always' or 'valid', got {self.em_accept!r}")
         if self.em_levels < 0:
             raise ValueError(f"URIConfig.em_levels must be >= 0, got {self.em_levels}")
         if self.em_first_epoch < 1:

@@ -13,10 +13,11 @@ The index is built layer by layer (paper 4.2):
 2. every item is then assigned a level-``l`` token with the capacity-constrained assignment
    (capacity = items under the parent / k), and the level's APE and balance are logged;
 3. after level L the items' codes are the leaves (buckets of items); a final stage trains the
-   inner-product ranker (sampled softmax, 9 uniform + 1 sibling-leaf negative) with the memory
-   loss of all L levels so that the decoder keeps the final index. (The ranker loss also runs
-   during the level stages, with uniform negatives: it is what makes the query encoder
-   informative early, and on planted data the index forms only once it is.)
+   ranker (sampled softmax, 9 uniform + 1 sibling-leaf negative) with the memory loss of all L
+   levels so that the decoder keeps the final index (the ranker loss also runs in the level stages).
+
+A warm level (``warm_start``) replaces step 1's soft losses by hard EM from balanced k-means
+tokens (:mod:`training.methods.uri.assign`).
 
 :meth:`URIModel.level_logits` runs the decoder's layers over the whole prefix at once (all levels
 in one pass); a test holds it to the decoder-step signature ``TokenDecoder.forward``.
@@ -25,9 +26,6 @@ Before the index exists the decoder runs on the *complete* k-ary tree of depth L
 every level), whose node ids follow from the code prefix; the exported decoder is rebuilt on the
 real index with the same weights (``token_scheme="level"``: a node's token is its code, so both
 trees map a (level, token) to the same embedding row).
-
-What is measured is what is served: :func:`train_uri` exports a bundle and evaluates through
-``Retriever(load_bundle(dir), backend="onnx")``.
 """
 
 from __future__ import annotations
@@ -277,11 +275,8 @@ class URITrainer:
 
     # ---------------------------------------------------------------- the schedule
     def train_level(self, level: int) -> dict[str, Any]:
-        """Epochs of ``level`` until :class:`LevelConvergence`, then the capacity-constrained assignment.
-
-        A warm level (``warm_start``) starts from balanced k-means tokens inside each parent, trains
-        the decoder on them and reassigns every item from its queries' evidence after each epoch.
-        """
+        """Epochs of ``level`` until :class:`LevelConvergence`, then the capacity-constrained assignment
+        (a warm level: from balanced k-means inside each parent, reassigned by evidence each epoch)."""
         c = self.config
         parents = group_ids(self.codes[1:, : level - 1])  # [N]
         self.hard_level = c.warm_start == "all" or (c.warm_start == "deeper" and level > 1)
@@ -298,7 +293,7 @@ class URITrainer:
             self.evidence.reset()
             stats = self._epoch(level, f"URI level {level}/{c.levels} epoch {epoch}")
             if self.hard_level and level <= c.em_levels and epoch >= c.em_first_epoch:
-                self._assign(level, parents)
+                self._em_round(level, parents)
             tokens = self._tokens(level)
             converged.observe(stats["loss"], tokens)
             apes = self._level_apes(level) if self.hard_level else {}  # what each EM round did
@@ -334,19 +329,24 @@ class URITrainer:
         probs = self.item_probs(level)  # [N, k]
         scores = probs
         if c.assign_from == "queries" or self.hard_level:
-            if self.dist.is_distributed:  # every rank saw its shard of the pairs: mean sums and counts
-                self.evidence.sums = self.dist.all_reduce_mean(self.evidence.sums)
-                self.evidence.counts = self.dist.all_reduce_mean(self.evidence.counts)
+            self.evidence.reduce(self.dist)  # every rank saw its shard of the pairs
             scores = self.evidence.scores(probs, c.evidence_prior)
         self.codes[1:, level - 1] = assign_level(scores, parents, c.k)
         return probs
 
+    def _em_round(self, level: int, parents: np.ndarray) -> None:
+        """A warm level's M-step: items move by query evidence; with ``em_accept: valid`` the move is
+        undone when it raises the validation users' APE (then the decoder trains on and proposes again)."""
+        before = self.codes[1:, level - 1].copy()
+        old = self._level_apes(level)["ape_valid"] if self.config.em_accept == "valid" else np.inf
+        self._assign(level, parents)
+        if self._level_apes(level)["ape_valid"] > old:
+            self.codes[1:, level - 1] = before
+
     def _level_apes(self, level: int) -> dict[str, float]:
-        """APE of the index truncated at ``level`` with training and validation users as queries."""
-        return {
-            "ape": level_report(self.codes, level, self.queries)["ape"],
-            "ape_valid": level_report(self.codes, level, self.valid_queries)["ape"],
-        }
+        """APE of the index truncated at ``level``: training (``ape``) and validation users as queries."""
+        apes = [level_report(self.codes, level, q)["ape"] for q in (self.queries, self.valid_queries)]
+        return dict(zip(("ape", "ape_valid"), apes, strict=True))
 
     def train_ranker(self, index: TreeIndex) -> None:
         """The final stage: ranker (hard sibling negatives) + the memory loss of all L levels."""
