@@ -20,8 +20,8 @@ Per model it exports, as moving averages over the last :data:`WINDOW` samples:
 The rerank scores every item of the beam's leaves by the same inner product, so without filters
 and dense fill the two agree; the overlap exceeds the coverage by what the dense fill (``fallback:
 "dense"``) brought in from outside the beam. ``genret_quality_samples_total{model,result}`` counts
-samples (``ok``, ``queue_full``, ``stale``, ``changed``: the model version moved before the sample
-ran, ``error``). The alert rule on a falling overlap is in docs/deployment.md ("Quality monitor").
+samples (``ok``, ``queue_full``, ``stale``, ``changed``: the bundle or catalogue version moved before the
+sample ran, ``error``). The alert rule on a falling overlap is in docs/deployment.md ("Quality monitor").
 """
 
 from __future__ import annotations
@@ -273,8 +273,12 @@ class QualityMonitor:
         assert self._engine is not None, "bind() first"
         mapped = self._engine.map_request(request)
         model: LoadedModel = mapped.model
-        if model.version != served.model.version or len(mapped.history) == 0:
-            return "changed"
+        same = (model.version, model.catalogue_version) == (
+            served.model.version,
+            served.model.catalogue_version,
+        )
+        if not same or len(mapped.history) == 0:
+            return "changed"  # a reload or a catalogue delta since the answer: not the same lists
         p = self._engine.prepare(request, mapped)
         strategy = _OneRun(getattr(p, "allow", None))
         executor = copy.copy(self._engine.shadow)  # the engine's, stepping this sample's strategy

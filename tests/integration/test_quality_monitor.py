@@ -13,7 +13,7 @@ import pytest
 
 from benchmarks.launcher import ServiceProcess
 from benchmarks.shadow import metric_samples
-from tests.integration.conftest import ServiceFactory
+from tests.integration.conftest import ADMIN_HEADERS, ServiceFactory
 
 OVERLAP = "genret_quality_overlap"
 COVERAGE = "genret_quality_beam_coverage"
@@ -25,13 +25,17 @@ def item_ids(bundle: Path) -> list[str]:
         return [str(x) for x in data["item_ids"][1:]]
 
 
-def drive(service: ServiceProcess, ids: list[str], n: int, beam_size: int, k: int = 10) -> None:
+def drive(service: ServiceProcess, ids: list[str], n: int, beam_size: int, k: int = 10) -> set[str]:
+    """``n`` requests with random histories; every item id served."""
     rng = np.random.default_rng(0)
+    served: set[str] = set()
     with httpx.Client(base_url=service.url, timeout=30.0) as client:
         for _ in range(n):
             history = [ids[int(i)] for i in rng.choice(len(ids), 5, replace=False)]
             r = client.post("/v1/retrieve", json={"history": history, "k": k, "beam_size": beam_size})
             assert r.status_code == 200, r.text
+            served.update(item["id"] for item in r.json()["items"])
+    return served
 
 
 def wait_gauges(service: ServiceProcess, samples: int, timeout_s: float = 60.0) -> dict[str, float]:
@@ -85,3 +89,33 @@ def test_off_exports_no_sample(start_service: ServiceFactory, covered_bundle: Pa
     drive(service, item_ids(covered_bundle), 4, beam_size=16)
     names = {name for name, _, _ in metric_samples(httpx.get(f"{service.url}/metrics").text)}
     assert SAMPLES not in names and OVERLAP not in names
+
+
+def test_overlap_one_on_a_newer_catalogue_version(
+    start_service: ServiceFactory, covered_bundle: Path, tmp_path: Path
+) -> None:
+    """Added items (vectors 3x existing ones: high inner products) and removed items: the exact list
+    is over the version's live items, and a beam over every leaf (new leaves included) still gives 1."""
+    service = start_service(
+        {
+            "GENRET_BUNDLE_PATH": str(covered_bundle),
+            "GENRET_QUALITY_SAMPLE": "1.0",
+            "GENRET_CATALOGUE_DIR": str(tmp_path / "deltas"),
+        }
+    )
+    ids = item_ids(covered_bundle)
+    with np.load(covered_bundle / "items.npz", allow_pickle=False) as data:
+        emb = data["item_emb"]
+    add = [{"id": f"hot-{i}", "vector": [3.0 * float(x) for x in emb[1 + 17 * i]]} for i in range(6)]
+    r = httpx.post(
+        f"{service.admin_url}/admin/items",
+        json={"add": add, "remove": ids[:3]},
+        headers=ADMIN_HEADERS,
+        timeout=60.0,
+    )
+    assert r.status_code == 200, r.text
+    served = drive(service, ids[3:], 8, beam_size=64)
+    assert any(i.startswith("hot-") for i in served) and not served & set(ids[:3])
+    values = wait_gauges(service, 8)
+    assert values[OVERLAP] == pytest.approx(1.0)
+    assert values[COVERAGE] == pytest.approx(1.0)
