@@ -43,9 +43,15 @@ class ItemTable:
     older version sees them. Appending to anything but the newest version copies (never clobbers).
     """
 
-    def __init__(self, rows: np.ndarray) -> None:
-        self._buf = rows
+    def __init__(self, rows: np.ndarray, spare: bool = False) -> None:
+        """``spare``: copy ``rows`` into a buffer with ``SPARE_ROWS`` room, so the first delta appends
+        in place (done when version 0 is built, ahead of any add)."""
         self._used = rows.shape[0]
+        if spare:
+            self._buf = np.zeros((self._used + math.ceil(SPARE_ROWS * self._used), rows.shape[1]), np.float32)
+            self._buf[: self._used] = rows
+        else:
+            self._buf = rows
 
     def view(self, rows: int) -> np.ndarray:
         return self._buf[:rows]
@@ -124,7 +130,7 @@ class Catalogue:
             live=live,
             live_count=_subtree_counts(index),
             centroid_sum=_centroid_sums(index, emb),
-            table=ItemTable(emb),
+            table=ItemTable(emb, spare=True),
             item_ids=ids,
             dense_of=dict(zip(ids[1:], range(1, rows), strict=True)),
             popularity=np.asarray(bundle.popularity, np.float32),

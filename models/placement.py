@@ -23,6 +23,7 @@ same descent over its buckets' centroids.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +34,7 @@ NEAR_COPY_COSINE = 0.99  # an added item this close to an item joins its leaf
 DESCENT_WIDTH = 4  # parents of leaves tried per added item, best first
 EXACT_COPY_BUDGET = 2e9  # multiply-adds allowed for an exact near-copy scan of the whole catalogue
 _CHUNK = 1024  # items per batched descent step (bounds the [m, width*C, Dr] gather)
+YIELD_EVERY = 64  # items placed between two GIL releases
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -75,7 +77,9 @@ class _Growth:
     members: dict[int, list[np.ndarray]] = field(default_factory=dict)  # leaf -> unit vectors added
     tokens: dict[int, int] = field(default_factory=dict)  # new leaf -> token
     aliases: dict[int, int] = field(default_factory=dict)  # new leaf -> alias
-    touched: set[int] = field(default_factory=set)  # parents that received an item of this delta
+    placed: dict[int, list[tuple[int, np.ndarray]]] = field(
+        default_factory=dict
+    )  # parent -> (leaf, unit) of this delta
 
 
 def place_items(tree: PlacementTree, vectors: np.ndarray) -> list[Placement]:
@@ -92,14 +96,16 @@ def place_items(tree: PlacementTree, vectors: np.ndarray) -> list[Placement]:
         if copies[i] > 0:
             leaf = int(tree.leaf_of[copies[i]])
             placed = Placement(leaf, int(tree.parent[leaf]), False, -1, -1, near_copy=True)
-        elif quick is not None and quick[2][i] and int(parents[i, 0]) not in growth.touched:
+        elif quick is not None and quick[2][i]:
             fast = _place_quick(tree, growth, unit[i], parents[i], int(quick[0][i]), float(quick[1][i]))
             placed = fast or _place_one(tree, growth, unit[i], parents[i], level_token_node)
         else:
             placed = _place_one(tree, growth, unit[i], parents[i], level_token_node)
         out.append(placed)
         growth.members.setdefault(placed.leaf, []).append(unit[i])
-        growth.touched.add(placed.parent)
+        growth.placed.setdefault(placed.parent, []).append((placed.leaf, unit[i]))
+        if i % YIELD_EVERY == YIELD_EVERY - 1:
+            time.sleep(0)  # let the serving threads take the GIL: an add runs beside live traffic
     return out
 
 
@@ -141,15 +147,23 @@ def first_parent_leaves(
 def _place_quick(
     tree: PlacementTree, growth: _Growth, u: np.ndarray, parents: np.ndarray, best: int, cosine: float
 ) -> Placement | None:
-    """Single-item leaves, first parent untouched by this delta: its best leaf is known. ``None``:
+    """Single-item leaves: the best of the first parent's leaves as the catalogue had them is known
+    (``best``, ``cosine``); this delta's items placed under that parent are compared here. ``None``:
     another parent has room, the per-item path decides."""
     index = tree.index
     par = int(parents[0])
+    for leaf, v in growth.placed.get(par, ()):  # this delta's items under the parent
+        c = float(v @ u)
+        if c >= NEAR_COPY_COSINE:
+            return Placement(leaf, par, False, -1, -1, near_copy=True)
+        if c > cosine and leaf >= index.num_nodes:  # a new leaf nearer than the catalogue's best
+            best, cosine = leaf, c
     if cosine >= NEAR_COPY_COSINE:
         return Placement(best, par, False, -1, -1, near_copy=True)
     if _num_children(index, growth, par) < index.max_branching:
-        token = growth.next_node if index.token_scheme == "node" else int(index.node_token[best])
-        return _new_leaf(growth, par, token, best)
+        alias = growth.aliases.get(best, best)
+        token = growth.next_node if index.token_scheme == "node" else int(index.node_token[alias])
+        return _new_leaf(growth, par, token, alias)
     if any(_num_children(index, growth, int(q)) < index.max_branching for q in parents[1:] if q >= 0):
         return None
     return Placement(best, par, False, -1, -1, over_capacity=True)
