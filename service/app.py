@@ -222,6 +222,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if settings.catalogue_poll_s > 0
             else None
         )
+        prebuild = (
+            asyncio.create_task(asyncio.to_thread(catalogue.prebuild))
+            if settings.catalogue_prebuild
+            else None
+        )
         watcher = (
             asyncio.create_task(registry.watch(settings.reload_poll_s))
             if settings.reload_poll_s > 0
@@ -238,7 +243,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            for task in (watcher, poller):
+            for task in (watcher, poller, prebuild):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

@@ -159,6 +159,16 @@ class LiveCatalogue:
                 self._base[model.fingerprint] = base
         return base
 
+    def prebuild(self) -> None:
+        """Build version 0 of every loaded model's catalogue ahead of any delta (a background job)."""
+        for model in self.registry.all():
+            if model.bundle is None:
+                continue
+            try:
+                self.catalogue_of(model)
+            except Exception:
+                log.exception("building the catalogue of %s failed; the first delta builds it", model.name)
+
     def _lock(self, name: str) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault(name, threading.Lock())

@@ -139,6 +139,11 @@ class Settings(BaseSettings):
         le=3600.0,
         description="Apply deltas other replicas wrote every N seconds (0 = only this replica's own).",
     )
+    catalogue_prebuild: bool = Field(
+        default=True,
+        description="Build each model's catalogue in the background at startup (the first add "
+        "does not pay it; memory: a copy of the item table with spare rows).",
+    )
     max_delta_items: int = Field(
         default=100_000, ge=1, le=10_000_000, description="Most items added + removed by one delta."
     )
@@ -184,8 +189,7 @@ class Settings(BaseSettings):
         default=64 * 1_048_576,
         ge=1024,
         le=1024 * 1_048_576,
-        description="Largest admin API request body in bytes (413 past it): a POST /admin/items of "
-        "10,000 items of 64 floats is about 7 MB of JSON.",
+        description="Largest admin request body (bytes).",
     )
     default_deadline_ms: int = Field(
         default=1000, ge=1, le=600_000, description="Request deadline when a request gives none."
