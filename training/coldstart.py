@@ -1,10 +1,8 @@
 """Cold-start evaluation of the live catalogue (issue 17, ``genret coldstart``).
 
-1. Hold out a share of the items (uniformly at random, ``seed``): :func:`hold_out_items` gives the
-   reduced data set (vocabulary without them, every sequence without them, their attribute rows
-   dropped), and :func:`reduced_split` the split the methods train on: the full data's split
-   (same users in train / valid / test, same history / target cut) with the held-out items removed
-   from the training sequences and from the validation users' histories and targets.
+1. :func:`hold_out_items`: a share of the items (uniformly at random, ``seed``) and the data set
+   without them; :func:`reduced_split`: the full data's split (same users in each part, same
+   history / target cut) with the held-out items removed from everything the trainers see.
 2. Each method trains on the reduced split (its SASRec base too) and exports its bundle, whose
    content tower is fitted on the reduced data's items only.
 3. :func:`add_held_out` adds the held-out items to the bundle's catalogue through the live path
@@ -16,9 +14,8 @@
    "new items": the test users with a held-out item among their targets, scored on those targets
    only; "overall": every test user, every target.
 
-References (:mod:`cli.coldstart` puts them in one table): SASRec trained on the full data,
-exhaustive, on the "new items" users and targets (full histories); and the method's bundle trained
-on the full data, overall.
+References (one table in :mod:`cli.coldstart`): SASRec trained on the full data, exhaustive, on
+the "new items" users and targets (full histories); the method's full-data bundle, overall.
 """
 
 from __future__ import annotations
@@ -33,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from models.bundle import Bundle, load_bundle
 from models.catalogue import ApplyReport, Catalogue, Delta, NewItem
@@ -46,6 +44,7 @@ log = logging.getLogger(__name__)
 
 K = 20  # Recall / NDCG / HR at K
 REPORT_KS: tuple[int, ...] = (K,)
+BATCH = 256  # users per retrieval
 
 
 @dataclass(frozen=True)
@@ -73,20 +72,15 @@ def hold_out_items(ds: Dataset, share: float = 0.1, seed: int = 0) -> Holdout:
     n = ds.num_items
     count = min(n - 1, max(1, round(share * n)))
     held = np.sort(np.random.default_rng(seed).choice(np.arange(1, n + 1), size=count, replace=False))
-    keep = np.ones(n + 1, bool)
-    keep[0] = False
-    keep[held] = False
-    kept = np.flatnonzero(keep)  # [N-H] full dense ids kept, ascending
+    kept = np.setdiff1d(np.arange(1, n + 1), held)  # [N-H] full dense ids kept, ascending
     to_reduced = np.zeros(n + 1, np.int64)
     to_reduced[kept] = np.arange(1, len(kept) + 1)
-    sequences = [_mapped(s, to_reduced) for s in ds.sequences]
-    attributes = None
-    if ds.item_attributes is not None:
-        attributes = [ds.item_attributes[0], *(ds.item_attributes[int(i)] for i in kept)]
+    attrs = ds.item_attributes
+    attributes = None if attrs is None else [attrs[0], *(attrs[int(i)] for i in kept)]
     reduced = Dataset(
         name=f"{ds.name}-holdout{share:g}-s{seed}",
         user_ids=list(ds.user_ids),
-        sequences=sequences,
+        sequences=[_mapped(s, to_reduced) for s in ds.sequences],
         vocab=ItemVocab(["", *(ds.vocab.raw_ids[int(i)] for i in kept)]),
         item_attributes=attributes,
         num_attributes=ds.num_attributes,
@@ -155,8 +149,7 @@ def add_held_out(bundle: Bundle, full: Dataset, holdout: Holdout) -> Added:
         if content.has_known(attrs):
             items.append(NewItem(id=full.vocab.raw_ids[dense], vector=None, attributes=attrs))
     start = time.perf_counter()
-    catalogue = Catalogue.from_bundle(bundle)
-    report = None
+    catalogue, report = Catalogue.from_bundle(bundle), None
     if items:
         catalogue, report = catalogue.apply(Delta(add=tuple(items)), content=content)
     seconds = time.perf_counter() - start
@@ -177,13 +170,8 @@ class ColdEvalSets:
 def catalogue_ids(full: Dataset, catalogue: Catalogue) -> np.ndarray:
     """``[N+1]`` full dense id -> catalogue dense id; an item not in the catalogue gets an id past
     its last row (never returned, so a target on it is a miss); 0 stays 0."""
-    out = np.zeros(full.num_items + 1, np.int64)
-    missing = catalogue.num_rows
-    for dense in range(1, full.num_items + 1):
-        got = catalogue.dense_of.get(full.vocab.raw_ids[dense])
-        if got is None:
-            got, missing = missing, missing + 1
-        out[dense] = got
+    out = np.asarray([0] + [catalogue.dense_of.get(raw, -1) for raw in full.vocab.raw_ids[1:]], np.int64)
+    out[out < 0] = catalogue.num_rows + np.arange((out < 0).sum())
     return out
 
 
@@ -225,7 +213,6 @@ def ranked_top_k(
     histories: Sequence[np.ndarray],
     exclude: Sequence[np.ndarray] | None = None,
     k: int = K,
-    batch_size: int = 256,
 ) -> np.ndarray:
     """``[U, k]`` served top-k at the bundle's default beam widened per user as the service widens
     it, history (and ``exclude``) excluded; a user with an empty history gets nothing (a miss)."""
@@ -239,26 +226,46 @@ def ranked_top_k(
         excluded = len(np.unique(np.concatenate([history, extra[row]])))
         groups.setdefault(retriever.beam_for(k, None, excluded), []).append(row)
     for beam, rows in groups.items():
-        for lo in range(0, len(rows), batch_size):
-            idx = rows[lo : lo + batch_size]
-            result = retriever.retrieve(
-                [histories[i] for i in idx],
-                k=k,
-                beam_size=beam,
-                exclude=[extra[i] for i in idx],
-                exclude_history=True,
-            )
-            ranked[idx] = result.items
+        for lo in range(0, len(rows), BATCH):
+            idx = rows[lo : lo + BATCH]
+            batch = [histories[i] for i in idx]
+            ranked[idx] = retriever.retrieve(
+                batch, k, beam, [extra[i] for i in idx], exclude_history=True
+            ).items
     return ranked
 
 
 def catalogue_eval(retriever: Retriever, sets: ColdEvalSets) -> dict[str, dict[str, float]]:
-    """Recall / NDCG / HR@20 on "new items" and "overall" (one retrieval per test user)."""
+    """Recall / NDCG / HR@20 on "new items" and "overall": served (one retrieval per test user), and
+    ``*_exhaustive``: exact inner product over every live item (no beam), which separates what the
+    beam and placement lose from what the added items' vectors lose."""
     ranked = ranked_top_k(retriever, sets.overall.histories, sets.exclude)
-    return {
-        "new_items": _scores(ranked[sets.new_rows], sets.new.targets),
-        "overall": _scores(ranked, sets.overall.targets),
-    }
+    exact = exhaustive_top_k(retriever, sets.overall.histories, sets.exclude)
+    out = {}
+    for name, top in (("", ranked), ("_exhaustive", exact)):
+        out[f"new_items{name}"] = _scores(top[sets.new_rows], sets.new.targets)
+        out[f"overall{name}"] = _scores(top, sets.overall.targets)
+    return out
+
+
+def exhaustive_top_k(
+    retriever: Retriever, histories: Sequence[np.ndarray], exclude: Sequence[np.ndarray], k: int = K
+) -> np.ndarray:
+    """``[U, k]`` top-k of ``query · item_emb`` over the retriever's live items, history and
+    ``exclude`` excluded; an empty history gets nothing."""
+    live = torch.as_tensor(retriever.lookup.live)  # [N+1]
+    ranked = np.zeros((len(histories), k), np.int64)
+    rows = [r for r, h in enumerate(histories) if len(h)]
+    for lo in range(0, len(rows), BATCH):
+        idx = rows[lo : lo + BATCH]
+        query = retriever.encode([histories[i] for i in idx]).query.float()  # [B, Dr]
+        scores = query @ retriever.item_emb.float().T  # [B, N+1]
+        scores[:, ~live] = -torch.inf
+        for j, i in enumerate(idx):
+            gone = np.concatenate([histories[i], exclude[i]]).astype(np.int64)
+            scores[j, torch.from_numpy(gone)] = -torch.inf
+        ranked[idx] = scores.topk(k, dim=1).indices.numpy()
+    return ranked
 
 
 def _scores(ranked: np.ndarray, targets: Sequence[np.ndarray]) -> dict[str, float]:
@@ -267,9 +274,8 @@ def _scores(ranked: np.ndarray, targets: Sequence[np.ndarray]) -> dict[str, floa
 
 def bundle_overall(retriever: Retriever, full: Dataset, test: EvalSet) -> dict[str, float]:
     """A full-data bundle's overall figures on the full data's test users (its own ids)."""
-    to_bundle = np.zeros(full.num_items + 1, np.int64)
     ids = {raw: i for i, raw in enumerate(retriever.bundle.item_ids.tolist()) if i > 0}
-    to_bundle[1:] = [ids.get(raw, 0) for raw in full.vocab.raw_ids[1:]]
+    to_bundle = np.asarray([0] + [ids.get(raw, 0) for raw in full.vocab.raw_ids[1:]], np.int64)
     if (to_bundle[1:] == 0).any():
         raise ValueError("the full-data bundle lacks items of the data set: not trained on it")
     ranked = ranked_top_k(retriever, [to_bundle[h] for h in test.histories])
@@ -280,14 +286,9 @@ def sasrec_new_items(sasrec: Any, test: EvalSet, holdout: Holdout) -> dict[str, 
     """SASRec trained with the held-out items, exhaustive, on the "new items" users and targets
     (full histories, history excluded)."""
     rows = [r for r, t in enumerate(test.targets) if holdout.is_held(t).any()]
-    if not rows:
-        return _scores(np.zeros((0, K), np.int64), [])
     histories = [test.histories[r] for r in rows]
-    ranked = sasrec.recommend(histories, K, histories)
+    ranked = sasrec.recommend(histories, K, histories) if rows else np.zeros((0, K), np.int64)
     return _scores(ranked, [t[holdout.is_held(t)] for t in (test.targets[r] for r in rows)])
-
-
-# ------------------------------------------------------------------ the whole run
 
 
 @dataclass(frozen=True)
@@ -386,13 +387,12 @@ def trained_bundle(ctx: TrainContext, method: str, store: Path) -> Path:
 
 
 def _reusable(directory: Path | None, method: str, ds: Dataset) -> Path | None:
-    if directory is not None and not _same_data(directory / method, ds):
+    ok = directory is not None and _same_data(directory / method, ds)
+    if directory is not None and not ok:
         log.warning("%s: not a bundle of this data set; training the full-data bundle", directory / method)
-    return directory / method if directory is not None and _same_data(directory / method, ds) else None
+    return directory / method if ok and directory is not None else None
 
 
 def _same_data(bundle_dir: Path, ds: Dataset) -> bool:
-    manifest = bundle_dir / "manifest.json"
-    return (
-        manifest.is_file() and json.loads(manifest.read_text()).get("dataset_fingerprint") == ds.fingerprint()
-    )
+    m = bundle_dir / "manifest.json"
+    return m.is_file() and json.loads(m.read_text()).get("dataset_fingerprint") == ds.fingerprint()
