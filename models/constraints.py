@@ -8,6 +8,9 @@
   allowed and other items).
 * :func:`dense_fill`: when a row still has fewer than k items and more exist, the rest comes from
   exact inner product over the items the row may return (the response says how many).
+* An allow-list of at most ``EXACT_ALLOW_ITEMS`` items is scored exactly instead: that costs
+  ``|allow| x Dr`` multiply-adds (50,000 x 64 = 3.2M, well under a millisecond on one core), less than
+  the beam's decoder steps, and answers the exact top-k over the allowed items whatever the index.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from torch import Tensor
 
 from models.index import TreeIndex
 from models.search import NodeKeys, sorted_member
+
+EXACT_ALLOW_ITEMS = 50_000  # allow-lists up to this size are scored exactly (module docstring)
 
 
 @dataclass(frozen=True)
@@ -150,3 +155,38 @@ def dense_fill(
     scores = item_emb.index_select(0, idx) @ query  # [n]
     top_scores, top = torch.topk(scores, min(need, len(cands)))
     return cands[top.cpu().numpy()], top_scores.float().cpu().numpy()
+
+
+def fill_rows(
+    lookup: ItemLookup,
+    item_emb: Tensor,
+    items: np.ndarray,
+    scores: np.ndarray,
+    filled: np.ndarray,
+    targets: Sequence[int],
+    query: Tensor,
+    exclude: Sequence[np.ndarray] | None,
+    allow: Sequence[np.ndarray | None] | None,
+) -> None:
+    """Complete, in place, every row of ``items [B,k]`` / ``scores [B,k]`` holding fewer than its
+    target by :func:`dense_fill` (``query [B, Dr]``), then order the row by score (the fill may find
+    better items than the beam did); ``filled [B]`` counts the items added."""
+    counts = (items > 0).sum(axis=1)
+    for r in np.flatnonzero(counts < np.asarray(targets)).tolist():
+        k = int(targets[r])
+        have = items[r][items[r] > 0]
+        more, more_scores = dense_fill(
+            lookup,
+            item_emb,
+            query[r],
+            have,
+            k - len(have),
+            None if allow is None else allow[r],
+            None if exclude is None else np.asarray(exclude[r], np.int64),
+        )
+        n, m = len(have), len(more)
+        items[r, n : n + m] = more
+        scores[r, n : n + m] = more_scores
+        order = np.argsort(-scores[r, : n + m], kind="stable")
+        items[r, : n + m], scores[r, : n + m] = items[r, order], scores[r, order]
+        filled[r] += m

@@ -28,7 +28,7 @@ from torch import Tensor
 from models.backend import BackendScorer, DecoderBackend
 from models.beam_policy import beam_for_k, default_beam, smallest_leaves_cumsum
 from models.bundle import Bundle
-from models.constraints import ItemLookup, dense_fill, item_member, node_keys
+from models.constraints import EXACT_ALLOW_ITEMS, ItemLookup, fill_rows, item_member, node_keys
 from models.graph_search import GraphRunner
 from models.index import TreeIndex
 from models.retrieval_types import DeviceRows, EncoderStates, RetrievalResult, check_search_args
@@ -319,9 +319,25 @@ class Retriever:
         out_items[:, :kk] = host[:, :kk]
         out_scores[:, :kk] = top_scores.float().cpu().numpy()
         filled = np.zeros(B, np.int64)
+        if allow is not None:  # small allow-lists: the exact top-k over them (constraints docstring)
+            small = [r for r, a in enumerate(allow) if a is not None and len(a) <= EXACT_ALLOW_ITEMS]
+            out_items[small], out_scores[small] = 0, -np.inf
+            fill_rows(
+                self.lookup,
+                self.item_emb,
+                out_items,
+                out_scores,
+                filled,
+                [k if r in small else 0 for r in range(B)],
+                query,
+                exclude,
+                allow,
+            )
         if fill is not False:
             targets = [k] * B if fill is True else [min(k, int(t)) for t in fill]
-            self._fill(out_items, out_scores, filled, targets, query, exclude, allow)
+            fill_rows(
+                self.lookup, self.item_emb, out_items, out_scores, filled, targets, query, exclude, allow
+            )
         return RetrievalResult(
             items=out_items,
             scores=out_scores,
@@ -330,38 +346,6 @@ class Retriever:
             num_scored=host[:, -1],
             dense_filled=filled,
         )
-
-    def _fill(
-        self,
-        items: np.ndarray,
-        scores: np.ndarray,
-        filled: np.ndarray,
-        targets: Sequence[int],
-        query: Tensor,
-        exclude: Sequence[np.ndarray] | None,
-        allow: Sequence[np.ndarray | None] | None,
-    ) -> None:
-        """Complete, in place, every row of ``items [B,k]``/``scores [B,k]`` holding fewer than its
-        target, then order the row by score (the fill may find better items than the beam did)."""
-        counts = (items > 0).sum(axis=1)
-        for r in np.flatnonzero(counts < np.asarray(targets)).tolist():
-            k = int(targets[r])
-            have = items[r][items[r] > 0]
-            more, more_scores = dense_fill(
-                self.lookup,
-                self.item_emb,
-                query[r],
-                have,
-                k - len(have),
-                None if allow is None else allow[r],
-                None if exclude is None else np.asarray(exclude[r], np.int64),
-            )
-            n, m = len(have), len(more)
-            items[r, n : n + m] = more
-            scores[r, n : n + m] = more_scores
-            order = np.argsort(-scores[r, : n + m], kind="stable")
-            items[r, : n + m], scores[r, : n + m] = items[r, order], scores[r, order]
-            filled[r] = m
 
     def retrieve(
         self,

@@ -166,6 +166,7 @@ def test_allow_lists_hold_and_k_is_guaranteed(bucket_bundle: Bundle) -> None:
         exclude = [rng.integers(1, NUM_ITEMS + 1, size=int(rng.integers(0, 4))) for _ in range(B)]
         k, beam = int(rng.integers(1, 12)), int(rng.integers(1, 4))
         result = retriever.retrieve(histories, k=k, beam_size=beam, exclude=exclude, allow=allow, fill=True)
+        query = retriever.encode(histories).query.numpy()
         for r in range(B):
             got = result.items[r][result.items[r] > 0]
             assert len(set(got.tolist())) == len(got), trial
@@ -177,3 +178,13 @@ def test_allow_lists_hold_and_k_is_guaranteed(bucket_bundle: Bundle) -> None:
             assert len(got) == min(k, available), trial
             assert result.dense_filled is not None and result.dense_filled[r] <= len(got)
             assert np.all(np.diff(result.scores[r][: len(got)]) <= 0)  # the fill is merged by score
+            if allowed is not None:  # a small allow-list is scored exactly: the exact top-k over it
+                pool_ids = np.array(sorted(pool - set(exclude[r].tolist())), np.int64)
+                exact = pool_ids[np.argsort(-(bucket_bundle.item_emb[pool_ids] @ query[r]), kind="stable")][
+                    :k
+                ]
+                np.testing.assert_allclose(
+                    np.sort(bucket_bundle.item_emb[got] @ query[r]),
+                    np.sort(bucket_bundle.item_emb[exact] @ query[r]),
+                    rtol=1e-5,
+                )
