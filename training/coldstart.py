@@ -198,13 +198,8 @@ def cold_eval_sets(
             new_targets.append(to_cat[held])
     rows = np.asarray(new_rows, np.int64)
     new = EvalSet([test.user_ids[r] for r in new_rows], [histories[r] for r in new_rows], new_targets)
-    stats = {
-        "test_users": len(test),
-        "new_item_users": len(new_rows),
-        "new_item_targets": int(sum(len(t) for t in new_targets)),
-        "history_items_skipped": skipped,
-        "users_without_known_history": empty,
-    }
+    stats = {"test_users": len(test), "new_item_users": len(new_rows), "history_items_skipped": skipped}
+    stats |= {"new_item_targets": int(sum(len(t) for t in new_targets)), "users_without_known_history": empty}
     return ColdEvalSets(EvalSet(list(test.user_ids), histories, targets), new, exclude, rows, stats)
 
 
@@ -387,10 +382,17 @@ def trained_bundle(ctx: TrainContext, method: str, store: Path) -> Path:
 
 
 def _reusable(directory: Path | None, method: str, ds: Dataset) -> Path | None:
-    ok = directory is not None and _same_data(directory / method, ds)
-    if directory is not None and not ok:
-        log.warning("%s: not a bundle of this data set; training the full-data bundle", directory / method)
-    return directory / method if ok and directory is not None else None
+    """``directory/<method>`` when it is a bundle of ``ds`` (TDR's rounds layout: its best round)."""
+    if directory is None:
+        return None
+    path, rounds = directory / method, directory / method / "rounds.json"
+    if rounds.is_file():
+        best = max(json.loads(rounds.read_text()), key=lambda r: r["valid_recall@20"])
+        path = path / Path(best["bundle"]).name
+    if _same_data(path, ds):
+        return path
+    log.warning("%s: not a bundle of this data set; training the full-data bundle", path)
+    return None
 
 
 def _same_data(bundle_dir: Path, ds: Dataset) -> bool:

@@ -3,6 +3,7 @@ live path adds them back from their attributes, and users of their cluster get t
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from models.bundle import load_bundle
 from models.retriever import Retriever
 from training.coldstart import (
     ColdstartConfig,
+    _reusable,
     add_held_out,
     hold_out_items,
     ranked_top_k,
@@ -93,3 +95,19 @@ def test_coldstart_adds_held_out_items_and_serves_them(tmp_path: Path) -> None:
     served = ranked_top_k(retriever, histories, k=5)  # [H, 5], history excluded
     found = [j in top for j, top in zip(new_ids, served, strict=True)]
     assert np.mean(found) >= 0.8, (found, served)
+
+
+def test_full_bundles_are_found_by_data_fingerprint(tmp_path: Path) -> None:
+    """``--full-bundles``: ``<dir>/<method>`` of the same data set; TDR's rounds layout gives its best round."""
+    ds = clustered_with_attributes()
+    (tmp_path / "seater").mkdir()
+    (tmp_path / "seater" / "manifest.json").write_text(json.dumps({"dataset_fingerprint": ds.fingerprint()}))
+    for r in (0, 1):
+        (tmp_path / "tdr" / f"round{r}").mkdir(parents=True)
+        manifest = {"dataset_fingerprint": ds.fingerprint() if r == 1 else "other"}
+        (tmp_path / "tdr" / f"round{r}" / "manifest.json").write_text(json.dumps(manifest))
+    rounds = [{"bundle": f"elsewhere/tdr/round{r}", "valid_recall@20": 0.1 * r} for r in (0, 1)]
+    (tmp_path / "tdr" / "rounds.json").write_text(json.dumps(rounds))
+    assert _reusable(tmp_path, "seater", ds) == tmp_path / "seater"
+    assert _reusable(tmp_path, "tdr", ds) == tmp_path / "tdr" / "round1"
+    assert _reusable(tmp_path, "uri", ds) is None and _reusable(None, "seater", ds) is None
