@@ -186,6 +186,20 @@ async def _drive(
     return records, t0, t1, answer
 
 
+def wait_prebuilt(url: str, timeout_s: float = 600.0) -> None:
+    """Wait until the service reports its catalogue built (``genret_catalogue_prebuilt`` 1)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{url}/metrics", timeout=10.0).text
+        if any(
+            line.startswith("genret_catalogue_prebuilt{") and line.endswith(" 1.0")
+            for line in text.splitlines()
+        ):
+            return
+        time.sleep(0.5)
+    raise RuntimeError("the service did not report its catalogue built (genret_catalogue_prebuilt)")
+
+
 def phase(records: list[Record], lo: float, hi: float, *, overlap: bool) -> Phase:
     """Requests inside ``[lo, hi]`` (``overlap``: any overlapping it)."""
     if overlap:
@@ -246,6 +260,7 @@ def run_catalogue_bench(cfg: CatalogueBenchConfig, as_json: bool = False) -> int
     service = ServiceProcess(service_env(cfg, bundle, deltas), cfg.workdir / "service.log")
     try:
         service.start(ready_timeout_s=600)
+        wait_prebuilt(service.url)  # the baseline must not overlap the catalogue's background build
         records, t0, t1, answer = run_loop(_drive(service, bodies, body, cfg))
         server_s = apply_seconds(service.url)
     finally:

@@ -90,7 +90,7 @@ def place_items(tree: PlacementTree, vectors: np.ndarray) -> list[Placement]:
     buckets = tree.index.token_scheme == "level" and tree.leaf_capacity > 1
     quick = None if buckets else first_parent_leaves(tree, unit, parents[:, 0])
     growth = _Growth(next_node=tree.index.num_nodes)
-    level_token_node = _token_nodes(tree.index)
+    level_token_node = _token_nodes(tree.index) if buckets else {}  # only buckets take new level tokens
     out = []
     for i in range(len(unit)):
         if copies[i] > 0:

@@ -58,6 +58,12 @@ CATALOGUE_DELTAS = Counter(
     ["model", "result"],
     registry=REGISTRY,
 )
+PREBUILT = Gauge(
+    "genret_catalogue_prebuilt",
+    "1 once a model's catalogue (version 0) is built and a delta pays only itself.",
+    ["model"],
+    registry=REGISTRY,
+)
 APPLY_SECONDS = Gauge(
     "genret_catalogue_apply_seconds",
     "Seconds the last catalogue update of a model took (apply + retriever + swap).",
@@ -166,6 +172,7 @@ class LiveCatalogue:
                 continue
             try:
                 self.catalogue_of(model)
+                PREBUILT.labels(model=model.name).set(1)
             except Exception:
                 log.exception("building the catalogue of %s failed; the first delta builds it", model.name)
 

@@ -111,7 +111,7 @@ class DeltaStore:
             "base_fingerprint": fingerprint,
             "version": version,
             "created_at": time.time(),
-            "delta": delta.to_json(),
+            "delta": delta.to_json(compact=True),  # vectors as base64 float32: fast to write and read
         }
         final = self.directory / file_name(seq)
         tmp = self.directory / f".{file_name(seq)}.{os.getpid()}.{time.monotonic_ns()}.tmp"

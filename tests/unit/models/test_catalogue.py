@@ -60,15 +60,22 @@ def test_delta_json_errors_name_the_field() -> None:
         ({"remove": [None]}, "remove[0]"),
         ({"add": [{"id": "x", "colour": 1}]}, "add[0].colour"),
         ({}, "body"),
+        ({"add": [{"id": "x", "vector": [1.0, True]}]}, "add[0].vector"),
+        ({"add": [{"id": "x", "vector": [1e39]}]}, "add[0].vector"),
+        ({"add": [{"id": "x", "vector_f32": "not base64!"}]}, "add[0].vector_f32"),
+        ({"add": [{"id": "x", "vector_f32": "AAAA"}]}, "add[0].vector_f32"),  # 3 bytes
+        ({"add": [{"id": "x", "vector": [1.0], "vector_f32": "AACAPw=="}]}, "add[0].vector_f32"),
     ]
     for body, field in cases:
         with pytest.raises(DeltaError) as err:
             Delta.from_json(body)
         assert err.value.field == field, body
     delta = Delta.from_json({"add": [{"id": 7, "vector": [1, 2]}], "remove": ["a"]})
-    again = Delta.from_json(delta.to_json())
-    assert again.remove == ("a",) and again.add[0].id == "7"
-    np.testing.assert_array_equal(again.add[0].vector, [1.0, 2.0])
+    for compact in (False, True):  # vectors as lists, or as base64 float32 (what delta files hold)
+        again = Delta.from_json(delta.to_json(compact=compact))
+        assert again.remove == ("a",) and again.add[0].id == "7"
+        np.testing.assert_array_equal(again.add[0].vector, [1.0, 2.0])
+    assert "vector_f32" in Delta.from_json(delta.to_json()).to_json(compact=True)["add"][0]
 
 
 def test_check_refuses_what_the_catalogue_contradicts(bucket_bundle: Bundle) -> None:
