@@ -30,6 +30,7 @@ import numpy as np
 
 from benchmarks.launcher import ServiceProcess
 from benchmarks.load import Connection, retrieve_bodies, run_loop
+from models.catalogue_delta import Delta, NewItem
 
 ADMIN_TOKEN = "bench-catalogue-admin-token"
 WARMUP_S = 2.0
@@ -104,16 +105,15 @@ def bundle_path(cfg: CatalogueBenchConfig) -> Path:
 
 
 def add_body(bundle: Path, count: int, seed: int) -> bytes:
-    """``{"add": [...]}`` of ``count`` new items: perturbed copies of random existing items' vectors."""
+    """``{"add": [...]}`` of ``count`` new items: perturbed copies of random existing items' vectors,
+    sent as a client adding many items would (``vector_f32``: base64 float32, a quarter of the JSON)."""
     with np.load(bundle / "items.npz", allow_pickle=False) as data:
         emb = data["item_emb"]
     rng = np.random.default_rng(seed + 1)
     base = emb[rng.integers(1, len(emb), count)]
     vectors = base + 0.3 * float(emb[1:].std()) * rng.standard_normal(base.shape).astype(np.float32)
-    items = [
-        {"id": f"new-{seed}-{i}", "vector": [round(float(x), 5) for x in v]} for i, v in enumerate(vectors)
-    ]
-    return json.dumps({"add": items}).encode()
+    delta = Delta(add=tuple(NewItem(f"new-{seed}-{i}", v.astype(np.float32)) for i, v in enumerate(vectors)))
+    return json.dumps(delta.to_json(compact=True)).encode()  # vectors as base64 float32 (vector_f32)
 
 
 def service_env(cfg: CatalogueBenchConfig, bundle: Path, deltas: Path) -> dict[str, str]:

@@ -224,4 +224,4 @@ async def add_items(
     model = delta.pop("model", None)
     if model is not None and not isinstance(model, str):
         raise LimitExceeded(("model",), "a model name (string)")
-    return AddItemsResponse(**await asyncio.to_thread(catalogue.add, model, delta))
+    return AddItemsResponse(**await catalogue.run(catalogue.add, model, delta))

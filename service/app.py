@@ -223,9 +223,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             else None
         )
         prebuild = (
-            asyncio.create_task(asyncio.to_thread(catalogue.prebuild))
-            if settings.catalogue_prebuild
-            else None
+            asyncio.create_task(catalogue.run(catalogue.prebuild)) if settings.catalogue_prebuild else None
         )
         watcher = (
             asyncio.create_task(registry.watch(settings.reload_poll_s))

@@ -21,13 +21,16 @@ shares the ONNX sessions and the device item table's buffer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from prometheus_client import Counter, Gauge
@@ -133,8 +136,26 @@ class Chain:
         )
 
 
+T = TypeVar("T")
+CATALOGUE_NICE = 10  # the catalogue thread's niceness: an add yields the cores to serving threads
+
+
+def _lower_priority() -> None:
+    """Initializer of the catalogue thread: lower its scheduling priority (Linux: per thread)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CATALOGUE_NICE)
+
+
 class LiveCatalogue:
     """The catalogue side of every loaded model (module docstring)."""
+
+    # one thread for every catalogue job (adds, the poller, the background build), at a lower
+    # priority than the threads that serve requests: under load an add takes longer, requests do not
+    _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalogue", initializer=_lower_priority)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the catalogue thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def __init__(self, settings: Settings, registry: ModelRegistry) -> None:
         self.settings = settings
@@ -244,7 +265,7 @@ class LiveCatalogue:
         """Apply other replicas' deltas every ``period_s`` (runs until cancelled), off the event loop."""
         while True:
             await asyncio.sleep(period_s)
-            await asyncio.to_thread(self.sync_all)
+            await self.run(self.sync_all)
 
     def _gauges(self, model: LoadedModel) -> None:
         CATALOGUE_VERSION.labels(model=model.name).set(model.catalogue_version)
