@@ -21,9 +21,7 @@ shares the ONNX sessions and the device item table's buffer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -137,21 +135,14 @@ class Chain:
 
 
 T = TypeVar("T")
-CATALOGUE_NICE = 10  # the catalogue thread's niceness: an add yields the cores to serving threads
-
-
-def _lower_priority() -> None:
-    """Initializer of the catalogue thread: lower its scheduling priority (Linux: per thread)."""
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CATALOGUE_NICE)
 
 
 class LiveCatalogue:
     """The catalogue side of every loaded model (module docstring)."""
 
-    # one thread for every catalogue job (adds, the poller, the background build), at a lower
-    # priority than the threads that serve requests: under load an add takes longer, requests do not
-    _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalogue", initializer=_lower_priority)
+    # one thread for every catalogue job (adds, the poller, the background build): they never run
+    # at once. (A lower OS priority for it was measured worse: it holds the GIL while descheduled.)
+    _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalogue")
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the catalogue thread."""
