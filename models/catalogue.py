@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.catalogue_delta import Delta, DeltaError, NewItem
+from models.catalogue_delta import Delta, DeltaError, NewItem, delta_vectors
 from models.index import TreeIndex
 from models.placement import PlacementTree, place_items, unit_rows
 
@@ -192,7 +192,7 @@ class Catalogue:
             if item.id in added:
                 raise DeltaError(f"add[{i}].id", f"item {item.id!r} is added twice")
             added.add(item.id)
-        return _vectors(delta.add, dim, content)
+        return delta_vectors(delta.add, dim, content)
 
     def apply(self, delta: Delta, content: Any = None) -> tuple[Catalogue, ApplyReport]:
         """The next version: ``delta``'s removals, then its additions (a removed id may come back)."""
@@ -313,30 +313,6 @@ def path_of(parent: np.ndarray, node: int, depth: int) -> np.ndarray:
     for level in range(depth - 1, -1, -1):
         out[level] = node
         node = int(parent[node])
-    return out
-
-
-def _vectors(items: Sequence[NewItem], dim: int, content: Any) -> np.ndarray:
-    """``[M, Dr]`` float32: each added item's vector, or the content tower's from its attributes."""
-    out = np.zeros((len(items), dim), np.float32)
-    need = [i for i, item in enumerate(items) if item.vector is None]
-    for i, item in enumerate(items):
-        if item.vector is not None:
-            if item.vector.shape != (dim,):
-                raise DeltaError(
-                    f"add[{i}].vector", f"has {item.vector.shape[0]} values, the bundle's items have {dim}"
-                )
-            out[i] = item.vector
-    for i in need:
-        attrs = list(items[i].attributes)
-        if content is None:
-            raise DeltaError(f"add[{i}].vector", "required: this bundle has no content tower")
-        if not content.has_known(attrs):
-            raise DeltaError(
-                f"add[{i}].vector", "required: none of the item's attributes is known to the content tower"
-            )
-    if need:
-        out[need] = np.asarray(content.vectors([list(items[i].attributes) for i in need]), np.float32)
     return out
 
 

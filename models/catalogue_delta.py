@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,3 +131,27 @@ def _finite(vector: np.ndarray, field: str) -> np.ndarray:
     if not np.isfinite(vector).all():
         raise DeltaError(field, "holds NaN or an infinite value (or a number beyond float32)")
     return vector
+
+
+def delta_vectors(items: Sequence[NewItem], dim: int, content: Any) -> np.ndarray:
+    """``[M, Dr]`` float32: each added item's vector, or the content tower's from its attributes."""
+    out = np.zeros((len(items), dim), np.float32)
+    need = [i for i, item in enumerate(items) if item.vector is None]
+    for i, item in enumerate(items):
+        if item.vector is not None:
+            if item.vector.shape != (dim,):
+                raise DeltaError(
+                    f"add[{i}].vector", f"has {item.vector.shape[0]} values, the bundle's items have {dim}"
+                )
+            out[i] = item.vector
+    for i in need:
+        attrs = list(items[i].attributes)
+        if content is None:
+            raise DeltaError(f"add[{i}].vector", "required: this bundle has no content tower")
+        if not content.has_known(attrs):
+            raise DeltaError(
+                f"add[{i}].vector", "required: none of the item's attributes is known to the content tower"
+            )
+    if need:
+        out[need] = np.asarray(content.vectors([list(items[i].attributes) for i in need]), np.float32)
+    return out
