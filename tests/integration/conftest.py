@@ -156,6 +156,11 @@ def start_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceF
             "GENRET_ENV": "test",
             "GENRET_ADMIN_TOKEN": ADMIN_TOKEN,
             "GENRET_DEFAULT_BEAM_SIZE": "10",
+            # each service its own delta directory: deltas written beside a shared test bundle would
+            # reach every later service of that bundle (a test sharing one passes it explicitly)
+            "GENRET_CATALOGUE_DIR": str(tmp_path_factory.mktemp("deltas")),
+            # the monitor's sampled shadow runs add cache lookups: off unless a test turns it on
+            "GENRET_QUALITY_SAMPLE": "0",
             "OMP_NUM_THREADS": "1",
         }
         service = ServiceProcess({**base, **env}, logs / f"service-{len(started)}.log")
