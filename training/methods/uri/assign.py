@@ -53,9 +53,9 @@ class QueryEvidence:
 
     def reduce(self, dist: DistContext) -> None:
         """Under torchrun: the mean over ranks of the sums and counts (their ratio is the global one)."""
-        if dist.is_distributed:
-            self.sums = dist.all_reduce_mean(self.sums)
-            self.counts = dist.all_reduce_mean(self.counts)
+        if dist.is_distributed:  # all_reduce_mean returns float32: keep the float64 accumulators
+            self.sums = dist.all_reduce_mean(self.sums).double()
+            self.counts = dist.all_reduce_mean(self.counts).double()
 
     def coverage(self) -> float:
         """Share of items with at least one query in the accumulated pairs."""
