@@ -1,0 +1,57 @@
+"""Profile one POST /admin/items in process: the registry, ``LiveCatalogue.add`` (parse, check, the
+delta file written and read back, apply, swap) for ``--add`` new items on a bundle.
+
+    python scripts/prof_catalogue_add.py runs/bench_catalogue/bundle-n1000000-l3-b100-d64-s0 [--add 10000]
+
+Prints the load, the background build (version 0) and the add's wall time, then the add's profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from service.catalogue_live import LiveCatalogue
+from service.models_registry import ModelRegistry
+from service.settings import Settings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundle")
+    parser.add_argument("--add", type=int, default=10_000)
+    args = parser.parse_args()
+    settings = Settings(
+        bundle_path=Path(args.bundle), catalogue_dir=Path(tempfile.mkdtemp()), env="test", catalogue_poll_s=0
+    )
+    registry = ModelRegistry(settings)
+    t = time.perf_counter()
+    registry.load_all()
+    print(f"load {time.perf_counter() - t:.2f} s")
+    catalogue = LiveCatalogue(settings, registry)
+    t = time.perf_counter()
+    catalogue.prebuild()
+    print(f"version 0 (background build) {time.perf_counter() - t:.2f} s")
+    model = registry.get(None)
+    rng = np.random.default_rng(0)
+    emb = model.item_emb[1 : args.add + 1].cpu().numpy()
+    vectors = emb + 0.03 * rng.standard_normal(emb.shape).astype(np.float32)
+    body = json.dumps({"add": [{"id": f"new-{i}", "vector": v.tolist()} for i, v in enumerate(vectors)]})
+    profile = cProfile.Profile()
+    t = time.perf_counter()
+    profile.enable()
+    out = catalogue.add(None, json.loads(body))
+    profile.disable()
+    print(f"add {time.perf_counter() - t:.2f} s: {out}")
+    pstats.Stats(profile).sort_stats("cumulative").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()
