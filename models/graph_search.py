@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from models.backend import BackendScorer
-from models.search import beam_search
+from models.search import NodeKeys, beam_search
 
 if TYPE_CHECKING:
     from models.retriever import RetrievalResult, Retriever
@@ -104,20 +104,31 @@ def static_leaf_candidates(retriever: Retriever, leaves: Tensor) -> tuple[Tensor
     return items.reshape(B, b * M), valid.reshape(B, b * M)
 
 
-def static_blocked_nodes(retriever: Retriever, excl: Tensor) -> Tensor:
-    """``excl [B, E]`` (sorted, padded high) -> bool ``[B, num_nodes]``: the leaves all of whose items
-    a row excludes (what :func:`models.constraints.node_keys` blocks on the eager path), as a dense
-    mask of static shape."""
-    B = excl.shape[0]
+def static_blocked_keys(retriever: Retriever, excl: Tensor) -> NodeKeys:
+    """``excl [B, E]`` (sorted, padded high) -> the leaves all of whose items a row excludes, as the
+    beam's :class:`models.search.NodeKeys` (what :func:`models.constraints.node_keys` blocks on the
+    eager path), in static shapes: ``[B*E]`` sorted keys, a sentinel above every key where an
+    exclusion does not empty its leaf. Memory ``B x E x E``, not ``B x num_nodes``."""
+    B = excl.shape[0]  # excl [B, E]
     N = retriever.num_items
+    n = retriever.trie.num_nodes
     real = (excl > 0) & (excl <= N)  # [B, E]
-    leaf = (retriever.item_leaf[excl.clamp(max=N)] - retriever.leaf_start).clamp(min=0)  # [B, E]
-    sizes = retriever.leaf_offsets[1:] - retriever.leaf_offsets[:-1]  # [num_leaves]
-    counts = torch.zeros(B, sizes.numel(), dtype=torch.int64, device=excl.device)
-    counts.scatter_add_(1, leaf, real.long())
-    full = (counts >= sizes[None, :]) & (counts > 0)  # [B, num_leaves]
-    inner = torch.zeros(B, retriever.leaf_start, dtype=torch.bool, device=excl.device)
-    return torch.cat([inner, full], dim=1)
+    leaf = torch.where(real, retriever.item_leaf[excl.clamp(min=0, max=N)], -1)  # [B, E] global ids
+    same = (leaf[:, :, None] == leaf[:, None, :]) & real[:, :, None] & real[:, None, :]  # [B, E, E]
+    size = (
+        retriever.leaf_offsets[(leaf - retriever.leaf_start).clamp(min=0) + 1]
+        - retriever.leaf_offsets[(leaf - retriever.leaf_start).clamp(min=0)]
+    )  # [B, E] items of each exclusion's leaf
+    full = real & (same.sum(dim=2) >= size)  # [B, E] the exclusion's leaf has no item left
+    rows = torch.arange(B, device=excl.device)[:, None]
+    sentinel = torch.full_like(leaf, B * n)  # above every key
+    keys, _ = torch.sort(torch.where(full, rows * n + leaf, sentinel).reshape(-1))
+    return NodeKeys(
+        num_nodes=n,
+        allow_rows=torch.zeros(B, dtype=torch.bool, device=excl.device),
+        allowed=torch.zeros(0, dtype=torch.int64, device=excl.device),
+        blocked=keys,
+    )
 
 
 def static_retrieve(
@@ -132,8 +143,8 @@ def static_retrieve(
     mask = history > 0  # [B, T]
     memory, query = retriever.backend.encode(history, mask)  # [B,T,D], [B,Dr]
     scorer = BackendScorer(retriever.backend, memory, mask)
-    blocked = static_blocked_nodes(retriever, excl)  # [B, num_nodes]
-    leaves = beam_search(retriever.trie, scorer, B, beam_size, retriever.score_mode, blocked).leaves  # [B, b]
+    blocked = static_blocked_keys(retriever, excl)
+    leaves = beam_search(retriever.trie, scorer, B, beam_size, retriever.score_mode, node_keys=blocked).leaves
     items, valid = static_leaf_candidates(retriever, leaves)  # [B, C]
     num_scored = valid.sum(dim=1)  # [B] before exclusion
     pos = torch.searchsorted(excl, items).clamp(max=excl.shape[1] - 1)  # [B, C]
