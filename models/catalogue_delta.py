@@ -114,7 +114,9 @@ def _vector(raw: Any, field: str) -> np.ndarray:
         raise DeltaError(field, "expected a non-empty list of numbers")
     if not all(type(v) is float or type(v) is int for v in raw):  # bools and strings are not numbers
         raise DeltaError(field, "expected numbers only")
-    return _finite(np.asarray(raw, np.float64).astype(np.float32), field)
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused below
+        vector = np.asarray(raw, np.float64).astype(np.float32)
+    return _finite(vector, field)
 
 
 def _vector_f32(raw: Any, field: str) -> np.ndarray:
