@@ -161,13 +161,7 @@ class Catalogue:
     @property
     def aliased(self) -> bool:
         """Whether any node reaches the decoder as another node (added leaves exist)."""
-        return self.index.num_nodes > len(self.decoder_node) or bool(
-            (self.decoder_node != np.arange(len(self.decoder_node))).any()
-        )
-
-    def live_ids(self) -> np.ndarray:
-        """Dense ids that may be returned, ascending."""
-        return np.flatnonzero(self.live)
+        return bool((self.decoder_node != np.arange(len(self.decoder_node))).any())
 
     # ------------------------------------------------------------------ deltas
     def check(self, delta: Delta, content: Any = None) -> np.ndarray:

@@ -116,18 +116,25 @@ def node_keys(
     )
 
 
-def item_member(items: Tensor, allow: Sequence[np.ndarray | None]) -> Tensor:
-    """``items [B, C]`` -> bool ``[B, C]``: the item may be returned under its row's allow-list
-    (rows without one: every item)."""
-    B, _ = items.shape
-    width = int(items.max().item()) + 1 if items.numel() else 1
-    rows = _rows(allow, B, "allow")
-    parts = [r * width + np.unique(a[(a >= 0) & (a < width)]) for r, a in enumerate(rows) if a is not None]
-    restricted = torch.tensor([a is not None for a in rows], dtype=torch.bool, device=items.device)
+def in_rows(items: Tensor, rows: Sequence[np.ndarray | None], name: str, width: int) -> tuple[Tensor, Tensor]:
+    """``items [B, C]`` dense ids below ``width``, ``rows``: per row a list of ids or ``None`` ->
+    ``(listed [B], member [B, C])`` bool: the row has a list, the item is in it (one sorted array of
+    ``row * width + id`` keys; no read of ``items`` on the host)."""
+    B = items.shape[0]
+    lists = _rows(rows, B, name)
+    parts = [r * width + np.unique(a[(a >= 0) & (a < width)]) for r, a in enumerate(lists) if a is not None]
+    listed = torch.tensor([a is not None for a in lists], dtype=torch.bool, device=items.device)
     flat = np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
     keys = torch.from_numpy(flat.astype(np.int64)).to(items.device)
     key = torch.arange(B, device=items.device)[:, None] * width + items
-    return ~restricted[:, None] | sorted_member(keys, key)
+    return listed, sorted_member(keys, key)
+
+
+def item_member(items: Tensor, allow: Sequence[np.ndarray | None], width: int) -> Tensor:
+    """``items [B, C]`` -> bool ``[B, C]``: the item may be returned under its row's allow-list
+    (rows without one: every item)."""
+    listed, member = in_rows(items, allow, "allow", width)
+    return ~listed[:, None] | member
 
 
 def dense_fill(

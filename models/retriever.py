@@ -28,7 +28,7 @@ from torch import Tensor
 from models.backend import BackendScorer, DecoderBackend
 from models.beam_policy import beam_for_k, default_beam, smallest_leaves_cumsum
 from models.bundle import Bundle
-from models.constraints import EXACT_ALLOW_ITEMS, ItemLookup, fill_rows, item_member, node_keys
+from models.constraints import EXACT_ALLOW_ITEMS, ItemLookup, fill_rows, in_rows, item_member, node_keys
 from models.graph_search import GraphRunner
 from models.index import TreeIndex
 from models.retrieval_types import DeviceRows, EncoderStates, RetrievalResult, check_search_args
@@ -128,8 +128,9 @@ class Retriever:
         out._rows = rows.with_rows(catalogue.item_emb, self.item_emb.shape[0])
         out.item_emb = out._rows.view(catalogue.num_rows)
         alias = catalogue.decoder_node
-        identity = len(alias) == self.bundle.index.num_nodes and bool((alias == np.arange(len(alias))).all())
-        out.node_alias = None if identity else torch.as_tensor(alias, dtype=torch.int64, device=self.device)
+        out.node_alias = (
+            torch.as_tensor(alias, dtype=torch.int64, device=self.device) if catalogue.aliased else None
+        )
         dead = catalogue.live_count == 0
         out.dead_nodes = torch.as_tensor(dead, device=self.device) if dead.any() else None
         out.graphs = None  # the graphs hold the bundle's tables; a changed catalogue searches eagerly
@@ -208,17 +209,7 @@ class Retriever:
 
     def excluded(self, items: Tensor, exclude: Sequence[np.ndarray]) -> Tensor:
         """``items [B,C]`` -> bool ``[B,C]``: item is in its row's exclude list (batched searchsorted)."""
-        B = items.shape[0]
-        if len(exclude) != B:
-            raise ValueError(f"exclude has {len(exclude)} rows, the batch has {B}")
-        rows = [np.unique(np.asarray(e, dtype=np.int64).reshape(-1)) for e in exclude]
-        E = max(1, max(len(r) for r in rows))
-        table = np.full((B, E), np.iinfo(np.int64).max, np.int64)  # [B, E] sorted, padded high
-        for i, r in enumerate(rows):
-            table[i, : len(r)] = r
-        sorted_excl = torch.from_numpy(table).to(items.device)
-        pos = torch.searchsorted(sorted_excl, items).clamp(max=E - 1)  # [B, C]
-        return sorted_excl.gather(1, pos) == items
+        return in_rows(items, exclude, "exclude", self.lookup.num_rows)[1]
 
     def search(
         self,
@@ -305,7 +296,7 @@ class Retriever:
         if exclude is not None:
             valid = valid & ~self.excluded(items, exclude)
         if allow is not None:
-            valid = valid & item_member(items, allow)
+            valid = valid & item_member(items, allow, self.lookup.num_rows)
         scores = torch.bmm(self.item_emb[items], query[:, :, None])[:, :, 0]  # [B, C]
         scores = scores.masked_fill(~valid, float("-inf"))
         kk = min(k, scores.shape[1])
