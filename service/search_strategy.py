@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from models.bruteforce import bruteforce_topk
-from models.constraints import dense_fill
-from models.retriever import EncoderStates
+from models.constraints import fill_rows
+from models.retriever import EncoderStates, RetrievalResult
 from models.staged_search import StagedSearch
 from service.models_registry import LoadedModel
 
@@ -110,15 +110,7 @@ class GenerativeSearch:
         query = states.query.to(model.retriever.device, torch.float32)  # [b, Dr]
         # each row filled up to its own k (a row batched with a larger k is not searched exhaustively)
         result = model.retriever.rerank(leaves, query, k, exclude, allow, fill=True if ks is None else ks)
-        rerank_s = time.perf_counter() - t_rerank
-        filled = result.dense_filled
-        return Found(
-            items=np.asarray(result.items),  # [b, k]
-            scores=np.asarray(result.scores, dtype=np.float32),  # [b, k]
-            candidates=[int(c) for c in np.asarray(result.num_candidates)],
-            rerank_s=rerank_s,
-            filled=None if filled is None else [int(f) for f in filled],
-        )
+        return found_of(result, rerank_s=time.perf_counter() - t_rerank)
 
     def staged(
         self,
@@ -133,6 +125,18 @@ class GenerativeSearch:
         return _StagedGenerative(
             model.retriever.staged_search(states, k=k, beam_size=beam_size, exclude=exclude, allow=allow)
         )
+
+
+def found_of(result: RetrievalResult, rerank_s: float = 0.0, with_fill: bool = True) -> Found:
+    """A :class:`models.retriever.RetrievalResult` as the strategy's answer."""
+    filled = result.dense_filled if with_fill else None
+    return Found(
+        items=np.asarray(result.items),  # [b, k]
+        scores=np.asarray(result.scores, dtype=np.float32),  # [b, k]
+        candidates=[int(c) for c in np.asarray(result.num_candidates)],
+        rerank_s=rerank_s,
+        filled=None if filled is None else [int(f) for f in filled],
+    )
 
 
 class _StagedGenerative:
@@ -153,12 +157,7 @@ class _StagedGenerative:
         return self._search.step()
 
     def found(self) -> Found:
-        result = self._search.result()
-        return Found(
-            items=np.asarray(result.items),
-            scores=np.asarray(result.scores, dtype=np.float32),
-            candidates=[int(c) for c in np.asarray(result.num_candidates)],
-        )
+        return found_of(self._search.result(), with_fill=False)
 
 
 class BruteForceSearch:
@@ -184,16 +183,26 @@ class BruteForceSearch:
         items, scores = bruteforce_topk(states.query, model.item_emb, k, list(blocked))  # [b, k]
         items, scores = np.array(items), np.array(scores, dtype=np.float32)
         candidates = [model.num_live - len(e) for e in exclude]
-        for r, a in enumerate(allow or []):
-            if a is None:
-                continue
-            lookup, query = model.retriever.lookup, states.query[r].to(model.item_emb.device, torch.float32)
-            got, got_scores = dense_fill(
-                lookup, model.item_emb, query, np.zeros(0, np.int64), k, a, exclude[r]
+        if allow is not None:  # an allow-list row: the exact top-k over its allowed items instead
+            lookup = model.retriever.lookup
+            listed = [a is not None for a in allow]
+            items[listed], scores[listed] = 0, -np.inf
+            query = states.query.to(model.item_emb.device, torch.float32)  # [b, Dr]
+            targets = [k if on else 0 for on in listed]
+            fill_rows(
+                lookup,
+                model.item_emb,
+                items,
+                scores,
+                np.zeros(len(items), np.int64),
+                targets,
+                query,
+                exclude,
+                allow,
             )
-            items[r], scores[r] = 0, -np.inf
-            items[r, : len(got)], scores[r, : len(got)] = got, got_scores
-            candidates[r] = len(lookup.allowed_items(a, exclude[r]))
+            for r, a in enumerate(allow):
+                if a is not None:
+                    candidates[r] = len(lookup.allowed_items(a, exclude[r]))
         return Found(items=items, scores=scores, candidates=candidates)
 
     def staged(
