@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from cli.args import comma_list
-from cli.compare import parse_overrides
+from cli.compare import add_split_arguments, parse_overrides
 from cli.data import add_data_arguments, dataset_from_args
 from training.coldstart import ColdstartConfig, ColdstartResult, run_coldstart
-from training.splits import SPLIT_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -122,23 +121,12 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     add_data_arguments(parser)
     parser.add_argument("--methods", default="seater,tdr", help="comma-separated generative methods")
     parser.add_argument("--share", type=float, default=0.1, help="share of the items held out")
-    parser.add_argument(
-        "--split", choices=SPLIT_KINDS, default="user", help="user split 8:1:1 or leave-one-out"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="split, hold-out and training seed")
-    parser.add_argument("--max-len", type=int, default=50, help="history length T")
-    parser.add_argument("--max-epochs", type=int, help="cap on training epochs for every method")
-    parser.add_argument(
-        "--workdir", type=Path, help="where bundles and coldstart.json go (default runs/coldstart/...)"
-    )
+    add_split_arguments(parser)  # --split --seed --max-len --max-epochs --workdir --set
     parser.add_argument(
         "--full-bundles",
         type=Path,
         help="a directory with <method>/ bundles trained on the full data with the same split and seed "
         "(checked by data fingerprint), e.g. runs/frontier/beauty2; else they are trained",
-    )
-    parser.add_argument(
-        "--set", dest="overrides", action="append", metavar="KEY=VALUE", help="config override (repeatable)"
     )
     parser.add_argument("--json", action="store_true", help="print the JSON instead of the table")
     parser.set_defaults(func=run)
