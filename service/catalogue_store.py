@@ -71,6 +71,7 @@ class DeltaStore:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self._reported: set[tuple[int, str]] = set()  # (seq, reason) already logged
+        self._written: dict[int, DeltaFile] = {}  # files this process wrote, not yet read back
 
     def sequences(self, after: int = 0) -> list[int]:
         """Sequence numbers of the delta files past ``after``, ascending."""
@@ -83,6 +84,9 @@ class DeltaStore:
 
     def read(self, seq: int) -> DeltaFile:
         """File ``seq``, parsed; a damaged one comes back with ``delta=None`` and the reason."""
+        own = self._written.pop(seq, None)
+        if own is not None:  # written here a moment ago: the parsed delta, not the file again
+            return own
         path = self.directory / file_name(seq)
         try:
             obj = json.loads(path.read_text())
@@ -125,4 +129,5 @@ class DeltaStore:
             raise SequenceTaken(str(final)) from None
         finally:
             tmp.unlink(missing_ok=True)
+        self._written[seq] = DeltaFile(seq, final, fingerprint, version, delta)
         return final
