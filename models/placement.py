@@ -285,16 +285,17 @@ def _leaf_stats(
     sums = np.zeros((len(leaves), dim), np.float64)
     members = np.zeros((0, dim), np.float32)
     owner = np.zeros(0, np.int64)
-    if tree.centroid_sum.shape[0] > base.max(initial=0):
+    stored = tree.centroid_sum.shape[0] > base.max(initial=0)  # the sums hold leaves (buckets)
+    if stored:
         sums[: len(base)] = tree.centroid_sum[base]
-    if with_members or tree.centroid_sum.shape[0] <= base.max(initial=0):
-        total = int(base_sizes.sum())
+    if with_members or not stored:
+        first = np.cumsum(base_sizes) - base_sizes  # [n] each leaf's first member row
         owner = np.repeat(np.arange(len(base)), base_sizes)
-        first_slot = np.repeat(starts - (np.cumsum(base_sizes) - base_sizes), base_sizes)
-        members = unit_rows(tree.item_emb[index.leaf_items[first_slot + np.arange(total)]])
-        if tree.centroid_sum.shape[0] <= base.max(initial=0) and total:
+        slots = np.repeat(starts - first, base_sizes) + np.arange(int(base_sizes.sum()))
+        members = unit_rows(tree.item_emb[index.leaf_items[slots]])
+        if not stored and len(members):
             full = np.flatnonzero(base_sizes > 0)  # members are grouped by owner, in leaf order
-            sums[full] = np.add.reduceat(members, (np.cumsum(base_sizes) - base_sizes)[full], axis=0)
+            sums[full] = np.add.reduceat(members, first[full], axis=0)
     extra_rows, extra_owner = [], []
     for n, leaf in enumerate(leaves):
         extra = growth.members.get(leaf)
