@@ -218,12 +218,15 @@ class Retriever:
         beam_size: int,
         exclude: Sequence[np.ndarray] | None = None,
         allow: Sequence[np.ndarray | None] | None = None,
+        *,
+        fill: bool | Sequence[int] = False,
     ) -> RetrievalResult:
         """Beam search then rerank. ``exclude``: per row, dense ids never to return; ``allow``: per
-        row, the only dense ids it may return (``None``: any). Both cut the beam's branches too."""
+        row, the only dense ids it may return (``None``: any). Both cut the beam's branches too.
+        ``fill``: as :meth:`rerank`."""
         check_search_args(k, beam_size)
         leaves = self.beam(states, beam_size, exclude, allow).leaves
-        return self.rerank(leaves, self._on_device(states)[2], k, exclude, allow)
+        return self.rerank(leaves, self._on_device(states)[2], k, exclude, allow, fill=fill)
 
     def beam(
         self,
@@ -363,9 +366,7 @@ class Retriever:
             graphed = self.graphs.retrieve(histories, k, beam_size, exclude)
             if graphed is not None:
                 return graphed
-        states = self.encode(histories)
-        leaves = self.beam(states, beam_size, exclude, allow).leaves
-        return self.rerank(leaves, self._on_device(states)[2], k, exclude, allow, fill=fill)
+        return self.search(self.encode(histories), k, beam_size, exclude, allow, fill=fill)
 
     def warmup(self, beam_size: int = 8, batch_size: int = 2) -> None:
         """Run one retrieval on dummy histories so that the backends allocate before traffic."""
