@@ -14,9 +14,9 @@ from cli.args import comma_list
 from cli.data import add_data_arguments, dataset_from_args
 from training.comparison import MethodResult, run_compare
 from training.data import Dataset, dataset_stats
-from training.metrics import DEFAULT_KS
+from training.metrics import split_ks
 from training.registry import TrainContext
-from training.splits import SPLIT_KINDS, Split, make_split
+from training.splits import SPLIT_KINDS, Split, make_split, target_in_history_share
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,10 @@ def make_context(args: argparse.Namespace, command: str) -> TrainContext:
     )
 
 
+HEADLINE_K = {"user": 20, "loo": 10}
+"""The cut-off whose IVF figures the table shows: the one each protocol's literature reports."""
+
+
 def split_summary(split: Split) -> dict[str, Any]:
     return {
         "kind": split.kind,
@@ -75,49 +79,58 @@ def split_summary(split: Split) -> dict[str, Any]:
         "train_sequences": len(split.train),
         "valid_users": len(split.valid),
         "test_users": len(split.test),
+        "ks": list(split_ks(split.kind)),
+        "test_targets_in_history": target_in_history_share(split.test),
     }
+
+
+def _split_line(split: Split) -> str:
+    repeats = target_in_history_share(split.test)
+    line = (
+        f"split {split.kind}, seed {split.seed}, T={split.max_len}: {len(split.train):,} train sequences, "
+        f"{len(split.valid):,} valid / {len(split.test):,} test users; test metrics, full ranking, "
+        + ("every earlier item excluded" if split.kind == "loo" else "history excluded")
+    )
+    if repeats:
+        line += f"; {100 * repeats:.2f}% of test targets are in their history (repeats: excluded, so misses)"
+    return line
 
 
 def format_table(dataset: Dataset, split: Split, results: list[MethodResult]) -> str:
     stats = dataset_stats(dataset)
     header = (
         f"data {stats['name']}: {stats['users']:,} users, {stats['items']:,} items, "
-        f"{stats['interactions']:,} interactions, density {stats['density']:.5f}\n"
-        f"split {split.kind}, seed {split.seed}, T={split.max_len}: {len(split.train):,} train sequences, "
-        f"{len(split.valid):,} valid / {len(split.test):,} test users; test metrics, history excluded"
+        f"{stats['interactions']:,} interactions, density {stats['density']:.5f}\n" + _split_line(split)
     )
-    columns = [f"{m}@{k}" for k in DEFAULT_KS for m in METRIC_NAMES]
+    columns = [f"{m}@{k}" for k in split_ks(split.kind) for m in METRIC_NAMES]
+    head = HEADLINE_K.get(split.kind, 20)
+    ivf_columns = [f"ivf_recall@{head}", f"ivf_ndcg@{head}"]
     width = max([len("method"), *(len(r.method) for r in results)])
-    lines = [
-        header,
-        "",
-        "  ".join(
-            [
-                f"{'method':<{width}}",
-                *(f"{c:>9}" for c in columns),
-                "  train_s",
-                "   eval_s",
-                "candidates",
-                "ivf_recall@20",
-            ]
-        ),
-    ]
+    titles = [f"{'method':<{width}}", *(f"{c:>9}" for c in columns), "  train_s", "   eval_s", "candidates"]
+    lines = [header, "", "  ".join([*titles, *(f"{c:>13}" for c in ivf_columns)])]
     for r in results:
         cells = [f"{r.metrics[c]:9.4f}" for c in columns]
         cands = "" if r.candidates is None else f"{r.candidates:10.1f}"
-        ivf = "" if r.ivf_recall_at_budget is None else f"{r.ivf_recall_at_budget:13.4f}"
+        ivf = [
+            f"{r.ivf_at_budget[c[4:]]:13.4f}" if c[4:] in r.ivf_at_budget else " " * 13 for c in ivf_columns
+        ]
         row = [f"{r.method:<{width}}", *cells, f"{r.train_seconds:9.1f}", f"{r.eval_seconds:9.1f}"]
-        lines.append("  ".join([*row, f"{cands:>10}", f"{ivf:>13}"]).rstrip())
+        lines.append("  ".join([*row, f"{cands:>10}", *ivf]).rstrip())
     notes = [f"{r.method}: {_info_text(r.info)}" for r in results if r.info]
-    notes += [
-        f"{r.method}: {r.candidates:.1f} candidates scored per test user "
-        f"({100 * r.candidates / dataset.num_items:.2f}% of the catalogue); SASRec in faiss IVF at that budget: "
-        + ("n/a" if r.ivf_recall_at_budget is None else f"recall@20 {r.ivf_recall_at_budget:.4f}")
-        + f" vs {r.metrics['recall@20']:.4f}"
-        for r in results
-        if r.candidates is not None
-    ]
+    notes += [_budget_note(r, dataset.num_items, head) for r in results if r.candidates is not None]
     return "\n".join([*lines, "", *notes]) if notes else "\n".join(lines)
+
+
+def _budget_note(r: MethodResult, num_items: int, head: int) -> str:
+    assert r.candidates is not None
+    text = (
+        f"{r.method}: {r.candidates:.1f} candidates scored per test user "
+        f"({100 * r.candidates / num_items:.2f}% of the catalogue); SASRec in faiss IVF at that budget: "
+    )
+    if not r.ivf_at_budget:
+        return text + "n/a"
+    names = (f"recall@{head}", f"ndcg@{head}")
+    return text + ", ".join(f"{k} {r.ivf_at_budget[k]:.4f} (vs {r.metrics[k]:.4f})" for k in names)
 
 
 def _info_text(info: dict[str, Any]) -> str:
@@ -142,6 +155,7 @@ def results_json(dataset: Dataset, split: Split, results: list[MethodResult]) ->
                 "bundle_dir": str(r.bundle_dir) if r.bundle_dir else None,
                 "candidates": r.candidates,
                 "ivf_recall_at_budget": r.ivf_recall_at_budget,
+                "ivf_at_budget": r.ivf_at_budget,
             }
             for r in results
         ],

@@ -1,7 +1,7 @@
 """`genret eval`: a bundle's offline metrics, measured through the serving path.
 
 The bundle is loaded and verified like the service does, and the test users of the same split
-(``training.splits``) go through :class:`models.retriever.Retriever` on the ONNX backend. Printed:
+(``training.splits``) go through :class:`models.search.retriever.Retriever` on the ONNX backend. Printed:
 Recall / NDCG / HR @ 10, 20, 50, the beam coverage (share of the targets that are among the items
 of the beam's leaves, i.e. recall of the candidate set before the rerank) and the mean candidate
 count (items scored per user, before history exclusion; ``--json``: ``candidates``). The beam is
@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cli.data import add_data_arguments, dataset_from_args
-from models.bundle import BundleError, load_bundle
-from models.retriever import Retriever
+from models.bundle.bundle import BundleError, load_bundle
+from models.search.retriever import Retriever
 from training.bundle_evaluation import SWEEP_BEAMS, EvalResult, bundle_eval_set, evaluate_retriever
-from training.metrics import DEFAULT_KS
-from training.splits import SPLIT_KINDS, EvalSet
+from training.metrics import split_ks
+from training.splits import SPLIT_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,9 @@ def run_eval(args: argparse.Namespace) -> int:
     ds = dataset_from_args(args)
     evalset, info = bundle_eval_set(ds, bundle, args.split, args.seed)
     if args.limit > 0:
-        evalset = EvalSet(
-            evalset.user_ids[: args.limit], evalset.histories[: args.limit], evalset.targets[: args.limit]
-        )
+        evalset = evalset.head(args.limit)
     retriever = Retriever(bundle, device=args.device, backend="onnx", intra_op_threads=args.threads)
-    ks = DEFAULT_KS
+    ks = split_ks(args.split)
     exclude = not args.keep_history
     result = evaluate_retriever(retriever, evalset, args.beam, ks, exclude_history=exclude)
     sweep: list[EvalResult] = []

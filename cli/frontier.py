@@ -19,8 +19,8 @@ from typing import Any
 from cli.args import comma_list
 from cli.compare import add_split_arguments, make_context
 from cli.data import add_data_arguments
-from models.bundle import Bundle, load_bundle
-from models.retriever import Retriever
+from models.bundle.bundle import Bundle, load_bundle
+from models.search.retriever import Retriever
 from training.bundle_evaluation import SWEEP_BEAMS, evaluate_retriever
 from training.data import dataset_stats
 from training.frontier import (
@@ -32,6 +32,7 @@ from training.frontier import (
     sweep_bundle,
     sweep_ivf,
 )
+from training.methods.sasrec.cache import sasrec_for
 from training.registry import TrainContext, get_method
 from training.splits import EvalSet
 
@@ -84,14 +85,12 @@ def default_point(name: str, retriever: Retriever, evalset: EvalSet) -> Frontier
 def run_frontier(ctx: TrainContext, args: argparse.Namespace, methods: list[str]) -> dict[str, Any]:
     evalset = ctx.split.valid if args.eval_split == "valid" else ctx.split.test
     if args.limit > 0:
-        evalset = EvalSet(
-            evalset.user_ids[: args.limit], evalset.histories[: args.limit], evalset.targets[: args.limit]
-        )
+        evalset = evalset.head(args.limit)
     explicit = dict(_parse_bundle(item) for item in args.bundle or [])
     points: list[FrontierPoint] = []
     nlist = None
     if "ivf" in methods:
-        sasrec = ctx.sasrec()
+        sasrec = sasrec_for(ctx)
         t0 = time.process_time()
         users = sasrec.encode(evalset.histories)  # [U, D]
         encode_ms = 1000 * (time.process_time() - t0) / max(1, len(users))

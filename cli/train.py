@@ -20,7 +20,7 @@ from training import distributed
 from training.comparison import train_and_evaluate
 from training.distributed import DistContext
 from training.export import record_metrics
-from training.metrics import DEFAULT_KS
+from training.metrics import split_ks
 from training.registry import DATA_PARALLEL_METHODS, get_method
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def _train_and_report(args: argparse.Namespace) -> int:
     print(
         f"test ({ctx.split.kind} split, seed {ctx.split.seed}, {len(ctx.split.test):,} users, history excluded):"
     )
-    for k in DEFAULT_KS:
+    for k in split_ks(ctx.split.kind):
         m = result.metrics
         print(f"  @{k:<3} recall {m[f'recall@{k}']:.4f}  ndcg {m[f'ndcg@{k}']:.4f}  hr {m[f'hr@{k}']:.4f}")
     if saved is not None:

@@ -1,4 +1,4 @@
-"""A bundle's offline metrics through the serving path (:class:`models.retriever.Retriever`):
+"""A bundle's offline metrics through the serving path (:class:`models.search.retriever.Retriever`):
 top-K per user at a beam (widened per user as the service widens it, or fixed for a sweep), the beam
 coverage (share of the targets among the items of the beam's leaves: recall of the candidate set
 before the rerank) and the candidates scored. Used by ``genret eval`` and ``genret frontier``.
@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from models.bundle import Bundle
-from models.retriever import Retriever
+from models.bundle.bundle import Bundle
+from models.search.retriever import Retriever
 from training.data import Dataset
 from training.metrics import DEFAULT_KS, evaluate_ranking
 from training.splits import EvalSet, make_split
@@ -72,15 +72,17 @@ def evaluate_retriever(
     ranked = np.zeros((n, k), np.int64)
     coverage, scored, kept = np.zeros(n), np.zeros(n), np.zeros(n)
     groups: dict[int, list[int]] = {}
-    for row, history in enumerate(evalset.histories):
-        excluded = len(np.unique(history)) if exclude_history else 0
+    seen = evalset.excluded()  # what each user's ranking leaves out (LOO: every earlier item)
+    for row, items in enumerate(seen):
+        excluded = len(np.unique(items)) if exclude_history else 0
         groups.setdefault(retriever.beam_for(k, beam, excluded) if widen else beam, []).append(row)
     start = time.perf_counter()
     for row_beam, rows in groups.items():
         for lo in range(0, len(rows), batch_size):
             idx = rows[lo : lo + batch_size]
             histories = [evalset.histories[i] for i in idx]
-            result = retriever.retrieve(histories, k=k, beam_size=row_beam, exclude_history=exclude_history)
+            exclude = [np.asarray(seen[i], np.int64) for i in idx] if exclude_history else None
+            result = retriever.retrieve(histories, k=k, beam_size=row_beam, exclude=exclude)
             ranked[idx] = result.items
             coverage[idx] = beam_coverage(retriever.bundle, result.leaves, [evalset.targets[i] for i in idx])
             scored[idx] = result.num_scored
@@ -108,4 +110,5 @@ def bundle_eval_set(ds: Dataset, bundle: Bundle, kind: str, seed: int) -> tuple[
     info["unknown_items"] = int(sum((h == 0).sum() for h in histories) + sum((t == 0).sum() for t in targets))
     histories = [h[h > 0] for h in histories]
     targets = [t[t > 0] for t in targets]
-    return EvalSet(user_ids=test.user_ids, histories=histories, targets=targets), info
+    seen = None if test.seen is None else [s[s > 0] for s in (to_bundle[s] for s in test.seen)]
+    return EvalSet(user_ids=test.user_ids, histories=histories, targets=targets, seen=seen), info

@@ -9,14 +9,19 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from training.bundle_recommender import BundleRecommender
 from training.evaluation import evaluate_recommender
-from training.metrics import DEFAULT_KS
+from training.methods.sasrec.cache import sasrec_for
+from training.metrics import evaluate_ranking, split_ks
 from training.registry import TrainContext, TrainedMethod, get_method
+from training.splits import EvalSet
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +36,7 @@ class MethodResult:
     bundle_dir: Path | None = None
     candidates: float | None = None  # generative methods: mean items scored per test user (before exclusion)
     ivf_recall_at_budget: float | None = None  # SASRec in faiss IVF, Recall@20 at those candidates
+    ivf_at_budget: dict[str, float] = field(default_factory=dict)  # every test metric of IVF there
 
 
 def train_and_evaluate(ctx: TrainContext, method: str) -> tuple[TrainedMethod, MethodResult]:
@@ -43,7 +49,7 @@ def train_and_evaluate(ctx: TrainContext, method: str) -> tuple[TrainedMethod, M
     if isinstance(recommender, BundleRecommender):  # count the test evaluation's candidates only
         recommender.scored = recommender.queries = 0
     start = time.perf_counter()
-    metrics = evaluate_recommender(recommender, ctx.split.test, DEFAULT_KS)
+    metrics = evaluate_recommender(recommender, ctx.split.test, split_ks(ctx.split.kind))
     eval_seconds = time.perf_counter() - start
     log.info(
         "%s: test recall@20 %.4f (train %.1fs, eval %.1fs)",
@@ -60,23 +66,44 @@ def train_and_evaluate(ctx: TrainContext, method: str) -> tuple[TrainedMethod, M
     return trained, result
 
 
+def ivf_sweep_metrics(
+    item_emb: np.ndarray, users: np.ndarray, evalset: EvalSet, ks: Sequence[int], seed: int
+) -> list[tuple[float, dict[str, float]]]:
+    """SASRec vectors in faiss IVF over the nprobe sweep: ``(candidates, test metrics at ks)`` per
+    point, each user's :meth:`EvalSet.excluded` items left out (:mod:`training.ivf`)."""
+    from training.ivf import IvfIndex, nprobe_sweep
+
+    index = IvfIndex(item_emb, seed=seed)
+    points = []
+    for nprobe in nprobe_sweep(index.nlist):
+        result = index.search(users, max(ks), nprobe, evalset.excluded())
+        points.append((float(result.num_scored.mean()), evaluate_ranking(result.items, evalset.targets, ks)))
+    return points
+
+
 def add_ivf_at_budget(ctx: TrainContext, results: list[MethodResult]) -> None:
-    """For each generative method, SASRec-in-IVF Recall@20 at the candidates it scored (the same
-    test users, history excluded; :mod:`training.frontier`). Skipped without faiss-cpu."""
+    """For each generative method, SASRec in IVF at the candidates it scored: every test metric of
+    the split's cut-offs (the same test users and exclusions), interpolated in log(candidates)
+    between nprobe points (:func:`training.ivf.interpolate_at`). Skipped without faiss-cpu."""
     budgets = [r for r in results if r.candidates is not None]
     if not budgets:
         return
     if importlib.util.find_spec("faiss") is None:
         log.warning("faiss-cpu is not installed (pip install 'genret[bench]'): no IVF figures")
         return
-    from training.frontier import ivf_at, sweep_ivf
+    from training.ivf import interpolate_at
 
-    sasrec = ctx.sasrec()
+    sasrec = sasrec_for(ctx)
     users = sasrec.encode(ctx.split.test.histories)  # [U, D]
-    points, _ = sweep_ivf(sasrec.item_embeddings(), users, ctx.split.test, 0.0, seed=ctx.seed)
+    ks = split_ks(ctx.split.kind)
+    points = ivf_sweep_metrics(sasrec.item_embeddings(), users, ctx.split.test, ks, ctx.seed)
+    cands = [c for c, _ in points]
     for r in budgets:
         assert r.candidates is not None
-        r.ivf_recall_at_budget = ivf_at(points, r.candidates)
+        r.ivf_at_budget = {
+            name: interpolate_at(cands, [m[name] for _, m in points], r.candidates) for name in points[0][1]
+        }
+        r.ivf_recall_at_budget = r.ivf_at_budget["recall@20"]
 
 
 def run_compare(ctx: TrainContext, methods: list[str]) -> list[MethodResult]:

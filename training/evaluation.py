@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
 from training.metrics import DEFAULT_KS, evaluate_ranking
-from training.registry import Recommender
 from training.splits import EvalSet
+
+
+class Recommender(Protocol):
+    """Anything that ranks items for histories (a trained method, a bundle through the Retriever)."""
+
+    def recommend(
+        self, histories: list[np.ndarray], k: int, exclude: list[np.ndarray] | None
+    ) -> np.ndarray:  # [B, k] dense ids, 0 = none
+        ...
 
 
 def rank_eval_set(
@@ -20,12 +29,15 @@ def rank_eval_set(
     batch_size: int = 512,
     limit: int = 0,
 ) -> np.ndarray:
-    """Top-``k`` items ``[B, k]`` for the users of ``evalset`` (the first ``limit`` if > 0)."""
-    histories = evalset.histories[:limit] if limit > 0 else evalset.histories
+    """Top-``k`` items ``[B, k]`` for the users of ``evalset`` (the first ``limit`` if > 0); with
+    ``exclude_history`` each user's :meth:`EvalSet.excluded` items are left out."""
+    users = evalset.head(limit)
+    histories, excluded = users.histories, users.excluded()
     out = [np.zeros((0, k), dtype=np.int64)]
     for start in range(0, len(histories), batch_size):
         batch = histories[start : start + batch_size]
-        ranked = np.asarray(recommender.recommend(batch, k, batch if exclude_history else None))
+        exclude = excluded[start : start + batch_size] if exclude_history else None
+        ranked = np.asarray(recommender.recommend(batch, k, exclude))
         if ranked.shape != (len(batch), k):
             raise ValueError(f"recommend returned shape {ranked.shape}, expected {(len(batch), k)}")
         out.append(ranked.astype(np.int64, copy=False))

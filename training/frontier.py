@@ -1,7 +1,7 @@
 """Recall / NDCG against candidates scored per query: generative bundles over a beam sweep (reranked
 and decoder alone) and SASRec vectors in faiss IVF over an nprobe sweep (``genret frontier``).
 
-Definitions (issue 13): *candidates* = mean items scored per user, counted before history
+Definitions: *candidates* = mean items scored per user, counted before history
 exclusion (a bundle: the items of the beam's leaves; IVF: the items of the probed cells);
 *decoder alone* = items ranked by the path score of their leaf, ties inside a leaf (URI's buckets)
 by popularity; *reranked* = what the service answers (the leaves' items by ``query · item_emb``).
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from models.retriever import EncoderStates, Retriever
+from models.search.retriever import EncoderStates, Retriever
 from training.ivf import IvfIndex, interpolate_at, nprobe_sweep
 from training.metrics import evaluate_ranking
 from training.splits import EvalSet
@@ -72,7 +72,7 @@ def sweep_bundle(
     name: str, retriever: Retriever, evalset: EvalSet, beams: Sequence[int], *, batch_size: int = 256
 ) -> list[FrontierPoint]:
     """Reranked and decoder-alone points of ``retriever`` at each beam (history excluded)."""
-    histories, n = evalset.histories, len(evalset.histories)
+    histories, excluded, n = evalset.histories, evalset.excluded(), len(evalset.histories)
     batches = _encode_all(retriever, histories, batch_size)
     encode_cpu = sum(c for _, _, c in batches)
     points = []
@@ -82,7 +82,7 @@ def sweep_bundle(
         search_cpu = rerank_cpu = decode_cpu = 0.0
         for lo, states, _ in batches:
             rows = slice(lo, lo + states.batch_size)
-            exclude = [np.asarray(h, np.int64) for h in histories[rows]]
+            exclude = [np.asarray(e, np.int64) for e in excluded[rows]]
             t0 = time.process_time()
             result = retriever.beam(states, beam)
             t1 = time.process_time()
@@ -112,7 +112,7 @@ def sweep_ivf(
     points = []
     for nprobe in nprobe_sweep(index.nlist):
         t0 = time.process_time()
-        result = index.search(user_vectors, K, nprobe, evalset.histories)
+        result = index.search(user_vectors, K, nprobe, evalset.excluded())
         cpu = time.process_time() - t0
         m = evaluate_ranking(result.items, evalset.targets, (K,))
         ms = encode_cpu_ms + 1000 * cpu / max(1, len(user_vectors))

@@ -19,6 +19,13 @@ from collections.abc import Sequence
 import numpy as np
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 50)
+LOO_KS: tuple[int, ...] = (5, 10, 20)
+"""Leave-one-out reports the cut-offs the literature reports on that protocol (one target per user)."""
+
+
+def split_ks(kind: str) -> tuple[int, ...]:
+    """The cut-offs a split's test metrics are reported at: ``loo`` -> :data:`LOO_KS`, else :data:`DEFAULT_KS`."""
+    return LOO_KS if kind == "loo" else DEFAULT_KS
 
 
 def _hit_matrix(ranked: np.ndarray, targets: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

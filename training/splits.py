@@ -6,9 +6,17 @@ the first 80% of its time-ordered items as history (at least one item, capped to
 most recent) and the rest as targets (at least one). Users with fewer than two items cannot be
 evaluated and stay in training.
 
-``kind="loo"`` (leave-one-out): every user trains on all but its last two items; the second to
-last is its validation target, the last its test target. Users with fewer than three items only
-train.
+``kind="loo"`` (leave-one-out, the protocol of SASRec, S3-Rec, TIGER and their successors): every
+user trains on all but its last two items; the second to last is its validation target (history:
+the items before it), the last its test target (history: every item before it, the validation
+target included). Users with fewer than three items only train. Every item is ranked (full
+ranking, no sampled negatives) and *every* earlier item of the user is excluded from the ranking
+(:attr:`EvalSet.seen`), not only the ``max_len`` most recent the model reads. A target that is also
+in its user's history (a repeat visit: Yelp has them, Beauty and MovieLens do not) is therefore
+never retrieved and counts as a miss, as in S3-Rec's evaluation, where the same files come from;
+:func:`target_in_history_share` says how many targets that is.
+
+The user split excludes the history the model reads (``histories``), as it always has.
 """
 
 from __future__ import annotations
@@ -28,9 +36,23 @@ class EvalSet:
     user_ids: list[str]
     histories: list[np.ndarray]  # dense ids, time order, the max_len most recent
     targets: list[np.ndarray]  # dense ids, distinct (first occurrence order)
+    seen: list[np.ndarray] | None = None
+    """Items excluded from each user's ranking when they differ from ``histories`` (LOO: every
+    earlier item, not only the ``max_len`` most recent); None = ``histories``."""
 
     def __len__(self) -> int:
         return len(self.user_ids)
+
+    def excluded(self) -> list[np.ndarray]:
+        """What each user's ranking leaves out (history excluded): ``seen`` if set, else ``histories``."""
+        return self.histories if self.seen is None else self.seen
+
+    def head(self, limit: int) -> EvalSet:
+        """The first ``limit`` users (all when ``limit <= 0``)."""
+        if limit <= 0:
+            return self
+        seen = None if self.seen is None else self.seen[:limit]
+        return EvalSet(self.user_ids[:limit], self.histories[:limit], self.targets[:limit], seen)
 
 
 @dataclass(frozen=True)
@@ -88,20 +110,29 @@ def _user_split(ds: Dataset, seed: int, max_len: int) -> Split:
 
 def _loo_split(ds: Dataset, seed: int, max_len: int) -> Split:
     train: list[np.ndarray] = []
-    valid = EvalSet([], [], [])
-    test = EvalSet([], [], [])
+    valid = EvalSet([], [], [], [])
+    test = EvalSet([], [], [], [])
     for user, seq in zip(ds.user_ids, ds.sequences, strict=True):
         if len(seq) < 3:
             train.append(seq)
             continue
         train.append(seq[:-2])
-        valid.user_ids.append(user)
-        valid.histories.append(seq[:-2][-max_len:])
-        valid.targets.append(seq[-2:-1])
-        test.user_ids.append(user)
-        test.histories.append(seq[:-1][-max_len:])
-        test.targets.append(seq[-1:])
+        for part, cut in ((valid, len(seq) - 2), (test, len(seq) - 1)):
+            assert part.seen is not None
+            part.user_ids.append(user)
+            part.histories.append(seq[:cut][-max_len:])
+            part.seen.append(np.unique(seq[:cut]))
+            part.targets.append(seq[cut : cut + 1])
     return Split("loo", seed, max_len, train, valid, test, ds.num_items)
+
+
+def target_in_history_share(evalset: EvalSet) -> float:
+    """Share of (user, target) pairs whose target is also among the user's excluded items (repeats)."""
+    hits = total = 0
+    for excluded, targets in zip(evalset.excluded(), evalset.targets, strict=True):
+        hits += int(np.isin(targets, excluded).sum())
+        total += len(targets)
+    return hits / total if total else 0.0
 
 
 def make_split(ds: Dataset, kind: str = "user", seed: int = 0, max_len: int = 50) -> Split:

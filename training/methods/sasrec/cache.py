@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2
 RUN_CONTROL_FIELDS: frozenset[str] = frozenset({"threads", "max_train_seconds"})  # not in the cache key
+KEY_OMITTED_AT: dict[str, object] = {"ffn_mult": 1}
+"""Fields added after CACHE_VERSION 2, left out of the key at the value that reproduces the model
+trained before they existed, so that the keys (and cached models) from before stay valid."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,7 +63,11 @@ def sasrec_cache_key(
         "dataset": dataset_fingerprint,
         "split": {"kind": split.kind, "seed": split.seed, "max_len": split.max_len},
         "seed": seed,
-        "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in RUN_CONTROL_FIELDS},
+        "config": {
+            k: v
+            for k, v in dataclasses.asdict(config).items()
+            if k not in RUN_CONTROL_FIELDS and not (k in KEY_OMITTED_AT and KEY_OMITTED_AT[k] == v)
+        },
     }
     if world_size > 1:  # absent for one process, so that single-process keys stay what they were
         material["world_size"] = world_size
@@ -117,8 +124,15 @@ def _load_cached(directory: Path) -> SASRec | None:
         return None
 
 
+def sasrec_for(ctx: TrainContext) -> SASRec:
+    """The trained SASRec baseline of ``ctx``'s split, trained (or loaded) once and memoised on it."""
+    if ctx._sasrec is None:
+        ctx._sasrec = train_sasrec(ctx)
+    return ctx._sasrec
+
+
 def train_sasrec_method(ctx: TrainContext) -> TrainedMethod:
-    model = ctx.sasrec()
+    model = sasrec_for(ctx)
     return TrainedMethod(recommender=model, info=dict(model.info))
 
 

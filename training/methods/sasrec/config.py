@@ -1,12 +1,16 @@
-"""SASRec's settings (``sasrec.<field>`` overrides; :mod:`training.config` has the rule)."""
+"""SASRec's settings: ``training/configs/sasrec.yaml`` read by the one loader (``sasrec.<field>``
+overrides; :mod:`training.config` has the rule)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from training.config import load_config
+
+CONFIG_PATH = Path(__file__).parents[2] / "configs" / "sasrec.yaml"
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,8 @@ class SASRecConfig:
     """Attention heads per block (D must be divisible by it)."""
     dropout: float = 0.3
     """Dropout on embeddings, attention and feed-forward outputs."""
+    ffn_mult: int = 1
+    """Feed-forward inner width as a multiple of D (1: SASRec's paper, D -> D -> D; 4: the Transformer's and RecBole's)."""
     loss: str = "full"
     """'full': softmax over the whole catalogue; 'sampled': over sampled negatives with log-q correction."""
     negatives: str = "in_batch"
@@ -45,8 +51,8 @@ class SASRecConfig:
     """Stop after the epoch that passes this wall time, keeping the best epoch (0 = no limit); not part of the cache key."""
 
     def __post_init__(self) -> None:
-        if self.dim < 1 or self.layers < 1 or self.heads < 1 or self.dim % self.heads:
-            raise ValueError(f"need dim, layers, heads >= 1 and dim % heads == 0, got {self}")
+        if self.dim < 1 or self.layers < 1 or self.heads < 1 or self.dim % self.heads or self.ffn_mult < 1:
+            raise ValueError(f"need dim, layers, heads, ffn_mult >= 1 and dim % heads == 0, got {self}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.loss not in ("full", "sampled"):
@@ -63,6 +69,6 @@ class SASRecConfig:
             raise ValueError(f"need lr > 0 and batch_size, max_epochs, patience >= 1, got {self}")
 
     @classmethod
-    def load(cls, overrides: Mapping[str, Any] | None = None) -> SASRecConfig:
-        """The defaults with ``overrides`` applied (``sasrec.<field>``, bare fields, ``max_epochs``)."""
-        return load_config(cls, "sasrec", overrides)
+    def load(cls, overrides: Mapping[str, Any] | None = None, path: Path = CONFIG_PATH) -> SASRecConfig:
+        """The YAML defaults with ``overrides`` applied (``sasrec.<field>``, bare fields, ``max_epochs``)."""
+        return load_config(cls, "sasrec", overrides, path)

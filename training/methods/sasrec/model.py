@@ -29,7 +29,7 @@ INIT_STD = 0.02  # embeddings start small so that Adam's steps move them quickly
 class CausalSelfAttentionBlock(nn.Module):
     """Pre-LayerNorm block: x + attn(LN(x)), then x + FFN(LN(x))."""
 
-    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+    def __init__(self, dim: int, heads: int, dropout: float, ffn_dim: int | None = None) -> None:
         super().__init__()
         self.heads = heads
         self.dropout = dropout
@@ -37,7 +37,8 @@ class CausalSelfAttentionBlock(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim))
+        inner = ffn_dim or dim
+        self.ffn = nn.Sequential(nn.Linear(dim, inner), nn.GELU(), nn.Dropout(dropout), nn.Linear(inner, dim))
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
@@ -63,7 +64,8 @@ class SASRecModule(nn.Module):
         self.pos_emb = nn.Embedding(max_len, config.dim)
         self.emb_drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
-            CausalSelfAttentionBlock(config.dim, config.heads, config.dropout) for _ in range(config.layers)
+            CausalSelfAttentionBlock(config.dim, config.heads, config.dropout, config.ffn_mult * config.dim)
+            for _ in range(config.layers)
         )
         self.norm = nn.LayerNorm(config.dim)
         nn.init.normal_(self.item_emb.weight, std=INIT_STD)
