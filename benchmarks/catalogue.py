@@ -1,4 +1,4 @@
-"""``genret bench catalogue``: adding items to a serving bundle under load (issue 17 goal).
+"""``genret bench catalogue``: adding items to a serving bundle under load.
 
 One run: a synthetic bundle of ``--items`` is served by a real uvicorn (``python -m service``,
 :class:`benchmarks.launcher.ServiceProcess`); ``--concurrency`` closed-loop connections (each
@@ -30,7 +30,7 @@ import numpy as np
 
 from benchmarks.launcher import ServiceProcess
 from benchmarks.load import Connection, retrieve_bodies, run_loop
-from models.catalogue_delta import Delta, NewItem
+from models.catalogue.delta import Delta, NewItem
 
 ADMIN_TOKEN = "bench-catalogue-admin-token"
 WARMUP_S = 2.0

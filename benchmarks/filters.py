@@ -1,9 +1,9 @@
-"""``genret bench filters``: allow-lists inside the beam search (issue 17 part 3), in process.
+"""``genret bench filters``: allow-lists inside the beam search, in process.
 
-For each kind of allow-list, the :class:`models.retriever.Retriever` answers ``--requests`` random
+For each kind of allow-list, the :class:`models.search.retriever.Retriever` answers ``--requests`` random
 histories at the bundle's default beam (widened for k as the service does) with ``allow`` and the
 dense fill on (``fill=True``: a guaranteed k), and the answer is compared with exact inner-product
-top-K over the allowed live items (:func:`models.constraints.dense_fill` from nothing):
+top-K over the allowed live items (:func:`models.search.constraints.dense_fill` from nothing):
 
 * ``none``: no filter (exact top-K over every item), the baseline;
 * ``random``: ``--share`` of the catalogue drawn uniformly at random per request;
@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.bundle import load_bundle
-from models.constraints import dense_fill
-from models.retriever import Retriever
+from models.bundle.bundle import load_bundle
+from models.search.constraints import dense_fill
+from models.search.retriever import Retriever
 
 KINDS = ("none", "random", "subtree", "nearest")
 

@@ -2,7 +2,7 @@
 
 For each catalogue size (``--sizes 1000000:3,10000000:4`` = items:levels) a synthetic bundle is
 built (torch files only unless ``--backend onnx``: no ONNX export, vectorised numpy), loaded and
-verified, served by a :class:`models.retriever.Retriever` on ``--device``, then measured twice:
+verified, served by a :class:`models.search.retriever.Retriever` on ``--device``, then measured twice:
 
 * **max throughput**: ``retrieve`` (encode + beam search + rerank, results copied to the host)
   on back-to-back batches of each ``--batches`` size; requests/s = batch / median batch time.
@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +35,30 @@ import numpy as np
 import torch
 
 from benchmarks.synthetic_bundle import make_synthetic_bundle
-from models.bundle import BundleError, load_bundle
-from models.graph_search import compare_with_eager
-from models.retriever import Retriever
+from models.bundle.bundle import BundleError, load_bundle
+from models.search.retriever import Retriever
 
 MIN_ACHIEVED_SHARE = 0.98
 """An open-loop row counts only if completions kept up with at least this share of the offered rate
 (the schedule's own rate: requests / last arrival; achieved: requests / last completion)."""
+
+
+def compare_with_eager(
+    retriever: Retriever, batches: Sequence[Sequence[np.ndarray]], k: int, beam_size: int
+) -> dict[str, float | int]:
+    """:meth:`Retriever.retrieve` (graphs where enabled) against the eager ``search(encode(...))``
+    of the same retriever: rows with equal items, the largest score gap (a GPU check's report;
+    exact score ties may order differently, so they are counted rather than failed)."""
+    rows = same = 0
+    gap = 0.0
+    for histories in batches:
+        got = retriever.retrieve(histories, k=k, beam_size=beam_size)
+        want = retriever.search(retriever.encode(histories), k=k, beam_size=beam_size)
+        rows += len(histories)
+        same += int((got.items == want.items).all(axis=1).sum())
+        finite = np.isfinite(want.scores)
+        gap = max(gap, float(np.abs(got.scores[finite] - want.scores[finite]).max(initial=0.0)))
+    return {"rows": rows, "same_items_rows": same, "max_abs_score_diff": gap}
 
 
 def device_report(device: torch.device) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """``genret bench search`` and ``genret bench cluster``: the index's two hot paths against in-run baselines.
 
-``bench search``: one decoder (:class:`models.decoder.TokenDecoder`, untrained, eval mode), one
-trie, one batch of encoder states; :func:`models.search.beam_search` (all beams of all queries
+``bench search``: one decoder (:class:`models.nets.decoder.TokenDecoder`, untrained, eval mode), one
+trie, one batch of encoder states; :func:`models.search.beam.beam_search` (all beams of all queries
 flattened, one decoder call per level) against constrained decoding as GENRE and Hugging Face
 ``prefix_allowed_tokens_fn`` do it: a Python dict trie asked per beam per step for the allowed
 next tokens, a mask over the full vocabulary built from its answer, beam search one query at a
@@ -27,9 +27,10 @@ import torch
 from torch import Tensor
 
 from benchmarks.step import print_step_report, run_step_bench, timed
-from models.decoder import DecoderConfig, TokenDecoder, TokenScheme
 from models.index import TreeIndex
-from models.search import DeviceTrie, beam_search
+from models.nets.decoder import DecoderConfig, TokenDecoder, TokenScheme
+from models.search.beam import DeviceTrie
+from models.search.staged import beam_search
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -57,7 +58,7 @@ def levels_for(num_items: int, k: int) -> int:
 
 class DecoderModel:
     """The real decoder step (:class:`TokenDecoder`) over fixed encoder states, seen three ways: as
-    our scorer (``step``: the serving step, candidates only, a :class:`models.search.StepScorer`),
+    our scorer (``step``: the serving step, candidates only, a :class:`models.search.beam.StepScorer`),
     as the reference step (``reference``: the whole prefix every level) and as a language model over
     the full vocabulary (``vocab_logits``: ``h @ table.T + bias``, what GENRE / HF beam search consume)."""
 
@@ -270,10 +271,7 @@ def print_search_report(report: dict[str, Any]) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    if args.device is not None:  # wall time on a device (the GPU check): search_device.py
-        from benchmarks.search_device import cmd_search_device
-
-        return cmd_search_device(args)
+    """``genret bench search`` on the CPU (``--device``: :func:`benchmarks.search_device.cmd_search_device`)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     report = run_search_bench(args)

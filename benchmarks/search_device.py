@@ -27,12 +27,13 @@ import torch
 from torch import Tensor
 
 from benchmarks.search import DecoderModel, TableModel, levels_for, make_setup
-from models.decoder import TokenDecoder
-from models.search import BeamResult, DeviceTrie, beam_search
+from models.nets.decoder import TokenDecoder
+from models.search.beam import BeamResult, DeviceTrie
+from models.search.staged import beam_search
 
 
 class StepScorer:
-    """The serving step of ``decoder`` over fixed encoder states (a :class:`models.search.StepScorer`)."""
+    """The serving step of ``decoder`` over fixed encoder states (a :class:`models.search.beam.StepScorer`)."""
 
     def __init__(self, decoder: TokenDecoder, memory: Tensor, memory_mask: Tensor) -> None:
         self.decoder, self.memory, self.memory_mask = decoder, memory, memory_mask

@@ -32,7 +32,7 @@ import numpy as np
 
 from benchmarks.launcher import ServiceProcess
 from benchmarks.load import Arrivals, OpenLoopStats, open_loop, retrieve_bodies, run_loop, send_times
-from models.bundle import SCHEMA_VERSION
+from models.bundle.bundle import SCHEMA_VERSION
 
 WRK_SCRIPT = r"""
 local ids = {%(ids)s}
@@ -337,15 +337,19 @@ def generator_ceiling() -> list[dict[str, Any]]:
     return rows
 
 
-def run_bench(cfg: BenchConfig, as_json: bool = False, ceiling: bool = False) -> int:
+def wrk_ready(cfg: BenchConfig) -> bool:
+    """wrk is installed (else says so on stderr) and the work directory exists."""
     if shutil.which("wrk") is None:
         print("wrk is not installed (apt-get install wrk, or run `make bench`)", file=sys.stderr)
-        return 2
+        return False
     cfg.workdir.mkdir(parents=True, exist_ok=True)
-    if cfg.shadow_rates:
-        from benchmarks.shadow import run_shadow_bench
+    return True
 
-        return run_shadow_bench(cfg, as_json=as_json)
+
+def run_bench(cfg: BenchConfig, as_json: bool = False, ceiling: bool = False) -> int:
+    """The mode comparison: closed loop per concurrency, then open loop (``--shadow``: :mod:`benchmarks.shadow`)."""
+    if not wrk_ready(cfg):
+        return 2
     generator = generator_ceiling() if ceiling else []
     bundle = build_bundle(cfg)
     bodies = retrieve_bodies(

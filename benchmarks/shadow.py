@@ -27,7 +27,15 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.launcher import ServiceProcess
-from benchmarks.serve import BenchConfig, build_bundle, measure_level, run_wrk, service_env, wrk_script
+from benchmarks.serve import (
+    BenchConfig,
+    build_bundle,
+    measure_level,
+    run_wrk,
+    service_env,
+    wrk_ready,
+    wrk_script,
+)
 
 
 @dataclass(frozen=True)
@@ -285,6 +293,8 @@ def format_shadow_table(results: list[ShadowMeasurement]) -> str:
 
 
 def run_shadow_bench(cfg: BenchConfig, as_json: bool = False) -> int:
+    if not wrk_ready(cfg):
+        return 2
     primary = build_bundle(cfg)
     shadow = build_bundle(replace(cfg, seed=cfg.seed + 1))
     root = shadow_root(cfg.workdir, primary, shadow)

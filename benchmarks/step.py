@@ -3,7 +3,7 @@
 At every level of one real search (level tokens, the bench's tree), the CPU time of the scorer
 calls is taken for
 
-* ``new``: :meth:`models.decoder.TokenDecoder.step`, the serving step (cached prefix keys/values,
+* ``new``: :meth:`models.nets.decoder.TokenDecoder.step`, the serving step (cached prefix keys/values,
   cross-attention batched per query; what ``decoder.onnx`` holds);
 * ``old``: :meth:`TokenDecoder.forward`, the reference (the whole prefix at every level, the
   cross-attention keys/values gathered per beam); both searches must return the same leaves;
@@ -30,8 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from models.decoder import TokenDecoder
-from models.search import DeviceTrie, beam_search
+from models.nets.decoder import TokenDecoder
+from models.search.beam import DeviceTrie
+from models.search.staged import beam_search
 
 STEP_FORMULA = "4*NL*B*T*D^2 + NL*Bb*(12*D^2 + 4*S*D + 4*T*D + 4*D*F) + 2*Bb*D*V"
 """FLOPs of the new step at a level: cross keys/values of the memory, then per layer and beam
@@ -166,7 +167,7 @@ class TimedScorer:
 
 
 class TimedStepScorer:
-    """A :class:`models.search.StepScorer`; CPU (and wall) seconds of its calls, by level."""
+    """A :class:`models.search.beam.StepScorer`; CPU (and wall) seconds of its calls, by level."""
 
     def __init__(self, inner: Any) -> None:
         self.inner, self.cache_width = inner, inner.cache_width
@@ -227,8 +228,8 @@ def export_step(decoder: TokenDecoder, memory: Tensor, mask: Tensor, out: Path) 
     """``decoder.onnx`` exactly as a bundle holds it (:func:`training.export.export_graphs`' step export)."""
     from torch.export import Dim
 
-    from models.backend import STEP_INPUTS, STEP_OUTPUTS
-    from models.decoder_step import DecoderStep
+    from models.bundle.backend import STEP_INPUTS, STEP_OUTPUTS
+    from models.nets.decoder_step import DecoderStep
     from training.export import export_onnx, step_dynamic_shapes
 
     step = DecoderStep(decoder).eval()
@@ -251,7 +252,7 @@ def run_ort(
     decoder: TokenDecoder, trie: DeviceTrie, memory: Tensor, mask: Tensor, args: Any, new_leaves: Tensor
 ) -> list[dict[str, Any]]:
     """The exported step at each graph optimisation level x intra-op thread count."""
-    from models.backend import OnnxSession, session_options
+    from models.bundle.backend import OnnxSession, session_options
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -327,7 +328,7 @@ def profile_step(
     ORT's own profiler (``SessionOptions.enable_profiling``) over ``decoder.onnx`` (level ``all``)."""
     import json
 
-    from models.backend import OnnxSession, session_options
+    from models.bundle.backend import OnnxSession, session_options
 
     B = model.memory.shape[0]
     with torch.inference_mode(), torch.profiler.profile() as prof:

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.decoder import DecoderConfig, TokenDecoder
-from models.encoder import EncoderConfig, QueryEncoder
+from models.bundle.torch_backend import HashedItemEmbedding
 from models.index import TreeIndex
-from models.torch_bundle import HashedItemEmbedding
+from models.nets.decoder import DecoderConfig, TokenDecoder
+from models.nets.encoder import EncoderConfig, QueryEncoder
 from training.export import export_bundle
 
 __all__ = [

@@ -93,6 +93,10 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         open_loop=comma_list(args.open_loop, float),
         arrivals=args.arrivals,
     )
+    if config.shadow_rates:
+        from benchmarks.shadow import run_shadow_bench
+
+        return run_shadow_bench(config, as_json=args.json)
     return run_bench(config, as_json=args.json, ceiling=args.ceiling)
 
 

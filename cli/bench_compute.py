@@ -12,7 +12,8 @@ from typing import Any
 from benchmarks.cluster import cmd_cluster
 from benchmarks.retrieve import cmd_retrieve
 from benchmarks.search import cmd_search
-from models.backend import GRAPH_OPTIMIZATION
+from benchmarks.search_device import cmd_search_device
+from models.bundle.backend import GRAPH_OPTIMIZATION
 
 
 def register(sub: Any, groups: dict[str, Any]) -> None:
@@ -142,7 +143,7 @@ def register_search(group: Any) -> None:
         "wall time on that device (no GENRE baseline, no profiles); omitted: the CPU bench above",
     )
     search.add_argument("--json", action="store_true", help="print the report as JSON")
-    search.set_defaults(func=cmd_search)
+    search.set_defaults(func=run_search)
 
     cluster = group.add_parser(
         "cluster", help="balanced hierarchical k-means (SEATER Alg. 1) vs plain k-means, time and balance"
@@ -194,3 +195,8 @@ def register_retrieve(group: Any) -> None:
     p.add_argument("--json-out", type=Path, help="rewrite the JSON report here after every phase")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_retrieve)
+
+
+def run_search(args: argparse.Namespace) -> int:
+    """Wall time on a device (``--device``, the GPU check) or the CPU report."""
+    return cmd_search_device(args) if args.device is not None else cmd_search(args)

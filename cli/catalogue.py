@@ -1,10 +1,10 @@
-"""``genret catalogue add | show`` (the live catalogue offline, issue 17) and the wiring of
+"""``genret catalogue add | show`` (the live catalogue offline, docs/live_catalogue.md) and the wiring of
 ``genret bench catalogue`` / ``genret bench filters`` (the benchmarks live in ``benchmarks/``).
 
 ``catalogue add`` writes a delta as the next file of the bundle's delta directory, exactly as a
 serving replica's ``POST /admin/items`` does: the same layout, sequence claim and rules, through
-:mod:`service.catalogue_store` (``delta_dir``, ``DeltaStore.claim``; it imports no service stack).
-The delta is first checked and applied (:meth:`models.catalogue.Catalogue.apply`) on top of the
+:mod:`service.catalogue.store` (``delta_dir``, ``DeltaStore.claim``; it imports no service stack).
+The delta is first checked and applied (:meth:`models.catalogue.catalogue.Catalogue.apply`) on top of the
 bundle and every delta file already there, applied as the service applies them (files of another
 bundle fingerprint skipped, damaged or contradicting ones refused), so a file it writes applies on
 every replica. ``catalogue show`` prints the version those files make, the live items, and each file.
@@ -61,10 +61,10 @@ class Caught:
 
 
 def caught_up(bundle_path: Path, catalogue_dir: Path | None) -> Caught:
-    from models.bundle import load_bundle
-    from models.catalogue import Catalogue
-    from models.catalogue_delta import DeltaError
-    from service.catalogue_store import DeltaStore, delta_dir
+    from models.bundle.bundle import load_bundle
+    from models.catalogue.catalogue import Catalogue
+    from models.catalogue.delta import DeltaError
+    from service.catalogue.store import DeltaStore, delta_dir
 
     bundle = load_bundle(bundle_path)
     fingerprint = bundle.manifest.fingerprint
@@ -89,8 +89,8 @@ def caught_up(bundle_path: Path, catalogue_dir: Path | None) -> Caught:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    from models.catalogue_delta import Delta, DeltaError
-    from service.catalogue_store import SequenceTaken
+    from models.catalogue.delta import Delta, DeltaError
+    from service.catalogue.store import SequenceTaken
 
     try:
         delta = Delta.from_json(json.loads(args.delta.read_text()))

@@ -1,5 +1,5 @@
 """`genret coldstart`: hold out 10% of the items, train without them, add them through the live
-catalogue with content-tower vectors, and compare with models trained on them (issue 17's goal;
+catalogue with content-tower vectors, and compare with models trained on them (docs/live_catalogue.md;
 :mod:`training.coldstart` has the protocol)."""
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
-    parser = sub.add_parser("coldstart", help="cold-start evaluation of the live catalogue (issue 17)")
+    parser = sub.add_parser("coldstart", help="cold-start evaluation of the live catalogue")
     add_data_arguments(parser)
     parser.add_argument("--methods", default="seater,tdr", help="comma-separated generative methods")
     parser.add_argument("--share", type=float, default=0.1, help="share of the items held out")

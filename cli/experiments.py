@@ -3,7 +3,7 @@
 * ``genret replay --log shadow.jsonl``: agreement (overlap@K, Jaccard, RBO) and latency of the
   logged shadow runs, by variant and shadow bundle.
 * ``genret replay --requests R.jsonl --bundle A --bundle B [--targets T.jsonl]``: the same
-  requests through two bundles offline (``models.retriever.Retriever``, the serving code path):
+  requests through two bundles offline (``models.search.retriever.Retriever``, the serving code path):
   agreement and latency, and Recall/NDCG/HR@K per bundle when targets are given.
 * ``genret ab-report --log shadow.jsonl --png out.png``: the table above plus a figure (agreement
   distributions, latency CDFs of primary and shadow).
@@ -25,7 +25,7 @@ from typing import Any
 
 from cli.replay import compare_runs, load_requests, load_targets, run_bundle
 from cli.shadow_report import format_table, plot_report, summarise_log
-from service.shadow import read_records
+from service.shadow.log import read_records
 
 
 def register(sub: Any, groups: dict[str, Any]) -> None:

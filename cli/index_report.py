@@ -3,7 +3,7 @@
 Same ``k`` and ``L`` for every row:
 
 * ``random``  — items dealt at random into ``k^L`` equal leaves;
-* ``kmeans``  — balanced hierarchical k-means on the SASRec item embeddings (``ctx.sasrec()``, or
+* ``kmeans``  — balanced hierarchical k-means on the SASRec item embeddings (``sasrec_for(ctx)``, or
   saved weights from ``--sasrec-dir``);
 * ``uri``     — the URI index, read from ``--uri-bundle`` or trained here;
 * ``planted`` — synthetic data only: the planted clusters as an index (the target to recover).
@@ -34,15 +34,16 @@ from cli.compare import add_split_arguments, make_context
 from cli.data import add_data_arguments
 from training.data import SyntheticDataset
 from training.index_report import ape_row, category_labels, level_buckets, random_codes
+from training.methods.sasrec.cache import sasrec_for
 from training.methods.uri.index import eval_queries
 
 log = logging.getLogger(__name__)
 
 
 def sasrec_model(args: argparse.Namespace, ctx: Any) -> Any:
-    """The SASRec of this split: ``--sasrec-dir`` (saved weights) or ``ctx.sasrec()`` (cache or train)."""
+    """The SASRec of this split: ``--sasrec-dir`` (saved weights) or ``sasrec_for(ctx)`` (cache or train)."""
     if args.sasrec_dir is None:
-        return ctx.sasrec()
+        return sasrec_for(ctx)
     from training.methods.sasrec.model import SASRec
 
     model = SASRec.load(args.sasrec_dir)
@@ -55,7 +56,7 @@ def sasrec_model(args: argparse.Namespace, ctx: Any) -> Any:
 
 def uri_buckets(args: argparse.Namespace, ctx: Any, bundle_dir: Path | None) -> np.ndarray:
     """``[N+1, L]`` URI buckets: from ``bundle_dir`` (checked against the data) or trained now."""
-    from models.bundle import load_bundle
+    from models.bundle.bundle import load_bundle
 
     if bundle_dir is None:
         from training.methods.uri.train import train_uri
@@ -158,7 +159,7 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
         help="another index bundle as a row NAME (repeatable), e.g. control=<a warm_start=all em_levels=0 bundle>",
     )
     parser.add_argument(
-        "--sasrec-dir", type=Path, help="saved SASRec weights for the k-means row (default: ctx.sasrec())"
+        "--sasrec-dir", type=Path, help="saved SASRec weights for the k-means row (default: sasrec_for(ctx))"
     )
     parser.add_argument(
         "--no-kmeans", action="store_true", help="skip the SASRec k-means row (no SASRec training)"

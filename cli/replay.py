@@ -1,5 +1,5 @@
 """``genret replay --requests``: the same requests through two bundles offline, with the serving
-code path (``models.retriever.Retriever``): agreement, latency, and Recall/NDCG/HR@K per bundle
+code path (``models.search.retriever.Retriever``): agreement, latency, and Recall/NDCG/HR@K per bundle
 when targets are given. File formats: :mod:`cli.experiments`."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from cli.shadow_report import mean, percentile
-from service.shadow import Agreement
+from service.shadow.agreement import Agreement
 
 
 def read_jsonl(path: Path) -> list[Any]:
@@ -72,8 +72,8 @@ def run_bundle(
 ) -> BundleRun:
     """Every request through ``Retriever.retrieve`` in batches, timed per batch. ``beam_size`` ``None``
     = the bundle's own default; each request's beam is widened for ``k`` as the service widens it."""
-    from models.bundle import load_bundle
-    from models.retriever import Retriever
+    from models.bundle.bundle import load_bundle
+    from models.search.retriever import Retriever
 
     bundle = load_bundle(path)
     retriever = Retriever(bundle, device=device)

@@ -1,4 +1,4 @@
-"""The item index: a rooted tree of depth L whose leaves hold items (DESIGN.md "The index").
+"""The item index: a rooted tree of depth L whose leaves hold items (docs/CONTRACTS.md "models/index.py").
 
 Nodes get global ids level by level (root = 0), and inside a level in lexicographic order of
 their code prefix, so the children of a node are contiguous and the CSR ``child_ids`` is simply

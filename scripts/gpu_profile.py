@@ -23,8 +23,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.retrieve import build_bundle, history_pool
-from models.bundle import load_bundle
-from models.retriever import Retriever
+from models.bundle.bundle import load_bundle
+from models.search.retriever import Retriever
 
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 """Runtime calls that block the host until the device catches up (``cudaMemcpy`` with pageable

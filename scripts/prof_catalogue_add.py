@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.catalogue_live import LiveCatalogue
-from service.models_registry import ModelRegistry
+from service.catalogue.live import LiveCatalogue
+from service.registry.model_registry import ModelRegistry
 from service.settings import Settings
 
 

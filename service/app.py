@@ -11,26 +11,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api import admin_router, router
-from service.cache import CircuitBreaker, LocalCache, NoCache, RedisCache, StateCache
-from service.catalogue_live import LiveCatalogue
-from service.engine import Engine
+from service.cache.state_cache import CircuitBreaker, LocalCache, NoCache, RedisCache, StateCache
+from service.catalogue.live import LiveCatalogue
+from service.engine.engine import Engine
+from service.engine.request_map import DEFAULT_VARIANT
 from service.errors import PayloadTooLarge, error_response, install_error_handlers
+from service.http.routes import admin_router, router
+from service.http.schemas import RetrieveRequest
 from service.metrics import REQUEST_SECONDS
-from service.models_registry import ModelRegistry
-from service.quality_monitor import QualityMonitor
-from service.request_map import DEFAULT_VARIANT
+from service.registry.model_registry import ModelRegistry
 from service.settings import SHUTDOWN_CLOSE_S, Settings
+from service.shadow.agreement import Ranked
+from service.shadow.experiments import ExperimentHooks, ranked_from_result, router_from_settings
+from service.shadow.experiments import user_key as experiment_user_key
+from service.shadow.quality_monitor import QualityMonitor
 
 log = logging.getLogger(__name__)
 
@@ -152,34 +155,20 @@ def make_cache(settings: Settings) -> StateCache:
     return NoCache()
 
 
-def load_experiment(
-    settings: Settings,
-) -> tuple[Any | None, Callable[[str | None, Sequence[str]], str]]:
-    """``service.experiments.router_from_settings(settings)`` (None without ``experiments_file``,
-    i.e. ``GENRET_EXPERIMENTS_FILE``) and its assignment-key function."""
-    experiments: Any = importlib.import_module("service.experiments")
-    return experiments.router_from_settings(settings), experiments.user_key
-
-
-def wire_experiment(hooks: Any, engine: Engine) -> None:
-    """Check the experiment names only loaded bundles, and give its shadow lane a way to run copies."""
-    from service.shadow import Ranked
-
+def wire_experiment(hooks: ExperimentHooks, engine: Engine) -> None:
+    """Check the experiment names only loaded bundles, shadow sampled primary answers, and start its
+    shadow lane on the engine's staged shadow runs."""
     for bundle in hooks.source.router().config.bundles:
         engine.registry.get(bundle)  # UnknownModel at startup, not on the first request
     engine.registry.keep_loaded(lambda: hooks.source.router().config.bundles)  # a reload may not drop them
+    engine.on_primary_result(hooks.maybe_shadow)
 
-    async def run_shadow(request: Any) -> Any:
+    async def run_shadow(request: RetrieveRequest) -> Ranked:
         started = time.perf_counter()
         result = await engine.run_shadow(request)
-        return Ranked(
-            items=result.items,
-            bundle=result.model.name,
-            version=result.model.version,
-            latency_s=time.perf_counter() - started,
-        )
+        return ranked_from_result(result, time.perf_counter() - started)
 
-    hooks.bind(run_shadow, lambda: engine.batcher.idle)
+    hooks.start_lane(run_shadow, lambda: engine.batcher.idle)
 
 
 def grace_left(app: FastAPI, settings: Settings) -> float:
@@ -201,20 +190,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         catalogue = LiveCatalogue(settings, registry)  # every load applies the bundle's deltas
         await asyncio.to_thread(registry.load_all)
         cache = make_cache(settings)
-        hooks, assignment_key = load_experiment(settings)
-        monitor = QualityMonitor(settings.quality_sample, None if hooks is None else hooks.maybe_shadow)
-        engine = Engine(
-            settings,
-            registry,
-            cache,
-            router=hooks,
-            on_primary_result=monitor.hook(),
-            assignment_key=assignment_key,
-        )
-        monitor.bind(engine)
+        hooks = router_from_settings(settings)
+        engine = Engine(settings, registry, cache, router=hooks, assignment_key=experiment_user_key)
         if hooks is not None:
             wire_experiment(hooks, engine)
+        monitor = QualityMonitor(engine, settings.quality_sample)
         engine.start()
+        monitor.start()
         app.state.engine = engine
         app.state.catalogue = catalogue
         poller = (
@@ -267,7 +249,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_body_bytes)
     exposed = [path for route in router.routes if (path := getattr(route, "path", "")).startswith("/admin")]
-    if exposed:  # admin routes belong to service.api.admin_router (the admin port) only
+    if exposed:  # admin routes belong to service.http.routes.admin_router (the admin port) only
         raise RuntimeError(f"admin routes on the public app: {exposed}")
     return app
 

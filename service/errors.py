@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from models.catalogue_delta import DeltaError
+from models.catalogue.delta import DeltaError
 from service.metrics import ERRORS
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class Unavailable(ServiceError):
 
 
 class Overloaded(ServiceError):
-    """More open connections or running requests than ``max_connections`` (service/http_guard.py)."""
+    """More open connections or running requests than ``max_connections`` (service/http/guard.py)."""
 
     status = 503
     kind = "overloaded"
@@ -162,7 +162,7 @@ def field_loc(field: str) -> list[str | int]:
 
 
 def delta_response(exc: DeltaError) -> JSONResponse:
-    """A delta that cannot apply (``models.catalogue_delta.DeltaError``): 422 naming its field, in the
+    """A delta that cannot apply (``models.catalogue.delta.DeltaError``): 422 naming its field, in the
     shape of a validation error (nothing was written or changed)."""
     ERRORS.labels(kind="delta").inc()
     detail = [

@@ -5,7 +5,7 @@ bundle path, ports) each end `genret serve` with one line on stderr and exit sta
 sockets are bound before uvicorn starts. The admin app (``/admin/*``) listens on
 ``admin_host:admin_port`` only when ``admin_token`` is set.
 
-Connections are guarded by ``service.http_guard`` (header/body read timeouts, connection cap).
+Connections are guarded by ``service.http.guard`` (header/body read timeouts, connection cap).
 
 Shutdown: on the first SIGTERM/SIGINT the engine starts draining (``/readyz`` turns false, new
 requests get 503) while queued and running requests finish; the server exits once the engine is
@@ -33,7 +33,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from service.app import OneLineStartupError, create_admin_app, create_app
-from service.http_guard import guarded_protocol
+from service.http.guard import guarded_protocol
 from service.settings import SHUTDOWN_CLOSE_S, Settings
 from service.startup import StartupError, bind, check_bundle_path, load_settings
 

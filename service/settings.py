@@ -60,7 +60,7 @@ class Settings(BaseSettings):
         "takes at most this plus a small fixed margin).",
     )
 
-    # --- HTTP server (uvicorn, service/http_guard.py) ---
+    # --- HTTP server (uvicorn, service/http/guard.py) ---
     header_timeout_s: float = Field(
         default=10.0,
         ge=0.1,
@@ -156,7 +156,7 @@ class Settings(BaseSettings):
         ge=1,
         le=4096,
         description="Beam width used when a request gives none; unset = each bundle's own default "
-        "(manifest config.beam_size, the catalogue rule of models/beam_policy.py).",
+        "(manifest config.beam_size, the catalogue rule of models/search/beam_policy.py).",
     )
     min_beam_size: int = Field(
         default=1, ge=1, le=4096, description="Smallest beam width a request may ask for."
@@ -273,10 +273,10 @@ class Settings(BaseSettings):
         "values without a valid tag are misses. Unset = values are checked for bundle and shapes only.",
     )
 
-    # --- experiments and shadow traffic (service/experiments.py, service/shadow.py) ---
+    # --- experiments and shadow traffic (service/shadow/experiments.py, service/shadow/lane.py) ---
     experiments_file: Path | None = Field(
         default=None,
-        description="YAML of A/B variants and shadow bundles (see service/experiments.py); "
+        description="YAML of A/B variants and shadow bundles (see service/shadow/experiments.py); "
         "unset or empty = no experiment.",
     )
     experiments_check_s: float = Field(
@@ -316,7 +316,7 @@ class Settings(BaseSettings):
         ge=0.0,
         le=1.0,
         description="Share of primary requests also run as exact inner-product top-K in the shadow lane "
-        "(service/quality_monitor.py: genret_quality_overlap / _beam_coverage per model); 0 = off.",
+        "(service/shadow/quality_monitor.py: genret_quality_overlap / _beam_coverage per model); 0 = off.",
     )
 
     @field_validator(

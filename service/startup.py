@@ -86,7 +86,7 @@ def load_settings(overrides: Mapping[str, Any], environ: Mapping[str, str]) -> S
 def check_bundle_path(settings: Settings) -> None:
     """The bundle path must name a bundle or a directory of bundles (the registry's own discovery)."""
     from service.errors import ServiceError
-    from service.models_registry import ModelRegistry
+    from service.registry.model_registry import ModelRegistry
 
     root = settings.bundle_path
     if root is None:

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor, nn
 
-from models.bundle import load_bundle
-from models.retriever import Retriever
+from models.bundle.bundle import load_bundle
+from models.search.retriever import Retriever
 
 
 def sasrec_states(sasrec: nn.Module, history: Tensor, history_mask: Tensor) -> Tensor:

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import nn
 
+from models.bundle.attributes import ItemAttributes
 from models.index import TreeIndex
-from models.item_attributes import ItemAttributes
 from training.data.dataset import Dataset
 from training.trainer import popularity_counts
 
@@ -28,7 +28,7 @@ class BundleSpec:
     ``decoder``: any module with the decoder-step signature. ``item_emb`` [N+1, Dr] must use the
     same Dr as the encoder's ``query``. ``version`` defaults to the UTC creation time.
     ``backends``: None = ONNX, plus the torch files (safetensors + module specs) when the modules
-    are kinds :mod:`models.torch_bundle` rebuilds; or an explicit subset of ``("onnx", "torch")``.
+    are kinds :mod:`models.bundle.torch_backend` rebuilds; or an explicit subset of ``("onnx", "torch")``.
     ``item_attributes``: rows for the same N+1 dense ids, written into ``items.npz``; with
     ``content_tower`` the exporter also fits the content tower on them (``content.npz``).
     """

@@ -1,4 +1,4 @@
-"""Cold-start evaluation of the live catalogue (issue 17, ``genret coldstart``).
+"""Cold-start evaluation of the live catalogue (``genret coldstart``, docs/live_catalogue.md).
 
 1. :func:`hold_out_items`: a share of the items (uniformly at random, ``seed``) and the data set
    without them; :func:`reduced_split`: the full data's split (same users in each part, same
@@ -14,9 +14,8 @@
    "new items": the test users with a held-out item among their targets, scored on those targets
    only; "overall": every test user, every target.
 
-References (one table in :mod:`cli.coldstart`): SASRec trained on the full data, exhaustive, on
-the "new items" users and targets (full histories); the method's full-data bundle, overall.
-"""
+References (:mod:`cli.coldstart`): SASRec on the full data, exhaustive, on the "new items" users
+and targets; the method's full-data bundle, overall."""
 
 from __future__ import annotations
 
@@ -32,10 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.bundle import Bundle, load_bundle
-from models.catalogue import ApplyReport, Catalogue, Delta, NewItem
-from models.retriever import Retriever
+from models.bundle.bundle import Bundle, load_bundle
+from models.catalogue.catalogue import ApplyReport, Catalogue, Delta, NewItem
+from models.search.retriever import Retriever
 from training.data import Dataset, ItemVocab
+from training.methods.sasrec.cache import sasrec_for
 from training.metrics import evaluate_ranking
 from training.registry import TrainContext, get_method
 from training.splits import EvalSet, Split, make_split
@@ -360,7 +360,7 @@ def run_coldstart(cfg: ColdstartConfig) -> ColdstartResult:
         data=data | {"seed": cfg.seed},
         held_out=len(holdout.items),
         sets=sets_stats,
-        sasrec_full_new=sasrec_new_items(full_ctx.sasrec(), full_split.test, holdout),
+        sasrec_full_new=sasrec_new_items(sasrec_for(full_ctx), full_split.test, holdout),
         methods=rows,
     )
 

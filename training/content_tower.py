@@ -1,4 +1,4 @@
-"""Fit the content tower (:mod:`models.content_tower`) of a bundle at export time.
+"""Fit the content tower (:mod:`models.nets.content_tower`) of a bundle at export time.
 
 Ridge regression from the mean of an item's attribute one-hots to its vector in the bundle's item
 space (``item_emb``, the rerank vectors), in closed form::
@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from models.content_tower import CONTENT_FILE, ContentTower
-from models.item_attributes import ItemAttributes
+from models.bundle.attributes import ItemAttributes
+from models.nets.content_tower import CONTENT_FILE, ContentTower
 
 log = logging.getLogger(__name__)
 

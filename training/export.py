@@ -1,10 +1,10 @@
-"""Write a bundle: ONNX encoder/decoder, index, item tables and a manifest (see models/bundle.py).
+"""Write a bundle: ONNX encoder/decoder, index, item tables and a manifest (see models/bundle/bundle.py).
 
 The graphs are exported with ``torch.onnx.export(..., dynamo=True)`` with dynamic batch,
 history length, beam count, prefix length (= cached positions + 1) and candidate count, and saved
 as single files (no external data). ``decoder.onnx`` holds the serving step
-(:class:`models.decoder_step.DecoderStep`: cache in, cache out; ``dims.cache`` in the manifest).
-After writing, the bundle is read back with :func:`models.bundle.load_bundle` and ONNX Runtime
+(:class:`models.nets.decoder_step.DecoderStep`: cache in, cache out; ``dims.cache`` in the manifest).
+After writing, the bundle is read back with :func:`models.bundle.bundle.load_bundle` and ONNX Runtime
 is checked against the torch modules on the example inputs. The bundle is written into a
 temporary sibling directory and renamed into place, so a reader never sees a half-written bundle.
 """
@@ -32,9 +32,9 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim
 
-from models.backend import ENCODER_INPUTS, ENCODER_OUTPUTS, STEP_INPUTS, STEP_OUTPUTS, OnnxSession
-from models.beam_policy import default_beam
-from models.bundle import (
+from models.bundle.attributes import ItemAttributes
+from models.bundle.backend import ENCODER_INPUTS, ENCODER_OUTPUTS, STEP_INPUTS, STEP_OUTPUTS, OnnxSession
+from models.bundle.bundle import (
     CONTENT_FILE,
     DECODER_FILE,
     ENCODER_FILE,
@@ -47,9 +47,9 @@ from models.bundle import (
     file_sha256,
     load_bundle,
 )
-from models.decoder_step import DecoderStep
 from models.index import TreeIndex
-from models.item_attributes import ItemAttributes
+from models.nets.decoder_step import DecoderStep
+from models.search.beam_policy import default_beam
 from training.bundle_spec import BundleSpec
 from training.content_tower import write_content
 from training.export_torch import choose_backends, probe_dims, write_torch_files
@@ -219,7 +219,7 @@ def write_items(
     popularity: np.ndarray,
     attributes: ItemAttributes | None = None,
 ) -> None:
-    """``items.npz`` (models/bundle_items.py), with the attribute arrays when ``attributes`` is given."""
+    """``items.npz`` (models/bundle/items.py), with the attribute arrays when ``attributes`` is given."""
     arrays: dict[str, Any] = {
         "item_emb": np.ascontiguousarray(item_emb, dtype=np.float32),
         "item_ids": np.asarray(item_ids, dtype=np.str_),  # fixed-width unicode, never an object array
@@ -346,7 +346,7 @@ def _manifest(
 
 
 def with_default_beam(config: dict[str, Any], index: TreeIndex) -> dict[str, Any]:
-    """``config`` with ``beam_size`` from the catalogue rule (:mod:`models.beam_policy`) unless the
+    """``config`` with ``beam_size`` from the catalogue rule (:mod:`models.search.beam_policy`) unless the
     trainer set one explicitly (``beam_size`` >= 1): the bundle's default beam, read by the service,
     ``genret eval`` and ``genret replay`` when a request or flag gives none."""
     if isinstance(config.get("beam_size"), int) and config["beam_size"] >= 1:

@@ -1,7 +1,7 @@
 """The torch half of a bundle export: which backends to write, and the safetensors + specs files.
 
 :func:`training.export.export_bundle` calls these. ``backends=None`` (what trainers pass) means
-ONNX always, plus the torch files when :func:`models.torch_bundle.describe_modules` knows both
+ONNX always, plus the torch files when :func:`models.bundle.torch_backend.describe_modules` knows both
 modules; an explicit tuple must be satisfiable (``("torch",)`` skips the ONNX export, which is what
 a 10M-item synthetic bundle for a GPU check wants: seconds instead of tens of seconds, and no
 dependence on the exporter of the machine's torch).
@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from models.backend import DECODER_INPUTS, ENCODER_INPUTS
-from models.bundle import BACKEND_FILES
+from models.bundle.backend import DECODER_INPUTS, ENCODER_INPUTS
+from models.bundle.bundle import BACKEND_FILES
+from models.bundle.torch_backend import build_modules, describe_modules, save_torch_files
 from models.index import TreeIndex
-from models.torch_bundle import build_modules, describe_modules, save_torch_files
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def choose_backends(
     if backends is None:
         if not describable:
             log.info(
-                "torch files skipped: %s / %s are not kinds models.torch_bundle can rebuild (ONNX only)",
+                "torch files skipped: %s / %s are not kinds models.bundle.torch_backend can rebuild (ONNX only)",
                 type(encoder).__name__,
                 type(decoder).__name__,
             )
@@ -57,7 +57,7 @@ def choose_backends(
     if "torch" in chosen and not describable:
         raise TorchExportError(
             f"backend 'torch' asked for, but {type(encoder).__name__} / {type(decoder).__name__} are not "
-            "kinds models.torch_bundle can rebuild"
+            "kinds models.bundle.torch_backend can rebuild"
         )
     return chosen
 
@@ -80,7 +80,7 @@ def write_torch_files(
     """
     specs = describe_modules(encoder, decoder, index)
     if specs is None:
-        raise TorchExportError("the modules are not kinds models.torch_bundle can rebuild")
+        raise TorchExportError("the modules are not kinds models.bundle.torch_backend can rebuild")
     enc = copy.deepcopy(encoder).cpu().eval()
     dec = copy.deepcopy(decoder).cpu().eval()
     save_torch_files(out, enc, dec, specs)

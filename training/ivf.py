@@ -1,6 +1,6 @@
 """The dense-retrieval + ANN baseline every generative index must beat: SASRec vectors in faiss IVF.
 
-Definitions (issue 13, the same for every method): faiss ``IndexIVFFlat``, inner product,
+Definitions (the same for every method): faiss ``IndexIVFFlat``, inner product,
 ``nlist`` 1,024 (below 20k items: ``round(N/12)``), trained on all items; the probed items are
 scored exactly (IVFFlat stores the full vectors), history items excluded afterwards. *Candidates*
 = items in the probed cells, counted before history exclusion. The IVF figure at a budget is the

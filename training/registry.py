@@ -10,12 +10,11 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from training.data import Dataset
+    from training.evaluation import Recommender
     from training.methods.sasrec.model import SASRec
     from training.splits import Split
 
@@ -29,13 +28,6 @@ METHOD_MODULES: dict[str, str] = {
 DATA_PARALLEL_METHODS: frozenset[str] = frozenset({"sasrec", "uri", "seater", "tdr"})
 """Methods whose trainers shard their data over the ranks of a torchrun job (each rank steps a
 DDP-wrapped training module on its share; rank 0 evaluates, decides and exports)."""
-
-
-class Recommender(Protocol):
-    def recommend(
-        self, histories: list[np.ndarray], k: int, exclude: list[np.ndarray] | None
-    ) -> np.ndarray:  # [B, k] dense ids, 0 = none
-        ...
 
 
 @dataclass
@@ -53,14 +45,7 @@ class TrainContext:
     workdir: Path
     config_overrides: dict[str, Any] = field(default_factory=dict)
     _sasrec: SASRec | None = None
-
-    def sasrec(self) -> SASRec:
-        """The trained SASRec baseline of this split, trained once and memoised."""
-        if self._sasrec is None:
-            from training.methods.sasrec.cache import train_sasrec
-
-            self._sasrec = train_sasrec(self)
-        return self._sasrec
+    """The SASRec of this split once trained (:func:`training.methods.sasrec.cache.sasrec_for`)."""
 
 
 TrainFn = Callable[[TrainContext], TrainedMethod]

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.cache import CircuitBreaker, RedisCache
-from service.cache_codec import StateRow, StateSpec, encode_state
+from service.cache.codec import StateRow, StateSpec, encode_state
+from service.cache.state_cache import CircuitBreaker, RedisCache
 from service.metrics import CACHE_RESULTS
 from tests.integration.conftest import RedisServer
 

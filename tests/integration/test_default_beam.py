@@ -79,8 +79,8 @@ def test_no_beam_given_serves_what_the_offline_evaluation_measures(
 
 
 def test_fewer_items_say_why(client: httpx.Client, bundle_dir: Path) -> None:
-    from models.bundle import load_bundle
-    from models.retriever import Retriever
+    from models.bundle.bundle import load_bundle
+    from models.search.retriever import Retriever
 
     history = [ids(i) for i in (3, 40, 500)]
     # the catalogue: 900 of 1000 items excluded leaves 100 < k
@@ -93,7 +93,7 @@ def test_fewer_items_say_why(client: httpx.Client, bundle_dir: Path) -> None:
     widest = retriever.retrieve(list(dense), k=256, beam_size=256).items[0]
     exclude = [ids(int(i)) for i in widest[:150]]
     data = served(client, {"history": history, "k": 200, "exclude": exclude})
-    # since issue 17 the beam skips leaves with nothing left to return, and the dense fill completes
+    # the beam skips leaves with nothing left to return, and the dense fill completes
     # what it still misses (`fallback: dense`): k is met, never `beam_limit`
     assert len(data["items"]) == 200 and data.get("fewer") is None
     assert not set(exclude) & {item["id"] for item in data["items"]}

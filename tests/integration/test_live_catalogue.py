@@ -1,4 +1,4 @@
-"""The live catalogue against real uvicorn processes (issue 17): ``POST /admin/items`` under load,
+"""The live catalogue against real uvicorn processes: ``POST /admin/items`` under load,
 removed items never returned, versions advancing atomically, malformed deltas refused with nothing
 changed, and two service processes sharing one delta directory converging to the same catalogue.
 
@@ -37,8 +37,8 @@ def live_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def queries(live_bundle: Path) -> dict[str, np.ndarray]:
     """Each user's query vector ``[Dr]``, as the service encodes it (the same ONNX encoder)."""
-    from models.bundle import load_bundle
-    from models.retriever import Retriever
+    from models.bundle.bundle import load_bundle
+    from models.search.retriever import Retriever
 
     retriever = Retriever(load_bundle(live_bundle))
     dense = {raw: i for i, raw in enumerate(retriever.bundle.item_ids.tolist())}
@@ -189,8 +189,8 @@ def test_items_added_and_removed_under_load_version_by_version(
 def test_a_delta_written_by_another_process_reaches_both(
     pair: tuple[ServiceProcess, ServiceProcess, Path], queries: dict[str, np.ndarray], live_bundle: Path
 ) -> None:
-    from models.catalogue_delta import Delta
-    from service.catalogue_store import DeltaStore
+    from models.catalogue.delta import Delta
+    from service.catalogue.store import DeltaStore
 
     a, b, deltas = pair
     version = model_of(a)["catalogue_version"]

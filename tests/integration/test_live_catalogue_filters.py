@@ -1,4 +1,4 @@
-"""Per-request filters and the guaranteed K against real uvicorn processes (issue 17 parts 3-4).
+"""Per-request filters and the guaranteed K against real uvicorn processes.
 
 Property tests (hypothesis): whatever the allow-list, exclusions, k and beam, every returned item
 is allowed, live and not excluded, and K is met whenever K such items exist (else ``fewer:
@@ -33,8 +33,8 @@ def ids(i: int) -> str:
 
 def with_attributes(src: Path, dst: Path) -> Path:
     """A copy of the bundle at ``src`` whose items.npz carries attributes, re-signed as the exporter would."""
-    from models.bundle import bundle_fingerprint, file_sha256
-    from models.item_attributes import ItemAttributes
+    from models.bundle.attributes import ItemAttributes
+    from models.bundle.bundle import bundle_fingerprint, file_sha256
 
     shutil.copytree(src, dst)
     with np.load(dst / "items.npz", allow_pickle=False) as data:
@@ -72,8 +72,8 @@ def services(
 @pytest.fixture(scope="module")
 def exact(bundle_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """``(query [Dr] of HISTORY, item_emb [N+1, Dr])``: the exact top-K reference."""
-    from models.bundle import load_bundle
-    from models.retriever import Retriever
+    from models.bundle.bundle import load_bundle
+    from models.search.retriever import Retriever
 
     retriever = Retriever(load_bundle(bundle_dir))
     query = retriever.encode([np.array(HISTORY, np.int64)]).query[0].numpy()

@@ -1,4 +1,4 @@
-"""The live quality monitor against a real uvicorn (service/quality_monitor.py): with every request
+"""The live quality monitor against a real uvicorn (service/shadow/quality_monitor.py): with every request
 sampled, ``genret_quality_overlap`` / ``genret_quality_beam_coverage`` appear in /metrics in [0, 1],
 and a beam that reaches every leaf gives overlap and coverage 1."""
 

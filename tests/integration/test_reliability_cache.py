@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from benchmarks.launcher import ServiceProcess
-from service.cache_codec import StateRow, StateSpec, decode_state, encode_state
+from service.cache.codec import StateRow, StateSpec, decode_state, encode_state
 from tests.integration.conftest import RedisServer, ServiceFactory
 
 pytestmark = pytest.mark.integration

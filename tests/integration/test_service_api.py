@@ -48,8 +48,8 @@ def ids(n: int) -> str:
 
 
 def test_results_equal_the_offline_retriever(client: httpx.Client, bundle_dir: Path) -> None:
-    from models.bundle import load_bundle
-    from models.retriever import Retriever
+    from models.bundle.bundle import load_bundle
+    from models.search.retriever import Retriever
 
     retriever = Retriever(load_bundle(bundle_dir))
     rng = np.random.default_rng(1)

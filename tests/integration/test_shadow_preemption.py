@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.cache import NoCache
-from service.engine import Engine
-from service.models_registry import ModelRegistry
-from service.schemas import RetrieveRequest
+from service.cache.state_cache import NoCache
+from service.engine.engine import Engine
+from service.http.schemas import RetrieveRequest
+from service.registry.model_registry import ModelRegistry
 from service.settings import Settings
-from service.shadow import REGISTRY, Ranked, ShadowConfig, ShadowJob, ShadowLane, ShadowStale
+from service.shadow.agreement import Ranked, ShadowJob, ShadowStale
+from service.shadow.lane import REGISTRY, ShadowConfig, ShadowLane
 
 from .conftest import BUNDLE_LEVELS
 

@@ -1,4 +1,4 @@
-"""Source modules stay under 400 lines and functions under 80 (issue 14), so the shape cannot regress.
+"""Source modules stay under 400 lines and functions under 80, so the shape cannot regress.
 
 Every ``.py`` file of the source packages is read with :mod:`ast`; a function's length runs from
 its ``def`` line (decorators aside) to its last line, nested functions counted inside their parent

@@ -31,8 +31,8 @@ class Absent:
 
 sys.meta_path.insert(0, Absent())
 import models
-for info in pkgutil.iter_modules(models.__path__):
-    importlib.import_module(f"models.{info.name}")
+for info in pkgutil.walk_packages(models.__path__, prefix="models."):
+    importlib.import_module(info.name)
 for name in ("benchmarks.synthetic_bundle", "training.export", "training.export_torch",
              "benchmarks.search", "benchmarks.retrieve",
              "tests.unit.models.test_torch_bundle"):

@@ -31,9 +31,9 @@ CASES = {
     "import service.app": "from service.app import create_app, create_admin_app",
     "import every service module": """
 import importlib, pkgutil, service
-for info in pkgutil.iter_modules(service.__path__):
-    if info.name != "__main__":
-        importlib.import_module(f"service.{info.name}")
+for info in pkgutil.walk_packages(service.__path__, prefix="service."):
+    if info.name != "service.__main__":
+        importlib.import_module(info.name)
 """,
     "genret-serve --help": """
 from importlib.metadata import entry_points

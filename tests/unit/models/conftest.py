@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.decoder import DecoderConfig, TokenDecoder
-from models.encoder import EncoderConfig, QueryEncoder
 from models.index import TreeIndex
+from models.nets.decoder import DecoderConfig, TokenDecoder
+from models.nets.encoder import EncoderConfig, QueryEncoder
 
 NUM_ITEMS = 40
 LEVELS = 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.beam_policy import (
+from models.search.beam_policy import (
     CANDIDATE_FRACTION,
     MAX_BEAM,
     MIN_CANDIDATES,

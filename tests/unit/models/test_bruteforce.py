@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import bruteforce
-from models.bruteforce import bruteforce_topk
+from models.search import bruteforce
+from models.search.bruteforce import bruteforce_topk
 
 
 def test_matches_a_numpy_full_sort_and_honours_exclusions() -> None:

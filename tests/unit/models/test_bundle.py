@@ -10,7 +10,7 @@ from typing import cast
 import numpy as np
 import pytest
 
-from models.bundle import SCHEMA_VERSION, BundleError, bundle_fingerprint, file_sha256, load_bundle
+from models.bundle.bundle import SCHEMA_VERSION, BundleError, bundle_fingerprint, file_sha256, load_bundle
 from training.export import ExportError, export_bundle, publish_dir, record_metrics
 
 from .conftest import DIM, MAX_HISTORY, NUM_ITEMS, TinyModel

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.bundle import Bundle, load_bundle
-from models.catalogue import Catalogue, Delta, DeltaError, NewItem
-from models.retriever import Retriever
+from models.bundle.bundle import Bundle, load_bundle
+from models.catalogue.catalogue import Catalogue, Delta, DeltaError, NewItem
+from models.search.retriever import Retriever
 
 from .conftest import DIM, NUM_ITEMS, build_tiny_model
 

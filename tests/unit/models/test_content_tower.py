@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.content_tower import ARRAYS, ContentTower, ContentTowerError
+from models.nets.content_tower import ARRAYS, ContentTower, ContentTowerError
 
 
 def tower() -> ContentTower:

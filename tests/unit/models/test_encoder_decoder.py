@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from models.decoder import (
+from models.index import TreeIndex
+from models.nets.decoder import (
     PAD_SCORE,
     DecoderConfig,
     NodeScorer,
@@ -16,9 +17,8 @@ from models.decoder import (
     safe_key_padding,
     token_rows,
 )
-from models.decoder_step import DecoderStep
-from models.encoder import EncoderConfig, QueryEncoder, recency_positions
-from models.index import TreeIndex
+from models.nets.decoder_step import DecoderStep
+from models.nets.encoder import EncoderConfig, QueryEncoder, recency_positions
 
 D = 16
 
@@ -204,7 +204,7 @@ def test_hidden_equals_the_plain_transformer_decoder() -> None:
     torch.testing.assert_close(dec.hidden(memory, mask, beam_query, prefix), dec.output_norm(out[:, -1]))
 
 
-# ------------------------------------------------------------------ the serving step (models/decoder_step.py)
+# ------------------------------------------------------------------ the serving step (models/nets/decoder_step.py)
 STEP_TOL = 1e-5
 """|step - reference| bound: the same float32 arithmetic in another order (keys/values cached,
 attention batched per query, level scores by one product then a gather); observed ~2e-6 at D=16."""

@@ -1,4 +1,4 @@
-"""The static-shape retrieval that CUDA graphs capture (models.graph_search), run eagerly on the CPU.
+"""The static-shape retrieval that CUDA graphs capture (models.search.graphs), run eagerly on the CPU.
 
 It must return what :meth:`Retriever.retrieve` does although it pads the batch to a bucket, the
 histories to ``max_history`` and the exclusions to a power-of-two table, and lays the rerank
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.bundle import load_bundle
-from models.graph_search import (
+from models.bundle.bundle import load_bundle
+from models.search.graphs import (
     EXCLUDE_PAD,
     GraphRunner,
     bucket,
@@ -24,7 +24,7 @@ from models.graph_search import (
     static_retrieve,
     unpack_result,
 )
-from models.retriever import Retriever
+from models.search.retriever import Retriever
 
 from .conftest import MAX_HISTORY, NUM_ITEMS
 

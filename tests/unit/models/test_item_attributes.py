@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.item_attributes import ItemAttributes
+from models.bundle.attributes import ItemAttributes
 
 
 def table() -> ItemAttributes:

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.backend import BackendScorer, OnnxBackend, TorchBackend
-from models.bundle import load_bundle
+from models.bundle.backend import BackendScorer, OnnxBackend, TorchBackend
+from models.bundle.bundle import load_bundle
 from models.index import TreeIndex
-from models.search import DeviceTrie, beam_search
+from models.search.beam import DeviceTrie
+from models.search.staged import beam_search
 
 from .conftest import DIM, MAX_HISTORY, NUM_ITEMS, TinyModel
 
@@ -154,8 +155,8 @@ def test_onnx_backend_reports_its_provider(backends: tuple[OnnxBackend, TorchBac
 def test_one_level_tree_exports_a_step_that_serves(tmp_path: Path) -> None:
     """A one-level tree only ever calls the step with the root as prefix (an empty cache): the graph
     must still be general (no shape specialised to 0) and agree with the reference search."""
-    from models.decoder import DecoderConfig, TokenDecoder
-    from models.encoder import EncoderConfig, QueryEncoder
+    from models.nets.decoder import DecoderConfig, TokenDecoder
+    from models.nets.encoder import EncoderConfig, QueryEncoder
     from training.export import export_bundle
 
     codes = np.zeros((13, 1), np.int64)

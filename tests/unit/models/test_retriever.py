@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.backend import TorchBackend
-from models.bundle import Bundle, load_bundle
-from models.decoder import DecoderConfig, TokenDecoder
-from models.encoder import EncoderConfig, QueryEncoder
+from models.bundle.backend import TorchBackend
+from models.bundle.bundle import Bundle, load_bundle
 from models.index import TreeIndex
-from models.retriever import EncoderStates, Retriever
+from models.nets.decoder import DecoderConfig, TokenDecoder
+from models.nets.encoder import EncoderConfig, QueryEncoder
+from models.search.retriever import EncoderStates, Retriever
 
 from .conftest import DIM, MAX_HISTORY, NUM_ITEMS, TinyModel
 

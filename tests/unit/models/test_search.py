@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from models.index import TreeIndex
-from models.search import BeamResult, DeviceTrie, beam_finish, beam_search, beam_start, beam_step
+from models.search.beam import BeamResult, DeviceTrie, beam_finish, beam_start, beam_step
+from models.search.staged import beam_search
 
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

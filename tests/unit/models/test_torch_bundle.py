@@ -27,13 +27,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from benchmarks.synthetic_bundle import make_synthetic_bundle
-from models.backend import OnnxBackend
-from models.bundle import BundleError, bundle_fingerprint, file_sha256, load_bundle
-from models.decoder import NodeScorer, TokenDecoder
-from models.encoder import QueryEncoder
+from models.bundle.backend import OnnxBackend
+from models.bundle.bundle import BundleError, bundle_fingerprint, file_sha256, load_bundle
+from models.bundle.torch_backend import build_modules, describe_modules, torch_backend
 from models.index import TreeIndex
-from models.retriever import Retriever
-from models.torch_bundle import build_modules, describe_modules, torch_backend
+from models.nets.decoder import NodeScorer, TokenDecoder
+from models.nets.encoder import QueryEncoder
+from models.search.retriever import Retriever
 from training.export_torch import TorchExportError, choose_backends
 
 from .conftest import DIM, MAX_HISTORY, NUM_ITEMS, TinyModel
@@ -164,7 +164,7 @@ def test_retriever_with_torch_backend_on_device_matches_onnx(tiny_bundle_dir: Pa
 
 @pytest.mark.parametrize("device_name", [d for d in DEVICES if d.startswith("cuda")])
 def test_cuda_graphs_match_eager_retrieval(tiny_bundle_dir: Path, device_name: str) -> None:
-    """The captured static-shape search (models.graph_search) returns what the eager path does:
+    """The captured static-shape search (models.search.graphs) returns what the eager path does:
     several batch sizes (padded to buckets), exclusions, a k above the candidates of a row."""
     bundle = load_bundle(tiny_bundle_dir)
     eager = Retriever(bundle, device_name, "torch")

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from service.batcher import Batcher, BatcherConfig, Job, Stages
+from service.engine.batcher import Batcher, BatcherConfig, Job, Stages
 from service.errors import DeadlineExceeded, QueueFull, Unavailable
 
 

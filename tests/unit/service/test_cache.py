@@ -7,8 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from service.cache import CircuitBreaker, LocalCache
-from service.cache_codec import (
+from service.cache.codec import (
     CacheFormatError,
     StateRow,
     StateSpec,
@@ -16,6 +15,7 @@ from service.cache_codec import (
     decode_state,
     encode_state,
 )
+from service.cache.state_cache import CircuitBreaker, LocalCache
 from service.metrics import CACHE_RESULTS
 
 SPEC = StateSpec(fingerprint="fp-a", length=5, memory_dim=8, query_dim=4)

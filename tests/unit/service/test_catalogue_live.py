@@ -1,5 +1,5 @@
-"""Deltas applied to serving models (service/catalogue_live.py) and the request mapping over a live
-catalogue (service/request_map.py), in process on a small torch-only bundle."""
+"""Deltas applied to serving models (service/catalogue/live.py) and the request mapping over a live
+catalogue (service/engine/request_map.py), in process on a small torch-only bundle."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.catalogue_delta import DeltaError
-from service.catalogue_live import LiveCatalogue
-from service.catalogue_store import DeltaStore
+from models.catalogue.delta import DeltaError
+from service.catalogue.live import LiveCatalogue
+from service.catalogue.store import DeltaStore
+from service.engine.request_map import RequestMapper
 from service.errors import LimitExceeded
-from service.models_registry import ModelRegistry
-from service.request_map import RequestMapper
-from service.schemas import RetrieveRequest
+from service.http.schemas import RetrieveRequest
+from service.registry.model_registry import ModelRegistry
 from service.settings import Settings
 
 ITEMS = 200
@@ -98,7 +98,7 @@ def test_a_contradicting_file_is_skipped_alike_and_a_reload_keeps_the_deltas(
     live.add(None, {"add": [new_item(1)]})
     model = registry.get()
     store = DeltaStore(next(tmp_path.iterdir()))
-    from models.catalogue_delta import Delta
+    from models.catalogue.delta import Delta
 
     store.claim(2, model.fingerprint, 2, Delta.from_json({"remove": ["no-such-item"]}))
     live.sync_all()
@@ -126,8 +126,8 @@ def test_the_mapping_skips_added_history_items_and_maps_filters(bundle: Path, tm
     )  # removed + unknown ignored
     plain_request = RetrieveRequest(history=["item001", "item005"])
     plain = mapper.map(plain_request)
-    key = mapper.prepare(request, mapped).key
-    assert key == mapper.prepare(plain_request, plain).key  # keyed on what is encoded
+    key = mapped.row_input().key
+    assert key == plain.row_input().key  # keyed on what is encoded
     assert plain.available == ITEMS + 2 - 1
     with pytest.raises(LimitExceeded) as err:
         mapper.map(RetrieveRequest(history=["item001"], categories=["c1"]))

@@ -1,4 +1,4 @@
-"""The delta directory (service/catalogue_store.py): where it lives, atomic claims across processes,
+"""The delta directory (service/catalogue/store.py): where it lives, atomic claims across processes,
 damaged and foreign files."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import json
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from models.catalogue_delta import Delta
-from service.catalogue_store import DeltaStore, SequenceTaken, delta_dir, file_name
+from models.catalogue.delta import Delta
+from service.catalogue.store import DeltaStore, SequenceTaken, delta_dir, file_name
 
 
 def test_the_directory_is_beside_the_bundle_or_under_the_setting(tmp_path: Path) -> None:

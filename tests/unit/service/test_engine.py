@@ -14,18 +14,18 @@ import numpy as np
 import pytest
 
 from benchmarks.synthetic_bundle import make_synthetic_bundle, synthetic_item_ids
-from service.batch_compute import BatchCompute
-from service.cache import LocalCache, NoCache, StateCache
-from service.cache_codec import StateRow, StateSpec
-from service.engine import Engine
+from service.cache.codec import StateRow, StateSpec
+from service.cache.state_cache import LocalCache, NoCache, StateCache
+from service.engine.compute import BatchCompute
+from service.engine.engine import Engine
+from service.engine.results import Retrieval
+from service.engine.states import DeviceRow
+from service.engine.strategy import strategy_for
 from service.errors import LimitExceeded
-from service.models_registry import ModelRegistry
-from service.responses import to_response
-from service.results import Retrieval
-from service.schemas import RetrieveRequest
-from service.search_strategy import strategy_for
+from service.http.responses import to_response
+from service.http.schemas import RetrieveRequest
+from service.registry.model_registry import ModelRegistry
 from service.settings import Settings
-from service.states import DeviceRow
 
 T = TypeVar("T")
 NUM_ITEMS = 300
@@ -74,8 +74,8 @@ def requests(n: int, *, user: str = "u") -> list[RetrieveRequest]:
 
 def reference(engine: Engine, request: RetrieveRequest) -> tuple[list[str], np.ndarray]:
     """The retriever's one-shot answer for the engine's mapping of ``request``."""
-    mapped = engine.map_request(request)
-    p = engine.prepare(request, mapped)
+    mapped = engine.map(request)
+    p = mapped.row_input()
     model = mapped.model
     result = model.retriever.retrieve([p.history], k=p.k, beam_size=p.beam_size, exclude=[p.exclude])
     keep = (result.items[0] > 0) & np.isfinite(result.scores[0])
@@ -128,7 +128,7 @@ def test_with_the_cache_off_fresh_states_stay_on_the_device(bundle: Path) -> Non
         reqs = requests(6)
         for request, got in zip(reqs, await engine.retrieve_batch(reqs), strict=True):
             assert_same(engine, request, got)
-        payloads = [engine.prepare(r, engine.map_request(r)) for r in reqs]
+        payloads = [engine.map(r).row_input() for r in reqs]
         for store in (False, True):
             compute = BatchCompute(
                 payloads, [None] * len(payloads), strategy=engine.strategy, device="cpu", store=store
@@ -148,7 +148,7 @@ def test_bruteforce_strategy_is_the_exact_top_k(bundle: Path) -> None:
     async def work(engine: Engine) -> None:
         assert engine.strategy.name == "bruteforce"
         for request, got in zip(reqs, await engine.retrieve_batch(reqs), strict=True):
-            mapped = engine.map_request(request)
+            mapped = engine.map(request)
             model = mapped.model
             query = model.retriever.encode([mapped.history]).query[0].numpy()  # [Dr]
             scores = model.item_emb.numpy() @ query  # [N+1]

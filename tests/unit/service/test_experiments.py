@@ -14,7 +14,12 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from service.experiments import (
+from service.engine.results import ModelIdentity, Retrieval
+from service.http.schemas import RetrieveRequest
+from service.metrics import REGISTRY
+from service.settings import Settings
+from service.shadow.agreement import Ranked
+from service.shadow.experiments import (
     ExperimentConfig,
     ExperimentConfigError,
     ExperimentFile,
@@ -27,12 +32,8 @@ from service.experiments import (
     unit_hash,
     user_key,
 )
-from service.metrics import REGISTRY
-from service.results import ModelIdentity, Retrieval
-from service.schemas import RetrieveRequest
-from service.settings import Settings
-from service.shadow import Ranked, ShadowConfig
-from service.shadow_log import ShadowLog, read_records
+from service.shadow.lane import ShadowConfig
+from service.shadow.log import ShadowLog, read_records
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -269,7 +270,7 @@ def test_hooks_shadow_sampled_requests_and_log_them(tmp_path: Path) -> None:
         return Ranked(items=("i1", "i9"), bundle=str(request.model), version="v2", latency_s=0.004)
 
     async def scenario() -> list[int]:
-        hooks.bind(run_shadow, primary_idle=lambda: True)
+        hooks.start_lane(run_shadow, primary_idle=lambda: True)
         request = RetrieveRequest(user_id="u7", history=["i1", "i2"], k=2)
         queued = [
             hooks.maybe_shadow(request, _result(["i1", "i2"], "a", latency_s=0.002)),

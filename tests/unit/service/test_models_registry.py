@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from benchmarks.synthetic_bundle import make_synthetic_bundle
-from models.retriever import Retriever
-from models.search import SCORE_MODES
+from models.search.beam import SCORE_MODES
+from models.search.retriever import Retriever
 from service.errors import BadBundle, ReloadConflict, UnknownModel
-from service.models_registry import LoadedModel, ModelRegistry
+from service.registry.model_registry import LoadedModel, ModelRegistry
 from service.settings import Settings
 
 

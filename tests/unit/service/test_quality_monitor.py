@@ -1,4 +1,4 @@
-"""The quality monitor's staged run (service/quality_monitor.py): its exact list is brute-force
+"""The quality monitor's staged run (service/shadow/quality_monitor.py): its exact list is brute-force
 top-K over what the request may return, its leaves the beam's, and the moving average's window."""
 
 from __future__ import annotations
@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.bruteforce import bruteforce_topk
-from models.bundle import load_bundle
-from models.catalogue import Catalogue, Delta
-from models.retriever import Retriever
-from service import quality_monitor
-from service.quality_monitor import ExactAndBeam, MovingAverage
+from models.bundle.bundle import load_bundle
+from models.catalogue.catalogue import Catalogue, Delta
+from models.search.bruteforce import bruteforce_topk
+from models.search.retriever import Retriever
+from service.shadow import quality_monitor
+from service.shadow.quality_monitor import ExactAndBeam, MovingAverage
 
 
 @pytest.fixture(scope="module")
@@ -40,25 +40,25 @@ def test_exact_list_is_brute_force_and_leaves_are_the_beams(retriever: Retriever
     staged = run(retriever, history, 10, 4, exclude)
     query = retriever.encode([history]).query.to(torch.float32)
     truth, _ = bruteforce_topk(query, retriever.item_emb, 10, [exclude])
-    assert staged.found().items[0].tolist() == truth[0].tolist()
+    assert staged.result().items[0].tolist() == truth[0].tolist()
     served = retriever.retrieve([history], 10, 4, [exclude])
     assert sorted(staged.leaves.tolist()) == sorted(served.leaves[0].tolist())
     in_beam = np.isin(retriever.bundle.index.item_path[truth[0], -1], served.leaves[0])
     assert staged.coverage(truth[0]) == pytest.approx(in_beam.mean())
     wide = run(retriever, history, 10, 16, exclude)  # 16 leaves: the whole tree
-    assert wide.coverage(wide.found().items[0]) == 1.0
+    assert wide.coverage(wide.result().items[0]) == 1.0
 
 
 def test_allow_list_and_removed_items(retriever: Retriever) -> None:
     history = np.array([1, 2])
     allow = np.arange(100, 140)
     staged = run(retriever, history, 5, 4, np.zeros(0, np.int64), allow)
-    assert np.isin(staged.found().items[0], allow).all() and len(staged.found().items[0]) == 5
-    top = int(run(retriever, history, 5, 4, np.zeros(0, np.int64)).found().items[0][0])
+    assert np.isin(staged.result().items[0], allow).all() and len(staged.result().items[0]) == 5
+    top = int(run(retriever, history, 5, 4, np.zeros(0, np.int64)).result().items[0][0])
     raw = str(retriever.bundle.item_ids[top])
     cat, _ = Catalogue.from_bundle(retriever.bundle).apply(Delta.from_json({"remove": [raw]}))
     after = run(retriever.with_catalogue(cat), history, 5, 4, np.zeros(0, np.int64))
-    assert top not in after.found().items[0].tolist()
+    assert top not in after.result().items[0].tolist()
 
 
 def test_moving_average_keeps_the_last_window() -> None:
@@ -66,6 +66,21 @@ def test_moving_average_keeps_the_last_window() -> None:
     assert [avg.add(v) for v in (1.0, 0.0, 0.5, 0.5)] == pytest.approx([1.0, 0.5, 0.5, 1.0 / 3])
 
 
-def test_bad_share_is_refused() -> None:
+class _Listeners:
+    """The one engine call the monitor makes at construction: registering its listener."""
+
+    def __init__(self) -> None:
+        self.listeners: list[object] = []
+
+    def on_primary_result(self, listener: object) -> None:
+        self.listeners.append(listener)
+
+
+def test_bad_share_is_refused_and_a_sampling_monitor_listens() -> None:
+    engine = _Listeners()
     with pytest.raises(ValueError, match="quality sample"):
-        quality_monitor.QualityMonitor(1.5)
+        quality_monitor.QualityMonitor(engine, 1.5)  # type: ignore[arg-type]
+    quality_monitor.QualityMonitor(engine, 0.0)  # type: ignore[arg-type]
+    assert engine.listeners == []  # sampling off: not on the primary path at all
+    monitor = quality_monitor.QualityMonitor(engine, 0.5)  # type: ignore[arg-type]
+    assert engine.listeners == [monitor.observe]

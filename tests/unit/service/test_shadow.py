@@ -15,17 +15,9 @@ from hypothesis import strategies as st
 
 from cli.main import main as genret
 from service.metrics import REGISTRY
-from service.shadow import (
-    Agreement,
-    Ranked,
-    ShadowConfig,
-    ShadowJob,
-    ShadowLane,
-    jaccard,
-    overlap_at_k,
-    rank_biased_overlap,
-)
-from service.shadow_log import ShadowLog, log_files, read_records
+from service.shadow.agreement import Agreement, Ranked, ShadowJob, jaccard, overlap_at_k, rank_biased_overlap
+from service.shadow.lane import ShadowConfig, ShadowLane
+from service.shadow.log import ShadowLog, log_files, read_records
 
 # ---- agreement measures -------------------------------------------------------------------------
 

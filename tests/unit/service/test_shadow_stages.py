@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from service.batcher import Batcher, BatcherConfig, Job
+from service.engine.batcher import Batcher, BatcherConfig, Job
 
 
 def make_batcher(gate: threading.Event) -> Batcher[int, int]:

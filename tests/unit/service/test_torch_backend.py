@@ -11,8 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from benchmarks.synthetic_bundle import make_synthetic_bundle
-from models.bundle import BundleError
-from service.models_registry import load_model
+from models.bundle.bundle import BundleError
+from service.registry.model_registry import load_model
 from service.settings import Settings
 
 

@@ -8,7 +8,7 @@ import torch
 
 from training.evaluation import evaluate_recommender
 from training.methods.popular import Popularity
-from training.methods.sasrec.cache import sasrec_config, train_sasrec
+from training.methods.sasrec.cache import sasrec_config, sasrec_for, train_sasrec
 from training.methods.sasrec.model import SASRec, SASRecConfig, pad_histories, top_k_excluding
 from training.methods.sasrec.train import training_chunks
 from training.registry import TrainContext, get_method
@@ -20,7 +20,7 @@ FAST = {"sasrec.max_epochs": 6, "sasrec.dim": 32, "sasrec.batch_size": 64, "sasr
 def trained(synthetic, synthetic_split, tmp_path_factory) -> tuple[TrainContext, SASRec]:
     cache = tmp_path_factory.mktemp("cache")
     ctx = TrainContext(synthetic, synthetic_split, 0, cache, {**FAST, "cache_dir": str(cache)})
-    return ctx, ctx.sasrec()
+    return ctx, sasrec_for(ctx)
 
 
 def test_popularity_ranks_by_training_count_and_excludes_history(synthetic_split) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.bundle import load_bundle
-from models.retriever import Retriever
+from models.bundle.bundle import load_bundle
+from models.search.retriever import Retriever
 from training.coldstart import (
     ColdstartConfig,
     _reusable,

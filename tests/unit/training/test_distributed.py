@@ -15,7 +15,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from models.bundle import load_bundle
+from models.bundle.bundle import load_bundle
 from training import distributed
 from training.bundle_recommender import BundleRecommender
 from training.data import synthetic_dataset

@@ -1,10 +1,10 @@
-"""Bundle names as the service accepts them (service.models_registry.MODEL_NAME)."""
+"""Bundle names as the service accepts them (service.registry.model_registry.MODEL_NAME)."""
 
 from __future__ import annotations
 
 import pytest
 
-from service.models_registry import MODEL_NAME
+from service.registry.model_registry import MODEL_NAME
 from training.export import ExportError, served_name
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from benchmarks.synthetic_bundle import make_synthetic_bundle
-from models.beam_policy import default_beam
-from models.bundle import load_bundle
-from models.retriever import Retriever
+from models.bundle.bundle import load_bundle
+from models.search.beam_policy import default_beam
+from models.search.retriever import Retriever
 from training.bundle_recommender import BundleRecommender
 from training.frontier import K, decoder_rank, sweep_bundle
 from training.splits import EvalSet

@@ -1,15 +1,10 @@
-"""Every method's test metrics on a small planted data set equal the figures recorded before the
-issue-14 refactor (``data/refactor_figures.json``), bit for bit.
+"""Every method's test metrics on a small planted data set equal the recorded figures
+(``data/refactor_figures.json``), bit for bit, so a move that changes what any trainer computes fails.
 
-The recorded file was written by this module run as a script against the commit before the refactor
-(``PYTHONPATH=<before checkout> python tests/unit/training/test_refactor_figures.py --write``), so the
-test fails when a move changes what any trainer computes. Where the refactor changed a semantics on
-purpose, the figures here are unaffected (every setting below is given with its method prefix).
-
-Changes made on purpose since, each re-recorded for the methods it touched only (the others held
-bit for bit): URI's default index (a balanced k-means start improved by query evidence, issue 13,
-26121fa); SEATER and TDR evaluated with exclusions cut inside the beam (issue 17, 2ac44ba: a leaf
-whose every item is excluded is never expanded).
+The file is written by this module run as a script against the commit to hold
+(``PYTHONPATH=<that checkout> python tests/unit/training/test_refactor_figures.py --write``). A change
+of semantics made on purpose re-records only the methods it touches; which ones, and why, is in
+docs/results.md and the git history of the data file.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.decoder import PAD_SCORE
 from models.index import TreeIndex
+from models.nets.decoder import PAD_SCORE
 from training.methods.tdr.config import TDRConfig
 from training.methods.tdr.model import PreferenceModel, TDRModel
 from training.methods.tdr.train import tree_learning_pairs

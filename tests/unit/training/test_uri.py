@@ -188,7 +188,7 @@ def test_planted_clusters_are_recovered_and_retrieval_beats_popularity(tmp_path:
     ctx = TrainContext(ds, split, 0, tmp_path, overrides)
     trained = train_uri(ctx)
     assert trained.bundle_dir is not None and (trained.bundle_dir / "manifest.json").is_file()
-    from models.bundle import load_bundle
+    from models.bundle.bundle import load_bundle
 
     index = load_bundle(trained.bundle_dir).index
     leaf = index.leaf_of_item()

@@ -37,7 +37,7 @@ class SeaterConfig:
     epochs: int = 2
     patience: int = 3
     max_train_pairs: int = 0
-    beam_size: int = 0  # 0 = the catalogue rule (models.beam_policy)
+    beam_size: int = 0  # 0 = the catalogue rule (models.search.beam_policy)
     rerank: str = "sasrec"
     threads: int = 1
 

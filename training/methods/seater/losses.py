@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.decoder import PAD_SCORE
+from models.nets.decoder import PAD_SCORE
 from training.methods.seater.config import SeaterConfig
 from training.methods.seater.model import SeaterModel, TreeTables
 

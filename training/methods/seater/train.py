@@ -8,8 +8,8 @@ Pipeline of :func:`train_seater`:
    node is its own token (``token_scheme="node"``) and every leaf holds exactly one item.
 2. model: one embedding table ``E[num_nodes, D]`` for all tokens; the leaf row of an item *is* that
    item's embedding, read by the encoder for the history and by the decoder for the leaf level
-   (:class:`SharedTokenTable`). Encoder = :class:`models.encoder.QueryEncoder`, decoder =
-   :class:`models.decoder.TokenDecoder` (no bias: eq. 4 is ``softmax(y_i^T e_c)`` over the
+   (:class:`SharedTokenTable`). Encoder = :class:`models.nets.encoder.QueryEncoder`, decoder =
+   :class:`models.nets.decoder.TokenDecoder` (no bias: eq. 4 is ``softmax(y_i^T e_c)`` over the
    children ``c`` of the current node, exactly the decoder step with ``score_mode="logprob"``).
 3. losses: ``L_gen + lambda_a L_ali + lambda_r L_rank`` (:mod:`training.methods.seater.losses`), L2 via
    Adam weight decay; ``align=false`` / ``rank=false`` switch the contrastive terms off.
@@ -41,6 +41,7 @@ from training.bundle_recommender import BundleRecommender, SasrecQuery
 from training.bundle_spec import method_bundle
 from training.clustering import balanced_tree_codes
 from training.export import write_bundle
+from training.methods.sasrec.cache import sasrec_for
 from training.methods.sasrec.model import SASRec
 from training.methods.seater.config import SeaterConfig
 from training.methods.seater.losses import SeaterLoss, seater_losses
@@ -158,7 +159,7 @@ def train_seater(ctx: TrainContext) -> TrainedMethod:
     dist = distributed.current()
     seeds = seeded(ctx.seed, dist.rank)
     t0 = time.perf_counter()
-    sasrec = ctx.sasrec()
+    sasrec = sasrec_for(ctx)
     item_emb = np.asarray(sasrec.item_embeddings(), np.float32)  # [N+1, D]
     if item_emb.shape[1] != cfg.dim:
         raise ValueError(f"SEATER dim={cfg.dim} must equal the SASRec embedding size {item_emb.shape[1]}")

@@ -38,7 +38,7 @@ class TDRConfig:
     tree_rounds: int = 1
     tree_step: int = 1
     tree_pairs_per_item: int = 10
-    beam_size: int = 0  # 0 = the catalogue rule (models.beam_policy)
+    beam_size: int = 0  # 0 = the catalogue rule (models.search.beam_policy)
     rerank: str = "sasrec"
     eval_users: int = 1000
     threads: int = 1

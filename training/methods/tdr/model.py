@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.decoder import PAD_SCORE
-from models.encoder import recency_positions
 from models.index import TreeIndex
+from models.nets.decoder import PAD_SCORE
+from models.nets.encoder import recency_positions
 from training.methods.tdr.config import TDRConfig
 
 

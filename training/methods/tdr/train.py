@@ -34,6 +34,7 @@ from models.index import TreeIndex
 from training import distributed
 from training.bundle_recommender import BundleRecommender
 from training.distributed import DistContext
+from training.methods.sasrec.cache import sasrec_for
 from training.methods.tdr.config import TDRConfig
 from training.methods.tdr.model import TDRModel, init_from_item_embeddings
 from training.methods.tdr.rounds import export_tdr, plot_rounds
@@ -257,7 +258,7 @@ class _TDRRun:
             {"sasrec": 0.0, "setup": 0.0, "train": 0.0, "tree_learning": 0.0, "round_eval": 0.0}
         )
         with self.timings.phase("sasrec"):
-            self.sasrec = ctx.sasrec()
+            self.sasrec = sasrec_for(ctx)
             item_emb = np.asarray(self.sasrec.item_embeddings(), np.float32)  # [N+1, Ds]
         with self.timings.phase("setup"):
             self.index, self.codes = build_index(item_emb, cfg, ctx.seed)

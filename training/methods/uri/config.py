@@ -84,7 +84,7 @@ class URIConfig:
     hard_negatives: int = 1
     ranker_weight: float = 1.0
     ranker_epochs: int = 3
-    beam_size: int = 0  # 0 = the catalogue rule (models.beam_policy)
+    beam_size: int = 0  # 0 = the catalogue rule (models.search.beam_policy)
     eval_batch_size: int = 256
     threads: int = 1
     """torch intra-op threads while training (0 = torch's default)."""

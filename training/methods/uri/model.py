@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.decoder import DecoderConfig, TokenDecoder, safe_key_padding
-from models.encoder import EncoderConfig, QueryEncoder
 from models.index import TreeIndex
+from models.nets.decoder import DecoderConfig, TokenDecoder, safe_key_padding
+from models.nets.encoder import EncoderConfig, QueryEncoder
 from training.methods.sasrec.model import SASRecModule
 from training.methods.uri.config import URIConfig
 from training.methods.uri.query import SasrecQueryEncoder

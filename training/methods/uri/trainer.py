@@ -1,11 +1,10 @@
 """URI trainer: the decoder is both the retriever and the indexer (Li et al., ICLR 2025).
 
-One shared :class:`~models.decoder.TokenDecoder` gives, at every index level, a distribution over
+One shared :class:`~models.nets.decoder.TokenDecoder` gives, at every index level, a distribution over
 the ``k`` tokens of that level for a query (memory = the query encoder's states of the user's
 history: by default a frozen copy of the split's SASRec, :mod:`training.methods.uri.query`; or a
-:class:`~models.encoder.QueryEncoder` trained from scratch) and for an item (memory = the item's id
-and attribute embeddings).
-The index is built layer by layer (paper 4.2):
+:class:`~models.nets.encoder.QueryEncoder` trained from scratch) and for an item (memory = the item's id
+and attribute embeddings). The index is built layer by layer (paper 4.2):
 
 1. level ``l`` trains ``E-step + M-step`` (eqs. 8-10, :mod:`training.methods.uri.losses`) plus the memory
    loss of the levels already assigned (eq. 11), with the assigned tokens as the decoder prefix,
@@ -39,9 +38,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from models.decoder import TokenDecoder
 from models.index import TreeIndex
+from models.nets.decoder import TokenDecoder
 from training import distributed
+from training.methods.sasrec.cache import sasrec_for
 from training.methods.uri.assign import QueryEvidence, kmeans_within_parents
 from training.methods.uri.config import URIConfig
 from training.methods.uri.index import SiblingSampler, assign_level, eval_queries, group_ids, level_report
@@ -96,7 +96,7 @@ class URITrainer:
             for item, attrs in enumerate(ds.item_attributes):
                 attrs = attrs[: config.max_attributes]
                 attributes[item, : len(attrs)] = attrs
-        sasrec = ctx.sasrec().module if config.query_encoder == "sasrec" else None
+        sasrec = sasrec_for(ctx).module if config.query_encoder == "sasrec" else None
         self.model = URIModel(
             config, ds.num_items, attributes, ds.num_attributes if attributes is not None else 0, sasrec
         )

@@ -1,0 +1,374 @@
+"""The live catalogue: a serving bundle's items plus numbered deltas (docs/live_catalogue.md).
+
+A bundle is immutable; its catalogue changes through :class:`Delta` s. Version 0 is the bundle as
+trained, version ``n`` is version ``n-1`` with delta ``n`` applied by :meth:`Catalogue.apply`, a
+pure and deterministic function: replicas that apply the same deltas in the same order hold the
+same catalogue (dense ids, trie, tables).
+
+* Added items get dense ids after the last one and a place in the tree from
+  :func:`models.catalogue.placement.place_items`; new leaves get global node ids after the last node (so every
+  leaf stays at level L and ``leaf = node - leaf_start`` still holds), and the decoder sees each as
+  an existing node (``decoder_node``), so its signature does not change.
+* A removed item leaves its leaf (never returned again) but keeps its dense id and row, so
+  histories that hold it still encode. Nodes left with no live item are ``dead`` (never expanded).
+* The item table grows in place in spare rows (:class:`ItemTable`): a version is a prefix view of
+  one buffer, so adding a few items does not copy the catalogue.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from models.catalogue.delta import Delta, DeltaError, NewItem, delta_vectors
+from models.catalogue.placement import PlacementTree, place_items, unit_rows
+from models.index import TreeIndex
+
+if TYPE_CHECKING:
+    from models.bundle.bundle import Bundle
+
+__all__ = ["ApplyReport", "Catalogue", "Delta", "DeltaError", "ItemTable", "NewItem"]
+
+SPARE_ROWS = 0.25  # spare share of the item table allocated when it grows (amortised appends)
+
+
+class ItemTable:
+    """An append-only ``[rows, Dr]`` float32 buffer shared by consecutive catalogue versions.
+
+    A version holds ``view(rows)``; appending writes rows past every view handed out so far, so no
+    older version sees them. Appending to anything but the newest version copies (never clobbers).
+    """
+
+    def __init__(self, rows: np.ndarray, spare: bool = False) -> None:
+        """``spare``: copy ``rows`` into a buffer with ``SPARE_ROWS`` room, so the first delta appends
+        in place (done when version 0 is built, ahead of any add)."""
+        self._used = rows.shape[0]
+        if spare:
+            self._buf = np.zeros((self._used + math.ceil(SPARE_ROWS * self._used), rows.shape[1]), np.float32)
+            self._buf[: self._used] = rows
+        else:
+            self._buf = rows
+
+    def view(self, rows: int) -> np.ndarray:
+        return self._buf[:rows]
+
+    def appended(self, rows: int, new: np.ndarray) -> ItemTable:
+        """The table of ``rows`` rows plus ``new [M, Dr]``: this buffer when it has room, else a copy."""
+        total = rows + new.shape[0]
+        if rows == self._used and total <= self._buf.shape[0]:
+            self._buf[rows:total] = new
+            self._used = total
+            return self
+        cap = total + math.ceil(SPARE_ROWS * total)
+        buf = np.zeros((cap, self._buf.shape[1]), np.float32)
+        buf[:rows] = self._buf[:rows]
+        buf[rows:total] = new
+        grown = ItemTable(buf)
+        grown._used = total
+        return grown
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    """What one delta did."""
+
+    version: int
+    added: int
+    removed: int
+    new_leaves: int
+    joined_copies: int  # added items that joined a near copy's leaf
+    over_capacity: int  # added items that joined a full leaf (no room anywhere near)
+    dense_ids: tuple[int, ...]  # dense id of each added item, in the delta's order
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """One version of a bundle's catalogue (host arrays; :meth:`Retriever.with_catalogue` serves it)."""
+
+    version: int
+    fingerprint: str  # the bundle's
+    index: TreeIndex  # the live tree: new leaves appended, leaf_items = live items only (not validated)
+    decoder_node: np.ndarray  # [num_nodes] int64: the node whose token embedding the decoder uses
+    parent: np.ndarray  # [num_nodes] int64, -1 for the root
+    leaf_of: np.ndarray  # [N+1] int64 global leaf node of every item (-1 for row 0)
+    live: np.ndarray  # [N+1] bool: may be returned (row 0 and removed items: False)
+    live_count: np.ndarray  # [num_nodes] int64 live items below each node
+    centroid_sum: (
+        np.ndarray
+    )  # [S, Dr] float64 sums of unit item vectors below nodes 0..S-1 (S: see _centroid_sums)
+    table: ItemTable
+    item_ids: tuple[str, ...]  # [N+1] raw ids, "" for row 0
+    dense_of: dict[str, int]  # live raw id -> dense id
+    popularity: np.ndarray  # [N+1] float32 (0 for added items)
+    attributes: tuple[tuple[str, ...], ...]  # raw attribute ids of added items (dense id N0+1..)
+    base_items: int  # N0: items of the bundle as trained
+    leaf_capacity: int  # the most items a leaf takes from placement (the bundle's largest leaf)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> Catalogue:
+        """Version 0: the bundle as trained."""
+        index = bundle.index
+        emb = np.asarray(bundle.item_emb, np.float32)
+        rows = emb.shape[0]
+        leaf_of = np.full(rows, -1, np.int64)
+        leaf_of[1:] = index.item_path[1:, -1]
+        live = np.ones(rows, bool)
+        live[0] = False
+        ids = tuple(str(x) for x in bundle.item_ids.tolist())
+        return cls(
+            version=0,
+            fingerprint=bundle.manifest.fingerprint,
+            index=index,
+            decoder_node=np.arange(index.num_nodes, dtype=np.int64),
+            parent=index.parents(),
+            leaf_of=leaf_of,
+            live=live,
+            live_count=_subtree_counts(index),
+            centroid_sum=_centroid_sums(index, emb),
+            table=ItemTable(emb, spare=True),
+            item_ids=ids,
+            dense_of=dict(zip(ids[1:], range(1, rows), strict=True)),
+            popularity=np.asarray(bundle.popularity, np.float32),
+            attributes=(),
+            base_items=rows - 1,
+            leaf_capacity=int(np.diff(index.leaf_offsets).max()),
+        )
+
+    # ------------------------------------------------------------------ views
+    @property
+    def num_rows(self) -> int:
+        """N+1: dense ids 0..N (removed items keep theirs)."""
+        return len(self.item_ids)
+
+    @property
+    def num_items(self) -> int:
+        return self.num_rows - 1
+
+    @property
+    def num_live(self) -> int:
+        return int(self.live.sum())
+
+    @property
+    def item_emb(self) -> np.ndarray:
+        """``[N+1, Dr]`` float32 (a view of the shared table: do not write)."""
+        return self.table.view(self.num_rows)
+
+    @property
+    def aliased(self) -> bool:
+        """Whether any node reaches the decoder as another node (added leaves exist)."""
+        return bool((self.decoder_node != np.arange(len(self.decoder_node))).any())
+
+    # ------------------------------------------------------------------ deltas
+    def check(self, delta: Delta, content: Any = None) -> np.ndarray:
+        """Validate ``delta`` against this version; the vectors of its added items ``[M, Dr]``.
+
+        ``content``: the bundle's content tower (``vectors(list[list[str]]) -> [M, Dr]`` and
+        ``has_known(attrs)``), used for an added item given without a vector.
+        Raises :class:`DeltaError` naming the field.
+        """
+        dim = self.item_emb.shape[1]
+        seen: set[str] = set()
+        for i, raw in enumerate(delta.remove):
+            if raw not in self.dense_of:
+                raise DeltaError(f"remove[{i}]", f"item {raw!r} is not in the catalogue")
+            if raw in seen:
+                raise DeltaError(f"remove[{i}]", f"item {raw!r} is listed twice")
+            seen.add(raw)
+        added: set[str] = set()
+        for i, item in enumerate(delta.add):
+            if item.id in self.dense_of and item.id not in seen:
+                raise DeltaError(f"add[{i}].id", f"item {item.id!r} is already in the catalogue")
+            if item.id in added:
+                raise DeltaError(f"add[{i}].id", f"item {item.id!r} is added twice")
+            added.add(item.id)
+        return delta_vectors(delta.add, dim, content)
+
+    def apply(self, delta: Delta, content: Any = None) -> tuple[Catalogue, ApplyReport]:
+        """The next version: ``delta``'s removals, then its additions (a removed id may come back)."""
+        vectors = self.check(delta, content)  # [M, Dr]
+        cat = self._removed([self.dense_of[raw] for raw in delta.remove])
+        return cat._added(delta.add, vectors, len(delta.remove))
+
+    def _removed(self, dense: Sequence[int]) -> Catalogue:
+        if not dense:
+            return self
+        ids = np.asarray(dense, np.int64)
+        live = self.live.copy()
+        live[ids] = False
+        path = self.index.item_path[ids].astype(np.int64)  # [R, L]
+        live_count = self.live_count.copy()
+        np.add.at(live_count, path.reshape(-1), -1)
+        live_count[0] -= len(ids)
+        centroid_sum = self.centroid_sum.copy()
+        unit = unit_rows(self.item_emb[ids])  # [R, Dr]
+        for level in range(_summed_levels(self.index, centroid_sum)):
+            np.add.at(centroid_sum, path[:, level], -unit)
+        gone = set(int(d) for d in dense)
+        dense_of = {raw: d for raw, d in self.dense_of.items() if d not in gone}
+        leaf_index = _live_leaves(self.index, self.leaf_of, live)
+        return replace(
+            self,
+            index=leaf_index,
+            live=live,
+            live_count=live_count,
+            centroid_sum=centroid_sum,
+            dense_of=dense_of,
+        )
+
+    def _added(
+        self, items: Sequence[NewItem], vectors: np.ndarray, num_removed: int
+    ) -> tuple[Catalogue, ApplyReport]:
+        index = self.index
+        M = len(items)
+        tree = PlacementTree(
+            index=index,
+            parent=self.parent,
+            leaf_of=self.leaf_of,
+            live=self.live,
+            centroid_sum=self.centroid_sum,
+            item_emb=self.item_emb,
+            leaf_capacity=self.leaf_capacity,
+        )
+        placed = place_items(tree, vectors)
+        first = self.num_rows
+        dense = np.arange(first, first + M, dtype=np.int64)
+        new_leaves = [p for p in placed if p.new_leaf]
+        num_nodes = index.num_nodes + len(new_leaves)
+        parent = np.concatenate([self.parent, np.asarray([p.parent for p in new_leaves], np.int64)])
+        node_token = np.concatenate([index.node_token, np.asarray([p.token for p in new_leaves], np.int32)])
+        decoder_node = np.concatenate(
+            [self.decoder_node, np.asarray([p.alias for p in new_leaves], np.int64)]
+        )
+        leaf_of = np.concatenate([self.leaf_of, np.asarray([p.leaf for p in placed], np.int64)])
+        live = np.concatenate([self.live, np.ones(M, bool)])
+        path = np.concatenate([index.item_path, np.zeros((M, index.levels), np.int32)])
+        for j, p in enumerate(placed):
+            path[first + j, :-1] = path_of(parent, p.parent, index.levels - 1)
+            path[first + j, -1] = p.leaf
+        live_count = np.concatenate([self.live_count, np.zeros(len(new_leaves), np.int64)])
+        np.add.at(live_count, path[first:].astype(np.int64).reshape(-1), 1)
+        live_count[0] += M
+        summed = _summed_levels(index, self.centroid_sum)
+        extra_rows = len(new_leaves) if summed == index.levels else 0
+        centroid_sum = np.concatenate([self.centroid_sum, np.zeros((extra_rows, vectors.shape[1]))])
+        unit = unit_rows(vectors)
+        for level in range(summed):
+            np.add.at(centroid_sum, path[first:, level].astype(np.int64), unit)
+        level_offsets = index.level_offsets.copy()
+        level_offsets[-1] = num_nodes
+        child_offsets, child_ids = _children_csr(parent)
+        grown = replace(
+            index,
+            level_offsets=level_offsets,
+            child_offsets=child_offsets,
+            child_ids=child_ids,
+            node_token=node_token,
+            item_path=path,
+            num_nodes=num_nodes,
+            num_items=self.num_items + M,
+            num_tokens=max(index.num_tokens, num_nodes) if index.token_scheme == "node" else index.num_tokens,
+        )
+        cat = replace(
+            self,
+            version=self.version + 1,
+            index=_live_leaves(grown, leaf_of, live),
+            decoder_node=decoder_node,
+            parent=parent,
+            leaf_of=leaf_of,
+            live=live,
+            live_count=live_count,
+            centroid_sum=centroid_sum,
+            table=self.table.appended(self.num_rows, vectors),
+            item_ids=self.item_ids + tuple(item.id for item in items),
+            dense_of={**self.dense_of, **{item.id: int(d) for item, d in zip(items, dense, strict=True)}},
+            popularity=np.concatenate([self.popularity, np.zeros(M, np.float32)]),
+            attributes=self.attributes + tuple(item.attributes for item in items),
+        )
+        report = ApplyReport(
+            version=cat.version,
+            added=M,
+            removed=num_removed,
+            new_leaves=len(new_leaves),
+            joined_copies=sum(p.near_copy for p in placed),
+            over_capacity=sum(p.over_capacity for p in placed),
+            dense_ids=tuple(int(d) for d in dense),
+        )
+        return cat, report
+
+
+def path_of(parent: np.ndarray, node: int, depth: int) -> np.ndarray:
+    """``[depth]`` the ancestors of ``node`` (a node of level ``depth``) at levels 1..depth, itself last."""
+    out = np.empty(depth, np.int32)
+    for level in range(depth - 1, -1, -1):
+        out[level] = node
+        node = int(parent[node])
+    return out
+
+
+def _subtree_counts(index: TreeIndex) -> np.ndarray:
+    """``[num_nodes]`` items below every node (the root holds all)."""
+    counts = np.bincount(index.item_path[1:].astype(np.int64).reshape(-1), minlength=index.num_nodes)
+    counts[0] = index.num_items
+    return counts.astype(np.int64)
+
+
+def _summed_levels(index: TreeIndex, centroid_sum: np.ndarray) -> int:
+    """Levels whose nodes have centroid sums: all L with buckets, the internal L-1 with single-item leaves."""
+    return index.levels if centroid_sum.shape[0] > index.leaf_start else index.levels - 1
+
+
+def _centroid_sums(index: TreeIndex, emb: np.ndarray) -> np.ndarray:
+    """``[S, Dr]`` float64: the sum of unit item vectors below each node. ``S = num_nodes`` when
+    leaves hold several items (URI buckets: placement compares bucket centroids), else the internal
+    nodes only (a single-item leaf's centroid is its item).
+
+    The deepest summed level is one ``reduceat`` over the items sorted by leaf (sorted by every
+    ancestor too: node ids follow the code prefix); each level above sums its children's rows."""
+    buckets = int(np.diff(index.leaf_offsets).max()) > 1
+    deepest = index.levels if buckets else index.levels - 1
+    sums = np.zeros((index.num_nodes if buckets else index.leaf_start, emb.shape[1]), np.float64)
+    order = index.leaf_items  # [N] dense ids sorted by leaf
+    if deepest >= 1:
+        nodes = index.item_path[order, deepest - 1].astype(np.int64)  # [N] non-decreasing
+        starts = np.flatnonzero(np.r_[True, nodes[1:] != nodes[:-1]])
+        sums[nodes[starts]] = np.add.reduceat(unit_rows(emb[order]), starts, axis=0)
+    lo, co = index.level_offsets, index.child_offsets
+    for level in range(deepest - 1, -1, -1):  # level's nodes from their children's sums
+        first, last = int(lo[level]), int(lo[level + 1])
+        kids = index.child_ids[co[first] : co[last]]  # children of the level's nodes, grouped by parent
+        counts = np.diff(co[first : last + 1])
+        _add_grouped(sums, kids, counts, first)
+    return sums
+
+
+def _add_grouped(sums: np.ndarray, kids: np.ndarray, counts: np.ndarray, first: int) -> None:
+    """``sums[first + j] += sums[kids of j]``, kids grouped by their parent ``j`` (one ``reduceat``)."""
+    full = np.flatnonzero(counts > 0)
+    starts = (np.cumsum(counts) - counts)[full]
+    sums[first + full] += np.add.reduceat(sums[kids], starts, axis=0)
+
+
+def _children_csr(parent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``parent [num_nodes]`` -> ``(child_offsets [num_nodes+1], child_ids [num_nodes-1])``; children of
+    a node in id order (a stable sort keeps the bundle's order, then the added leaves)."""
+    n = len(parent)
+    child_offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(np.bincount(parent[1:], minlength=n), out=child_offsets[1:])
+    child_ids = (np.argsort(parent[1:], kind="stable") + 1).astype(np.int64)
+    return child_offsets, child_ids
+
+
+def _live_leaves(index: TreeIndex, leaf_of: np.ndarray, live: np.ndarray) -> TreeIndex:
+    """``index`` with ``leaf_offsets``/``leaf_items`` holding the live items only (a leaf may be empty)."""
+    num_leaves = index.num_nodes - index.leaf_start
+    items = np.flatnonzero(live)  # [n] ascending
+    leaf = leaf_of[items] - index.leaf_start  # [n]
+    order = np.argsort(leaf, kind="stable")
+    leaf_offsets = np.zeros(num_leaves + 1, np.int64)
+    np.cumsum(np.bincount(leaf, minlength=num_leaves), out=leaf_offsets[1:])
+    return replace(index, leaf_offsets=leaf_offsets, leaf_items=items[order].astype(np.int64))

@@ -1,0 +1,159 @@
+"""A catalogue delta: items to add and to remove (docs/live_catalogue.md "Delta").
+
+:meth:`Delta.from_json` checks the shape of the JSON (the body of ``POST /admin/items`` or a delta
+file) and raises :class:`DeltaError` naming the field (``add[3].vector``); what depends on the
+catalogue (ids present or not, vector width) is :meth:`models.catalogue.catalogue.Catalogue.check`'s.
+
+A vector is a JSON list of numbers (``vector``) or the base64 of its little-endian float32 bytes
+(``vector_f32``: a quarter of the text, parsed without a float at a time); delta files are written
+in the second form (``to_json(compact=True)``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+MAX_ID_LENGTH = 256
+MAX_ATTRIBUTES = 256
+
+
+class DeltaError(ValueError):
+    """A delta that cannot apply; ``field`` locates the offending value (``add[3].vector``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class NewItem:
+    id: str
+    vector: np.ndarray | None  # [Dr] float32; None: the content tower maps the attributes
+    attributes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Delta:
+    add: tuple[NewItem, ...] = ()
+    remove: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.add) + len(self.remove)
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Delta:
+        if not isinstance(obj, dict):
+            raise DeltaError("body", "expected a JSON object with 'add' and/or 'remove'")
+        unknown = sorted(set(obj) - {"add", "remove"})
+        if unknown:
+            raise DeltaError(unknown[0], "unknown field (a delta has 'add' and 'remove')")
+        add, remove = obj.get("add", []), obj.get("remove", [])
+        if not isinstance(add, list):
+            raise DeltaError("add", "expected a list of items")
+        if not isinstance(remove, list):
+            raise DeltaError("remove", "expected a list of item ids")
+        if not add and not remove:
+            raise DeltaError("body", "an empty delta: give 'add' or 'remove'")
+        return cls(
+            add=tuple(_new_item(item, f"add[{i}]") for i, item in enumerate(add)),
+            remove=tuple(_item_id(raw, f"remove[{i}]") for i, raw in enumerate(remove)),
+        )
+
+    def to_json(self, compact: bool = False) -> dict[str, Any]:
+        """The JSON form; ``compact``: vectors as ``vector_f32`` (base64 of little-endian float32)."""
+        add = []
+        for item in self.add:
+            entry: dict[str, Any] = {"id": item.id}
+            if item.vector is not None and compact:
+                entry["vector_f32"] = base64.b64encode(item.vector.astype("<f4").tobytes()).decode("ascii")
+            elif item.vector is not None:
+                entry["vector"] = [float(v) for v in item.vector]
+            if item.attributes:
+                entry["attributes"] = list(item.attributes)
+            add.append(entry)
+        return {"add": add, "remove": list(self.remove)}
+
+
+def _item_id(raw: Any, field: str) -> str:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        raw = str(raw)  # JSON integers are ids too, as in requests
+    if not isinstance(raw, str) or not 1 <= len(raw) <= MAX_ID_LENGTH:
+        raise DeltaError(field, f"an item id is a string of 1..{MAX_ID_LENGTH} characters, got {raw!r:.80}")
+    return raw
+
+
+def _new_item(obj: Any, field: str) -> NewItem:
+    if not isinstance(obj, dict):
+        raise DeltaError(field, "expected an object with 'id' and 'vector' and/or 'attributes'")
+    unknown = sorted(set(obj) - {"id", "vector", "vector_f32", "attributes"})
+    if unknown:
+        raise DeltaError(f"{field}.{unknown[0]}", "unknown field")
+    if "id" not in obj:
+        raise DeltaError(f"{field}.id", "required")
+    if "vector" in obj and "vector_f32" in obj:
+        raise DeltaError(f"{field}.vector_f32", "give 'vector' or 'vector_f32', not both")
+    vector = _vector(obj["vector"], f"{field}.vector") if obj.get("vector") is not None else None
+    if obj.get("vector_f32") is not None:
+        vector = _vector_f32(obj["vector_f32"], f"{field}.vector_f32")
+    attributes = obj.get("attributes", [])
+    if not isinstance(attributes, list) or len(attributes) > MAX_ATTRIBUTES:
+        raise DeltaError(f"{field}.attributes", f"expected a list of at most {MAX_ATTRIBUTES} attribute ids")
+    attrs = tuple(_item_id(a, f"{field}.attributes[{j}]") for j, a in enumerate(attributes))
+    return NewItem(id=_item_id(obj["id"], f"{field}.id"), vector=vector, attributes=attrs)
+
+
+def _vector(raw: Any, field: str) -> np.ndarray:
+    if not isinstance(raw, list) or not raw:
+        raise DeltaError(field, "expected a non-empty list of numbers")
+    if not all(type(v) is float or type(v) is int for v in raw):  # bools and strings are not numbers
+        raise DeltaError(field, "expected numbers only")
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused below
+        vector = np.asarray(raw, np.float64).astype(np.float32)
+    return _finite(vector, field)
+
+
+def _vector_f32(raw: Any, field: str) -> np.ndarray:
+    try:
+        data = base64.b64decode(raw, validate=True) if isinstance(raw, str) else b""
+    except (binascii.Error, ValueError):
+        data = b""
+    if not data or len(data) % 4:
+        raise DeltaError(field, "expected the base64 of a non-empty little-endian float32 array")
+    return _finite(np.frombuffer(data, "<f4").astype(np.float32), field)
+
+
+def _finite(vector: np.ndarray, field: str) -> np.ndarray:
+    if not np.isfinite(vector).all():
+        raise DeltaError(field, "holds NaN or an infinite value (or a number beyond float32)")
+    return vector
+
+
+def delta_vectors(items: Sequence[NewItem], dim: int, content: Any) -> np.ndarray:
+    """``[M, Dr]`` float32: each added item's vector, or the content tower's from its attributes."""
+    out = np.zeros((len(items), dim), np.float32)
+    need = [i for i, item in enumerate(items) if item.vector is None]
+    for i, item in enumerate(items):
+        if item.vector is not None:
+            if item.vector.shape != (dim,):
+                raise DeltaError(
+                    f"add[{i}].vector", f"has {item.vector.shape[0]} values, the bundle's items have {dim}"
+                )
+            out[i] = item.vector
+    for i in need:
+        attrs = list(items[i].attributes)
+        if content is None:
+            raise DeltaError(f"add[{i}].vector", "required: this bundle has no content tower")
+        if not content.has_known(attrs):
+            raise DeltaError(
+                f"add[{i}].vector", "required: none of the item's attributes is known to the content tower"
+            )
+    if need:
+        out[need] = np.asarray(content.vectors([list(items[i].attributes) for i in need]), np.float32)
+    return out

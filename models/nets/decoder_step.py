@@ -1,0 +1,126 @@
+"""The serving form of the decoder step: incremental, with cached prefix keys/values.
+
+``step(memory[B,T,D], memory_mask[B,T], beam_query[Bb], prefix[Bb,S], candidates[Bb,C],
+cache[Bb,S-1,W]) -> (scores[Bb,C], cache_out[Bb,1,W])``
+
+* ``cache`` holds the per-position state of prefix positions ``0..S-2``; the step computes the
+  last position only and returns its state in ``cache_out``. :func:`models.search.beam.beam_step`
+  hands each child beam its parent's cache plus the parent's ``cache_out``.
+* :class:`~models.nets.decoder.TokenDecoder`: the state of a position is the self-attention key and
+  value of every layer, ``W = num_layers * 2 * D`` laid out ``[layer, (key, value), D]``.
+  Stateless scorers (:class:`~models.nets.decoder.NodeScorer`, TDR) have ``W = 0`` (:class:`DecoderStep`).
+* Beams are grouped by query: ``Bb = B * w`` and ``beam_query[i] = i // w`` (what the search
+  passes). Cross-attention then runs as one batched product per query and head,
+  ``[w, hd] x [hd, T]``, instead of gathering a ``[T, D]`` copy of the keys and values for every
+  beam; the keys and values are ``[B*T, D] x [D, D]`` products per layer (per query, not per beam).
+* With ``level`` tokens the candidates of a step are rows of one level of the token table: one
+  ``[Bb, D] x [D, V]`` product and a gather replace the per-beam gather of ``C`` embedding rows.
+* The reference :meth:`TokenDecoder.forward` (whole prefix, any ``beam_query``) is what the
+  trainers run; the tests hold this step to it within float32 reordering.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+def cached_self_attention(attn: nn.MultiheadAttention, h: Tensor, past: Tensor) -> tuple[Tensor, Tensor]:
+    """Self-attention of one new position over the cached prefix.
+
+    ``h[Bb,D], past[Bb,P,2D] (keys | values of positions 0..P-1) -> (out[Bb,D], kv[Bb,2D])``.
+    With ``S = P+1 <= L+1`` keys per beam the products are tiny: elementwise products and sums
+    over ``[Bb, S, H, hd]`` rather than a batched matrix product per beam.
+    """
+    Bb, D = h.shape
+    P = past.shape[1]
+    H = attn.num_heads
+    hd = D // H
+    qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)  # [Bb, 3D]
+    q = qkv[:, None, :D].reshape(Bb, 1, H, hd)  # [Bb, 1, H, hd]
+    k_new = qkv[:, None, D : 2 * D].reshape(Bb, 1, H, hd)  # [Bb, 1, H, hd]
+    v_new = qkv[:, 2 * D :].reshape(Bb, H, hd)  # [Bb, H, hd]
+    k_past = past[..., :D].reshape(Bb, P, H, hd)  # [Bb, P, H, hd]
+    v_past = past[..., D:].reshape(Bb, P, H, hd)  # [Bb, P, H, hd]
+    logits = torch.cat([(k_past * q).sum(-1), (k_new * q).sum(-1)], dim=1) * hd**-0.5  # [Bb, S, H]
+    weights = logits.softmax(dim=1)[..., None]  # [Bb, S, H, 1]
+    out = (weights[:, :P] * v_past).sum(1) + weights[:, P] * v_new  # [Bb, H, hd]
+    return attn.out_proj(out.reshape(Bb, D)), qkv[:, D:]
+
+
+def grouped_cross_attention(
+    attn: nn.MultiheadAttention, h: Tensor, k: Tensor, v: Tensor, bias: Tensor
+) -> Tensor:
+    """Cross-attention of the beams of each query to that query's memory, one batched product per query.
+
+    ``h[Bb,D]`` (beams grouped by query, ``Bb = B*w``), ``k, v [B,T,D]`` (:func:`memory_keys_values`),
+    ``bias[B,1,1,T]`` (:func:`key_bias`) ``-> [Bb,D]``.
+    """
+    Bb, D = h.shape
+    B, T, _ = k.shape
+    H = attn.num_heads
+    w_q = attn.in_proj_weight[:D]  # [D, D]
+    b_q = attn.in_proj_bias[:D] if attn.in_proj_bias is not None else None
+    q = F.linear(h, w_q, b_q).reshape(B, Bb // B, H, D // H).transpose(1, 2)  # [B, H, w, hd]
+    k = k.reshape(B, T, H, D // H).transpose(1, 2)  # [B, H, T, hd]
+    v = v.reshape(B, T, H, D // H).transpose(1, 2)  # [B, H, T, hd]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, H, w, hd]
+    return attn.out_proj(out.transpose(1, 2).reshape(Bb, D))
+
+
+def key_bias(memory_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """``memory_mask[B,T] -> [B,1,1,T]`` additive attention bias: 0 where a key is attended, -inf
+    where blocked (as :func:`models.nets.decoder.safe_key_padding` says: an empty row keeps its last slot)."""
+    valid = memory_mask.bool()
+    T = valid.shape[1]
+    last = torch.arange(T, device=valid.device)[None, :] == T - 1  # [1, T]
+    keep = valid | (~valid.any(dim=1, keepdim=True) & last)  # [B, T]
+    zeros = torch.zeros(keep.shape, dtype=dtype, device=valid.device)
+    return zeros.masked_fill(~keep, float("-inf"))[:, None, None, :]
+
+
+def take(table: Tensor, index: Tensor) -> Tensor:
+    """``table[N, ...]`` rows at ``index[...]`` (``index_select``: faster than advanced indexing on CPU)."""
+    return table.index_select(0, index.reshape(-1)).reshape(*index.shape, *table.shape[1:])
+
+
+def memory_keys_values(attn: nn.MultiheadAttention, memory: Tensor) -> tuple[Tensor, Tensor]:
+    """``memory[B,T,D] -> (keys, values)`` each ``[B,T,D]``: one ``[B*T, D] x [D, D]`` product each,
+    so that neither needs slicing out of a wider product (a copy under ONNX Runtime)."""
+    B, T, D = memory.shape
+    flat = memory.reshape(B * T, D)  # [B*T, D]
+    w, b = attn.in_proj_weight, attn.in_proj_bias
+    k = F.linear(flat, w[D : 2 * D], b[D : 2 * D] if b is not None else None)  # [B*T, D]
+    v = F.linear(flat, w[2 * D :], b[2 * D :] if b is not None else None)  # [B*T, D]
+    return k.reshape(B, T, D), v.reshape(B, T, D)
+
+
+class DecoderStep(nn.Module):
+    """Any decoder-step module in the serving form ``(..., cache) -> (scores, cache_out)``.
+
+    A module with a ``step`` method (:class:`TokenDecoder`) runs it; any other module with the
+    five-input signature is stateless: ``cache_width = 0`` and ``cache_out`` is ``[Bb, S-P, 0]``.
+    This is the module ``decoder.onnx`` is exported from and :class:`~models.bundle.backend.TorchBackend` runs.
+    """
+
+    def __init__(self, decoder: nn.Module) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.cache_width = int(getattr(decoder, "cache_width", 0))
+
+    def forward(
+        self,
+        memory: Tensor,
+        memory_mask: Tensor,
+        beam_query: Tensor,
+        prefix: Tensor,
+        candidates: Tensor,
+        cache: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        step = getattr(self.decoder, "step", None)
+        if step is not None:
+            return step(memory, memory_mask, beam_query, prefix, candidates, cache)
+        scores = self.decoder(memory, memory_mask, beam_query, prefix, candidates)  # [Bb, C]
+        new = prefix.shape[1] - cache.shape[1]
+        return scores, memory.new_zeros(prefix.shape[0], new, 0)  # [Bb, S-P, 0]

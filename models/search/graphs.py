@@ -1,0 +1,286 @@
+"""Static-shape retrieval, and its capture as CUDA graphs (the serving hot path on ``cuda``).
+
+Why: eager retrieval on a GPU launches a few hundred small kernels per batch from Python (the
+encoder, one decoder step per level, the top-k of every level, the rerank) and reads counts back
+to size the rerank; at serving batch sizes each kernel runs for microseconds, so a batch costs
+its launch overhead and host syncs, flat in the batch size. A CUDA graph records the kernel
+sequence once per shape and replays it with one launch and no host round trip inside.
+
+A graph needs static shapes and no host reads, so :func:`static_retrieve` is the retrieval with:
+
+* the batch padded up to a power-of-two bucket (padded rows: empty histories, results dropped);
+* histories left-padded to ``max_history`` (the encoder counts positions from the most recent
+  item and masks padding, so extra left padding leaves the outputs unchanged);
+* exclusions as a sorted ``[B, E]`` table padded with ``int64`` max, ``E`` a power of two;
+* rerank candidates in a fixed ``[B, b * max_leaf]`` layout (the eager path packs them left,
+  which needs the counts on the host; the candidate *sets* are the same).
+
+History and exclusion table travel in one ``int64`` host array (one host-to-device copy), the
+outputs in two device-to-host copies. :func:`static_retrieve` is plain tensor code: it runs
+eagerly on any device (the tests hold it to :meth:`models.search.retriever.Retriever.retrieve` on the
+CPU), and :class:`GraphRunner` captures it per ``(bucket, T, E, k, beam)`` key on ``cuda``.
+A capture that fails disables the runner (logged; eager retrieval serves on).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.bundle.backend import BackendScorer
+from models.search.beam import DeviceTrie, NodeKeys, ScoreMode, beam_start
+from models.search.retrieval_types import RetrievalResult
+from models.search.staged import StagedSearch
+
+if TYPE_CHECKING:
+    from models.bundle.backend import DecoderBackend
+    from models.search.beam import BeamResult
+
+log = logging.getLogger(__name__)
+
+EXCLUDE_PAD = np.iinfo(np.int64).max
+"""Pads the sorted exclusion table (never a dense item id)."""
+MAX_GRAPHS = 64
+"""Captured shapes kept per retriever; further shapes run eagerly (each graph holds its own buffers)."""
+MAX_STATIC_CANDIDATES = 1 << 16
+"""Largest ``beam * max_leaf`` served by a graph (the fixed candidate layout grows with the largest leaf)."""
+
+
+class StaticTables(Protocol):
+    """What the static-shape search reads of a retriever (:class:`models.search.retriever.Retriever`
+    has all of it): the backend, the device trie and the leaf and item tables."""
+
+    backend: DecoderBackend
+    trie: DeviceTrie
+    score_mode: ScoreMode
+    device: torch.device
+    max_history: int
+    num_items: int
+    max_leaf_size: int
+    leaf_start: int
+    leaf_offsets: Tensor  # [num_leaves + 1]
+    leaf_items: Tensor  # [num items in leaves]
+    item_leaf: Tensor  # [N+1] global id of each item's leaf
+    item_emb: Tensor  # [N+1, Dr]
+
+
+def bucket(n: int) -> int:
+    """The power of two >= ``n`` (>= 1): batch and exclusion widths a graph is captured for."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def pack_requests(
+    histories: Sequence[np.ndarray],
+    exclude: Sequence[np.ndarray] | None,
+    rows: int,
+    max_history: int,
+    num_items: int,
+) -> np.ndarray:
+    """``-> [rows, max_history + E] int64``: left-padded histories | sorted exclusions padded high.
+
+    ``rows >= len(histories)``; the rows past the batch are empty histories with no exclusions.
+    """
+    B = len(histories)
+    if B == 0 or rows < B:
+        raise ValueError(f"need 1 <= len(histories) <= rows, got {B} and {rows}")
+    excl = [np.unique(np.asarray(e, np.int64).reshape(-1)) for e in exclude] if exclude is not None else []
+    if exclude is not None and len(excl) != B:
+        raise ValueError(f"exclude has {len(excl)} rows, the batch has {B}")
+    E = bucket(max((len(e) for e in excl), default=1))
+    packed = np.zeros((rows, max_history + E), np.int64)  # [rows, T + E]
+    packed[:, max_history:] = EXCLUDE_PAD
+    for i, h in enumerate(histories):
+        recent = np.asarray(h, dtype=np.int64).reshape(-1)[-max_history:]
+        if len(recent):
+            packed[i, max_history - len(recent) : max_history] = recent
+    for i, e in enumerate(excl):
+        packed[i, max_history : max_history + len(e)] = e
+    history = packed[:B, :max_history]
+    if history.min() < 0 or history.max() > num_items:
+        raise ValueError(f"history holds ids outside 0..{num_items} (dense ids, 0 = padding)")
+    return packed
+
+
+def static_leaf_candidates(tables: StaticTables, leaves: Tensor) -> tuple[Tensor, Tensor]:
+    """``leaves [B,b]`` global ids (-1 pad) -> (items [B, b*M], valid [B, b*M]), ``M`` = max leaf size.
+
+    Leaf ``j``'s items sit at columns ``j*M .. j*M + size - 1`` (no packing: no host read)."""
+    B, b = leaves.shape
+    M = tables.max_leaf_size
+    present = leaves >= 0  # [B, b]
+    leaf = (leaves - tables.leaf_start).clamp(min=0)  # [B, b]
+    start = tables.leaf_offsets[leaf]  # [B, b]
+    count = (tables.leaf_offsets[leaf + 1] - start) * present  # [B, b]
+    slot = torch.arange(M, device=leaves.device)  # [M]
+    valid = slot[None, None, :] < count[:, :, None]  # [B, b, M]
+    idx = (start[:, :, None] + slot).clamp(max=tables.leaf_items.numel() - 1)  # [B, b, M]
+    items = torch.where(valid, tables.leaf_items[idx], 0)  # [B, b, M]
+    return items.reshape(B, b * M), valid.reshape(B, b * M)
+
+
+def static_blocked_keys(tables: StaticTables, excl: Tensor) -> NodeKeys:
+    """``excl [B, E]`` (sorted, padded high) -> the leaves all of whose items a row excludes, as the
+    beam's :class:`models.search.beam.NodeKeys` (what :func:`models.search.constraints.node_keys` blocks on the
+    eager path), in static shapes: ``[B*E]`` sorted keys, a sentinel above every key where an
+    exclusion does not empty its leaf. Memory ``B x E x E``, not ``B x num_nodes``."""
+    B = excl.shape[0]  # excl [B, E]
+    N = tables.num_items
+    n = tables.trie.num_nodes
+    real = (excl > 0) & (excl <= N)  # [B, E]
+    leaf = torch.where(real, tables.item_leaf[excl.clamp(min=0, max=N)], -1)  # [B, E] global ids
+    same = (leaf[:, :, None] == leaf[:, None, :]) & real[:, :, None] & real[:, None, :]  # [B, E, E]
+    size = (
+        tables.leaf_offsets[(leaf - tables.leaf_start).clamp(min=0) + 1]
+        - tables.leaf_offsets[(leaf - tables.leaf_start).clamp(min=0)]
+    )  # [B, E] items of each exclusion's leaf
+    full = real & (same.sum(dim=2) >= size)  # [B, E] the exclusion's leaf has no item left
+    rows = torch.arange(B, device=excl.device)[:, None]
+    sentinel = torch.full_like(leaf, B * n)  # above every key
+    keys, _ = torch.sort(torch.where(full, rows * n + leaf, sentinel).reshape(-1))
+    return NodeKeys(
+        num_nodes=n,
+        allow_rows=torch.zeros(B, dtype=torch.bool, device=excl.device),
+        allowed=torch.zeros(0, dtype=torch.int64, device=excl.device),
+        blocked=keys,
+    )
+
+
+def static_retrieve(
+    tables: StaticTables, packed: Tensor, history_len: int, k: int, beam_size: int
+) -> tuple[Tensor, Tensor]:
+    """``packed [B, T+E]`` (:func:`pack_requests`, on the device) -> ``(ints [B, k+b+2] int64,
+    scores [B, k] float32)``; ``ints`` = items ``[:k]`` (0 pad) | leaves ``[k:k+b]`` (-1 pad) |
+    candidates after exclusion | items scored. The search's own stages
+    (:class:`models.search.staged.StagedSearch`) with :func:`static_rerank` as the last one; static
+    shapes, no host read: capturable."""
+    B = packed.shape[0]
+    history = packed[:, :history_len]  # [B, T]
+    excl = packed[:, history_len:].contiguous()  # [B, E] sorted, padded high
+    mask = history > 0  # [B, T]
+    memory, query = tables.backend.encode(history, mask)  # [B,T,D], [B,Dr]
+    blocked = static_blocked_keys(tables, excl)
+    start = beam_start(tables.trie, B, beam_size, tables.score_mode, node_keys=blocked)
+
+    def rerank(found: BeamResult) -> tuple[Tensor, Tensor]:
+        return static_rerank(tables, found.leaves, query, excl, k)
+
+    return StagedSearch(tables.trie, BackendScorer(tables.backend, memory, mask), start, rerank).run()
+
+
+def static_rerank(
+    tables: StaticTables, leaves: Tensor, query: Tensor, excl: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
+    """``leaves [B,b]``, ``query [B,Dr]``, ``excl [B,E]`` -> :func:`static_retrieve`'s outputs: the top
+    ``k`` items of the leaves by inner product, minus the exclusions, in the fixed candidate layout."""
+    B = leaves.shape[0]
+    items, valid = static_leaf_candidates(tables, leaves)  # [B, C]
+    num_scored = valid.sum(dim=1)  # [B] before exclusion
+    pos = torch.searchsorted(excl, items).clamp(max=excl.shape[1] - 1)  # [B, C]
+    valid = valid & (excl.gather(1, pos) != items)
+    scores = torch.bmm(tables.item_emb[items], query.float()[:, :, None])[:, :, 0]  # [B, C]
+    scores = scores.masked_fill(~valid, float("-inf"))
+    kk = min(k, scores.shape[1])
+    top_scores, top_idx = torch.topk(scores, kk, dim=1)  # [B, k']
+    top_items = items.gather(1, top_idx).masked_fill(~valid.gather(1, top_idx), 0)  # [B, k']
+    if kk < k:  # fewer candidates than k: pad as the eager path does
+        top_items = torch.cat([top_items, top_items.new_zeros(B, k - kk)], dim=1)
+        top_scores = torch.cat([top_scores, top_scores.new_full((B, k - kk), float("-inf"))], dim=1)
+    counts = torch.stack([valid.sum(dim=1), num_scored], dim=1)  # [B, 2]
+    return torch.cat([top_items, leaves, counts], dim=1), top_scores.float()
+
+
+def unpack_result(ints: np.ndarray, scores: np.ndarray, batch: int, k: int) -> RetrievalResult:
+    """The host copies of :func:`static_retrieve`'s outputs -> the first ``batch`` rows' result."""
+    return RetrievalResult(
+        items=ints[:batch, :k],
+        scores=scores[:batch],
+        num_candidates=ints[:batch, -2],
+        leaves=ints[:batch, k:-2],
+        num_scored=ints[:batch, -1],
+    )
+
+
+@dataclass
+class Captured:
+    graph: torch.cuda.CUDAGraph
+    packed: Tensor  # [B, T+E] the static input the graph reads
+    ints: Tensor  # [B, k+b+2] static outputs the graph writes
+    scores: Tensor  # [B, k]
+
+
+class GraphRunner:
+    """CUDA graphs of :func:`static_retrieve`, captured lazily per shape key, replayed under a lock.
+
+    :meth:`retrieve` returns ``None`` where a graph cannot serve (batch over ``max_batch``, too many
+    candidates, graphs disabled after a failed capture, or ``MAX_GRAPHS`` shapes held): the caller
+    then runs the eager path.
+    """
+
+    def __init__(self, tables: StaticTables, max_batch: int = 1024) -> None:
+        if tables.device.type != "cuda" or tables.backend.name != "torch":
+            raise ValueError("CUDA graphs need the torch backend on a cuda device")
+        self.tables = tables
+        self.max_batch = max_batch
+        self.graphs: dict[tuple[int, int, int, int, int], Captured] = {}
+        self.disabled: str | None = None  # why graphs stopped serving (a failed capture)
+        self._lock = threading.Lock()
+
+    def retrieve(
+        self, histories: Sequence[np.ndarray], k: int, beam_size: int, exclude: Sequence[np.ndarray] | None
+    ) -> RetrievalResult | None:
+        r = self.tables
+        B = len(histories)
+        if self.disabled or self.max_batch < B or beam_size * r.max_leaf_size > MAX_STATIC_CANDIDATES:
+            return None
+        packed = pack_requests(histories, exclude, bucket(B), r.max_history, r.num_items)
+        key = (packed.shape[0], r.max_history, packed.shape[1] - r.max_history, k, beam_size)
+        with self._lock:
+            cap = self.graphs.get(key)
+            if cap is None:
+                if len(self.graphs) >= MAX_GRAPHS:
+                    return None
+                cap = self._capture(key)
+                if cap is None:
+                    return None
+                self.graphs[key] = cap
+            try:
+                with torch.inference_mode():  # the static buffers were made as inference tensors
+                    cap.packed.copy_(torch.from_numpy(packed))  # the one host-to-device copy
+                    cap.graph.replay()
+                    ints, scores = cap.ints.cpu().numpy(), cap.scores.cpu().numpy()  # the sync
+            except RuntimeError as exc:  # a replay that fails must not fail the request
+                self.disabled = f"replay of {key} failed: {type(exc).__name__}: {exc}"[:500]
+                log.warning("CUDA graphs disabled, eager retrieval serves: %s", self.disabled)
+                return None
+        return unpack_result(ints, scores, B, k)
+
+    def _capture(self, key: tuple[int, int, int, int, int]) -> Captured | None:
+        rows, T, E, k, beam = key
+        dev = self.tables.device
+        try:
+            with torch.inference_mode():
+                packed = torch.zeros(rows, T + E, dtype=torch.int64, device=dev)
+                packed[:, T:] = EXCLUDE_PAD
+                side = torch.cuda.Stream(dev)
+                side.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(side):  # warm-up off the capture: lazy init, kernel choice
+                    for _ in range(2):
+                        static_retrieve(self.tables, packed, T, k, beam)
+                torch.cuda.current_stream(dev).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    ints, scores = static_retrieve(self.tables, packed, T, k, beam)
+        except RuntimeError as exc:  # e.g. an op that syncs the host: serve eagerly from now on
+            self.disabled = f"capture of {key} failed: {type(exc).__name__}: {exc}"[:500]
+            log.warning("CUDA graphs disabled, eager retrieval serves: %s", self.disabled)
+            torch.cuda.synchronize(dev)
+            return None
+        log.info("captured a CUDA graph for (batch, T, E, k, beam) = %s", key)
+        return Captured(graph=graph, packed=packed, ints=ints, scores=scores)
