@@ -1,0 +1,81 @@
+"""Settings field groups of the models: bundles, device and backend, the live catalogue.
+
+Mixins of :class:`service.settings.Settings` (the one settings class; its validators live there).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class ModelFields(BaseModel):
+    """Which bundles serve, on which device and backend, and how they are reloaded."""
+
+    # --- models ---
+    bundle_path: Path | None = Field(
+        default=None,
+        description="A bundle directory, or a directory whose subdirectories are bundles (served by name).",
+    )
+    default_model: str | None = Field(
+        default=None,
+        description="Model served when a request names none; defaults to the only/first one loaded.",
+    )
+    device: str = Field(default="cpu", description="Torch / ONNX Runtime device, e.g. 'cpu' or 'cuda:0'.")
+    decoder_backend: Literal["onnx", "torch"] = Field(
+        default="onnx",
+        description="Retriever backend for the encoder and decoder steps: 'onnx' (ONNX Runtime; CUDA provider "
+        "with IO binding on cuda devices, needs onnxruntime-gpu) or 'torch' (the modules rebuilt from the "
+        "bundle's weights.safetensors + modules.json, tensors on `device`); the bundle must hold its files.",
+    )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="torch.set_num_threads for the search and rerank tensors (None = torch's default). "
+        "On a small shared CPU, 1 avoids threads spinning against each other.",
+    )
+    intra_op_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="ONNX Runtime intra-op threads per session (None = its default).",
+    )
+    search_mode: Literal["generative", "bruteforce"] = Field(
+        default="generative",
+        description="'generative': beam search over the index trie then rerank; "
+        "'bruteforce': encode then exact inner-product top-K over the whole item table (baseline).",
+    )
+    reload_poll_s: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=3600.0,
+        description="Poll the bundle path for new versions every N seconds (0 = off).",
+    )
+
+
+class CatalogueFields(BaseModel):
+    """The live catalogue's delta log (docs/live_catalogue.md)."""
+
+    # --- live catalogue (service/catalogue/) ---
+    catalogue_dir: Path | None = Field(
+        default=None,
+        description="Where the catalogue deltas live: `{dir}/{bundle dir name}.deltas/` (docs/live_catalogue.md); "
+        "a volume every replica mounts. Unset = beside each bundle (its parent directory).",
+    )
+    catalogue_poll_s: float = Field(
+        default=2.0,
+        ge=0.0,
+        le=3600.0,
+        description="Apply deltas other replicas wrote every N seconds (0 = only this replica's own).",
+    )
+    catalogue_prebuild: bool = Field(
+        default=True,
+        description="Build each model's catalogue in the background at startup (the first add "
+        "does not pay it; memory: a copy of the item table with spare rows).",
+    )
+    max_delta_items: int = Field(
+        default=100_000, ge=1, le=10_000_000, description="Most items added + removed by one delta."
+    )
