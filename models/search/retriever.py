@@ -193,9 +193,10 @@ class Retriever:
         start = self.leaf_offsets[leaf]  # [B, b]
         count = (self.leaf_offsets[leaf + 1] - start) * present  # [B, b]
         if self.max_leaf_size == 1:  # single-item leaves (SEATER, TDR): a plain gather
-            return torch.where(
-                present, self.leaf_items[start.clamp(max=self.leaf_items.numel() - 1)], 0
-            ), present
+            held = count > 0  # [B, b] a leaf whose item was removed holds none
+            if self.leaf_items.numel() == 0:  # every item removed: nothing to gather
+                return torch.zeros_like(leaves, dtype=torch.int64), held
+            return torch.where(held, self.leaf_items[start.clamp(max=self.leaf_items.numel() - 1)], 0), held
         flat_count = count.reshape(-1)  # [B*b]
         total = int(flat_count.sum())
         C = max(1, int(count.sum(dim=1).max()))

@@ -195,3 +195,21 @@ def test_allow_lists_hold_and_k_is_guaranteed(bucket_bundle: Bundle) -> None:
                     np.sort(bucket_bundle.item_emb[exact] @ query[r]),
                     rtol=1e-5,
                 )
+
+
+@pytest.mark.parametrize("which", ["bucket_bundle", "node_bundle"])
+def test_every_item_removed_is_an_empty_answer(which: str, request: pytest.FixtureRequest) -> None:
+    """A catalogue with no live item (or no allowed live item) searches to nothing, not an error."""
+    bundle: Bundle = request.getfixturevalue(which)
+    base = Retriever(bundle, "cpu", "onnx", intra_op_threads=1)
+    cat = Catalogue.from_bundle(bundle)
+    states = base.encode(HISTORIES)
+    half, _ = cat.apply(Delta(remove=tuple(cat.item_ids[1 : NUM_ITEMS // 2])))
+    gone = np.arange(1, NUM_ITEMS // 2)  # dense ids removed in `half`
+    allow = [gone[:3], gone[3:], gone]  # only removed items allowed
+    empty, _ = half.apply(Delta(remove=tuple(half.dense_of)))
+    for served, rows_allow in ((base.with_catalogue(half), allow), (base.with_catalogue(empty), None)):
+        for fill in (False, True):
+            found = served.search(states, 5, 4, None, allow=rows_allow, fill=fill)
+            assert (found.items == 0).all() and np.isneginf(found.scores).all()
+            assert (found.num_candidates == 0).all()
