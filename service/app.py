@@ -187,7 +187,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.torch_threads is not None:
             torch.set_num_threads(settings.torch_threads)
         registry = ModelRegistry(settings)
-        catalogue = LiveCatalogue(settings, registry)  # every load applies the bundle's deltas
+        # every load builds version 0 of the catalogue and applies the bundle's deltas, before
+        # /readyz answers ready (docs/live_catalogue.md: no start-up build competing with requests)
+        catalogue = LiveCatalogue(settings, registry)
         await asyncio.to_thread(registry.load_all)
         cache = make_cache(settings)
         hooks = router_from_settings(settings)
@@ -203,9 +205,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             asyncio.create_task(catalogue.poll(settings.catalogue_poll_s))
             if settings.catalogue_poll_s > 0
             else None
-        )
-        prebuild = (
-            asyncio.create_task(catalogue.run(catalogue.prebuild)) if settings.catalogue_prebuild else None
         )
         watcher = (
             asyncio.create_task(registry.watch(settings.reload_poll_s))
@@ -223,7 +222,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            for task in (watcher, poller, prebuild):
+            for task in (watcher, poller):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

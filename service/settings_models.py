@@ -73,8 +73,8 @@ class CatalogueFields(BaseModel):
     )
     catalogue_prebuild: bool = Field(
         default=True,
-        description="Build each model's catalogue in the background at startup (the first add "
-        "does not pay it; memory: a copy of the item table with spare rows).",
+        description="Build each model's catalogue (version 0) when it loads, before it serves or "
+        "reports ready (the first add does not pay it; it shares the bundle's item table).",
     )
     max_delta_items: int = Field(
         default=100_000, ge=1, le=10_000_000, description="Most items added + removed by one delta."

@@ -12,7 +12,8 @@ same catalogue (dense ids, trie, tables).
 * A removed item leaves its leaf (never returned again) but keeps its dense id and row, so
   histories that hold it still encode. Nodes left with no live item are ``dead`` (never expanded).
 * The item table grows in place in spare rows (:class:`ItemTable`): a version is a prefix view of
-  one buffer, so adding a few items does not copy the catalogue.
+  one buffer, so adding a few items does not copy the catalogue. Version 0 shares the bundle's own
+  array (no copy held for a delta that may never come); the first added item copies it once.
 """
 
 from __future__ import annotations
@@ -43,15 +44,11 @@ class ItemTable:
     older version sees them. Appending to anything but the newest version copies (never clobbers).
     """
 
-    def __init__(self, rows: np.ndarray, spare: bool = False) -> None:
-        """``spare``: copy ``rows`` into a buffer with ``SPARE_ROWS`` room, so the first delta appends
-        in place (done when version 0 is built, ahead of any add)."""
+    def __init__(self, rows: np.ndarray) -> None:
+        """``rows`` is held, not copied (version 0: the bundle's array, never written: it has no
+        spare row, so the first append copies it into a buffer of its own)."""
         self._used = rows.shape[0]
-        if spare:
-            self._buf = np.zeros((self._used + math.ceil(SPARE_ROWS * self._used), rows.shape[1]), np.float32)
-            self._buf[: self._used] = rows
-        else:
-            self._buf = rows
+        self._buf = rows
 
     def view(self, rows: int) -> np.ndarray:
         return self._buf[:rows]
@@ -110,8 +107,12 @@ class Catalogue:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_bundle(cls, bundle: Bundle) -> Catalogue:
-        """Version 0: the bundle as trained."""
+    def from_bundle(
+        cls, bundle: Bundle, item_ids: Sequence[str] | None = None, dense_of: dict[str, int] | None = None
+    ) -> Catalogue:
+        """Version 0: the bundle as trained. ``item_ids`` / ``dense_of``: the bundle's raw ids and
+        their inverse as a caller already holds them (the service's loaded model), so that version 0
+        shares them instead of building a second id map (at 1M items: ~100 MiB and a second)."""
         index = bundle.index
         emb = np.asarray(bundle.item_emb, np.float32)
         rows = emb.shape[0]
@@ -119,7 +120,9 @@ class Catalogue:
         leaf_of[1:] = index.item_path[1:, -1]
         live = np.ones(rows, bool)
         live[0] = False
-        ids = tuple(str(x) for x in bundle.item_ids.tolist())
+        ids = tuple(item_ids) if item_ids is not None else tuple(str(x) for x in bundle.item_ids.tolist())
+        if len(ids) != rows:
+            raise ValueError(f"item_ids holds {len(ids)} ids, the bundle {rows} rows")
         return cls(
             version=0,
             fingerprint=bundle.manifest.fingerprint,
@@ -130,9 +133,9 @@ class Catalogue:
             live=live,
             live_count=_subtree_counts(index),
             centroid_sum=_centroid_sums(index, emb),
-            table=ItemTable(emb, spare=True),
+            table=ItemTable(emb),
             item_ids=ids,
-            dense_of=dict(zip(ids[1:], range(1, rows), strict=True)),
+            dense_of=dense_of if dense_of is not None else dict(zip(ids[1:], range(1, rows), strict=True)),
             popularity=np.asarray(bundle.popularity, np.float32),
             attributes=(),
             base_items=rows - 1,
