@@ -3,14 +3,17 @@
 1. build (or reuse) a synthetic bundle of N items (``benchmarks.synthetic_bundle``);
 2. for each mode (``generative``: beam search + rerank; ``bruteforce``: encode, then exact
    ``query @ item_emb.T`` top-K), start `genret serve` as a subprocess with the cache off;
-3. closed loop: drive it from a separate process — ``wrk`` with a Lua script sending random
+3. the first :data:`FIRST_WINDOW_S` seconds after the service reports ready: closed-loop load at the
+   first concurrency with no warm-up, its p99 set beside the steady state's (a rollout's new
+   replica takes traffic at once), and the resident memory at ready, before any request;
+4. closed loop: drive it from a separate process — ``wrk`` with a Lua script sending random
    histories — at each concurrency for ``duration`` seconds, after a short warm-up;
-4. open loop (``open_loop`` fractions, default 0.5, 0.8, 0.95): the mode's maximum throughput is
+5. open loop (``open_loop`` fractions, default 0.5, 0.8, 0.95): the mode's maximum throughput is
    its best error-free closed-loop QPS of this run; requests are then sent at each fraction of it
    at scheduled times (:mod:`benchmarks.load`), latency timed from the scheduled send; a row
    whose achieved rate is under 98 % of its target is marked invalid;
-5. print QPS and p50/p95/p99 per mode and concurrency, the QPS ratio, the open-loop rows and the
-   service's resident memory.
+6. print QPS and p50/p95/p99 per mode and concurrency, the QPS ratio, the start-up window, the
+   open-loop rows and the service's resident memory.
 
 With ``shadow_rates`` (``--shadow 0,0.5,1``) it measures the shadow lane's cost instead
 (:mod:`benchmarks.shadow`).
@@ -32,7 +35,15 @@ import numpy as np
 
 from benchmarks.launcher import ServiceProcess
 from benchmarks.load import Arrivals, OpenLoopStats, open_loop, retrieve_bodies, run_loop, send_times
+from benchmarks.serve_report import format_open_table, format_start_table, format_table
+from benchmarks.serve_types import Measurement, OpenLoopMeasurement, StartMeasurement
 from models.bundle.bundle import SCHEMA_VERSION
+
+__all__ = ["BenchConfig", "Measurement", "OpenLoopMeasurement", "StartMeasurement", "run_bench"]
+
+FIRST_WINDOW_S = 5.0
+"""Seconds of load started at ready whose p99 is reported beside the steady state: a new replica
+of a rollout takes traffic as soon as it reports ready."""
 
 WRK_SCRIPT = r"""
 local ids = {%(ids)s}
@@ -103,38 +114,6 @@ class BenchConfig:
         return self.branching or max(2, math.ceil(self.items ** (1.0 / self.levels) - 1e-9))
 
 
-@dataclass(frozen=True)
-class Measurement:
-    mode: str
-    concurrency: int
-    qps: float  # 2xx answers per second
-    p50_ms: float
-    p95_ms: float
-    p99_ms: float
-    requests: int
-    errors: int  # non-2xx + socket errors + timeouts
-    rss_mib: float
-    load: str = "closed"  # wrk: each connection sends when its previous answer arrived
-
-
-@dataclass(frozen=True)
-class OpenLoopMeasurement:
-    mode: str
-    fraction: float  # of max_qps
-    max_qps: float  # the mode's best error-free closed-loop QPS in this run
-    target_qps: float
-    achieved_qps: float
-    p50_ms: float  # from each request's scheduled send time
-    p99_ms: float
-    errors: int
-    valid: bool  # achieved >= 98 % of target
-    arrivals: str
-    requests: int
-    send_lag_p99_ms: float  # generator / connection delay, already inside the latencies
-    connections: int  # peak open connections
-    load: str = "open"
-
-
 def build_bundle(cfg: BenchConfig) -> Path:
     from benchmarks.synthetic_bundle import make_synthetic_bundle
 
@@ -200,9 +179,16 @@ def service_env(cfg: BenchConfig, bundle_path: Path, mode: str) -> dict[str, str
     }
 
 
-def measure_level(mode: str, service: ServiceProcess, script: Path, c: int, cfg: BenchConfig) -> Measurement:
-    """One wrk run of ``cfg.duration_s`` at ``c`` connections against a started service."""
-    raw = run_wrk(service.url, script, c, cfg.duration_s)
+def measure_level(
+    mode: str,
+    service: ServiceProcess,
+    script: Path,
+    c: int,
+    cfg: BenchConfig,
+    duration_s: float | None = None,
+) -> Measurement:
+    """One wrk run of ``duration_s`` (default ``cfg.duration_s``) at ``c`` connections against a started service."""
+    raw = run_wrk(service.url, script, c, cfg.duration_s if duration_s is None else duration_s)
     errors = raw["connect"] + raw["read"] + raw["write"] + raw["status"] + raw["timeout"]
     seconds = raw["duration_us"] / 1e6
     rss, _ = service.rss_bytes()
@@ -260,13 +246,43 @@ def max_throughput(rows: list[Measurement]) -> float | None:
     return max(clean) if clean else None
 
 
+def start_row(
+    first: Measurement, rows: list[Measurement], service: ServiceProcess, rss_ready: int
+) -> StartMeasurement:
+    """The first window's row, beside the steady-state row at the same concurrency."""
+    steady = [m.p99_ms for m in rows if m.concurrency == first.concurrency]
+    row = StartMeasurement(
+        mode=first.mode,
+        concurrency=first.concurrency,
+        ready_s=service.ready_s or 0.0,
+        window_s=FIRST_WINDOW_S,
+        first_qps=first.qps,
+        first_p50_ms=first.p50_ms,
+        first_p99_ms=first.p99_ms,
+        errors=first.errors,
+        steady_p99_ms=steady[0] if steady else None,
+        rss_ready_mib=rss_ready / 2**20,
+        rss_peak_mib=service.rss_bytes()[1] / 2**20,
+    )
+    print(
+        f"  {row.mode:<10} first {FIRST_WINDOW_S:.0f} s after ready (c={row.concurrency}): "
+        f"p99={row.first_p99_ms:7.1f}ms steady p99={row.steady_p99_ms}ms rss at ready={row.rss_ready_mib:.0f}MiB "
+        f"peak={row.rss_peak_mib:.0f}MiB",
+        flush=True,
+    )
+    return row
+
+
 def measure_mode(
     mode: str, bundle: Path, script: Path, bodies: list[bytes], cfg: BenchConfig
-) -> tuple[list[Measurement], list[OpenLoopMeasurement]]:
+) -> tuple[list[Measurement], list[OpenLoopMeasurement], StartMeasurement]:
+    """The first window after ready, then closed loop per concurrency, then open loop."""
     env = service_env(cfg, bundle, mode)
     service = ServiceProcess(env, cfg.workdir / f"service-{mode}.log").start(ready_timeout_s=600)
     results = []
     try:
+        rss_ready, _ = service.rss_bytes()
+        first = measure_level(mode, service, script, cfg.concurrency[0], cfg, FIRST_WINDOW_S)  # no warm-up
         run_wrk(service.url, script, 8, 2.0)  # warm-up
         for c in cfg.concurrency:
             m = measure_level(mode, service, script, c, cfg)
@@ -280,46 +296,10 @@ def measure_mode(
         if cfg.open_loop and best is None:
             print(f"  {mode}: no error-free closed-loop row, so no open-loop rows", flush=True)
         opened = measure_open(mode, service, bodies, best, cfg) if cfg.open_loop and best else []
+        start = start_row(first, results, service, rss_ready)
     finally:
         service.stop()
-    return results, opened
-
-
-def format_table(results: list[Measurement]) -> str:
-    lines = [
-        "| mode | concurrency | QPS | p50 ms | p95 ms | p99 ms | requests | errors | RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for m in results:
-        lines.append(
-            f"| {m.mode} | {m.concurrency} | {m.qps:.1f} | {m.p50_ms:.1f} | {m.p95_ms:.1f} | {m.p99_ms:.1f} "
-            f"| {m.requests} | {m.errors} | {m.rss_mib:.0f} |"
-        )
-    by = {(m.mode, m.concurrency): m for m in results}
-    ratios = []
-    for c in sorted({m.concurrency for m in results}):
-        gen, bf = by.get(("generative", c)), by.get(("bruteforce", c))
-        if gen and bf and bf.qps > 0:
-            ratios.append(f"c={c}: {gen.qps / bf.qps:.2f}x")
-    if ratios:
-        lines.append("")
-        lines.append("generative / brute-force QPS: " + ", ".join(ratios))
-    return "\n".join(lines)
-
-
-def format_open_table(rows: list[OpenLoopMeasurement]) -> str:
-    lines = [
-        "| mode | arrivals | % of max | max QPS | target QPS | achieved QPS | p50 ms | p99 ms | errors | valid "
-        "| send lag p99 ms | connections |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.mode} | {r.arrivals} | {r.fraction:.0%} | {r.max_qps:.1f} | {r.target_qps:.1f} "
-            f"| {r.achieved_qps:.1f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} | {'yes' if r.valid else 'NO'} "
-            f"| {r.send_lag_p99_ms:.1f} | {r.connections} |"
-        )
-    return "\n".join(lines)
+    return results, opened, start
 
 
 def generator_ceiling() -> list[dict[str, Any]]:
@@ -357,13 +337,15 @@ def run_bench(cfg: BenchConfig, as_json: bool = False, ceiling: bool = False) ->
     )
     results: list[Measurement] = []
     opened: list[OpenLoopMeasurement] = []
+    starts: list[StartMeasurement] = []
     with tempfile.TemporaryDirectory() as tmp:
         script = wrk_script(bundle, cfg, Path(tmp) / "retrieve.lua")
         for mode in cfg.modes:
             print(f"measuring {mode} ...", flush=True)
-            closed, open_rows = measure_mode(mode, bundle, script, bodies, cfg)
+            closed, open_rows, start = measure_mode(mode, bundle, script, bodies, cfg)
             results.extend(closed)
             opened.extend(open_rows)
+            starts.append(start)
     print(
         f"\nbench serve: N={cfg.items} L={cfg.levels} branching={cfg.tree_branching} dim={cfg.dim} k={cfg.k} "
         f"beam={cfg.beam_size} batch<={cfg.max_batch_size} threads={cfg.threads} duration={cfg.duration_s}s "
@@ -371,13 +353,17 @@ def run_bench(cfg: BenchConfig, as_json: bool = False, ceiling: bool = False) ->
         f"{cfg.arrivals} arrivals, latency from the scheduled send)"
     )
     print(format_table(results))
+    print()
+    print(format_start_table(starts))
     if opened:
         print()
         print(format_open_table(opened))
     if as_json:
         payload = {
             "config": {**asdict(cfg), "workdir": str(cfg.workdir)},
-            "results": [asdict(m) for m in results] + [asdict(r) for r in opened],
+            "results": [asdict(m) for m in results]
+            + [asdict(r) for r in opened]
+            + [asdict(r) for r in starts],
         }
         if generator:
             payload["generator_ceiling"] = generator
