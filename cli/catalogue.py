@@ -6,8 +6,9 @@ serving replica's ``POST /admin/items`` does: the same layout, sequence claim an
 :mod:`service.catalogue.store` (``delta_dir``, ``DeltaStore.claim``; it imports no service stack).
 The delta is first checked and applied (:meth:`models.catalogue.catalogue.Catalogue.apply`) on top of the
 bundle and every delta file already there, applied as the service applies them (files of another
-bundle fingerprint skipped, damaged or contradicting ones refused), so a file it writes applies on
-every replica. ``catalogue show`` prints the version those files make, the live items, and each file.
+bundle fingerprint skipped, files that cannot be read or applied quarantined, with the service's
+default limits), so a file it writes applies on every replica. ``catalogue show`` prints the version
+those files make, the live items, and each file (a quarantined one with its reason).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def caught_up(bundle_path: Path, catalogue_dir: Path | None) -> Caught:
         out.seq = f.seq
         row: dict[str, Any] = {"file": f.path.name, "version": f.version}
         if f.delta is None:
-            row["status"] = f"refused: {f.error}"
+            row["status"] = f"quarantined: {f.reason}: {f.error}"
         elif f.base_fingerprint != fingerprint:
             row["status"] = f"other bundle {f.base_fingerprint[:12]}"
         else:
@@ -83,7 +84,9 @@ def caught_up(bundle_path: Path, catalogue_dir: Path | None) -> Caught:
                 out.catalogue, _ = out.catalogue.apply(f.delta, content=content)
                 row["status"] = f"applied as version {out.catalogue.version}"
             except DeltaError as exc:
-                row["status"] = f"refused: {exc}"
+                row["status"] = f"quarantined: refused: {exc}"
+            except Exception as exc:  # as the service: a delta no replica can apply is passed over
+                row["status"] = f"quarantined: apply_failed: {type(exc).__name__}: {exc}"
         out.files.append(row)
     return out
 
@@ -93,9 +96,9 @@ def cmd_add(args: argparse.Namespace) -> int:
     from service.catalogue.store import SequenceTaken
 
     try:
-        delta = Delta.from_json(json.loads(args.delta.read_text()))
-    except (OSError, json.JSONDecodeError) as exc:
-        print(f"genret catalogue add: cannot read {args.delta}: {exc}")
+        delta = Delta.from_json(json.loads(args.delta.read_bytes().decode("utf-8")))
+    except (OSError, ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested too deep
+        print(f"genret catalogue add: cannot read {args.delta}: {type(exc).__name__}: {exc}")
         return 2
     except DeltaError as exc:
         print(f"genret catalogue add: {args.delta}: {exc}")
@@ -106,6 +109,11 @@ def cmd_add(args: argparse.Namespace) -> int:
             new, report = state.catalogue.apply(delta, content=getattr(state.bundle, "content", None))
         except DeltaError as exc:
             print(f"genret catalogue add: {args.delta}: {exc} (against version {state.catalogue.version})")
+            return 2
+        except Exception as exc:  # not published: no replica could apply it either
+            print(
+                f"genret catalogue add: {args.delta}: does not apply to version {state.catalogue.version}: {exc}"
+            )
             return 2
         fingerprint = state.bundle.manifest.fingerprint
         try:

@@ -77,5 +77,16 @@ class CatalogueFields(BaseModel):
         "reports ready (the first add does not pay it; it shares the bundle's item table).",
     )
     max_delta_items: int = Field(
-        default=100_000, ge=1, le=10_000_000, description="Most items added + removed by one delta."
+        default=100_000,
+        ge=1,
+        le=10_000_000,
+        description="Most items added + removed by one delta; a delta file listing more is quarantined.",
+    )
+    catalogue_max_file_bytes: int = Field(
+        default=512 * 1_048_576,
+        ge=1_048_576,
+        le=8 * 1_073_741_824,
+        description="Largest delta file a replica reads (bytes, 1 MiB..8 GiB); a larger one is quarantined "
+        "unread (docs/live_catalogue.md). Vectors are base64 float32 in files: 100,000 items of 256 "
+        "floats take about 140 MB.",
     )

@@ -86,6 +86,10 @@ def _item_id(raw: Any, field: str) -> str:
         raw = str(raw)  # JSON integers are ids too, as in requests
     if not isinstance(raw, str) or not 1 <= len(raw) <= MAX_ID_LENGTH:
         raise DeltaError(field, f"an item id is a string of 1..{MAX_ID_LENGTH} characters, got {raw!r:.80}")
+    if (
+        not raw.isprintable()
+    ):  # control characters, lone surrogates (not UTF-8: every answer holding it would fail)
+        raise DeltaError(field, f"an item id is printable text, got {raw!r:.80}")
     return raw
 
 

@@ -8,11 +8,16 @@ Per model, one lock-held chain: read the delta files past the model's last one
 shares the ONNX sessions and the device item table's buffer.
 
 * Every replica applies the same files in the same order, so all hold the same catalogue: a file
-  that does not apply (damaged, or contradicting the version before it) is skipped on every
-  replica alike, logged and counted (``genret_catalogue_deltas_total{result="refused"}``).
-* ``POST /admin/items`` (:meth:`LiveCatalogue.add`): the delta is checked against the newest
-  version before anything is written; then the next file is claimed atomically (another replica
-  may take the number first: catch up, check again, retry) and applied here at once.
+  that cannot be read or applied is quarantined on every replica alike, logged once and counted
+  (``genret_catalogue_quarantined_total{model,reason}``; :mod:`service.catalogue.chain`), and the
+  files behind it still apply.
+* ``POST /admin/items`` (:meth:`LiveCatalogue.add`): the delta is applied to the newest version
+  before anything is written (so replicas never meet a delta they cannot apply); then the next
+  file is claimed atomically (another replica may take the number first: catch up, apply again,
+  retry) and that result installed here at once, without a second apply.
+* Start-up never fails because of the log: a model whose deltas cannot be installed serves the last
+  version it could build, and ``genret_catalogue_lag_versions{model}`` (and ``/readyz``) say how many
+  published files it has not taken.
 * A poller (:meth:`LiveCatalogue.poll`, every ``GENRET_CATALOGUE_POLL_S``) applies what other
   replicas wrote; a reload of a bundle re-applies its deltas before the new model serves
   (:meth:`LiveCatalogue.caught_up`, the registry's load hook). All of it runs off the event loop.
@@ -32,16 +37,15 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
-from prometheus_client import Counter, Gauge
+from prometheus_client import Gauge
 
 from models.catalogue.catalogue import ApplyReport, Catalogue
 from models.catalogue.delta import Delta, DeltaError
-from service.catalogue.store import DeltaFile, DeltaStore, SequenceTaken, delta_dir
+from service.catalogue.chain import LAG, Chain, Prepared, replay
+from service.catalogue.store import DeltaStore, SequenceTaken, delta_dir
 from service.errors import CatalogueStoreFailed, LimitExceeded
 from service.metrics import REGISTRY
 from service.registry.model_registry import LoadedModel, ModelRegistry
@@ -58,13 +62,6 @@ CATALOGUE_VERSION = Gauge(
 CATALOGUE_ITEMS = Gauge(
     "genret_catalogue_items", "Live items (may be returned) per model.", ["model"], registry=REGISTRY
 )
-CATALOGUE_DELTAS = Counter(
-    "genret_catalogue_deltas_total",
-    "Catalogue delta files by result: applied, or refused (damaged, or contradicting the version "
-    "before it: skipped on every replica alike).",
-    ["model", "result"],
-    registry=REGISTRY,
-)
 PREBUILT = Gauge(
     "genret_catalogue_prebuilt",
     "1 once a model's catalogue (version 0) is built (before it serves) and a delta pays only itself.",
@@ -77,67 +74,6 @@ APPLY_SECONDS = Gauge(
     ["model"],
     registry=REGISTRY,
 )
-
-
-@dataclass
-class Chain:
-    """Deltas applied on top of one model, before its new :class:`LoadedModel` is built."""
-
-    model: LoadedModel
-    base: Callable[[], Catalogue]  # the model's catalogue, built only when a file is to apply
-    seq: int
-    retired: dict[str, int]
-    catalogue: Catalogue | None = None
-    added_attributes: list[tuple[str, ...]] = field(default_factory=list)
-    reports: dict[int, ApplyReport] = field(default_factory=dict)  # file sequence -> what it did
-
-    def apply(self, f: DeltaFile, content: Any) -> str | None:
-        """Apply file ``f``; the reason it is refused, or None."""
-        self.seq = f.seq
-        if f.delta is None:
-            return f.error
-        before = self.catalogue = self.catalogue or self.base()
-        try:
-            self.catalogue, report = before.apply(f.delta, content=content)
-        except DeltaError as exc:
-            return str(exc)
-        if f.version != self.catalogue.version:
-            log.warning(
-                "catalogue delta %s says version %d, applied as %d", f.path, f.version, report.version
-            )
-        for raw in f.delta.remove:
-            self.retired[raw] = before.dense_of[raw]
-        for item in f.delta.add:
-            self.retired.pop(item.id, None)
-        self.added_attributes += [item.attributes for item in f.delta.add]
-        self.reports[f.seq] = report
-        return None
-
-    def built(self) -> LoadedModel:
-        """The model serving the chain's catalogue (the same model when nothing applied)."""
-        old, cat = self.model, self.catalogue
-        if not self.reports or cat is None:
-            return old if self.seq == old.catalogue_seq else replace(old, catalogue_seq=self.seq)
-        retriever = old.retriever.with_catalogue(cat)
-        live = cat.live
-        new_ids = np.arange(len(old.raw_ids), cat.num_rows, dtype=np.int64)
-        popular = np.concatenate([old.popular[live[old.popular]], new_ids[live[new_ids]]])  # [n_live]
-        attrs = old.item_attributes
-        if attrs is not None and self.added_attributes:
-            attrs = attrs.extended(self.added_attributes)
-        return replace(
-            old,
-            retriever=retriever,
-            raw_ids=cat.item_ids,
-            dense_of=cat.dense_of,
-            popular=popular,
-            popularity=np.asarray(cat.popularity, np.float64),
-            item_emb=retriever.item_emb,
-            catalogue_seq=self.seq,
-            retired=self.retired,
-            item_attributes=attrs,
-            removed=np.flatnonzero(~live[1:]).astype(np.int64) + 1,
-        )
 
 
 T = TypeVar("T")
@@ -175,12 +111,18 @@ class LiveCatalogue:
         self._stores: dict[Path, DeltaStore] = {}
         self._guard = threading.Lock()
         self._base: dict[str, Catalogue] = {}  # fingerprint -> version 0
+        self._prepared: dict[int, Prepared] = {}  # file sequence -> what this process's add applied
+        self._failing: dict[str, str] = {}  # model -> the update failure logged last (logged once)
+        self.lags: dict[str, int] = {}  # model -> published files not taken yet (/readyz)
         registry.on_load(self.caught_up)
 
     def store(self, model: LoadedModel) -> DeltaStore:
         path = delta_dir(model.path, self.settings.catalogue_dir)
         with self._guard:
-            return self._stores.setdefault(path, DeltaStore(path))
+            if path not in self._stores:
+                s = self.settings
+                self._stores[path] = DeltaStore(path, s.catalogue_max_file_bytes, s.max_delta_items)
+            return self._stores[path]
 
     def catalogue_of(self, model: LoadedModel) -> Catalogue:
         """The catalogue ``model`` serves; version 0 is built from the bundle once per fingerprint
@@ -213,29 +155,21 @@ class LiveCatalogue:
 
     # ------------------------------------------------------------------ applying
     def chain(self, model: LoadedModel) -> Chain:
-        """``model`` with every pending delta file applied (not installed)."""
-        store = self.store(model)
-        chain = Chain(model, lambda: self.catalogue_of(model), model.catalogue_seq, dict(model.retired))
-        content = getattr(model.bundle, "content", None)
-        for f in store.pending(model.catalogue_seq):
-            if f.delta is not None and f.base_fingerprint != model.fingerprint:
-                chain.seq = f.seq  # another version of the bundle: not this catalogue's
-                store.report(f, f"base fingerprint {f.base_fingerprint[:12]} is not the bundle's")
-                continue
-            reason = chain.apply(f, content)
-            result = "applied" if reason is None else "refused"
-            CATALOGUE_DELTAS.labels(model=model.name, result=result).inc()
-            if reason is not None:
-                store.report(f, reason)
-        return chain
+        """``model`` with every pending delta file applied or quarantined (not installed)."""
+        return replay(model, self.store(model), lambda: self.catalogue_of(model), self._prepared)
 
     def caught_up(self, model: LoadedModel) -> LoadedModel:
-        """The registry's load hook: a (re)loaded bundle serves with its deltas applied."""
+        """The registry's load hook: a (re)loaded bundle serves with its deltas applied. Never fails
+        because of the log: when they cannot be installed it serves as it is (the poller tries again)."""
         if model.bundle is None:  # a stub model (tests of the registry rules)
             return model
         if self.settings.catalogue_prebuild:
             self.prebuild(model)
-        new = self.chain(model).built()
+        try:
+            new = self.chain(model).built()
+        except Exception as exc:
+            self._failed(model.name, exc)
+            new = model
         self._gauges(new)
         return new
 
@@ -270,37 +204,56 @@ class LiveCatalogue:
         for name in self.registry.names():
             try:
                 self.sync(name)
-            except Exception:
-                log.exception("catalogue update of %s failed; it serves its version as it was", name)
+                self._failing.pop(name, None)
+            except Exception as exc:
+                self._failed(name, exc)
+            try:
+                self._gauges(self.registry.get(name))
+            except Exception:  # unloaded meanwhile
+                continue
+
+    def _failed(self, name: str, exc: BaseException) -> None:
+        """Log a failed catalogue update once while it keeps failing the same way."""
+        what = f"{type(exc).__name__}: {exc}"
+        if self._failing.get(name) != what:
+            self._failing[name] = what
+            log.error("catalogue update of %s failed; it serves its version as it was", name, exc_info=exc)
 
     async def poll(self, period_s: float) -> None:
         """Apply other replicas' deltas every ``period_s`` (runs until cancelled), off the event loop."""
         while True:
             await asyncio.sleep(period_s)
-            await self.run(self.sync_all)
+            try:
+                await self.run(self.sync_all)
+            except Exception:  # never ends the poller
+                log.exception("catalogue poll failed")
 
     def _gauges(self, model: LoadedModel) -> None:
         CATALOGUE_VERSION.labels(model=model.name).set(model.catalogue_version)
         CATALOGUE_ITEMS.labels(model=model.name).set(model.num_live)
+        lag = self.store(model).lag(model.catalogue_seq)
+        self.lags[model.name] = lag
+        LAG.labels(model=model.name).set(lag)
 
     # ------------------------------------------------------------------ writing
     def add(self, name: str | None, body: Any) -> dict[str, Any]:
-        """``POST /admin/items``: check ``body`` (a delta), write it as the next file, apply it here.
-        :class:`DeltaError` (422 naming the field) before anything is written."""
+        """``POST /admin/items``: apply ``body`` (a delta) to the newest version, write it as the next
+        file, install that result here. :class:`DeltaError` (422 naming the field) before anything
+        is written."""
         delta = Delta.from_json(body)
         self._check_size(delta)
         key = self.registry.get(name).name
         with self._lock(key):
             while True:
                 model, _ = self._sync_locked(key)
-                cat = self.catalogue_of(model)
-                cat.check(delta, getattr(model.bundle, "content", None))
                 store = self.store(model)
                 if store.sequences(model.catalogue_seq):
-                    continue  # a file arrived since the catch-up: apply it, check again
+                    continue  # a file arrived since the catch-up (one not taken): take it, again
+                cat = self.catalogue_of(model)
+                after, report = _trial(cat, delta, getattr(model.bundle, "content", None))
                 seq = model.catalogue_seq + 1
                 try:
-                    store.claim(seq, model.fingerprint, cat.version + 1, delta)
+                    store.claim(seq, model.fingerprint, after.version, delta)
                 except SequenceTaken:
                     continue
                 except OSError as exc:
@@ -308,18 +261,22 @@ class LiveCatalogue:
                         f"cannot write to the delta directory {store.directory}: {exc.strerror or exc} "
                         "(GENRET_CATALOGUE_DIR: a writable volume every replica mounts)"
                     ) from None
-                model, reports = self._sync_locked(key)
-                report = reports.get(seq)
-                if report is None:  # refused on apply although checked: every replica skips it alike
+                self._prepared[seq] = Prepared(cat, after, report)
+                try:
+                    model, reports = self._sync_locked(key)
+                finally:
+                    self._prepared.pop(seq, None)
+                done = reports.get(seq)
+                if done is None:  # quarantined although applied before: every replica skips it alike
                     raise DeltaError("body", f"the delta was written as file {seq} but did not apply")
                 return {
                     "model": key,
-                    "version": report.version,
-                    "added": report.added,
-                    "removed": report.removed,
-                    "new_leaves": report.new_leaves,
-                    "joined_copies": report.joined_copies,
-                    "over_capacity": report.over_capacity,
+                    "version": done.version,
+                    "added": done.added,
+                    "removed": done.removed,
+                    "new_leaves": done.new_leaves,
+                    "joined_copies": done.joined_copies,
+                    "over_capacity": done.over_capacity,
                 }
 
     def _check_size(self, delta: Delta) -> None:
@@ -330,3 +287,15 @@ class LiveCatalogue:
                 (loc,),
                 f"{len(delta.add)} added + {len(delta.remove)} removed items exceed max_delta_items={most}",
             )
+
+
+def _trial(cat: Catalogue, delta: Delta, content: Any) -> tuple[Catalogue, ApplyReport]:
+    """``delta`` applied to ``cat`` before it is published: anything it raises is a 422, not a file."""
+    try:
+        return cat.apply(delta, content=content)
+    except DeltaError:
+        raise
+    except Exception as exc:
+        raise DeltaError(
+            "body", f"does not apply to version {cat.version}: {type(exc).__name__}: {exc}"
+        ) from None

@@ -17,6 +17,14 @@ holding ``000001.json``, ``000002.json``, ... (the file *sequence*), each::
 * Files that are not ``NNNNNN.json`` (hidden temporaries, editors' backups) are ignored; a delta
   shipped beside a bundle by a rollout is just one more file here (write it under a hidden name
   and rename it, as for bundles).
+* A file is read and parsed without trusting it (:mod:`service.catalogue.records`: regular files
+  only, never a blocking open, a size limit, any parse error a *fault*). A file that cannot be read
+  or applied is **quarantined** by this process: remembered (by sequence number) with its reason,
+  logged once, never read again, and passed over, so the files behind it still apply. Nothing in
+  the shared directory is renamed or deleted: a file renamed away would free its number for a
+  writer that has not seen it yet, and replicas that had passed it would then skip the new file
+  while the others apply it. Because a fault depends only on the file's bytes and the version
+  before it, every replica quarantines the same files; a restart reads them again.
 """
 
 from __future__ import annotations
@@ -26,16 +34,19 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from models.catalogue.delta import Delta, DeltaError
+from models.catalogue.delta import Delta
+from service.catalogue.records import Fault, parse, read_bytes
 
 log = logging.getLogger(__name__)
 
 FILE = re.compile(r"(\d{6,})\.json")
 SUFFIX = ".deltas"
+MAX_FILE_BYTES = 512 * 1_048_576  # GENRET_CATALOGUE_MAX_FILE_BYTES' default
+MAX_ITEMS = 100_000  # GENRET_MAX_DELTA_ITEMS' default
 
 
 class SequenceTaken(Exception):
@@ -44,7 +55,8 @@ class SequenceTaken(Exception):
 
 @dataclass(frozen=True)
 class DeltaFile:
-    """One file of the directory, read and parsed (``delta is None``: unreadable, with ``error``)."""
+    """One file of the directory, read and parsed (``delta is None``: a fault, ``reason`` and ``error``
+    say which, :data:`service.catalogue.records.REASONS`)."""
 
     seq: int
     path: Path
@@ -52,6 +64,7 @@ class DeltaFile:
     version: int
     delta: Delta | None
     error: str = ""
+    reason: str = ""
 
 
 def delta_dir(bundle_path: Path, catalogue_dir: Path | None) -> Path:
@@ -68,35 +81,46 @@ def file_name(seq: int) -> str:
 class DeltaStore:
     """The delta directory of one bundle (module docstring); safe to share between processes."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, max_bytes: int = MAX_FILE_BYTES, max_items: int = MAX_ITEMS) -> None:
         self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self.max_items = max_items
         self._reported: set[tuple[int, str]] = set()  # (seq, reason) already logged
         self._written: dict[int, DeltaFile] = {}  # files this process wrote, not yet read back
+        self._quarantined: dict[int, DeltaFile] = {}  # seq -> the fault, never read again
 
     def sequences(self, after: int = 0) -> list[int]:
-        """Sequence numbers of the delta files past ``after``, ascending."""
+        """Sequence numbers of the delta files past ``after``, ascending (none while the directory
+        cannot be listed: logged once, the replica keeps its version)."""
         try:
             names = os.listdir(self.directory)
         except FileNotFoundError:
             return []
+        except OSError as exc:
+            self._warn_once(-1, f"cannot list {self.directory}: {exc.strerror or exc}")
+            return []
         found = sorted(int(m.group(1)) for n in names if (m := FILE.fullmatch(n)))
         return [s for s in found if s > after]
 
+    def lag(self, after: int) -> int:
+        """Files past sequence ``after``: published deltas a replica at ``after`` has not taken."""
+        return len(self.sequences(after))
+
     def read(self, seq: int) -> DeltaFile:
-        """File ``seq``, parsed; a damaged one comes back with ``delta=None`` and the reason."""
+        """File ``seq``, parsed; a fault comes back with ``delta=None``, its reason and detail (a
+        quarantined file as it was, without reading it again). Never raises."""
         own = self._written.pop(seq, None)
         if own is not None:  # written here a moment ago: the parsed delta, not the file again
             return own
+        known = self._quarantined.get(seq)
+        if known is not None:
+            return known
         path = self.directory / file_name(seq)
         try:
-            obj = json.loads(path.read_text())
-            if not isinstance(obj, dict):
-                raise ValueError("not a JSON object")
-            delta = Delta.from_json(obj.get("delta"))
-            return DeltaFile(seq, path, str(obj["base_fingerprint"]), int(obj.get("version", 0)), delta)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            reason = exc.args[0] if isinstance(exc, DeltaError) else f"{type(exc).__name__}: {exc}"
-            return DeltaFile(seq, path, "", 0, None, error=str(reason))
+            fingerprint, version, delta = parse(read_bytes(path, self.max_bytes), self.max_items)
+        except Fault as fault:
+            return DeltaFile(seq, path, "", 0, None, error=fault.detail, reason=fault.reason)
+        return DeltaFile(seq, path, fingerprint, version, delta)
 
     def pending(self, after: int) -> list[DeltaFile]:
         """The files past sequence ``after``, in order, parsed (damaged ones with ``delta=None``)."""
@@ -104,9 +128,22 @@ class DeltaStore:
 
     def report(self, f: DeltaFile, reason: str) -> None:
         """Log why file ``f`` is skipped, once per (file, reason)."""
-        if (f.seq, reason) not in self._reported:
-            self._reported.add((f.seq, reason))
-            log.warning("catalogue delta %s skipped: %s", f.path, reason)
+        self._warn_once(f.seq, f"catalogue delta {f.path} skipped: {reason}")
+
+    def quarantine(self, f: DeltaFile, reason: str, detail: str) -> bool:
+        """Set file ``f`` aside (module docstring): logged once with its version and reason; True
+        the first time (the caller counts it), False for a file already set aside."""
+        if f.seq in self._quarantined:
+            return False
+        self._quarantined[f.seq] = replace(f, delta=None, error=detail, reason=reason)
+        version = f"version {f.version}" if f.delta is not None else "version unknown"
+        log.warning("catalogue delta %s (%s) quarantined: %s: %s", f.path, version, reason, detail)
+        return True
+
+    def _warn_once(self, seq: int, message: str) -> None:
+        if (seq, message) not in self._reported:
+            self._reported.add((seq, message))
+            log.warning("%s", message)
 
     def claim(self, seq: int, fingerprint: str, version: int, delta: Delta) -> Path:
         """Write ``delta`` as file ``seq``; :class:`SequenceTaken` when that number exists already."""

@@ -3,6 +3,8 @@ catalogue (service/engine/request_map.py), in process on a small torch-only bund
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 from pathlib import Path
 
@@ -132,3 +134,41 @@ def test_the_mapping_skips_added_history_items_and_maps_filters(bundle: Path, tm
     with pytest.raises(LimitExceeded) as err:
         mapper.map(RetrieveRequest(history=["item001"], categories=["c1"]))
     assert err.value.loc == ("categories",)
+
+
+def test_hostile_files_are_quarantined_and_the_log_goes_on(bundle: Path, tmp_path: Path) -> None:
+    """Files no replica can apply ahead of good ones: the replica starts, applies the good ones,
+    counts each bad one once by reason, and an add takes the next number."""
+    from models.catalogue.delta import Delta
+    from service.catalogue.store import delta_dir, file_name
+    from service.metrics import REGISTRY
+
+    registry, _ = serving(bundle, tmp_path)
+    model = registry.get()
+    folder = delta_dir(model.path, tmp_path)
+    store = DeltaStore(folder)
+    body = {"base_fingerprint": model.fingerprint, "version": 1, "delta": {"remove": ["item003"]}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / file_name(1)).write_text(json.dumps(body).replace('"version": 1', '"version": 1e999'))
+    nested = "[" * 200_000 + "]" * 200_000
+    (folder / file_name(2)).write_text(f'{{"base_fingerprint": "{model.fingerprint}", "delta": {nested}}}')
+    os.mkfifo(folder / file_name(3))
+    store.claim(4, model.fingerprint, 1, Delta.from_json({"remove": ["item004"]}))
+    store.claim(5, model.fingerprint, 2, Delta.from_json({"remove": ["item004"]}))  # contradicts 4
+
+    def count(reason: str) -> float:
+        value = REGISTRY.get_sample_value(
+            "genret_catalogue_quarantined_total", {"model": model.name, "reason": reason}
+        )
+        return value or 0.0
+
+    before = {r: count(r) for r in ("bad_record", "bad_json", "not_regular_file", "refused")}
+    registry, live = serving(bundle, tmp_path)  # a new replica starts on this log
+    served = registry.get()
+    assert served.catalogue_version == 1 and served.catalogue_seq == 5 and "item004" not in served.dense_of
+    assert {r: count(r) - before[r] for r in before} == {r: 1.0 for r in before}
+    assert live.lags[served.name] == 0
+    live.sync_all()  # polled again: nothing counted twice
+    assert {r: count(r) - before[r] for r in before} == {r: 1.0 for r in before}
+    out = live.add(None, {"remove": ["item005"]})
+    assert out["version"] == 2 and registry.get().catalogue_seq == 6
