@@ -139,6 +139,7 @@ async def healthz() -> dict[str, str]:
 )
 async def readyz(request: Request) -> JSONResponse:
     engine: Engine | None = getattr(request.app.state, "engine", None)
+    catalogue: LiveCatalogue | None = getattr(request.app.state, "catalogue", None)
     settings = request.app.state.settings
     ready = engine is not None and engine.ready and not engine.draining
     body = ReadyResponse(
@@ -153,6 +154,7 @@ async def readyz(request: Request) -> JSONResponse:
         search_mode=settings.search_mode,
         cache={} if engine is None else engine.cache.status(),
         queue_depth=0 if engine is None else engine.batcher.depth,
+        catalogue_lag={} if catalogue is None else dict(catalogue.lags),
     )
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 

@@ -169,6 +169,12 @@ class ReadyResponse(BaseModel):
     search_mode: str
     cache: dict[str, Any]
     queue_depth: int
+    catalogue_lag: dict[str, int] = Field(
+        default_factory=dict,
+        description="Per model: published catalogue delta files this replica has not taken yet (0 = caught "
+        "up; genret_catalogue_lag_versions). Reported, never a reason to be unready: a replica serves "
+        "the last catalogue version it could build (docs/live_catalogue.md).",
+    )
 
 
 class ReloadRequest(BaseModel):
