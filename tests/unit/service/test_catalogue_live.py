@@ -172,3 +172,31 @@ def test_hostile_files_are_quarantined_and_the_log_goes_on(bundle: Path, tmp_pat
     assert {r: count(r) - before[r] for r in before} == {r: 1.0 for r in before}
     out = live.add(None, {"remove": ["item005"]})
     assert out["version"] == 2 and registry.get().catalogue_seq == 6
+
+
+def test_a_replica_that_cannot_install_its_deltas_starts_and_reports_its_lag(
+    bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Building the served version fails (as a device out of memory would): the replica starts on
+    the version it has, its lag says how far behind it is, and the poller catches up once it can."""
+    from models.search.retriever import Retriever
+    from service.metrics import REGISTRY
+
+    registry, live = serving(bundle, tmp_path)
+    live.add(None, {"add": [new_item(1)]})
+    live.add(None, {"remove": ["item002"]})
+
+    def fails(self: Retriever, catalogue: object) -> Retriever:
+        raise MemoryError("no room for the new item table")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Retriever, "with_catalogue", fails)
+        registry, live = serving(bundle, tmp_path)  # starts
+        model = registry.get()
+        assert model.catalogue_version == 0 and live.lags[model.name] == 2
+        assert REGISTRY.get_sample_value("genret_catalogue_lag_versions", {"model": model.name}) == 2
+        live.sync_all()  # still failing: still serving version 0
+        assert registry.get().catalogue_version == 0
+    live.sync_all()
+    assert registry.get().catalogue_version == 2 and live.lags[model.name] == 0
+    assert REGISTRY.get_sample_value("genret_catalogue_lag_versions", {"model": model.name}) == 0
