@@ -20,7 +20,16 @@ outputs in two device-to-host copies. :func:`static_retrieve` is plain tensor co
 eagerly on any device (the tests hold it to :meth:`models.search.retriever.Retriever.retrieve` on the
 CPU), and :class:`GraphRunner` captures it per ``(bucket, T, E, k, beam)`` key on ``cuda``.
 A capture that fails disables the runner (logged; eager retrieval serves on).
+
+Catalogue versions (docs/live_catalogue.md): the static search reads a version's dead nodes (no
+live item below: never expanded), its decoder aliases (an added leaf scored as an existing node)
+and its live items (a removed item neither fills nor empties a leaf), all as tensors of fixed
+shape per version. A graph holds the tables of the version it was captured on, so
+:meth:`GraphRunner.for_version` captures the next version's graphs, for every shape the serving
+runner holds, before that version is swapped in (:meth:`models.search.retriever.Retriever.with_catalogue`
+runs on the catalogue thread, off the request path): every version serves at version 0's speed.
 """
+
 
 from __future__ import annotations
 
@@ -62,13 +71,17 @@ class StaticTables(Protocol):
     score_mode: ScoreMode
     device: torch.device
     max_history: int
+    encoder_items: int  # the ids the encoder knows (items added later: never in a history)
     num_items: int
     max_leaf_size: int
     leaf_start: int
     leaf_offsets: Tensor  # [num_leaves + 1]
     leaf_items: Tensor  # [num items in leaves]
     item_leaf: Tensor  # [N+1] global id of each item's leaf
+    item_live: Tensor  # [N+1] bool: may be returned (row 0 and removed items: False)
     item_emb: Tensor  # [N+1, Dr]
+    dead_nodes: Tensor | None  # [num_nodes] bool: no live item below (None: every node has one)
+    node_alias: Tensor | None  # [num_nodes] the node the decoder sees (None: each node itself)
 
 
 def bucket(n: int) -> int:
@@ -134,6 +147,7 @@ def static_blocked_keys(tables: StaticTables, excl: Tensor) -> NodeKeys:
     N = tables.num_items
     n = tables.trie.num_nodes
     real = (excl > 0) & (excl <= N)  # [B, E]
+    real = real & tables.item_live[excl.clamp(min=0, max=N)]  # a removed item empties no leaf
     leaf = torch.where(real, tables.item_leaf[excl.clamp(min=0, max=N)], -1)  # [B, E] global ids
     same = (leaf[:, :, None] == leaf[:, None, :]) & real[:, :, None] & real[:, None, :]  # [B, E, E]
     size = (
@@ -166,12 +180,13 @@ def static_retrieve(
     mask = history > 0  # [B, T]
     memory, query = tables.backend.encode(history, mask)  # [B,T,D], [B,Dr]
     blocked = static_blocked_keys(tables, excl)
-    start = beam_start(tables.trie, B, beam_size, tables.score_mode, node_keys=blocked)
+    start = beam_start(tables.trie, B, beam_size, tables.score_mode, tables.dead_nodes, blocked)
 
     def rerank(found: BeamResult) -> tuple[Tensor, Tensor]:
         return static_rerank(tables, found.leaves, query, excl, k)
 
-    return StagedSearch(tables.trie, BackendScorer(tables.backend, memory, mask), start, rerank).run()
+    scorer = BackendScorer(tables.backend, memory, mask, tables.node_alias)
+    return StagedSearch(tables.trie, scorer, start, rerank).run()
 
 
 def static_rerank(
@@ -239,7 +254,9 @@ class GraphRunner:
         B = len(histories)
         if self.disabled or self.max_batch < B or beam_size * r.max_leaf_size > MAX_STATIC_CANDIDATES:
             return None
-        packed = pack_requests(histories, exclude, bucket(B), r.max_history, r.num_items)
+        if r.leaf_items.numel() == 0:  # every item removed: the eager path answers the empty lists
+            return None
+        packed = pack_requests(histories, exclude, bucket(B), r.max_history, r.encoder_items)
         key = (packed.shape[0], r.max_history, packed.shape[1] - r.max_history, k, beam_size)
         with self._lock:
             cap = self.graphs.get(key)
@@ -260,6 +277,24 @@ class GraphRunner:
                 log.warning("CUDA graphs disabled, eager retrieval serves: %s", self.disabled)
                 return None
         return unpack_result(ints, scores, B, k)
+
+    def for_version(self, tables: StaticTables) -> GraphRunner | None:
+        """A runner over another catalogue version's ``tables`` with this runner's shapes captured
+        already (call it before that version serves: the captures run on the caller's thread).
+        ``None`` when graphs are off here (a failed capture stays failed for the bundle)."""
+        if self.disabled:
+            return None
+        out = GraphRunner(tables, self.max_batch)
+        with self._lock:
+            keys = list(self.graphs)
+        for key in keys:
+            cap = out._capture(key)
+            if cap is None:
+                return None
+            out.graphs[key] = cap
+        if keys:
+            log.info("captured %d CUDA graphs for a new catalogue version", len(keys))
+        return out
 
     def _capture(self, key: tuple[int, int, int, int, int]) -> Captured | None:
         rows, T, E, k, beam = key

@@ -119,6 +119,7 @@ class Retriever:
         self.max_leaf_size = max(1, int(leaf_sizes.max()))
         self._cumsum_smallest = smallest_leaves_cumsum(leaf_sizes[leaf_sizes > 0])  # for beam_for
         self.lookup = ItemLookup.of(index, live)
+        self.item_live = torch.as_tensor(self.lookup.live, device=self.device)  # [N+1] bool
 
     def with_catalogue(self, catalogue: Catalogue) -> Retriever:
         """A retriever over ``catalogue`` (a version of this bundle's catalogue) sharing this one's
@@ -140,7 +141,9 @@ class Retriever:
         )
         dead = catalogue.live_count == 0
         out.dead_nodes = torch.as_tensor(dead, device=self.device) if dead.any() else None
-        out.graphs = None  # the graphs hold the bundle's tables; a changed catalogue searches eagerly
+        # the graphs hold their version's tables: the new version's are captured now, before it
+        # serves (this runs on the catalogue thread), for every shape the serving runner holds
+        out.graphs = self.graphs.for_version(out) if self.graphs is not None else None
         return out
 
     @property

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.bundle.bundle import load_bundle
+from models.bundle.bundle import Bundle, load_bundle
+from models.catalogue.catalogue import Catalogue, Delta, NewItem
 from models.search.graphs import (
     EXCLUDE_PAD,
     GraphRunner,
@@ -26,14 +27,32 @@ from models.search.graphs import (
 )
 from models.search.retriever import Retriever
 
-from .conftest import MAX_HISTORY, NUM_ITEMS
+from .conftest import DIM, MAX_HISTORY, NUM_ITEMS, build_tiny_model
 
 
 def static(retriever: Retriever, histories: list[np.ndarray], k: int, beam: int, exclude: list | None):
-    packed = pack_requests(histories, exclude, bucket(len(histories)), MAX_HISTORY, NUM_ITEMS)
+    packed = pack_requests(histories, exclude, bucket(len(histories)), MAX_HISTORY, retriever.encoder_items)
     with torch.inference_mode():
         ints, scores = static_retrieve(retriever, torch.from_numpy(packed), MAX_HISTORY, k, beam)
     return unpack_result(ints.numpy(), scores.numpy(), len(histories), k)
+
+
+def assert_static_matches_eager(
+    retriever: Retriever, histories: list, k: int, beam: int, exclude: list | None
+):
+    want = retriever.retrieve(histories, k=k, beam_size=beam, exclude=exclude)
+    got = static(retriever, histories, k, beam, exclude)
+    for row_got, row_want, scores in zip(got.items, want.items, want.scores, strict=True):
+        finite = scores[np.isfinite(scores)]
+        if len(np.unique(finite)) == len(finite):  # no ties: the same order
+            np.testing.assert_array_equal(row_got, row_want)
+        else:  # exact ties (an empty history scores every item 0): the same set
+            np.testing.assert_array_equal(np.sort(row_got), np.sort(row_want))
+    np.testing.assert_array_equal(got.leaves, want.leaves)
+    np.testing.assert_array_equal(got.num_candidates, want.num_candidates)
+    np.testing.assert_array_equal(got.num_scored, want.num_scored)
+    np.testing.assert_allclose(got.scores, want.scores, atol=1e-5, rtol=1e-5)
+    return got
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
@@ -47,20 +66,80 @@ def test_static_retrieve_matches_eager_retrieve(tiny_bundle_dir: Path, backend: 
         if excluding:  # the history and the two best items of each row: exclusion cuts candidates
             best = retriever.retrieve(histories, k=2, beam_size=beam).items
             exclude = [np.concatenate([h, best[i]]) for i, h in enumerate(histories)]
-        want = retriever.retrieve(histories, k=k, beam_size=beam, exclude=exclude)
-        got = static(retriever, histories, k, beam, exclude)
-        for row_got, row_want, scores in zip(got.items, want.items, want.scores, strict=True):
-            finite = scores[np.isfinite(scores)]
-            if len(np.unique(finite)) == len(finite):  # no ties: the same order
-                np.testing.assert_array_equal(row_got, row_want)
-            else:  # exact ties (an empty history scores every item 0): the same set
-                np.testing.assert_array_equal(np.sort(row_got), np.sort(row_want))
-        np.testing.assert_array_equal(got.leaves, want.leaves)
-        np.testing.assert_array_equal(got.num_candidates, want.num_candidates)
-        np.testing.assert_array_equal(got.num_scored, want.num_scored)
-        np.testing.assert_allclose(got.scores, want.scores, atol=1e-5, rtol=1e-5)
+        got = assert_static_matches_eager(retriever, histories, k, beam, exclude)
         if excluding:  # the case is not vacuous
             assert (got.num_candidates < got.num_scored).any()
+
+
+def grown_versions(bundle: Bundle) -> list[Catalogue]:
+    """Versions 1..3 of the tiny catalogue: a whole leaf removed (a dead node), items far from every
+    other added (new leaves: decoder aliases), items removed from other leaves, an added one removed,
+    a leaf left with one live item (excluding its removed items must not empty it)."""
+    rng = np.random.default_rng(3)
+    v0 = Catalogue.from_bundle(bundle)
+    leaf0 = tuple(v0.item_ids[int(d)] for d in bundle.index.items_of_leaf(0))
+    far = tuple(NewItem(f"far-{i}", 40.0 * rng.standard_normal(DIM).astype(np.float32)) for i in range(12))
+    v1, _ = v0.apply(Delta(add=far, remove=leaf0))
+    v2, _ = v1.apply(Delta(add=(NewItem("near-9", bundle.item_emb[9] * 2),), remove=("sku-010", "sku-011")))
+    leaf1 = [v0.item_ids[int(d)] for d in bundle.index.items_of_leaf(1)]
+    v3, _ = v2.apply(Delta(remove=("far-0", *leaf1[:-1])))  # leaf 1 keeps one live item
+    assert (v3.live_count == 0).any()  # not vacuous: a dead node
+    return [v1, v2, v3]
+
+
+@pytest.fixture(scope="module")
+def node_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with one token per node and room under its parents: added items get new
+    leaves, which the decoder sees as aliases of existing nodes."""
+    from training.export import export_bundle
+
+    m = build_tiny_model(seed=1, token_scheme="node")
+    return export_bundle(
+        tmp_path_factory.mktemp("bundles") / "node",
+        name="node",
+        method="test",
+        encoder=m.encoder,
+        decoder=m.decoder,
+        index=m.index,
+        item_emb=m.item_emb,
+        item_ids=m.item_ids,
+        popularity=m.popularity,
+        score_mode="logprob",
+        max_history=MAX_HISTORY,
+        metrics={},
+        config={},
+        dataset_fingerprint="tiny",
+        version="v1",
+    )
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+@pytest.mark.parametrize("which", ["tiny_bundle_dir", "node_bundle_dir"])
+def test_static_retrieve_matches_eager_across_catalogue_versions(
+    which: str, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Every catalogue version's static search (dead nodes, decoder aliases, removed items in the
+    exclusions) returns what that version's eager retriever does: the graphs a version captures
+    serve it exactly as eager retrieval would."""
+    bundle = load_bundle(request.getfixturevalue(which))
+    base = Retriever(bundle, "cpu", backend, intra_op_threads=1)
+    rng = np.random.default_rng(12)
+    for cat in grown_versions(bundle):
+        served = base.with_catalogue(cat)
+        assert served.dead_nodes is not None
+        assert (served.node_alias is not None) == (which == "node_bundle_dir")  # aliases exercised
+        removed = np.flatnonzero(~cat.live[1:]) + 1
+        for sizes, k, beam in (
+            ((1, 4, MAX_HISTORY), 8, 6),
+            ((3, 2), 20, 12),
+            ((5,), 5, cat.index.num_leaves),
+        ):
+            histories = [rng.integers(1, NUM_ITEMS + 1, size=n) for n in sizes]
+            best = served.retrieve(histories, k=3, beam_size=beam).items
+            exclude = [np.concatenate([h, best[i], removed]) for i, h in enumerate(histories)]
+            got = assert_static_matches_eager(served, histories, k, beam, exclude)
+            assert not np.isin(got.items, removed).any()
+            assert_static_matches_eager(served, histories, k, beam, None)
 
 
 def test_pack_requests_pads_rows_histories_and_exclusions() -> None:

@@ -185,6 +185,30 @@ def test_cuda_graphs_match_eager_retrieval(tiny_bundle_dir: Path, device_name: s
     assert len(graphed.graphs.graphs) == 3
 
 
+@pytest.mark.parametrize("device_name", [d for d in DEVICES if d.startswith("cuda")])
+def test_cuda_graphs_survive_catalogue_versions(tiny_bundle_dir: Path, device_name: str) -> None:
+    """A catalogue version gets its own graphs, captured in ``with_catalogue`` (before it serves) for
+    every shape the serving runner held, and they answer as that version's eager path does."""
+    from .test_graph_search import grown_versions
+
+    bundle = load_bundle(tiny_bundle_dir)
+    graphed = Retriever(bundle, device_name, "torch", cuda_graphs=True)
+    eager = Retriever(bundle, device_name, "torch", cuda_graphs=False)
+    rng = np.random.default_rng(6)
+    histories = [rng.integers(1, NUM_ITEMS + 1, size=n) for n in (1, 4, MAX_HISTORY)]
+    graphed.retrieve(histories, k=8, beam_size=5, exclude_history=True)  # one shape captured on version 0
+    assert graphed.graphs is not None and len(graphed.graphs.graphs) == 1
+    for cat in grown_versions(bundle):
+        served, reference = graphed.with_catalogue(cat), eager.with_catalogue(cat)
+        assert served.graphs is not None and len(served.graphs.graphs) == 1  # captured before serving
+        got = served.retrieve(histories, k=8, beam_size=5, exclude_history=True)
+        want = reference.retrieve(histories, k=8, beam_size=5, exclude_history=True)
+        assert served.graphs.disabled is None, served.graphs.disabled
+        np.testing.assert_array_equal(got.items, want.items)
+        np.testing.assert_array_equal(got.leaves, want.leaves)
+        assert_parity(got.scores, want.scores, device_name)
+
+
 def test_torch_only_bundle_serves_and_refuses_onnx(tmp_path: Path, device: str) -> None:
     path = make_synthetic_bundle(tmp_path / "synthetic", 3000, 8, 3, dim=16, backends=("torch",))
     assert sorted(p.name for p in path.iterdir()) == [
