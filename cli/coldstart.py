@@ -14,7 +14,7 @@ from typing import Any
 from cli.args import comma_list
 from cli.compare import add_split_arguments, parse_overrides
 from cli.data import add_data_arguments, dataset_from_args
-from training.coldstart import ColdstartConfig, ColdstartResult, run_coldstart
+from training.coldstart.run import ColdstartConfig, ColdstartResult, run_coldstart
 
 log = logging.getLogger(__name__)
 

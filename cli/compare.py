@@ -14,8 +14,9 @@ from cli.args import comma_list
 from cli.data import add_data_arguments, dataset_from_args
 from training.comparison import MethodResult, run_compare
 from training.data import Dataset, dataset_stats
+from training.methods.context import TrainContext
 from training.metrics import split_ks
-from training.registry import TrainContext
+from training.registry import check_overrides
 from training.splits import SPLIT_KINDS, Split, make_split, target_in_history_share
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def make_context(args: argparse.Namespace, command: str) -> TrainContext:
     overrides = parse_overrides(args.overrides)
     if args.max_epochs is not None:
         overrides["max_epochs"] = args.max_epochs
+    check_overrides(overrides)  # a typo fails here, before any training
     workdir = args.workdir or Path("runs") / command / f"{dataset.name}-{split.kind}-s{split.seed}"
     workdir.mkdir(parents=True, exist_ok=True)
     return TrainContext(

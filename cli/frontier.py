@@ -32,8 +32,9 @@ from training.frontier import (
     sweep_bundle,
     sweep_ivf,
 )
+from training.methods.context import TrainContext
 from training.methods.sasrec.cache import sasrec_for
-from training.registry import TrainContext, get_method
+from training.registry import get_method
 from training.splits import EvalSet
 
 log = logging.getLogger(__name__)

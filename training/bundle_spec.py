@@ -17,7 +17,7 @@ from training.data.dataset import Dataset
 from training.trainer import popularity_counts
 
 if TYPE_CHECKING:
-    from training.registry import TrainContext
+    from training.methods.context import TrainContext
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,10 @@ import numpy as np
 
 from training.bundle_recommender import BundleRecommender
 from training.evaluation import evaluate_recommender
+from training.methods.context import TrainContext, TrainedMethod
 from training.methods.sasrec.cache import sasrec_for
 from training.metrics import evaluate_ranking, split_ks
-from training.registry import TrainContext, TrainedMethod, get_method
+from training.registry import get_method
 from training.splits import EvalSet
 
 log = logging.getLogger(__name__)

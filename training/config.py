@@ -6,11 +6,13 @@ The override rule, the same for every method (``genret train/compare --set key=v
 * ``<method>.<field>`` sets that field of that method's config (``sasrec.dim``, ``uri.k``);
 * a bare ``<field>`` sets the field in every method config that has it, unless the prefixed key
   is also given (the prefixed key wins);
-* ``max_epochs`` caps every epoch field of every method (``SASRecConfig.max_epochs``, SEATER's
-  ``epochs``, TDR's ``epochs``/``round_epochs``, URI's level and ranker epochs), after the other
-  overrides;
+* ``max_epochs`` caps every epoch field of every method (each config class names them in its
+  ``EPOCH_FIELDS``: ``SASRecConfig.max_epochs``, SEATER's ``epochs``, TDR's ``epochs``/``round_epochs``,
+  URI's level and ranker epochs), after the other overrides;
 * ``cache_dir`` and ``sasrec.cache`` are read by the SASRec cache, not by a config;
-* any other key (a typo, an unknown ``<method>.`` field) raises ``ValueError`` naming the known ones.
+* any other key (a typo, an unknown ``<method>.`` field) raises ``ValueError`` naming the known ones:
+  :func:`training.registry.check_overrides` checks every key where a train context is made (the
+  CLI, the cold-start run); :func:`load_config` checks its own method's prefixed keys.
 
 Values are coerced to the type of the field's default by :func:`coerce` (the one coercion rule):
 booleans from ``true/false/1/0/yes/no/on/off``, integers from integral numbers or strings, floats,
@@ -20,7 +22,6 @@ tuples from lists or comma-separated strings, strings as given.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,18 +30,6 @@ import yaml
 
 C = TypeVar("C")
 
-CONFIG_CLASSES: dict[str, str] = {  # override prefix -> "module:class" (imported only when checked)
-    "sasrec": "training.methods.sasrec.config:SASRecConfig",
-    "uri": "training.methods.uri.config:URIConfig",
-    "seater": "training.methods.seater.config:SeaterConfig",
-    "tdr": "training.methods.tdr.config:TDRConfig",
-}
-EPOCH_FIELDS: dict[str, tuple[str, ...]] = {  # the fields ``max_epochs`` caps, per method
-    "sasrec": ("max_epochs",),
-    "uri": ("level_max_epochs", "level_min_epochs", "ranker_epochs"),
-    "seater": ("epochs",),
-    "tdr": ("epochs", "round_epochs"),
-}
 SHARED_KEYS = frozenset({"max_epochs", "cache_dir", "sasrec.cache"})  # not fields of one config
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
@@ -72,31 +61,6 @@ def coerce(key: str, value: Any, default: Any) -> Any:
         raise ValueError(f"config {key}={value!r} is not a {type(default).__name__}") from exc
 
 
-def config_fields(prefix: str) -> set[str]:
-    """The field names of the config class registered for ``prefix``."""
-    module, _, name = CONFIG_CLASSES[prefix].partition(":")
-    cls = getattr(importlib.import_module(module), name)
-    return {f.name for f in dataclasses.fields(cls)}
-
-
-def check_overrides(overrides: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` for a key that no method reads (see the module docstring)."""
-    fields = {prefix: config_fields(prefix) for prefix in CONFIG_CLASSES}
-    for key in overrides:
-        if key in SHARED_KEYS:
-            continue
-        prefix, dot, name = key.partition(".")
-        if dot and prefix in fields:
-            if name not in fields[prefix]:
-                known = ", ".join(f"{prefix}.{f}" for f in sorted(fields[prefix]))
-                raise ValueError(f"unknown setting {key!r}; known: {known}")
-        elif dot or not any(key in names for names in fields.values()):
-            raise ValueError(
-                f"unknown setting {key!r}: use <method>.<field> with a method of "
-                f"{', '.join(CONFIG_CLASSES)}, or a field of one of them"
-            )
-
-
 def load_config(
     cls: type[C], prefix: str, overrides: Mapping[str, Any] | None = None, path: Path | None = None
 ) -> C:
@@ -104,8 +68,12 @@ def load_config(
     if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
         raise TypeError(f"{cls!r} is not a dataclass")
     overrides = dict(overrides or {})
-    check_overrides(overrides)
     names = {f.name for f in dataclasses.fields(cls)}
+    for key in overrides:  # this method's own keys; every key: training.registry.check_overrides
+        own, dot, name = key.partition(".")
+        if dot and own == prefix and name not in names and key not in SHARED_KEYS:
+            known = ", ".join(f"{prefix}.{f}" for f in sorted(names))
+            raise ValueError(f"unknown setting {key!r}; known: {known}")
     values: dict[str, Any] = {}
     if path is not None:
         values = yaml.safe_load(Path(path).read_text()) or {}
@@ -120,6 +88,7 @@ def load_config(
     config = cls(**{k: coerce(f"{prefix}.{k}", v, getattr(default, k)) for k, v in values.items()})
     if "max_epochs" in overrides:
         cap = coerce("max_epochs", overrides["max_epochs"], 0)
-        capped = {f: min(getattr(config, f), cap) for f in EPOCH_FIELDS.get(prefix, ()) if f in names}
+        epoch_fields: tuple[str, ...] = getattr(cls, "EPOCH_FIELDS", ())
+        capped = {f: min(getattr(config, f), cap) for f in epoch_fields if f in names}
         config = dataclasses.replace(config, **capped)
     return config

@@ -7,8 +7,8 @@ import time
 import numpy as np
 import torch
 
+from training.methods.context import TrainContext, TrainedMethod
 from training.methods.sasrec.model import top_k_excluding
-from training.registry import TrainContext, TrainedMethod, register_method
 from training.splits import Split
 from training.trainer import popularity_counts
 
@@ -32,6 +32,3 @@ def train_popular(ctx: TrainContext) -> TrainedMethod:
     start = time.perf_counter()
     model = Popularity.fit(ctx.split)
     return TrainedMethod(recommender=model, info={"train_seconds": time.perf_counter() - start})
-
-
-register_method("popular", train_popular)

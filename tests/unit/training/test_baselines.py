@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from training.evaluation import evaluate_recommender
+from training.methods.context import TrainContext
 from training.methods.popular import Popularity
 from training.methods.sasrec.cache import sasrec_config, sasrec_for, train_sasrec
 from training.methods.sasrec.model import SASRec, SASRecConfig, pad_histories, top_k_excluding
 from training.methods.sasrec.train import training_chunks
-from training.registry import TrainContext, get_method
+from training.registry import get_method
 
 FAST = {"sasrec.max_epochs": 6, "sasrec.dim": 32, "sasrec.batch_size": 64, "sasrec.dropout": 0.1}
 

@@ -12,15 +12,9 @@ import pytest
 
 from models.bundle.bundle import load_bundle
 from models.search.retriever import Retriever
-from training.coldstart import (
-    ColdstartConfig,
-    _reusable,
-    add_held_out,
-    hold_out_items,
-    ranked_top_k,
-    reduced_split,
-    run_coldstart,
-)
+from training.coldstart.holdout import add_held_out, hold_out_items, reduced_split
+from training.coldstart.run import ColdstartConfig, _reusable, run_coldstart
+from training.coldstart.scoring import ranked_top_k
 from training.data import SyntheticDataset, synthetic_dataset
 from training.splits import make_split
 

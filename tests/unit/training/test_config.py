@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from training.config import check_overrides, coerce
+from training.config import coerce
 from training.methods.sasrec.config import SASRecConfig
 from training.methods.seater.config import SeaterConfig
 from training.methods.tdr.config import TDRConfig
 from training.methods.uri.config import URIConfig
+from training.registry import check_overrides
 
 
 def test_one_coercion_rule() -> None:

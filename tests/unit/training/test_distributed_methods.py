@@ -25,7 +25,8 @@ from training.data import synthetic_dataset
 from training.distributed import DistContext
 from training.evaluation import evaluate_recommender
 from training.methods.popular import Popularity
-from training.registry import TrainContext, get_method
+from training.methods.context import TrainContext
+from training.registry import get_method
 from training.splits import make_split
 
 method, workdir, settings = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])

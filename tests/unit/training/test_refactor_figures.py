@@ -51,8 +51,9 @@ def figures(workdir: Path) -> dict[str, dict[str, float]]:
     """``{method: test metrics}`` of every method trained on one small synthetic split."""
     from training.data import synthetic_dataset
     from training.evaluation import evaluate_recommender
+    from training.methods.context import TrainContext
     from training.metrics import DEFAULT_KS
-    from training.registry import TrainContext, get_method
+    from training.registry import get_method
     from training.splits import make_split
 
     dataset = synthetic_dataset(num_users=300, num_items=64, branching=4, depth=2, seed=0)

@@ -13,12 +13,13 @@ import torch
 from models.index import TreeIndex
 from training.data import synthetic_dataset
 from training.evaluation import evaluate_recommender
+from training.methods.context import TrainContext
 from training.methods.popular import Popularity
 from training.methods.seater.config import SeaterConfig
 from training.methods.seater.losses import pair_similarity, seater_losses
 from training.methods.seater.model import ItemsAsLeaves, SeaterModel, TreeTables, init_tokens_from_items
 from training.methods.seater.train import build_index
-from training.registry import TrainContext, get_method
+from training.registry import check_overrides, get_method
 from training.splits import make_split
 
 
@@ -46,8 +47,10 @@ def test_config_loads_yaml_and_coerces_overrides() -> None:
         {"seater.beam_size": "64", "max_epochs": 2, "sasrec.lr": "0.01", "cache_dir": "/x"}
     )
     assert (shared.beam_size, shared.epochs) == (64, 2)
+    with pytest.raises(ValueError, match=r"unknown setting 'seater\.alignn'"):
+        SeaterConfig.load({"seater.alignn": "true"})
     with pytest.raises(ValueError, match="unknown setting 'alignn'"):
-        SeaterConfig.load({"alignn": "true"})
+        check_overrides({"alignn": "true"})  # a bare key no method has: checked where contexts are made
     with pytest.raises(ValueError, match="is not a bool"):
         SeaterConfig.load({"rank": "maybe"})
 

@@ -135,8 +135,9 @@ def test_tdr_on_planted_clusters_beats_popularity_through_the_bundle(tmp_path: P
     evaluate through ONNX Runtime: Recall@20 must beat popularity by a wide margin."""
     from training.data import synthetic_dataset
     from training.evaluation import evaluate_recommender
+    from training.methods.context import TrainContext
     from training.methods.popular import Popularity
-    from training.registry import TrainContext, get_method
+    from training.registry import get_method
     from training.splits import make_split
 
     ds = synthetic_dataset(num_users=600, num_items=200, branching=4, depth=2, seed=0)

@@ -15,13 +15,14 @@ import torch
 from models.index import TreeIndex
 from training.data import synthetic_dataset
 from training.evaluation import evaluate_recommender
+from training.methods.context import TrainContext
 from training.methods.uri.config import URIConfig
 from training.methods.uri.index import SiblingSampler, assign_level
 from training.methods.uri.model import FullTree, URIModel
 from training.methods.uri.train import train_uri
-from training.methods.uri.trainer import URITrainer
+from training.methods.uri.layerwise import URITrainer
 from training.metrics import average_partition_entropy
-from training.registry import TrainContext, get_method
+from training.registry import get_method
 from training.splits import make_split
 
 SMALL = {

@@ -12,11 +12,11 @@ import torch
 
 from training.data import synthetic_dataset
 from training.index_report import level_buckets
+from training.methods.context import TrainContext
 from training.methods.uri.assign import QueryEvidence, kmeans_within_parents
 from training.methods.uri.config import URIConfig
-from training.methods.uri.trainer import URITrainer
+from training.methods.uri.layerwise import URITrainer
 from training.metrics import average_partition_entropy
-from training.registry import TrainContext
 from training.splits import make_split
 
 

@@ -24,10 +24,10 @@ from typing import Any
 
 from training import distributed
 from training.config import coerce
+from training.methods.context import TrainContext, TrainedMethod
 from training.methods.sasrec.config import SASRecConfig
 from training.methods.sasrec.model import SASRec
 from training.methods.sasrec.train import fit_sasrec
-from training.registry import TrainContext, TrainedMethod, register_method
 from training.splits import Split
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,3 @@ def sasrec_for(ctx: TrainContext) -> SASRec:
 def train_sasrec_method(ctx: TrainContext) -> TrainedMethod:
     model = sasrec_for(ctx)
     return TrainedMethod(recommender=model, info=dict(model.info))
-
-
-register_method("sasrec", train_sasrec_method)

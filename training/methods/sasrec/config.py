@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from training.config import load_config
 
@@ -16,6 +16,8 @@ CONFIG_PATH = Path(__file__).parents[2] / "configs" / "sasrec.yaml"
 @dataclass(frozen=True)
 class SASRecConfig:
     """Model and training settings; the defaults reach the reference on Amazon Beauty."""
+
+    EPOCH_FIELDS: ClassVar[tuple[str, ...]] = ("max_epochs",)  # what ``max_epochs`` caps
 
     dim: int = 64
     """Embedding and hidden size D."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from training.config import load_config
 
@@ -15,6 +15,8 @@ CONFIG_PATH = Path(__file__).parents[2] / "configs" / "seater.yaml"
 @dataclass(frozen=True)
 class SeaterConfig:
     """Hyper-parameters; ``configs/seater.yaml`` documents every one and the paper's values."""
+
+    EPOCH_FIELDS: ClassVar[tuple[str, ...]] = ("epochs",)  # what ``max_epochs`` caps
 
     branching: int = 16
     kmeans_iters: int = 10

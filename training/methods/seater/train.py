@@ -41,12 +41,12 @@ from training.bundle_recommender import BundleRecommender, SasrecQuery
 from training.bundle_spec import method_bundle
 from training.clustering import balanced_tree_codes
 from training.export import write_bundle
+from training.methods.context import TrainContext, TrainedMethod
 from training.methods.sasrec.cache import sasrec_for
 from training.methods.sasrec.model import SASRec
 from training.methods.seater.config import SeaterConfig
 from training.methods.seater.losses import SeaterLoss, seater_losses
 from training.methods.seater.model import SeaterEncoder, SeaterModel, TreeTables, init_tokens_from_items
-from training.registry import TrainContext, TrainedMethod, register_method
 from training.splits import training_pairs
 from training.trainer import (
     KeepBest,
@@ -220,6 +220,3 @@ def export_seater(
         config=dataclasses.asdict(cfg),
     )
     return write_bundle(ctx.workdir / "seater", spec)
-
-
-register_method("seater", train_seater)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from training.config import load_config
 from training.methods.tdr.sampling import RECTIFY_MODES
@@ -17,6 +17,8 @@ SAMPLERS = ("uniform", "topdown")
 @dataclass(frozen=True)
 class TDRConfig:
     """Hyper-parameters; ``configs/tdr.yaml`` documents every one and the paper's values."""
+
+    EPOCH_FIELDS: ClassVar[tuple[str, ...]] = ("epochs", "round_epochs")  # what ``max_epochs`` caps
 
     branching: int = 24
     kmeans_iters: int = 20

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from training.config import load_config
 
@@ -15,6 +15,12 @@ CONFIG_PATH = Path(__file__).parents[2] / "configs" / "uri.yaml"
 @dataclass(frozen=True)
 class URIConfig:
     """URI hyper-parameters; ``training/configs/uri.yaml`` documents each choice."""
+
+    EPOCH_FIELDS: ClassVar[tuple[str, ...]] = (
+        "level_max_epochs",
+        "level_min_epochs",
+        "ranker_epochs",
+    )  # what ``max_epochs`` caps
 
     k: int = 32
     """Tokens per level (index width)."""

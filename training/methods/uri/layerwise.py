@@ -1,4 +1,4 @@
-"""URI trainer: the decoder is both the retriever and the indexer (Li et al., ICLR 2025).
+"""URI, layer by layer: the decoder is both the retriever and the indexer (Li et al., ICLR 2025).
 
 One shared :class:`~models.nets.decoder.TokenDecoder` gives, at every index level, a distribution over
 the ``k`` tokens of that level for a query (memory = the query encoder's states of the user's
@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from models.index import TreeIndex
 from models.nets.decoder import TokenDecoder
 from training import distributed
+from training.methods.context import TrainContext
 from training.methods.sasrec.cache import sasrec_for
 from training.methods.uri.assign import QueryEvidence, kmeans_within_parents
 from training.methods.uri.config import URIConfig
@@ -55,7 +56,6 @@ from training.methods.uri.losses import (
 )
 from training.methods.uri.model import URIModel
 from training.methods.uri.schedule import LevelConvergence, PairBatches
-from training.registry import TrainContext
 from training.splits import training_pairs
 from training.trainer import progress, run_epochs, seeded, shard_rows, torch_threads
 

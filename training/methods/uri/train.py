@@ -1,4 +1,4 @@
-"""URI as a method: train (:mod:`.trainer`), export the bundle, serve and diagnose through it.
+"""URI as a method: train (:mod:`.layerwise`), export the bundle, serve and diagnose through it.
 
 What is measured is what is served: :func:`train_uri` exports a bundle and evaluates through
 ``Retriever(load_bundle(dir), backend="onnx")``.
@@ -18,9 +18,9 @@ import torch
 
 from training.bundle_recommender import BundleRecommender
 from training.bundle_spec import method_bundle
+from training.methods.context import TrainContext, TrainedMethod
 from training.methods.uri.config import URIConfig
-from training.methods.uri.trainer import URITrainer
-from training.registry import TrainContext, TrainedMethod, register_method
+from training.methods.uri.layerwise import URITrainer
 from training.splits import EvalSet
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,3 @@ def train_uri(ctx: TrainContext) -> TrainedMethod:
     log.info("URI validation diagnosis (through the bundle): %s", diagnosis)
     info.update({f"valid_{name}": round(value, 4) for name, value in diagnosis.items()})
     return TrainedMethod(recommender=recommender, bundle_dir=Path(bundle_dir), info=info)
-
-
-register_method("uri", train_uri)
