@@ -1,1 +1,8 @@
-"""genret: training."""
+"""The offline trainer; imports ``models``, never ``service``, ``cli`` or ``benchmarks``.
+
+At the root: configs (``config``, YAML under ``configs/``), splits, metrics and evaluation, the
+trainer skeleton (``trainer``, ``distributed``), clustering, the one method table (``registry``),
+bundle export (``export``, ``export_torch``, ``bundle_spec``) and offline reports (comparison,
+frontier, IVF, index report). Sub-packages: ``data`` (loaders, dense ids, synthetic data),
+``methods/<name>`` (one package per method), ``coldstart`` (the cold-start evaluation).
+"""
