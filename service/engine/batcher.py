@@ -34,12 +34,11 @@ import logging
 import os
 import threading
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from service.engine.jobs import BatcherConfig, Handoff, Job, ProcessFn, Stages, deliver
 from service.errors import DeadlineExceeded, QueueFull, Unavailable
 from service.metrics import BATCH_SIZE, QUEUE_DEPTH, STAGE_SECONDS
 
@@ -48,46 +47,6 @@ log = logging.getLogger(__name__)
 Req = TypeVar("Req")
 Res = TypeVar("Res")
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class BatcherConfig:
-    max_batch_size: int
-    max_wait_s: float
-    queue_size: int
-    retry_after_s: int = 1
-    pipeline: bool = False  # prepare and finish on two threads, overlapping (needs >= 2 cores to pay)
-
-    def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.queue_size < 1 or self.max_wait_s < 0:
-            raise ValueError(f"invalid batcher config {self}")
-
-
-@dataclass
-class Job(Generic[Req, Res]):
-    """One queued request: its payload, when it must be answered, and where the answer goes."""
-
-    payload: Req
-    deadline: float  # time.monotonic() seconds
-    future: asyncio.Future[Res]
-    enqueued_at: float = field(default_factory=time.monotonic)
-    queue_seconds: float = 0.0
-
-
-# process(batch) -> one result or exception per job, in order
-ProcessFn = Callable[[Sequence[Job[Req, Res]]], Awaitable[Sequence[Res | BaseException]]]
-# prepare(batch) -> one prepared value or exception per job, in order
-PrepareFn = Callable[[Sequence[Job[Req, Res]]], Awaitable[Sequence[Any]]]
-# finish(batch, prepared values) -> one result or exception per job, in order
-FinishFn = Callable[[Sequence[Job[Req, Res]], Sequence[Any]], Awaitable[Sequence[Res | BaseException]]]
-
-
-@dataclass(frozen=True)
-class Stages(Generic[Req, Res]):
-    """A batch's two stages (module docstring); ``prepare=None``: ``finish`` gets ``None`` per job."""
-
-    finish: FinishFn[Req, Res]
-    prepare: PrepareFn[Req, Res] | None = None
 
 
 def lower_thread_priority(nice: int = 19) -> None:
@@ -104,39 +63,6 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
-
-
-def _deliver(job: Job[Req, Res], result: Res | BaseException) -> None:
-    if job.future.done():  # the client went away, or its deadline passed while waiting
-        return
-    if isinstance(result, BaseException):
-        job.future.set_exception(result)
-    else:
-        job.future.set_result(result)
-
-
-class Handoff(Generic[T]):
-    """Prepared jobs waiting for the compute stage: at most ``capacity``, taken oldest first."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._items: deque[T] = deque()
-        self._changed = asyncio.Condition()
-
-    async def put(self, items: Sequence[T]) -> None:
-        """Add ``items`` (at most ``capacity`` of them) once there is room for all."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: len(self._items) + len(items) <= self.capacity)
-            self._items.extend(items)
-            self._changed.notify_all()
-
-    async def take(self, most: int) -> list[T]:
-        """Wait for at least one item; take up to ``most``."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: bool(self._items))
-            out = [self._items.popleft() for _ in range(min(most, len(self._items)))]
-            self._changed.notify_all()
-            return out
 
 
 class Batcher(Generic[Req, Res]):
@@ -262,7 +188,7 @@ class Batcher(Generic[Req, Res]):
         while not self._queue.empty():
             left.append(self._queue.get_nowait())
         for job in left:
-            _deliver(job, Unavailable("shutting down before this request could run"))
+            deliver(job, Unavailable("shutting down before this request could run"))
         self._active.clear()
         for executor in (self._executor, self._prepare_executor, self._background):
             if executor is not None:
@@ -329,7 +255,7 @@ class Batcher(Generic[Req, Res]):
         ready = []
         for job, value in zip(jobs, values, strict=True):
             if isinstance(value, BaseException):
-                _deliver(job, value)
+                deliver(job, value)
             else:
                 ready.append((job, value))
         return ready
@@ -341,13 +267,13 @@ class Batcher(Generic[Req, Res]):
         if len(results) != len(jobs):
             raise RuntimeError(f"finish returned {len(results)} results for {len(jobs)} jobs")
         for job, result in zip(jobs, results, strict=True):
-            _deliver(job, result)
+            deliver(job, result)
 
     @staticmethod
     def _fail(jobs: Sequence[Job[Req, Res]], exc: Exception) -> None:
         log.exception("batch failed")  # never let one batch kill the batcher
         for job in jobs:
-            _deliver(job, exc)
+            deliver(job, exc)
 
     async def _run(self) -> None:
         """Not pipelined: each batch goes through both stages before the next is formed."""

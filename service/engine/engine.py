@@ -29,7 +29,7 @@ from typing import TypeVar
 
 from service.cache.codec import StateRow
 from service.cache.state_cache import NoCache, StateCache
-from service.engine.batcher import Batcher, BatcherConfig, Job, Stages, usable_cores
+from service.engine.batcher import Batcher, usable_cores
 from service.engine.compute import (
     BatchCompute,
     BatchOutcome,
@@ -40,6 +40,7 @@ from service.engine.compute import (
     row_results,
     state_spec,
 )
+from service.engine.jobs import BatcherConfig, Job, Stages
 from service.engine.request_map import Mapped, RequestMapper, VariantRouter
 from service.engine.results import Retrieval, answered, popular
 from service.engine.states import Row

@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from service.engine.batcher import Batcher, BatcherConfig, Job, Stages
+from service.engine.batcher import Batcher
+from service.engine.jobs import BatcherConfig, Job, Stages
 from service.errors import DeadlineExceeded, QueueFull, Unavailable
 
 

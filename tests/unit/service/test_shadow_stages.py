@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from service.engine.batcher import Batcher, BatcherConfig, Job
+from service.engine.batcher import Batcher
+from service.engine.jobs import BatcherConfig, Job
 
 
 def make_batcher(gate: threading.Event) -> Batcher[int, int]:
