@@ -27,7 +27,7 @@ from service.engine.request_map import DEFAULT_VARIANT
 from service.errors import PayloadTooLarge, error_response, install_error_handlers
 from service.http.routes import admin_router, router
 from service.http.schemas import RetrieveRequest
-from service.metrics import REQUEST_SECONDS
+from service.metrics import ADMIN_ERRORS, ERRORS, observe_admin, observe_public
 from service.registry.model_registry import ModelRegistry
 from service.settings import SHUTDOWN_CLOSE_S, Settings
 from service.shadow.agreement import Ranked
@@ -41,9 +41,12 @@ log = logging.getLogger(__name__)
 class ServiceMiddleware:
     """Pure ASGI: refuse bodies over ``max_body_bytes`` (413) and time every request by route, variant, status."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, admin: bool = False) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        # the admin port counts in its own registry (service/metrics.py): nothing of it on public /metrics
+        self.observe = observe_admin if admin else observe_public
+        self.errors = ADMIN_ERRORS if admin else ERRORS
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -61,16 +64,17 @@ class ServiceMiddleware:
         try:
             receive = await self._limited(scope, receive)
         except PayloadTooLarge as exc:
-            await error_response(exc)(scope, receive, send_and_record)
+            await error_response(exc, self.errors)(scope, receive, send_and_record)
         else:
             await self.app(scope, receive, send_and_record)
         finally:
             route = scope.get("route")
-            REQUEST_SECONDS.labels(
-                route=getattr(route, "path", "unmatched"),
-                variant=scope.get("state", {}).get("variant", DEFAULT_VARIANT),
-                status=str(status),
-            ).observe(time.perf_counter() - started)
+            self.observe(
+                getattr(route, "path", "unmatched"),
+                scope.get("state", {}).get("variant", DEFAULT_VARIANT),
+                str(status),
+                time.perf_counter() - started,
+            )
 
     async def _limited(self, scope: Scope, receive: Receive) -> Receive:
         """Check Content-Length, or read a body without one up to the limit and replay it."""
@@ -114,14 +118,17 @@ class ServiceMiddleware:
 
 
 class OneLineStartupError:
-    """Pure ASGI around the app: a failed lifespan startup is reported as the exception's last line.
+    """Pure ASGI around the app: a failed lifespan startup is kept as one line in ``failure``.
 
-    Starlette sends the whole traceback as the ``lifespan.startup.failed`` message and uvicorn logs
-    it; the useful line (e.g. ``BadBundle: bundle 'x' at ... refused: ...``) is the last one.
+    Starlette sends the whole traceback as the ``lifespan.startup.failed`` message; what is kept is the
+    exception's type and message on one line (e.g. ``BadBundle: bundle 'x' at ... refused: ...``).
+    Uvicorn is sent no message to log: ``service.server`` prints ``failure`` as the one line of a
+    start-up mistake (exit status 2).
     """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self.failure: str | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "lifespan":
@@ -129,12 +136,17 @@ class OneLineStartupError:
             return
 
         async def send_short(message: Message) -> None:
-            if message["type"] == "lifespan.startup.failed" and message.get("message"):
-                lines = [line for line in str(message["message"]).splitlines() if line.strip()]
-                message = {**message, "message": lines[-1] if lines else ""}
+            if message["type"] == "lifespan.startup.failed":
+                self.failure = "application start-up failed"
+                message = {**message, "message": ""}
             await send(message)
 
-        await self.app(scope, receive, send_short)  # uvicorn logs no traceback after startup.failed
+        try:  # Starlette sends startup.failed, then re-raises: uvicorn logs nothing after startup.failed
+            await self.app(scope, receive, send_short)
+        except BaseException as exc:
+            if self.failure is not None:
+                self.failure = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+            raise
 
 
 def make_cache(settings: Settings) -> StateCache:
@@ -263,7 +275,7 @@ def create_admin_app(settings: Settings, public: FastAPI) -> FastAPI:
     """The ``/admin/*`` routes, on their own app and port; the engine is the public app's."""
     admin = FastAPI(title="genret admin", version="0.1.0", **docs_urls(settings))
     admin.state = public.state  # settings + the engine the public lifespan builds
-    install_error_handlers(admin)
+    install_error_handlers(admin, ADMIN_ERRORS)
     admin.include_router(admin_router)
-    admin.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_admin_body_bytes)
+    admin.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_admin_body_bytes, admin=True)
     return admin

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from prometheus_client import Counter
 from pydantic import BaseModel
 
 from models.catalogue.delta import DeltaError
@@ -145,9 +146,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def error_response(exc: ServiceError) -> JSONResponse:
-    """The response for ``exc`` (also used by middleware that runs outside the routes)."""
-    ERRORS.labels(kind=exc.kind).inc()
+def error_response(exc: ServiceError, errors: Counter = ERRORS) -> JSONResponse:
+    """The response for ``exc`` (also used by middleware that runs outside the routes), counted in
+    ``errors`` (the admin app counts its own, service/metrics.py)."""
+    errors.labels(kind=exc.kind).inc()
     if isinstance(exc, LimitExceeded):
         detail = [{"loc": ["body", *exc.loc], "msg": exc.message, "type": "limit"}]
         return JSONResponse({"detail": detail}, status_code=exc.status, headers=exc.headers)
@@ -161,36 +163,36 @@ def field_loc(field: str) -> list[str | int]:
     return [int(p) if p.isdigit() else p for p in parts if p != "body"]
 
 
-def delta_response(exc: DeltaError) -> JSONResponse:
+def delta_response(exc: DeltaError, errors: Counter = ERRORS) -> JSONResponse:
     """A delta that cannot apply (``models.catalogue.delta.DeltaError``): 422 naming its field, in the
     shape of a validation error (nothing was written or changed)."""
-    ERRORS.labels(kind="delta").inc()
+    errors.labels(kind="delta").inc()
     detail = [
         {"loc": ["body", *field_loc(exc.field)], "msg": exc.message, "type": "delta", "field": exc.field}
     ]
     return JSONResponse({"detail": detail}, status_code=422)
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Map every error to its HTTP answer, once, for the whole app."""
+def install_error_handlers(app: FastAPI, errors: Counter = ERRORS) -> None:
+    """Map every error to its HTTP answer, once, for the whole app, counting it in ``errors``."""
 
     async def on_service_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
-        return error_response(exc)
+        return error_response(exc, errors)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        ERRORS.labels(kind="validation").inc()
-        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
-        return JSONResponse({"detail": errors}, status_code=422)
+        errors.labels(kind="validation").inc()
+        detail = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
 
     async def on_delta_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, DeltaError)
-        return delta_response(exc)
+        return delta_response(exc, errors)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        ERRORS.labels(kind="internal").inc()
+        errors.labels(kind="internal").inc()
         body = ErrorBody(kind="internal", message=f"internal error: {type(exc).__name__}").model_dump()
         return JSONResponse(body, status_code=500)
 

@@ -1,6 +1,9 @@
-"""Prometheus metrics of the service, all prefixed ``genret_`` and held in one registry.
+"""Prometheus metrics of the service, all prefixed ``genret_``, in two registries.
 
-The registry is module-level (one per process, like the process itself); ``/metrics`` renders it.
+``REGISTRY`` is what the public port's ``/metrics`` renders; ``ADMIN_REGISTRY`` holds what the admin
+port's own requests and errors count (``genret_admin_*``), rendered only at ``/admin/metrics`` on the
+admin port, so the public port says nothing about admin activity (routes, wrong tokens). Both are
+module-level (one per process, like the process itself).
 """
 
 from __future__ import annotations
@@ -64,6 +67,20 @@ UNKNOWN_HISTORY_ITEMS = Counter(
 FALLBACKS = Counter(
     "genret_fallbacks_total", "Requests answered without the model, by reason.", ["reason"], registry=REGISTRY
 )
+ADMIN_REGISTRY = CollectorRegistry(auto_describe=True)
+ADMIN_REQUEST_SECONDS = Histogram(
+    "genret_admin_request_duration_seconds",
+    "Admin API request duration (admin port only).",
+    ["route", "status"],
+    buckets=LATENCY_BUCKETS,
+    registry=ADMIN_REGISTRY,
+)
+ADMIN_ERRORS = Counter(
+    "genret_admin_errors_total",
+    "Admin API requests answered with an error, by kind (admin port only).",
+    ["kind"],
+    registry=ADMIN_REGISTRY,
+)
 RELOADS = Counter("genret_reloads_total", "Bundle reload attempts by result.", ["result"], registry=REGISTRY)
 MODEL_INFO = Gauge(
     "genret_model_info",
@@ -73,6 +90,14 @@ MODEL_INFO = Gauge(
 )
 
 
-def render() -> tuple[bytes, str]:
-    """The exposition text of every ``genret_`` metric and its content type."""
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+def observe_public(route: str, variant: str, status: str, seconds: float) -> None:
+    REQUEST_SECONDS.labels(route=route, variant=variant, status=status).observe(seconds)
+
+
+def observe_admin(route: str, variant: str, status: str, seconds: float) -> None:
+    ADMIN_REQUEST_SECONDS.labels(route=route, status=status).observe(seconds)
+
+
+def render(registry: CollectorRegistry = REGISTRY) -> tuple[bytes, str]:
+    """The exposition text of ``registry`` (default: the public one) and its content type."""
+    return generate_latest(registry), CONTENT_TYPE_LATEST

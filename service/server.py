@@ -35,7 +35,14 @@ from fastapi import FastAPI
 from service.app import OneLineStartupError, create_admin_app, create_app
 from service.http.guard import guarded_protocol
 from service.settings import SHUTDOWN_CLOSE_S, Settings
-from service.startup import StartupError, bind, check_bundle_path, load_settings
+from service.startup import (
+    StartupError,
+    bind,
+    check_bundle_path,
+    check_files_and_device,
+    check_redis,
+    load_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +142,8 @@ def serve(settings: Settings) -> int:
             public_sock.close()
             raise
     app = create_app(settings)
-    public = DrainingServer(
-        uvicorn_config(OneLineStartupError(app), settings, "on"), app, settings.shutdown_grace_s
-    )
+    wrapped = OneLineStartupError(app)
+    public = DrainingServer(uvicorn_config(wrapped, settings, "on"), app, settings.shutdown_grace_s)
     admin = None
     if admin_sock is not None:
         admin = AdminServer(uvicorn_config(create_admin_app(settings, app), settings, "off"))
@@ -148,13 +154,26 @@ def serve(settings: Settings) -> int:
         "off (GENRET_ADMIN_TOKEN is not set)" if admin_sock is None else f"on {address(admin_sock)}",
     )
     runner = asyncio.Runner(loop_factory=public.config.get_loop_factory())
+    quiet = StartupFailedFilter()
+    logging.getLogger("uvicorn.error").addFilter(quiet)
     try:
         runner.run(serve_both(public, public_sock, admin, admin_sock))
     except SystemExit as exc:  # uvicorn exits this way when the app's startup fails
+        if wrapped.failure is not None:
+            raise StartupError(wrapped.failure) from None
         return exc.code if isinstance(exc.code, int) else 1
     finally:
+        logging.getLogger("uvicorn.error").removeFilter(quiet)
         runner.close()
     return 0
+
+
+class StartupFailedFilter(logging.Filter):
+    """Drops uvicorn's own "Application startup failed. Exiting." line: `genret serve` prints the
+    cause instead, as the one line of a start-up mistake."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Application startup failed. Exiting."
 
 
 def run(overrides: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> int:
@@ -162,6 +181,8 @@ def run(overrides: Mapping[str, Any], environ: Mapping[str, str] | None = None) 
     try:
         settings = load_settings(overrides, os.environ if environ is None else environ)
         check_bundle_path(settings)
+        check_redis(settings)
+        check_files_and_device(settings)
         return serve(settings)
     except StartupError as exc:
         print(f"genret serve: {exc}", file=sys.stderr, flush=True)

@@ -36,8 +36,9 @@ class DeploymentFields(BaseModel):
     )
     debug_responses: bool | None = Field(
         default=None,
-        description="Answer `debug: true` with batch size, candidates and batch-level timings (unset = on "
-        "unless env='prod'); off, such a request gets 422. No debug field tells whether a cache entry exists.",
+        description="Answer `debug: true` with batch size, candidates and the queue wait (unset = on "
+        "unless env='prod'); off, such a request gets 422. No debug field tells whether a cache entry exists "
+        "(only the queue wait is timed); the response time itself still does: keep it off in prod.",
     )
     shutdown_grace_s: float = Field(
         default=20.0,

@@ -4,6 +4,10 @@
   such as ``GENRET_MAX_KK`` is refused with the closest known name;
 * the settings must validate (bounds, cross-field checks);
 * the bundle path must exist and hold a bundle;
+* the Redis URL (``redis_url``, or the one built from ``redis_host`` and its fields) must parse as
+  the client parses it, and a CA file must exist; the message names the variable, never the URL
+  (it may hold a password);
+* the experiment file must exist, and the device must be a torch device this machine has;
 * the ports must be free: the sockets are bound here and handed to uvicorn, so "address in use"
   names the setting instead of surfacing as a traceback.
 """
@@ -14,6 +18,7 @@ import difflib
 import socket
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
@@ -97,6 +102,44 @@ def check_bundle_path(settings: Settings) -> None:
         ModelRegistry(settings).discover()
     except ServiceError as exc:
         raise StartupError(exc.message) from None
+
+
+def check_redis(settings: Settings) -> None:
+    """The Redis URL must be one the client accepts: a malformed one fails here, naming its variable."""
+    from redis.connection import parse_url
+
+    field = "redis_url" if settings.redis_url is not None else "redis_host"
+    url = settings.redis_connection_url()
+    if url is None:
+        return
+    try:
+        parts = urlsplit(url)
+        parse_url(url)
+    except ValueError as exc:
+        raise StartupError(f"{variable(field)}: {exc}") from None
+    db = parts.path.lstrip("/")
+    if parts.scheme != "unix" and db and not db.isdigit():
+        raise StartupError(f"{variable(field)}: the database after the last '/' must be a number, got {db!r}")
+    ca_file = settings.redis_ca_file
+    if ca_file is not None and not ca_file.is_file():
+        raise StartupError(f"{variable('redis_ca_file', ca_file)}: no such file")
+
+
+def check_files_and_device(settings: Settings) -> None:
+    """The experiment file must exist and the device must be one torch knows and this machine has."""
+    import torch
+
+    experiments = settings.experiments_file
+    if experiments is not None and not experiments.is_file():
+        raise StartupError(f"{variable('experiments_file', experiments)}: no such file")
+    try:
+        device = torch.device(settings.device)
+    except (RuntimeError, ValueError):
+        raise StartupError(
+            f"{variable('device', settings.device)}: not a torch device (cpu, cuda:0, ...)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise StartupError(f"{variable('device', settings.device)}: no CUDA device is available here")
 
 
 def bind(host: str, port: int, field: str) -> socket.socket:

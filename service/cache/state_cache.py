@@ -250,13 +250,16 @@ class RedisCache:
             log.warning("could not delete %d refused cache values: %s", len(keys), exc)
 
     def _on_failure(self, exc: BaseException) -> None:
-        self._last_error = f"{type(exc).__name__}: {exc}"
+        # /readyz is public: it shows the error's kind only; the message (which names Redis's
+        # host and port) goes to the log
+        self._last_error = type(exc).__name__
         was = self._breaker.state
         self._breaker.record_failure()
         if was != "open" and self._breaker.state == "open":
-            log.warning("redis circuit breaker opened after: %s", self._last_error)
+            log.warning("redis circuit breaker opened after: %s: %s", type(exc).__name__, exc)
 
     def status(self) -> dict[str, object]:
+        """States for the public ``/readyz``: the breaker and the last error's kind, never an address."""
         return {"kind": "redis", "breaker": self._breaker.state, "last_error": self._last_error}
 
     async def close(self) -> None:

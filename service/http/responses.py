@@ -30,14 +30,13 @@ def to_response(result: Retrieval, *, debug: bool) -> RetrieveResponse:
 
 def debug_info(result: Retrieval) -> DebugInfo:
     """Debug details that say nothing about the cache entry of the request's key (the caller chose
-    its ``user_id``): no hit/miss, and only batch-level stage times — ``compute`` is the batch's
-    encode + search, the same for every row whether its states were cached or not. (A request
-    alone in its batch still takes a little longer on a miss; that shows in any client's
-    stopwatch too, and hiding it would mean encoding on every hit.)"""
+    its ``user_id``): no hit/miss, and of the timings only ``queue`` (how long this request waited
+    before its batch began, which is before its cache lookup). The batch's cache and compute times
+    and the total are left out: a request alone in its batch computes less on a hit, and measured
+    in pairs those times told a cached history from an uncached one. What stays observable is the
+    response time any client measures itself (docs/deployment.md "Debug answers")."""
     timings = result.timings
-    shown = {k: v for k, v in timings.items() if k in ("queue", "cache", "total")}
-    if "encode" in timings or "search" in timings:
-        shown["compute"] = sum(timings.get(stage, 0.0) for stage in ("encode", "search", "rerank"))
+    shown = {k: v for k, v in timings.items() if k == "queue"}
     return DebugInfo(
         timings_ms={k: round(v * 1000.0, 3) for k, v in shown.items()},
         batch_size=result.batch_size,

@@ -36,7 +36,7 @@ from service.http.schemas import (
     RetrieveRequest,
     RetrieveResponse,
 )
-from service.metrics import render
+from service.metrics import ADMIN_REGISTRY, render
 
 router = APIRouter()
 admin_router = APIRouter(prefix="/admin")
@@ -180,6 +180,18 @@ ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
 )
 async def admin_models(engine: Engine = Depends(get_engine)) -> AdminModelsResponse:
     return AdminModelsResponse(models=describe_models(engine, AdminModelDescription))
+
+
+@admin_router.get(
+    "/metrics",
+    dependencies=[Depends(require_admin)],
+    responses=ADMIN_RESPONSES,
+    response_class=Response,
+    summary="The admin port's own metrics (genret_admin_*): its requests and errors, never on public /metrics",
+)
+async def admin_metrics() -> Response:
+    payload, content_type = render(ADMIN_REGISTRY)
+    return Response(payload, media_type=content_type)
 
 
 @admin_router.post(

@@ -23,9 +23,13 @@ ItemId = Annotated[str, BeforeValidator(_id_to_str), Field(min_length=1, max_len
 
 
 class RetrieveRequest(BaseModel):
-    """One user's retrieval request."""
+    """One user's retrieval request.
 
-    model_config = ConfigDict(extra="forbid")
+    Strict types: a number must be a JSON number and a boolean a JSON boolean (``"k": "5"`` and
+    ``"k": true`` are 422 naming ``k``); item ids are the one exception, see ``ItemId``.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     user_id: str | None = Field(
         default=None,
@@ -69,7 +73,7 @@ class RetrieveRequest(BaseModel):
 
 
 class BatchRetrieveRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     requests: list[RetrieveRequest] = Field(
         ..., min_length=1, description="Requests answered together (at most GENRET_MAX_BATCH_REQUESTS)."
@@ -94,8 +98,8 @@ class DebugInfo(BaseModel):
     user's history was cached (service/http/responses.py ``debug_info``)."""
 
     timings_ms: dict[str, float] = Field(
-        description="Milliseconds: queue (this request), cache (the batch's lookup), compute (the batch's "
-        "encode + search, the same for every request of the batch), total."
+        description="Milliseconds: queue (this request's wait before its batch began). No stage that runs "
+        "after the cache lookup is shown, since its time depends on whether the states were cached."
     )
     batch_size: int
     num_candidates: int
@@ -178,7 +182,7 @@ class ReadyResponse(BaseModel):
 
 
 class ReloadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = Field(
         default=None,
