@@ -116,8 +116,9 @@ def cmd_add(args: argparse.Namespace) -> int:
             )
             return 2
         fingerprint = state.bundle.manifest.fingerprint
+        published = delta.with_vectors(new.item_emb[list(report.dense_ids)])  # as POST /admin/items
         try:
-            path = state.store.claim(state.seq + 1, fingerprint, new.version, delta)
+            path = state.store.claim(state.seq + 1, fingerprint, new.version, published, report.placement)
         except SequenceTaken:
             continue  # another writer took the number: catch up and check again
         print(

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from models.catalogue.carried import consistent
 from models.catalogue.delta import Delta, DeltaError, NewItem, delta_vectors
-from models.catalogue.placement import PlacementTree, place_items, unit_rows
+from models.catalogue.placement import Placement, PlacementTree, place_items, unit_rows
 from models.index import TreeIndex
 
 if TYPE_CHECKING:
@@ -80,6 +81,8 @@ class ApplyReport:
     joined_copies: int  # added items that joined a near copy's leaf
     over_capacity: int  # added items that joined a full leaf (no room anywhere near)
     dense_ids: tuple[int, ...]  # dense id of each added item, in the delta's order
+    placement: tuple[Placement, ...] = ()  # where each added item went (what a published record carries)
+    carried: bool = False  # the placement came with the delta (models/catalogue/carried.py), not computed
 
 
 @dataclass(frozen=True)
@@ -191,11 +194,15 @@ class Catalogue:
             added.add(item.id)
         return delta_vectors(delta.add, dim, content)
 
-    def apply(self, delta: Delta, content: Any = None) -> tuple[Catalogue, ApplyReport]:
-        """The next version: ``delta``'s removals, then its additions (a removed id may come back)."""
+    def apply(
+        self, delta: Delta, content: Any = None, placement: Sequence[Placement] | None = None
+    ) -> tuple[Catalogue, ApplyReport]:
+        """The next version: ``delta``'s removals, then its additions (a removed id may come back).
+        ``placement``: where its writer placed the added items (a published record's); used when it
+        fits this version (:func:`models.catalogue.carried.consistent`), else computed again."""
         vectors = self.check(delta, content)  # [M, Dr]
         cat = self._removed([self.dense_of[raw] for raw in delta.remove])
-        return cat._added(delta.add, vectors, len(delta.remove))
+        return cat._added(delta.add, vectors, len(delta.remove), placement)
 
     def _removed(self, dense: Sequence[int]) -> Catalogue:
         if not dense:
@@ -224,20 +231,16 @@ class Catalogue:
         )
 
     def _added(
-        self, items: Sequence[NewItem], vectors: np.ndarray, num_removed: int
+        self,
+        items: Sequence[NewItem],
+        vectors: np.ndarray,
+        num_removed: int,
+        placement: Sequence[Placement] | None = None,
     ) -> tuple[Catalogue, ApplyReport]:
         index = self.index
         M = len(items)
-        tree = PlacementTree(
-            index=index,
-            parent=self.parent,
-            leaf_of=self.leaf_of,
-            live=self.live,
-            centroid_sum=self.centroid_sum,
-            item_emb=self.item_emb,
-            leaf_capacity=self.leaf_capacity,
-        )
-        placed = place_items(tree, vectors)
+        carried = placement is not None and consistent(index, self.parent, placement, M)
+        placed = list(placement) if carried and placement is not None else place_items(self._tree(), vectors)
         first = self.num_rows
         dense = np.arange(first, first + M, dtype=np.int64)
         new_leaves = [p for p in placed if p.new_leaf]
@@ -300,8 +303,21 @@ class Catalogue:
             joined_copies=sum(p.near_copy for p in placed),
             over_capacity=sum(p.over_capacity for p in placed),
             dense_ids=tuple(int(d) for d in dense),
+            placement=tuple(placed),
+            carried=carried,
         )
         return cat, report
+
+    def _tree(self) -> PlacementTree:
+        return PlacementTree(
+            index=self.index,
+            parent=self.parent,
+            leaf_of=self.leaf_of,
+            live=self.live,
+            centroid_sum=self.centroid_sum,
+            item_emb=self.item_emb,
+            leaf_capacity=self.leaf_capacity,
+        )
 
 
 def path_of(parent: np.ndarray, node: int, depth: int) -> np.ndarray:

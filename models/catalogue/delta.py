@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -65,6 +65,14 @@ class Delta:
             add=tuple(_new_item(item, f"add[{i}]") for i, item in enumerate(add)),
             remove=tuple(_item_id(raw, f"remove[{i}]") for i, raw in enumerate(remove)),
         )
+
+    def with_vectors(self, vectors: np.ndarray) -> Delta:
+        """This delta with every added item's vector given (``vectors [M, Dr]``, e.g. the content
+        tower's as its writer computed them): what a writer publishes, so replicas need no tower."""
+        add = tuple(
+            replace(item, vector=np.array(v, np.float32)) for item, v in zip(self.add, vectors, strict=True)
+        )
+        return Delta(add=add, remove=self.remove)
 
     def to_json(self, compact: bool = False) -> dict[str, Any]:
         """The JSON form; ``compact``: vectors as ``vector_f32`` (base64 of little-endian float32)."""

@@ -88,7 +88,7 @@ class Chain:
             if prepared is not None and prepared.before is before:
                 after, report = prepared.after, prepared.report
             else:
-                after, report = before.apply(f.delta, content=content)
+                after, report = before.apply(f.delta, content=content, placement=f.placement)
         except DeltaError as exc:
             return REFUSED, str(exc)[:300]
         except Exception as exc:  # a record no replica can apply: never a reason to stop the log

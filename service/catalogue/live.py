@@ -252,8 +252,9 @@ class LiveCatalogue:
                 cat = self.catalogue_of(model)
                 after, report = _trial(cat, delta, getattr(model.bundle, "content", None))
                 seq = model.catalogue_seq + 1
+                published = delta.with_vectors(after.item_emb[list(report.dense_ids)])  # no tower on replicas
                 try:
-                    store.claim(seq, model.fingerprint, after.version, delta)
+                    store.claim(seq, model.fingerprint, after.version, published, report.placement)
                 except SequenceTaken:
                     continue
                 except OSError as exc:

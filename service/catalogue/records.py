@@ -1,7 +1,7 @@
 """One delta record read and parsed without trusting it (docs/live_catalogue.md "A bad record").
 
 A record is the bytes of one delta file (:mod:`service.catalogue.store`). Whatever they hold, reading
-and parsing them either returns ``(base_fingerprint, version, Delta)`` or raises :class:`Fault`
+and parsing them either returns a :class:`Record` or raises :class:`Fault`
 with a *reason* from :data:`REASONS` (the ``reason`` label of
 ``genret_catalogue_quarantined_total``) and a one-line detail; no other exception leaves this
 module, so one hostile record can never stop the log behind it.
@@ -25,10 +25,13 @@ from __future__ import annotations
 import json
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.catalogue import carried
 from models.catalogue.delta import Delta, DeltaError
+from models.catalogue.placement import Placement
 
 NOT_REGULAR = "not_regular_file"  # a FIFO, socket, device, directory or symlink under a delta name
 TOO_LARGE = "too_large"  # more bytes than GENRET_CATALOGUE_MAX_FILE_BYTES
@@ -55,6 +58,17 @@ REASONS = (
 )
 
 _CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Record:
+    """A parsed record: the delta, the bundle it is for, the version its writer meant, and where its
+    writer placed the added items (None: not carried, or malformed: the replica places them)."""
+
+    base_fingerprint: str
+    version: int
+    delta: Delta
+    placement: list[Placement] | None = None
 
 
 class Fault(Exception):
@@ -109,8 +123,8 @@ def read_bytes(path: Path, max_bytes: int) -> bytes:
         os.close(fd)
 
 
-def parse(data: bytes, max_items: int) -> tuple[str, int, Delta]:
-    """``(base_fingerprint, version, delta)`` of a record's bytes; :class:`Fault` otherwise."""
+def parse(data: bytes, max_items: int) -> Record:
+    """The :class:`Record` of a file's bytes; :class:`Fault` otherwise."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -139,7 +153,7 @@ def parse(data: bytes, max_items: int) -> tuple[str, int, Delta]:
         raise Fault(BAD_DELTA, str(exc)[:300]) from None
     except (RecursionError, ValueError, TypeError, OverflowError) as exc:  # never expected: still a fault
         raise Fault(BAD_DELTA, f"{type(exc).__name__}: {str(exc)[:200]}") from None
-    return fingerprint, version, delta
+    return Record(fingerprint, version, delta, carried.from_json(obj.get("placement"), len(delta.add)))
 
 
 def _count(body: Any) -> int:

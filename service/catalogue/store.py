@@ -34,11 +34,14 @@ import logging
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from models.catalogue import carried
 from models.catalogue.delta import Delta
+from models.catalogue.placement import Placement
 from service.catalogue.records import Fault, parse, read_bytes
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,7 @@ class DeltaFile:
     delta: Delta | None
     error: str = ""
     reason: str = ""
+    placement: list[Placement] | None = None  # where its writer placed the added items, when carried
 
 
 def delta_dir(bundle_path: Path, catalogue_dir: Path | None) -> Path:
@@ -117,10 +121,10 @@ class DeltaStore:
             return known
         path = self.directory / file_name(seq)
         try:
-            fingerprint, version, delta = parse(read_bytes(path, self.max_bytes), self.max_items)
+            got = parse(read_bytes(path, self.max_bytes), self.max_items)
         except Fault as fault:
             return DeltaFile(seq, path, "", 0, None, error=fault.detail, reason=fault.reason)
-        return DeltaFile(seq, path, fingerprint, version, delta)
+        return DeltaFile(seq, path, got.base_fingerprint, got.version, got.delta, placement=got.placement)
 
     def pending(self, after: int) -> list[DeltaFile]:
         """The files past sequence ``after``, in order, parsed (damaged ones with ``delta=None``)."""
@@ -145,8 +149,16 @@ class DeltaStore:
             self._reported.add((seq, message))
             log.warning("%s", message)
 
-    def claim(self, seq: int, fingerprint: str, version: int, delta: Delta) -> Path:
-        """Write ``delta`` as file ``seq``; :class:`SequenceTaken` when that number exists already."""
+    def claim(
+        self,
+        seq: int,
+        fingerprint: str,
+        version: int,
+        delta: Delta,
+        placement: Sequence[Placement] | None = None,
+    ) -> Path:
+        """Write ``delta`` as file ``seq``; :class:`SequenceTaken` when that number exists already.
+        ``placement``: where the writer placed its added items (carried: replicas install it)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         body: dict[str, Any] = {
             "base_fingerprint": fingerprint,
@@ -154,6 +166,8 @@ class DeltaStore:
             "created_at": time.time(),
             "delta": delta.to_json(compact=True),  # vectors as base64 float32: fast to write and read
         }
+        if placement:
+            body["placement"] = carried.to_json(placement)
         final = self.directory / file_name(seq)
         tmp = self.directory / f".{file_name(seq)}.{os.getpid()}.{time.monotonic_ns()}.tmp"
         with open(tmp, "w") as fh:
@@ -166,5 +180,9 @@ class DeltaStore:
             raise SequenceTaken(str(final)) from None
         finally:
             tmp.unlink(missing_ok=True)
-        self._written[seq] = DeltaFile(seq, final, fingerprint, version, delta)
+        self._written[seq] = DeltaFile(seq, final, fingerprint, version, delta, placement=_list(placement))
         return final
+
+
+def _list(placement: Sequence[Placement] | None) -> list[Placement] | None:
+    return None if not placement else list(placement)

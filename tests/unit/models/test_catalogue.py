@@ -213,3 +213,46 @@ def test_every_item_removed_is_an_empty_answer(which: str, request: pytest.Fixtu
             found = served.search(states, 5, 4, None, allow=rows_allow, fill=fill)
             assert (found.items == 0).all() and np.isneginf(found.scores).all()
             assert (found.num_candidates == 0).all()
+
+
+@pytest.mark.parametrize("which", ["bucket_bundle", "node_bundle"])
+def test_a_carried_placement_installs_the_same_version(which: str, request: pytest.FixtureRequest) -> None:
+    """The writer's placement, carried in the record, gives the version the replica would compute;
+    one that does not fit the version (a hostile or stale record) is computed again, never trusted."""
+    from dataclasses import replace
+
+    from models.catalogue import carried
+
+    bundle: Bundle = request.getfixturevalue(which)
+    cat = Catalogue.from_bundle(bundle)
+    rng = np.random.default_rng(11)
+    delta = Delta(
+        add=(NewItem("copy", bundle.item_emb[9] * 2), *(NewItem(f"n{i}", vec(rng)) for i in range(30)))
+    )
+    written, report = cat.apply(delta)
+    assert not report.carried and len(report.placement) == 31
+    placement = carried.from_json(carried.to_json(report.placement), 31)
+    assert placement == list(report.placement)  # the record's form round-trips
+    first = report.placement[0]
+    wrong = [
+        list(report.placement[:-1]),  # one short
+        [replace(first, leaf=cat.index.num_nodes + 5, new_leaf=True), *report.placement[1:]],  # numbering
+        [replace(first, parent=0), *report.placement[1:]],  # not the leaf's parent
+        [replace(first, leaf=-3), *report.placement[1:]],
+    ]
+    if report.new_leaves:  # an alias the decoder does not know
+        wrong.append([replace(p, alias=10**9) if p.new_leaf else p for p in report.placement])
+    for given, expect_carried in [(placement, True), *((w, False) for w in wrong)]:
+        again, used = cat.apply(delta, placement=given)
+        assert used.carried is expect_carried
+        for name in ("leaf_of", "decoder_node", "live_count", "parent", "centroid_sum"):
+            np.testing.assert_array_equal(getattr(again, name), getattr(written, name))
+        np.testing.assert_array_equal(again.index.node_token, written.index.node_token)
+    bad_records: list[object] = [
+        {"leaf": "AA=="},
+        {**carried.to_json(report.placement), "flags": "!"},
+        [],
+        None,
+    ]
+    for bad in bad_records:
+        assert carried.from_json(bad, 31) is None

@@ -200,3 +200,20 @@ def test_a_replica_that_cannot_install_its_deltas_starts_and_reports_its_lag(
     live.sync_all()
     assert registry.get().catalogue_version == 2 and live.lags[model.name] == 0
     assert REGISTRY.get_sample_value("genret_catalogue_lag_versions", {"model": model.name}) == 0
+
+
+def test_replicas_install_the_writers_placement(bundle: Path, tmp_path: Path) -> None:
+    """The published file carries the writer's placement and vectors: another replica installs it
+    without placing again, and holds the same catalogue."""
+    (ra, a), (rb, b) = serving(bundle, tmp_path), serving(bundle, tmp_path)
+    out = a.add(None, {"add": [new_item(i) for i in range(20)], "remove": ["item009"]})
+    record = json.loads(next(tmp_path.rglob("000001.json")).read_text())
+    assert len(record["placement"]["leaf"]) > 0 and all("vector_f32" in x for x in record["delta"]["add"])
+    _, reports = b.sync(rb.get().name)
+    assert reports[1].carried and reports[1].version == out["version"] == 1
+    ma, mb = ra.get(), rb.get()
+    assert ma.raw_ids == mb.raw_ids
+    cat_a, cat_b = ma.retriever.catalogue, mb.retriever.catalogue
+    assert cat_a is not None and cat_b is not None
+    for name in ("leaf_of", "decoder_node", "parent"):
+        np.testing.assert_array_equal(getattr(cat_a, name), getattr(cat_b, name))
