@@ -63,6 +63,13 @@ class UnknownModel(ServiceError):
     kind = "unknown_model"
 
 
+class UnknownJob(ServiceError):
+    """A catalogue job id this replica does not hold (never accepted here, or long finished)."""
+
+    status = 404
+    kind = "unknown_job"
+
+
 class QueueFull(ServiceError):
     status = 429
     kind = "queue_full"

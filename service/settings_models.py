@@ -82,6 +82,14 @@ class CatalogueFields(BaseModel):
         le=10_000_000,
         description="Most items added + removed by one delta; a delta file listing more is quarantined.",
     )
+    catalogue_async_items: int = Field(
+        default=1000,
+        ge=1,
+        le=10_000_000,
+        description="POST /admin/items with more ids than this answers 202 with a job once the delta is "
+        "checked, and applies it on the catalogue thread (GET /admin/items/jobs/{job}); smaller ones "
+        "answer 200 once live here.",
+    )
     catalogue_max_file_bytes: int = Field(
         default=512 * 1_048_576,
         ge=1_048_576,

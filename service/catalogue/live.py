@@ -45,8 +45,9 @@ from prometheus_client import Gauge
 from models.catalogue.catalogue import ApplyReport, Catalogue
 from models.catalogue.delta import Delta, DeltaError
 from service.catalogue.chain import LAG, Chain, Prepared, replay
+from service.catalogue.jobs import Job, Jobs
 from service.catalogue.store import DeltaStore, SequenceTaken, delta_dir
-from service.errors import CatalogueStoreFailed, LimitExceeded
+from service.errors import CatalogueStoreFailed, LimitExceeded, ServiceError
 from service.metrics import REGISTRY
 from service.registry.model_registry import LoadedModel, ModelRegistry
 from service.settings import Settings
@@ -114,6 +115,8 @@ class LiveCatalogue:
         self._prepared: dict[int, Prepared] = {}  # file sequence -> what this process's add applied
         self._failing: dict[str, str] = {}  # model -> the update failure logged last (logged once)
         self.lags: dict[str, int] = {}  # model -> published files not taken yet (/readyz)
+        self.jobs = Jobs()  # large deltas accepted with 202 (service/catalogue/jobs.py)
+        self._tasks: set[asyncio.Task[None]] = set()
         registry.on_load(self.caught_up)
 
     def store(self, model: LoadedModel) -> DeltaStore:
@@ -242,7 +245,47 @@ class LiveCatalogue:
         is written."""
         delta = Delta.from_json(body)
         self._check_size(delta)
-        key = self.registry.get(name).name
+        return self._publish(self.registry.get(name).name, delta)
+
+    def deferred(self, body: Any) -> bool:
+        """Whether ``body`` lists more ids than ``GENRET_CATALOGUE_ASYNC_ITEMS`` (answered 202)."""
+        if not isinstance(body, dict):
+            return False
+        count = sum(len(v) for key in ("add", "remove") if isinstance(v := body.get(key), list))
+        return count > self.settings.catalogue_async_items
+
+    def accept(self, name: str | None, body: Any) -> tuple[Job, Delta]:
+        """A large delta parsed and checked against the newest version (422 naming the field), not
+        applied: a queued :class:`Job` (service/catalogue/jobs.py)."""
+        delta = Delta.from_json(body)
+        self._check_size(delta)
+        model = self.registry.get(name)
+        self.catalogue_of(model).check(delta, getattr(model.bundle, "content", None))
+        return self.jobs.new(model.name, len(delta), model.catalogue_version), delta
+
+    def start(self, job: Job, delta: Delta) -> None:
+        """Run ``job`` on the catalogue thread after the jobs before it (from the event loop)."""
+        task = asyncio.get_running_loop().create_task(self.run(self.complete, job, delta))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def complete(self, job: Job, delta: Delta) -> None:
+        """Apply, publish and install an accepted delta; its job says how it ended."""
+        job.state = "running"
+        try:
+            out = self._publish(job.model, delta)
+        except DeltaError as exc:
+            self.jobs.finish(job, "refused", error={"field": exc.field, "msg": exc.message})
+        except ServiceError as exc:
+            self.jobs.finish(job, "failed", error={"field": "body", "msg": str(exc)})
+        except Exception as exc:
+            log.exception("catalogue job %s failed", job.id)
+            self.jobs.finish(job, "failed", error={"field": "body", "msg": f"{type(exc).__name__}: {exc}"})
+        else:
+            self.jobs.finish(job, "live", result=out)
+
+    def _publish(self, key: str, delta: Delta) -> dict[str, Any]:
+        """Apply ``delta`` to model ``key``'s newest version, write it as the next file, install it."""
         with self._lock(key):
             while True:
                 model, _ = self._sync_locked(key)

@@ -19,7 +19,15 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.catalogue.live import LiveCatalogue
 from service.engine.engine import Engine
-from service.errors import ERROR_RESPONSES, ErrorBody, Forbidden, LimitExceeded, Unauthorized, Unavailable
+from service.errors import (
+    ERROR_RESPONSES,
+    ErrorBody,
+    Forbidden,
+    LimitExceeded,
+    Unauthorized,
+    Unavailable,
+    UnknownJob,
+)
 from service.http.responses import to_response
 from service.http.schemas import (
     AddItemsResponse,
@@ -27,6 +35,7 @@ from service.http.schemas import (
     AdminModelsResponse,
     BatchRetrieveRequest,
     BatchRetrieveResponse,
+    ItemsJob,
     ModelDescription,
     ModelsResponse,
     ReadyResponse,
@@ -219,6 +228,11 @@ async def reload(body: ReloadRequest | None = None, engine: Engine = Depends(get
     dependencies=[Depends(require_admin)],
     responses={
         **ADMIN_RESPONSES,
+        202: {
+            "model": ItemsJob,
+            "description": "A delta of more than GENRET_CATALOGUE_ASYNC_ITEMS ids, checked and queued: "
+            "GET /admin/items/jobs/{job} says when it is live.",
+        },
         404: {"model": ErrorBody, "description": "Unknown model name."},
         422: {
             "description": "A malformed or contradicting delta (the field named); nothing written or changed."
@@ -233,9 +247,28 @@ async def add_items(
         description="A delta (docs/live_catalogue.md) plus an optional `model` (default: the default model).",
     ),
     catalogue: LiveCatalogue = Depends(get_catalogue),
-) -> AddItemsResponse:
+) -> AddItemsResponse | JSONResponse:
     delta = dict(body)
     model = delta.pop("model", None)
     if model is not None and not isinstance(model, str):
         raise LimitExceeded(("model",), "a model name (string)")
+    if catalogue.deferred(delta):  # parsed and checked off the loop and off the catalogue thread
+        job, parsed = await asyncio.to_thread(catalogue.accept, model, delta)
+        catalogue.start(job, parsed)
+        return JSONResponse(ItemsJob(**job.describe()).model_dump(), status_code=202)
     return AddItemsResponse(**await catalogue.run(catalogue.add, model, delta))
+
+
+@admin_router.get(
+    "/items/jobs/{job}",
+    response_model=ItemsJob,
+    response_model_exclude_none=True,
+    dependencies=[Depends(require_admin)],
+    responses={**ADMIN_RESPONSES, 404: {"model": ErrorBody, "description": "No such job on this replica."}},
+    summary="Where a large delta accepted with 202 is: queued, running, live (with its version), refused, failed",
+)
+async def items_job(job: str, catalogue: LiveCatalogue = Depends(get_catalogue)) -> ItemsJob:
+    found = catalogue.jobs.get(job)
+    if found is None:
+        raise UnknownJob(f"no catalogue job {job!r} on this replica (jobs are kept where they were accepted)")
+    return ItemsJob(**found.describe())

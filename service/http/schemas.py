@@ -203,6 +203,31 @@ class ReloadResponse(BaseModel):
     reloaded: list[ReloadOutcome]
 
 
+class ItemsJob(BaseModel):
+    """A large delta accepted by ``POST /admin/items`` (202) and where it is now
+    (``GET /admin/items/jobs/{job}``; docs/live_catalogue.md "Large deltas")."""
+
+    job: str
+    model: str
+    state: Literal["queued", "running", "live", "refused", "failed"] = Field(
+        description="live: published and served here (other replicas within a poll); refused: it no "
+        "longer applied when its turn came, nothing written; failed: it could not be written."
+    )
+    items: int = Field(description="Ids added + removed.")
+    base_version: int = Field(description="The catalogue version it was checked against when accepted.")
+    submitted_at: float
+    finished_at: float | None = None
+    version: int | None = Field(default=None, description="The catalogue version it made, once live.")
+    added: int | None = None
+    removed: int | None = None
+    new_leaves: int | None = None
+    joined_copies: int | None = None
+    over_capacity: int | None = None
+    error: dict[str, str] | None = Field(
+        default=None, description="`field` and `msg`, once refused or failed."
+    )
+
+
 class AddItemsResponse(BaseModel):
     """What ``POST /admin/items`` did: the catalogue version it made and where the items went."""
 

@@ -27,6 +27,7 @@ ITEMS = 300
 HISTORY = ["item001", "item002", "item003"]
 MAX_FILE_BYTES = 1_048_576  # the setting's least value
 MAX_ITEMS = 50
+ASYNC_ITEMS = 20  # a delta of more ids answers 202 with a job
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory, fault_bundle: Path) -> dict
         "GENRET_DEFAULT_BEAM_SIZE": "128",
         "GENRET_MAX_DELTA_ITEMS": str(MAX_ITEMS),
         "GENRET_CATALOGUE_MAX_FILE_BYTES": str(MAX_FILE_BYTES),
+        "GENRET_CATALOGUE_ASYNC_ITEMS": str(ASYNC_ITEMS),
     }
 
 
@@ -254,6 +256,34 @@ def test_a_new_replica_starts_on_the_log_with_every_fault_in_it(
     assert httpx.post(f"{late.url}/v1/retrieve", json=request, timeout=10).json()["items"] == one
 
 
+def test_a_large_delta_answers_202_and_its_job_tells_when_it_is_live(
+    pair: tuple[ServiceProcess, ServiceProcess],
+) -> None:
+    a, b = pair
+    before = model_of(a)["catalogue_version"]
+    body = {"add": [{"id": f"bulk-{i}", "vector": [0.1 * (i % 7)] * 16} for i in range(ASYNC_ITEMS + 5)]}
+    with Load([a, b]) as load, httpx.Client(base_url=a.admin_url, headers=ADMIN_HEADERS, timeout=30) as admin:
+        r = admin.post("/admin/items", json=body)
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["state"] in ("queued", "running", "live") and job["base_version"] == before
+        assert job["items"] == ASYNC_ITEMS + 5
+        status: dict[str, Any] = {}
+
+        def live_now() -> bool:
+            status.update(admin.get(f"/admin/items/jobs/{job['job']}").json())
+            return status["state"] == "live"
+
+        wait_for(live_now, "the job to be live")
+        assert status["version"] == before + 1 and status["added"] == ASYNC_ITEMS + 5
+        wait_for(partial(at_version, b, before + 1), "the other replica")
+        assert admin.get("/admin/items/jobs/no-such-job").status_code == 404
+        bad = admin.post("/admin/items", json={"remove": ["no-such-item"] * (ASYNC_ITEMS + 1)})
+        assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "remove", 0]
+    assert not load.failures, load.failures[:3]
+    assert model_of(a)["num_live"] == model_of(b)["num_live"]
+
+
 def retrieve(service: ServiceProcess, **body: Any) -> dict[str, Any]:
     r = httpx.post(f"{service.url}/v1/retrieve", json={"history": HISTORY, "k": 10, **body}, timeout=30)
     assert r.status_code == 200, r.text
@@ -275,7 +305,7 @@ def test_empty_results_are_answers(pair: tuple[ServiceProcess, ServiceProcess]) 
         data = retrieve(a, **body)
         assert data["items"] == [] and data["fewer"] == "catalogue", (body, data)
     with httpx.Client(base_url=a.admin_url, headers=ADMIN_HEADERS, timeout=60) as admin:
-        while found := retrieve(a, k=MAX_ITEMS, beam_size=256)["items"]:  # k is met while k items exist
+        while found := retrieve(a, k=ASYNC_ITEMS, beam_size=256)["items"]:  # k is met while k items exist
             r = admin.post("/admin/items", json={"remove": [item["id"] for item in found]})
             assert r.status_code == 200, r.text
     version = model_of(a)["catalogue_version"]

@@ -217,3 +217,21 @@ def test_replicas_install_the_writers_placement(bundle: Path, tmp_path: Path) ->
     assert cat_a is not None and cat_b is not None
     for name in ("leaf_of", "decoder_node", "parent"):
         np.testing.assert_array_equal(getattr(cat_a, name), getattr(cat_b, name))
+
+
+def test_a_large_delta_is_a_job_that_ends_live_or_refused(bundle: Path, tmp_path: Path) -> None:
+    registry, live = serving(bundle, tmp_path, catalogue_async_items=3)
+    big = {"add": [new_item(i) for i in range(4)]}
+    assert live.deferred(big) and not live.deferred({"remove": ["item001"]})
+    with pytest.raises(DeltaError):  # checked when accepted: nothing queued
+        live.accept(None, {"remove": ["no-such-item", "item001", "item002", "item003"]})
+    job, delta = live.accept(None, big)
+    assert job.state == "queued" and job.base_version == 0 and registry.get().catalogue_version == 0
+    live.complete(job, delta)
+    assert job.state == "live" and job.describe()["version"] == 1 and registry.get().catalogue_version == 1
+    assert live.jobs.get(job.id) is job
+    late, late_delta = live.accept(None, {"remove": ["item001", "item002", "item003", "item004"]})
+    live.add(None, {"remove": ["item002"]})  # another delta takes one of its items first
+    live.complete(late, late_delta)
+    assert late.state == "refused" and late.error["field"] == "remove[1]"
+    assert registry.get().catalogue_version == 2 and "item001" in registry.get().dense_of  # nothing written
