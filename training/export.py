@@ -53,6 +53,7 @@ from models.search.beam_policy import default_beam
 from training.bundle_spec import BundleSpec
 from training.content_tower import write_content
 from training.export_torch import choose_backends, probe_dims, write_torch_files
+from training.state_bounds import encoder_state_bounds
 
 log = logging.getLogger(__name__)
 
@@ -289,11 +290,7 @@ def write_bundle(out_dir: str | Path, spec: BundleSpec) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info(
-        "bundle %s (%s) written to %s, fingerprint %s",
-        spec.name,
-        spec.method,
-        out,
-        manifest["fingerprint"][:12],
+        "bundle %s (%s) at %s, fingerprint %s", spec.name, spec.method, out, manifest["fingerprint"][:12]
     )
     return out
 
@@ -326,6 +323,8 @@ def _manifest(
         "token_scheme": index.token_scheme,
         "score_mode": spec.score_mode,
         "dims": graphs["dims"],
+        # the encoder's output range: cached states outside it are refused (training/state_bounds.py)
+        "state_bounds": encoder_state_bounds(spec.encoder, index.num_items, spec.max_history),
         "num_items": index.num_items,
         "num_nodes": index.num_nodes,
         "num_leaves": index.num_leaves,

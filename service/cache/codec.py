@@ -3,7 +3,9 @@
 A value is bound to the model that wrote it: its header carries a digest of the bundle fingerprint
 and the shapes ``T, D, Dr`` and dtype, and a reader accepts it only when all of them equal the
 :class:`StateSpec` the serving model expects for that request (``T`` = the request's history length),
-the length matches, the mask is 0/1 with a real item and every float is finite. With
+the length matches, the mask is 0/1 with a real item and every float lies within the model's range
+(``StateSpec.max_abs``: the bound the exporter recorded in the manifest's ``state_bounds``, or
+``DEFAULT_STATE_BOUND`` for a bundle without one; training/state_bounds.py). With
 ``GENRET_CACHE_HMAC_KEY`` set, an HMAC-SHA256 over the Redis key and the value closes it, so a value
 written by anyone without the key — or copied under another user's key — is refused. The caches in
 :mod:`service.cache.state_cache` treat anything refused as a miss (counted ``invalid``, deleted, recomputed).
@@ -31,6 +33,9 @@ _FLAG_HMAC = 1
 # magic, version, dtype code, flags, (pad), T, D, Dr, blake2b-128 of the bundle fingerprint
 _HEADER = struct.Struct("<4sBBBxIII16s")
 _TAG_BYTES = hashlib.sha256().digest_size
+# For bundles exported without ``state_bounds``: far above what a normalised encoder produces (its
+# outputs are O(1)-O(10)), far below where float32 scores overflow (3.4e38 / (Dr * |item_emb|)).
+DEFAULT_STATE_BOUND = 1e4
 
 
 class CacheFormatError(ValueError):
@@ -54,6 +59,20 @@ class StateSpec:
     length: int  # T: the request's (truncated) history length
     memory_dim: int  # D
     query_dim: int  # Dr
+    max_abs: float = DEFAULT_STATE_BOUND  # largest |value| the model's encoder can produce
+
+    def value_bytes(self, signed: bool) -> int:
+        """The exact size of a valid cached value for this spec (a reader never reads more)."""
+        t, d, dr = self.length, self.memory_dim, self.query_dim
+        return _HEADER.size + 4 * t * d + t + 4 * dr + (_TAG_BYTES if signed else 0)
+
+    def check_range(self, row: StateRow) -> None:
+        """Raise :class:`CacheFormatError` unless every value is finite and within ``max_abs``."""
+        for name, values in (("memory", row.memory), ("query", row.query)):
+            if not (np.abs(values) <= self.max_abs).all():  # NaN compares False: refused too
+                raise CacheFormatError(
+                    f"cached {name} holds values beyond the model's range |x| <= {self.max_abs:g}"
+                )
 
     def check(self, row: StateRow) -> None:
         """Raise :class:`CacheFormatError` unless ``row`` has exactly this spec's shapes."""
@@ -75,6 +94,7 @@ def _tag(hmac_key: bytes, key: str, body: bytes) -> bytes:
 def encode_state(row: StateRow, spec: StateSpec, *, key: str = "", hmac_key: bytes | None = None) -> bytes:
     """Header + memory (f32 LE) + mask (u8) + query (f32 LE) [+ HMAC tag over key and all before it]."""
     spec.check(row)
+    spec.check_range(row)
     t, d, dr = spec.length, spec.memory_dim, spec.query_dim
     flags = _FLAG_HMAC if hmac_key is not None else 0
     body = b"".join(
@@ -106,7 +126,7 @@ def decode_state(data: bytes, spec: StateSpec, *, key: str = "", hmac_key: bytes
     signed = bool(flags & _FLAG_HMAC)
     if signed != (hmac_key is not None) or flags & ~_FLAG_HMAC:
         raise CacheFormatError(f"cached value flags={flags} do not match this cache's signing setting")
-    size = _HEADER.size + 4 * t * d + t + 4 * dr
+    size = spec.value_bytes(signed=False)
     if len(data) != size + (_TAG_BYTES if signed else 0):
         raise CacheFormatError(f"cached value has {len(data)} bytes, its header says {size} (+ tag)")
     if hmac_key is not None and not hmac.compare_digest(data[size:], _tag(hmac_key, key, data[:size])):
@@ -119,11 +139,11 @@ def decode_state(data: bytes, spec: StateSpec, *, key: str = "", hmac_key: bytes
     query = np.frombuffer(data, dtype="<f4", count=dr, offset=off)  # [Dr]
     if mask.max(initial=0) > 1 or not mask.any():
         raise CacheFormatError("cached memory_mask is not 0/1 with at least one real item")
-    if not (np.isfinite(memory).all() and np.isfinite(query).all()):
-        raise CacheFormatError("cached states hold non-finite values")
-    return StateRow(
+    row = StateRow(
         memory=memory.astype(np.float32), memory_mask=mask.astype(bool), query=query.astype(np.float32)
     )
+    spec.check_range(row)
+    return row
 
 
 def history_hash(dense_history: np.ndarray) -> str:
@@ -145,6 +165,10 @@ class StateCodec:
 
     def encode(self, key: str, spec: StateSpec, row: StateRow) -> bytes:
         return encode_state(row, spec, key=key, hmac_key=self._hmac_key)
+
+    def value_bytes(self, spec: StateSpec) -> int:
+        """The size of a valid value for ``spec`` in this cache (with its tag when signing)."""
+        return spec.value_bytes(self._hmac_key is not None)
 
     def decode_many(
         self, keys: Sequence[str], specs: Sequence[StateSpec], values: Sequence[object]

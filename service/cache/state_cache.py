@@ -3,8 +3,16 @@
 One row of encoder states (``memory [T, D]``, ``memory_mask [T]``, ``query [Dr]``) is stored under
 ``genret:{bundle fingerprint}:{user key}:{history hash}`` as raw little-endian arrays after a small
 struct header — never pickle. Redis down or slow means no cache, never a failed request: short
-timeouts, no retries, one MGET per batch, one pipelined SET-with-TTL per batch, and a breaker that
-stops calling Redis after ``breaker_failures`` consecutive failures until a half-open probe succeeds.
+timeouts, no retries, one pipelined read per batch, one pipelined SET-with-TTL per batch, and a
+breaker that stops calling Redis after ``breaker_failures`` consecutive failures until a half-open
+probe succeeds.
+
+One key can never open the breaker for everyone: a read asks for at most one byte more than a
+valid value for that row can have (``GETRANGE key 0 size``, not ``GET``), so a huge value planted
+under one user's key costs no more to read than a valid one and is refused by its length; a key
+holding another Redis type answers that command alone with an error, which refuses that key only.
+Only a failure of the whole call (connection, timeout) counts against the breaker. Refused values
+are deleted with ``UNLINK`` (Redis frees them off its main thread).
 
 Values are bound to the model that wrote them (:mod:`service.cache.codec`): a value the serving
 model cannot use — another bundle's, wrong shapes, damaged, unsigned — is a miss, counted as
@@ -24,6 +32,7 @@ from typing import Literal, Protocol
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
 
 from service.cache.codec import CacheFormatError, StateCodec, StateRow, StateSpec
 from service.metrics import CACHE_RESULTS
@@ -166,8 +175,8 @@ def _encode_all(codec: StateCodec, rows: Mapping[str, tuple[StateSpec, StateRow]
     for key, (spec, row) in rows.items():
         try:
             out[key] = codec.encode(key, spec, row)
-        except CacheFormatError as exc:  # a row that does not fit its spec is not cached
-            log.error("not caching %s: %s", key, exc)
+        except CacheFormatError as exc:  # a row that does not fit its spec (or its range) is not cached
+            log.warning("not caching %s: %s", key, exc)
     return out
 
 
@@ -211,7 +220,7 @@ class RedisCache:
             CACHE_RESULTS.labels(result="breaker_open").inc(len(keys))
             return [None] * len(keys)
         try:
-            raw = await asyncio.wait_for(self._redis.mget(list(keys)), timeout=self._timeout_s * 2)
+            raw = await asyncio.wait_for(self._read(keys, specs), timeout=self._timeout_s * 2)
         except Exception as exc:  # any Redis trouble is a cache miss, never a failed request
             self._on_failure(exc)
             CACHE_RESULTS.labels(result="error").inc(len(keys))
@@ -223,6 +232,24 @@ class RedisCache:
         out, invalid = self._codec.decode_many(keys, specs, raw)
         if invalid:
             await self._delete(invalid)
+        return out
+
+    async def _read(self, keys: Sequence[str], specs: Sequence[StateSpec]) -> list[object]:
+        """Each key's value, at most one byte past the size a valid value for its spec has (longer
+        ones are refused by length); ``None`` for a missing key; a key of another Redis type gives
+        its error object (refused), without failing the others."""
+        pipe = self._redis.pipeline(transaction=False)
+        for key, spec in zip(keys, specs, strict=True):
+            pipe.getrange(key, 0, self._codec.value_bytes(spec))  # inclusive end: size + 1 bytes
+        values = await pipe.execute(raise_on_error=False)
+        out: list[object] = []
+        for value in values:
+            if isinstance(value, ResponseError):
+                out.append(value)  # e.g. WRONGTYPE: this key's problem, not Redis's
+            elif isinstance(value, BaseException):
+                raise value
+            else:
+                out.append(value or None)  # GETRANGE of a missing key is b""
         return out
 
     async def set_many(self, rows: Mapping[str, tuple[StateSpec, StateRow]]) -> None:
@@ -245,7 +272,7 @@ class RedisCache:
     async def _delete(self, keys: list[str]) -> None:
         """Drop refused values (best effort, bounded by the timeout; a failure only leaves them to expire)."""
         try:
-            await asyncio.wait_for(self._redis.delete(*keys), timeout=self._timeout_s * 2)
+            await asyncio.wait_for(self._redis.unlink(*keys), timeout=self._timeout_s * 2)
         except Exception as exc:
             log.warning("could not delete %d refused cache values: %s", len(keys), exc)
 

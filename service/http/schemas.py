@@ -194,9 +194,17 @@ class ReloadRequest(BaseModel):
 class ReloadOutcome(BaseModel):
     name: str
     old_version: str | None
-    new_version: str | None = Field(description="None when the model was unloaded.")
+    new_version: str | None = Field(
+        description="The version serving after the reload; None when the model was unloaded (or was "
+        "refused and had no serving version)."
+    )
     changed: bool
     removed: bool = Field(default=False, description="The model's bundle left the bundle path: unloaded.")
+    refused: str | None = Field(
+        default=None,
+        description="Why this bundle folder was refused (a bad name, a failed check or warm-up); its "
+        "serving version, if any, stays, and the other bundles were still loaded.",
+    )
 
 
 class ReloadResponse(BaseModel):

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from service.cache.codec import DEFAULT_STATE_BOUND
 from service.cache.state_cache import StateSpec
 from service.errors import BadBundle
 from service.settings import Settings
@@ -63,6 +64,7 @@ class LoadedModel:
     retired: Mapping[str, int] = field(default_factory=dict)  # removed raw id -> its dense id (histories)
     item_attributes: ItemAttributes | None = None  # of every dense id, added items included
     removed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [r] removed dense ids
+    state_bound: float = DEFAULT_STATE_BOUND  # largest |encoder output| (manifest state_bounds.max_abs)
 
     @property
     def num_items(self) -> int:
@@ -90,7 +92,7 @@ class LoadedModel:
 
     def state_spec(self, length: int) -> StateSpec:
         """What a cached encoder-state row of a ``length``-item history must be for this model."""
-        return StateSpec(self.fingerprint, length, self.memory_dim, self.query_dim)
+        return StateSpec(self.fingerprint, length, self.memory_dim, self.query_dim, self.state_bound)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -148,9 +150,19 @@ def load_model(name: str, path: Path, settings: Settings) -> LoadedModel:
         query_dim=int(dims["query"]),
         loaded_at=time.time(),
         item_attributes=bundle.item_attributes,
+        state_bound=state_bound(manifest_field(bundle.manifest, "state_bounds", None)),
     )
     warm(model, settings)
     return model
+
+
+def state_bound(recorded: Any) -> float:
+    """The manifest's ``state_bounds.max_abs`` (training/state_bounds.py) when it is a positive finite
+    number, else :data:`DEFAULT_STATE_BOUND` (bundles exported before the bound was recorded)."""
+    value = recorded.get("max_abs") if isinstance(recorded, dict) else None
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < float("inf"):
+        return float(value)
+    return DEFAULT_STATE_BOUND
 
 
 def warm(model: LoadedModel, settings: Settings) -> None:

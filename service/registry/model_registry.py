@@ -18,8 +18,12 @@ Names and the default model:
   change the default — unload ``GENRET_DEFAULT_MODEL``, or, without it, replace the only model by
   another name or add a second one — is refused with :class:`ReloadConflict` before anything loads,
   as is one that would unload a name :meth:`ModelRegistry.keep_loaded` protects (the experiment's).
-* A reload loads every new version first and swaps them in together, so a refused bundle leaves
-  every serving model as it was.
+* A reload loads every new version first and swaps them in together. A bundle folder that is refused
+  (a bad name, or a bundle that fails to load or warm) does not block the others: the reload reports
+  it (``refused`` in its outcome, ``genret_reloads_total{result="error"}``), keeps that model's
+  serving version if it has one, and loads the rest. A reload of one named model that is refused
+  raises :class:`BadBundle` and changes nothing. At start-up every bundle must load (no serving
+  version to fall back to): the first refusal fails it.
 """
 
 from __future__ import annotations
@@ -100,6 +104,14 @@ class ModelRegistry:
 
     def discover(self) -> dict[str, Path]:
         """Bundle name -> directory, from ``settings.bundle_path``; a bad name is :class:`BadBundle`."""
+        found, refused = self.discover_all()
+        if refused:
+            raise BadBundle(next(iter(refused.values())))
+        return found
+
+    def discover_all(self) -> tuple[dict[str, Path], dict[str, str]]:
+        """Bundle name -> directory, and folder name -> why it is refused (a bad model name), from
+        ``settings.bundle_path``. A single bundle with a bad name is :class:`BadBundle` at once."""
         root = self._settings.bundle_path
         if root is None:
             raise BadBundle("no bundle configured: set GENRET_BUNDLE_PATH")
@@ -110,16 +122,19 @@ class ModelRegistry:
                 name = str(json.loads((root / MANIFEST).read_text())["name"])
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise BadBundle(f"{root / MANIFEST}: cannot read the bundle name ({exc})") from exc
-            return {check_model_name(name, root): root}
-        # hidden directories (".partial" copies in flight) are never served
-        found = {
-            check_model_name(p.name, p): p
-            for p in sorted(root.iterdir())
-            if not p.name.startswith(".") and (p / MANIFEST).is_file()
-        }
-        if not found:
+            return {check_model_name(name, root): root}, {}
+        found: dict[str, Path] = {}
+        refused: dict[str, str] = {}
+        for p in sorted(root.iterdir()):  # hidden directories (".partial" copies in flight) are never served
+            if p.name.startswith(".") or not (p / MANIFEST).is_file():
+                continue
+            try:
+                found[check_model_name(p.name, p)] = p
+            except BadBundle as exc:
+                refused[p.name] = exc.message
+        if not found and not refused:
             raise BadBundle(f"GENRET_BUNDLE_PATH={root} holds no bundle (no */{MANIFEST})")
-        return found
+        return found, refused
 
     @property
     def default_name(self) -> str:
@@ -153,15 +168,18 @@ class ModelRegistry:
         """Make the served models match the bundle path (module docstring): load changed (or, with
         ``force``, all) bundles beside the serving ones, unload those gone, then swap all at once.
 
-        Raises :class:`ReloadConflict` when the default model would change, :class:`BadBundle` when a
-        bundle fails to load; either way nothing is swapped and the serving models stay.
+        Raises :class:`ReloadConflict` when the default model would change, and :class:`BadBundle`
+        when the one model named is refused; either way nothing is swapped. Without a name, refused
+        folders are reported (outcomes with ``refused``) and the rest swapped in.
         """
         with self._lock:
-            found = self.discover()
+            found, refused = self.discover_all()
             if name is None:
                 removed = [n for n in self._models if n not in found]
+            elif name in refused:
+                raise BadBundle(refused[name])
             elif name in found:
-                found, removed = {name: found[name]}, []
+                found, removed, refused = {name: found[name]}, [], {}
             elif name in self._models:
                 found, removed = {}, [name]
             else:
@@ -170,13 +188,25 @@ class ModelRegistry:
             needed = sorted(set(removed) & set(self._in_use()))
             if needed:
                 raise ReloadConflict(f"reload would unload {needed}, still named by the experiment file")
-            fresh = {
-                key: self._load(key, path)
-                for key, path in found.items()
-                if force or key not in self._models or read_fingerprint(path) != self._models[key].fingerprint
-            }
+            fresh: dict[str, LoadedModel] = {}
+            for key, path in found.items():
+                if (
+                    force
+                    or key not in self._models
+                    or read_fingerprint(path) != self._models[key].fingerprint
+                ):
+                    try:
+                        fresh[key] = self._load(key, path)
+                    except BadBundle as exc:
+                        if name is not None:
+                            raise
+                        refused[key] = exc.message
+            if refused:
+                kept = (set(self._models) - set(removed) - set(refused)) | set(fresh)
+                self._check_default(kept | (set(refused) & set(self._models)), ReloadConflict)
             outcomes = [self._outcome(key, self._models.get(key), new) for key, new in fresh.items()]
             outcomes += [self._outcome(key, self._models[key], None) for key in removed]
+            outcomes += [self._refused(key, self._models.get(key), why) for key, why in refused.items()]
             self._swap(fresh, removed)
             if outcomes:
                 collect_and_freeze()
@@ -226,6 +256,20 @@ class ModelRegistry:
             "new_version": None if new is None else new.version,
             "changed": old is None or new is None or old.fingerprint != new.fingerprint,
             "removed": new is None,
+        }
+
+    @staticmethod
+    def _refused(key: str, serving: LoadedModel | None, why: str) -> dict[str, Any]:
+        """A refused folder's outcome: its serving version (if any) stays."""
+        log.error("reload: %s refused, the rest loaded: %s", key, why)
+        version = None if serving is None else serving.version
+        return {
+            "name": key,
+            "old_version": version,
+            "new_version": version,
+            "changed": False,
+            "removed": False,
+            "refused": why,
         }
 
     def _load(self, name: str, path: Path) -> LoadedModel:

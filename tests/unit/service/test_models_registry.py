@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from benchmarks.synthetic_bundle import make_synthetic_bundle
-from models.search.beam import SCORE_MODES
+from models.index import SCORE_MODES
 from models.search.retriever import Retriever
 from service.errors import BadBundle, ReloadConflict, UnknownModel
 from service.registry.model_registry import LoadedModel, ModelRegistry
@@ -71,14 +71,23 @@ def test_good_names_load_and_the_state_spec_follows_the_model(tmp_path: Path) ->
     assert (spec.fingerprint, spec.length, spec.memory_dim, spec.query_dim) == ("fp1", 3, 8, 4)
 
 
-def test_a_bad_name_on_reload_is_refused_and_the_serving_models_stay(tmp_path: Path) -> None:
+def test_a_bad_name_on_reload_is_reported_and_the_other_bundles_still_load(tmp_path: Path) -> None:
     write_bundle(tmp_path, "main")
-    reg = registry(tmp_path)
+    write_bundle(tmp_path, "other")
+    reg = registry(tmp_path, default="main")
     reg.load_all()
     write_bundle(tmp_path, "Main2")
+    write_bundle(tmp_path, "other", fingerprint="fp2")
+    write_bundle(tmp_path, "third")
     with pytest.raises(BadBundle, match="'Main2'"):
-        reg.reload()
-    assert reg.names() == ["main"] and reg.get().name == "main"
+        registry(tmp_path, default="main").load_all()  # at start-up the first refusal fails it
+    outcomes = {o["name"]: o for o in reg.reload()}
+    assert "model name 'Main2' refused" in outcomes["Main2"]["refused"]
+    assert outcomes["Main2"]["new_version"] is None and outcomes["Main2"]["changed"] is False
+    assert outcomes["other"]["new_version"] == "fp2" and "refused" not in outcomes["other"]
+    assert reg.names() == ["main", "other", "third"] and reg.get("other").version == "fp2"
+    with pytest.raises(BadBundle, match="'Main2'"):
+        reg.reload("Main2")
 
 
 def test_several_models_need_a_default(tmp_path: Path) -> None:
@@ -142,7 +151,7 @@ def test_without_a_default_a_reload_may_not_add_or_switch_the_only_model(tmp_pat
     assert reg.reload()[0]["new_version"] == "fp2"  # the same name, a new version: allowed
 
 
-def test_a_bundle_that_fails_to_load_leaves_every_model_as_it_was(tmp_path: Path) -> None:
+def test_a_bundle_that_fails_to_load_keeps_its_version_and_the_others_still_load(tmp_path: Path) -> None:
     write_bundle(tmp_path, "a")
     write_bundle(tmp_path, "b")
     calls: list[str] = []
@@ -156,9 +165,11 @@ def test_a_bundle_that_fails_to_load_leaves_every_model_as_it_was(tmp_path: Path
     reg = ModelRegistry(Settings(bundle_path=tmp_path, default_model="a"), loader=flaky)
     reg.load_all()
     write_bundle(tmp_path, "a", fingerprint="fp2")
+    outcomes = {o["name"]: o for o in reg.reload()}
+    assert "damaged" in outcomes["b"]["refused"] and outcomes["b"]["new_version"] == "fp1"
+    assert reg.get("a").version == "fp2" and reg.get("b").version == "fp1"  # "b" keeps serving its old one
     with pytest.raises(BadBundle, match="damaged"):
-        reg.reload()
-    assert reg.get("a").version == "fp1"  # "a" loaded fine, but nothing is swapped when "b" fails
+        reg.reload("b")  # one named model refused: an error, nothing swapped
 
 
 def test_a_model_the_experiment_names_is_never_unloaded(tmp_path: Path) -> None:
