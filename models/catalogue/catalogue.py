@@ -354,8 +354,8 @@ def _centroid_sums(index: TreeIndex, emb: np.ndarray) -> np.ndarray:
     sums = np.zeros((index.num_nodes if buckets else index.leaf_start, emb.shape[1]), np.float64)
     order = index.leaf_items  # [N] dense ids sorted by leaf
     if deepest >= 1:  # in chunks of items: no [N, Dr] temporaries (at 1M items: ~0.5 GiB of peak RSS)
-        for lo in range(0, len(order), CENTROID_CHUNK):
-            rows = order[lo : lo + CENTROID_CHUNK]  # [c] a run of the leaf order
+        for begin in range(0, len(order), CENTROID_CHUNK):
+            rows = order[begin : begin + CENTROID_CHUNK]  # [c] a run of the leaf order
             nodes = index.item_path[rows, deepest - 1].astype(np.int64)  # [c] non-decreasing
             starts = np.flatnonzero(np.r_[True, nodes[1:] != nodes[:-1]])  # distinct nodes: += is safe
             sums[nodes[starts]] += np.add.reduceat(unit_rows(emb[rows]), starts, axis=0)
