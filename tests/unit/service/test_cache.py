@@ -188,3 +188,44 @@ def test_local_cache_refused_values_are_misses_counted_and_deleted() -> None:
         assert len(cache) == 0
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("value", [3e38, -20.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("field", ["memory", "query"])
+def test_values_beyond_the_models_range_are_refused_and_not_cached(value: float, field: str) -> None:
+    spec = StateSpec("fp-a", 5, 8, 4, max_abs=16.0)
+    row = make_row()
+    assert decode_state(encode_state(row, spec), spec).memory.shape == (5, 8)  # within range: served
+    memory = np.full((5, 8), value, np.float32) if field == "memory" else row.memory
+    query = np.full(4, value, np.float32) if field == "query" else row.query
+    bad = StateRow(memory=memory, memory_mask=row.memory_mask, query=query)
+    unbounded = StateSpec("fp-a", 5, 8, 4, max_abs=float("inf"))
+    if np.isfinite(value):  # a well-formed value of finite extremes, as a writer without the bound makes
+        with pytest.raises(CacheFormatError, match="range"):
+            decode_state(encode_state(bad, unbounded), spec)
+    with pytest.raises(CacheFormatError):
+        encode_state(bad, spec)  # a row outside the range is never written either
+
+
+def test_value_bytes_is_the_size_of_a_valid_value() -> None:
+    row = make_row()
+    assert SPEC.value_bytes(signed=False) == len(encode_state(row, SPEC))
+    key = cache_key("fp-a", "u", np.array([1, 2]))
+    assert SPEC.value_bytes(signed=True) == len(encode_state(row, SPEC, key=key, hmac_key=b"k" * 16))
+
+
+def test_the_bound_comes_from_the_manifest_or_a_safe_default() -> None:
+    from service.cache.codec import DEFAULT_STATE_BOUND
+    from service.registry.loaded_model import state_bound
+
+    assert state_bound({"max_abs": 12.5, "margin": 4.0}) == 12.5
+    for missing in (
+        None,
+        {},
+        {"max_abs": "x"},
+        {"max_abs": -1},
+        {"max_abs": float("inf")},
+        {"max_abs": True},
+    ):
+        assert state_bound(missing) == DEFAULT_STATE_BOUND
+    assert 1e3 <= DEFAULT_STATE_BOUND <= 1e6
