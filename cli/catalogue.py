@@ -161,9 +161,10 @@ def register_bench(group: Any) -> None:
     b = group.add_parser(
         "catalogue",
         help="p99 at concurrency 32 without and during POST /admin/items of N new items",
-        description="Serve a synthetic bundle (uvicorn subprocess), drive it closed loop at a fixed "
-        "concurrency, measure p99 without an add, then while 10,000 items (vectors given) are added "
-        "through POST /admin/items: the add's wall time, failed requests during it, p99 during vs without.",
+        description="Serve a synthetic bundle (uvicorn subprocesses sharing one delta directory), drive "
+        "the last replica closed loop at a fixed concurrency, measure p99 without an add, then while "
+        "10,000 items (vectors given) are added through POST /admin/items on the first: time until "
+        "the add is live on each replica, failed requests, p99 during vs without.",
     )
     b.add_argument("--items", type=int, default=1_000_000, help="catalogue size N")
     b.add_argument("--add", type=int, default=10_000, help="items added by the one POST /admin/items")
@@ -181,6 +182,12 @@ def register_bench(group: Any) -> None:
         type=float,
         default=None,
         help="GENRET_CATALOGUE_POLL_S of the served app (default: its own)",
+    )
+    b.add_argument(
+        "--replicas",
+        type=int,
+        default=2,
+        help="service processes sharing the delta directory: the first takes the add, the last the load",
     )
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench_catalogue)
@@ -220,7 +227,7 @@ def cmd_bench_catalogue(args: argparse.Namespace) -> int:
     cfg = CatalogueBenchConfig(
         items=args.items, add=args.add, levels=args.levels, dim=args.dim, concurrency=args.concurrency,
         baseline_s=args.baseline_s, k=args.k, beam_size=args.beam_size, threads=args.threads,
-        workdir=args.workdir, seed=args.seed, poll_s=args.poll_s,
+        workdir=args.workdir, seed=args.seed, poll_s=args.poll_s, replicas=args.replicas,
     )  # fmt: skip
     started = time.monotonic()
     code = run_catalogue_bench(cfg, as_json=args.json)
