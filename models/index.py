@@ -27,7 +27,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -42,6 +42,12 @@ _ARRAYS = (
     "item_path",
 )
 _FORMAT_VERSION = 1
+
+ScoreMode = Literal["logprob", "node"]
+"""How scores combine across levels: ``logprob`` (log-softmax over a beam's children, summed along the
+path: URI, SEATER) or ``node`` (a node's raw score, ranked across all expanded children: TDR). A
+bundle's manifest names it; the beam search reads it (:mod:`models.search.beam`)."""
+SCORE_MODES: tuple[str, ...] = ("logprob", "node")
 
 
 class IndexValidationError(ValueError):

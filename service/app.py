@@ -24,6 +24,7 @@ from service.cache.state_cache import CircuitBreaker, LocalCache, NoCache, Redis
 from service.catalogue.live import LiveCatalogue
 from service.engine.engine import Engine
 from service.engine.request_map import DEFAULT_VARIANT
+from service.engine.request_map import user_key as experiment_user_key
 from service.errors import PayloadTooLarge, error_response, install_error_handlers
 from service.http.routes import admin_router, router
 from service.http.schemas import RetrieveRequest
@@ -32,7 +33,6 @@ from service.registry.model_registry import ModelRegistry
 from service.settings import SHUTDOWN_CLOSE_S, Settings
 from service.shadow.agreement import Ranked
 from service.shadow.experiments import ExperimentHooks, ranked_from_result, router_from_settings
-from service.shadow.experiments import user_key as experiment_user_key
 from service.shadow.quality_monitor import QualityMonitor
 
 log = logging.getLogger(__name__)

@@ -39,9 +39,8 @@ import onnx
 from models.bundle.attributes import ItemAttributes
 from models.bundle.items import read_items
 from models.bundle.torch_files import TORCH_MODULES_FILE, TORCH_WEIGHTS_FILE, check_torch_files
-from models.index import IndexValidationError, TreeIndex
+from models.index import SCORE_MODES, IndexValidationError, ScoreMode, TreeIndex
 from models.nets.content_tower import CONTENT_FILE, ContentTower
-from models.search.beam import SCORE_MODES, ScoreMode
 
 SCHEMA_VERSION = 2
 """2: ``decoder.onnx`` is the incremental step (``cache`` in, ``cache_out`` out; ``dims.cache``)."""

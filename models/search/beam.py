@@ -34,12 +34,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from models.index import TreeIndex
+from models.index import SCORE_MODES, ScoreMode, TreeIndex
 
 Scorer = Callable[[Tensor, Tensor, Tensor], Tensor]
 """``(beam_query [Bb] int64, prefix [Bb, S] int64 global ids root first, candidates [Bb, C] int64,
@@ -61,10 +61,6 @@ class StepScorer(Protocol):
     def step(
         self, beam_query: Tensor, prefix: Tensor, candidates: Tensor, cache: Tensor
     ) -> tuple[Tensor, Tensor]: ...
-
-
-ScoreMode = Literal["logprob", "node"]
-SCORE_MODES: tuple[str, ...] = ("logprob", "node")
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ import torch
 from torch import Tensor
 
 from models.bundle.backend import BackendScorer
-from models.search.beam import DeviceTrie, NodeKeys, ScoreMode, beam_start
+from models.index import ScoreMode
+from models.search.beam import DeviceTrie, NodeKeys, beam_start
 from models.search.retrieval_types import RetrievalResult
 from models.search.staged import StagedSearch
 

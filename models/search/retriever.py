@@ -28,8 +28,8 @@ from torch import Tensor
 from models.bundle.backend import BackendScorer, DecoderBackend
 from models.bundle.bundle import Bundle
 from models.bundle.torch_backend import bundle_backend
-from models.index import TreeIndex
-from models.search.beam import BeamResult, BeamState, DeviceTrie, ScoreMode, beam_start
+from models.index import ScoreMode, TreeIndex
+from models.search.beam import BeamResult, BeamState, DeviceTrie, beam_start
 from models.search.beam_policy import beam_for_k, default_beam, smallest_leaves_cumsum
 from models.search.constraints import (
     EXACT_ALLOW_ITEMS,

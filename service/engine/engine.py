@@ -14,7 +14,7 @@ them into HTTP models (:mod:`service.http.responses`). Its parts, one module per
   search + rerank, or brute force), grouped by bundle (and beam width), each row cut to its own k.
   With ``GENRET_PIPELINE`` on (``auto``: two or more usable cores), prepare runs on its own thread,
   so the next batch is encoded while the current one is searched (:mod:`service.engine.batcher`);
-* the staged shadow executor (:mod:`service.shadow.executor`): shadow copies, run in stages that give
+* the staged shadow executor (:mod:`service.engine.shadow_executor`): shadow copies, run in stages that give
   way to primary batches, on a low-priority thread.
 """
 
@@ -42,7 +42,9 @@ from service.engine.compute import (
 )
 from service.engine.jobs import BatcherConfig, Job, Stages
 from service.engine.request_map import Mapped, RequestMapper, VariantRouter
+from service.engine.request_map import user_key as experiment_user_key
 from service.engine.results import Retrieval, answered, popular
+from service.engine.shadow_executor import ShadowExecutor, StageHook
 from service.engine.states import Row
 from service.engine.strategy import SearchStrategy, strategy_for
 from service.errors import LimitExceeded, Unavailable
@@ -50,8 +52,6 @@ from service.http.schemas import RetrieveRequest
 from service.metrics import FALLBACKS, INFLIGHT, STAGE_SECONDS, UNKNOWN_HISTORY_ITEMS
 from service.registry.model_registry import ModelRegistry
 from service.settings import Settings
-from service.shadow.executor import ShadowExecutor, StageHook
-from service.shadow.experiments import user_key as experiment_user_key
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ class Engine:
     async def run_shadow(self, request: RetrieveRequest, *, on_stage: StageHook | None = None) -> Retrieval:
         """A shadow copy (``request.model`` names the shadow bundle), run in stages that give way to
         primary batches (:meth:`run_staged`); no listener, not counted in flight. Raises
-        :class:`service.shadow.agreement.ShadowStale` when it waited more than ``shadow_max_age_s`` for
+        :class:`service.engine.shadow_executor.ShadowStale` when it waited more than ``shadow_max_age_s`` for
         the primary to idle."""
         if self.draining:
             raise Unavailable("shutting down: shadow copy dropped")
@@ -193,7 +193,7 @@ class Engine:
     ) -> RowResult:
         """One mapped row (a non-empty history) off the primary path: cache, encode and each search
         stage of ``strategy`` (the engine's own when None) start only while the batcher is idle
-        (:mod:`service.shadow.executor`). The shadow lane and the quality monitor run through this."""
+        (:mod:`service.engine.shadow_executor`). The shadow lane and the quality monitor run through this."""
         if self.draining:
             raise Unavailable("shutting down: shadow copy dropped")
         return await self.shadow.run(mapped.row_input(), on_stage, strategy)

@@ -16,6 +16,7 @@ ids encoded, carries what the cached state depends on; removed items still encod
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -41,6 +42,17 @@ HISTORY_SKIPPED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+
+
+def user_key(user_id: str | None, history: Sequence[str] = ()) -> str:
+    """The assignment key: ``u:<user_id>``, else ``h:<hash of the history ids>`` (anonymous users)."""
+    if user_id:
+        return f"u:{user_id}"
+    h = hashlib.blake2b(digest_size=12)
+    for item in history:
+        h.update(str(item).encode())
+        h.update(b"\x1f")
+    return f"h:{h.hexdigest()}"
 
 
 class VariantRouter(Protocol):

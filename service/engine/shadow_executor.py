@@ -9,7 +9,7 @@ the batcher, and two mechanisms keep them off the primary's path:
    queued, forming or computing). A primary batch that arrives mid-copy overlaps with at most the
    one stage already running (about a millisecond for one row), never with a whole shadow
    retrieve; the copy goes on when the primary work is done. A copy that spends more than
-   ``shadow_max_age_s`` giving way is abandoned with :class:`service.shadow.lane.ShadowStale` (counted
+   ``shadow_max_age_s`` giving way is abandoned with :class:`ShadowStale` (counted
    as dropped, ``stale``).
 2. A low-priority thread. The stages run on the batcher's background thread
    (:meth:`Batcher.run_low_priority`, OS nice 19), not on the compute thread: a primary batch is
@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from prometheus_client import Counter
+
 from models.search.retriever import EncoderStates
 from service.cache.codec import StateRow
 from service.cache.state_cache import StateCache
@@ -38,10 +40,22 @@ from service.engine.compute import FreshRows, RowInput, RowResult, state_spec
 from service.engine.states import host_rows, stack_states
 from service.engine.strategy import SearchStrategy
 from service.errors import Unavailable
-from service.shadow.agreement import ShadowStale
-from service.shadow.lane import SHADOW_YIELDS
+from service.metrics import REGISTRY
 
 T = TypeVar("T")
+
+SHADOW_YIELDS = Counter(
+    "genret_shadow_yields_total",
+    "Times a running shadow copy paused between two stages because primary work was waiting.",
+    ["shadow"],
+    registry=REGISTRY,
+)
+
+
+class ShadowStale(Exception):
+    """Raised by ``run_shadow`` when a copy waited too long for spare capacity between its stages;
+    the lane counts it as ``genret_shadow_dropped_total{reason="stale"}`` (not as an error)."""
+
 
 # on_stage(stage name): called on the event loop just before each shadow stage runs (tracing, tests)
 StageHook = Callable[[str], None]

@@ -12,11 +12,6 @@ from typing import Generic, TypeVar
 Req = TypeVar("Req")
 
 
-class ShadowStale(Exception):
-    """Raised by ``run_shadow`` when a copy waited too long for spare capacity between its stages;
-    the lane counts it as ``genret_shadow_dropped_total{reason="stale"}`` (not as an error)."""
-
-
 # ---- agreement measures (pure) ------------------------------------------------------------------
 
 

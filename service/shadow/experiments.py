@@ -27,12 +27,13 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
 
+from service.engine.request_map import user_key
 from service.metrics import REGISTRY
 from service.settings import Settings
 from service.shadow.agreement import Ranked, ShadowJob
@@ -78,17 +79,6 @@ def unit_hash(salt: str, *parts: str) -> float:
         h.update(part.encode())
         h.update(b"\x1f")  # unit separator: ("ab", "c") and ("a", "bc") differ
     return int.from_bytes(h.digest(), "big") / 2.0**64
-
-
-def user_key(user_id: str | None, history: Sequence[str] = ()) -> str:
-    """The assignment key: ``u:<user_id>``, else ``h:<hash of the history ids>`` (anonymous users)."""
-    if user_id:
-        return f"u:{user_id}"
-    h = hashlib.blake2b(digest_size=12)
-    for item in history:
-        h.update(str(item).encode())
-        h.update(b"\x1f")
-    return f"h:{h.hexdigest()}"
 
 
 class ExperimentRouter:

@@ -34,8 +34,9 @@ from typing import Generic, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from service.engine.shadow_executor import ShadowStale
 from service.metrics import LATENCY_BUCKETS, REGISTRY
-from service.shadow.agreement import Agreement, Ranked, ShadowJob, ShadowStale
+from service.shadow.agreement import Agreement, Ranked, ShadowJob
 from service.shadow.log import ShadowLog, make_record
 
 log = logging.getLogger(__name__)
@@ -79,12 +80,6 @@ SHADOW_DROPPED = Counter(
     "genret_shadow_dropped_total",
     "Shadow copies dropped before running, by reason (queue_full, stale, shutdown, unbound).",
     ["reason"],
-    registry=REGISTRY,
-)
-SHADOW_YIELDS = Counter(
-    "genret_shadow_yields_total",
-    "Times a running shadow copy paused between two stages because primary work was waiting.",
-    ["shadow"],
     registry=REGISTRY,
 )
 SHADOW_QUEUE_DEPTH = Gauge(

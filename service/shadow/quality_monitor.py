@@ -4,7 +4,7 @@ exact inner-product top-K over the same catalogue version: the staleness alarm o
 For a sampled request (``GENRET_QUALITY_SAMPLE``, default 0.01; 0 = off) the monitor, a listener
 of the engine's primary results, queues ``(request, served answer)`` in a small bounded queue (full ->
 dropped and counted; nothing on the primary path waits). One worker takes samples one at a time and
-runs, through :meth:`service.engine.engine.Engine.run_staged` (:mod:`service.shadow.executor`: stages that each wait for an idle
+runs, through :meth:`service.engine.engine.Engine.run_staged` (:mod:`service.engine.shadow_executor`: stages that each wait for an idle
 primary batcher, on the low-priority thread; a sample that gives way for longer than
 ``GENRET_SHADOW_MAX_AGE_S`` is dropped as ``stale``):
 
@@ -45,11 +45,12 @@ from models.search.staged import StagedSearch
 from service.engine.compute import RowResult
 from service.engine.request_map import Mapped
 from service.engine.results import Retrieval
+from service.engine.shadow_executor import ShadowStale
 from service.engine.strategy import Allow, Fill, SearchStrategy
 from service.http.schemas import RetrieveRequest
 from service.metrics import REGISTRY
 from service.registry.model_registry import LoadedModel
-from service.shadow.agreement import ShadowStale, overlap_at_k
+from service.shadow.agreement import overlap_at_k
 
 log = logging.getLogger(__name__)
 
