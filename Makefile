@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install redis demo test lint fmt clean bench wrk gpu-check wheels
+.PHONY: install redis promtool demo test lint fmt clean bench wrk gpu-check wheels
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,7 +27,14 @@ redis:
 demo: install
 	$(BIN)/python -m cli.demo
 
-test: install redis
+# promtool checks and unit-tests the alert rules (tests/unit/test_alert_rules.py); Debian's
+# `prometheus` package ships it.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  echo "installing promtool (apt: prometheus)"; \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus) >/dev/null; }
+
+test: install redis promtool
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 wrk:

@@ -1,4 +1,4 @@
-"""Static-shape retrieval, and its capture as CUDA graphs (the serving hot path on ``cuda``).
+"""Static-shape retrieval, the search that CUDA graphs capture (the serving hot path on ``cuda``).
 
 Why: eager retrieval on a GPU launches a few hundred small kernels per batch from Python (the
 encoder, one decoder step per level, the top-k of every level, the rerank) and reads counts back
@@ -16,27 +16,24 @@ A graph needs static shapes and no host reads, so :func:`static_retrieve` is the
   which needs the counts on the host; the candidate *sets* are the same).
 
 History and exclusion table travel in one ``int64`` host array (one host-to-device copy), the
-outputs in two device-to-host copies. :func:`static_retrieve` is plain tensor code: it runs
-eagerly on any device (the tests hold it to :meth:`models.search.retriever.Retriever.retrieve` on the
-CPU), and :class:`GraphRunner` captures it per ``(bucket, T, E, k, beam)`` key on ``cuda``.
-A capture that fails disables the runner (logged; eager retrieval serves on).
+outputs in two device-to-host copies. :func:`static_search` is the same search from encoder states
+(:func:`pack_states`: the service's path, states encoded or taken from its cache). Both are plain
+tensor code: they run eagerly on any device (the tests hold them to
+:meth:`models.search.retriever.Retriever.retrieve` / ``search`` on the CPU), and
+:class:`models.search.graph_runner.GraphRunner` captures them per shape key on ``cuda``.
 
 Catalogue versions (docs/live_catalogue.md): the static search reads a version's dead nodes (no
 live item below: never expanded), its decoder aliases (an added leaf scored as an existing node)
 and its live items (a removed item neither fills nor empties a leaf), all as tensors of fixed
 shape per version. A graph holds the tables of the version it was captured on, so
-:meth:`GraphRunner.for_version` captures the next version's graphs, for every shape the serving
+:meth:`models.search.graph_runner.GraphRunner.for_version` captures the next version's graphs, for every shape the serving
 runner holds, before that version is swapped in (:meth:`models.search.retriever.Retriever.with_catalogue`
 runs on the catalogue thread, off the request path): every version serves at version 0's speed.
 """
 
-
 from __future__ import annotations
 
-import logging
-import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -46,21 +43,15 @@ from torch import Tensor
 from models.bundle.backend import BackendScorer
 from models.index import ScoreMode
 from models.search.beam import DeviceTrie, NodeKeys, beam_start
-from models.search.retrieval_types import RetrievalResult
+from models.search.retrieval_types import EncoderStates, RetrievalResult
 from models.search.staged import StagedSearch
 
 if TYPE_CHECKING:
     from models.bundle.backend import DecoderBackend
     from models.search.beam import BeamResult
 
-log = logging.getLogger(__name__)
-
 EXCLUDE_PAD = np.iinfo(np.int64).max
 """Pads the sorted exclusion table (never a dense item id)."""
-MAX_GRAPHS = 64
-"""Captured shapes kept per retriever; further shapes run eagerly (each graph holds its own buffers)."""
-MAX_STATIC_CANDIDATES = 1 << 16
-"""Largest ``beam * max_leaf`` served by a graph (the fixed candidate layout grows with the largest leaf)."""
 
 
 class StaticTables(Protocol):
@@ -104,22 +95,54 @@ def pack_requests(
     B = len(histories)
     if B == 0 or rows < B:
         raise ValueError(f"need 1 <= len(histories) <= rows, got {B} and {rows}")
-    excl = [np.unique(np.asarray(e, np.int64).reshape(-1)) for e in exclude] if exclude is not None else []
-    if exclude is not None and len(excl) != B:
-        raise ValueError(f"exclude has {len(excl)} rows, the batch has {B}")
-    E = bucket(max((len(e) for e in excl), default=1))
-    packed = np.zeros((rows, max_history + E), np.int64)  # [rows, T + E]
-    packed[:, max_history:] = EXCLUDE_PAD
+    excl = pack_exclusions(exclude, B, rows)  # [rows, E]
+    packed = np.zeros((rows, max_history + excl.shape[1]), np.int64)  # [rows, T + E]
+    packed[:, max_history:] = excl
     for i, h in enumerate(histories):
         recent = np.asarray(h, dtype=np.int64).reshape(-1)[-max_history:]
         if len(recent):
             packed[i, max_history - len(recent) : max_history] = recent
-    for i, e in enumerate(excl):
-        packed[i, max_history : max_history + len(e)] = e
     history = packed[:B, :max_history]
     if history.min() < 0 or history.max() > num_items:
         raise ValueError(f"history holds ids outside 0..{num_items} (dense ids, 0 = padding)")
     return packed
+
+
+def pack_exclusions(exclude: Sequence[np.ndarray] | None, batch: int, rows: int) -> np.ndarray:
+    """``-> [rows, E] int64``: each row's exclusions sorted and deduplicated, padded with
+    :data:`EXCLUDE_PAD`; ``E`` the power of two holding the longest row (rows past ``batch``: none)."""
+    excl = [np.unique(np.asarray(e, np.int64).reshape(-1)) for e in exclude] if exclude is not None else []
+    if exclude is not None and len(excl) != batch:
+        raise ValueError(f"exclude has {len(excl)} rows, the batch has {batch}")
+    out = np.full((rows, bucket(max((len(e) for e in excl), default=1))), EXCLUDE_PAD, np.int64)
+    for i, e in enumerate(excl):
+        out[i, : len(e)] = e
+    return out
+
+
+def pack_states(
+    states: EncoderStates,
+    exclude: Sequence[np.ndarray] | None,
+    rows: int,
+    max_history: int,
+    device: torch.device,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A batch's encoder states in :func:`static_search`'s shapes, on ``device``:
+    ``(memory [rows, max_history, D], mask [rows, max_history], query [rows, Dr] float32,
+    excl [rows, E])``; memory left-padded (masked positions: no decoder reads them), rows past the
+    batch empty."""
+    B, T, D = states.memory.shape
+    if max_history < T or rows < B:
+        raise ValueError(f"states of {B} rows x {T} positions do not fit {rows} x {max_history}")
+    dev = device
+    memory = torch.zeros(rows, max_history, D, dtype=states.memory.dtype, device=dev)
+    memory[:B, max_history - T :] = states.memory.to(dev)
+    mask = torch.zeros(rows, max_history, dtype=torch.bool, device=dev)
+    mask[:B, max_history - T :] = states.memory_mask.to(dev)
+    query = torch.zeros(rows, states.query.shape[1], dtype=torch.float32, device=dev)
+    query[:B] = states.query.to(dev, torch.float32)
+    excl = torch.from_numpy(pack_exclusions(exclude, B, rows)).to(dev)
+    return memory, mask, query, excl
 
 
 def static_leaf_candidates(tables: StaticTables, leaves: Tensor) -> tuple[Tensor, Tensor]:
@@ -172,14 +195,23 @@ def static_retrieve(
 ) -> tuple[Tensor, Tensor]:
     """``packed [B, T+E]`` (:func:`pack_requests`, on the device) -> ``(ints [B, k+b+2] int64,
     scores [B, k] float32)``; ``ints`` = items ``[:k]`` (0 pad) | leaves ``[k:k+b]`` (-1 pad) |
-    candidates after exclusion | items scored. The search's own stages
-    (:class:`models.search.staged.StagedSearch`) with :func:`static_rerank` as the last one; static
-    shapes, no host read: capturable."""
-    B = packed.shape[0]
+    candidates after exclusion | items scored. Encode, then :func:`static_search`; static shapes,
+    no host read: capturable."""
     history = packed[:, :history_len]  # [B, T]
     excl = packed[:, history_len:].contiguous()  # [B, E] sorted, padded high
     mask = history > 0  # [B, T]
     memory, query = tables.backend.encode(history, mask)  # [B,T,D], [B,Dr]
+    return static_search(tables, memory, mask, query, excl, k, beam_size)
+
+
+def static_search(
+    tables: StaticTables, memory: Tensor, mask: Tensor, query: Tensor, excl: Tensor, k: int, beam_size: int
+) -> tuple[Tensor, Tensor]:
+    """Encoder states ``memory [B,T,D]``, ``mask [B,T]``, ``query [B,Dr]`` and exclusions ``excl
+    [B,E]`` -> :func:`static_retrieve`'s outputs (what the service searches with: states it
+    encoded or took from its cache). The search's own stages
+    (:class:`models.search.staged.StagedSearch`) with :func:`static_rerank` as the last one."""
+    B = memory.shape[0]
     blocked = static_blocked_keys(tables, excl)
     start = beam_start(tables.trie, B, beam_size, tables.score_mode, tables.dead_nodes, blocked)
 
@@ -221,102 +253,3 @@ def unpack_result(ints: np.ndarray, scores: np.ndarray, batch: int, k: int) -> R
         leaves=ints[:batch, k:-2],
         num_scored=ints[:batch, -1],
     )
-
-
-@dataclass
-class Captured:
-    graph: torch.cuda.CUDAGraph
-    packed: Tensor  # [B, T+E] the static input the graph reads
-    ints: Tensor  # [B, k+b+2] static outputs the graph writes
-    scores: Tensor  # [B, k]
-
-
-class GraphRunner:
-    """CUDA graphs of :func:`static_retrieve`, captured lazily per shape key, replayed under a lock.
-
-    :meth:`retrieve` returns ``None`` where a graph cannot serve (batch over ``max_batch``, too many
-    candidates, graphs disabled after a failed capture, or ``MAX_GRAPHS`` shapes held): the caller
-    then runs the eager path.
-    """
-
-    def __init__(self, tables: StaticTables, max_batch: int = 1024) -> None:
-        if tables.device.type != "cuda" or tables.backend.name != "torch":
-            raise ValueError("CUDA graphs need the torch backend on a cuda device")
-        self.tables = tables
-        self.max_batch = max_batch
-        self.graphs: dict[tuple[int, int, int, int, int], Captured] = {}
-        self.disabled: str | None = None  # why graphs stopped serving (a failed capture)
-        self._lock = threading.Lock()
-
-    def retrieve(
-        self, histories: Sequence[np.ndarray], k: int, beam_size: int, exclude: Sequence[np.ndarray] | None
-    ) -> RetrievalResult | None:
-        r = self.tables
-        B = len(histories)
-        if self.disabled or self.max_batch < B or beam_size * r.max_leaf_size > MAX_STATIC_CANDIDATES:
-            return None
-        if r.leaf_items.numel() == 0:  # every item removed: the eager path answers the empty lists
-            return None
-        packed = pack_requests(histories, exclude, bucket(B), r.max_history, r.encoder_items)
-        key = (packed.shape[0], r.max_history, packed.shape[1] - r.max_history, k, beam_size)
-        with self._lock:
-            cap = self.graphs.get(key)
-            if cap is None:
-                if len(self.graphs) >= MAX_GRAPHS:
-                    return None
-                cap = self._capture(key)
-                if cap is None:
-                    return None
-                self.graphs[key] = cap
-            try:
-                with torch.inference_mode():  # the static buffers were made as inference tensors
-                    cap.packed.copy_(torch.from_numpy(packed))  # the one host-to-device copy
-                    cap.graph.replay()
-                    ints, scores = cap.ints.cpu().numpy(), cap.scores.cpu().numpy()  # the sync
-            except RuntimeError as exc:  # a replay that fails must not fail the request
-                self.disabled = f"replay of {key} failed: {type(exc).__name__}: {exc}"[:500]
-                log.warning("CUDA graphs disabled, eager retrieval serves: %s", self.disabled)
-                return None
-        return unpack_result(ints, scores, B, k)
-
-    def for_version(self, tables: StaticTables) -> GraphRunner | None:
-        """A runner over another catalogue version's ``tables`` with this runner's shapes captured
-        already (call it before that version serves: the captures run on the caller's thread).
-        ``None`` when graphs are off here (a failed capture stays failed for the bundle)."""
-        if self.disabled:
-            return None
-        out = GraphRunner(tables, self.max_batch)
-        with self._lock:
-            keys = list(self.graphs)
-        for key in keys:
-            cap = out._capture(key)
-            if cap is None:
-                return None
-            out.graphs[key] = cap
-        if keys:
-            log.info("captured %d CUDA graphs for a new catalogue version", len(keys))
-        return out
-
-    def _capture(self, key: tuple[int, int, int, int, int]) -> Captured | None:
-        rows, T, E, k, beam = key
-        dev = self.tables.device
-        try:
-            with torch.inference_mode():
-                packed = torch.zeros(rows, T + E, dtype=torch.int64, device=dev)
-                packed[:, T:] = EXCLUDE_PAD
-                side = torch.cuda.Stream(dev)
-                side.wait_stream(torch.cuda.current_stream(dev))
-                with torch.cuda.stream(side):  # warm-up off the capture: lazy init, kernel choice
-                    for _ in range(2):
-                        static_retrieve(self.tables, packed, T, k, beam)
-                torch.cuda.current_stream(dev).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    ints, scores = static_retrieve(self.tables, packed, T, k, beam)
-        except RuntimeError as exc:  # e.g. an op that syncs the host: serve eagerly from now on
-            self.disabled = f"capture of {key} failed: {type(exc).__name__}: {exc}"[:500]
-            log.warning("CUDA graphs disabled, eager retrieval serves: %s", self.disabled)
-            torch.cuda.synchronize(dev)
-            return None
-        log.info("captured a CUDA graph for (batch, T, E, k, beam) = %s", key)
-        return Captured(graph=graph, packed=packed, ints=ints, scores=scores)

@@ -39,7 +39,7 @@ from models.search.constraints import (
     item_member,
     node_keys,
 )
-from models.search.graphs import GraphRunner
+from models.search.graph_runner import GraphRunner
 from models.search.retrieval_types import DeviceRows, EncoderStates, RetrievalResult, check_search_args
 from models.search.staged import StagedSearch
 

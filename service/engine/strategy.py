@@ -6,7 +6,10 @@ both use.
   allow-lists cut its branches), then the rerank of the beam's leaf items
   (:class:`models.search.retriever.Retriever`); a row left with fewer than k items is filled by exact
   search over what it may return (``RetrievalResult.dense_filled``). Rows search together only with rows of the
-  same beam width.
+  same beam width. Where the retriever holds CUDA graphs (torch backend on ``cuda``) a batch with
+  no allow-list runs as one ``"graph"`` stage: the captured static-shape search from its encoder
+  states, then the fill (:meth:`models.search.graph_runner.GraphRunner.search`); a batch a graph
+  cannot serve (a new shape past the cap, too many exclusions, a failed capture) runs eagerly.
 * :class:`BruteForceSearch`: exact inner-product top-K over the live items
   (:func:`models.search.bruteforce.bruteforce_topk`; a row with an allow-list over its allowed items);
   the beam width does not matter.
@@ -82,9 +85,21 @@ class GenerativeSearch:
         allow: Allow = None,
         fill: Fill = False,
     ) -> StagedRun:
-        """The retriever's own stages (:meth:`models.search.retriever.Retriever.staged_search`):
-        each beam-search level, then ``"rerank"``."""
-        return model.retriever.staged_search(
+        """One ``"graph"`` stage where a CUDA graph may serve the batch (module docstring), else the
+        retriever's own stages (:meth:`models.search.retriever.Retriever.staged_search`): each
+        beam-search level, then ``"rerank"``."""
+        retriever = model.retriever
+        graphs = retriever.graphs
+        if allow is None and graphs is not None and graphs.serves(states.batch_size, beam_size):
+
+            def graphed() -> RetrievalResult:
+                found = graphs.search(states, k, beam_size, exclude, fill)
+                if found is None:  # this shape cannot be captured or replayed: eagerly
+                    return retriever.search(states, k, beam_size, exclude, fill=fill)
+                return found
+
+            return _OneStage(graphed, "graph")
+        return retriever.staged_search(
             states, k=k, beam_size=beam_size, exclude=exclude, allow=allow, fill=fill
         )
 
@@ -151,14 +166,15 @@ class BruteForceSearch:
         fill: Fill = False,
     ) -> StagedRun:
         """One stage, ``"bruteforce"`` (exact: ``fill`` has nothing to add)."""
-        return _OneStage(lambda: self.search(model, states, k, beam_size, exclude, allow))
+        return _OneStage(lambda: self.search(model, states, k, beam_size, exclude, allow), "bruteforce")
 
 
 class _OneStage:
-    """A search with a single stage, ``"bruteforce"``."""
+    """A search with a single stage (``"bruteforce"``, or ``"graph"``: a captured search)."""
 
-    def __init__(self, run: Callable[[], RetrievalResult]) -> None:
+    def __init__(self, run: Callable[[], RetrievalResult], name: str) -> None:
         self._run = run
+        self._name = name
         self._found: RetrievalResult | None = None
 
     @property
@@ -167,15 +183,15 @@ class _OneStage:
 
     @property
     def next_stage(self) -> str:
-        return "bruteforce"
+        return self._name
 
     def step(self) -> str:
         self._found = self._run()
-        return "bruteforce"
+        return self._name
 
     def result(self) -> RetrievalResult:
         if self._found is None:
-            raise RuntimeError("the brute-force stage has not run")
+            raise RuntimeError(f"the {self._name} stage has not run")
         return self._found
 
 

@@ -17,14 +17,15 @@ import torch
 
 from models.bundle.bundle import Bundle, load_bundle
 from models.catalogue.catalogue import Catalogue, Delta, NewItem
+from models.search.graph_runner import GraphRunner
 from models.search.graphs import (
     EXCLUDE_PAD,
-    GraphRunner,
     bucket,
     pack_requests,
     static_retrieve,
     unpack_result,
 )
+from models.search.retrieval_types import RetrievalResult
 from models.search.retriever import Retriever
 
 from .conftest import DIM, MAX_HISTORY, NUM_ITEMS, build_tiny_model
@@ -160,3 +161,52 @@ def test_graphs_are_refused_off_cuda_and_ignored_by_the_cpu_retriever(tiny_bundl
     assert retriever.graphs is None  # the option only takes effect with torch on cuda
     with pytest.raises(ValueError, match="torch backend on a cuda device"):
         GraphRunner(retriever)
+
+
+def assert_same_result(got: RetrievalResult, want: RetrievalResult) -> None:
+    np.testing.assert_array_equal(got.items, want.items)
+    np.testing.assert_allclose(got.scores, want.scores, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(got.leaves, want.leaves)
+    np.testing.assert_array_equal(got.num_candidates, want.num_candidates)
+    np.testing.assert_array_equal(got.num_scored, want.num_scored)
+    np.testing.assert_array_equal(got.dense_filled, want.dense_filled)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_runner_from_encoder_states_matches_eager_search_with_the_fill(
+    node_bundle_dir: Path, backend: str
+) -> None:
+    """The service's graphed path (GraphRunner.search: states padded to static shapes, the static
+    search, the dense fill after it) returns what the eager Retriever.search does, on version 0 and
+    on a grown catalogue version; run eagerly (capture=False), as the CPU allows."""
+    bundle = load_bundle(node_bundle_dir)
+    base = Retriever(bundle, "cpu", backend, intra_op_threads=1)
+    rng = np.random.default_rng(21)
+    filled_rows = 0
+    for served in (base, base.with_catalogue(grown_versions(bundle)[-1])):
+        runner = GraphRunner(served, capture=False)
+        for sizes, k, beam in (((1, 4, MAX_HISTORY), 8, 2), ((3, 2, 5, 1, 6), 12, 1), ((2,), 5, 8)):
+            histories = [rng.integers(1, NUM_ITEMS + 1, size=n) for n in sizes]
+            states = served.encode(histories)  # T = the longest history here, not max_history
+            exclude = [np.concatenate([h, rng.integers(1, NUM_ITEMS + 1, size=3)]) for h in histories]
+            targets = [k - i % 3 for i in range(len(histories))]
+            for fill in (False, True, targets):
+                got = runner.search(states, k, beam, exclude, fill)
+                assert got is not None
+                want = served.search(states, k, beam, exclude, fill=fill)
+                assert_same_result(got, want)
+                filled_rows += int(np.count_nonzero(np.asarray(want.dense_filled)))
+            plain = runner.retrieve(histories, k, beam, exclude)
+            assert plain is not None
+            np.testing.assert_array_equal(plain.items, served.retrieve(histories, k, beam, exclude).items)
+    assert filled_rows > 0  # the fill after the static search was exercised
+
+
+def test_runner_declines_what_static_shapes_cannot_hold(tiny_bundle_dir: Path) -> None:
+    retriever = Retriever(load_bundle(tiny_bundle_dir), "cpu", "torch", intra_op_threads=1)
+    runner = GraphRunner(retriever, max_batch=2, capture=False)
+    states = retriever.encode([np.array([1, 2]), np.array([3]), np.array([4])])
+    assert not runner.serves(3, 4) and runner.search(states, 5, 4, None) is None  # batch over max_batch
+    wide = [np.arange(1, 700)]  # an exclusion table past MAX_STATIC_EXCLUDE
+    assert runner.search(retriever.encode([np.array([1])]), 5, 4, wide) is None
+    assert runner.search(retriever.encode([np.array([1])]), 5, 4, [np.arange(1, 30)]) is not None
