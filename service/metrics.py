@@ -49,6 +49,12 @@ CACHE_RESULTS = Counter(
     ["result"],
     registry=REGISTRY,
 )
+CACHE_BREAKER_STATE = Gauge(
+    "genret_cache_breaker_state",
+    "The Redis circuit breaker: 0 closed (Redis used), 1 half-open (one probe out), 2 open (Redis not "
+    "asked: every lookup a miss). 0 without Redis.",
+    registry=REGISTRY,
+)
 ROW_FAILURES = Counter(
     "genret_row_failures_total",
     "Rows of a batch whose compute failed while their batch-mates were answered, by stage (encode, search) "

@@ -35,7 +35,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
 from service.cache.codec import CacheFormatError, StateCodec, StateRow, StateSpec
-from service.metrics import CACHE_RESULTS
+from service.metrics import CACHE_BREAKER_STATE, CACHE_RESULTS
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,9 @@ class CircuitBreaker:
     def abandon(self) -> None:
         """A call ended without an answer (cancelled): it says nothing about Redis, free the probe slot."""
         self._probe_started = None
+
+
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}  # genret_cache_breaker_state
 
 
 class StateCache(Protocol):
@@ -208,6 +211,8 @@ class RedisCache:
         )
         self._redis = Redis(connection_pool=pool)
         self._last_error: str | None = None
+        # read at each scrape: the breaker turns half-open by the clock, not by a call
+        CACHE_BREAKER_STATE.set_function(lambda: BREAKER_STATES[self._breaker.state])
 
     @property
     def breaker(self) -> CircuitBreaker:
