@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr, model_validator
 
 
 class ModelFields(BaseModel):
@@ -82,6 +82,23 @@ class CatalogueFields(BaseModel):
         le=10_000_000,
         description="Most items added + removed by one delta; a delta file listing more is quarantined.",
     )
+    catalogue_log: Literal["dir", "redis"] = Field(
+        default="dir",
+        description="Where replicas share the delta log: `dir` = numbered files in catalogue_dir (a volume "
+        "every replica mounts), `redis` = a Redis Stream at catalogue_redis_url (docs/live_catalogue.md).",
+    )
+    catalogue_redis_url: SecretStr | None = Field(
+        default=None,
+        description="redis[s]://[user:password@]host:port/db of the catalogue stream (catalogue_log=redis); "
+        "its own connection, apart from the encoder-state cache's. Its maxmemory-policy must not be "
+        "allkeys-* (start-up refuses it: the stream would be evictable).",
+    )
+    catalogue_redis_timeout_ms: float = Field(
+        default=2000.0,
+        ge=10.0,
+        le=60_000.0,
+        description="Socket timeout of the catalogue stream's Redis connection (ms, 10..60000).",
+    )
     catalogue_async_items: int = Field(
         default=1000,
         ge=1,
@@ -98,3 +115,9 @@ class CatalogueFields(BaseModel):
         "unread (docs/live_catalogue.md). Vectors are base64 float32 in files: 100,000 items of 256 "
         "floats take about 140 MB.",
     )
+
+    @model_validator(mode="after")
+    def _check_catalogue_log(self) -> CatalogueFields:
+        if self.catalogue_log == "redis" and self.catalogue_redis_url is None:
+            raise ValueError("catalogue_log=redis needs catalogue_redis_url")
+        return self

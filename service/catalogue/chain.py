@@ -28,7 +28,7 @@ from prometheus_client import Counter, Gauge
 from models.catalogue.catalogue import ApplyReport, Catalogue
 from models.catalogue.delta import DeltaError
 from service.catalogue.records import APPLY_FAILED, REFUSED, UNREADABLE
-from service.catalogue.store import DeltaFile, DeltaStore
+from service.catalogue.store import DeltaFile, DeltaLog
 from service.metrics import REGISTRY
 from service.registry.loaded_model import LoadedModel
 
@@ -136,7 +136,7 @@ class Chain:
 
 def replay(
     model: LoadedModel,
-    store: DeltaStore,
+    store: DeltaLog,
     base: Callable[[], Catalogue],
     prepared: dict[int, Prepared] | None = None,
 ) -> Chain:

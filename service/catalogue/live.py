@@ -40,13 +40,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import redis
 from prometheus_client import Gauge
 
 from models.catalogue.catalogue import ApplyReport, Catalogue
 from models.catalogue.delta import Delta, DeltaError
 from service.catalogue.chain import LAG, Chain, Prepared, replay
 from service.catalogue.jobs import Job, Jobs
-from service.catalogue.store import DeltaStore, SequenceTaken, delta_dir
+from service.catalogue.store import DeltaLog, DeltaStore, SequenceTaken, delta_dir
+from service.catalogue.stream import StreamLog, check_policy, connect
 from service.errors import CatalogueStoreFailed, LimitExceeded, ServiceError
 from service.metrics import REGISTRY
 from service.registry.model_registry import LoadedModel, ModelRegistry
@@ -117,13 +119,23 @@ class LiveCatalogue:
         self.lags: dict[str, int] = {}  # model -> published files not taken yet (/readyz)
         self.jobs = Jobs()  # large deltas accepted with 202 (service/catalogue/jobs.py)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._streams: dict[str, StreamLog] = {}
+        self._redis = None if settings.catalogue_log != "redis" else _stream_client(settings)
         registry.on_load(self.caught_up)
 
-    def store(self, model: LoadedModel) -> DeltaStore:
-        path = delta_dir(model.path, self.settings.catalogue_dir)
+    def store(self, model: LoadedModel) -> DeltaLog:
+        """The log of ``model``'s bundle: its delta directory, or its Redis Stream (GENRET_CATALOGUE_LOG)."""
+        s = self.settings
         with self._guard:
+            if self._redis is not None:
+                name = Path(model.path).name
+                if name not in self._streams:
+                    self._streams[name] = StreamLog(
+                        self._redis, name, s.catalogue_max_file_bytes, s.max_delta_items
+                    )
+                return self._streams[name]
+            path = delta_dir(model.path, s.catalogue_dir)
             if path not in self._stores:
-                s = self.settings
                 self._stores[path] = DeltaStore(path, s.catalogue_max_file_bytes, s.max_delta_items)
             return self._stores[path]
 
@@ -302,8 +314,8 @@ class LiveCatalogue:
                     continue
                 except OSError as exc:
                     raise CatalogueStoreFailed(
-                        f"cannot write to the delta directory {store.directory}: {exc.strerror or exc} "
-                        "(GENRET_CATALOGUE_DIR: a writable volume every replica mounts)"
+                        f"cannot write to {store.where}: {exc.strerror or exc} "
+                        "(GENRET_CATALOGUE_DIR: a writable volume every replica mounts; or GENRET_CATALOGUE_REDIS_URL)"
                     ) from None
                 self._prepared[seq] = Prepared(cat, after, report)
                 try:
@@ -343,3 +355,20 @@ def _trial(cat: Catalogue, delta: Delta, content: Any) -> tuple[Catalogue, Apply
         raise DeltaError(
             "body", f"does not apply to version {cat.version}: {type(exc).__name__}: {exc}"
         ) from None
+
+
+def _stream_client(settings: Settings) -> redis.Redis:
+    """The catalogue stream's own Redis connection; a Redis that could evict the stream is refused
+    (:class:`service.catalogue.stream.UnsafeRedis`: start-up fails with one line). An unreachable one is
+    not a reason to stop starting: the replica serves its version and reads the stream once it answers."""
+    assert settings.catalogue_redis_url is not None  # the settings refuse catalogue_log=redis without it
+    client = connect(
+        settings.catalogue_redis_url.get_secret_value(), settings.catalogue_redis_timeout_ms / 1000
+    )
+    try:
+        check_policy(client)
+    except redis.RedisError as exc:
+        log.error(
+            "the catalogue stream's Redis does not answer (%s); its eviction policy is not checked", exc
+        )
+    return client

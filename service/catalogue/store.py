@@ -37,7 +37,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from models.catalogue import carried
 from models.catalogue.delta import Delta
@@ -50,6 +50,27 @@ FILE = re.compile(r"(\d{6,})\.json")
 SUFFIX = ".deltas"
 MAX_FILE_BYTES = 512 * 1_048_576  # GENRET_CATALOGUE_MAX_FILE_BYTES' default
 MAX_ITEMS = 100_000  # GENRET_MAX_DELTA_ITEMS' default
+
+
+class DeltaLog(Protocol):
+    """The ordered log replicas share: :class:`DeltaStore` (a directory) or
+    :class:`service.catalogue.stream.StreamLog` (a Redis Stream)."""
+
+    @property
+    def where(self) -> str: ...
+    def sequences(self, after: int = 0) -> list[int]: ...
+    def lag(self, after: int) -> int: ...
+    def pending(self, after: int) -> list[DeltaFile]: ...
+    def report(self, f: DeltaFile, reason: str) -> None: ...
+    def quarantine(self, f: DeltaFile, reason: str, detail: str) -> bool: ...
+    def claim(
+        self,
+        seq: int,
+        fingerprint: str,
+        version: int,
+        delta: Delta,
+        placement: Sequence[Placement] | None = None,
+    ) -> object: ...
 
 
 class SequenceTaken(Exception):
@@ -92,6 +113,11 @@ class DeltaStore:
         self._reported: set[tuple[int, str]] = set()  # (seq, reason) already logged
         self._written: dict[int, DeltaFile] = {}  # files this process wrote, not yet read back
         self._quarantined: dict[int, DeltaFile] = {}  # seq -> the fault, never read again
+
+    @property
+    def where(self) -> str:
+        """The log, as error messages name it."""
+        return f"the delta directory {self.directory}"
 
     def sequences(self, after: int = 0) -> list[int]:
         """Sequence numbers of the delta files past ``after``, ascending (none while the directory
