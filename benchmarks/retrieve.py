@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from benchmarks.synthetic_bundle import make_synthetic_bundle
-from models.bundle.bundle import BundleError, load_bundle
+from models.bundle.bundle import load_bundle
+from models.bundle.manifest import BundleError
 from models.search.retriever import Retriever
 
 MIN_ACHIEVED_SHARE = 0.98

@@ -37,7 +37,7 @@ from benchmarks.launcher import ServiceProcess
 from benchmarks.load import Arrivals, OpenLoopStats, open_loop, retrieve_bodies, run_loop, send_times
 from benchmarks.serve_report import format_open_table, format_start_table, format_table
 from benchmarks.serve_types import Measurement, OpenLoopMeasurement, StartMeasurement
-from models.bundle.bundle import SCHEMA_VERSION
+from models.bundle.manifest import SCHEMA_VERSION
 
 __all__ = ["BenchConfig", "Measurement", "OpenLoopMeasurement", "StartMeasurement", "run_bench"]
 

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cli.data import add_data_arguments, dataset_from_args
-from models.bundle.bundle import BundleError, load_bundle
+from models.bundle.bundle import load_bundle
+from models.bundle.manifest import BundleError
 from models.search.retriever import Retriever
 from training.bundle_evaluation import SWEEP_BEAMS, EvalResult, bundle_eval_set, evaluate_retriever
 from training.metrics import split_ks

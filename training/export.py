@@ -34,8 +34,8 @@ from torch.export import Dim
 
 from models.bundle.attributes import ItemAttributes
 from models.bundle.backend import ENCODER_INPUTS, ENCODER_OUTPUTS, STEP_INPUTS, STEP_OUTPUTS, OnnxSession
-from models.bundle.bundle import (
-    CONTENT_FILE,
+from models.bundle.bundle import CONTENT_FILE, load_bundle
+from models.bundle.manifest import (
     DECODER_FILE,
     ENCODER_FILE,
     INDEX_FILE,
@@ -45,7 +45,6 @@ from models.bundle.bundle import (
     bundle_files,
     bundle_fingerprint,
     file_sha256,
-    load_bundle,
 )
 from models.index import TreeIndex
 from models.nets.decoder_step import DecoderStep

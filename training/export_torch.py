@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from models.bundle.backend import DECODER_INPUTS, ENCODER_INPUTS
-from models.bundle.bundle import BACKEND_FILES
+from models.bundle.manifest import BACKEND_FILES
 from models.bundle.torch_backend import build_modules, describe_modules, save_torch_files
 from models.index import TreeIndex
 

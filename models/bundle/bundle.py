@@ -27,9 +27,7 @@ The writer is :func:`training.export.export_bundle`.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,111 +36,24 @@ import onnx
 
 from models.bundle.attributes import ItemAttributes
 from models.bundle.items import read_items
-from models.bundle.torch_files import TORCH_MODULES_FILE, TORCH_WEIGHTS_FILE, check_torch_files
-from models.index import SCORE_MODES, IndexValidationError, ScoreMode, TreeIndex
+from models.bundle.manifest import (
+    DECODER_FILE,
+    ENCODER_FILE,
+    INDEX_FILE,
+    ITEMS_FILE,
+    MANIFEST,
+    ONNX_SIGNATURES,
+    OPTIONAL_FILES,
+    BundleError,
+    Manifest,
+    bundle_files,
+    bundle_fingerprint,
+    file_sha256,
+    parse_manifest,
+)
+from models.bundle.torch_files import check_torch_files
+from models.index import IndexValidationError, TreeIndex
 from models.nets.content_tower import CONTENT_FILE, ContentTower
-
-SCHEMA_VERSION = 2
-"""2: ``decoder.onnx`` is the incremental step (``cache`` in, ``cache_out`` out; ``dims.cache``)."""
-MANIFEST = "manifest.json"
-ENCODER_FILE = "encoder.onnx"
-DECODER_FILE = "decoder.onnx"
-INDEX_FILE = "index.npz"
-ITEMS_FILE = "items.npz"
-BUNDLE_FILES = (ENCODER_FILE, DECODER_FILE, INDEX_FILE, ITEMS_FILE)
-"""The files of an ONNX-only bundle (``backends == ["onnx"]``)."""
-DATA_FILES = (INDEX_FILE, ITEMS_FILE)
-OPTIONAL_FILES = (CONTENT_FILE,)
-"""Files a bundle may hold besides its backends' (listed in the manifest when present)."""
-BACKEND_FILES: dict[str, tuple[str, ...]] = {
-    "onnx": (ENCODER_FILE, DECODER_FILE),
-    "torch": (TORCH_MODULES_FILE, TORCH_WEIGHTS_FILE),
-}
-
-
-def bundle_files(backends: tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """The files a bundle holding ``backends`` must have: the data files, then each backend's."""
-    return DATA_FILES + tuple(f for b in BACKEND_FILES if b in backends for f in BACKEND_FILES[b])
-
-
-# name -> (ONNX element type, rank); the decoder-step and encoder signatures of docs/CONTRACTS.md
-_F, _I, _B = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.BOOL
-ONNX_SIGNATURES: dict[str, tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]] = {
-    ENCODER_FILE: ({"history": (_I, 2), "history_mask": (_B, 2)}, {"memory": (_F, 3), "query": (_F, 2)}),
-    DECODER_FILE: (
-        {
-            "memory": (_F, 3),
-            "memory_mask": (_B, 2),
-            "beam_query": (_I, 1),
-            "prefix": (_I, 2),
-            "candidates": (_I, 2),
-            "cache": (_F, 3),
-        },
-        {"scores": (_F, 2), "cache_out": (_F, 3)},
-    ),
-}
-
-
-class BundleError(ValueError):
-    """A bundle that must not serve; the message names the file and what is wrong."""
-
-    def __init__(self, path: Path | str, message: str) -> None:
-        self.path = Path(path)
-        super().__init__(f"bundle {self.path}: {message}")
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """``manifest.json``, typed. Item access (``manifest["levels"]``, ``.get``) reads the raw dict."""
-
-    schema_version: int
-    name: str
-    method: str
-    version: str
-    created_at: str
-    fingerprint: str
-    levels: int
-    branching: int
-    token_scheme: str
-    score_mode: ScoreMode  # checked against models.search.beam.SCORE_MODES on load
-    dims: dict[str, int]  # {"memory": D, "query": Dr, "cache": W (decoder step cache width)}
-    num_items: int
-    max_history: int
-    opset: int
-    files: dict[str, dict[str, Any]]  # file name -> {"sha256": hex, "bytes": size}
-    metrics: dict[str, Any]
-    config: dict[str, Any]
-    dataset_fingerprint: str
-    raw: dict[str, Any] = field(repr=False, compare=False)
-    backends: tuple[str, ...] = ("onnx",)
-
-    def __getitem__(self, key: str) -> Any:
-        return self.raw[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.raw.get(key, default)
-
-
-_MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
-    "schema_version": int,
-    "name": str,
-    "method": str,
-    "version": str,
-    "created_at": str,
-    "fingerprint": str,
-    "levels": int,
-    "branching": int,
-    "token_scheme": str,
-    "score_mode": str,
-    "dims": dict,
-    "num_items": int,
-    "max_history": int,
-    "opset": int,
-    "files": dict,
-    "metrics": dict,
-    "config": dict,
-    "dataset_fingerprint": str,
-}
 
 
 @dataclass(frozen=True)
@@ -176,62 +87,6 @@ class Bundle:
     @property
     def num_items(self) -> int:
         return self.manifest.num_items
-
-
-def file_sha256(path: Path) -> str:
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def bundle_fingerprint(file_hashes: dict[str, str]) -> str:
-    """sha256 over ``name:sha256`` lines of every file, sorted by name."""
-    lines = "".join(f"{name}:{file_hashes[name]}\n" for name in sorted(file_hashes))
-    return hashlib.sha256(lines.encode()).hexdigest()
-
-
-def parse_manifest(path: Path) -> Manifest:
-    file = path / MANIFEST
-    if not file.is_file():
-        raise BundleError(path, f"{MANIFEST} is missing")
-    try:
-        raw = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(path, f"{MANIFEST} is not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise BundleError(path, f"{MANIFEST} must hold a JSON object, got {type(raw).__name__}")
-    version = raw.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise BundleError(
-            path,
-            f"{MANIFEST}: schema_version {version!r} is not supported (this build reads {SCHEMA_VERSION})",
-        )
-    for key, typ in _MANIFEST_TYPES.items():
-        if key not in raw:
-            raise BundleError(path, f"{MANIFEST}: missing key {key!r}")
-        if not isinstance(raw[key], typ) or isinstance(raw[key], bool):
-            raise BundleError(path, f"{MANIFEST}: {key!r} must be {typ}, got {raw[key]!r}")
-    dims = raw["dims"]
-    for key in ("memory", "query"):
-        if not isinstance(dims.get(key), int) or dims[key] < 1:
-            raise BundleError(path, f"{MANIFEST}: dims.{key} must be a positive int, got {dims.get(key)!r}")
-    if not isinstance(dims.get("cache"), int) or dims["cache"] < 0:
-        raise BundleError(path, f"{MANIFEST}: dims.cache must be an int >= 0, got {dims.get('cache')!r}")
-    if raw["score_mode"] not in SCORE_MODES:
-        raise BundleError(path, f"{MANIFEST}: unknown score_mode {raw['score_mode']!r}")
-    if raw["max_history"] < 1 or raw["num_items"] < 1:
-        raise BundleError(path, f"{MANIFEST}: max_history and num_items must be >= 1")
-    backends = raw.get("backends", ["onnx"])
-    if (
-        not isinstance(backends, list)
-        or not backends
-        or len(set(backends)) != len(backends)
-        or not set(backends) <= set(BACKEND_FILES)
-    ):
-        raise BundleError(
-            path,
-            f"{MANIFEST}: backends must be a non-empty list of {sorted(BACKEND_FILES)}, got {backends!r}",
-        )
-    return Manifest(**{key: raw[key] for key in _MANIFEST_TYPES}, raw=raw, backends=tuple(backends))
 
 
 def verify_files(path: Path, manifest: Manifest) -> None:

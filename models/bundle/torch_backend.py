@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from models.bundle.backend import DecoderBackend, OnnxBackend, TorchBackend
-from models.bundle.bundle import BundleError
+from models.bundle.manifest import BundleError
 from models.bundle.torch_files import MODULE_PARTS, TORCH_MODULES_FILE, TORCH_WEIGHTS_FILE, read_specs
 from models.index import TreeIndex
 from models.nets.decoder import DecoderConfig, NodeScorer, TokenDecoder, token_rows

@@ -117,7 +117,7 @@ def resign_bundle(src: Path, dst: Path, *, version: str, negate_items: bool) -> 
 
     Rewrites the sizes, checksums and fingerprint in the manifest the way the exporter does.
     """
-    from models.bundle.bundle import bundle_fingerprint, file_sha256
+    from models.bundle.manifest import bundle_fingerprint, file_sha256
 
     shutil.copytree(src, dst)
     if negate_items:

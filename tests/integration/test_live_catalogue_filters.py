@@ -34,7 +34,7 @@ def ids(i: int) -> str:
 def with_attributes(src: Path, dst: Path) -> Path:
     """A copy of the bundle at ``src`` whose items.npz carries attributes, re-signed as the exporter would."""
     from models.bundle.attributes import ItemAttributes
-    from models.bundle.bundle import bundle_fingerprint, file_sha256
+    from models.bundle.manifest import bundle_fingerprint, file_sha256
 
     shutil.copytree(src, dst)
     with np.load(dst / "items.npz", allow_pickle=False) as data:

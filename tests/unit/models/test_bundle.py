@@ -10,7 +10,8 @@ from typing import cast
 import numpy as np
 import pytest
 
-from models.bundle.bundle import SCHEMA_VERSION, BundleError, bundle_fingerprint, file_sha256, load_bundle
+from models.bundle.bundle import load_bundle
+from models.bundle.manifest import SCHEMA_VERSION, BundleError, bundle_fingerprint, file_sha256
 from training.export import ExportError, export_bundle, publish_dir, record_metrics
 
 from .conftest import DIM, MAX_HISTORY, NUM_ITEMS, TinyModel

@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 
 from benchmarks.synthetic_bundle import make_synthetic_bundle
 from models.bundle.backend import OnnxBackend
-from models.bundle.bundle import BundleError, bundle_fingerprint, file_sha256, load_bundle
+from models.bundle.bundle import load_bundle
+from models.bundle.manifest import BundleError, bundle_fingerprint, file_sha256
 from models.bundle.torch_backend import build_modules, describe_modules, torch_backend
 from models.index import TreeIndex
 from models.nets.decoder import NodeScorer, TokenDecoder

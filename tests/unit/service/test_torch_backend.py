@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from benchmarks.synthetic_bundle import make_synthetic_bundle
-from models.bundle.bundle import BundleError
+from models.bundle.manifest import BundleError
 from service.registry.model_registry import load_model
 from service.settings import Settings
 

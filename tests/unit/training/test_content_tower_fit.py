@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from models.bundle.attributes import ItemAttributes
-from models.bundle.bundle import BundleError, bundle_fingerprint, file_sha256, load_bundle
+from models.bundle.bundle import load_bundle
+from models.bundle.manifest import BundleError, bundle_fingerprint, file_sha256
 from tests.unit.models.conftest import DIM, MAX_HISTORY, NUM_ITEMS, build_tiny_model
 from training.bundle_spec import dataset_item_attributes
 from training.content_tower import ContentFitConfig, fit_content_tower

@@ -18,9 +18,9 @@ from training.evaluation import evaluate_recommender
 from training.methods.context import TrainContext
 from training.methods.uri.config import URIConfig
 from training.methods.uri.index import SiblingSampler, assign_level
-from training.methods.uri.model import FullTree, URIModel
-from training.methods.uri.train import train_uri
 from training.methods.uri.layerwise import URITrainer
+from training.methods.uri.model import FullTree, URIModel
+from training.methods.uri.train import serving_decoder, train_uri
 from training.metrics import average_partition_entropy
 from training.registry import get_method
 from training.splits import make_split
@@ -126,7 +126,7 @@ def test_serving_decoder_scores_the_real_index_like_training(tmp_path: Path) -> 
     trainer.codes[1:, 1] = (np.arange(n) // 3) % 3
     trainer.codes[1:3, 1] = 0  # an uneven leaf, so real node ids differ from the complete tree's
     index = TreeIndex.from_codes(trainer.codes, 3, token_scheme="level")
-    serving = trainer.serving_decoder(index)
+    serving = serving_decoder(trainer, index)
     history = torch.as_tensor(np.stack([h[-8:] for h in ctx.split.train if len(h) >= 8][:5]))
     memory, mask, _ = trainer.model.encode_queries(history)
     items = torch.arange(1, 6)

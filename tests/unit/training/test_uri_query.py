@@ -12,9 +12,9 @@ from training.data import synthetic_dataset
 from training.methods.context import TrainContext
 from training.methods.sasrec.model import SASRecConfig, SASRecModule
 from training.methods.uri.config import URIConfig
+from training.methods.uri.layerwise import URITrainer
 from training.methods.uri.model import URIModel
 from training.methods.uri.query import SasrecQueryEncoder
-from training.methods.uri.layerwise import URITrainer
 from training.splits import make_split
 
 

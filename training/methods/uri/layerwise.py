@@ -39,7 +39,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from models.index import TreeIndex
-from models.nets.decoder import TokenDecoder
 from training import distributed
 from training.methods.context import TrainContext
 from training.methods.sasrec.cache import sasrec_for
@@ -372,29 +371,3 @@ class URITrainer:
             index.validate()
             self.train_ranker(index)
         return index, reports
-
-    # ---------------------------------------------------------------- export
-    def serving_decoder(self, index: TreeIndex) -> TokenDecoder:
-        """The trained decoder rebuilt on the real index (same weights, same token rows)."""
-        trained = self.model.decoder
-        decoder = TokenDecoder(self.model.decoder_config(), index.node_token, index.level_offsets)
-        if int(index.node_token.max()) + 1 != self.config.k:
-            raise RuntimeError(
-                f"the URI index uses tokens 0..{int(index.node_token.max())}, expected all of 0..{self.config.k - 1}: "
-                "the decoder's token rows would not line up"
-            )
-        state = trained.state_dict()
-        rows = decoder.num_rows
-        for name in ("token_embedding.weight", "bias"):
-            if name in state:
-                state[name] = state[name][:rows]
-        decoder.load_state_dict(state)
-        return decoder.eval()
-
-    @torch.no_grad()
-    def item_table(self) -> np.ndarray:
-        """``[N+1, D]`` rerank vectors, row 0 = 0."""
-        self.model.eval()
-        table = self.model.item_vectors(torch.arange(self.num_items + 1)).numpy().astype(np.float32)
-        table[0] = 0.0
-        return table

@@ -1,4 +1,5 @@
-"""URI as a method: train (:mod:`.layerwise`), export the bundle, serve and diagnose through it.
+"""URI as a method: train (:mod:`.layerwise`), rebuild the decoder on the learned index, export the
+bundle, serve and diagnose through it.
 
 What is measured is what is served: :func:`train_uri` exports a bundle and evaluates through
 ``Retriever(load_bundle(dir), backend="onnx")``.
@@ -16,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.index import TreeIndex
+from models.nets.decoder import TokenDecoder
 from training.bundle_recommender import BundleRecommender
 from training.bundle_spec import method_bundle
 from training.methods.context import TrainContext, TrainedMethod
@@ -103,9 +106,9 @@ def train_uri(ctx: TrainContext) -> TrainedMethod:
         name=f"uri-{ds.name}",
         method="uri",
         encoder=trainer.model.encoder,
-        decoder=trainer.serving_decoder(index),
+        decoder=serving_decoder(trainer, index),
         index=index,
-        item_emb=trainer.item_table(),
+        item_emb=item_table(trainer),
         score_mode="logprob",
         max_history=config.max_len,
         metrics={k: v for k, v in info.items() if isinstance(v, int | float)},
@@ -120,3 +123,30 @@ def train_uri(ctx: TrainContext) -> TrainedMethod:
     log.info("URI validation diagnosis (through the bundle): %s", diagnosis)
     info.update({f"valid_{name}": round(value, 4) for name, value in diagnosis.items()})
     return TrainedMethod(recommender=recommender, bundle_dir=Path(bundle_dir), info=info)
+
+
+def serving_decoder(trainer: URITrainer, index: TreeIndex) -> TokenDecoder:
+    """The trained decoder rebuilt on the real index (same weights, same token rows)."""
+    config = trainer.config
+    decoder = TokenDecoder(trainer.model.decoder_config(), index.node_token, index.level_offsets)
+    if int(index.node_token.max()) + 1 != config.k:
+        raise RuntimeError(
+            f"the URI index uses tokens 0..{int(index.node_token.max())}, expected all of 0..{config.k - 1}: "
+            "the decoder's token rows would not line up"
+        )
+    state = trainer.model.decoder.state_dict()
+    rows = decoder.num_rows
+    for name in ("token_embedding.weight", "bias"):
+        if name in state:
+            state[name] = state[name][:rows]
+    decoder.load_state_dict(state)
+    return decoder.eval()
+
+
+@torch.no_grad()
+def item_table(trainer: URITrainer) -> np.ndarray:
+    """``[N+1, D]`` rerank vectors, row 0 = 0."""
+    trainer.model.eval()
+    table = trainer.model.item_vectors(torch.arange(trainer.num_items + 1)).numpy().astype(np.float32)
+    table[0] = 0.0
+    return table
