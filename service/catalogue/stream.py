@@ -87,7 +87,19 @@ class StreamLog:
             return []
 
     def lag(self, after: int) -> int:
-        return len(self.sequences(after))
+        """Entries past ``after``; a stream that ends before ``after`` was reset or lost (a Redis
+        without persistence restarted): logged once, as nothing published since can be trusted to
+        follow this replica's version (docs/live_catalogue.md)."""
+        try:
+            last = self._last()
+        except redis.RedisError as exc:
+            self._warn_once(-1, f"cannot read {self.where}: {exc}")
+            return 0
+        if last < after:
+            self._warn_once(
+                -2, f"{self.where} ends at entry {last}, before this replica's {after}: reset or lost?"
+            )
+        return max(0, last - after)
 
     def pending(self, after: int) -> list[DeltaFile]:
         """The records past ``after``, in order, parsed (a fault: ``delta=None`` with its reason)."""
