@@ -225,12 +225,12 @@ def per_level_ms(
 
 
 def export_step(decoder: TokenDecoder, memory: Tensor, mask: Tensor, out: Path) -> Path:
-    """``decoder.onnx`` exactly as a bundle holds it (:func:`training.export.export_graphs`' step export)."""
+    """``decoder.onnx`` exactly as a bundle holds it (:func:`training.export.onnx_graphs.export_graphs`' step export)."""
     from torch.export import Dim
 
     from models.bundle.backend import STEP_INPUTS, STEP_OUTPUTS
     from models.nets.decoder_step import DecoderStep
-    from training.export import export_onnx, step_dynamic_shapes
+    from training.export.onnx_graphs import export_onnx, step_dynamic_shapes
 
     step = DecoderStep(decoder).eval()
     S = 3

@@ -20,7 +20,7 @@ from models.bundle.torch_backend import HashedItemEmbedding
 from models.index import TreeIndex
 from models.nets.decoder import DecoderConfig, TokenDecoder
 from models.nets.encoder import EncoderConfig, QueryEncoder
-from training.export import export_bundle
+from training.export.writer import export_bundle
 
 __all__ = [
     "MAX_ENCODER_ROWS",
@@ -61,7 +61,7 @@ def make_synthetic_bundle(
 ) -> Path:
     """Write a random bundle with a balanced ``levels``-deep tree of ``branching`` children per node.
 
-    ``backends``: as :func:`training.export.export_bundle` (None = ONNX + torch files); ``("torch",)``
+    ``backends``: as :func:`training.export.writer.export_bundle` (None = ONNX + torch files); ``("torch",)``
     skips the ONNX export (a 10M-item bundle then builds in seconds, no per-item Python work).
     """
     if num_items < 1 or branching < 2 or levels < 1:

@@ -19,7 +19,7 @@ from cli.data import add_data_arguments
 from training import distributed
 from training.comparison import train_and_evaluate
 from training.distributed import DistContext
-from training.export import record_metrics
+from training.export.writer import record_metrics
 from training.metrics import split_ks
 from training.registry import DATA_PARALLEL_METHODS, get_method
 

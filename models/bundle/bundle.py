@@ -22,7 +22,7 @@ dtypes, and the ONNX graphs' input/output names, element types and ranks. A bad 
 :class:`BundleError` naming the file and what is wrong. Nothing is unpickled (``allow_pickle=False``;
 item ids are a fixed-width unicode array).
 
-The writer is :func:`training.export.export_bundle`.
+The writer is :func:`training.export.writer.export_bundle`.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ sys.meta_path.insert(0, Absent())
 import models
 for info in pkgutil.walk_packages(models.__path__, prefix="models."):
     importlib.import_module(info.name)
-for name in ("benchmarks.synthetic_bundle", "training.export", "training.export_torch",
+for name in ("benchmarks.synthetic_bundle", "training.export.writer", "training.export.torch_files",
              "benchmarks.search", "benchmarks.retrieve",
              "tests.unit.models.test_torch_bundle"):
     importlib.import_module(name)

@@ -1,4 +1,4 @@
-"""The one bundle spec every method exports through (:func:`training.export.write_bundle`), and
+"""The one bundle spec every method exports through (:func:`training.export.writer.write_bundle`), and
 :func:`method_bundle`, which fills in what every trained method shares (items, popularity, data,
 item attributes)."""
 

@@ -1,6 +1,6 @@
 """The torch half of a bundle export: which backends to write, and the safetensors + specs files.
 
-:func:`training.export.export_bundle` calls these. ``backends=None`` (what trainers pass) means
+:func:`training.export.writer.export_bundle` calls these. ``backends=None`` (what trainers pass) means
 ONNX always, plus the torch files when :func:`models.bundle.torch_backend.describe_modules` knows both
 modules; an explicit tuple must be satisfiable (``("torch",)`` skips the ONNX export, which is what
 a 10M-item synthetic bundle for a GPU check wants: seconds instead of tens of seconds, and no

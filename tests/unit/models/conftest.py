@@ -77,7 +77,7 @@ def tiny_model() -> TinyModel:
 @pytest.fixture(scope="session")
 def tiny_bundle_dir(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model exported once per session. Tests must not modify it: copy it first."""
-    from training.export import export_bundle
+    from training.export.writer import export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     return export_bundle(

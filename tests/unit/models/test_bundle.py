@@ -12,7 +12,8 @@ import pytest
 
 from models.bundle.bundle import load_bundle
 from models.bundle.manifest import SCHEMA_VERSION, BundleError, bundle_fingerprint, file_sha256
-from training.export import ExportError, export_bundle, publish_dir, record_metrics
+from training.export.onnx_graphs import ExportError
+from training.export.writer import export_bundle, publish_dir, record_metrics
 
 from .conftest import DIM, MAX_HISTORY, NUM_ITEMS, TinyModel
 

@@ -24,7 +24,7 @@ def bucket_bundle(tiny_bundle_dir: Path) -> Bundle:
 @pytest.fixture(scope="module")
 def node_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
     """The tiny model with one token per node (SEATER/TDR-like: the decoder knows the bundle's nodes only)."""
-    from training.export import export_bundle
+    from training.export.writer import export_bundle
 
     m = build_tiny_model(seed=1, token_scheme="node")
     out = export_bundle(

@@ -92,7 +92,7 @@ def grown_versions(bundle: Bundle) -> list[Catalogue]:
 def node_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with one token per node and room under its parents: added items get new
     leaves, which the decoder sees as aliases of existing nodes."""
-    from training.export import export_bundle
+    from training.export.writer import export_bundle
 
     m = build_tiny_model(seed=1, token_scheme="node")
     return export_bundle(

@@ -157,7 +157,7 @@ def test_one_level_tree_exports_a_step_that_serves(tmp_path: Path) -> None:
     must still be general (no shape specialised to 0) and agree with the reference search."""
     from models.nets.decoder import DecoderConfig, TokenDecoder
     from models.nets.encoder import EncoderConfig, QueryEncoder
-    from training.export import export_bundle
+    from training.export.writer import export_bundle
 
     codes = np.zeros((13, 1), np.int64)
     codes[1:, 0] = np.arange(12) % 4

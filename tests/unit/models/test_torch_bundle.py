@@ -35,7 +35,7 @@ from models.index import TreeIndex
 from models.nets.decoder import NodeScorer, TokenDecoder
 from models.nets.encoder import QueryEncoder
 from models.search.retriever import Retriever
-from training.export_torch import TorchExportError, choose_backends
+from training.export.torch_files import TorchExportError, choose_backends
 
 from .conftest import DIM, MAX_HISTORY, NUM_ITEMS, TinyModel
 

@@ -15,10 +15,10 @@ from models.bundle.attributes import ItemAttributes
 from models.bundle.bundle import load_bundle
 from models.bundle.manifest import BundleError, bundle_fingerprint, file_sha256
 from tests.unit.models.conftest import DIM, MAX_HISTORY, NUM_ITEMS, build_tiny_model
-from training.bundle_spec import dataset_item_attributes
 from training.content_tower import ContentFitConfig, fit_content_tower
 from training.data.formats import load_dataset
-from training.export import export_bundle
+from training.export.spec import dataset_item_attributes
+from training.export.writer import export_bundle
 
 Planted = tuple[ItemAttributes, np.ndarray, np.ndarray, np.ndarray, list[list[str]]]
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from service.registry.model_registry import MODEL_NAME
-from training.export import ExportError, served_name
+from training.export.onnx_graphs import ExportError
+from training.export.writer import served_name
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,8 @@ from training.methods.tdr.model import TDREncoder, TDRModel
 def export_tdr(
     ctx: TrainContext, cfg: TDRConfig, model: TDRModel, index: TreeIndex, sasrec: Any, out_dir: Path
 ) -> Path:
-    from training.bundle_spec import method_bundle
-    from training.export import write_bundle
+    from training.export.spec import method_bundle
+    from training.export.writer import write_bundle
 
     encoder = TDREncoder(model.item_embedding, SasrecQuery(sasrec.module)).eval()
     spec = method_bundle(

@@ -20,7 +20,7 @@ import torch
 from models.index import TreeIndex
 from models.nets.decoder import TokenDecoder
 from training.bundle_recommender import BundleRecommender
-from training.bundle_spec import method_bundle
+from training.export.spec import method_bundle
 from training.methods.context import TrainContext, TrainedMethod
 from training.methods.uri.config import URIConfig
 from training.methods.uri.layerwise import URITrainer
@@ -70,7 +70,7 @@ class URIBundleRecommender(BundleRecommender):
 
 def train_uri(ctx: TrainContext) -> TrainedMethod:
     """Train URI on ``ctx.split``, export the bundle to ``ctx.workdir / "uri"``, serve from it."""
-    from training.export import write_bundle
+    from training.export.writer import write_bundle
 
     config = URIConfig.load(overrides=ctx.config_overrides)
     if "uri.max_len" not in ctx.config_overrides:
