@@ -54,16 +54,17 @@ bench: install wrk
 gpu-check: install
 	bash scripts/gpu_check.sh --device cpu --small --out runs/gpu_check_cpu
 
-# Pure-Python packages the GPU check needs and the CUDA machine lacks (scripts/gpu_wheels.txt,
-# name==version lines; none today): cp312 manylinux wheels into the git-ignored .whl/, carried with
-# the check (< 64 MiB), installed there by scripts/gpu_check.sh from the folder (no index).
-WHEEL_DIR := .whl
+# Packages the GPU check's HTTP step needs and the CUDA machine lacks (scripts/gpu_wheels.txt,
+# name==version lines: the service's web stack): cp312 manylinux (glibc 2.17 or 2.28: torch's own
+# CUDA wheels need 2.28) or pure-Python wheels into the git-ignored .whl/ (WHEEL_DIR=... elsewhere),
+# carried with the check (< 64 MiB), installed there by scripts/gpu_check.sh from the folder (no index).
+WHEEL_DIR ?= .whl
 wheels: | $(BIN)/python
 	@mkdir -p $(WHEEL_DIR)
 	@reqs=$$(grep -v '^[[:space:]]*#' scripts/gpu_wheels.txt | grep -v '^[[:space:]]*$$' || true); \
 	if [ -z "$$reqs" ]; then echo "wheels: scripts/gpu_wheels.txt lists none; $(WHEEL_DIR)/ stays empty"; exit 0; fi; \
 	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-	  --platform manylinux_2_17_x86_64 -d $(WHEEL_DIR) $$reqs && \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d $(WHEEL_DIR) $$reqs && \
 	size=$$(du -sm $(WHEEL_DIR) | cut -f1) && echo "wheels: $$size MiB in $(WHEEL_DIR)/" && \
 	{ [ $$size -lt 64 ] || { echo "wheels: $(WHEEL_DIR)/ is $$size MiB, over the 64 MiB a check may carry"; exit 1; }; }
 

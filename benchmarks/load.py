@@ -209,9 +209,11 @@ async def open_loop(
     timeout_s: float = 10.0,
     warm_connections: int = 32,
     max_connections: int = 1024,
+    latencies: list[float] | None = None,
 ) -> OpenLoopStats:
     """Send ``requests[i % len(requests)]`` at ``offsets[i]`` seconds (``[n]``, sorted, within
-    ``window_s``) from the start; the target rate is ``n / window_s``."""
+    ``window_s``) from the start; the target rate is ``n / window_s``. ``latencies``: extended with
+    every answered request's latency in seconds (several generators' rows merge exactly)."""
     loop = asyncio.get_running_loop()
     pool = Pool(host, port, max_connections)
     await pool.warm(min(warm_connections, max_connections))
@@ -234,6 +236,8 @@ async def open_loop(
             task.cancel()
         pool.close()
     sent = len(out["sent_at"])
+    if latencies is not None:
+        latencies.extend(out["latency"])
     took = max(window_s, (max(out["sent_at"]) - start) if sent else 0.0)
     latency_ms = np.asarray(out["latency"]) * 1000.0
     lag_ms = np.asarray(out["lag"]) * 1000.0

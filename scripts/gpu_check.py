@@ -12,7 +12,11 @@ failing step never takes the others with it:
    (in-process Retriever: max throughput, open-loop p50/p99 at 2,000 requests/s, at 1M items also
    over a grid of batcher max batch / max wait) at 1M items (L=3), served through CUDA graphs
    (``--cuda-graphs``, with their parity against the eager path) and eagerly, and 10M items (L=4);
-4. ``bench_search``: ``genret bench search --device D --json`` (last: the GPU goals come first).
+4. ``http``: ``scripts/gpu_http.py``: the real service (uvicorn, torch backend on the device, the
+   in-process cache) on a 1M-item bundle under open-loop load from this machine's CPU cores at
+   2,000, 5,000 and 10,000 requests/s (achieved, p50, p99, errors, the generator's own ceiling),
+   then 10 deltas of 1,000 items under load (p99 before, during, after), RSS and GPU memory;
+5. ``bench_search``: ``genret bench search --device D --json`` (last: the GPU goals come first).
 
 ``--small``: the same steps at sizes that run in well under a minute on a CPU (``make test`` runs
 ``--device cpu --small``). One JSON report, ``OUT/gpu_check.json``, is rewritten after every
@@ -74,10 +78,13 @@ def steps_for(args: argparse.Namespace, py: str) -> list[Step]:
         profile = ["--items", "4000", "--levels", "3", "--dim", "32", "--batch", "16", "--repeats", "2"]
         # about a minute on an idle 2-core CPU; the limits leave room for a shared, busy one
         sizes = ("4000:3", "30000:4")
+        http = ["--items", "3000", "--levels", "2", "--dim", "16", "--rates", "20,40,80", "--duration", "1.5"]
+        http += ["--deltas", "3", "--delta-items", "20", "--procs", "2", "--max-batch", "16", "--beam", "4"]
         limits = {
             "tests": 240.0,
             "profile": 120.0,
             "1M": 120.0,
+            "http": 180.0,
             "eager": 120.0,
             "10M": 120.0,
             "search": 120.0,
@@ -85,9 +92,18 @@ def steps_for(args: argparse.Namespace, py: str) -> list[Step]:
     else:
         search, retrieve, profile = [], [], []
         grid, eager = ["--open-loop-grid", "16:1,64:1,64:2,256:2"], ["--batches", "1,64,256"]
+        http = ["--duration", "5"]  # 1M items, 2,000/5,000/10,000 per s, 10 deltas of 1,000 items
         # 10M: building + verifying a 3 GB bundle is CPU and disk work (~1 min expected), then serving
         sizes = ("1000000:3", "10000000:4")
-        limits = {"tests": 100.0, "profile": 60.0, "1M": 150.0, "eager": 60.0, "10M": 240.0, "search": 90.0}
+        limits = {
+            "tests": 100.0,
+            "profile": 60.0,
+            "1M": 150.0,
+            "http": 150.0,
+            "eager": 60.0,
+            "10M": 240.0,
+            "search": 90.0,
+        }
     work = str(args.workdir or (args.out / "bundles" if args.small else DEFAULT_FULL_WORKDIR))
     steps = [Step("tests", tests, limits["tests"], env={"GENRET_TEST_DEVICES": devices})]
     # where a batch's time goes: top ops, kernel launches and host syncs per batch (1M items, batch 64)
@@ -107,6 +123,12 @@ def steps_for(args: argparse.Namespace, py: str) -> list[Step]:
             argv.append("--cuda-graphs")
         limit = limits["eager" if key == "1M_eager" else key]
         steps.append(Step(f"retrieve_{key}", [*argv, "--json-out", str(json_out)], limit, json_out=json_out))
+        if key == "1M":  # the service over HTTP next to the in-process figures at the same size
+            http_json = out / "http.json"
+            argv = [py, "scripts/gpu_http.py", "--device", dev, "--workdir", work, *http]
+            steps.append(
+                Step("http", [*argv, "--json-out", str(http_json)], limits["http"], json_out=http_json)
+            )
     steps.append(Step("bench_search", [*cli, "search", "--device", dev, "--json", *search], limits["search"]))
     return steps
 
@@ -255,6 +277,7 @@ def step_summary(name: str, step: dict[str, Any]) -> list[str]:
                 f"    cuda graphs {size['cuda_graphs']} ({size.get('cuda_graphs_captured', 0)} captured, "
                 f"disabled: {size.get('cuda_graphs_disabled')}), parity vs eager {size.get('graph_parity')}"
             )
+    lines += http_summary(report) if name == "http" else []
     for variant in ("eager", "cuda_graphs") if name == "profile" else ():
         if variant in report:
             lines.append(f"  profile {variant}: {json.dumps(report[variant])}")
@@ -266,6 +289,27 @@ def step_summary(name: str, step: dict[str, Any]) -> list[str]:
         )
     if step["status"] != "passed" and step.get("output_tail"):
         lines.append("  output tail: " + step["output_tail"][-600:].replace("\n", "\n  | "))
+    return lines
+
+
+def http_summary(report: dict[str, Any]) -> list[str]:
+    """The HTTP step's rows: the generator's ceiling, each rate, the deltas' p99 before/during/after."""
+    lines = []
+    for label, row in [("ceiling", report.get("ceiling"))] + [("rate", r) for r in report.get("rates", [])]:
+        if row:
+            lines.append(
+                f"  http {label} {row['target_qps']:.0f}/s: achieved {row['achieved_qps']:.0f}/s, p50 "
+                f"{row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, errors {row['errors']}, "
+                f"{'valid' if row['valid'] else 'INVALID'} ({row['processes']} generator processes)"
+            )
+    d = report.get("deltas")
+    if d:
+        lines.append(
+            f"  http deltas at {d['rate']:.0f}/s: p99 before {d['before']['p99_ms']:.2f} ms, during "
+            f"{d['during']['p99_ms']:.2f} ms, after {d['after']['p99_ms']:.2f} ms; adds (s) "
+            f"{[a['seconds'] for a in d['adds']]}; RSS {report.get('rss_mib')} MiB, GPU "
+            f"{report.get('gpu_memory_mib')} MiB (1 worker)"
+        )
     return lines
 
 

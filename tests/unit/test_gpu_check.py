@@ -3,7 +3,8 @@ the script cannot rot between the runs on a CUDA machine.
 
 Runs the real script (a subprocess: bash, then scripts/gpu_check.py, then one subprocess per
 step) and reads its JSON report: every step passed, the nested device tests ran and none failed,
-``bench search --device`` and both ``bench retrieve`` sizes measured what the report promises.
+``bench search --device`` and both ``bench retrieve`` sizes measured what the report promises, and
+the HTTP step served every rate and every delta through a real uvicorn process.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
         "tests",
         "profile",
         "retrieve_1M",
+        "http",
         "retrieve_1M_eager",
         "retrieve_10M",
         "bench_search",
@@ -63,3 +65,14 @@ def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
         loop = size["open_loop"]
         assert loop["requests"] == 50 and 0 < loop["p50_ms"] <= loop["p99_ms"] <= loop["max_ms"]
         assert 1 <= loop["batch_size_mean"] <= loop["batch_size_max"] <= 16
+
+    http = steps["http"]["report"]
+    assert http == json.loads((out / "http.json").read_text()) and http["exit_code"] == 0
+    assert [row["target_qps"] for row in http["rates"]] == [20, 40, 80]
+    for row in [http["ceiling"], *http["rates"]]:
+        assert row["errors"] == 0 and 0 < row["p50_ms"] <= row["p99_ms"] and row["processes"] == 2
+    deltas = http["deltas"]
+    assert [a["status"] for a in deltas["adds"]] == [200] * 3
+    (model,) = deltas["models"]["models"]
+    assert (model["catalogue_version"], model["num_items"], model["num_live"]) == (3, 3060, 3060)
+    assert deltas["after"]["errors"] == 0 and deltas["after"]["p99_ms"] > 0 and http["rss_mib"][0] > 0
