@@ -138,7 +138,7 @@ def replay(
     model: LoadedModel,
     store: DeltaLog,
     base: Callable[[], Catalogue],
-    prepared: dict[int, Prepared] | None = None,
+    prepared: dict[tuple[str, int], Prepared] | None = None,
 ) -> Chain:
     """``model`` with every pending file of ``store`` applied or quarantined (module docstring)."""
     chain = Chain(model, base, model.catalogue_seq, dict(model.retired))
@@ -148,7 +148,8 @@ def replay(
             chain.seq = f.seq  # another version of the bundle: not this catalogue's
             store.report(f, f"base fingerprint {f.base_fingerprint[:12]} is not the bundle's")
             continue
-        fault = chain.apply(f, content, None if prepared is None else prepared.pop(f.seq, None))
+        own = None if prepared is None else prepared.pop((model.name, f.seq), None)  # this process wrote it
+        fault = chain.apply(f, content, own)
         if fault is None:
             CATALOGUE_DELTAS.labels(model=model.name, result="applied").inc()
         elif store.quarantine(f, *fault):

@@ -114,7 +114,7 @@ class LiveCatalogue:
         self._stores: dict[Path, DeltaStore] = {}
         self._guard = threading.Lock()
         self._base: dict[str, Catalogue] = {}  # fingerprint -> version 0
-        self._prepared: dict[int, Prepared] = {}  # file sequence -> what this process's add applied
+        self._prepared: dict[tuple[str, int], Prepared] = {}  # (model, sequence) -> what its add applied
         self._failing: dict[str, str] = {}  # model -> the update failure logged last (logged once)
         self.lags: dict[str, int] = {}  # model -> published files not taken yet (/readyz)
         self.jobs = Jobs()  # large deltas accepted with 202 (service/catalogue/jobs.py)
@@ -317,11 +317,11 @@ class LiveCatalogue:
                         f"cannot write to {store.where}: {exc.strerror or exc} "
                         "(GENRET_CATALOGUE_DIR: a writable volume every replica mounts; or GENRET_CATALOGUE_REDIS_URL)"
                     ) from None
-                self._prepared[seq] = Prepared(cat, after, report)
+                self._prepared[key, seq] = Prepared(cat, after, report)
                 try:
                     model, reports = self._sync_locked(key)
                 finally:
-                    self._prepared.pop(seq, None)
+                    self._prepared.pop((key, seq), None)
                 done = reports.get(seq)
                 if done is None:  # quarantined although applied before: every replica skips it alike
                     raise DeltaError("body", f"the delta was written as file {seq} but did not apply")
