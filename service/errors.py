@@ -97,6 +97,16 @@ class Overloaded(ServiceError):
     kind = "overloaded"
 
 
+class ClientLimit(ServiceError):
+    """One client has ``max_inflight_per_client`` requests being answered (service/http/guard.py)."""
+
+    status = 429
+    kind = "client_limit"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
 class Unauthorized(ServiceError):
     status = 401
     kind = "unauthorized"

@@ -92,7 +92,15 @@ class AdminServer(uvicorn.Server):
 def uvicorn_config(app: Any, settings: Settings, lifespan: Literal["on", "off"]) -> uvicorn.Config:
     return uvicorn.Config(
         app,
-        http=guarded_protocol(settings.header_timeout_s, settings.body_timeout_s, settings.max_connections),
+        http=guarded_protocol(
+            settings.header_timeout_s,
+            settings.body_timeout_s,
+            settings.max_connections,
+            max_connections_per_client=settings.max_connections_per_client,
+            max_inflight_per_client=settings.max_inflight_per_client,
+            trusted=settings.trusted_networks,
+            retry_after_s=settings.retry_after_s,
+        ),
         log_level="info",
         access_log=False,
         timeout_keep_alive=settings.keepalive_timeout_s,

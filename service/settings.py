@@ -8,6 +8,7 @@ The Redis URL is built here, in one place, with the credentials percent-escaped.
 
 from __future__ import annotations
 
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from urllib.parse import quote
 
 from pydantic import field_validator, model_validator
@@ -62,6 +63,23 @@ class Settings(
     def _empty_is_none(cls, value: object) -> object:
         # docker compose passes ``GENRET_EXPERIMENTS_FILE: ${GENRET_EXPERIMENTS_FILE:-}``: empty = unset
         return None if value == "" else value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_parse(cls, value: str) -> str:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            try:
+                ip_network(part, strict=False)
+            except ValueError:
+                raise ValueError(f"{part!r} is not an IP address or CIDR") from None
+        return value
+
+    @property
+    def trusted_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
+        """``trusted_proxies`` parsed (service/http/guard.py asks these who the client is)."""
+        return tuple(
+            ip_network(p.strip(), strict=False) for p in self.trusted_proxies.split(",") if p.strip()
+        )
 
     @property
     def docs_on(self) -> bool:

@@ -79,6 +79,26 @@ class HttpFields(BaseModel):
         le=1_000_000,
         description="Open connections (or running requests) per port; past it a request gets 503.",
     )
+    max_connections_per_client: int = Field(
+        default=256,
+        ge=1,
+        le=1_000_000,
+        description="Open connections from one client address per port (trusted proxies exempt); a "
+        "connection past it is closed at once, so one client cannot take the whole max_connections.",
+    )
+    max_inflight_per_client: int = Field(
+        default=256,
+        ge=1,
+        le=1_000_000,
+        description="Requests of one client (behind a trusted proxy: the address it reports) being "
+        "answered at once per port; past it 429 with Retry-After (kind client_limit).",
+    )
+    trusted_proxies: str = Field(
+        default="",
+        description="Comma-separated addresses or CIDRs of proxies (ingress pods, load balancers) whose "
+        "X-Forwarded-For names the client; their own connections are not capped per client. Empty = "
+        "the peer address is the client (the k8s Service keeps pod source addresses).",
+    )
 
 
 class LimitFields(BaseModel):
