@@ -120,6 +120,9 @@ def test_experiment_variables_keep_their_names_and_defaults(monkeypatch: pytest.
         ({"shadow_queue_size": 0}, "shadow_queue_size"),
         ({"shadow_timeout_s": 0}, "shadow_timeout_s"),
         ({"shadow_max_age_s": 3601}, "shadow_max_age_s"),
+        ({"trusted_proxies": "10.0.0.0/8, ingress"}, "'ingress' is not an IP address or CIDR"),
+        ({"max_connections_per_client": 0}, "max_connections_per_client"),
+        ({"max_inflight_per_client": 0}, "max_inflight_per_client"),
     ],
 )
 def test_bad_values_are_refused_with_the_offending_field(overrides: dict[str, object], needle: str) -> None:
@@ -168,3 +171,9 @@ def test_startup_errors_are_one_line_naming_the_variable(monkeypatch: pytest.Mon
 def test_every_field_is_documented() -> None:
     for name, field in Settings.model_fields.items():
         assert field.description, f"Settings.{name} has no description"
+
+
+def test_trusted_proxies_parse_into_networks() -> None:
+    got = Settings(trusted_proxies="10.0.0.0/8, 127.0.0.3 ,fd00::/8").trusted_networks
+    assert [str(n) for n in got] == ["10.0.0.0/8", "127.0.0.3/32", "fd00::/8"]
+    assert Settings().trusted_networks == ()
