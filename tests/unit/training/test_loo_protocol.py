@@ -83,3 +83,11 @@ def test_ivf_at_equal_candidates_reports_every_loo_metric(synthetic) -> None:
     top = np.argsort(-exact, axis=1)[:, :20] + 1
     hits = [t[0] in row for t, row in zip(split.test.targets, top, strict=True)]
     assert points[-1][1]["recall@20"] == pytest.approx(np.mean(hits))
+
+
+def test_the_sasrec_yaml_states_the_dataclass_defaults() -> None:
+    """The YAML is the documented default: it must not drift from the dataclass others construct."""
+    from training.methods.sasrec.config import SASRecConfig
+
+    assert SASRecConfig.load() == SASRecConfig()
+    assert SASRecConfig.load({"sasrec.ffn_mult": 4}).ffn_mult == 4
