@@ -210,6 +210,30 @@ def test_cuda_graphs_survive_catalogue_versions(tiny_bundle_dir: Path, device_na
         assert_parity(got.scores, want.scores, device_name)
 
 
+@pytest.mark.parametrize("device_name", [d for d in DEVICES if d.startswith("cuda")])
+def test_cuda_graphs_from_encoder_states_match_eager_search(tiny_bundle_dir: Path, device_name: str) -> None:
+    """The service's graphed path (GraphRunner.search: encoder states in static shapes, captured,
+    the dense fill after the replay) answers what Retriever.search does with the same states."""
+    from models.search.graph_runner import GraphRunner
+
+    bundle = load_bundle(tiny_bundle_dir)
+    retriever = Retriever(bundle, device_name, "torch", cuda_graphs=False)
+    runner = GraphRunner(retriever)
+    rng = np.random.default_rng(8)
+    for sizes, k, beam in (((1, 4, MAX_HISTORY), 8, 2), ((3, 3, 3, 1, 2), 12, 1)):
+        histories = [rng.integers(1, NUM_ITEMS + 1, size=n) for n in sizes]
+        states = retriever.encode(histories)
+        exclude = [np.asarray(h) for h in histories]
+        for _ in range(2):  # capture, then replay
+            got = runner.search(states, k, beam, exclude, fill=True)
+            want = retriever.search(states, k, beam, exclude, fill=True)
+            assert got is not None and runner.disabled is None, runner.disabled
+            np.testing.assert_array_equal(got.items, want.items)
+            np.testing.assert_array_equal(got.dense_filled, want.dense_filled)
+            assert_parity(got.scores, want.scores, device_name)
+    assert len(runner.graphs) == 2
+
+
 def test_torch_only_bundle_serves_and_refuses_onnx(tmp_path: Path, device: str) -> None:
     path = make_synthetic_bundle(tmp_path / "synthetic", 3000, 8, 3, dim=16, backends=("torch",))
     assert sorted(p.name for p in path.iterdir()) == [
