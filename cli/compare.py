@@ -13,8 +13,8 @@ import yaml
 from cli.args import comma_list
 from cli.data import add_data_arguments, dataset_from_args
 from training.comparison import MethodResult, run_compare
+from training.context import TrainContext
 from training.data import Dataset, dataset_stats
-from training.methods.context import TrainContext
 from training.metrics import split_ks
 from training.registry import check_overrides
 from training.splits import SPLIT_KINDS, Split, make_split, target_in_history_share

@@ -22,6 +22,7 @@ from cli.data import add_data_arguments
 from models.bundle.bundle import Bundle, load_bundle
 from models.search.retriever import Retriever
 from training.bundle_evaluation import SWEEP_BEAMS, evaluate_retriever
+from training.context import TrainContext
 from training.data import dataset_stats
 from training.frontier import (
     FrontierPoint,
@@ -32,7 +33,6 @@ from training.frontier import (
     sweep_bundle,
     sweep_ivf,
 )
-from training.methods.context import TrainContext
 from training.methods.sasrec.cache import sasrec_for
 from training.registry import get_method
 from training.splits import EvalSet

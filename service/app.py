@@ -27,9 +27,9 @@ from service.engine.request_map import DEFAULT_VARIANT
 from service.engine.request_map import user_key as experiment_user_key
 from service.errors import PayloadTooLarge, error_response, install_error_handlers
 from service.http.routes import admin_router, router
-from service.http.schemas import RetrieveRequest
 from service.metrics import ADMIN_ERRORS, ERRORS, observe_admin, observe_public
 from service.registry.model_registry import ModelRegistry
+from service.schemas import RetrieveRequest
 from service.settings import SHUTDOWN_CLOSE_S, Settings
 from service.shadow.agreement import Ranked
 from service.shadow.experiments import ExperimentHooks, ranked_from_result, router_from_settings

@@ -4,7 +4,7 @@
 (a test holds it equal to what a running service serves). Regenerate it after changing a route or a
 schema::
 
-    .venv/bin/python -m service.http.openapi > docs/openapi.json
+    .venv/bin/python -m service.openapi > docs/openapi.json
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 def public_openapi() -> dict[str, Any]:
     """The public app's OpenAPI document (no bundle is loaded: the lifespan does not run)."""
-    from service.app import create_app
+    from service.app import create_app  # a tool beside the app, not part of it
     from service.settings import Settings
 
     return create_app(Settings(env="dev")).openapi()

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from training.bundle_recommender import BundleRecommender
+from training.context import TrainContext, TrainedMethod
 from training.evaluation import evaluate_recommender
-from training.methods.context import TrainContext, TrainedMethod
 from training.methods.sasrec.cache import sasrec_for
 from training.metrics import evaluate_ranking, split_ks
 from training.registry import get_method

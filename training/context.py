@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from training.data import Dataset
     from training.evaluation import Recommender
-    from training.methods.sasrec.model import SASRec
     from training.splits import Split
 
 
@@ -30,8 +29,9 @@ class TrainContext:
     seed: int
     workdir: Path
     config_overrides: dict[str, Any] = field(default_factory=dict)
-    _sasrec: SASRec | None = None
-    """The SASRec of this split once trained (:func:`training.methods.sasrec.cache.sasrec_for`)."""
+    memo: dict[str, Any] = field(default_factory=dict)
+    """What is computed once per context and shared by the methods trained in it: ``"sasrec"``, the
+    split's SASRec (:func:`training.methods.sasrec.cache.sasrec_for`)."""
 
 
 TrainFn = Callable[[TrainContext], TrainedMethod]

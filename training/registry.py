@@ -5,7 +5,7 @@ Each :class:`Method` says where the method's train entry point and its config cl
 config fields ``max_epochs`` caps, and whether it trains data-parallel under torchrun. Nothing
 registers itself: a method's modules are imported only when it is asked for (:func:`get_method`),
 so `genret compare --methods popular,sasrec` never imports the generative trainers. Method
-packages import :mod:`training.methods.context` and :mod:`training.config`, never this module.
+packages import :mod:`training.context` and :mod:`training.config`, never this module.
 
 The override rule for ``--set`` keys (what :func:`check_overrides` enforces) is in
 :mod:`training.config`.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from training.config import SHARED_KEYS
-from training.methods.context import TrainFn
+from training.context import TrainFn
 
 
 def _popular() -> TrainFn:

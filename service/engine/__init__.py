@@ -3,6 +3,6 @@ the resolved k and beam), the dynamic batcher (``batcher``; its jobs, stages and
 ``jobs``), the compute worker (``compute``) with its search strategy (``strategy``), the per-row
 encoder states, the domain results, and the staged runner of rows off the primary path
 (``shadow_executor``). :class:`~service.engine.engine.Engine` is the facade the routes, the shadow
-lane and the quality monitor call. May import ``models``, ``service.cache``, ``service.registry``,
-the request model (``service.http.schemas``) and the package root; never the routes or
+lane and the quality monitor call. May import ``models``, ``service.cache``, ``service.registry``
+and the package root (the request model is ``service.schemas``); never ``service.http`` or
 ``service.shadow``."""

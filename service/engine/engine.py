@@ -48,9 +48,9 @@ from service.engine.shadow_executor import ShadowExecutor, StageHook
 from service.engine.states import Row
 from service.engine.strategy import SearchStrategy, strategy_for
 from service.errors import LimitExceeded, Unavailable
-from service.http.schemas import RetrieveRequest
 from service.metrics import FALLBACKS, INFLIGHT, STAGE_SECONDS, UNKNOWN_HISTORY_ITEMS
 from service.registry.model_registry import ModelRegistry
+from service.schemas import RetrieveRequest
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

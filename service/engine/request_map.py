@@ -1,4 +1,4 @@
-"""Request mapping: a raw :class:`service.http.schemas.RetrieveRequest` -> dense ids of one bundle.
+"""Request mapping: a raw :class:`service.schemas.RetrieveRequest` -> dense ids of one bundle.
 
 Per request, on the event loop and before any compute: check the limits from settings (422 naming
 the field), choose the variant and bundle (the experiment's router, else the request's ``model``,
@@ -27,9 +27,9 @@ from prometheus_client import Counter
 from service.cache.codec import cache_key
 from service.engine.compute import RowInput
 from service.errors import LimitExceeded
-from service.http.schemas import RetrieveRequest
 from service.metrics import REGISTRY
 from service.registry.model_registry import LoadedModel, ModelRegistry
+from service.schemas import RetrieveRequest
 from service.settings import Settings
 
 DEFAULT_VARIANT = "default"

@@ -4,7 +4,7 @@ Only the API layer (:mod:`service.http.routes`) calls this."""
 from __future__ import annotations
 
 from service.engine.results import Retrieval
-from service.http.schemas import DebugInfo, ModelRef, RetrieveResponse, ScoredItem
+from service.schemas import DebugInfo, ModelRef, RetrieveResponse, ScoredItem
 
 
 def to_response(result: Retrieval, *, debug: bool) -> RetrieveResponse:

@@ -29,7 +29,8 @@ from service.errors import (
     UnknownJob,
 )
 from service.http.responses import to_response
-from service.http.schemas import (
+from service.metrics import ADMIN_REGISTRY, render
+from service.schemas import (
     AddItemsResponse,
     AdminModelDescription,
     AdminModelsResponse,
@@ -45,7 +46,6 @@ from service.http.schemas import (
     RetrieveRequest,
     RetrieveResponse,
 )
-from service.metrics import ADMIN_REGISTRY, render
 
 router = APIRouter()
 admin_router = APIRouter(prefix="/admin")

@@ -43,7 +43,7 @@ from service.shadow.log import ShadowLog
 
 if TYPE_CHECKING:
     from service.engine.results import Retrieval
-    from service.http.schemas import RetrieveRequest
+    from service.schemas import RetrieveRequest
 
 __all__ = [
     "ExperimentConfig",

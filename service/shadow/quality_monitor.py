@@ -47,9 +47,9 @@ from service.engine.request_map import Mapped
 from service.engine.results import Retrieval
 from service.engine.shadow_executor import ShadowStale
 from service.engine.strategy import Allow, Fill, SearchStrategy
-from service.http.schemas import RetrieveRequest
 from service.metrics import REGISTRY
 from service.registry.model_registry import LoadedModel
+from service.schemas import RetrieveRequest
 from service.shadow.agreement import overlap_at_k
 
 log = logging.getLogger(__name__)

@@ -113,5 +113,5 @@ def test_committed_openapi_equals_what_the_app_serves(service: ServiceProcess) -
     committed = json.loads(OPENAPI.read_text())
     assert served == committed, (
         "docs/openapi.json is stale: regenerate it with "
-        "`.venv/bin/python -m service.http.openapi > docs/openapi.json`"
+        "`.venv/bin/python -m service.openapi > docs/openapi.json`"
     )

@@ -24,9 +24,9 @@ from service.cache.state_cache import LocalCache
 from service.engine.engine import Engine
 from service.engine.results import Retrieval
 from service.errors import ComputeFailed
-from service.http.schemas import RetrieveRequest
 from service.metrics import ROW_FAILURES
 from service.registry.model_registry import LoadedModel, ModelRegistry, load_model
+from service.schemas import RetrieveRequest
 from service.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -245,7 +245,13 @@ def test_openapi_schema_describes_the_routes(client: httpx.Client) -> None:
 
 def test_admin_openapi_describes_the_admin_routes(service: ServiceProcess) -> None:
     paths = httpx.get(f"{service.admin_url}/openapi.json").json()["paths"]
-    assert set(paths) == {"/admin/reload", "/admin/models", "/admin/items"}
+    assert set(paths) == {
+        "/admin/reload",
+        "/admin/models",
+        "/admin/items",
+        "/admin/items/jobs/{job}",
+        "/admin/metrics",
+    }
     assert "security" in paths["/admin/reload"]["post"] and "security" in paths["/admin/items"]["post"]
 
 

@@ -17,8 +17,8 @@ import pytest
 from service.cache.state_cache import NoCache
 from service.engine.engine import Engine
 from service.engine.shadow_executor import ShadowStale
-from service.http.schemas import RetrieveRequest
 from service.registry.model_registry import ModelRegistry
+from service.schemas import RetrieveRequest
 from service.settings import Settings
 from service.shadow.agreement import Ranked, ShadowJob
 from service.shadow.lane import REGISTRY, ShadowConfig, ShadowLane

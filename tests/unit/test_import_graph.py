@@ -119,6 +119,31 @@ def test_no_import_cycles() -> None:
     assert not found, f"import cycles (break them by moving the shared part down a layer): {found}"
 
 
+def package_graph(graph: dict[str, set[str]], root: str) -> dict[str, set[str]]:
+    """The graph between ``root``'s direct parts (a sub-package, or a module at its root)."""
+
+    def part(module: str) -> str:
+        return ".".join(module.split(".")[:2])
+
+    parts: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        if module.split(".")[0] != root:
+            continue
+        parts.setdefault(part(module), set()).update(
+            part(t) for t in targets if t.split(".")[0] == root and part(t) != part(module)
+        )
+    return parts
+
+
+def test_sub_packages_import_each_other_without_cycles() -> None:
+    """The rooms of ``models`` and ``service`` (and of every package) form no circle either: a
+    sub-package's docstring can say what it may import, and the tree reads as the diagram."""
+    graph = import_graph()
+    found = {root: cycles(package_graph(graph, root)) for root in PACKAGES}
+    assert not any(found.values()), f"sub-package cycles: { {k: v for k, v in found.items() if v} }"
+    assert "service.engine" in package_graph(graph, "service")["service.http"]  # the graph sees them
+
+
 def test_packages_import_only_the_layers_below() -> None:
     wrong = sorted(
         f"{module} -> {target}"

@@ -15,8 +15,8 @@ from models.bundle.bundle import load_bundle
 from models.search.retriever import Retriever
 from training.coldstart.holdout import add_held_out, hold_out_items, reduced_split
 from training.coldstart.scoring import bundle_overall, catalogue_eval, cold_eval_sets, sasrec_new_items
+from training.context import TrainContext
 from training.data import Dataset
-from training.methods.context import TrainContext
 from training.methods.sasrec.cache import sasrec_for
 from training.registry import check_overrides, get_method
 from training.splits import make_split

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 from torch import nn
@@ -14,10 +14,15 @@ from torch import nn
 from models.bundle.attributes import ItemAttributes
 from models.index import TreeIndex
 from training.data.dataset import Dataset
+from training.splits import Split
 from training.trainer import popularity_counts
 
-if TYPE_CHECKING:
-    from training.methods.context import TrainContext
+
+class TrainedOn(Protocol):
+    """What :func:`method_bundle` reads of a method's train context (:class:`training.context.TrainContext`)."""
+
+    dataset: Dataset
+    split: Split
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ class BundleSpec:
 
 
 def method_bundle(
-    ctx: TrainContext,
+    ctx: TrainedOn,
     *,
     method: str,
     encoder: nn.Module,

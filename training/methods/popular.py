@@ -7,7 +7,7 @@ import time
 import numpy as np
 import torch
 
-from training.methods.context import TrainContext, TrainedMethod
+from training.context import TrainContext, TrainedMethod
 from training.methods.sasrec.model import top_k_excluding
 from training.splits import Split
 from training.trainer import popularity_counts

@@ -16,8 +16,8 @@ from service.catalogue.live import LiveCatalogue
 from service.catalogue.store import DeltaStore
 from service.engine.request_map import RequestMapper
 from service.errors import LimitExceeded
-from service.http.schemas import RetrieveRequest
 from service.registry.model_registry import ModelRegistry
+from service.schemas import RetrieveRequest
 from service.settings import Settings
 
 ITEMS = 200

@@ -23,8 +23,8 @@ from service.engine.states import DeviceRow
 from service.engine.strategy import strategy_for
 from service.errors import LimitExceeded
 from service.http.responses import to_response
-from service.http.schemas import RetrieveRequest
 from service.registry.model_registry import ModelRegistry
+from service.schemas import RetrieveRequest
 from service.settings import Settings
 
 T = TypeVar("T")

@@ -15,8 +15,8 @@ import yaml
 from pydantic import ValidationError
 
 from service.engine.results import ModelIdentity, Retrieval
-from service.http.schemas import RetrieveRequest
 from service.metrics import REGISTRY
+from service.schemas import RetrieveRequest
 from service.settings import Settings
 from service.shadow.agreement import Ranked
 from service.shadow.experiments import (

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from training.context import TrainContext
 from training.evaluation import evaluate_recommender
-from training.methods.context import TrainContext
 from training.methods.popular import Popularity
 from training.methods.sasrec.cache import sasrec_config, sasrec_for, train_sasrec
 from training.methods.sasrec.model import SASRec, SASRecConfig, pad_histories, top_k_excluding

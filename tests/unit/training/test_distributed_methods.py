@@ -25,7 +25,7 @@ from training.data import synthetic_dataset
 from training.distributed import DistContext
 from training.evaluation import evaluate_recommender
 from training.methods.popular import Popularity
-from training.methods.context import TrainContext
+from training.context import TrainContext
 from training.registry import get_method
 from training.splits import make_split
 

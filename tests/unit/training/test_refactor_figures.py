@@ -49,9 +49,9 @@ SETTINGS: dict[str, Any] = {  # tiny: a 16-d SASRec, every generative method a f
 
 def figures(workdir: Path) -> dict[str, dict[str, float]]:
     """``{method: test metrics}`` of every method trained on one small synthetic split."""
+    from training.context import TrainContext
     from training.data import synthetic_dataset
     from training.evaluation import evaluate_recommender
-    from training.methods.context import TrainContext
     from training.metrics import DEFAULT_KS
     from training.registry import get_method
     from training.splits import make_split

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from models.index import TreeIndex
+from training.context import TrainContext
 from training.data import synthetic_dataset
 from training.evaluation import evaluate_recommender
-from training.methods.context import TrainContext
 from training.methods.popular import Popularity
 from training.methods.seater.config import SeaterConfig
 from training.methods.seater.losses import pair_similarity, seater_losses

@@ -133,9 +133,9 @@ def test_model_scores_histories_against_nodes() -> None:
 def test_tdr_on_planted_clusters_beats_popularity_through_the_bundle(tmp_path: Path) -> None:
     """Train every part (SASRec, tree, preference model, one tree-learning round), export, and
     evaluate through ONNX Runtime: Recall@20 must beat popularity by a wide margin."""
+    from training.context import TrainContext
     from training.data import synthetic_dataset
     from training.evaluation import evaluate_recommender
-    from training.methods.context import TrainContext
     from training.methods.popular import Popularity
     from training.registry import get_method
     from training.splits import make_split

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from models.index import TreeIndex
+from training.context import TrainContext
 from training.data import synthetic_dataset
 from training.evaluation import evaluate_recommender
-from training.methods.context import TrainContext
 from training.methods.uri.config import URIConfig
 from training.methods.uri.index import SiblingSampler, assign_level
 from training.methods.uri.layerwise import URITrainer

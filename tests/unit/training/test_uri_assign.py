@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from training.context import TrainContext
 from training.data import synthetic_dataset
 from training.index_report import level_buckets
-from training.methods.context import TrainContext
 from training.methods.uri.assign import QueryEvidence, kmeans_within_parents
 from training.methods.uri.config import URIConfig
 from training.methods.uri.layerwise import URITrainer

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from training.context import TrainContext
 from training.data import synthetic_dataset
-from training.methods.context import TrainContext
 from training.methods.sasrec.model import SASRecConfig, SASRecModule
 from training.methods.uri.config import URIConfig
 from training.methods.uri.layerwise import URITrainer

@@ -24,7 +24,7 @@ from typing import Any
 
 from training import distributed
 from training.config import coerce
-from training.methods.context import TrainContext, TrainedMethod
+from training.context import TrainContext, TrainedMethod
 from training.methods.sasrec.config import SASRecConfig
 from training.methods.sasrec.model import SASRec
 from training.methods.sasrec.train import fit_sasrec
@@ -126,9 +126,10 @@ def _load_cached(directory: Path) -> SASRec | None:
 
 def sasrec_for(ctx: TrainContext) -> SASRec:
     """The trained SASRec baseline of ``ctx``'s split, trained (or loaded) once and memoised on it."""
-    if ctx._sasrec is None:
-        ctx._sasrec = train_sasrec(ctx)
-    return ctx._sasrec
+    model = ctx.memo.get("sasrec")
+    if not isinstance(model, SASRec):
+        model = ctx.memo["sasrec"] = train_sasrec(ctx)
+    return model
 
 
 def train_sasrec_method(ctx: TrainContext) -> TrainedMethod:

@@ -39,9 +39,9 @@ from models.index import TreeIndex
 from training import distributed
 from training.bundle_recommender import BundleRecommender, SasrecQuery
 from training.clustering import balanced_tree_codes
+from training.context import TrainContext, TrainedMethod
 from training.export.spec import method_bundle
 from training.export.writer import write_bundle
-from training.methods.context import TrainContext, TrainedMethod
 from training.methods.sasrec.cache import sasrec_for
 from training.methods.sasrec.model import SASRec
 from training.methods.seater.config import SeaterConfig

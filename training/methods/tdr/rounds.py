@@ -10,7 +10,7 @@ import numpy as np
 
 from models.index import TreeIndex
 from training.bundle_recommender import SasrecQuery
-from training.methods.context import TrainContext
+from training.context import TrainContext
 from training.methods.tdr.config import TDRConfig
 from training.methods.tdr.model import TDREncoder, TDRModel
 

@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from models.index import TreeIndex
 from training import distributed
 from training.bundle_recommender import BundleRecommender
+from training.context import TrainContext, TrainedMethod
 from training.distributed import DistContext
-from training.methods.context import TrainContext, TrainedMethod
 from training.methods.sasrec.cache import sasrec_for
 from training.methods.tdr.config import TDRConfig
 from training.methods.tdr.losses import TDRLoss, TreeTensors, rectified_labels

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from models.index import TreeIndex
 from training import distributed
-from training.methods.context import TrainContext
+from training.context import TrainContext
 from training.methods.sasrec.cache import sasrec_for
 from training.methods.uri.assign import QueryEvidence, kmeans_within_parents
 from training.methods.uri.config import URIConfig

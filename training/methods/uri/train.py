@@ -20,8 +20,8 @@ import torch
 from models.index import TreeIndex
 from models.nets.decoder import TokenDecoder
 from training.bundle_recommender import BundleRecommender
+from training.context import TrainContext, TrainedMethod
 from training.export.spec import method_bundle
-from training.methods.context import TrainContext, TrainedMethod
 from training.methods.uri.config import URIConfig
 from training.methods.uri.layerwise import URITrainer
 from training.splits import EvalSet
