@@ -21,8 +21,9 @@ Names and the default model:
 * A reload loads every new version first and swaps them in together. A bundle folder that is refused
   (a bad name, or a bundle that fails to load or warm) does not block the others: the reload reports
   it (``refused`` in its outcome, ``genret_reloads_total{result="error"}``), keeps that model's
-  serving version if it has one, and loads the rest. A reload of one named model that is refused
-  raises :class:`BadBundle` and changes nothing. At start-up every bundle must load (no serving
+  serving version if it has one, and loads the rest. A reload of one named model that is refused,
+  or one in which nothing but refused bundles would change, raises :class:`BadBundle` and changes
+  nothing. At start-up every bundle must load (no serving
   version to fall back to): the first refusal fails it.
 """
 
@@ -169,8 +170,9 @@ class ModelRegistry:
         ``force``, all) bundles beside the serving ones, unload those gone, then swap all at once.
 
         Raises :class:`ReloadConflict` when the default model would change, and :class:`BadBundle`
-        when the one model named is refused; either way nothing is swapped. Without a name, refused
-        folders are reported (outcomes with ``refused``) and the rest swapped in.
+        when the one model named is refused, or every bundle that would change is; either way nothing
+        is swapped. Otherwise refused folders are reported (outcomes with ``refused``) and the rest
+        swapped in.
         """
         with self._lock:
             found, refused = self.discover_all()
@@ -201,6 +203,8 @@ class ModelRegistry:
                         if name is not None:
                             raise
                         refused[key] = exc.message
+            if refused and not fresh and not removed:  # nothing else to load: the reload failed
+                raise BadBundle("; ".join(refused.values()))
             if refused:
                 kept = (set(self._models) - set(removed) - set(refused)) | set(fresh)
                 self._check_default(kept | (set(refused) & set(self._models)), ReloadConflict)

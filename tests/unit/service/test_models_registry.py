@@ -88,6 +88,8 @@ def test_a_bad_name_on_reload_is_reported_and_the_other_bundles_still_load(tmp_p
     assert reg.names() == ["main", "other", "third"] and reg.get("other").version == "fp2"
     with pytest.raises(BadBundle, match="'Main2'"):
         reg.reload("Main2")
+    with pytest.raises(BadBundle, match="'Main2'"):
+        reg.reload(force=False)  # the poll: nothing but the refused folder would change
 
 
 def test_several_models_need_a_default(tmp_path: Path) -> None:
