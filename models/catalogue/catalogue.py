@@ -254,9 +254,11 @@ class Catalogue:
         leaf_of = np.concatenate([self.leaf_of, np.asarray([p.leaf for p in placed], np.int64)])
         live = np.concatenate([self.live, np.ones(M, bool)])
         path = np.concatenate([index.item_path, np.zeros((M, index.levels), np.int32)])
-        for j, p in enumerate(placed):
-            path[first + j, :-1] = path_of(parent, p.parent, index.levels - 1)
-            path[first + j, -1] = p.leaf
+        path[first:, -1] = leaf_of[first:]
+        node = np.asarray([p.parent for p in placed], np.int64)  # [M] each item's leaf's parent
+        for level in range(index.levels - 2, -1, -1):  # up the tree, every item at once
+            path[first:, level] = node
+            node = parent[node]
         live_count = np.concatenate([self.live_count, np.zeros(len(new_leaves), np.int64)])
         np.add.at(live_count, path[first:].astype(np.int64).reshape(-1), 1)
         live_count[0] += M
@@ -319,15 +321,6 @@ class Catalogue:
             item_emb=self.item_emb,
             leaf_capacity=self.leaf_capacity,
         )
-
-
-def path_of(parent: np.ndarray, node: int, depth: int) -> np.ndarray:
-    """``[depth]`` the ancestors of ``node`` (a node of level ``depth``) at levels 1..depth, itself last."""
-    out = np.empty(depth, np.int32)
-    for level in range(depth - 1, -1, -1):
-        out[level] = node
-        node = int(parent[node])
-    return out
 
 
 def _subtree_counts(index: TreeIndex) -> np.ndarray:
