@@ -80,7 +80,7 @@ def oversized(spec: StateSpec) -> bytes:
     return encode_state(row, spec) + bytes(BIG_BYTES)
 
 
-FAULTS: dict[str, Callable[[redis_lib.Redis, str, StateSpec], None]] = {
+FAULTS: dict[str, Callable[[redis_lib.Redis, str, StateSpec], object]] = {
     "finite 3e38 values": lambda r, key, spec: r.set(key, extreme(spec)),
     "100 MB value": lambda r, key, spec: r.set(key, oversized(spec)),
     "a list under the key": lambda r, key, spec: (r.delete(key), r.rpush(key, b"x", b"y")),
@@ -101,7 +101,8 @@ def test_one_users_bad_entry_never_fails_others_nor_opens_the_breaker(
         deadline = time.monotonic() + 5
         while not (keys := redis.keys(f"genret:*:{victim['user_id']}:*")) and time.monotonic() < deadline:
             time.sleep(0.02)  # the write-back runs after the answer
-        (key,) = keys
+        (raw_key,) = keys
+        key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
         before = cache_counts(client)
     t = len(victim["history"])
     spec = StateSpec(manifest["fingerprint"], t, manifest["dims"]["memory"], manifest["dims"]["query"])
