@@ -160,6 +160,14 @@ class BatchingFields(BaseModel):
 
     # --- batching ---
     max_batch_size: int = Field(default=32, ge=1, le=4096, description="Most requests computed together.")
+    batch_work_budget: int = Field(
+        default=100_000,
+        ge=1,
+        le=100_000_000,
+        description="Most ids (history + exclude + allow, summed over rows) computed in one batch: a row "
+        "that would take a batch past it waits for the next one, so one expensive row never holds up "
+        "cheap batch-mates (a row over the budget on its own is computed alone).",
+    )
     max_wait_ms: float = Field(
         default=2.0,
         ge=0.0,

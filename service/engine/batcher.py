@@ -34,6 +34,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
@@ -90,6 +91,7 @@ class Batcher(Generic[Req, Res]):
         self._handoff: Handoff[tuple[Job[Req, Res], Any]] | None = None
         self._closing = False
         self._active: dict[int, Job[Req, Res]] = {}  # taken from the queue, not yet answered
+        self._deferred: deque[Job[Req, Res]] = deque()  # past a batch's work budget: first in the next
         self._went_idle: asyncio.Event | None = None  # set when the last job is answered with an empty queue
 
     @property
@@ -128,12 +130,13 @@ class Batcher(Generic[Req, Res]):
                 return False
         return not self._closing
 
-    async def submit(self, payload: Req, deadline: float) -> Res:
-        """Queue ``payload`` and wait for its result; raises QueueFull / DeadlineExceeded / Unavailable."""
+    async def submit(self, payload: Req, deadline: float, cost: int = 1) -> Res:
+        """Queue ``payload`` and wait for its result; raises QueueFull / DeadlineExceeded / Unavailable.
+        ``cost``: its share of a batch's work budget (``BatcherConfig.work_budget``)."""
         if self._closing or not self._tasks:
             raise Unavailable("the batcher is not running (starting up or shutting down)")
         loop = asyncio.get_running_loop()
-        job: Job[Req, Res] = Job(payload=payload, deadline=deadline, future=loop.create_future())
+        job: Job[Req, Res] = Job(payload=payload, deadline=deadline, future=loop.create_future(), cost=cost)
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -197,11 +200,19 @@ class Batcher(Generic[Req, Res]):
     # --- batch forming and the stages ---
 
     async def _collect(self) -> list[Job[Req, Res]]:
-        first = await self._queue.get()
-        self._active[id(first)] = first
+        """The next batch: jobs deferred by the last one first, then the queue, up to ``max_batch_size``
+        or ``max_wait_s``; then :meth:`_within_budget`."""
+        if self._deferred:
+            first = self._deferred.popleft()
+        else:
+            first = await self._queue.get()
+            self._active[id(first)] = first
         batch = [first]
         wait_until = time.monotonic() + self._config.max_wait_s
         while len(batch) < self._config.max_batch_size:
+            if self._deferred:
+                batch.append(self._deferred.popleft())
+                continue
             try:
                 job = self._queue.get_nowait()
             except asyncio.QueueEmpty:
@@ -215,7 +226,22 @@ class Batcher(Generic[Req, Res]):
             self._active[id(job)] = job
             batch.append(job)
         QUEUE_DEPTH.set(self._queue.qsize())
-        return batch
+        return self._within_budget(batch)
+
+    def _within_budget(self, batch: list[Job[Req, Res]]) -> list[Job[Req, Res]]:
+        """The jobs, in order, whose summed cost stays within the work budget (the first always goes);
+        the others are deferred, in order, to the front of the next batch."""
+        budget = self._config.work_budget
+        if budget is None or sum(job.cost for job in batch) <= budget:
+            return batch
+        kept, spent = [batch[0]], batch[0].cost
+        for job in batch[1:]:
+            if spent + job.cost <= budget:
+                kept.append(job)
+                spent += job.cost
+            else:
+                self._deferred.append(job)
+        return kept
 
     def _answered(self, jobs: Sequence[Job[Req, Res]]) -> None:
         for job in jobs:

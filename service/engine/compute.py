@@ -47,6 +47,11 @@ class RowInput:
     beam_size: int
     allow: np.ndarray | None = None  # [a] dense ids the row may return (None: any)
 
+    def work(self) -> int:
+        """Its share of a batch's work budget: the ids it carries (history, exclusions, allow-list),
+        which its encode, exact scoring and membership checks grow with."""
+        return len(self.history) + len(self.exclude) + (0 if self.allow is None else len(self.allow))
+
 
 def state_spec(p: RowInput) -> StateSpec:
     """What a cached state row of ``p`` must be: written by ``p``'s bundle, for its history length."""

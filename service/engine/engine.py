@@ -86,6 +86,7 @@ class Engine:
                 queue_size=settings.queue_size,
                 retry_after_s=settings.retry_after_s,
                 pipeline=settings.pipeline == "on" or (settings.pipeline == "auto" and usable_cores() >= 2),
+                work_budget=settings.batch_work_budget,
             ),
         )
         self.shadow = ShadowExecutor(
@@ -223,7 +224,10 @@ class Engine:
             result = popular(mapped, time.perf_counter() - started)
         else:
             deadline_ms = request.deadline_ms or self.settings.default_deadline_ms
-            row = await self.batcher.submit(mapped.row_input(), time.monotonic() + deadline_ms / 1000.0)
+            row_input = mapped.row_input()
+            row = await self.batcher.submit(
+                row_input, time.monotonic() + deadline_ms / 1000.0, cost=row_input.work()
+            )
             total = time.perf_counter() - started
             STAGE_SECONDS.labels(stage="total").observe(total)
             result = answered(mapped, row, {**row.timings, "total": total}, total)

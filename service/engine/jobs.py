@@ -22,9 +22,15 @@ class BatcherConfig:
     queue_size: int
     retry_after_s: int = 1
     pipeline: bool = False  # prepare and finish on two threads, overlapping (needs >= 2 cores to pay)
+    work_budget: int | None = None  # most summed job costs in one batch (None: no bound)
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.queue_size < 1 or self.max_wait_s < 0:
+        if (
+            self.max_batch_size < 1
+            or self.queue_size < 1
+            or self.max_wait_s < 0
+            or (self.work_budget or 1) < 1
+        ):
             raise ValueError(f"invalid batcher config {self}")
 
 
@@ -37,6 +43,7 @@ class Job(Generic[Req, Res]):
     future: asyncio.Future[Res]
     enqueued_at: float = field(default_factory=time.monotonic)
     queue_seconds: float = 0.0
+    cost: int = 1  # its share of a batch's work budget (the service: ids the row carries)
 
 
 # process(batch) -> one result or exception per job, in order

@@ -62,6 +62,30 @@ def test_results_come_back_in_batches_off_the_event_loop() -> None:
     asyncio.run(main())
 
 
+def test_a_row_past_the_work_budget_is_not_batched_with_cheap_rows() -> None:
+    """Payload 1000 costs 1000 against a budget of 1000: the cheap rows queued with it go to the next
+    batch (in order), and nothing is lost; without the budget all five share one batch."""
+
+    async def run(budget: int | None) -> list[list[int]]:
+        gate = threading.Event()
+        batcher, rec = make(
+            BatcherConfig(max_batch_size=8, max_wait_s=0.0, queue_size=100, work_budget=budget), gate
+        )
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(0, far()))  # holds the compute thread at the gate
+        await until(lambda: not batcher.idle and batcher.depth == 0)
+        rest = [asyncio.ensure_future(batcher.submit(p, far(), cost=max(1, p))) for p in (1000, 1, 2, 3, 4)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        assert await asyncio.gather(first, *rest) == [0, 2000, 2, 4, 6, 8]
+        await batcher.stop(timeout_s=5)
+        return rec.batches[1:]
+
+    assert asyncio.run(run(None)) == [[1000, 1, 2, 3, 4]]
+    assert asyncio.run(run(1000)) == [[1000], [1, 2, 3, 4]]
+    assert asyncio.run(run(1002)) == [[1000, 1], [2, 3, 4]]  # what fits stays with it, in order
+
+
 def test_per_item_errors_reach_only_their_request() -> None:
     async def main() -> None:
         batcher, _ = make(BatcherConfig(max_batch_size=8, max_wait_s=0.01, queue_size=100))
