@@ -124,7 +124,8 @@ class Retriever:
     def with_catalogue(self, catalogue: Catalogue) -> Retriever:
         """A retriever over ``catalogue`` (a version of this bundle's catalogue) sharing this one's
         backend; this one keeps serving what it served. The device item table grows in the spare
-        rows of a shared buffer (:class:`DeviceRows`), so a version costs its new rows, not N."""
+        rows of a shared buffer (:class:`DeviceRows`), so a version costs its new rows, not N; on
+        the CPU that buffer is the catalogue's own table (:class:`models.catalogue.catalogue.ItemTable`)."""
         if catalogue.fingerprint != self.bundle.manifest.fingerprint:
             raise ValueError(
                 f"catalogue of bundle {catalogue.fingerprint[:12]} cannot serve on {self.bundle.manifest.fingerprint[:12]}"
@@ -132,9 +133,12 @@ class Retriever:
         out = copy.copy(self)
         out.catalogue = catalogue
         out._use_index(catalogue.index, catalogue.live)
-        rows = self._rows or DeviceRows(self.item_emb)
-        out._rows = rows.with_rows(catalogue.item_emb, self.item_emb.shape[0])
-        out.item_emb = out._rows.view(catalogue.num_rows)
+        if self.device.type == "cpu":  # the catalogue's own table serves: no second copy in host memory
+            out.item_emb = torch.from_numpy(catalogue.item_emb)  # [N+1, Dr] a view of its buffer
+        else:
+            rows = self._rows or DeviceRows(self.item_emb)
+            out._rows = rows.with_rows(catalogue.item_emb, self.item_emb.shape[0])
+            out.item_emb = out._rows.view(catalogue.num_rows)
         alias = catalogue.decoder_node
         out.node_alias = (
             torch.as_tensor(alias, dtype=torch.int64, device=self.device) if catalogue.aliased else None

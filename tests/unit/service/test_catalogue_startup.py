@@ -58,3 +58,17 @@ def test_without_prebuild_the_first_delta_builds_it(bundle: Path, tmp_path: Path
     assert registry.get().fingerprint not in live._base
     out = live.add(None, {"remove": ["item001"]})
     assert out["version"] == 1 and registry.get().catalogue_version == 1
+
+
+def test_on_the_cpu_a_grown_version_serves_from_the_catalogues_own_table(
+    bundle: Path, tmp_path: Path
+) -> None:
+    """One item table in host memory after a delta adds items, not the catalogue's plus a copy."""
+    registry, live = serving(bundle, tmp_path, prebuild=True)
+    live.add(None, {"add": [{"id": f"n{i}", "vector": [0.1 * i] * 16} for i in range(3)]})
+    model = registry.get()
+    table = live.catalogue_of(model).item_emb
+    assert model.retriever.item_emb.device.type == "cpu" and model.item_emb.shape[0] == ITEMS + 4
+    assert np.shares_memory(model.retriever.item_emb.numpy(), table)
+    found = model.retriever.retrieve([np.array([1, 2])], k=5, beam_size=4)  # it serves from it
+    assert (found.items > 0).all()
