@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -170,3 +172,28 @@ def start_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceF
     yield start
     for service in started:
         service.stop(timeout_s=20)
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A loopback port something already listens on (a start-up that binds it must fail)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        yield int(sock.getsockname()[1])
+
+
+def body(user: str, seed: int, **extra: Any) -> dict[str, Any]:
+    """A retrieve body for ``user``: a few history ids of the test bundle, chosen by ``seed``."""
+    history = [f"item{1 + (seed * 37 + j * 101) % 1000:04d}" for j in range(3 + seed % 4)]
+    return {"user_id": user, "history": history, "k": 10, **extra}
+
+
+def cache_counts(client: httpx.Client) -> dict[str, float]:
+    """``genret_cache_results_total`` by result, from the public ``/metrics``."""
+    out: dict[str, float] = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith('genret_cache_results_total{result="'):
+            labels, value = line.rsplit(" ", 1)
+            out[labels.split('"')[1]] = float(value)
+    return out

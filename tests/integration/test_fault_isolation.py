@@ -19,7 +19,6 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -28,7 +27,7 @@ import redis as redis_lib
 
 from benchmarks.launcher import ServiceProcess
 from service.cache.codec import StateRow, StateSpec, decode_state, encode_state
-from tests.integration.conftest import RedisServer, ServiceFactory, admin_client
+from tests.integration.conftest import RedisServer, ServiceFactory, admin_client, body, cache_counts
 
 pytestmark = pytest.mark.integration
 
@@ -50,20 +49,6 @@ def service(start_service: ServiceFactory, bundle_dir: Path, redis_server: Redis
             "GENRET_MAX_WAIT_MS": "20",  # 8 clients sending together land in one batch
         }
     )
-
-
-def body(user: str, seed: int, **extra: Any) -> dict[str, Any]:
-    history = [f"item{1 + (seed * 37 + j * 101) % 1000:04d}" for j in range(3 + seed % 4)]
-    return {"user_id": user, "history": history, "k": 10, **extra}
-
-
-def cache_counts(client: httpx.Client) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith('genret_cache_results_total{result="'):
-            labels, value = line.rsplit(" ", 1)
-            out[labels.split('"')[1]] = float(value)
-    return out
 
 
 def extreme(spec: StateSpec) -> bytes:

@@ -25,7 +25,7 @@ import pytest
 
 from benchmarks.launcher import ServiceProcess
 from service.cache.codec import StateRow, StateSpec, decode_state, encode_state
-from tests.integration.conftest import RedisServer, ServiceFactory
+from tests.integration.conftest import RedisServer, ServiceFactory, body, cache_counts
 
 pytestmark = pytest.mark.integration
 
@@ -47,20 +47,6 @@ def service(start_service: ServiceFactory, bundle_dir: Path, redis_server: Redis
             "GENRET_DEFAULT_DEADLINE_MS": str(DEADLINE_MS),
         }
     )
-
-
-def body(user: str, seed: int, **extra: Any) -> dict[str, Any]:
-    history = [f"item{1 + (seed * 37 + j * 101) % 1000:04d}" for j in range(3 + seed % 4)]
-    return {"user_id": user, "history": history, "k": 10, **extra}
-
-
-def cache_counts(client: httpx.Client) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith('genret_cache_results_total{result="'):
-            labels, value = line.rsplit(" ", 1)
-            out[labels.split('"')[1]] = float(value)
-    return out
 
 
 def report(**fields: Any) -> None:

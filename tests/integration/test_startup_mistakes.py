@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,14 +39,6 @@ def serve_once(args: list[str], env: dict[str, str]) -> subprocess.CompletedProc
         timeout=120,
         check=False,
     )
-
-
-@pytest.fixture
-def busy_port() -> Iterator[int]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(1)
-        yield int(sock.getsockname()[1])
 
 
 def corrupt_bundle(bundle_dir: Path, tmp: Path) -> Path:
