@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -74,26 +75,37 @@ def tiny_model() -> TinyModel:
     return build_tiny_model()
 
 
+def export_tiny(
+    model: TinyModel, out: Path, name: str, max_history: int = MAX_HISTORY, **fields: Any
+) -> Path:
+    """``model`` exported as bundle ``name`` into ``out`` (``fields``: more :func:`export_bundle`
+    arguments; metrics, config and the dataset fingerprint default to empty / ``"tiny"``)."""
+    from training.export.writer import export_bundle
+
+    return export_bundle(
+        out,
+        name=name,
+        method="test",
+        encoder=model.encoder,
+        decoder=model.decoder,
+        index=model.index,
+        item_emb=model.item_emb,
+        item_ids=model.item_ids,
+        popularity=model.popularity,
+        score_mode="logprob",
+        max_history=max_history,
+        **{"metrics": {}, "config": {}, "dataset_fingerprint": "tiny", "version": "v1", **fields},
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle_dir(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model exported once per session. Tests must not modify it: copy it first."""
-    from training.export.writer import export_bundle
-
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    return export_bundle(
-        out,
-        name="tiny",
-        method="test",
-        encoder=tiny_model.encoder,
-        decoder=tiny_model.decoder,
-        index=tiny_model.index,
-        item_emb=tiny_model.item_emb,
-        item_ids=tiny_model.item_ids,
-        popularity=tiny_model.popularity,
-        score_mode="logprob",
-        max_history=MAX_HISTORY,
+    return export_tiny(
+        tiny_model,
+        tmp_path_factory.mktemp("bundles") / "tiny",
+        "tiny",
         metrics={"recall@20": 0.5},
         config={"dim": DIM},
         dataset_fingerprint="tiny-dataset",
-        version="v1",
     )

@@ -11,7 +11,7 @@ from models.bundle.bundle import Bundle, load_bundle
 from models.catalogue.catalogue import Catalogue, Delta, DeltaError, NewItem
 from models.search.retriever import Retriever
 
-from .conftest import DIM, NUM_ITEMS, build_tiny_model
+from .conftest import DIM, NUM_ITEMS, build_tiny_model, export_tiny
 
 HISTORIES = [np.array([3, 17, 22]), np.array([8]), np.array([1, 2, 4, 5])]
 
@@ -24,26 +24,8 @@ def bucket_bundle(tiny_bundle_dir: Path) -> Bundle:
 @pytest.fixture(scope="module")
 def node_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
     """The tiny model with one token per node (SEATER/TDR-like: the decoder knows the bundle's nodes only)."""
-    from training.export.writer import export_bundle
-
     m = build_tiny_model(seed=1, token_scheme="node")
-    out = export_bundle(
-        tmp_path_factory.mktemp("bundles") / "node",
-        name="node",
-        method="test",
-        encoder=m.encoder,
-        decoder=m.decoder,
-        index=m.index,
-        item_emb=m.item_emb,
-        item_ids=m.item_ids,
-        popularity=m.popularity,
-        score_mode="logprob",
-        max_history=6,
-        metrics={},
-        config={},
-        dataset_fingerprint="tiny",
-        version="v1",
-    )
+    out = export_tiny(m, tmp_path_factory.mktemp("bundles") / "node", "node", max_history=6)
     return load_bundle(out)
 
 

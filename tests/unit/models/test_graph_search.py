@@ -28,7 +28,7 @@ from models.search.graphs import (
 from models.search.retrieval_types import RetrievalResult
 from models.search.retriever import Retriever
 
-from .conftest import DIM, MAX_HISTORY, NUM_ITEMS, build_tiny_model
+from .conftest import DIM, MAX_HISTORY, NUM_ITEMS, build_tiny_model, export_tiny
 
 
 def static(retriever: Retriever, histories: list[np.ndarray], k: int, beam: int, exclude: list | None):
@@ -92,26 +92,8 @@ def grown_versions(bundle: Bundle) -> list[Catalogue]:
 def node_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with one token per node and room under its parents: added items get new
     leaves, which the decoder sees as aliases of existing nodes."""
-    from training.export.writer import export_bundle
-
     m = build_tiny_model(seed=1, token_scheme="node")
-    return export_bundle(
-        tmp_path_factory.mktemp("bundles") / "node",
-        name="node",
-        method="test",
-        encoder=m.encoder,
-        decoder=m.decoder,
-        index=m.index,
-        item_emb=m.item_emb,
-        item_ids=m.item_ids,
-        popularity=m.popularity,
-        score_mode="logprob",
-        max_history=MAX_HISTORY,
-        metrics={},
-        config={},
-        dataset_fingerprint="tiny",
-        version="v1",
-    )
+    return export_tiny(m, tmp_path_factory.mktemp("bundles") / "node", "node")
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
