@@ -20,16 +20,18 @@ import torch
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import heavy_lane
 from service.cache.state_cache import CircuitBreaker, LocalCache, NoCache, RedisCache, StateCache
 from service.catalogue.live import LiveCatalogue
 from service.engine.engine import Engine
 from service.engine.request_map import DEFAULT_VARIANT
 from service.engine.request_map import user_key as experiment_user_key
 from service.errors import PayloadTooLarge, error_response, install_error_handlers
+from service.http.body import document_bodies
 from service.http.routes import admin_router, router
 from service.metrics import ADMIN_ERRORS, ERRORS, observe_admin, observe_public
 from service.registry.model_registry import ModelRegistry
-from service.schemas import RetrieveRequest
+from service.schemas import BatchRetrieveRequest, RetrieveRequest
 from service.settings import SHUTDOWN_CLOSE_S, Settings
 from service.shadow.agreement import Ranked
 from service.shadow.experiments import ExperimentHooks, ranked_from_result, router_from_settings
@@ -206,6 +208,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         cache = make_cache(settings)
         hooks = router_from_settings(settings)
         engine = Engine(settings, registry, cache, router=hooks, assignment_key=experiment_user_key)
+        heavy_lane.configure(settings.heavy_lane_share, lambda: engine.light_inflight > 0)
         if hooks is not None:
             wire_experiment(hooks, engine)
         monitor = QualityMonitor(engine, settings.quality_sample)
@@ -258,6 +261,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.shutdown_deadline = None  # set by server.DrainingServer when a drain begins
     install_error_handlers(app)
     app.include_router(router)
+    document_bodies(app, [RetrieveRequest, BatchRetrieveRequest])
     app.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_body_bytes)
     exposed = [path for route in router.routes if (path := getattr(route, "path", "")).startswith("/admin")]
     if exposed:  # admin routes belong to service.http.routes.admin_router (the admin port) only

@@ -149,6 +149,7 @@ def serve(settings: Settings) -> int:
         except StartupError:
             public_sock.close()
             raise
+    sys.setswitchinterval(settings.gil_switch_ms / 1000.0)
     app = create_app(settings)
     wrapped = OneLineStartupError(app)
     public = DrainingServer(uvicorn_config(wrapped, settings, "on"), app, settings.shutdown_grace_s)

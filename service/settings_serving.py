@@ -93,6 +93,13 @@ class HttpFields(BaseModel):
         description="Requests of one client (behind a trusted proxy: the address it reports) being "
         "answered at once per port; past it 429 with Retry-After (kind client_limit).",
     )
+    gil_switch_ms: float = Field(
+        default=1.0,
+        ge=0.1,
+        le=100.0,
+        description="sys.setswitchinterval in ms: how long a thread running Python (the heavy lane, the "
+        "compute thread) may keep the interpreter before the event loop gets its turn (Python's default 5).",
+    )
     trusted_proxies: str = Field(
         default="",
         description="Comma-separated addresses or CIDRs of proxies (ingress pods, load balancers) whose "
@@ -146,6 +153,28 @@ class LimitFields(BaseModel):
         ge=1024,
         le=1024 * 1_048_576,
         description="Largest admin request body (bytes).",
+    )
+    heavy_body_bytes: int = Field(
+        default=65_536,
+        ge=0,
+        le=1024 * 1_048_576,
+        description="Request bodies at least this large are parsed and validated in the heavy lane "
+        "(one worker thread, service/heavy_lane.py) instead of on the event loop.",
+    )
+    heavy_lane_share: float = Field(
+        default=0.1,
+        gt=0.0,
+        le=1.0,
+        description="Most share of the wall time the heavy lane runs (service/heavy_lane.py): it sleeps "
+        "between chunks of work so that the threads serving other requests get the GIL back at once.",
+    )
+    heavy_request_ids: int = Field(
+        default=4096,
+        ge=1,
+        le=10_000_000,
+        description="Requests with at least this many history, exclude and allow ids together are heavy: "
+        "mapped to dense ids in the heavy lane instead of on the event loop, and batched apart from "
+        "lighter requests (the two kinds take turns, so a light request waits for at most one heavy batch).",
     )
     default_deadline_ms: int = Field(
         default=1000, ge=1, le=600_000, description="Request deadline when a request gives none."

@@ -92,6 +92,7 @@ class Batcher(Generic[Req, Res]):
         self._closing = False
         self._active: dict[int, Job[Req, Res]] = {}  # taken from the queue, not yet answered
         self._deferred: deque[Job[Req, Res]] = deque()  # past a batch's work budget: first in the next
+        self._heavy_turn = False  # heavy jobs waited out one light batch: the next batch is theirs
         self._went_idle: asyncio.Event | None = None  # set when the last job is answered with an empty queue
 
     @property
@@ -201,7 +202,7 @@ class Batcher(Generic[Req, Res]):
 
     async def _collect(self) -> list[Job[Req, Res]]:
         """The next batch: jobs deferred by the last one first, then the queue, up to ``max_batch_size``
-        or ``max_wait_s``; then :meth:`_within_budget`."""
+        or ``max_wait_s``; then :meth:`_by_weight` and :meth:`_within_budget`."""
         if self._deferred:
             first = self._deferred.popleft()
         else:
@@ -226,7 +227,24 @@ class Batcher(Generic[Req, Res]):
             self._active[id(job)] = job
             batch.append(job)
         QUEUE_DEPTH.set(self._queue.qsize())
-        return self._within_budget(batch)
+        return self._within_budget(self._by_weight(batch))
+
+    def _by_weight(self, batch: list[Job[Req, Res]]) -> list[Job[Req, Res]]:
+        """Heavy jobs (``heavy_cost`` and up) and light ones never share a batch, and take turns: a
+        light job waits for at most one heavy batch, and heavy jobs for at most one light batch. The
+        group left out goes, in order, to the front of the next batch."""
+        heavy_cost = self._config.heavy_cost
+        if heavy_cost is None:
+            return batch
+        heavy = [job for job in batch if job.cost >= heavy_cost]
+        if not heavy or len(heavy) == len(batch):
+            self._heavy_turn = False
+            return batch
+        light = [job for job in batch if job.cost < heavy_cost]
+        chosen, left = (heavy, light) if self._heavy_turn else (light, heavy)
+        self._heavy_turn = not self._heavy_turn
+        self._deferred.extendleft(reversed(left))
+        return chosen
 
     def _within_budget(self, batch: list[Job[Req, Res]]) -> list[Job[Req, Res]]:
         """The jobs, in order, whose summed cost stays within the work budget (the first always goes);

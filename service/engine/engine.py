@@ -48,6 +48,7 @@ from service.engine.shadow_executor import ShadowExecutor, StageHook
 from service.engine.states import Row
 from service.engine.strategy import SearchStrategy, strategy_for
 from service.errors import LimitExceeded, Unavailable
+from service.heavy_lane import in_heavy_lane
 from service.metrics import FALLBACKS, INFLIGHT, STAGE_SECONDS, UNKNOWN_HISTORY_ITEMS
 from service.registry.model_registry import ModelRegistry
 from service.schemas import RetrieveRequest
@@ -87,6 +88,7 @@ class Engine:
                 retry_after_s=settings.retry_after_s,
                 pipeline=settings.pipeline == "on" or (settings.pipeline == "auto" and usable_cores() >= 2),
                 work_budget=settings.batch_work_budget,
+                heavy_cost=settings.heavy_request_ids,
             ),
         )
         self.shadow = ShadowExecutor(
@@ -102,6 +104,7 @@ class Engine:
         self.ready = False
         self.draining = False
         self.inflight = 0
+        self.light_inflight = 0  # of them, requests below heavy_request_ids (the heavy lane yields to them)
         self._writes: set[asyncio.Task[None]] = set()
 
     # --- lifecycle ---
@@ -144,11 +147,22 @@ class Engine:
         (an exception in it is logged, never the request's)."""
         self._listeners.append(listener)
 
-    def map(self, request: RetrieveRequest) -> Mapped:
+    async def map(self, request: RetrieveRequest) -> Mapped:
         """``request`` checked against the settings' limits and mapped onto its bundle: variant, dense
         ids, k and beam, resolved once (:mod:`service.engine.request_map`)."""
         self.mapper.check_limits(request, ())
-        return self.mapper.map(request)
+        return await self._map(request)
+
+    def _heavy(self, request: RetrieveRequest) -> bool:
+        ids = len(request.history) + len(request.exclude) + len(request.allow or ())
+        return ids >= self.settings.heavy_request_ids
+
+    async def _map(self, request: RetrieveRequest) -> Mapped:
+        """:meth:`RequestMapper.map`, in the heavy lane for a request of ``heavy_request_ids`` ids or
+        more (:mod:`service.heavy_lane`): its dictionary lookups take tens of ms at 100k ids."""
+        if not self._heavy(request):
+            return self.mapper.map(request)
+        return await in_heavy_lane("map", lambda: self.mapper.map(request))
 
     async def retrieve(self, request: RetrieveRequest) -> Retrieval:
         self._check_accepting()
@@ -178,7 +192,7 @@ class Engine:
         if self.draining:
             raise Unavailable("shutting down: shadow copy dropped")
         started = time.perf_counter()
-        mapped = self.map(request)
+        mapped = await self.map(request)
         if len(mapped.history) == 0:
             return popular(mapped, time.perf_counter() - started)
         row = await self.run_staged(mapped, on_stage=on_stage)
@@ -215,8 +229,17 @@ class Engine:
             raise Unavailable("not ready: bundles are still loading")
 
     async def _retrieve_one(self, request: RetrieveRequest) -> Retrieval:
+        if self._heavy(request):
+            return await self._answer(request)
+        self.light_inflight += 1
+        try:
+            return await self._answer(request)
+        finally:
+            self.light_inflight -= 1
+
+    async def _answer(self, request: RetrieveRequest) -> Retrieval:
         started = time.perf_counter()
-        mapped = self.mapper.map(request)
+        mapped = await self._map(request)
         if mapped.unknown:
             UNKNOWN_HISTORY_ITEMS.inc(mapped.unknown)
         if len(mapped.history) == 0:

@@ -23,6 +23,7 @@ class BatcherConfig:
     retry_after_s: int = 1
     pipeline: bool = False  # prepare and finish on two threads, overlapping (needs >= 2 cores to pay)
     work_budget: int | None = None  # most summed job costs in one batch (None: no bound)
+    heavy_cost: int | None = None  # jobs of this cost or more never share a batch with lighter ones
 
     def __post_init__(self) -> None:
         if (
@@ -30,6 +31,7 @@ class BatcherConfig:
             or self.queue_size < 1
             or self.max_wait_s < 0
             or (self.work_budget or 1) < 1
+            or (self.heavy_cost or 1) < 1
         ):
             raise ValueError(f"invalid batcher config {self}")
 

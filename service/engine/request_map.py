@@ -27,6 +27,7 @@ from prometheus_client import Counter
 from service.cache.codec import cache_key
 from service.engine.compute import RowInput
 from service.errors import LimitExceeded
+from service.heavy_lane import pace
 from service.metrics import REGISTRY
 from service.registry.model_registry import LoadedModel, ModelRegistry
 from service.schemas import RetrieveRequest
@@ -42,6 +43,20 @@ HISTORY_SKIPPED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+
+
+PACE_IDS = 2048
+"""Ids looked up between two :func:`service.heavy_lane.pace` calls (about 1 ms at 1M items)."""
+
+
+def dense_ids(lookup: Callable[[str], int | None], raws: Sequence[str]) -> list[int]:
+    """The dense ids of the known ``raws``, in order (unknown ones skipped), looked up in chunks
+    between which a request in the heavy lane gives way (:func:`service.heavy_lane.pace`)."""
+    found: list[int] = []
+    for start in range(0, len(raws), PACE_IDS):
+        found.extend(d for d in map(lookup, raws[start : start + PACE_IDS]) if d is not None)
+        pace()
+    return found
 
 
 def user_key(user_id: str | None, history: Sequence[str] = ()) -> str:
@@ -147,16 +162,15 @@ class RequestMapper:
             variant = self.router.assign(self.assignment_key(request.user_id, request.history))
             model_name = self.router.bundle_of(variant)
         model = self.registry.get(model_name)
-        known = [model.history_dense(raw) for raw in request.history]
-        full = np.array([d for d in known if d is not None], dtype=np.int64)  # [t_all]
-        unknown = len(known) - len(full)
+        full = np.array(dense_ids(model.history_dense, request.history), dtype=np.int64)  # [t_all]
+        unknown = len(request.history) - len(full)
         encodable = full[full <= model.encoder_items]  # items added after training: skipped
         added = len(full) - len(encodable)
         if added:
             HISTORY_SKIPPED.labels(reason="added_item").inc(added)
         truncated = len(encodable) > model.max_history
         dense = encodable[-model.max_history :]  # [t]
-        excluded = [d for d in (model.dense_of.get(raw) for raw in request.exclude) if d is not None]
+        excluded = dense_ids(model.dense_of.get, request.exclude)
         if request.exclude_history:
             excluded.extend(int(d) for d in full)  # the whole history, not only the encoded window
         exclude = np.unique(np.array(excluded, dtype=np.int64))  # [e]
@@ -176,8 +190,7 @@ class RequestMapper:
         """``[a]`` sorted live dense ids of ``allow`` and ``categories`` (both when both are given)."""
         allow = None
         if request.allow is not None:
-            ids = [d for d in (model.dense_of.get(raw) for raw in request.allow) if d is not None]
-            allow = np.unique(np.array(ids, dtype=np.int64))
+            allow = np.unique(np.array(dense_ids(model.dense_of.get, request.allow), dtype=np.int64))
         if request.categories is not None:
             if model.item_attributes is None:
                 raise LimitExceeded(

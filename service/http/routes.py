@@ -13,7 +13,7 @@ import asyncio
 import hmac
 from typing import Any
 
-from fastapi import APIRouter, Body, Depends, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -28,6 +28,7 @@ from service.errors import (
     Unavailable,
     UnknownJob,
 )
+from service.http.body import json_body_doc, read_model, read_object
 from service.http.responses import to_response
 from service.metrics import ADMIN_REGISTRY, render
 from service.schemas import (
@@ -94,11 +95,11 @@ def check_debug(request: Request, bodies: list[RetrieveRequest]) -> None:
     response_model=RetrieveResponse,
     response_model_exclude_none=True,
     responses=ERROR_RESPONSES,
+    openapi_extra=json_body_doc(RetrieveRequest),
     summary="Top-K items for one user history",
 )
-async def retrieve(
-    body: RetrieveRequest, request: Request, engine: Engine = Depends(get_engine)
-) -> RetrieveResponse:
+async def retrieve(request: Request, engine: Engine = Depends(get_engine)) -> RetrieveResponse:
+    body = await read_model(request, RetrieveRequest)
     check_debug(request, [body])
     result = await engine.retrieve(body)
     request.state.variant = result.variant
@@ -110,11 +111,11 @@ async def retrieve(
     response_model=BatchRetrieveResponse,
     response_model_exclude_none=True,
     responses=ERROR_RESPONSES,
+    openapi_extra=json_body_doc(BatchRetrieveRequest),
     summary="Several retrieval requests in one call",
 )
-async def retrieve_batch(
-    body: BatchRetrieveRequest, request: Request, engine: Engine = Depends(get_engine)
-) -> BatchRetrieveResponse:
+async def retrieve_batch(request: Request, engine: Engine = Depends(get_engine)) -> BatchRetrieveResponse:
+    body = await read_model(request, BatchRetrieveRequest)
     check_debug(request, body.requests)
     results = await engine.retrieve_batch(body.requests)
     return BatchRetrieveResponse(
@@ -238,17 +239,17 @@ async def reload(body: ReloadRequest | None = None, engine: Engine = Depends(get
             "description": "A malformed or contradicting delta (the field named); nothing written or changed."
         },
     },
+    openapi_extra=json_body_doc(
+        type="object",
+        description="A delta (docs/live_catalogue.md) plus an optional `model` (default: the default model).",
+        examples=[{"add": [{"id": "sku-1", "vector": [0.1, 0.2], "attributes": ["7"]}], "remove": ["sku-9"]}],
+    ),
     summary="Add and remove items: a catalogue delta, written where every replica sees it and applied here",
 )
 async def add_items(
-    body: dict[str, Any] = Body(
-        ...,
-        examples=[{"add": [{"id": "sku-1", "vector": [0.1, 0.2], "attributes": ["7"]}], "remove": ["sku-9"]}],
-        description="A delta (docs/live_catalogue.md) plus an optional `model` (default: the default model).",
-    ),
-    catalogue: LiveCatalogue = Depends(get_catalogue),
+    request: Request, catalogue: LiveCatalogue = Depends(get_catalogue)
 ) -> AddItemsResponse | JSONResponse:
-    delta = dict(body)
+    delta = await read_object(request)
     model = delta.pop("model", None)
     if model is not None and not isinstance(model, str):
         raise LimitExceeded(("model",), "a model name (string)")

@@ -83,7 +83,7 @@ class _Engine(Protocol):
     """What the monitor uses of :class:`service.engine.engine.Engine`."""
 
     def on_primary_result(self, listener: Callable[[RetrieveRequest, Retrieval], object]) -> None: ...
-    def map(self, request: RetrieveRequest) -> Mapped: ...
+    async def map(self, request: RetrieveRequest) -> Mapped: ...
     async def run_staged(
         self, mapped: Mapped, strategy: SearchStrategy | None = None, *, on_stage: Any = None
     ) -> RowResult: ...
@@ -278,7 +278,7 @@ class QualityMonitor:
 
     async def measure(self, request: RetrieveRequest, served: Retrieval) -> str:
         """Run one sample and update the gauges; its outcome (``ok``, ``changed``)."""
-        mapped = self._engine.map(request)
+        mapped = await self._engine.map(request)
         model: LoadedModel = mapped.model
         same = (model.version, model.catalogue_version) == (
             served.model.version,

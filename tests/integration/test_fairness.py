@@ -15,6 +15,7 @@ Each test prints one ``RELIABILITY {json}`` line (run with ``-s``) for the table
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import socket
 import statistics
@@ -229,3 +230,67 @@ def test_behind_a_trusted_proxy_the_client_is_the_forwarded_address(shared: Serv
     assert 429 in got["proxied"] and set(got["proxied"]) <= {200, 429}, got
     assert 429 in got["spoofed"], got  # its header did not make 24 clients of it
     assert set(got["quiet"]) == {200}, got
+
+
+ALLOW_IDS = 80_000  # within max_allow_items (100,000): a valid request of about 1 MB
+HEAVY_CLIENTS = 4
+
+
+class HeavySenders:
+    """HEAVY_CLIENTS threads on ABUSER, each looping a valid request with an ALLOW_IDS-id ``allow``
+    (http.client on pre-encoded bytes: the sockets release the GIL, so they cost this process little)."""
+
+    def __init__(self, port: int) -> None:
+        allow = [f"item{1 + (j * 13) % 999:04d}" for j in range(ALLOW_IDS)]
+        self.payload = json.dumps({"user_id": "heavy", "history": ["item0003"], "allow": allow}).encode()
+        self.port = port
+        self.stop = threading.Event()
+        self.statuses: list[int] = []
+        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(HEAVY_CLIENTS)]
+
+    def run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30, source_address=(ABUSER, 0))
+        headers = {"Content-Type": "application/json"}
+        while not self.stop.is_set():
+            conn.request("POST", "/v1/retrieve", body=self.payload, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            self.statuses.append(response.status)
+        conn.close()
+
+    def __enter__(self) -> HeavySenders:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=30)
+
+
+def test_clients_sending_maximal_allow_lists_do_not_stall_another(
+    start_service: ServiceFactory, bundle_dir: Path
+) -> None:
+    service = start_service({"GENRET_BUNDLE_PATH": str(bundle_dir)})
+    alone, alone_status = measure(service)
+    with HeavySenders(service.port) as heavy:
+        time.sleep(1.0)
+        loaded, loaded_status = measure(service)
+    report = {
+        "fault": f"{HEAVY_CLIENTS} clients loop valid requests with {ALLOW_IDS:,} allow ids "
+        f"({len(heavy.payload) / 1e6:.2f} MB)",
+        "requests": len(alone) + len(loaded) + len(heavy.statuses),
+        "fault_status": sorted(set(heavy.statuses)),
+        "heavy_answered": len(heavy.statuses),
+        "others_non_200": sum(s != 200 for s in alone_status + loaded_status),
+        "p50_alone_ms": round(1000 * statistics.median(alone), 1),
+        "p50_loaded_ms": round(1000 * statistics.median(loaded), 1),
+        "p99_alone_ms": round(1000 * p99(alone), 1),
+        "p99_loaded_ms": round(1000 * p99(loaded), 1),
+        "ratio": round(p99(loaded) / p99(alone), 2),
+    }
+    print("RELIABILITY " + json.dumps(report))
+    assert set(alone_status) == set(loaded_status) == {200}, report
+    assert set(heavy.statuses) == {200}, report  # valid requests: answered, only never at the others' cost
+    assert p99(loaded) <= P99_FACTOR * p99(alone), report

@@ -115,7 +115,7 @@ def test_one_rows_faults_never_fail_its_batch_mates(registry: ModelRegistry) -> 
 
         # user 0: its cached state is the wrong width (D=16), so the ONNX decoder fails on it;
         # user 1: its history holds the item that makes the encoder fail
-        poisoned = engine.map(request(0)).row_input()
+        poisoned = (await engine.map(request(0))).row_input()
         good = clean[0]
         cache.planted[poisoned.key] = StateRow(
             memory=np.ones((len(poisoned.history), 16), np.float32),
@@ -174,7 +174,7 @@ def test_state_spec_matches_what_the_encoder_writes(registry: ModelRegistry) -> 
 
     async def work(engine: Engine, cache: PlantedCache) -> None:
         req = request(3)
-        prepared = engine.map(req).row_input()
+        prepared = (await engine.map(req)).row_input()
         await engine.retrieve(req)
         await asyncio.sleep(0.05)  # the write-back runs after the answer
         spec = prepared.model.state_spec(len(prepared.history))

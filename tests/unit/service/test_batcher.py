@@ -86,6 +86,50 @@ def test_a_row_past_the_work_budget_is_not_batched_with_cheap_rows() -> None:
     assert asyncio.run(run(1002)) == [[1000, 1], [2, 3, 4]]  # what fits stays with it, in order
 
 
+def test_heavy_and_light_rows_never_share_a_batch_and_take_turns() -> None:
+    """Rows of cost >= 1000 are heavy: queued behind one another and among light rows, each batch
+    holds one kind, and the kinds alternate, so a light row waits for at most one heavy batch."""
+
+    async def run(heavy_cost: int | None) -> list[list[int]]:
+        gate = threading.Event()
+        config = BatcherConfig(max_batch_size=8, max_wait_s=0.0, queue_size=100, heavy_cost=heavy_cost)
+        batcher, rec = make(config, gate)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(0, far()))  # holds the compute thread at the gate
+        await until(lambda: not batcher.idle and batcher.depth == 0)
+        payloads = (1000, 1, 2000, 2, 3000, 3)
+        rest = [asyncio.ensure_future(batcher.submit(p, far(), cost=max(1, p))) for p in payloads]
+        await asyncio.sleep(0.05)
+        gate.set()
+        assert await asyncio.gather(first, *rest) == [0, *(2 * p for p in payloads)]
+        await batcher.stop(timeout_s=5)
+        return rec.batches[1:]
+
+    assert asyncio.run(run(None)) == [[1000, 1, 2000, 2, 3000, 3]]
+    assert asyncio.run(run(1000)) == [[1, 2, 3], [1000, 2000, 3000]]
+
+
+def test_heavy_rows_get_the_next_batch_after_a_light_one() -> None:
+    """Batch forming alone (``Batcher._by_weight``): a light batch formed while heavy rows wait gives
+    the next mixed batch to the heavy rows, and the one after to the light rows again."""
+
+    async def main() -> list[list[int]]:
+        batcher, _ = make(BatcherConfig(max_batch_size=8, max_wait_s=0.0, queue_size=100, heavy_cost=100))
+        loop = asyncio.get_running_loop()
+
+        def job(p: int) -> Job[int, int]:
+            return Job(payload=p, deadline=far(), future=loop.create_future(), cost=p)
+
+        formed = []
+        for arrived in ([500, 1], [2], [3]):  # each time: what was deferred, then what arrived
+            batch = [*batcher._deferred, *(job(p) for p in arrived)]
+            batcher._deferred.clear()
+            formed.append([j.payload for j in batcher._by_weight(batch)])
+        return formed
+
+    assert asyncio.run(main()) == [[1], [500], [2, 3]]
+
+
 def test_per_item_errors_reach_only_their_request() -> None:
     async def main() -> None:
         batcher, _ = make(BatcherConfig(max_batch_size=8, max_wait_s=0.01, queue_size=100))

@@ -74,7 +74,7 @@ def requests(n: int, *, user: str = "u") -> list[RetrieveRequest]:
 
 def reference(engine: Engine, request: RetrieveRequest) -> tuple[list[str], np.ndarray]:
     """The retriever's one-shot answer for the engine's mapping of ``request``."""
-    mapped = engine.map(request)
+    mapped = engine.mapper.map(request)
     p = mapped.row_input()
     model = mapped.model
     result = model.retriever.retrieve([p.history], k=p.k, beam_size=p.beam_size, exclude=[p.exclude])
@@ -128,7 +128,7 @@ def test_with_the_cache_off_fresh_states_stay_on_the_device(bundle: Path) -> Non
         reqs = requests(6)
         for request, got in zip(reqs, await engine.retrieve_batch(reqs), strict=True):
             assert_same(engine, request, got)
-        payloads = [engine.map(r).row_input() for r in reqs]
+        payloads = [(await engine.map(r)).row_input() for r in reqs]
         for store in (False, True):
             compute = BatchCompute(
                 payloads, [None] * len(payloads), strategy=engine.strategy, device="cpu", store=store
@@ -148,7 +148,7 @@ def test_bruteforce_strategy_is_the_exact_top_k(bundle: Path) -> None:
     async def work(engine: Engine) -> None:
         assert engine.strategy.name == "bruteforce"
         for request, got in zip(reqs, await engine.retrieve_batch(reqs), strict=True):
-            mapped = engine.map(request)
+            mapped = await engine.map(request)
             model = mapped.model
             query = model.retriever.encode([mapped.history]).query[0].numpy()  # [Dr]
             scores = model.item_emb.numpy() @ query  # [N+1]

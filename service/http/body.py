@@ -1,0 +1,143 @@
+"""JSON request bodies read by the routes themselves: small ones validated on the event loop, large
+ones (``GENRET_HEAVY_BODY_BYTES`` and up) in the heavy lane (:mod:`service.heavy_lane`), so that a
+client sending maximal allow-lists or a large delta does not hold up everyone else's requests.
+
+Errors take FastAPI's own shapes (a 422 ``RequestValidationError`` with ``loc`` under ``body``), so
+a client sees the same answer as from a body FastAPI validated. The routes declare their body to the
+OpenAPI document with :func:`json_body_doc`.
+"""
+
+from __future__ import annotations
+
+import email.message
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import validation_error_definition, validation_error_response_definition
+from pydantic import BaseModel, ValidationError
+
+from service.heavy_lane import in_heavy_lane, pace
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def json_body_doc(model: type[BaseModel] | None = None, **schema: Any) -> dict[str, Any]:
+    """``openapi_extra`` of a route that reads its body with :func:`read_model` or :func:`read_object`."""
+    body = {"$ref": f"#/components/schemas/{model.__name__}"} if model is not None else schema
+    invalid = {"$ref": "#/components/schemas/HTTPValidationError"}
+    return {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+        "responses": {
+            "422": {"description": "Validation Error", "content": {"application/json": {"schema": invalid}}}
+        },
+    }
+
+
+def document_bodies(app: FastAPI, models: list[type[BaseModel]]) -> None:
+    """Add ``models`` (the bodies :func:`json_body_doc` refers to) to ``app``'s OpenAPI components."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = build()
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            schemas.setdefault("ValidationError", validation_error_definition)
+            schemas.setdefault("HTTPValidationError", validation_error_response_definition)
+            for model in models:
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(schema.pop("$defs", {}))
+                schemas[model.__name__] = schema
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _is_json(content_type: str | None) -> bool:
+    if not content_type:
+        return False
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (
+        subtype == "json" or subtype.endswith("+json")
+    )
+
+
+def _invalid(type_: str, loc: tuple[str | int, ...], msg: str) -> RequestValidationError:
+    return RequestValidationError([{"type": type_, "loc": ("body", *loc), "msg": msg, "input": {}}])
+
+
+PACE_OBJECTS = 256
+"""JSON objects decoded between two :func:`service.heavy_lane.pace` calls (a delta's items)."""
+
+
+def _paced_objects() -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A ``json.loads`` object hook that returns each object as is and paces every PACE_OBJECTS: the
+    decoder then runs as many short C calls, between which the GIL can go to other threads, instead
+    of one call as long as the body (half a second for a 64 MB delta)."""
+    decoded = 0
+
+    def hook(obj: dict[str, Any]) -> dict[str, Any]:
+        nonlocal decoded
+        decoded += 1
+        if decoded % PACE_OBJECTS == 0:
+            pace()
+        return obj
+
+    return hook
+
+
+def parse_json(raw: bytes, content_type: str | None) -> Any:
+    """The body's JSON value; 422 when it is empty, not declared JSON, or not valid JSON."""
+    if not raw:
+        raise _invalid("missing", (), "Field required")
+    if not _is_json(content_type):
+        raise _invalid("content_type", (), "expected a JSON body (Content-Type: application/json)")
+    try:
+        return json.loads(raw, object_hook=_paced_objects())
+    except json.JSONDecodeError as exc:
+        raise _invalid("json_invalid", (exc.pos,), f"JSON decode error: {exc.msg}") from exc
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise _invalid("json_invalid", (), f"JSON decode error: {type(exc).__name__}") from exc
+
+
+def parse_model(raw: bytes, content_type: str | None, model: type[M]) -> M:
+    """The body validated as ``model``; 422 naming the field as FastAPI would."""
+    value = parse_json(raw, content_type)
+    pace()
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        ) from exc
+
+
+async def read_model(request: Request, model: type[M]) -> M:
+    """The request's body as ``model``, parsed in the heavy lane when it is large."""
+    raw = await request.body()
+    content_type = request.headers.get("content-type")
+    if len(raw) < request.app.state.settings.heavy_body_bytes:
+        return parse_model(raw, content_type, model)
+    return await in_heavy_lane("parse", lambda: parse_model(raw, content_type, model))
+
+
+def parse_object(raw: bytes, content_type: str | None) -> dict[str, Any]:
+    """The body's JSON object (the route checks its members); 422 for any other JSON value."""
+    value = parse_json(raw, content_type)
+    if not isinstance(value, dict):
+        raise _invalid("dict_type", (), "Input should be a valid dictionary")
+    return value
+
+
+async def read_object(request: Request) -> dict[str, Any]:
+    """The request's body as a JSON object, parsed in the heavy lane when it is large."""
+    raw = await request.body()
+    content_type = request.headers.get("content-type")
+    if len(raw) < request.app.state.settings.heavy_body_bytes:
+        return parse_object(raw, content_type)
+    return await in_heavy_lane("parse", lambda: parse_object(raw, content_type))
