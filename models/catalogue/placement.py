@@ -34,6 +34,8 @@ NEAR_COPY_COSINE = 0.99  # an added item this close to an item joins its leaf
 DESCENT_WIDTH = 4  # parents of leaves tried per added item, best first
 EXACT_COPY_BUDGET = 2e9  # multiply-adds allowed for an exact near-copy scan of the whole catalogue
 _CHUNK = 1024  # items per batched descent step (bounds the [m, width*C, Dr] gather)
+GROUPED_NODES = 512  # beam nodes in a chunk up to which their children are scored node by node
+DENSE_LEVEL_FACTOR = 4  # a level of at most this many times the kids scored is scored whole (one matmul)
 YIELD_EVERY = 64  # items placed between two GIL releases
 
 
@@ -73,6 +75,7 @@ class _Growth:
     """What the items placed so far in this delta added (later items of the delta see it)."""
 
     next_node: int
+    child_count: np.ndarray  # [num_nodes] int64 children of each node of the catalogue, new leaves included
     children: dict[int, list[int]] = field(default_factory=dict)  # parent -> new leaves
     members: dict[int, list[np.ndarray]] = field(default_factory=dict)  # leaf -> unit vectors added
     tokens: dict[int, int] = field(default_factory=dict)  # new leaf -> token
@@ -89,7 +92,7 @@ def place_items(tree: PlacementTree, vectors: np.ndarray) -> list[Placement]:
     copies = exact_copies(tree, unit)  # [M] the item each one nearly copies, -1 if none (or not scanned)
     buckets = tree.index.token_scheme == "level" and tree.leaf_capacity > 1
     quick = None if buckets else first_parent_leaves(tree, unit, parents[:, 0])
-    growth = _Growth(next_node=tree.index.num_nodes)
+    growth = _Growth(next_node=tree.index.num_nodes, child_count=np.diff(tree.index.child_offsets))
     level_token_node = _token_nodes(tree.index) if buckets else {}  # only buckets take new level tokens
     out = []
     for i in range(len(unit)):
@@ -160,11 +163,12 @@ def _place_quick(
             best, cosine = leaf, c
     if cosine >= NEAR_COPY_COSINE:
         return Placement(best, par, False, -1, -1, near_copy=True)
-    if _num_children(index, growth, par) < index.max_branching:
+    room = (growth.child_count[parents.clip(0)] < index.max_branching) & (parents >= 0)  # [P]
+    if room[0]:
         alias = growth.aliases.get(best, best)
         token = growth.next_node if index.token_scheme == "node" else int(index.node_token[alias])
         return _new_leaf(growth, par, token, alias)
-    if any(_num_children(index, growth, int(q)) < index.max_branching for q in parents[1:] if q >= 0):
+    if room[1:].any():
         return None
     return Placement(best, par, False, -1, -1, over_capacity=True)
 
@@ -189,26 +193,76 @@ def candidate_parents(tree: PlacementTree, unit: np.ndarray) -> np.ndarray:
     M = unit.shape[0]
     if index.levels == 1:
         return np.zeros((M, 1), np.int64)
-    centroids = unit_rows(tree.centroid_sum[: index.leaf_start])  # [S, Dr]
+    centroids = unit_rows(tree.centroid_sum[: index.leaf_start]).astype(np.float32)  # [S, Dr]
     out = np.full((M, DESCENT_WIDTH), -1, np.int64)
-    co, ci = index.child_offsets, index.child_ids
-    width = int(np.diff(co[: index.leaf_start]).max())
+    co, ci, lo_ = index.child_offsets, index.child_ids, index.level_offsets
+    counts = np.diff(co)
+    width = int(counts[: index.leaf_start].max())
     slot = np.arange(width)
     for lo in range(0, M, _CHUNK):
         u = unit[lo : lo + _CHUNK]  # [m, Dr]
         beams = np.zeros((len(u), 1), np.int64)  # [m, w] at the root
-        for _ in range(index.levels - 1):
-            start, count = co[beams.clip(0)], np.diff(co)[beams.clip(0)] * (beams >= 0)  # [m, w]
+        for level in range(1, index.levels):  # the kids' level
+            start, count = co[beams.clip(0)], counts[beams.clip(0)] * (beams >= 0)  # [m, w]
             ok = slot[None, None, :] < count[:, :, None]  # [m, w, C]
             kids = np.where(ok, ci[(start[:, :, None] + slot).clip(max=len(ci) - 1)], -1).reshape(len(u), -1)
-            score = np.einsum("md,mcd->mc", u, centroids[kids.clip(0)])  # [m, w*C]
+            first, last = int(lo_[level]), int(lo_[level + 1])
+            if last - first <= DENSE_LEVEL_FACTOR * kids.shape[1]:  # a matmul with the level, then the kids
+                whole = u @ centroids[first:last].T  # [m, n_level]
+                score = np.take_along_axis(whole, (kids - first).clip(0, last - first - 1), 1)
+            else:
+                score = _kid_scores(u, beams, width, centroids, co, ci)  # [m, w*C]
             score = np.where(kids >= 0, score, -np.inf)
-            top = np.argsort(-score, axis=1, kind="stable")[:, :DESCENT_WIDTH]
+            top = best_columns(score, DESCENT_WIDTH)
             beams = np.where(
                 np.take_along_axis(score, top, 1) > -np.inf, np.take_along_axis(kids, top, 1), -1
             )
         out[lo : lo + len(u), : beams.shape[1]] = beams
     return out
+
+
+def _kid_scores(
+    u: np.ndarray, beams: np.ndarray, width: int, centroids: np.ndarray, co: np.ndarray, ci: np.ndarray
+) -> np.ndarray:
+    """``u [m, Dr]`` against the centroids of the children of each row's ``beams [m, w]`` (child s of
+    beam j in column ``j * width + s``): ``[m, w * width]``, unset columns 0. Rows sharing a beam node
+    are scored together, one small matmul per node, when few nodes are shared (no ``[m, w*C, Dr]``
+    gather: at 1,024 rows and 400 children that copy is 100 MB per chunk); else the gather."""
+    m, w = beams.shape
+    nodes = beams.reshape(-1)
+    order = np.argsort(nodes, kind="stable")
+    unique, begin = np.unique(nodes[order], return_index=True)
+    if len(unique) > GROUPED_NODES:
+        kids = np.where(
+            np.arange(width) < (co[nodes + 1] - co[nodes])[:, None],
+            ci[(co[nodes][:, None] + np.arange(width)).clip(max=len(ci) - 1)],
+            -1,
+        ).reshape(m, -1)
+        return np.einsum("md,mcd->mc", u, centroids[kids.clip(0)])
+    score = np.zeros((m, w * width), np.float32)
+    end = np.append(begin[1:], len(nodes))
+    for node, b, e in zip(unique.tolist(), begin.tolist(), end.tolist(), strict=True):
+        if node < 0:
+            continue
+        pairs = order[b:e]
+        rows, slots = pairs // w, pairs % w
+        children = ci[co[node] : co[node + 1]]
+        cols = slots[:, None] * width + np.arange(len(children))  # [r, c]
+        score[rows[:, None], cols] = u[rows] @ centroids[children].T
+    return score
+
+
+def best_columns(score: np.ndarray, k: int) -> np.ndarray:
+    """``score [m, n]`` -> ``[m, min(k, n)]`` the columns of each row's k highest scores, best first,
+    without sorting all n. Among equal scores the order is by column; which of several equal scores
+    at the k-th place is kept is up to the partition, deterministic for the same input."""
+    n = score.shape[1]
+    if n > k:
+        cols = np.argpartition(-score, k - 1, axis=1)[:, :k]
+    else:
+        cols = np.broadcast_to(np.arange(n), score.shape)
+    order = np.lexsort((cols, -np.take_along_axis(score, cols, 1)), axis=-1)
+    return np.take_along_axis(cols, order, 1)
 
 
 def _place_one(
@@ -218,7 +272,7 @@ def _place_one(
     buckets = index.token_scheme == "level" and tree.leaf_capacity > 1
     first: tuple[int, int] | None = None  # (parent, best leaf) of the first parent tried
     for par in (int(p) for p in parents if p >= 0):
-        room = _num_children(index, growth, par) < index.max_branching
+        room = int(growth.child_count[par]) < index.max_branching
         if first is not None and not room and not buckets:
             continue  # full, and its near copies were looked for in the first parent already
         leaves, cent, sizes, members, owner = _leaf_stats(tree, growth, par, with_members=not buckets)
@@ -253,15 +307,11 @@ def _place_one(
     return Placement(first[1], first[0], False, -1, -1, over_capacity=True)
 
 
-def _num_children(index: TreeIndex, growth: _Growth, parent: int) -> int:
-    base = int(index.child_offsets[parent + 1] - index.child_offsets[parent])
-    return base + len(growth.children.get(parent, ()))
-
-
 def _new_leaf(growth: _Growth, parent: int, token: int, alias: int) -> Placement:
     leaf = growth.next_node
     growth.next_node += 1
     growth.children.setdefault(parent, []).append(leaf)
+    growth.child_count[parent] += 1
     growth.tokens[leaf] = token
     growth.aliases[leaf] = alias
     return Placement(leaf, parent, True, token, alias)
