@@ -250,8 +250,8 @@ def test_best_columns_hold_the_k_highest_scores_best_first() -> None:
         np.testing.assert_array_equal(placement.best_columns(score, k), want)
     ties = rng.integers(0, 5, size=(64, 40)).astype(np.float32)
     got = placement.best_columns(ties, 4)
-    want = np.sort(ties, axis=1)[:, ::-1][:, :4]
-    np.testing.assert_array_equal(np.take_along_axis(ties, got, 1), want)  # the same scores, best first
+    top4 = np.sort(ties, axis=1)[:, ::-1][:, :4]
+    np.testing.assert_array_equal(np.take_along_axis(ties, got, 1), top4)  # the same scores, best first
 
 
 def test_the_descent_scores_children_alike_grouped_or_gathered(
