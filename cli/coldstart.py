@@ -15,6 +15,8 @@ from cli.args import comma_list
 from cli.compare import add_split_arguments, parse_overrides
 from cli.data import add_data_arguments, dataset_from_args
 from training.coldstart.run import ColdstartConfig, ColdstartResult, run_coldstart
+from training.coldstart.vectors import VectorComparison, compare_vectors
+from training.data import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         overrides["max_epochs"] = args.max_epochs
     workdir = args.workdir or Path("runs") / "coldstart" / f"{dataset.name}-{args.split}-s{args.seed}"
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.vectors:
+        return run_vectors(args, dataset, workdir, overrides)
     cfg = ColdstartConfig(
         dataset=dataset,
         methods=methods,
@@ -116,6 +120,40 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def vectors_table(result: VectorComparison) -> str:
+    d = result.data
+    lines = [
+        f"data {d['name']}: {d['items']:,} items; {d['split']} split, seed {d['seed']}; {result.held_out:,} items "
+        f"held out ({result.no_attributes} without attributes); SASRec trained without them; exact inner "
+        f"product over every item, history excluded; {result.test_users:,} test users, "
+        f"{result.new_users:,} with a held-out target",
+        "",
+        f"{'vectors of the held-out items':<30} {'new R@20':>9} {'new N@20':>9} {'all R@20':>9} {'all N@20':>9} {'fit s':>7}",
+    ]
+    for source, s in result.scores.items():
+        lines.append(
+            f"{source:<30} {s['new_recall@20']:9.4f} {s['new_ndcg@20']:9.4f} {s['all_recall@20']:9.4f} "
+            f"{s['all_ndcg@20']:9.4f} {result.seconds.get(source, 0.0):7.1f}"
+        )
+    return "\n".join(lines)
+
+
+def run_vectors(args: argparse.Namespace, dataset: Dataset, workdir: Path, overrides: dict[str, Any]) -> int:
+    result = compare_vectors(
+        dataset,
+        workdir,
+        kind=args.split,
+        seed=args.seed,
+        max_len=args.max_len,
+        share=args.share,
+        overrides=overrides,
+    )
+    text = json.dumps(asdict(result), indent=2)
+    (workdir / "vectors.json").write_text(text)
+    print(text if args.json else vectors_table(result))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
     parser = sub.add_parser("coldstart", help="cold-start evaluation of the live catalogue")
     add_data_arguments(parser)
@@ -127,6 +165,12 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
         type=Path,
         help="a directory with <method>/ bundles trained on the full data with the same split and seed "
         "(checked by data fingerprint), e.g. runs/frontier/beauty2; else they are trained",
+    )
+    parser.add_argument(
+        "--vectors",
+        action="store_true",
+        help="compare the sources of new items' vectors instead (content tower, attribute-overlap kNN, "
+        "popularity within the item's categories; training/coldstart/vectors.py): SASRec only, no bundles",
     )
     parser.add_argument("--json", action="store_true", help="print the JSON instead of the table")
     parser.set_defaults(func=run)

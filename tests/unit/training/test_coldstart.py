@@ -15,6 +15,7 @@ from models.search.retriever import Retriever
 from training.coldstart.holdout import add_held_out, hold_out_items, reduced_split
 from training.coldstart.run import ColdstartConfig, _reusable, run_coldstart
 from training.coldstart.scoring import ranked_top_k
+from training.coldstart.vectors import attribute_knn_vectors, category_popularity_vectors, compare_vectors
 from training.data import SyntheticDataset, synthetic_dataset
 from training.splits import make_split
 
@@ -105,3 +106,20 @@ def test_full_bundles_are_found_by_data_fingerprint(tmp_path: Path) -> None:
     assert _reusable(tmp_path, "seater", ds) == tmp_path / "seater"
     assert _reusable(tmp_path, "tdr", ds) == tmp_path / "tdr" / "round1"
     assert _reusable(tmp_path, "uri", ds) is None and _reusable(None, "seater", ds) is None
+
+
+def test_content_only_vectors_are_compared_on_one_hold_out(tmp_path: Path) -> None:
+    """Every source on the same users; leaving the items out never finds them; the two baselines'
+    vectors are the weighted means of their neighbours, with the neighbours' mean norm."""
+    ds = clustered_with_attributes()
+    result = compare_vectors(ds, tmp_path, max_len=10, overrides={"sasrec.max_epochs": "2"})
+    assert list(result.scores) == ["absent", "tower", "attribute_knn", "category_popularity"]
+    assert result.held_out == 6 and result.no_attributes == 0 and result.new_users > 0
+    assert result.scores["absent"]["new_recall@20"] == 0.0
+    assert all(0.0 <= s["all_recall@20"] <= 1.0 for s in result.scores.values())
+    known = np.eye(3, dtype=np.float32)[[0, 0, 1, 2]]  # four items: attributes a, a, b, c
+    emb = np.asarray([[1, 0], [3, 0], [0, 1], [0, -1]], np.float32)
+    new = np.eye(3, dtype=np.float32)[[0]]  # holds attribute a: its neighbours are items 0 and 1
+    np.testing.assert_allclose(attribute_knn_vectors(known, emb, new, k=2), [[2.0, 0.0]])
+    popular = category_popularity_vectors(known, emb, np.asarray([1, 3, 5, 5]), new)
+    np.testing.assert_allclose(popular, [[2.5, 0.0]])  # direction of the mean, norm 0.25 * 1 + 0.75 * 3
