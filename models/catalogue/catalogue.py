@@ -213,12 +213,12 @@ class Catalogue:
         live[ids] = False
         path = self.index.item_path[ids].astype(np.int64)  # [R, L]
         live_count = self.live_count.copy()
-        np.add.at(live_count, path.reshape(-1), -1)
+        live_count -= np.bincount(path.reshape(-1), minlength=len(live_count))
         live_count[0] -= len(ids)
         centroid_sum = self.centroid_sum.copy()
         unit = unit_rows(self.item_emb[ids])  # [R, Dr]
         for level in range(_summed_levels(self.index, centroid_sum)):
-            np.add.at(centroid_sum, path[:, level], -unit)
+            add_rows(centroid_sum, path[:, level], -unit)
         gone = set(int(d) for d in dense)
         dense_of = {raw: d for raw, d in self.dense_of.items() if d not in gone}
         leaf_index = _live_leaves(self.index, self.leaf_of, live)
@@ -260,14 +260,14 @@ class Catalogue:
             path[first:, level] = node
             node = parent[node]
         live_count = np.concatenate([self.live_count, np.zeros(len(new_leaves), np.int64)])
-        np.add.at(live_count, path[first:].astype(np.int64).reshape(-1), 1)
+        live_count += np.bincount(path[first:].astype(np.int64).reshape(-1), minlength=len(live_count))
         live_count[0] += M
         summed = _summed_levels(index, self.centroid_sum)
         extra_rows = len(new_leaves) if summed == index.levels else 0
         centroid_sum = np.concatenate([self.centroid_sum, np.zeros((extra_rows, vectors.shape[1]))])
         unit = unit_rows(vectors)
         for level in range(summed):
-            np.add.at(centroid_sum, path[first:, level].astype(np.int64), unit)
+            add_rows(centroid_sum, path[first:, level].astype(np.int64), unit)
         level_offsets = index.level_offsets.copy()
         level_offsets[-1] = num_nodes
         child_offsets, child_ids = _children_csr(parent)
@@ -359,6 +359,17 @@ def _centroid_sums(index: TreeIndex, emb: np.ndarray) -> np.ndarray:
         counts = np.diff(co[first : last + 1])
         _add_grouped(sums, kids, counts, first)
     return sums
+
+
+def add_rows(target: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:
+    """``target[rows[i]] += values[i]`` for every i, repeated rows summed (``np.add.at``'s meaning,
+    by one sort and a segment sum: ``np.add.at`` took 0.7 s for 100k rows of 64)."""
+    if len(rows) == 0:
+        return
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
+    target[sorted_rows[starts]] += np.add.reduceat(values[order].astype(target.dtype), starts, axis=0)
 
 
 def _add_grouped(sums: np.ndarray, kids: np.ndarray, counts: np.ndarray, first: int) -> None:

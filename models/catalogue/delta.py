@@ -121,14 +121,19 @@ def _new_item(obj: Any, field: str) -> NewItem:
     return NewItem(id=_item_id(obj["id"], f"{field}.id"), vector=vector, attributes=attrs)
 
 
+_NUMBER_TYPES = frozenset({float, int})
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _vector(raw: Any, field: str) -> np.ndarray:
     if not isinstance(raw, list) or not raw:
         raise DeltaError(field, "expected a non-empty list of numbers")
-    if not all(type(v) is float or type(v) is int for v in raw):  # bools and strings are not numbers
+    if not set(map(type, raw)) <= _NUMBER_TYPES:  # bools and strings are not numbers
         raise DeltaError(field, "expected numbers only")
-    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused below
-        vector = np.asarray(raw, np.float64).astype(np.float32)
-    return _finite(vector, field)
+    wide = np.asarray(raw, np.float64)
+    if not np.isfinite(wide).all() or np.abs(wide).max() > _FLOAT32_MAX:
+        raise DeltaError(field, "holds NaN or an infinite value (or a number beyond float32)")
+    return wide.astype(np.float32)
 
 
 def _vector_f32(raw: Any, field: str) -> np.ndarray:
