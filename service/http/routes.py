@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
 
 from service.catalogue.live import LiveCatalogue
 from service.engine.engine import Engine
@@ -53,21 +54,21 @@ admin_router = APIRouter(prefix="/admin")
 _bearer = HTTPBearer(auto_error=False, description="GENRET_ADMIN_TOKEN")
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     engine: Engine | None = getattr(request.app.state, "engine", None)
     if engine is None:
         raise Unavailable("not ready: the engine is starting")
     return engine
 
 
-def get_catalogue(request: Request) -> LiveCatalogue:
+async def get_catalogue(request: Request) -> LiveCatalogue:
     catalogue: LiveCatalogue | None = getattr(request.app.state, "catalogue", None)
     if catalogue is None:
         raise Unavailable("not ready: the engine is starting")
     return catalogue
 
 
-def require_admin(
+async def require_admin(
     request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
 ) -> None:
     if credentials is None:
@@ -78,6 +79,12 @@ def require_admin(
     expected = token.get_secret_value()
     if not hmac.compare_digest(credentials.credentials.encode(), expected.encode()):
         raise Forbidden("wrong admin token")
+
+
+def json_answer(answer: BaseModel) -> Response:
+    """``answer`` as JSON, serialized once here (None fields left out): FastAPI would validate the
+    returned model against ``response_model`` again before serializing it."""
+    return Response(answer.model_dump_json(exclude_none=True), media_type="application/json")
 
 
 def check_debug(request: Request, bodies: list[RetrieveRequest]) -> None:
@@ -98,12 +105,12 @@ def check_debug(request: Request, bodies: list[RetrieveRequest]) -> None:
     openapi_extra=json_body_doc(RetrieveRequest),
     summary="Top-K items for one user history",
 )
-async def retrieve(request: Request, engine: Engine = Depends(get_engine)) -> RetrieveResponse:
+async def retrieve(request: Request, engine: Engine = Depends(get_engine)) -> Response:
     body = await read_model(request, RetrieveRequest)
     check_debug(request, [body])
     result = await engine.retrieve(body)
     request.state.variant = result.variant
-    return to_response(result, debug=body.debug)
+    return json_answer(to_response(result, debug=body.debug))
 
 
 @router.post(
@@ -114,12 +121,14 @@ async def retrieve(request: Request, engine: Engine = Depends(get_engine)) -> Re
     openapi_extra=json_body_doc(BatchRetrieveRequest),
     summary="Several retrieval requests in one call",
 )
-async def retrieve_batch(request: Request, engine: Engine = Depends(get_engine)) -> BatchRetrieveResponse:
+async def retrieve_batch(request: Request, engine: Engine = Depends(get_engine)) -> Response:
     body = await read_model(request, BatchRetrieveRequest)
     check_debug(request, body.requests)
     results = await engine.retrieve_batch(body.requests)
-    return BatchRetrieveResponse(
-        results=[to_response(r, debug=q.debug) for q, r in zip(body.requests, results, strict=True)]
+    return json_answer(
+        BatchRetrieveResponse(
+            results=[to_response(r, debug=q.debug) for q, r in zip(body.requests, results, strict=True)]
+        )
     )
 
 
