@@ -9,8 +9,9 @@ import pytest
 
 from training.data import Dataset, ItemVocab
 from training.evaluation import evaluate_recommender
+from training.methods.sasrec.cache import sasrec_cache_key, sasrec_config
 from training.metrics import LOO_KS, split_ks
-from training.splits import make_split, target_in_history_share
+from training.splits import EvalSet, Split, make_split, target_in_history_share
 
 
 def _dataset(sequences: list[list[int]], num_items: int = 9) -> Dataset:
@@ -91,3 +92,19 @@ def test_the_sasrec_yaml_states_the_dataclass_defaults() -> None:
 
     assert SASRecConfig.load() == SASRecConfig()
     assert SASRecConfig.load({"sasrec.ffn_mult": 4}).ffn_mult == 4
+
+
+def test_the_dropout_rule_reads_the_density_and_an_explicit_dropout_wins() -> None:
+    def split(users: int) -> Split:  # 10 items, 3 training interactions per user
+        none = EvalSet([], [], [])
+        return Split("loo", 0, 5, [np.array([1, 2, 3])] * users, none, none, 10)
+
+    sparse, dense = split(10), split(1000)  # 3 and 300 interactions per item
+    rule = {"sasrec.sparse_dropout": "0.5", "sasrec.sparse_below": "30"}
+    assert sasrec_config(rule, sparse).dropout == 0.5
+    assert sasrec_config(rule, dense).dropout == 0.3
+    assert sasrec_config({**rule, "sasrec.dropout": "0.2"}, sparse).dropout == 0.2
+    # the rule's own fields are not in the cache key: the resolved model is the explicit one's
+    explicit = sasrec_config({"sasrec.dropout": "0.5"}, sparse)
+    key = sasrec_cache_key("fp", sparse, 0, sasrec_config(rule, sparse))
+    assert key == sasrec_cache_key("fp", sparse, 0, explicit)

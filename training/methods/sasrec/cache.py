@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2
 RUN_CONTROL_FIELDS: frozenset[str] = frozenset({"threads", "max_train_seconds"})  # not in the cache key
+RULE_FIELDS: frozenset[str] = frozenset({"sparse_dropout", "sparse_below"})
+"""Not in the cache key either: :meth:`SASRecConfig.for_data` resolves them into ``dropout``."""
 KEY_OMITTED_AT: dict[str, object] = {"ffn_mult": 1}
 """Fields added after CACHE_VERSION 2, left out of the key at the value that reproduces the model
 trained before they existed, so that the keys (and cached models) from before stay valid."""
@@ -66,7 +68,8 @@ def sasrec_cache_key(
         "config": {
             k: v
             for k, v in dataclasses.asdict(config).items()
-            if k not in RUN_CONTROL_FIELDS and not (k in KEY_OMITTED_AT and KEY_OMITTED_AT[k] == v)
+            if k not in RUN_CONTROL_FIELDS | RULE_FIELDS
+            and not (k in KEY_OMITTED_AT and KEY_OMITTED_AT[k] == v)
         },
     }
     if world_size > 1:  # absent for one process, so that single-process keys stay what they were
@@ -74,8 +77,19 @@ def sasrec_cache_key(
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def sasrec_config(overrides: dict[str, Any]) -> SASRecConfig:
-    return SASRecConfig.load(overrides)
+def sasrec_config(overrides: dict[str, Any], split: Split | None = None) -> SASRecConfig:
+    """The config from the YAML and ``overrides``, resolved for ``split``'s density (the dropout
+    rule of :meth:`SASRecConfig.for_data`) when one is given."""
+    config = SASRecConfig.load(overrides)
+    if split is None:
+        return config
+    explicit = "sasrec.dropout" in overrides or "dropout" in overrides
+    return config.for_data(interactions_per_item(split), explicit_dropout=explicit)
+
+
+def interactions_per_item(split: Split) -> float:
+    """Training interactions per catalogue item (the data density the dropout rule reads)."""
+    return sum(len(s) for s in split.train) / max(1, split.num_items)
 
 
 def train_sasrec(ctx: TrainContext) -> SASRec:
@@ -85,7 +99,7 @@ def train_sasrec(ctx: TrainContext) -> SASRec:
     rank trains: the collective steps must match) and only rank 0 writes it.
     """
     dist = distributed.current()
-    config = sasrec_config(ctx.config_overrides)
+    config = sasrec_config(ctx.config_overrides, ctx.split)
     use_cache = coerce("sasrec.cache", ctx.config_overrides.get("sasrec.cache", True), True)
     key = sasrec_cache_key(ctx.dataset.fingerprint(), ctx.split, ctx.seed, config, dist.world_size)
     directory = cache_root(ctx.config_overrides) / "sasrec" / key

@@ -3,6 +3,7 @@ overrides; :mod:`training.config` has the rule)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,12 @@ class SASRecConfig:
     heads: int = 1
     """Attention heads per block (D must be divisible by it)."""
     dropout: float = 0.3
-    """Dropout on embeddings, attention and feed-forward outputs."""
+    """Dropout on embeddings, attention and feed-forward outputs (dense data; see ``sparse_dropout``)."""
+    sparse_dropout: float = 0.3
+    """The dropout on sparse data: fewer than ``sparse_below`` training interactions per item
+    (:meth:`for_data`; an explicit ``sasrec.dropout`` wins)."""
+    sparse_below: float = 0.0
+    """Training interactions per item below which the data counts as sparse (0: never)."""
     ffn_mult: int = 1
     """Feed-forward inner width as a multiple of D (1: SASRec's paper, D -> D -> D; 4: the Transformer's and RecBole's)."""
     loss: str = "full"
@@ -55,8 +61,8 @@ class SASRecConfig:
     def __post_init__(self) -> None:
         if self.dim < 1 or self.layers < 1 or self.heads < 1 or self.dim % self.heads or self.ffn_mult < 1:
             raise ValueError(f"need dim, layers, heads, ffn_mult >= 1 and dim % heads == 0, got {self}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not (0.0 <= self.dropout < 1.0 and 0.0 <= self.sparse_dropout < 1.0) or self.sparse_below < 0:
+            raise ValueError(f"dropouts must be in [0, 1) and sparse_below >= 0, got {self}")
         if self.loss not in ("full", "sampled"):
             raise ValueError(f"loss must be 'full' or 'sampled', got {self.loss!r}")
         if self.negatives not in ("uniform", "in_batch"):
@@ -69,6 +75,13 @@ class SASRecConfig:
             or self.threads < 1
         ):
             raise ValueError(f"need lr > 0 and batch_size, max_epochs, patience >= 1, got {self}")
+
+    def for_data(self, interactions_per_item: float, explicit_dropout: bool = False) -> SASRecConfig:
+        """This config for data with ``interactions_per_item`` training interactions per item:
+        ``sparse_dropout`` below ``sparse_below``, unless ``dropout`` was given explicitly."""
+        if explicit_dropout or interactions_per_item >= self.sparse_below:
+            return self
+        return dataclasses.replace(self, dropout=self.sparse_dropout)
 
     @classmethod
     def load(cls, overrides: Mapping[str, Any] | None = None, path: Path = CONFIG_PATH) -> SASRecConfig:
