@@ -72,14 +72,17 @@ def pace() -> None:
     if began is None:
         return
     ran = time.perf_counter() - began
-    share = _SHARE[0]
+    share = _pacing.share
     if share < 1.0 and _OTHERS[0]():
         time.sleep(ran * (1.0 - share) / share)
     _pacing.began = time.perf_counter()
 
 
-def _paced(fn: Callable[[], T]) -> T:
+def paced(fn: Callable[[], T], share: float | None = None) -> T:
+    """``fn()`` on this thread with its :func:`pace` calls keeping it to ``share`` of the time while
+    other requests are served (default: the heavy lane's); the catalogue thread runs its work so."""
     _pacing.began = time.perf_counter()
+    _pacing.share = _SHARE[0] if share is None else share
     try:
         return fn()
     finally:
@@ -93,7 +96,7 @@ async def in_heavy_lane(step: str, fn: Callable[[], T]) -> T:
     HEAVY_WAITING.inc()
     started = time.perf_counter()
     try:
-        return await asyncio.get_running_loop().run_in_executor(_LANE, _paced, fn)
+        return await asyncio.get_running_loop().run_in_executor(_LANE, paced, fn)
     finally:
         HEAVY_WAITING.dec()
         HEAVY_SECONDS.labels(step=step).inc(time.perf_counter() - started)

@@ -99,6 +99,14 @@ class CatalogueFields(BaseModel):
         le=60_000.0,
         description="Socket timeout of the catalogue stream's Redis connection (ms, 10..60000).",
     )
+    catalogue_share: float = Field(
+        default=0.5,
+        gt=0.0,
+        le=1.0,
+        description="Most share of the wall time the catalogue thread runs (reading, placing and "
+        "applying deltas) while requests are being answered: it sleeps between chunks of its work so "
+        "that the serving threads get the GIL back at once (service/heavy_lane.py).",
+    )
     catalogue_async_items: int = Field(
         default=1000,
         ge=1,

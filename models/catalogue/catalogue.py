@@ -19,7 +19,7 @@ same catalogue (dense ids, trie, tables).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,7 @@ import numpy as np
 
 from models.catalogue.carried import consistent
 from models.catalogue.delta import Delta, DeltaError, NewItem, delta_vectors
-from models.catalogue.placement import Placement, PlacementTree, place_items, unit_rows
+from models.catalogue.placement import Placement, PlacementTree, place_items, unit_rows, yield_gil
 from models.index import TreeIndex
 
 if TYPE_CHECKING:
@@ -196,14 +196,19 @@ class Catalogue:
         return delta_vectors(delta.add, dim, content)
 
     def apply(
-        self, delta: Delta, content: Any = None, placement: Sequence[Placement] | None = None
+        self,
+        delta: Delta,
+        content: Any = None,
+        placement: Sequence[Placement] | None = None,
+        pause: Callable[[], None] = yield_gil,
     ) -> tuple[Catalogue, ApplyReport]:
         """The next version: ``delta``'s removals, then its additions (a removed id may come back).
         ``placement``: where its writer placed the added items (a published record's); used when it
-        fits this version (:func:`models.catalogue.carried.consistent`), else computed again."""
+        fits this version (:func:`models.catalogue.carried.consistent`), else computed again, with
+        ``pause()`` between chunks of items (:func:`models.catalogue.placement.place_items`)."""
         vectors = self.check(delta, content)  # [M, Dr]
         cat = self._removed([self.dense_of[raw] for raw in delta.remove])
-        return cat._added(delta.add, vectors, len(delta.remove), placement)
+        return cat._added(delta.add, vectors, len(delta.remove), placement, pause)
 
     def _removed(self, dense: Sequence[int]) -> Catalogue:
         if not dense:
@@ -237,11 +242,16 @@ class Catalogue:
         vectors: np.ndarray,
         num_removed: int,
         placement: Sequence[Placement] | None = None,
+        pause: Callable[[], None] = yield_gil,
     ) -> tuple[Catalogue, ApplyReport]:
         index = self.index
         M = len(items)
         carried = placement is not None and consistent(index, self.parent, placement, M)
-        placed = list(placement) if carried and placement is not None else place_items(self._tree(), vectors)
+        placed = (
+            list(placement)
+            if carried and placement is not None
+            else place_items(self._tree(), vectors, pause)
+        )
         first = self.num_rows
         dense = np.arange(first, first + M, dtype=np.int64)
         new_leaves = [p for p in placed if p.new_leaf]

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 MAX_ID_LENGTH = 256
 MAX_ATTRIBUTES = 256
@@ -48,7 +50,8 @@ class Delta:
         return len(self.add) + len(self.remove)
 
     @classmethod
-    def from_json(cls, obj: Any) -> Delta:
+    def from_json(cls, obj: Any, pause: Callable[[], None] | None = None) -> Delta:
+        """The delta of a JSON object; ``pause()`` between chunks of ``PAUSE_ITEMS`` added items."""
         if not isinstance(obj, dict):
             raise DeltaError("body", "expected a JSON object with 'add' and/or 'remove'")
         unknown = sorted(set(obj) - {"add", "remove"})
@@ -62,7 +65,7 @@ class Delta:
         if not add and not remove:
             raise DeltaError("body", "an empty delta: give 'add' or 'remove'")
         return cls(
-            add=tuple(_new_item(item, f"add[{i}]") for i, item in enumerate(add)),
+            add=tuple(_paused((_new_item(item, f"add[{i}]") for i, item in enumerate(add)), pause)),
             remove=tuple(_item_id(raw, f"remove[{i}]") for i, raw in enumerate(remove)),
         )
 
@@ -87,6 +90,16 @@ class Delta:
                 entry["attributes"] = list(item.attributes)
             add.append(entry)
         return {"add": add, "remove": list(self.remove)}
+
+
+PAUSE_ITEMS = 256
+
+
+def _paused(items: Iterable[T], pause: Callable[[], None] | None) -> Iterator[T]:
+    for i, item in enumerate(items):
+        if pause is not None and i % PAUSE_ITEMS == PAUSE_ITEMS - 1:
+            pause()
+        yield item
 
 
 def _item_id(raw: Any, field: str) -> str:

@@ -24,6 +24,7 @@ same descent over its buckets' centroids.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,8 +86,16 @@ class _Growth:
     )  # parent -> (leaf, unit) of this delta
 
 
-def place_items(tree: PlacementTree, vectors: np.ndarray) -> list[Placement]:
-    """A place for each row of ``vectors [M, Dr]``, in order (each sees the ones before)."""
+def yield_gil() -> None:
+    """Let the serving threads take the GIL (an add runs beside live traffic)."""
+    time.sleep(0)
+
+
+def place_items(
+    tree: PlacementTree, vectors: np.ndarray, pause: Callable[[], None] = yield_gil
+) -> list[Placement]:
+    """A place for each row of ``vectors [M, Dr]``, in order (each sees the ones before); ``pause()``
+    every ``YIELD_EVERY`` items (the service paces its catalogue thread there)."""
     unit = unit_rows(vectors)  # [M, Dr]
     parents = candidate_parents(tree, unit)  # [M, P]
     copies = exact_copies(tree, unit)  # [M] the item each one nearly copies, -1 if none (or not scanned)
@@ -108,7 +117,7 @@ def place_items(tree: PlacementTree, vectors: np.ndarray) -> list[Placement]:
         growth.members.setdefault(placed.leaf, []).append(unit[i])
         growth.placed.setdefault(placed.parent, []).append((placed.leaf, unit[i]))
         if i % YIELD_EVERY == YIELD_EVERY - 1:
-            time.sleep(0)  # let the serving threads take the GIL: an add runs beside live traffic
+            pause()
     return out
 
 

@@ -29,6 +29,7 @@ from models.catalogue.catalogue import ApplyReport, Catalogue
 from models.catalogue.delta import DeltaError
 from service.catalogue.records import APPLY_FAILED, REFUSED, UNREADABLE
 from service.catalogue.store import DeltaFile, DeltaLog
+from service.heavy_lane import pace
 from service.metrics import REGISTRY
 from service.registry.loaded_model import LoadedModel
 
@@ -88,7 +89,7 @@ class Chain:
             if prepared is not None and prepared.before is before:
                 after, report = prepared.after, prepared.report
             else:
-                after, report = before.apply(f.delta, content=content, placement=f.placement)
+                after, report = before.apply(f.delta, content=content, placement=f.placement, pause=pace)
         except DeltaError as exc:
             return REFUSED, str(exc)[:300]
         except Exception as exc:  # a record no replica can apply: never a reason to stop the log

@@ -37,6 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -50,6 +51,7 @@ from service.catalogue.jobs import Job, Jobs
 from service.catalogue.store import DeltaLog, DeltaStore, SequenceTaken, delta_dir
 from service.catalogue.stream import StreamLog, check_policy, connect
 from service.errors import CatalogueStoreFailed, LimitExceeded, ServiceError
+from service.heavy_lane import pace, paced
 from service.metrics import REGISTRY
 from service.registry.model_registry import LoadedModel, ModelRegistry
 from service.settings import Settings
@@ -104,8 +106,11 @@ class LiveCatalogue:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the catalogue thread, with a shorter GIL switch interval while it runs
         (its Python loops would otherwise hold the GIL for up to 5 ms at a time against the
-        threads serving requests)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, _switching_often, fn, *args)
+        threads serving requests), paced to ``GENRET_CATALOGUE_SHARE`` of the time while requests
+        are being answered (:func:`service.heavy_lane.paced`: reading a record, placing and
+        applying stop between chunks)."""
+        work = partial(paced, partial(fn, *args), self.settings.catalogue_share)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, _switching_often, work)
 
     def __init__(self, settings: Settings, registry: ModelRegistry) -> None:
         self.settings = settings
@@ -348,7 +353,7 @@ class LiveCatalogue:
 def _trial(cat: Catalogue, delta: Delta, content: Any) -> tuple[Catalogue, ApplyReport]:
     """``delta`` applied to ``cat`` before it is published: anything it raises is a 422, not a file."""
     try:
-        return cat.apply(delta, content=content)
+        return cat.apply(delta, content=content, pause=pace)
     except DeltaError:
         raise
     except Exception as exc:

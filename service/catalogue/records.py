@@ -32,6 +32,7 @@ from typing import Any
 from models.catalogue import carried
 from models.catalogue.delta import Delta, DeltaError
 from models.catalogue.placement import Placement
+from service.heavy_lane import pace
 
 NOT_REGULAR = "not_regular_file"  # a FIFO, socket, device, directory or symlink under a delta name
 TOO_LARGE = "too_large"  # more bytes than GENRET_CATALOGUE_MAX_FILE_BYTES
@@ -148,7 +149,7 @@ def parse(data: bytes, max_items: int) -> Record:
     if count > max_items:
         raise Fault(TOO_MANY_ITEMS, f"{count} ids > {max_items} (GENRET_MAX_DELTA_ITEMS)")
     try:
-        delta = Delta.from_json(body)
+        delta = Delta.from_json(body, pause=pace)
     except DeltaError as exc:
         raise Fault(BAD_DELTA, str(exc)[:300]) from None
     except (RecursionError, ValueError, TypeError, OverflowError) as exc:  # never expected: still a fault
