@@ -26,7 +26,7 @@ PYTHON="${PYTHON:-python}"
 K8S_VERSION="${K8S_VERSION:-1.33.0}"
 DOCKER_DIR="${DOCKER_DIR:-docker}"   # overridable so that tests can check a broken copy
 K8S_DIR="${K8S_DIR:-k8s}"
-KUSTOMIZATIONS=(base overlays/cpu overlays/gpu overlays/shadow overlays/managed-redis trainer jobs/bundle-sync)
+KUSTOMIZATIONS=(base overlays/cpu overlays/gpu overlays/shadow overlays/managed-redis overlays/catalogue-stream trainer jobs/bundle-sync)
 failures=0
 
 fail() {

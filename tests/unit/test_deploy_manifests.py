@@ -26,7 +26,7 @@ from service.startup import known_variables
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "validate_deploy.sh"
-OVERLAYS = ("cpu", "gpu", "shadow", "managed-redis")
+OVERLAYS = ("cpu", "gpu", "shadow", "managed-redis", "catalogue-stream")
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(
     KUBECTL is None, reason="kubectl is not installed: `kubectl kustomize` renders the k8s/ overlays"
@@ -170,9 +170,17 @@ def test_server_probes_and_shutdown(overlays: dict[str, list[dict[str, Any]]], o
     )
 
 
+SECRET_STANDINS = {"GENRET_CATALOGUE_REDIS_URL": "redis://:secret@genret-catalogue-redis:6379/0"}
+"""What a setting the pod takes from the Secret is, for validating the rest (never a real value)."""
+
+
 def settings_of(docs: list[dict[str, Any]]) -> Settings:
-    """The Settings a pod gets from the rendered ConfigMap (the Secret's values are not needed)."""
-    data = one(docs, "ConfigMap", "genret-settings")["data"]
+    """The Settings a pod gets from the rendered ConfigMap, with stand-ins for the URL-valued
+    settings its container takes from the Secret (passwords and tokens are not needed)."""
+    data = dict(one(docs, "ConfigMap", "genret-settings")["data"])
+    for entry in server_container(docs).get("env", []):
+        if entry["name"] in SECRET_STANDINS and "secretKeyRef" in entry.get("valueFrom", {}):
+            data[entry["name"]] = SECRET_STANDINS[entry["name"]]
     return Settings(**{key.removeprefix("GENRET_").lower(): value for key, value in data.items()})
 
 
@@ -283,6 +291,24 @@ def test_redis_self_hosted_or_managed(overlays: dict[str, list[dict[str, Any]]])
         assert env["GENRET_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "genret-secrets"
 
 
+@needs_kubectl
+def test_the_catalogue_stream_overlay_needs_no_shared_volume(overlays: dict[str, list[dict[str, Any]]]) -> None:
+    docs = overlays["catalogue-stream"]
+    assert settings_of(docs).catalogue_log == "redis"
+    assert settings_of(overlays["cpu"]).catalogue_log == "dir"
+    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    assert "genret-catalogue" not in claims and "genret-catalogue" in {  # the directory log's RWX volume
+        d["metadata"]["name"] for d in overlays["cpu"] if d["kind"] == "PersistentVolumeClaim"
+    }
+    stream = one(docs, "StatefulSet", "genret-catalogue-redis")
+    args = stream["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"  # the service refuses any other
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert stream["spec"]["volumeClaimTemplates"][0]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    env = {e["name"]: e for e in server_container(docs)["env"]}
+    assert env["GENRET_CATALOGUE_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "genret-secrets"
+
+
 def egress_rules(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     server = {"app.kubernetes.io/name": "genret", "app.kubernetes.io/component": "server"}
     rules: list[dict[str, Any]] = []
@@ -310,7 +336,10 @@ def test_server_egress_is_dns_and_redis_only(overlays: dict[str, list[dict[str, 
         else:
             assert ports == {(settings.redis_port, "TCP")}, rule
             if "podSelector" in peer:
-                assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "genret-redis"}
+                assert peer["podSelector"]["matchLabels"] in (
+                    {"app.kubernetes.io/name": "genret-redis"},
+                    {"app.kubernetes.io/name": "genret-catalogue-redis"},
+                )
             else:
                 assert "except" not in peer["ipBlock"] and not peer["ipBlock"]["cidr"].endswith("/0")
             kinds.add("redis")
