@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from benchmarks.launcher import ServiceProcess
-from tests.integration.conftest import ServiceFactory
+from tests.integration.conftest import ADMIN_HEADERS, ServiceFactory
 
 pytestmark = pytest.mark.integration
 
@@ -293,4 +294,50 @@ def test_clients_sending_maximal_allow_lists_do_not_stall_another(
     print("RELIABILITY " + json.dumps(report))
     assert set(alone_status) == set(loaded_status) == {200}, report
     assert set(heavy.statuses) == {200}, report  # valid requests: answered, only never at the others' cost
+    assert p99(loaded) <= P99_FACTOR * p99(alone), report
+
+
+ADMIN_BODY_ITEMS = 85_000  # 64 floats each: a 59 MB delta, within max_admin_body_bytes (64 MiB)
+
+
+def test_a_large_admin_body_does_not_stall_the_public_port(
+    start_service: ServiceFactory, bundle_dir: Path
+) -> None:
+    """A 59 MB delta posted in a loop to the admin port (refused 422: its vectors have 64 dimensions,
+    the bundle 32) while a client sends requests to the public port."""
+    service = start_service({"GENRET_BUNDLE_PATH": str(bundle_dir)})
+    rng = np.random.default_rng(0)
+    vectors = np.round(rng.uniform(-1, 1, (ADMIN_BODY_ITEMS, 64)), 6).tolist()
+    payload = json.dumps({"add": [{"id": f"new{i}", "vector": v} for i, v in enumerate(vectors)]}).encode()
+    stop, codes = threading.Event(), []
+
+    def post_admin() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", service.admin_port, timeout=120)
+        headers = {"Content-Type": "application/json", **ADMIN_HEADERS}
+        while not stop.is_set():
+            conn.request("POST", "/admin/items", body=payload, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            codes.append(response.status)
+        conn.close()
+
+    alone, alone_status = measure(service)
+    poster = threading.Thread(target=post_admin, daemon=True)
+    poster.start()
+    time.sleep(0.5)
+    loaded, loaded_status = measure(service)
+    stop.set()
+    poster.join(timeout=120)
+    report = {
+        "fault": f"a {len(payload) / 1e6:.0f} MB delta posted in a loop to the admin port",
+        "requests": len(alone) + len(loaded) + len(codes),
+        "fault_status": sorted(set(codes)),
+        "others_non_200": sum(s != 200 for s in alone_status + loaded_status),
+        "p99_alone_ms": round(1000 * p99(alone), 1),
+        "p99_loaded_ms": round(1000 * p99(loaded), 1),
+        "ratio": round(p99(loaded) / p99(alone), 2),
+    }
+    print("RELIABILITY " + json.dumps(report))
+    assert set(alone_status) == set(loaded_status) == {200}, report
+    assert codes and set(codes) == {422}, report
     assert p99(loaded) <= P99_FACTOR * p99(alone), report

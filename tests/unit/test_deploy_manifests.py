@@ -292,7 +292,9 @@ def test_redis_self_hosted_or_managed(overlays: dict[str, list[dict[str, Any]]])
 
 
 @needs_kubectl
-def test_the_catalogue_stream_overlay_needs_no_shared_volume(overlays: dict[str, list[dict[str, Any]]]) -> None:
+def test_the_catalogue_stream_overlay_needs_no_shared_volume(
+    overlays: dict[str, list[dict[str, Any]]],
+) -> None:
     docs = overlays["catalogue-stream"]
     assert settings_of(docs).catalogue_log == "redis"
     assert settings_of(overlays["cpu"]).catalogue_log == "dir"
