@@ -66,7 +66,7 @@ class Delta:
             raise DeltaError("body", "an empty delta: give 'add' or 'remove'")
         return cls(
             add=tuple(_paused((_new_item(item, f"add[{i}]") for i, item in enumerate(add)), pause)),
-            remove=tuple(_item_id(raw, f"remove[{i}]") for i, raw in enumerate(remove)),
+            remove=tuple(_item_id(raw, "remove", f"[{i}]") for i, raw in enumerate(remove)),
         )
 
     def with_vectors(self, vectors: np.ndarray) -> Delta:
@@ -102,36 +102,40 @@ def _paused(items: Iterable[T], pause: Callable[[], None] | None) -> Iterator[T]
         yield item
 
 
-def _item_id(raw: Any, field: str) -> str:
+def _item_id(raw: Any, field: str, suffix: str = "") -> str:
+    """``raw`` as an item id; the error names ``field + suffix`` (joined only on an error)."""
+    if type(raw) is str and 1 <= len(raw) <= MAX_ID_LENGTH and raw.isprintable():
+        return raw  # the usual case, checked before anything else is built
     if isinstance(raw, int) and not isinstance(raw, bool):
-        raw = str(raw)  # JSON integers are ids too, as in requests
+        return _item_id(str(raw), field, suffix)  # JSON integers are ids too, as in requests
     if not isinstance(raw, str) or not 1 <= len(raw) <= MAX_ID_LENGTH:
-        raise DeltaError(field, f"an item id is a string of 1..{MAX_ID_LENGTH} characters, got {raw!r:.80}")
-    if (
-        not raw.isprintable()
-    ):  # control characters, lone surrogates (not UTF-8: every answer holding it would fail)
-        raise DeltaError(field, f"an item id is printable text, got {raw!r:.80}")
-    return raw
+        raise DeltaError(
+            field + suffix, f"an item id is a string of 1..{MAX_ID_LENGTH} characters, got {raw!r:.80}"
+        )
+    # control characters, lone surrogates (not UTF-8: every answer holding it would fail)
+    raise DeltaError(field + suffix, f"an item id is printable text, got {raw!r:.80}")
+
+
+_ITEM_KEYS = frozenset({"id", "vector", "vector_f32", "attributes"})
 
 
 def _new_item(obj: Any, field: str) -> NewItem:
     if not isinstance(obj, dict):
         raise DeltaError(field, "expected an object with 'id' and 'vector' and/or 'attributes'")
-    unknown = sorted(set(obj) - {"id", "vector", "vector_f32", "attributes"})
-    if unknown:
-        raise DeltaError(f"{field}.{unknown[0]}", "unknown field")
+    if not _ITEM_KEYS.issuperset(obj):
+        raise DeltaError(f"{field}.{sorted(set(obj) - _ITEM_KEYS)[0]}", "unknown field")
     if "id" not in obj:
         raise DeltaError(f"{field}.id", "required")
     if "vector" in obj and "vector_f32" in obj:
         raise DeltaError(f"{field}.vector_f32", "give 'vector' or 'vector_f32', not both")
     vector = _vector(obj["vector"], f"{field}.vector") if obj.get("vector") is not None else None
     if obj.get("vector_f32") is not None:
-        vector = _vector_f32(obj["vector_f32"], f"{field}.vector_f32")
+        vector = _vector_f32(obj["vector_f32"], field)
     attributes = obj.get("attributes", [])
     if not isinstance(attributes, list) or len(attributes) > MAX_ATTRIBUTES:
         raise DeltaError(f"{field}.attributes", f"expected a list of at most {MAX_ATTRIBUTES} attribute ids")
-    attrs = tuple(_item_id(a, f"{field}.attributes[{j}]") for j, a in enumerate(attributes))
-    return NewItem(id=_item_id(obj["id"], f"{field}.id"), vector=vector, attributes=attrs)
+    attrs = tuple(_item_id(a, field, f".attributes[{j}]") for j, a in enumerate(attributes))
+    return NewItem(id=_item_id(obj["id"], field, ".id"), vector=vector, attributes=attrs)
 
 
 _NUMBER_TYPES = frozenset({float, int})
@@ -150,13 +154,16 @@ def _vector(raw: Any, field: str) -> np.ndarray:
 
 
 def _vector_f32(raw: Any, field: str) -> np.ndarray:
+    """``raw``: base64 of little-endian float32; errors name ``field.vector_f32``."""
     try:
-        data = base64.b64decode(raw, validate=True) if isinstance(raw, str) else b""
+        data = binascii.a2b_base64(raw, strict_mode=True) if isinstance(raw, str) else b""
     except (binascii.Error, ValueError):
         data = b""
     if not data or len(data) % 4:
-        raise DeltaError(field, "expected the base64 of a non-empty little-endian float32 array")
-    return _finite(np.frombuffer(data, "<f4").astype(np.float32), field)
+        raise DeltaError(
+            f"{field}.vector_f32", "expected the base64 of a non-empty little-endian float32 array"
+        )
+    return _finite(np.frombuffer(data, "<f4").astype(np.float32), f"{field}.vector_f32")
 
 
 def _finite(vector: np.ndarray, field: str) -> np.ndarray:
