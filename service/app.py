@@ -211,7 +211,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         heavy_lane.configure(settings.heavy_lane_share, lambda: engine.light_inflight > 0)
         if hooks is not None:
             wire_experiment(hooks, engine)
-        monitor = QualityMonitor(engine, settings.quality_sample)
+        monitor = QualityMonitor(
+            engine, settings.quality_sample, max_items_per_s=settings.quality_max_items_per_s
+        )
         engine.start()
         monitor.start()
         app.state.engine = engine

@@ -58,3 +58,10 @@ class ShadowFields(BaseModel):
         description="Share of primary requests also run as exact inner-product top-K in the shadow lane "
         "(service/shadow/quality_monitor.py: genret_quality_overlap / _beam_coverage per model); 0 = off.",
     )
+    quality_max_items_per_s: float = Field(
+        default=1_000_000.0,
+        ge=0.0,
+        description="Most items the quality monitor scores exactly per second, on average (0 = no bound): "
+        'a sample past it is skipped (genret_quality_samples_total{result="budget"}). At 1M items '
+        "about one sample a second; on a small catalogue the share alone decides.",
+    )

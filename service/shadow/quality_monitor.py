@@ -21,7 +21,8 @@ The rerank scores every item of the beam's leaves by the same inner product, so 
 and dense fill the two agree; the overlap exceeds the coverage by what the dense fill (``fallback:
 "dense"``) brought in from outside the beam. ``genret_quality_samples_total{model,result}`` counts
 samples (``ok``, ``queue_full``, ``stale``, ``changed``: the bundle or catalogue version moved before the
-sample ran, ``error``). The alert rule on a falling overlap is in docs/deployment.md ("Quality monitor").
+sample ran, ``budget``: skipped to keep the exact scoring within ``GENRET_QUALITY_MAX_ITEMS_PER_S``,
+``error``). The alert rule on a falling overlap is in docs/deployment.md ("Quality monitor").
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -73,7 +75,7 @@ QUALITY_COVERAGE = Gauge(
 QUALITY_SAMPLES = Counter(
     "genret_quality_samples_total",
     "Quality-monitor samples by result: ok, queue_full, stale (no spare capacity in time), "
-    "changed (the model version moved before it ran), error.",
+    "changed (the model version moved before it ran), budget (over GENRET_QUALITY_MAX_ITEMS_PER_S), error.",
     ["model", "result"],
     registry=REGISTRY,
 )
@@ -224,11 +226,20 @@ class MovingAverage:
 class QualityMonitor:
     """The sampler, the bounded queue and the worker (module docstring)."""
 
-    def __init__(self, engine: _Engine, sample: float, *, seed: int | None = None) -> None:
-        """Listens to ``engine``'s primary results when ``sample`` > 0; :meth:`start` runs the worker."""
+    def __init__(
+        self, engine: _Engine, sample: float, *, max_items_per_s: float = 0.0, seed: int | None = None
+    ) -> None:
+        """Listens to ``engine``'s primary results when ``sample`` > 0; :meth:`start` runs the worker.
+        ``max_items_per_s`` > 0 bounds the exact scoring: a sample whose live items would take the
+        monitor past that many items scored per second (on average) is skipped (``budget``)."""
         if not 0.0 <= sample <= 1.0:
             raise ValueError(f"quality sample share must be in [0, 1], got {sample}")
+        if max_items_per_s < 0:
+            raise ValueError(f"max_items_per_s must be >= 0, got {max_items_per_s}")
         self.sample = sample
+        self.max_items_per_s = max_items_per_s
+        self._budget = 0.0  # items the monitor may still score (a bucket refilled at max_items_per_s)
+        self._budget_at = time.monotonic()
         self._engine = engine
         self._rng = random.Random(seed)
         self._queue: asyncio.Queue[tuple[RetrieveRequest, Retrieval]] = asyncio.Queue(maxsize=QUEUE_SIZE)
@@ -276,6 +287,20 @@ class QualityMonitor:
                 QUALITY_SAMPLES.labels(model=served.model.name, result=outcome).inc()
                 self._queue.task_done()
 
+    def _spend(self, items: int) -> bool:
+        """Whether ``items`` more exact scores fit the budget (always, without one); spends them if so.
+        The bucket holds at most one second of budget, or one sample's worth if that is more."""
+        if self.max_items_per_s <= 0:
+            return True
+        now = time.monotonic()
+        cap = max(self.max_items_per_s, float(items))
+        self._budget = min(cap, self._budget + (now - self._budget_at) * self.max_items_per_s)
+        self._budget_at = now
+        if self._budget < items:
+            return False
+        self._budget -= items
+        return True
+
     async def measure(self, request: RetrieveRequest, served: Retrieval) -> str:
         """Run one sample and update the gauges; its outcome (``ok``, ``changed``)."""
         mapped = await self._engine.map(request)
@@ -286,6 +311,8 @@ class QualityMonitor:
         )
         if not same or len(mapped.history) == 0:
             return "changed"  # a reload or a catalogue delta since the answer: not the same lists
+        if not self._spend(model.num_live if mapped.allow is None else len(mapped.allow)):
+            return "budget"
         strategy = _OneRun(mapped.allow)
         row = await self._engine.run_staged(mapped, strategy)
         assert strategy.run is not None

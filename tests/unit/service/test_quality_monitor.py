@@ -84,3 +84,20 @@ def test_bad_share_is_refused_and_a_sampling_monitor_listens() -> None:
     assert engine.listeners == []  # sampling off: not on the primary path at all
     monitor = quality_monitor.QualityMonitor(engine, 0.5)  # type: ignore[arg-type]
     assert engine.listeners == [monitor.observe]
+
+
+def test_the_exact_scoring_keeps_to_its_items_per_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """1,000 items a second and 600-item samples: one sample now, the next only after the bucket refilled."""
+    clock = [100.0]
+    monkeypatch.setattr(quality_monitor.time, "monotonic", lambda: clock[0])
+    monitor = quality_monitor.QualityMonitor(_Listeners(), 0.5, max_items_per_s=1000.0)  # type: ignore[arg-type]
+    clock[0] += 1.0
+    assert monitor._spend(600) and not monitor._spend(600)
+    clock[0] += 0.5
+    assert monitor._spend(600)  # 400 left + 500 refilled
+    clock[0] += 100.0
+    assert monitor._spend(600) and not monitor._spend(600)  # the bucket holds one second, not 100
+    clock[0] += 10.0
+    assert monitor._spend(5000)  # one sample larger than a second's budget still runs once the bucket is full
+    unbounded = quality_monitor.QualityMonitor(_Listeners(), 0.5)  # type: ignore[arg-type]
+    assert all(unbounded._spend(10**9) for _ in range(3))
