@@ -59,6 +59,8 @@ def document_bodies(app: FastAPI, models: list[type[BaseModel]]) -> None:
 def _is_json(content_type: str | None) -> bool:
     if not content_type:
         return False
+    if content_type == "application/json":  # the usual header, without parsing it
+        return True
     message = email.message.Message()
     message["content-type"] = content_type
     subtype = message.get_content_subtype()
