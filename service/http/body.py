@@ -25,8 +25,11 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def json_body_doc(model: type[BaseModel] | None = None, **schema: Any) -> dict[str, Any]:
-    """``openapi_extra`` of a route that reads its body with :func:`read_model` or :func:`read_object`."""
-    body = {"$ref": f"#/components/schemas/{model.__name__}"} if model is not None else schema
+    """``openapi_extra`` of a route that reads its body with :func:`read_model` (``model``: its body
+    and FastAPI's 422 schema, as if FastAPI had validated it) or :func:`read_object` (``schema``)."""
+    if model is None:
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+    body = {"$ref": f"#/components/schemas/{model.__name__}"}
     invalid = {"$ref": "#/components/schemas/HTTPValidationError"}
     return {
         "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
