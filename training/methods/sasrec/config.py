@@ -25,7 +25,7 @@ class SASRecConfig:
     layers: int = 2
     """Causal self-attention blocks."""
     heads: int = 2
-    """Attention heads per block (D must be divisible by it; the paper's 1 trailed on Beauty)."""
+    """Attention heads per block (D must be divisible by it; the paper: 1, see training/configs/sasrec.yaml)."""
     dropout: float = 0.3
     """Dropout on embeddings, attention and feed-forward outputs (dense data; see ``sparse_dropout``)."""
     sparse_dropout: float = 0.5
