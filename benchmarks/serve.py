@@ -174,6 +174,9 @@ def service_env(cfg: BenchConfig, bundle_path: Path, mode: str) -> dict[str, str
         "GENRET_MAX_BEAM_SIZE": str(max(256, cfg.beam_size)),
         "GENRET_DEFAULT_BEAM_SIZE": str(cfg.beam_size),
         "GENRET_MAX_HISTORY_ITEMS": "100",
+        # the load generator is one client address standing for many users: no per-client share
+        "GENRET_MAX_CONNECTIONS_PER_CLIENT": "100000",
+        "GENRET_MAX_INFLIGHT_PER_CLIENT": "100000",
         "GENRET_TORCH_THREADS": str(cfg.threads),
         "GENRET_INTRA_OP_THREADS": str(cfg.threads),
     }

@@ -52,6 +52,8 @@ def service_env(args: argparse.Namespace, bundle: Path, deltas: Path) -> dict[st
         "GENRET_DEFAULT_BEAM_SIZE": str(args.beam),
         "GENRET_MAX_BEAM_SIZE": str(max(256, args.beam)),
         "GENRET_MAX_CONNECTIONS": "8192",
+        "GENRET_MAX_CONNECTIONS_PER_CLIENT": "8192",  # the generators are one address for many users
+        "GENRET_MAX_INFLIGHT_PER_CLIENT": "100000",
         "GENRET_QUALITY_SAMPLE": "0",
         "GENRET_ENV": "test",
     }
