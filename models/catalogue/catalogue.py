@@ -27,7 +27,17 @@ import numpy as np
 
 from models.catalogue.carried import consistent
 from models.catalogue.delta import Delta, DeltaError, NewItem, delta_vectors
-from models.catalogue.placement import Placement, PlacementTree, place_items, unit_rows, yield_gil
+from models.catalogue.descent import unit_rows
+from models.catalogue.placement import Placement, PlacementTree, place_items, yield_gil
+from models.catalogue.tree_arrays import (
+    add_rows,
+    added_sums,
+    centroid_sums,
+    children_csr,
+    live_leaves,
+    subtree_counts,
+    summed_levels,
+)
 from models.index import TreeIndex
 
 if TYPE_CHECKING:
@@ -36,7 +46,6 @@ if TYPE_CHECKING:
 __all__ = ["ApplyReport", "Catalogue", "Delta", "DeltaError", "ItemTable", "NewItem"]
 
 SPARE_ROWS = 0.25  # spare share of the item table allocated when it grows (amortised appends)
-CENTROID_CHUNK = 1 << 16  # items per step of the version-0 centroid sums (bounds its temporaries)
 
 
 class ItemTable:
@@ -100,7 +109,7 @@ class Catalogue:
     live_count: np.ndarray  # [num_nodes] int64 live items below each node
     centroid_sum: (
         np.ndarray
-    )  # [S, Dr] float64 sums of unit item vectors below nodes 0..S-1 (S: see _centroid_sums)
+    )  # [S, Dr] float64 sums of unit item vectors below nodes 0..S-1 (S: see centroid_sums)
     table: ItemTable
     item_ids: tuple[str, ...]  # [N+1] raw ids, "" for row 0
     dense_of: dict[str, int]  # live raw id -> dense id
@@ -135,8 +144,8 @@ class Catalogue:
             parent=index.parents(),
             leaf_of=leaf_of,
             live=live,
-            live_count=_subtree_counts(index),
-            centroid_sum=_centroid_sums(index, emb),
+            live_count=subtree_counts(index),
+            centroid_sum=centroid_sums(index, emb),
             table=ItemTable(emb),
             item_ids=ids,
             dense_of=dense_of if dense_of is not None else dict(zip(ids[1:], range(1, rows), strict=True)),
@@ -222,11 +231,11 @@ class Catalogue:
         live_count[0] -= len(ids)
         centroid_sum = self.centroid_sum.copy()
         unit = unit_rows(self.item_emb[ids])  # [R, Dr]
-        for level in range(_summed_levels(self.index, centroid_sum)):
+        for level in range(summed_levels(self.index, centroid_sum)):
             add_rows(centroid_sum, path[:, level], -unit)
         gone = set(int(d) for d in dense)
         dense_of = {raw: d for raw, d in self.dense_of.items() if d not in gone}
-        leaf_index = _live_leaves(self.index, self.leaf_of, live)
+        leaf_index = live_leaves(self.index, self.leaf_of, live)
         return replace(
             self,
             index=leaf_index,
@@ -269,18 +278,12 @@ class Catalogue:
         for level in range(index.levels - 2, -1, -1):  # up the tree, every item at once
             path[first:, level] = node
             node = parent[node]
-        live_count = np.concatenate([self.live_count, np.zeros(len(new_leaves), np.int64)])
-        live_count += np.bincount(path[first:].astype(np.int64).reshape(-1), minlength=len(live_count))
-        live_count[0] += M
-        summed = _summed_levels(index, self.centroid_sum)
-        extra_rows = len(new_leaves) if summed == index.levels else 0
-        centroid_sum = np.concatenate([self.centroid_sum, np.zeros((extra_rows, vectors.shape[1]))])
-        unit = unit_rows(vectors)
-        for level in range(summed):
-            add_rows(centroid_sum, path[first:, level].astype(np.int64), unit)
+        live_count, centroid_sum = added_sums(
+            index, self.live_count, self.centroid_sum, path[first:].astype(np.int64), vectors, len(new_leaves)
+        )
         level_offsets = index.level_offsets.copy()
         level_offsets[-1] = num_nodes
-        child_offsets, child_ids = _children_csr(parent)
+        child_offsets, child_ids = children_csr(parent)
         grown = replace(
             index,
             level_offsets=level_offsets,
@@ -295,7 +298,7 @@ class Catalogue:
         cat = replace(
             self,
             version=self.version + 1,
-            index=_live_leaves(grown, leaf_of, live),
+            index=live_leaves(grown, leaf_of, live),
             decoder_node=decoder_node,
             parent=parent,
             leaf_of=leaf_of,
@@ -331,80 +334,3 @@ class Catalogue:
             item_emb=self.item_emb,
             leaf_capacity=self.leaf_capacity,
         )
-
-
-def _subtree_counts(index: TreeIndex) -> np.ndarray:
-    """``[num_nodes]`` items below every node (the root holds all)."""
-    counts = np.bincount(index.item_path[1:].astype(np.int64).reshape(-1), minlength=index.num_nodes)
-    counts[0] = index.num_items
-    return counts.astype(np.int64)
-
-
-def _summed_levels(index: TreeIndex, centroid_sum: np.ndarray) -> int:
-    """Levels whose nodes have centroid sums: all L with buckets, the internal L-1 with single-item leaves."""
-    return index.levels if centroid_sum.shape[0] > index.leaf_start else index.levels - 1
-
-
-def _centroid_sums(index: TreeIndex, emb: np.ndarray) -> np.ndarray:
-    """``[S, Dr]`` float64: the sum of unit item vectors below each node. ``S = num_nodes`` when
-    leaves hold several items (URI buckets: placement compares bucket centroids), else the internal
-    nodes only (a single-item leaf's centroid is its item).
-
-    The deepest summed level is one ``reduceat`` over the items sorted by leaf (sorted by every
-    ancestor too: node ids follow the code prefix); each level above sums its children's rows."""
-    buckets = int(np.diff(index.leaf_offsets).max()) > 1
-    deepest = index.levels if buckets else index.levels - 1
-    sums = np.zeros((index.num_nodes if buckets else index.leaf_start, emb.shape[1]), np.float64)
-    order = index.leaf_items  # [N] dense ids sorted by leaf
-    if deepest >= 1:  # in chunks of items: no [N, Dr] temporaries (at 1M items: ~0.5 GiB of peak RSS)
-        for begin in range(0, len(order), CENTROID_CHUNK):
-            rows = order[begin : begin + CENTROID_CHUNK]  # [c] a run of the leaf order
-            nodes = index.item_path[rows, deepest - 1].astype(np.int64)  # [c] non-decreasing
-            starts = np.flatnonzero(np.r_[True, nodes[1:] != nodes[:-1]])  # distinct nodes: += is safe
-            sums[nodes[starts]] += np.add.reduceat(unit_rows(emb[rows]), starts, axis=0)
-    lo, co = index.level_offsets, index.child_offsets
-    for level in range(deepest - 1, -1, -1):  # level's nodes from their children's sums
-        first, last = int(lo[level]), int(lo[level + 1])
-        kids = index.child_ids[co[first] : co[last]]  # children of the level's nodes, grouped by parent
-        counts = np.diff(co[first : last + 1])
-        _add_grouped(sums, kids, counts, first)
-    return sums
-
-
-def add_rows(target: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:
-    """``target[rows[i]] += values[i]`` for every i, repeated rows summed (``np.add.at``'s meaning,
-    by one sort and a segment sum: ``np.add.at`` took 0.7 s for 100k rows of 64)."""
-    if len(rows) == 0:
-        return
-    order = np.argsort(rows, kind="stable")
-    sorted_rows = rows[order]
-    starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
-    target[sorted_rows[starts]] += np.add.reduceat(values[order].astype(target.dtype), starts, axis=0)
-
-
-def _add_grouped(sums: np.ndarray, kids: np.ndarray, counts: np.ndarray, first: int) -> None:
-    """``sums[first + j] += sums[kids of j]``, kids grouped by their parent ``j`` (one ``reduceat``)."""
-    full = np.flatnonzero(counts > 0)
-    starts = (np.cumsum(counts) - counts)[full]
-    sums[first + full] += np.add.reduceat(sums[kids], starts, axis=0)
-
-
-def _children_csr(parent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``parent [num_nodes]`` -> ``(child_offsets [num_nodes+1], child_ids [num_nodes-1])``; children of
-    a node in id order (a stable sort keeps the bundle's order, then the added leaves)."""
-    n = len(parent)
-    child_offsets = np.zeros(n + 1, np.int64)
-    np.cumsum(np.bincount(parent[1:], minlength=n), out=child_offsets[1:])
-    child_ids = (np.argsort(parent[1:], kind="stable") + 1).astype(np.int64)
-    return child_offsets, child_ids
-
-
-def _live_leaves(index: TreeIndex, leaf_of: np.ndarray, live: np.ndarray) -> TreeIndex:
-    """``index`` with ``leaf_offsets``/``leaf_items`` holding the live items only (a leaf may be empty)."""
-    num_leaves = index.num_nodes - index.leaf_start
-    items = np.flatnonzero(live)  # [n] ascending
-    leaf = leaf_of[items] - index.leaf_start  # [n]
-    order = np.argsort(leaf, kind="stable")
-    leaf_offsets = np.zeros(num_leaves + 1, np.int64)
-    np.cumsum(np.bincount(leaf, minlength=num_leaves), out=leaf_offsets[1:])
-    return replace(index, leaf_offsets=leaf_offsets, leaf_items=items[order].astype(np.int64))

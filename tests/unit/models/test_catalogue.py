@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from models.bundle.bundle import Bundle, load_bundle
-from models.catalogue import placement
+from models.catalogue import descent
 from models.catalogue.catalogue import Catalogue, Delta, DeltaError, NewItem
 from models.search.retriever import Retriever
 
@@ -247,9 +247,9 @@ def test_best_columns_hold_the_k_highest_scores_best_first() -> None:
     score[:, 30:] = -np.inf
     for k in (1, 4, 40, 50):
         want = np.argsort(-score, axis=1, kind="stable")[:, :k]
-        np.testing.assert_array_equal(placement.best_columns(score, k), want)
+        np.testing.assert_array_equal(descent.best_columns(score, k), want)
     ties = rng.integers(0, 5, size=(64, 40)).astype(np.float32)
-    got = placement.best_columns(ties, 4)
+    got = descent.best_columns(ties, 4)
     top4 = np.sort(ties, axis=1)[:, ::-1][:, :4]
     np.testing.assert_array_equal(np.take_along_axis(ties, got, 1), top4)  # the same scores, best first
 
@@ -260,12 +260,12 @@ def test_the_descent_scores_children_alike_grouped_or_gathered(
     """Children scored node by node (few beam nodes in a chunk) or by one gather (many) and the whole
     level by one matmul (small levels): the same parents, best first."""
     tree = Catalogue.from_bundle(node_bundle)._tree()
-    unit = placement.unit_rows(np.random.default_rng(1).standard_normal((300, DIM)).astype(np.float32))
+    unit = descent.unit_rows(np.random.default_rng(1).standard_normal((300, DIM)).astype(np.float32))
     runs = []
     for grouped, dense in ((10**9, 0), (0, 0), (10**9, 10**9)):
-        monkeypatch.setattr(placement, "GROUPED_NODES", grouped)
-        monkeypatch.setattr(placement, "DENSE_LEVEL_FACTOR", dense)
-        runs.append(placement.candidate_parents(tree, unit))
+        monkeypatch.setattr(descent, "GROUPED_NODES", grouped)
+        monkeypatch.setattr(descent, "DENSE_LEVEL_FACTOR", dense)
+        runs.append(descent.candidate_parents(tree.index, tree.centroid_sum, unit))
     np.testing.assert_array_equal(runs[0], runs[1])
     np.testing.assert_array_equal(runs[0], runs[2])
     assert (runs[0][:, 0] >= 0).all()
