@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from benchmarks.launcher import ServiceProcess
-from tests.integration.conftest import RedisServer, ServiceFactory
+from tests.integration.conftest import RedisServer, ServiceFactory, cache_counts
 
 pytestmark = pytest.mark.integration
 
@@ -35,26 +35,16 @@ def body(i: int) -> dict[str, object]:
     }
 
 
-def cache_results(client: httpx.Client) -> dict[str, float]:
-    """``genret_cache_results_total`` by result, from /metrics."""
-    out: dict[str, float] = {}
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith('genret_cache_results_total{result="'):
-            labels, value = line.rsplit(" ", 1)
-            out[labels.split('"')[1]] = float(value)
-    return out
-
-
 def test_states_are_cached_in_redis_and_hits_match_misses(
     service: ServiceProcess, redis_server: RedisServer
 ) -> None:
     with httpx.Client(base_url=service.url, timeout=10) as client:
         req = {**body(3), "debug": True}
-        before = cache_results(client)
+        before = cache_counts(client)
         miss = client.post("/v1/retrieve", json=req).json()
-        after_miss = cache_results(client)
+        after_miss = cache_counts(client)
         hit = client.post("/v1/retrieve", json=req).json()
-        after_hit = cache_results(client)
+        after_hit = cache_counts(client)
         assert after_miss.get("miss", 0) - before.get("miss", 0) == 1
         assert after_hit.get("hit", 0) - after_miss.get("hit", 0) == 1
         assert "cache" not in hit["debug"] and set(hit["debug"]["timings_ms"]) == set(
