@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from service.heavy_lane import in_heavy_lane, pace
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 def json_body_doc(model: type[BaseModel] | None = None, **schema: Any) -> dict[str, Any]:
@@ -96,23 +97,24 @@ def _paced_objects() -> Callable[[dict[str, Any]], dict[str, Any]]:
     return hook
 
 
-def parse_json(raw: bytes, content_type: str | None) -> Any:
-    """The body's JSON value; 422 when it is empty, not declared JSON, or not valid JSON."""
+def parse_json(raw: bytes, content_type: str | None, paced: bool = False) -> Any:
+    """The body's JSON value; 422 when it is empty, not declared JSON, or not valid JSON.
+    ``paced``: decoded with :func:`_paced_objects` (the heavy lane; a small body needs no hook)."""
     if not raw:
         raise _invalid("missing", (), "Field required")
     if not _is_json(content_type):
         raise _invalid("content_type", (), "expected a JSON body (Content-Type: application/json)")
     try:
-        return json.loads(raw, object_hook=_paced_objects())
+        return json.loads(raw, object_hook=_paced_objects() if paced else None)
     except json.JSONDecodeError as exc:
         raise _invalid("json_invalid", (exc.pos,), f"JSON decode error: {exc.msg}") from exc
     except (UnicodeDecodeError, RecursionError) as exc:
         raise _invalid("json_invalid", (), f"JSON decode error: {type(exc).__name__}") from exc
 
 
-def parse_model(raw: bytes, content_type: str | None, model: type[M]) -> M:
+def parse_model(raw: bytes, content_type: str | None, model: type[M], paced: bool = False) -> M:
     """The body validated as ``model``; 422 naming the field as FastAPI would."""
-    value = parse_json(raw, content_type)
+    value = parse_json(raw, content_type, paced)
     pace()
     try:
         return model.model_validate(value)
@@ -124,16 +126,12 @@ def parse_model(raw: bytes, content_type: str | None, model: type[M]) -> M:
 
 async def read_model(request: Request, model: type[M]) -> M:
     """The request's body as ``model``, parsed in the heavy lane when it is large."""
-    raw = await request.body()
-    content_type = request.headers.get("content-type")
-    if len(raw) < request.app.state.settings.heavy_body_bytes:
-        return parse_model(raw, content_type, model)
-    return await in_heavy_lane("parse", lambda: parse_model(raw, content_type, model))
+    return await _read(request, lambda raw, content_type, paced: parse_model(raw, content_type, model, paced))
 
 
-def parse_object(raw: bytes, content_type: str | None) -> dict[str, Any]:
+def parse_object(raw: bytes, content_type: str | None, paced: bool = False) -> dict[str, Any]:
     """The body's JSON object (the route checks its members); 422 for any other JSON value."""
-    value = parse_json(raw, content_type)
+    value = parse_json(raw, content_type, paced)
     if not isinstance(value, dict):
         raise _invalid("dict_type", (), "Input should be a valid dictionary")
     return value
@@ -141,8 +139,13 @@ def parse_object(raw: bytes, content_type: str | None) -> dict[str, Any]:
 
 async def read_object(request: Request) -> dict[str, Any]:
     """The request's body as a JSON object, parsed in the heavy lane when it is large."""
+    return await _read(request, parse_object)
+
+
+async def _read(request: Request, parse: Callable[[bytes, str | None, bool], T]) -> T:
+    """``parse(body, content type, paced)``: on the event loop for a small body, else in the heavy lane."""
     raw = await request.body()
     content_type = request.headers.get("content-type")
     if len(raw) < request.app.state.settings.heavy_body_bytes:
-        return parse_object(raw, content_type)
-    return await in_heavy_lane("parse", lambda: parse_object(raw, content_type))
+        return parse(raw, content_type, False)
+    return await in_heavy_lane("parse", lambda: parse(raw, content_type, True))
