@@ -86,7 +86,7 @@ def sweep_bundle(
             t0 = time.process_time()
             result = retriever.beam(states, beam)
             t1 = time.process_time()
-            answer = retriever.rerank(result.leaves, states.query.float(), K, exclude)
+            answer = retriever.rerank(result, states.query.float(), K, exclude)
             t2 = time.process_time()
             decoded[rows] = decoder_rank(retriever, answer.leaves, exclude, K)
             t3 = time.process_time()

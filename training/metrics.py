@@ -80,6 +80,14 @@ def _ndcg(hits: np.ndarray, sizes: np.ndarray, k: int) -> float:
     return float((dcg / ideal).mean())
 
 
+def per_user_recall(ranked: np.ndarray, targets: Sequence[np.ndarray], k: int) -> np.ndarray:
+    """``[rows with a target]`` each row's recall@k (their mean is :func:`recall_at_k`)."""
+    _check_k(k)
+    hits, sizes = _hit_matrix(ranked, targets)
+    valid = sizes > 0
+    return hits[valid, :k].sum(axis=1) / sizes[valid]
+
+
 def recall_at_k(ranked: np.ndarray, targets: Sequence[np.ndarray], k: int) -> float:
     _check_k(k)
     return _recall(*_hit_matrix(ranked, targets), k)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,11 @@ def parse_manifest(path: Path) -> Manifest:
         raise BundleError(path, f"{MANIFEST}: unknown score_mode {raw['score_mode']!r}")
     if raw["max_history"] < 1 or raw["num_items"] < 1:
         raise BundleError(path, f"{MANIFEST}: max_history and num_items must be >= 1")
+    weight = raw["config"].get("path_weight", 0.0)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0.0 <= weight < math.inf:
+        raise BundleError(
+            path, f"{MANIFEST}: config.path_weight must be a finite number >= 0, got {weight!r}"
+        )
     backends = raw.get("backends", ["onnx"])
     if (
         not isinstance(backends, list)

@@ -174,10 +174,12 @@ def fill_rows(
     query: Tensor,
     exclude: Sequence[np.ndarray] | None,
     allow: Sequence[np.ndarray | None] | None,
+    offset: np.ndarray | None = None,
 ) -> None:
     """Complete, in place, every row of ``items [B,k]`` / ``scores [B,k]`` holding fewer than its
     target by :func:`dense_fill` (``query [B, Dr]``), then order the row by score (the fill may find
-    better items than the beam did); ``filled [B]`` counts the items added."""
+    better items than the beam did); ``filled [B]`` counts the items added. ``offset [B]`` is added
+    to the inner products of the items a row takes (:func:`models.search.rerank.fill_offset`)."""
     counts = (items > 0).sum(axis=1)
     for r in np.flatnonzero(counts < np.asarray(targets)).tolist():
         k = int(targets[r])
@@ -193,7 +195,7 @@ def fill_rows(
         )
         n, m = len(have), len(more)
         items[r, n : n + m] = more
-        scores[r, n : n + m] = more_scores
+        scores[r, n : n + m] = more_scores + (0.0 if offset is None else offset[r])
         order = np.argsort(-scores[r, : n + m], kind="stable")
         items[r, : n + m], scores[r, : n + m] = items[r, order], scores[r, order]
         filled[r] += m

@@ -66,7 +66,7 @@ class Captured:
     graph: torch.cuda.CUDAGraph | None  # None: run eagerly (capture=False)
     inputs: tuple[Tensor, ...]  # the static inputs the graph reads
     ints: Tensor  # [B, k+b+2] static outputs the graph writes
-    scores: Tensor  # [B, k]
+    scores: Tensor  # [B, k+1] scores | fill offset
 
 
 class GraphRunner:
@@ -137,7 +137,8 @@ class GraphRunner:
         if fill is not False:
             targets = [k] * B if fill is True else [min(k, int(t)) for t in fill]
             query = inputs[2][:B]  # [B, Dr] float32 on the device
-            fill_rows(r.lookup, r.item_emb, items, scores, filled, targets, query, exclude, None)
+            offset = out[1][:B, k]  # [B] the rows' fill offsets (static_rerank)
+            fill_rows(r.lookup, r.item_emb, items, scores, filled, targets, query, exclude, None, offset)
         return RetrievalResult(
             items=items,
             scores=scores,

@@ -43,6 +43,7 @@ from torch import Tensor
 from models.bundle.backend import BackendScorer
 from models.index import ScoreMode
 from models.search.beam import DeviceTrie, NodeKeys, beam_start
+from models.search.rerank import fill_offset, fused_scores
 from models.search.retrieval_types import EncoderStates, RetrievalResult
 from models.search.staged import StagedSearch
 
@@ -74,6 +75,7 @@ class StaticTables(Protocol):
     item_emb: Tensor  # [N+1, Dr]
     dead_nodes: Tensor | None  # [num_nodes] bool: no live item below (None: every node has one)
     node_alias: Tensor | None  # [num_nodes] the node the decoder sees (None: each node itself)
+    path_weight: float  # the rerank's weight on the beam's path score (models.search.rerank)
 
 
 def bucket(n: int) -> int:
@@ -194,8 +196,9 @@ def static_retrieve(
     tables: StaticTables, packed: Tensor, history_len: int, k: int, beam_size: int
 ) -> tuple[Tensor, Tensor]:
     """``packed [B, T+E]`` (:func:`pack_requests`, on the device) -> ``(ints [B, k+b+2] int64,
-    scores [B, k] float32)``; ``ints`` = items ``[:k]`` (0 pad) | leaves ``[k:k+b]`` (-1 pad) |
-    candidates after exclusion | items scored. Encode, then :func:`static_search`; static shapes,
+    scores [B, k+1] float32)``; ``ints`` = items ``[:k]`` (0 pad) | leaves ``[k:k+b]`` (-1 pad) |
+    candidates after exclusion | items scored; ``scores`` = the items' rerank scores ``[:k]`` | the
+    row's fill offset (:func:`models.search.rerank.fill_offset`). Encode, then :func:`static_search`; static shapes,
     no host read: capturable."""
     history = packed[:, :history_len]  # [B, T]
     excl = packed[:, history_len:].contiguous()  # [B, E] sorted, padded high
@@ -216,24 +219,27 @@ def static_search(
     start = beam_start(tables.trie, B, beam_size, tables.score_mode, tables.dead_nodes, blocked)
 
     def rerank(found: BeamResult) -> tuple[Tensor, Tensor]:
-        return static_rerank(tables, found.leaves, query, excl, k)
+        return static_rerank(tables, found, query, excl, k)
 
     scorer = BackendScorer(tables.backend, memory, mask, tables.node_alias)
     return StagedSearch(tables.trie, scorer, start, rerank).run()
 
 
 def static_rerank(
-    tables: StaticTables, leaves: Tensor, query: Tensor, excl: Tensor, k: int
+    tables: StaticTables, found: BeamResult, query: Tensor, excl: Tensor, k: int
 ) -> tuple[Tensor, Tensor]:
-    """``leaves [B,b]``, ``query [B,Dr]``, ``excl [B,E]`` -> :func:`static_retrieve`'s outputs: the top
-    ``k`` items of the leaves by inner product, minus the exclusions, in the fixed candidate layout."""
+    """The beam's leaves (``found``), ``query [B,Dr]``, ``excl [B,E]`` -> :func:`static_retrieve`'s
+    outputs: the top ``k`` items of the leaves by the rerank score (:mod:`models.search.rerank`),
+    minus the exclusions, in the fixed candidate layout (leaf ``j``'s items in columns ``j*M ..``)."""
+    leaves = found.leaves
     B = leaves.shape[0]
     items, valid = static_leaf_candidates(tables, leaves)  # [B, C]
     num_scored = valid.sum(dim=1)  # [B] before exclusion
     pos = torch.searchsorted(excl, items).clamp(max=excl.shape[1] - 1)  # [B, C]
     valid = valid & (excl.gather(1, pos) != items)
-    scores = torch.bmm(tables.item_emb[items], query.float()[:, :, None])[:, :, 0]  # [B, C]
-    scores = scores.masked_fill(~valid, float("-inf"))
+    ip = torch.bmm(tables.item_emb[items], query.float()[:, :, None])[:, :, 0]  # [B, C]
+    path = found.scores.float().repeat_interleave(tables.max_leaf_size, dim=1)  # [B, C] each leaf's score
+    scores = fused_scores(ip, path, tables.path_weight).masked_fill(~valid, float("-inf"))
     kk = min(k, scores.shape[1])
     top_scores, top_idx = torch.topk(scores, kk, dim=1)  # [B, k']
     top_items = items.gather(1, top_idx).masked_fill(~valid.gather(1, top_idx), 0)  # [B, k']
@@ -241,14 +247,16 @@ def static_rerank(
         top_items = torch.cat([top_items, top_items.new_zeros(B, k - kk)], dim=1)
         top_scores = torch.cat([top_scores, top_scores.new_full((B, k - kk), float("-inf"))], dim=1)
     counts = torch.stack([valid.sum(dim=1), num_scored], dim=1)  # [B, 2]
-    return torch.cat([top_items, leaves, counts], dim=1), top_scores.float()
+    offset = fill_offset(found.scores.float(), tables.path_weight)[:, None]  # [B, 1]
+    return torch.cat([top_items, leaves, counts], dim=1), torch.cat([top_scores.float(), offset], dim=1)
 
 
 def unpack_result(ints: np.ndarray, scores: np.ndarray, batch: int, k: int) -> RetrievalResult:
-    """The host copies of :func:`static_retrieve`'s outputs -> the first ``batch`` rows' result."""
+    """The host copies of :func:`static_retrieve`'s outputs -> the first ``batch`` rows' result
+    (the fill offset, ``scores[:, k]``, is the caller's to read)."""
     return RetrievalResult(
         items=ints[:batch, :k],
-        scores=scores[:batch],
+        scores=scores[:batch, :k],
         num_candidates=ints[:batch, -2],
         leaves=ints[:batch, k:-2],
         num_scored=ints[:batch, -1],

@@ -56,7 +56,7 @@ class EncoderStates:
 @dataclass(frozen=True)
 class RetrievalResult:
     items: np.ndarray  # [B, k] dense ids, 0 where fewer exist
-    scores: np.ndarray  # [B, k] float32 inner products, -inf where padded
+    scores: np.ndarray  # [B, k] float32 rerank scores (models.search.rerank), -inf where padded
     num_candidates: np.ndarray  # [B] items in the beam's leaves after exclusion
     leaves: np.ndarray  # [B, b] global leaf node ids from the beam, -1 where fewer exist
     num_scored: np.ndarray  # [B] items scored: all items of the beam's leaves, before exclusion

@@ -40,6 +40,7 @@ from models.search.constraints import (
     node_keys,
 )
 from models.search.graph_runner import GraphRunner
+from models.search.rerank import Candidates, fill_offset, packed_leaf_items
 from models.search.retrieval_types import DeviceRows, EncoderStates, RetrievalResult, check_search_args
 from models.search.staged import StagedSearch
 
@@ -85,6 +86,8 @@ class Retriever:
         self.item_emb = torch.from_numpy(bundle.item_emb).to(self.device)  # [N+1, Dr]
         self._rows: DeviceRows | None = None  # the growing table, once a catalogue version exists
         self._use_index(index)
+        # the rerank's weight on the beam's path score (models.search.rerank), set by the trainer
+        self.path_weight = float(manifest.config.get("path_weight", 0.0))  # checked by the manifest
         configured = manifest.config.get("beam_size")
         # the bundle's default beam: written at export by the rule of models.search.beam_policy (bundles
         # exported before it carry a trainer's value, or none: then the rule is applied here)
@@ -189,38 +192,13 @@ class Retriever:
         return EncoderStates(memory=memory, memory_mask=mask, query=query)
 
     # ------------------------------------------------------------------ search
-    def leaf_candidates(self, leaves: Tensor) -> tuple[Tensor, Tensor]:
-        """``leaves [B,b]`` global ids (-1 pad) -> (items [B,C], valid [B,C]); C = max items over rows.
-
-        Items of a row's leaves are packed left to right (no gaps between leaves).
-        """
-        B, b = leaves.shape
-        present = leaves >= 0
-        leaf = (leaves - self.leaf_start).clamp(min=0)  # [B, b]
-        start = self.leaf_offsets[leaf]  # [B, b]
-        count = (self.leaf_offsets[leaf + 1] - start) * present  # [B, b]
-        if self.max_leaf_size == 1:  # single-item leaves (SEATER, TDR): a plain gather
-            held = count > 0  # [B, b] a leaf whose item was removed holds none
-            if self.leaf_items.numel() == 0:  # every item removed: nothing to gather
-                return torch.zeros_like(leaves, dtype=torch.int64), held
-            return torch.where(held, self.leaf_items[start.clamp(max=self.leaf_items.numel() - 1)], 0), held
-        flat_count = count.reshape(-1)  # [B*b]
-        total = int(flat_count.sum())
-        C = max(1, int(count.sum(dim=1).max()))
-        items = torch.zeros(B, C, dtype=torch.int64, device=leaves.device)
-        valid = torch.zeros(B, C, dtype=torch.bool, device=leaves.device)
-        if total == 0:
-            return items, valid
-        seg = torch.repeat_interleave(
-            torch.arange(B * b, device=leaves.device), flat_count, output_size=total
+    def leaf_candidates(self, leaves: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``leaves [B,b]`` global ids (-1 pad) -> (items [B,C], valid [B,C], leaf column [B,C]);
+        C = max items over rows, the items of a row's leaves packed left to right
+        (:func:`models.search.rerank.packed_leaf_items`)."""
+        return packed_leaf_items(
+            leaves, self.leaf_start, self.leaf_offsets, self.leaf_items, self.max_leaf_size
         )
-        seg_first = torch.cumsum(flat_count, 0) - flat_count  # [B*b] first flat slot of each leaf
-        within = torch.arange(total, device=leaves.device) - seg_first[seg]  # [total] offset inside its leaf
-        row_first = (count.cumsum(dim=1) - count).reshape(-1)  # [B*b] column of each leaf's first item
-        row, col = torch.div(seg, b, rounding_mode="floor"), row_first[seg] + within
-        items[row, col] = self.leaf_items[start.reshape(-1)[seg] + within]
-        valid[row, col] = True
-        return items, valid
 
     def excluded(self, items: Tensor, exclude: Sequence[np.ndarray]) -> Tensor:
         """``items [B,C]`` -> bool ``[B,C]``: item is in its row's exclude list (batched searchsorted)."""
@@ -283,7 +261,7 @@ class Retriever:
         start = self.beam_begin(states.batch_size, beam_size, exclude, allow)
 
         def rerank(found: BeamResult) -> RetrievalResult:
-            return self.rerank(found.leaves, query, k, exclude, allow, fill=fill)
+            return self.rerank(found, query, k, exclude, allow, fill=fill)
 
         return StagedSearch(self.trie, self.scorer(memory, memory_mask), start, rerank)
 
@@ -299,9 +277,27 @@ class Retriever:
         """The incremental decoder step over this batch's states (the search carries its cache)."""
         return BackendScorer(self.backend, memory, memory_mask, self.node_alias)
 
+    def candidates(
+        self,
+        found: BeamResult,
+        query: Tensor,
+        exclude: Sequence[np.ndarray] | None,
+        allow: Sequence[np.ndarray | None] | None = None,
+    ) -> Candidates:
+        """The items of the beam's leaves (``found``), ``query [B,Dr]``: their inner products and
+        their leaves' path scores, minus ``exclude``, within ``allow``."""
+        items, valid, cols = self.leaf_candidates(found.leaves)  # [B, C] each
+        num_scored = valid.sum(dim=1)  # [B] before exclusion: every leaf item is scored
+        if exclude is not None:
+            valid = valid & ~self.excluded(items, exclude)
+        if allow is not None:
+            valid = valid & item_member(items, allow, self.lookup.num_rows)
+        ip = torch.bmm(self.item_emb[items], query[:, :, None])[:, :, 0]  # [B, C]
+        return Candidates(items, valid, ip, found.scores.float().gather(1, cols), num_scored)
+
     def rerank(
         self,
-        leaves: Tensor,
+        found: BeamResult,
         query: Tensor,
         k: int,
         exclude: Sequence[np.ndarray] | None,
@@ -309,48 +305,56 @@ class Retriever:
         *,
         fill: bool | Sequence[int] = False,
     ) -> RetrievalResult:
-        """``leaves [B,b]`` from the beam, ``query [B,Dr]`` -> the top ``k`` items of those leaves by
-        ``query · item_emb``, minus ``exclude``, within ``allow``. ``fill``: a row left with fewer
-        than ``k`` (or than its own target, one per row) takes the rest from exact search over what
-        it may return (:func:`dense_fill`), merged into its list by score."""
+        """The beam's leaves (``found``), ``query [B,Dr]`` -> the top ``k`` items of those leaves by
+        the rerank score (:mod:`models.search.rerank`: ``query · item_emb`` plus the bundle's
+        ``path_weight`` x the leaf's path score), minus ``exclude``, within ``allow``. ``fill``: a row
+        left with fewer than ``k`` (or than its own target, one per row) takes the rest from exact
+        search over what it may return (:func:`dense_fill`), merged into its list by score."""
+        leaves = found.leaves
         B = leaves.shape[0]
-        items, valid = self.leaf_candidates(leaves)  # [B, C]
-        num_scored = valid.sum(dim=1)  # [B] before exclusion: every leaf item is scored
-        if exclude is not None:
-            valid = valid & ~self.excluded(items, exclude)
-        if allow is not None:
-            valid = valid & item_member(items, allow, self.lookup.num_rows)
-        scores = torch.bmm(self.item_emb[items], query[:, :, None])[:, :, 0]  # [B, C]
-        scores = scores.masked_fill(~valid, float("-inf"))
+        cands = self.candidates(found, query, exclude, allow)
+        scores = cands.scores(self.path_weight)  # [B, C]
         kk = min(k, scores.shape[1])
         top_scores, top_idx = torch.topk(scores, kk, dim=1)  # [B, k']
-        top_items = items.gather(1, top_idx).masked_fill(~valid.gather(1, top_idx), 0)
+        top_items = cands.items.gather(1, top_idx).masked_fill(~cands.valid.gather(1, top_idx), 0)
+        counts = [cands.valid.sum(dim=1)[:, None], cands.num_scored[:, None]]
         # two device-to-host copies (the first waits for the device), not one per output
-        ints = torch.cat([top_items, leaves, valid.sum(dim=1)[:, None], num_scored[:, None]], dim=1).cpu()
-        host = ints.numpy()  # [B, k' + b + 2]
+        host = torch.cat([top_items, leaves, *counts], dim=1).cpu().numpy()  # [B, k' + b + 2]
         out_items = np.zeros((B, k), np.int64)
         out_scores = np.full((B, k), -np.inf, np.float32)
         out_items[:, :kk] = host[:, :kk]
         out_scores[:, :kk] = top_scores.float().cpu().numpy()
         filled = np.zeros(B, np.int64)
+        offset = fill_offset(found.scores.float(), self.path_weight).cpu().numpy()  # [B]
         if allow is not None:  # small allow-lists: the exact top-k over them (constraints docstring)
             small = [r for r, a in enumerate(allow) if a is not None and len(a) <= EXACT_ALLOW_ITEMS]
             out_items[small], out_scores[small] = 0, -np.inf
+            targets = [k if r in small else 0 for r in range(B)]
             fill_rows(
                 self.lookup,
                 self.item_emb,
                 out_items,
                 out_scores,
                 filled,
-                [k if r in small else 0 for r in range(B)],
+                targets,
                 query,
                 exclude,
                 allow,
+                offset,
             )
         if fill is not False:
             targets = [k] * B if fill is True else [min(k, int(t)) for t in fill]
             fill_rows(
-                self.lookup, self.item_emb, out_items, out_scores, filled, targets, query, exclude, allow
+                self.lookup,
+                self.item_emb,
+                out_items,
+                out_scores,
+                filled,
+                targets,
+                query,
+                exclude,
+                allow,
+                offset,
             )
         return RetrievalResult(
             items=out_items,

@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -225,9 +225,19 @@ def record_metrics(bundle_dir: Path, metrics: dict[str, float]) -> None:
     Trainers export before the test evaluation, so the metrics arrive afterwards. The manifest is
     not among the checksummed files, so the fingerprint (and every cache key derived from it) stays.
     """
-    path = Path(bundle_dir) / MANIFEST
+    _update_manifest(Path(bundle_dir), lambda manifest: manifest.update(metrics=_json_safe(metrics)))
+
+
+def record_config(bundle_dir: Path, updates: dict[str, Any]) -> None:
+    """Merge ``updates`` into an exported bundle's manifest ``config`` (atomically; the fingerprint
+    stays, as in :func:`record_metrics`): what a trainer chooses after export, e.g. ``path_weight``."""
+    _update_manifest(Path(bundle_dir), lambda manifest: manifest["config"].update(_json_safe(updates)))
+
+
+def _update_manifest(bundle_dir: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    path = bundle_dir / MANIFEST
     manifest = json.loads(path.read_text())
-    manifest["metrics"] = _json_safe(metrics)
+    change(manifest)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)

@@ -56,9 +56,13 @@ def assert_static_matches_eager(
     return got
 
 
+@pytest.mark.parametrize("path_weight", [0.0, 0.7])
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
-def test_static_retrieve_matches_eager_retrieve(tiny_bundle_dir: Path, backend: str) -> None:
+def test_static_retrieve_matches_eager_retrieve(
+    tiny_bundle_dir: Path, backend: str, path_weight: float
+) -> None:
     retriever = Retriever(load_bundle(tiny_bundle_dir), "cpu", backend, intra_op_threads=1)
+    retriever.path_weight = path_weight  # the rerank fuses the leaves' path scores (models.search.rerank)
     rng = np.random.default_rng(11)
     cases = (((1,), 8, 5, False), ((1, 4, MAX_HISTORY, 9, 2), 8, 5, True), ((3, 0, 3), 30, 2, True))
     for sizes, k, beam, excluding in cases:
@@ -154,15 +158,17 @@ def assert_same_result(got: RetrievalResult, want: RetrievalResult) -> None:
     np.testing.assert_array_equal(got.dense_filled, want.dense_filled)
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnx"])
+@pytest.mark.parametrize(("backend", "path_weight"), [("torch", 0.0), ("onnx", 0.0), ("torch", 0.7)])
 def test_runner_from_encoder_states_matches_eager_search_with_the_fill(
-    node_bundle_dir: Path, backend: str
+    node_bundle_dir: Path, backend: str, path_weight: float
 ) -> None:
     """The service's graphed path (GraphRunner.search: states padded to static shapes, the static
     search, the dense fill after it) returns what the eager Retriever.search does, on version 0 and
-    on a grown catalogue version; run eagerly (capture=False), as the CPU allows."""
+    on a grown catalogue version, with and without the path score in the rerank (the fill's offset
+    included); run eagerly (capture=False), as the CPU allows."""
     bundle = load_bundle(node_bundle_dir)
     base = Retriever(bundle, "cpu", backend, intra_op_threads=1)
+    base.path_weight = path_weight
     rng = np.random.default_rng(21)
     filled_rows = 0
     for served in (base, base.with_catalogue(grown_versions(bundle)[-1])):

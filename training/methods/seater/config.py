@@ -40,6 +40,9 @@ class SeaterConfig:
     patience: int = 3
     max_train_pairs: int = 0
     beam_size: int = 0  # 0 = the catalogue rule (models.search.beam_policy)
+    fuse_path_score: bool = (
+        True  # choose the rerank's path_weight on validation users (training/path_weight.py)
+    )
     rerank: str = "sasrec"
     threads: int = 1
 

@@ -39,6 +39,7 @@ from training.methods.tdr.config import TDRConfig
 from training.methods.tdr.losses import TDRLoss, TreeTensors, rectified_labels
 from training.methods.tdr.model import TDRModel, init_from_item_embeddings
 from training.methods.tdr.rounds import export_tdr, plot_rounds
+from training.path_weight import tune_path_weight
 from training.trainer import (
     Seeds,
     Timings,
@@ -272,6 +273,7 @@ class _TDRRun:
         plot_path = self.out_root / "tree_learning.png"
         plot_rounds(rounds, plot_path, f"{cfg.variant} on {self.ctx.dataset.name}")
         best_dir = Path(best["bundle"])
+        fusion = tune_path_weight(best_dir, self.ctx.split.valid) if cfg.fuse_path_score else None
         info = {
             "variant": cfg.variant,
             **self.timings.info(),
@@ -281,6 +283,7 @@ class _TDRRun:
             "beam_size": cfg.beam_size,
             "round_valid_recall@20": [round(e["valid_recall@20"], 4) for e in rounds],
             "best_round": best["round"],
+            "path_weight": fusion.weight if fusion is not None else 0.0,
             "plot": str(plot_path),
         }
         if self.dist.is_distributed:

@@ -24,6 +24,7 @@ from training.context import TrainContext, TrainedMethod
 from training.export.spec import method_bundle
 from training.methods.uri.config import URIConfig
 from training.methods.uri.layerwise import URITrainer
+from training.path_weight import tune_path_weight
 from training.splits import EvalSet
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,8 @@ def train_uri(ctx: TrainContext) -> TrainedMethod:
     (out_dir.parent / "uri_train_log.json").write_text(
         json.dumps({"reports": reports, "epochs": trainer.log}, indent=1)
     )
+    if config.fuse_path_score:
+        info["path_weight"] = tune_path_weight(Path(bundle_dir), ctx.split.valid).weight
     recommender = URIBundleRecommender(Path(bundle_dir), config.beam_size, batch_size=config.eval_batch_size)
     diagnosis = recommender.diagnose(ctx.split.valid)
     log.info("URI validation diagnosis (through the bundle): %s", diagnosis)
