@@ -15,6 +15,7 @@ each weight only re-sorts them. The choice and the figures behind it go into the
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ def ranked_at(batches: list[tuple[list[int], Candidates]], n: int, k: int, weigh
 def gain_z(recall: np.ndarray, base: np.ndarray) -> float:
     """The paired gain of per-user ``recall`` over ``base`` in standard errors (0 where they never differ)."""
     diff = recall - base
-    se = float(diff.std(ddof=1)) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
+    se = float(diff.std(ddof=1)) / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
     return float(diff.mean()) / se if se > 0 else 0.0
 
 
