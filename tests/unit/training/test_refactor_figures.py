@@ -46,6 +46,10 @@ SETTINGS: dict[str, Any] = {  # tiny: a 16-d SASRec, every generative method a f
     "tdr.tree_rounds": 1,
     "tdr.beam_size": 16,
     "tdr.eval_users": 0,
+    # the rerank the figures were recorded with: the inner product alone (the path-score rule came later)
+    "uri.fuse_path_score": False,
+    "seater.fuse_path_score": False,
+    "tdr.fuse_path_score": False,
 }
 
 
