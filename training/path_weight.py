@@ -78,6 +78,8 @@ def validation_candidates(
 
 def score_scale(batches: list[tuple[list[int], Candidates]]) -> float:
     """``std(inner products) / std(path scores)`` over every valid candidate (0 if the paths are flat)."""
+    if not batches:
+        return 0.0
     ips = [c.ip[c.valid & torch.isfinite(c.path)] for _, c in batches]
     paths = [c.path[c.valid & torch.isfinite(c.path)] for _, c in batches]
     ip, path = torch.cat(ips).double(), torch.cat(paths).double()
@@ -108,6 +110,8 @@ def gain_z(recall: np.ndarray, base: np.ndarray) -> float:
 def choose_path_weight(retriever: Retriever, evalset: EvalSet, k: int = 20) -> PathWeightChoice:
     """The rule (module docstring) on the first :data:`MAX_USERS` users of ``evalset``."""
     users = evalset.head(MAX_USERS)
+    if len(users) == 0:  # nothing to choose on: the plain inner product
+        return PathWeightChoice(0.0, 0.0, 0.0, f"recall@{k}", 0, {}, {})
     batches = validation_candidates(retriever, users, k)
     scale = score_scale(batches)
     recalls = {

@@ -75,3 +75,9 @@ def test_tune_writes_the_weight_into_the_manifest_and_the_retriever_serves_it(
     cands = served.candidates(found, states.query, None)
     want = torch.topk(cands.scores(choice.weight), 3, dim=1).values[0].numpy()
     np.testing.assert_allclose(got.scores[0], want, rtol=1e-5)
+
+
+def test_no_validation_users_keep_the_plain_inner_product(bundle_dir: Path) -> None:
+    retriever = Retriever(load_bundle(bundle_dir), "cpu", "onnx", intra_op_threads=1)
+    choice = choose_path_weight(retriever, EvalSet([], [], []), k=5)
+    assert choice.weight == 0.0 and choice.users == 0

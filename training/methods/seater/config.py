@@ -40,9 +40,8 @@ class SeaterConfig:
     patience: int = 3
     max_train_pairs: int = 0
     beam_size: int = 0  # 0 = the catalogue rule (models.search.beam_policy)
-    fuse_path_score: bool = (
-        True  # choose the rerank's path_weight on validation users (training/path_weight.py)
-    )
+    # choose the rerank's path_weight on validation users (training/path_weight.py)
+    fuse_path_score: bool = True
     rerank: str = "sasrec"
     threads: int = 1
 

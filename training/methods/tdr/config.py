@@ -41,9 +41,8 @@ class TDRConfig:
     tree_step: int = 1
     tree_pairs_per_item: int = 10
     beam_size: int = 0  # 0 = the catalogue rule (models.search.beam_policy)
-    fuse_path_score: bool = (
-        True  # choose the rerank's path_weight on validation users (training/path_weight.py)
-    )
+    # choose the rerank's path_weight on validation users (training/path_weight.py)
+    fuse_path_score: bool = True
     rerank: str = "sasrec"
     eval_users: int = 1000
     threads: int = 1

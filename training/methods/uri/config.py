@@ -91,9 +91,8 @@ class URIConfig:
     ranker_weight: float = 1.0
     ranker_epochs: int = 3
     beam_size: int = 0  # 0 = the catalogue rule (models.search.beam_policy)
-    fuse_path_score: bool = (
-        True  # choose the rerank's path_weight on validation users (training/path_weight.py)
-    )
+    # choose the rerank's path_weight on validation users (training/path_weight.py)
+    fuse_path_score: bool = True
     eval_batch_size: int = 256
     threads: int = 1
     """torch intra-op threads while training (0 = torch's default)."""
