@@ -326,36 +326,17 @@ class Retriever:
         out_scores[:, :kk] = top_scores.float().cpu().numpy()
         filled = np.zeros(B, np.int64)
         offset = fill_offset(found.scores.float(), self.path_weight).cpu().numpy()  # [B]
+
+        def complete(targets: Sequence[int]) -> None:  # rows short of their target: exact search
+            args = (out_items, out_scores, filled, targets, query, exclude, allow, offset)
+            fill_rows(self.lookup, self.item_emb, *args)
+
         if allow is not None:  # small allow-lists: the exact top-k over them (constraints docstring)
             small = [r for r, a in enumerate(allow) if a is not None and len(a) <= EXACT_ALLOW_ITEMS]
             out_items[small], out_scores[small] = 0, -np.inf
-            targets = [k if r in small else 0 for r in range(B)]
-            fill_rows(
-                self.lookup,
-                self.item_emb,
-                out_items,
-                out_scores,
-                filled,
-                targets,
-                query,
-                exclude,
-                allow,
-                offset,
-            )
+            complete([k if r in small else 0 for r in range(B)])
         if fill is not False:
-            targets = [k] * B if fill is True else [min(k, int(t)) for t in fill]
-            fill_rows(
-                self.lookup,
-                self.item_emb,
-                out_items,
-                out_scores,
-                filled,
-                targets,
-                query,
-                exclude,
-                allow,
-                offset,
-            )
+            complete([k] * B if fill is True else [min(k, int(t)) for t in fill])
         return RetrievalResult(
             items=out_items,
             scores=out_scores,
