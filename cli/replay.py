@@ -74,6 +74,7 @@ def run_bundle(
     = the bundle's own default; each request's beam is widened for ``k`` as the service widens it."""
     from models.bundle.bundle import load_bundle
     from models.search.retriever import Retriever
+    from training.bundle_evaluation import beam_groups
 
     bundle = load_bundle(path)
     retriever = Retriever(bundle, device=device)
@@ -94,9 +95,8 @@ def run_bundle(
         for i, r in enumerate(chunk):
             if r.get("exclude_history"):
                 excludes[i] = np.concatenate([excludes[i], histories[i]])
-        groups: dict[int, list[int]] = {}  # widened beam -> rows of the chunk
-        for i, e in enumerate(excludes):
-            groups.setdefault(retriever.beam_for(k, beam, len(np.unique(e))), []).append(i)
+        # widened beam -> rows of the chunk
+        groups = beam_groups(retriever, k, beam, [len(np.unique(e)) for e in excludes])
         t0 = time.perf_counter()
         for row_beam, rows in groups.items():
             result = retriever.retrieve(

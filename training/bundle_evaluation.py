@@ -49,6 +49,18 @@ def beam_coverage(bundle: Bundle, leaves: np.ndarray, targets: Sequence[np.ndarr
     return out
 
 
+def beam_groups(
+    retriever: Retriever, k: int, beam: int, num_excluded: Sequence[int], *, widen: bool = True
+) -> dict[int, list[int]]:
+    """Row numbers grouped by the beam that answers them: ``beam`` widened per row as the service
+    widens it (:meth:`Retriever.beam_for`, by the row's distinct excluded items), or ``beam`` itself
+    for every row when not ``widen``."""
+    groups: dict[int, list[int]] = {}
+    for row, excluded in enumerate(num_excluded):
+        groups.setdefault(retriever.beam_for(k, beam, excluded) if widen else beam, []).append(row)
+    return groups
+
+
 def evaluate_retriever(
     retriever: Retriever,
     evalset: EvalSet,
@@ -71,11 +83,9 @@ def evaluate_retriever(
     n = len(evalset.histories)
     ranked = np.zeros((n, k), np.int64)
     coverage, scored, kept = np.zeros(n), np.zeros(n), np.zeros(n)
-    groups: dict[int, list[int]] = {}
     seen = evalset.excluded()  # what each user's ranking leaves out (LOO: every earlier item)
-    for row, items in enumerate(seen):
-        excluded = len(np.unique(items)) if exclude_history else 0
-        groups.setdefault(retriever.beam_for(k, beam, excluded) if widen else beam, []).append(row)
+    counts = [len(np.unique(items)) if exclude_history else 0 for items in seen]
+    groups = beam_groups(retriever, k, beam, counts, widen=widen)
     start = time.perf_counter()
     for row_beam, rows in groups.items():
         for lo in range(0, len(rows), batch_size):

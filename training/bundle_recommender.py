@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from models.bundle.bundle import load_bundle
 from models.search.retriever import Retriever
+from training.bundle_evaluation import beam_groups
 
 
 def sasrec_states(sasrec: nn.Module, history: Tensor, history_mask: Tensor) -> Tensor:
@@ -72,9 +73,7 @@ class BundleRecommender:
         """Top-``k`` item ids per history, ``[N, k]``; ``exclude[i]`` are never returned for history i."""
         out = np.zeros((len(histories), k), np.int64)  # [N, k]
         excluded = [len(np.unique(e)) for e in exclude] if exclude is not None else [0] * len(histories)
-        groups: dict[int, list[int]] = {}
-        for row, e in enumerate(excluded):
-            groups.setdefault(self.beam_for(k, e), []).append(row)
+        groups = beam_groups(self.retriever, k, self.beam_size, excluded)
         for beam, rows in groups.items():
             for start in range(0, len(rows), self.batch_size):
                 idx = rows[start : start + self.batch_size]

@@ -26,6 +26,7 @@ import torch
 from models.bundle.bundle import load_bundle
 from models.search.rerank import Candidates
 from models.search.retriever import Retriever
+from training.bundle_evaluation import beam_groups
 from training.export.writer import record_config
 from training.metrics import per_user_recall
 from training.splits import EvalSet
@@ -60,10 +61,8 @@ def validation_candidates(
     """``(rows, candidates)`` per batch: the items each user's beam reaches (history excluded), with
     their inner products and path scores, at the beam the service would use for ``k`` items."""
     excluded = evalset.excluded()
-    groups: dict[int, list[int]] = {}
-    for row, items in enumerate(excluded):
-        beam = retriever.beam_for(k, None, len(np.unique(items)))
-        groups.setdefault(beam, []).append(row)
+    counts = [len(np.unique(items)) for items in excluded]
+    groups = beam_groups(retriever, k, retriever.default_beam_size, counts)
     out = []
     for beam, rows in groups.items():
         for start in range(0, len(rows), batch_size):
