@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from benchmarks.launcher import ServiceProcess
+from benchmarks.launcher import ONE_CLIENT_LOAD, ServiceProcess
 from benchmarks.load import Connection, retrieve_bodies, run_loop
 from models.catalogue.delta import Delta, NewItem
 
@@ -134,9 +134,7 @@ def service_env(cfg: CatalogueBenchConfig, bundle: Path, deltas: Path) -> dict[s
         "GENRET_MAX_BEAM_SIZE": str(max(256, cfg.beam_size)),
         "GENRET_DEFAULT_BEAM_SIZE": str(cfg.beam_size),
         "GENRET_MAX_HISTORY_ITEMS": "100",
-        # the load generator is one client address standing for many users: no per-client share
-        "GENRET_MAX_CONNECTIONS_PER_CLIENT": "100000",
-        "GENRET_MAX_INFLIGHT_PER_CLIENT": "100000",
+        **ONE_CLIENT_LOAD,
         "GENRET_MAX_ADMIN_BODY_BYTES": str(max(64 * 1_048_576, 1024 * cfg.add)),  # ~620 bytes per item
         "GENRET_QUALITY_SAMPLE": "0",
         "GENRET_TORCH_THREADS": str(cfg.threads),

@@ -18,6 +18,13 @@ from typing import IO
 
 import httpx
 
+ONE_CLIENT_LOAD: dict[str, str] = {
+    "GENRET_MAX_CONNECTIONS_PER_CLIENT": "100000",
+    "GENRET_MAX_INFLIGHT_PER_CLIENT": "100000",
+}
+"""Service settings for a benchmark's load generator: one client address standing for many users, so
+the per-client connection and in-flight shares must not apply."""
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.launcher import ServiceProcess
+from benchmarks.launcher import ONE_CLIENT_LOAD, ServiceProcess
 from benchmarks.load import Arrivals, OpenLoopStats, open_loop, retrieve_bodies, run_loop, send_times
 from benchmarks.serve_report import format_open_table, format_start_table, format_table
 from benchmarks.serve_types import Measurement, OpenLoopMeasurement, StartMeasurement
@@ -174,9 +174,7 @@ def service_env(cfg: BenchConfig, bundle_path: Path, mode: str) -> dict[str, str
         "GENRET_MAX_BEAM_SIZE": str(max(256, cfg.beam_size)),
         "GENRET_DEFAULT_BEAM_SIZE": str(cfg.beam_size),
         "GENRET_MAX_HISTORY_ITEMS": "100",
-        # the load generator is one client address standing for many users: no per-client share
-        "GENRET_MAX_CONNECTIONS_PER_CLIENT": "100000",
-        "GENRET_MAX_INFLIGHT_PER_CLIENT": "100000",
+        **ONE_CLIENT_LOAD,
         "GENRET_TORCH_THREADS": str(cfg.threads),
         "GENRET_INTRA_OP_THREADS": str(cfg.threads),
     }

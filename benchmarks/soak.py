@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.launcher import ServiceProcess
+from benchmarks.launcher import ONE_CLIENT_LOAD, ServiceProcess
 from benchmarks.load import (
     Connection,
     OpenLoopStats,
@@ -89,9 +89,7 @@ def service_env(cfg: SoakConfig, bundle: Path) -> dict[str, str]:
         "GENRET_QUEUE_SIZE": "4096",
         "GENRET_DEFAULT_DEADLINE_MS": "10000",
         "GENRET_MAX_HISTORY_ITEMS": "100",
-        # the load generator is one client address standing for many users: no per-client share
-        "GENRET_MAX_CONNECTIONS_PER_CLIENT": "100000",
-        "GENRET_MAX_INFLIGHT_PER_CLIENT": "100000",
+        **ONE_CLIENT_LOAD,
         "GENRET_TORCH_THREADS": str(cfg.threads),
         "GENRET_INTRA_OP_THREADS": str(cfg.threads),
     }
