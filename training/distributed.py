@@ -21,6 +21,7 @@ with :func:`activate`. Everything else (``genret compare``, tests) sees the sing
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -131,10 +132,20 @@ class DistContext:
         log.info("distributed: rank %d of %d joined (%s)", self.rank, self.world_size, backend)
         return self
 
-    def close(self) -> None:
-        """Leave the process group (a no-op when none was joined)."""
-        if self.is_distributed and torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
+    def close(self, *, wait_for_peers: bool = True) -> None:
+        """Leave the process group (a no-op when none was joined).
+
+        Wrappers that are no longer referenced (DDP reducers left in reference cycles) are collected
+        first, while the group still exists: collected after it, a gloo reducer can abort the process
+        at exit. With ``wait_for_peers`` every rank then meets at a barrier, so that no rank tears its
+        connections down while another (rank 0 evaluating) still holds them.
+        """
+        if not (self.is_distributed and torch_dist.is_initialized()):
+            return
+        gc.collect()
+        if wait_for_peers:
+            torch_dist.barrier()
+        torch_dist.destroy_process_group()
 
     # ------------------------------------------------------------------------------------ data
     def shard_indices(self, n: int) -> np.ndarray:
@@ -230,7 +241,11 @@ def activate(ctx: DistContext) -> Iterator[DistContext]:
     _active = ctx.init()
     try:
         yield ctx
-    finally:
+    except BaseException:
         _active = previous
         if joined:
-            ctx.close()
+            ctx.close(wait_for_peers=False)  # the other ranks may never reach a barrier
+        raise
+    _active = previous
+    if joined:
+        ctx.close()
