@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from benchmarks.step import print_step_report, run_step_bench, timed
+from benchmarks.step import print_step_report, run_step_bench
+from benchmarks.step_runs import timed
 from models.index import TreeIndex
 from models.nets.decoder import DecoderConfig, TokenDecoder, TokenScheme
 from models.search.beam import DeviceTrie
@@ -66,6 +67,8 @@ class DecoderModel:
 
     def __init__(self, decoder: TokenDecoder, memory: Tensor, memory_mask: Tensor) -> None:
         self.decoder, self.memory, self.memory_mask = decoder, memory, memory_mask
+        with torch.inference_mode():
+            self.memory_state = decoder.memory_state(memory)  # [B, T, M], once (as the service does)
         self.cache_width = decoder.cache_width
         self.vocab_id = decoder.node_row  # [num_nodes] output row of every node
         self.table = decoder.token_embedding(torch.arange(decoder.num_rows))  # [V, D]
@@ -74,7 +77,7 @@ class DecoderModel:
     def step(
         self, beam_query: Tensor, prefix: Tensor, candidates: Tensor, cache: Tensor
     ) -> tuple[Tensor, Tensor]:
-        return self.decoder.step(self.memory, self.memory_mask, beam_query, prefix, candidates, cache)
+        return self.decoder.step(self.memory_state, self.memory_mask, beam_query, prefix, candidates, cache)
 
     def reference(self, beam_query: Tensor, prefix: Tensor, candidates: Tensor) -> Tensor:
         return self.decoder(self.memory, self.memory_mask, beam_query, prefix, candidates)

@@ -36,13 +36,14 @@ class StepScorer:
     """The serving step of ``decoder`` over fixed encoder states (a :class:`models.search.beam.StepScorer`)."""
 
     def __init__(self, decoder: TokenDecoder, memory: Tensor, memory_mask: Tensor) -> None:
-        self.decoder, self.memory, self.memory_mask = decoder, memory, memory_mask
+        self.decoder, self.memory_mask = decoder, memory_mask
+        self.memory_state = decoder.memory_state(memory)  # [B, T, M], once per search
         self.cache_width = int(decoder.cache_width)
 
     def step(
         self, beam_query: Tensor, prefix: Tensor, candidates: Tensor, cache: Tensor
     ) -> tuple[Tensor, Tensor]:
-        return self.decoder.step(self.memory, self.memory_mask, beam_query, prefix, candidates, cache)
+        return self.decoder.step(self.memory_state, self.memory_mask, beam_query, prefix, candidates, cache)
 
 
 class FullPrefixScorer:
@@ -63,6 +64,16 @@ class TableScorer:
 
     def __call__(self, beam_query: Tensor, prefix: Tensor, candidates: Tensor) -> Tensor:
         return self.logits[beam_query[:, None], self.vocab_id[candidates.clamp(min=0)]]  # [Bb, C]
+
+
+def same(scorer: Any) -> Any:
+    """A factory that returns one scorer for every search (one without per-search state)."""
+    return scorer
+
+
+def search_with(trie: DeviceTrie, make: Callable[[], Any], B: int, beam: int) -> BeamResult:
+    """One search with a fresh scorer from ``make`` (its set-up counted in the search's time)."""
+    return beam_search(trie, make(), B, beam, "logprob")
 
 
 def wall_timed(fn: Callable[[], BeamResult], repeats: int, device: torch.device) -> tuple[float, BeamResult]:
@@ -106,16 +117,19 @@ def run_device_search_bench(args: argparse.Namespace) -> dict[str, Any]:
         decoder = decoder_model.decoder.to(device).eval()
         memory = decoder_model.memory.to(device)  # [B, T, D]
         mask = decoder_model.memory_mask.to(device)  # [B, T]
-        scorers: dict[str, Any] = {
-            "step": StepScorer(decoder, memory, mask),
-            "reference": FullPrefixScorer(decoder, memory, mask),
-            "table": TableScorer(table_model.logits.to(device), table_model.vocab_id.to(device)),
+        reference = FullPrefixScorer(decoder, memory, mask)
+        table = TableScorer(table_model.logits.to(device), table_model.vocab_id.to(device))
+        # a factory per search: the step's memory state is part of every search it times
+        scorers: dict[str, Callable[[], Any]] = {
+            "step": partial(StepScorer, decoder, memory, mask),
+            "reference": partial(same, reference),
+            "table": partial(same, table),
         }
         trie = DeviceTrie.from_index(setup.index, device)
         row: dict[str, Any] = {"items": n, "levels": depth, "nodes": setup.index.num_nodes}
         leaves: dict[str, list[list[int]]] = {}
-        for key, scorer in scorers.items():
-            search = partial(beam_search, trie, scorer, B, b, "logprob")
+        for key, make in scorers.items():
+            search = partial(search_with, trie, make, B, b)
             secs, result = wall_timed(search, args.repeats, device)
             row[f"{key}_ms_per_batch"] = 1e3 * secs
             row[f"{key}_ms_per_level"] = 1e3 * secs / depth

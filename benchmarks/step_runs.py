@@ -9,6 +9,8 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +20,6 @@ from torch import Tensor
 from models.nets.decoder import TokenDecoder
 from models.search.beam import DeviceTrie
 from models.search.staged import beam_search
-
-STEP_FORMULA = "4*NL*B*T*D^2 + NL*Bb*(12*D^2 + 4*S*D + 4*T*D + 4*D*F) + 2*Bb*D*V"
-"""FLOPs of the new step at a level: cross keys/values of the memory, then per layer and beam
-q/k/v (6D^2), self-attention over S cached positions, out (2D^2), cross q and out (4D^2),
-cross-attention over T keys, the feed-forward (F = ff_mult*D); scores over the level's V tokens."""
-REFERENCE_FORMULA = "4*NL*B*T*D^2 + NL*Bb*S*(12*D^2 + 4*S*D + 4*T*D + 4*D*F) + 2*Bb*C*D"
-"""FLOPs of the reference at a level: the same per position, for all S prefix positions; scores
-over the C gathered candidate rows."""
 
 
 # ---------------------------------------------------------------------------- scorers timed per level
@@ -62,11 +56,15 @@ class TimedStepScorer:
 
 
 class OrtStep:
-    """``decoder.onnx``'s step over fixed encoder states (CPU, numpy in and out)."""
+    """``decoder.onnx``'s step over fixed encoder states (CPU, numpy in and out); ``state_session``
+    (``decoder_memory.onnx``) computes their memory state once, here."""
 
-    def __init__(self, session: Any, memory: Tensor, memory_mask: Tensor, cache_width: int) -> None:
+    def __init__(
+        self, state_session: Any, session: Any, memory: Tensor, memory_mask: Tensor, cache_width: int
+    ) -> None:
         self.session, self.cache_width = session, cache_width
-        self.fixed = {"memory": memory.numpy(), "memory_mask": memory_mask.numpy()}
+        (state,) = state_session.run(["memory_state"], {"memory": memory.numpy()})
+        self.fixed = {"memory_state": state, "memory_mask": memory_mask.numpy()}
 
     def step(
         self, beam_query: Tensor, prefix: Tensor, candidates: Tensor, cache: Tensor
@@ -80,6 +78,21 @@ class OrtStep:
         }
         scores, cache_out = self.session.run(["scores", "cache_out"], feeds)
         return torch.from_numpy(scores), torch.from_numpy(cache_out)
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """Median CPU seconds of this process over ``repeats`` runs after one warm-up; (seconds, last result).
+
+    CPU time rather than wall time: the dev host is shared, and wall time there mostly measures the
+    wait for a core. With ``--threads 1`` (the default) it equals single-core wall time on an idle host.
+    """
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        result = fn()
+        times.append(time.process_time() - start)
+    return statistics.median(times), result
 
 
 def per_level_ms(
@@ -101,18 +114,25 @@ def per_level_ms(
     return cpu, wall, result
 
 
-def export_step(decoder: TokenDecoder, memory: Tensor, mask: Tensor, out: Path) -> Path:
-    """``decoder.onnx`` exactly as a bundle holds it (:func:`training.export.onnx_graphs.export_graphs`' step export)."""
+def export_step(decoder: TokenDecoder, memory: Tensor, mask: Tensor, out: Path) -> tuple[Path, Path]:
+    """``decoder_memory.onnx`` and ``decoder.onnx`` exactly as a bundle holds them
+    (:func:`training.export.onnx_graphs.export_graphs`' decoder exports): their paths."""
     from torch.export import Dim
 
-    from models.bundle.backend import STEP_INPUTS, STEP_OUTPUTS
-    from models.nets.decoder_step import DecoderStep
+    from models.bundle.backend import STATE_INPUTS, STATE_OUTPUTS, STEP_INPUTS, STEP_OUTPUTS
+    from models.nets.decoder_step import DecoderStep, MemoryState
     from training.export.onnx_graphs import export_onnx, step_dynamic_shapes
 
     step = DecoderStep(decoder).eval()
     S = 3
+    batch, seq = Dim("batch"), Dim("seq")
+    state_path = out / "decoder_memory.onnx"
+    shapes = {"memory": {0: batch, 1: seq}}
+    export_onnx(MemoryState(step), (memory[:3],), state_path, STATE_INPUTS, STATE_OUTPUTS, shapes)
+    with torch.no_grad():
+        state = step.prepare(memory[:3])
     example = {
-        "memory": memory[:3],
+        "memory_state": state,
         "memory_mask": mask[:3],
         "beam_query": torch.arange(3).repeat_interleave(2),
         "prefix": torch.zeros(6, S, dtype=torch.int64),
@@ -120,26 +140,29 @@ def export_step(decoder: TokenDecoder, memory: Tensor, mask: Tensor, out: Path) 
         "cache": torch.zeros(6, S - 1, step.cache_width),
     }
     path = out / "decoder.onnx"
-    shapes = step_dynamic_shapes(Dim("batch"), Dim("seq"))
-    export_onnx(step, tuple(example[k] for k in STEP_INPUTS), path, STEP_INPUTS, STEP_OUTPUTS, shapes)
-    return path
+    step_shapes = step_dynamic_shapes(batch, seq)
+    export_onnx(step, tuple(example[k] for k in STEP_INPUTS), path, STEP_INPUTS, STEP_OUTPUTS, step_shapes)
+    return state_path, path
 
 
 def run_ort(
     decoder: TokenDecoder, trie: DeviceTrie, memory: Tensor, mask: Tensor, args: Any, new_leaves: Tensor
 ) -> list[dict[str, Any]]:
-    """The exported step at each graph optimisation level x intra-op thread count."""
+    """The exported step at each graph optimisation level x intra-op thread count; ``prepare_ms``:
+    ``decoder_memory.onnx`` on the batch's memory (once per search), CPU ms, median."""
     from models.bundle.backend import OnnxSession, session_options
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_step(decoder, memory, mask, Path(tmp))
+        state_path, path = export_step(decoder, memory, mask, Path(tmp))
         for optimization in args.ort_optimizations:
             for threads in args.ort_threads:
-                session = OnnxSession(
-                    path, torch.device("cpu"), options=session_options(threads, optimization)
-                )
-                ort_step = OrtStep(session.session, memory, mask, decoder.cache_width)
+                options = session_options(threads, optimization)
+                session = OnnxSession(path, torch.device("cpu"), options=options)
+                state_session = OnnxSession(state_path, torch.device("cpu"), options=options).session
+                feeds = {"memory": memory.numpy()}
+                prepare_s, _ = timed(partial(state_session.run, ["memory_state"], feeds), args.repeats)
+                ort_step = OrtStep(state_session, session.session, memory, mask, decoder.cache_width)
                 cpu, wall, result = per_level_ms(
                     trie, lambda s=ort_step: TimedStepScorer(s), memory.shape[0], args.beam, args.repeats
                 )
@@ -147,6 +170,7 @@ def run_ort(
                     {
                         "optimization": optimization,
                         "threads": threads,
+                        "prepare_ms": 1e3 * prepare_s,
                         "cpu_ms": cpu,
                         "wall_ms": wall,
                         "same_leaves": bool(torch.equal(result.leaves, new_leaves)),

@@ -5,8 +5,9 @@
 Both take and return torch tensors on the Retriever's device, so beam search and rerank never
 leave the device between decoder steps.
 
-The search calls :meth:`DecoderBackend.step`, the serving form of the decoder step
-(:mod:`models.nets.decoder_step`: one new prefix position per level, the others' self-attention
+The search calls :meth:`DecoderBackend.prepare` once per batch (the cross-attention keys/values of
+the encoder memory) and :meth:`DecoderBackend.step` at every level, the serving form of the decoder
+step (:mod:`models.nets.decoder_step`: one new prefix position per level, the others' self-attention
 keys/values cached); :meth:`DecoderBackend.score` is the full-prefix form (the reference).
 
 Provider choice is explicit and logged: ``device="cuda[:i]"`` asks for the CUDA execution
@@ -17,6 +18,7 @@ Runtime cannot give it; ``device="cpu"`` uses the CPU provider. ``device_info`` 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -37,7 +39,10 @@ ENCODER_OUTPUTS = ("memory", "query")
 DECODER_INPUTS = ("memory", "memory_mask", "beam_query", "prefix", "candidates")
 """The reference (full-prefix) decoder step's inputs, ``nn.Module.forward`` order."""
 DECODER_OUTPUTS = ("scores",)
-STEP_INPUTS = (*DECODER_INPUTS, "cache")
+STATE_INPUTS = ("memory",)
+STATE_OUTPUTS = ("memory_state",)
+"""``decoder_memory.onnx``: :meth:`models.nets.decoder_step.DecoderStep.prepare`."""
+STEP_INPUTS = ("memory_state", "memory_mask", "beam_query", "prefix", "candidates", "cache")
 """``decoder.onnx``'s inputs: the serving step, :class:`models.nets.decoder_step.DecoderStep` order."""
 STEP_OUTPUTS = ("scores", "cache_out")
 
@@ -59,9 +64,13 @@ class DecoderBackend(Protocol):
         """``-> scores[Bb,C]`` float32; padded candidates (-1) get a large negative score."""
         ...
 
+    def prepare(self, memory: Tensor) -> Tensor:
+        """``memory[B,T,D] -> memory_state[B,T,M]`` (float32), once per batch before its steps."""
+        ...
+
     def step(
         self,
-        memory: Tensor,
+        memory_state: Tensor,
         memory_mask: Tensor,
         beam_query: Tensor,
         prefix: Tensor,
@@ -98,17 +107,44 @@ class TorchBackend:
         return self.decoder(memory, memory_mask, beam_query, prefix, candidates).float()
 
     @torch.inference_mode()
+    def prepare(self, memory: Tensor) -> Tensor:
+        return self.step_module.prepare(memory).float()
+
+    @torch.inference_mode()
     def step(
         self,
-        memory: Tensor,
+        memory_state: Tensor,
         memory_mask: Tensor,
         beam_query: Tensor,
         prefix: Tensor,
         candidates: Tensor,
         cache: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        scores, cache_out = self.step_module(memory, memory_mask, beam_query, prefix, candidates, cache)
+        scores, cache_out = self.step_module(memory_state, memory_mask, beam_query, prefix, candidates, cache)
         return scores.float(), cache_out
+
+
+@dataclass(frozen=True)
+class OnnxPaths:
+    """A bundle's three graphs."""
+
+    encoder: Path
+    decoder_memory: Path
+    decoder: Path
+
+
+@dataclass(frozen=True)
+class OnnxDims:
+    """The widths that size the graphs' outputs (the manifest's ``dims``)."""
+
+    memory: int
+    """D: encoder memory."""
+    query: int
+    """Dr: the query vector the rerank reads."""
+    state: int
+    """M: the decoder's memory state (``decoder_memory.onnx``'s output)."""
+    cache: int = 0
+    """W: the step's per-position cache."""
 
 
 _NUMPY_DTYPE = {torch.float32: np.float32, torch.int64: np.int64, torch.bool: np.bool_}
@@ -207,30 +243,27 @@ class OnnxSession:
 
 
 class OnnxBackend:
-    """``encoder.onnx`` + ``decoder.onnx`` of a bundle with ONNX Runtime.
+    """``encoder.onnx``, ``decoder_memory.onnx`` and ``decoder.onnx`` of a bundle with ONNX Runtime.
 
-    ``memory_dim`` / ``query_dim`` / ``cache_width`` (D, Dr, W) come from the manifest; they size
-    the IO-bound outputs.
+    ``memory_dim`` / ``query_dim`` / ``state_width`` / ``cache_width`` (D, Dr, M, W) come from the
+    manifest; they size the IO-bound outputs.
     """
 
     name = "onnx"
 
     def __init__(
         self,
-        encoder_path: str | Path,
-        decoder_path: str | Path,
-        memory_dim: int,
-        query_dim: int,
+        paths: OnnxPaths,
+        dims: OnnxDims,
         device: str | torch.device = "cpu",
         intra_op_threads: int | None = None,
-        cache_width: int = 0,
     ) -> None:
         self.device = torch.device(device)
-        self.memory_dim = memory_dim
-        self.query_dim = query_dim
-        self.cache_width = cache_width
-        self.encoder = OnnxSession(Path(encoder_path), self.device, intra_op_threads)
-        self.decoder = OnnxSession(Path(decoder_path), self.device, intra_op_threads)
+        self.dims = dims
+        self.cache_width = dims.cache
+        self.encoder = OnnxSession(paths.encoder, self.device, intra_op_threads)
+        self.memory_state = OnnxSession(paths.decoder_memory, self.device, intra_op_threads)
+        self.decoder = OnnxSession(paths.decoder, self.device, intra_op_threads)
         self.provider = self.encoder.provider
         self.device_info = f"onnxruntime {ort.__version__} {self.provider} on {self.device}"
         log.info("decoder backend: %s", self.device_info)
@@ -241,27 +274,33 @@ class OnnxBackend:
     ) -> OnnxBackend:
         """The backend of a loaded (verified) bundle."""
         dims = bundle.manifest.dims
-        return cls(
-            bundle.encoder_path,
-            bundle.decoder_path,
-            memory_dim=int(dims["memory"]),
-            query_dim=int(dims["query"]),
-            device=device,
-            intra_op_threads=intra_op_threads,
-            cache_width=int(dims["cache"]),
+        sizes = OnnxDims(
+            memory=int(dims["memory"]),
+            query=int(dims["query"]),
+            state=int(dims["memory_state"]),
+            cache=int(dims["cache"]),
         )
+        paths = OnnxPaths(bundle.encoder_path, bundle.decoder_memory_path, bundle.decoder_path)
+        return cls(paths, sizes, device=device, intra_op_threads=intra_op_threads)
 
     def encode(self, history: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         B, T = history.shape
         memory, query = self.encoder.run(
             {"history": history.to(torch.int64), "history_mask": mask.to(torch.bool)},
-            {"memory": (B, T, self.memory_dim), "query": (B, self.query_dim)},
+            {"memory": (B, T, self.dims.memory), "query": (B, self.dims.query)},
         )
         return memory.to(self.device), query.to(self.device)
 
+    def prepare(self, memory: Tensor) -> Tensor:
+        B, T, _ = memory.shape
+        (state,) = self.memory_state.run(
+            {"memory": memory.to(torch.float32)}, {"memory_state": (B, T, self.dims.state)}
+        )
+        return state.to(self.device)
+
     def step(
         self,
-        memory: Tensor,
+        memory_state: Tensor,
         memory_mask: Tensor,
         beam_query: Tensor,
         prefix: Tensor,
@@ -270,7 +309,7 @@ class OnnxBackend:
     ) -> tuple[Tensor, Tensor]:
         scores, cache_out = self.decoder.run(
             {
-                "memory": memory.to(torch.float32),
+                "memory_state": memory_state.to(torch.float32),
                 "memory_mask": memory_mask.to(torch.bool),
                 "beam_query": beam_query.to(torch.int64),
                 "prefix": prefix.to(torch.int64),
@@ -296,16 +335,16 @@ def replay_prefix(
     prefix: Tensor,
     candidates: Tensor,
 ) -> Tensor:
-    """``score`` from ``step``: positions ``0..S-1`` one at a time, caching each -> ``scores[Bb,C]``.
-
-    The positions before the last are scored against ``candidates[:, :1]`` (their scores are dropped).
-    """
+    """``score`` from ``prepare`` and ``step``: positions ``0..S-1`` one at a time, caching each
+    -> ``scores[Bb,C]``. The positions before the last are scored against ``candidates[:, :1]``
+    (their scores are dropped)."""
     Bb, S = prefix.shape
+    state = backend.prepare(memory)  # [B, T, M]
     cache = torch.zeros(Bb, 0, backend.cache_width, device=memory.device)  # [Bb, 0, W]
     for s in range(1, S):
-        _, out = backend.step(memory, memory_mask, beam_query, prefix[:, :s], candidates[:, :1], cache)
+        _, out = backend.step(state, memory_mask, beam_query, prefix[:, :s], candidates[:, :1], cache)
         cache = torch.cat([cache, out], dim=1)  # [Bb, s, W]
-    scores, _ = backend.step(memory, memory_mask, beam_query, prefix, candidates, cache)
+    scores, _ = backend.step(state, memory_mask, beam_query, prefix, candidates, cache)
     return scores
 
 
@@ -316,8 +355,10 @@ class BackendScorer:
         self, backend: DecoderBackend, memory: Tensor, memory_mask: Tensor, node_alias: Tensor | None = None
     ) -> None:
         """``node_alias [num_nodes]``: the node the decoder sees for each node of a grown catalogue
-        (added leaves reach it as an existing node: :mod:`models.catalogue.catalogue`); ``None``: identity."""
+        (added leaves reach it as an existing node: :mod:`models.catalogue.catalogue`); ``None``: identity.
+        The memory state (cross-attention keys/values) is computed here, once for all levels."""
         self.backend, self.memory, self.memory_mask = backend, memory, memory_mask
+        self.memory_state = backend.prepare(memory)  # [B, T, M]
         self.cache_width = backend.cache_width
         self.node_alias = node_alias
 
@@ -331,7 +372,7 @@ class BackendScorer:
         self, beam_query: Tensor, prefix: Tensor, candidates: Tensor, cache: Tensor
     ) -> tuple[Tensor, Tensor]:
         prefix, candidates = self._seen(prefix, candidates)
-        return self.backend.step(self.memory, self.memory_mask, beam_query, prefix, candidates, cache)
+        return self.backend.step(self.memory_state, self.memory_mask, beam_query, prefix, candidates, cache)
 
     def __call__(self, beam_query: Tensor, prefix: Tensor, candidates: Tensor) -> Tensor:
         """The reference form (full prefix), e.g. to compare against the step."""

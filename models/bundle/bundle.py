@@ -3,7 +3,8 @@
 ```
 manifest.json  index.npz  items.npz         always
 content.npz                                 optional: the content tower (models/nets/content_tower.py)
-encoder.onnx  decoder.onnx                  backend "onnx" (ONNX Runtime)
+encoder.onnx  decoder_memory.onnx          backend "onnx" (ONNX Runtime)
+decoder.onnx
 modules.json  weights.safetensors           backend "torch" (module specs + weights, no pickle)
 ```
 
@@ -38,10 +39,12 @@ from models.bundle.attributes import ItemAttributes
 from models.bundle.items import read_items
 from models.bundle.manifest import (
     DECODER_FILE,
+    DECODER_MEMORY_FILE,
     ENCODER_FILE,
     INDEX_FILE,
     ITEMS_FILE,
     MANIFEST,
+    ONNX_FILES,
     ONNX_SIGNATURES,
     OPTIONAL_FILES,
     BundleError,
@@ -60,7 +63,7 @@ from models.nets.content_tower import CONTENT_FILE, ContentTower
 class Bundle:
     """A verified bundle in memory (the model files stay files: backends open them).
 
-    ``encoder_path`` / ``decoder_path`` name the ONNX graphs even where ``backends`` lacks
+    ``encoder_path`` / ``decoder_memory_path`` / ``decoder_path`` name the ONNX graphs even where ``backends`` lacks
     ``"onnx"`` (then the files do not exist and :class:`models.bundle.backend.OnnxBackend` is refused).
     """
 
@@ -71,6 +74,7 @@ class Bundle:
     item_ids: np.ndarray  # [N+1] fixed-width unicode raw ids, item_ids[0] == ""
     popularity: np.ndarray  # [N+1] float32, row 0 = 0
     encoder_path: Path
+    decoder_memory_path: Path
     decoder_path: Path
     item_attributes: ItemAttributes | None = None  # items.npz attr_* arrays, when the data had any
     content: ContentTower | None = None  # content.npz, when the bundle has one
@@ -197,8 +201,9 @@ def verify_onnx(path: Path, name: str, manifest: Manifest) -> None:
                     f"{name}: {kind} {io_name!r} is {onnx.TensorProto.DataType.Name(g_elem)} rank {len(g_dims)}, "
                     f"expected {onnx.TensorProto.DataType.Name(elem)} rank {rank}",
                 )
-    static = {"memory": manifest.dims["memory"], "query": manifest.dims["query"]}
-    static |= {"cache": manifest.dims["cache"], "cache_out": manifest.dims["cache"]}
+    dims = manifest.dims
+    static = {"memory": dims["memory"], "query": dims["query"], "memory_state": dims["memory_state"]}
+    static |= {"cache": dims["cache"], "cache_out": dims["cache"]}
     for io_name, width in static.items():
         sig = got_in.get(io_name) or got_out.get(io_name)
         if sig is not None and isinstance(sig[1][-1], int) and sig[1][-1] not in (0, width):
@@ -219,7 +224,7 @@ def load_bundle(path: str | Path) -> Bundle:
         raise BundleError(path, f"{ITEMS_FILE}: {exc}") from exc
     content = load_content(path, manifest)
     if "onnx" in manifest.backends:
-        for name in (ENCODER_FILE, DECODER_FILE):
+        for name in ONNX_FILES:
             verify_onnx(path, name, manifest)
     if "torch" in manifest.backends:
         try:
@@ -234,6 +239,7 @@ def load_bundle(path: str | Path) -> Bundle:
         item_ids=items.item_ids,
         popularity=items.popularity,
         encoder_path=path / ENCODER_FILE,
+        decoder_memory_path=path / DECODER_MEMORY_FILE,
         decoder_path=path / DECODER_FILE,
         item_attributes=items.attributes,
         content=content,

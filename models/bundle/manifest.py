@@ -18,20 +18,29 @@ from models.bundle.torch_files import TORCH_MODULES_FILE, TORCH_WEIGHTS_FILE
 from models.index import SCORE_MODES, ScoreMode
 from models.nets.content_tower import CONTENT_FILE
 
-SCHEMA_VERSION = 2
-"""2: ``decoder.onnx`` is the incremental step (``cache`` in, ``cache_out`` out; ``dims.cache``)."""
+SCHEMA_VERSION = 3
+"""2: ``decoder.onnx`` is the incremental step (``cache`` in, ``cache_out`` out; ``dims.cache``).
+3: ``decoder_memory.onnx`` computes the cross-attention keys/values once per batch
+(``memory -> memory_state``, ``dims.memory_state``), and ``decoder.onnx`` reads ``memory_state``."""
+SCHEMA_CHANGES = {
+    2: "its decoder.onnx recomputes the cross-attention keys and values at every level "
+    "(schema 3 moves them to decoder_memory.onnx, once per batch)",
+}
+"""Why a bundle of an older schema is refused: the message :func:`parse_manifest` gives."""
 MANIFEST = "manifest.json"
 ENCODER_FILE = "encoder.onnx"
+DECODER_MEMORY_FILE = "decoder_memory.onnx"
 DECODER_FILE = "decoder.onnx"
 INDEX_FILE = "index.npz"
 ITEMS_FILE = "items.npz"
-BUNDLE_FILES = (ENCODER_FILE, DECODER_FILE, INDEX_FILE, ITEMS_FILE)
+ONNX_FILES = (ENCODER_FILE, DECODER_MEMORY_FILE, DECODER_FILE)
+BUNDLE_FILES = (*ONNX_FILES, INDEX_FILE, ITEMS_FILE)
 """The files of an ONNX-only bundle (``backends == ["onnx"]``)."""
 DATA_FILES = (INDEX_FILE, ITEMS_FILE)
 OPTIONAL_FILES = (CONTENT_FILE,)
 """Files a bundle may hold besides its backends' (listed in the manifest when present)."""
 BACKEND_FILES: dict[str, tuple[str, ...]] = {
-    "onnx": (ENCODER_FILE, DECODER_FILE),
+    "onnx": ONNX_FILES,
     "torch": (TORCH_MODULES_FILE, TORCH_WEIGHTS_FILE),
 }
 
@@ -45,9 +54,10 @@ def bundle_files(backends: tuple[str, ...] | list[str]) -> tuple[str, ...]:
 _F, _I, _B = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.BOOL
 ONNX_SIGNATURES: dict[str, tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]] = {
     ENCODER_FILE: ({"history": (_I, 2), "history_mask": (_B, 2)}, {"memory": (_F, 3), "query": (_F, 2)}),
+    DECODER_MEMORY_FILE: ({"memory": (_F, 3)}, {"memory_state": (_F, 3)}),
     DECODER_FILE: (
         {
-            "memory": (_F, 3),
+            "memory_state": (_F, 3),
             "memory_mask": (_B, 2),
             "beam_query": (_I, 1),
             "prefix": (_I, 2),
@@ -144,9 +154,11 @@ def parse_manifest(path: Path) -> Manifest:
         raise BundleError(path, f"{MANIFEST} must hold a JSON object, got {type(raw).__name__}")
     version = raw.get("schema_version")
     if version != SCHEMA_VERSION:
+        why = SCHEMA_CHANGES.get(version) if isinstance(version, int) else None
+        hint = f": {why}; train or export it again with this build" if why else ""
         raise BundleError(
             path,
-            f"{MANIFEST}: schema_version {version!r} is not supported (this build reads {SCHEMA_VERSION})",
+            f"{MANIFEST}: schema_version {version!r} is not supported (this build reads {SCHEMA_VERSION}){hint}",
         )
     for key, typ in _MANIFEST_TYPES.items():
         if key not in raw:
@@ -154,7 +166,7 @@ def parse_manifest(path: Path) -> Manifest:
         if not isinstance(raw[key], typ) or isinstance(raw[key], bool):
             raise BundleError(path, f"{MANIFEST}: {key!r} must be {typ}, got {raw[key]!r}")
     dims = raw["dims"]
-    for key in ("memory", "query"):
+    for key in ("memory", "query", "memory_state"):
         if not isinstance(dims.get(key), int) or dims[key] < 1:
             raise BundleError(path, f"{MANIFEST}: dims.{key} must be a positive int, got {dims.get(key)!r}")
     if not isinstance(dims.get("cache"), int) or dims["cache"] < 0:

@@ -2,8 +2,9 @@
 
 ``(memory[B,T,D], memory_mask[B,T], beam_query[Bb], prefix[Bb,S], candidates[Bb,C]) -> scores[Bb,C]``
 is the reference form (``forward``: the whole prefix, any ``beam_query``); serving runs the
-incremental form of :mod:`models.nets.decoder_step` (``TokenDecoder.step``: cached prefix keys/values,
-beams grouped by query), which ``decoder.onnx`` is exported from and which is held to ``forward``.
+incremental form of :mod:`models.nets.decoder_step` (``TokenDecoder.memory_state`` once per batch,
+then ``TokenDecoder.step`` per level: cached prefix keys/values, beams grouped by query), which
+``decoder_memory.onnx`` and ``decoder.onnx`` are exported from and which is held to ``forward``.
 
 * ``beam_query[i]`` is the row of ``memory`` beam ``i`` belongs to (memory is never repeated).
 * ``prefix`` holds global node ids, root first, so ``prefix[:, s]`` is a node of level ``s`` and
@@ -180,6 +181,7 @@ class TokenDecoder(nn.Module):
         self.num_rows = int(rows.max()) + 1
         self.level_vocab = int(np.asarray(node_token).max()) + 1  # V: rows per level (level tokens)
         self.cache_width = config.num_layers * 2 * D  # W of the incremental step's cache
+        self.state_width = config.num_layers * 2 * D  # M of the memory state (cross keys | values)
         # the step's score column of candidate c at index c+1 (index 0: padding, c = -1): the
         # level-local token (level tokens: a column of the level's [Bb, V] product), else the row
         column = (
@@ -237,9 +239,15 @@ class TokenDecoder(nn.Module):
         """The reference step: the whole prefix, any ``beam_query`` (the trainers' form)."""
         return self.score_hidden(self.hidden(memory, memory_mask, beam_query, prefix), candidates)
 
+    def memory_state(self, memory: Tensor) -> Tensor:
+        """``memory[B,T,D] -> [B,T,M]``: every layer's cross-attention keys | values, once per batch
+        (``M = num_layers * 2 * D``, laid out ``[layer, (key, value), D]``)."""
+        layers = [memory_keys_values(layer.multihead_attn, memory) for layer in self.layers.layers]
+        return torch.cat(layers, dim=-1)
+
     def step(
         self,
-        memory: Tensor,
+        memory_state: Tensor,
         memory_mask: Tensor,
         beam_query: Tensor,
         prefix: Tensor,
@@ -248,11 +256,12 @@ class TokenDecoder(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """The serving step (:mod:`models.nets.decoder_step`), eval mode only (no dropout).
 
-        ``cache[Bb,S-1,W]`` holds the self-attention keys|values of prefix positions ``0..S-2``;
-        only the last position is computed: ``-> (scores[Bb,C], cache_out[Bb,1,W])``. Beams must be
-        grouped by query (``Bb = B*w``, ``beam_query[i] = i // w``), as the search passes them.
+        ``memory_state[B,T,M]`` is :meth:`memory_state` of the batch's memory. ``cache[Bb,S-1,W]``
+        holds the self-attention keys|values of prefix positions ``0..S-2``; only the last position
+        is computed: ``-> (scores[Bb,C], cache_out[Bb,1,W])``. Beams must be grouped by query
+        (``Bb = B*w``, ``beam_query[i] = i // w``), as the search passes them.
         """
-        S, D = prefix.shape[1], memory.shape[-1]
+        S, D = prefix.shape[1], self.config.dim
         if cache.shape[1] != S - 1:
             raise ValueError(f"step wants a cache of S-1={S - 1} positions, got {tuple(cache.shape)}")
         node = take(self.node_row, prefix[:, -1])  # [Bb] token row of the new position
@@ -267,7 +276,8 @@ class TokenDecoder(nn.Module):
             attn_out, kv = cached_self_attention(layer.self_attn, layer.norm1(x), cache[..., own])
             states.append(kv)  # [Bb, 2D]
             x = x + attn_out  # [Bb, D]
-            k, v = memory_keys_values(layer.multihead_attn, memory)  # [B, T, D] each, per query
+            k = memory_state[..., 2 * D * i : 2 * D * i + D]  # [B, T, D] cross keys, per query
+            v = memory_state[..., 2 * D * i + D : 2 * D * (i + 1)]  # [B, T, D] cross values
             x = x + grouped_cross_attention(layer.multihead_attn, layer.norm2(x), k, v, cross_bias)
             x = x + layer.linear2(layer.activation(layer.linear1(layer.norm3(x))))  # [Bb, D]
         if self.layers.norm is not None:

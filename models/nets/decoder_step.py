@@ -1,22 +1,28 @@
-"""The serving form of the decoder step: incremental, with cached prefix keys/values.
+"""The serving form of the decoder step: incremental, with cached prefix keys/values and the
+cross-attention keys/values of the encoder memory computed once per search.
 
-``step(memory[B,T,D], memory_mask[B,T], beam_query[Bb], prefix[Bb,S], candidates[Bb,C],
-cache[Bb,S-1,W]) -> (scores[Bb,C], cache_out[Bb,1,W])``
+``prepare(memory[B,T,D]) -> memory_state[B,T,M]`` runs once per batch (``decoder_memory.onnx``);
+``step(memory_state[B,T,M], memory_mask[B,T], beam_query[Bb], prefix[Bb,S], candidates[Bb,C],
+cache[Bb,S-1,W]) -> (scores[Bb,C], cache_out[Bb,1,W])`` runs at every level (``decoder.onnx``).
 
+* :class:`~models.nets.decoder.TokenDecoder`: ``memory_state`` holds the cross-attention key and
+  value of every layer, ``M = num_layers * 2 * D`` laid out ``[layer, (key, value), D]``: the
+  ``[B*T, D] x [D, D]`` products a step used to repeat at every level are taken once.
+  Stateless scorers (:class:`~models.nets.decoder.NodeScorer`, TDR) read the memory itself:
+  ``prepare`` is the identity and ``M = D`` (:class:`DecoderStep`).
 * ``cache`` holds the per-position state of prefix positions ``0..S-2``; the step computes the
   last position only and returns its state in ``cache_out``. :func:`models.search.beam.beam_step`
   hands each child beam its parent's cache plus the parent's ``cache_out``.
-* :class:`~models.nets.decoder.TokenDecoder`: the state of a position is the self-attention key and
-  value of every layer, ``W = num_layers * 2 * D`` laid out ``[layer, (key, value), D]``.
-  Stateless scorers (:class:`~models.nets.decoder.NodeScorer`, TDR) have ``W = 0`` (:class:`DecoderStep`).
+  For :class:`~models.nets.decoder.TokenDecoder` the state of a position is the self-attention key
+  and value of every layer, ``W = num_layers * 2 * D`` laid out ``[layer, (key, value), D]``.
+  Stateless scorers have ``W = 0``.
 * Beams are grouped by query: ``Bb = B * w`` and ``beam_query[i] = i // w`` (what the search
   passes). Cross-attention then runs as one batched product per query and head,
-  ``[w, hd] x [hd, T]``, instead of gathering a ``[T, D]`` copy of the keys and values for every
-  beam; the keys and values are ``[B*T, D] x [D, D]`` products per layer (per query, not per beam).
+  ``[w, hd] x [hd, T]``, instead of gathering a ``[T, D]`` copy of the keys and values for every beam.
 * With ``level`` tokens the candidates of a step are rows of one level of the token table: one
   ``[Bb, D] x [D, V]`` product and a gather replace the per-beam gather of ``C`` embedding rows.
-* The reference :meth:`TokenDecoder.forward` (whole prefix, any ``beam_query``) is what the
-  trainers run; the tests hold this step to it within float32 reordering.
+* The reference :meth:`TokenDecoder.forward` (whole prefix, any ``beam_query``, raw memory) is what
+  the trainers run; the tests hold ``prepare`` + ``step`` to it within float32 reordering.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ def grouped_cross_attention(
 ) -> Tensor:
     """Cross-attention of the beams of each query to that query's memory, one batched product per query.
 
-    ``h[Bb,D]`` (beams grouped by query, ``Bb = B*w``), ``k, v [B,T,D]`` (:func:`memory_keys_values`),
+    ``h[Bb,D]`` (beams grouped by query, ``Bb = B*w``), ``k, v [B,T,D]`` (slices of the memory state),
     ``bias[B,1,1,T]`` (:func:`key_bias`) ``-> [Bb,D]``.
     """
     Bb, D = h.shape
@@ -85,33 +91,44 @@ def take(table: Tensor, index: Tensor) -> Tensor:
     return table.index_select(0, index.reshape(-1)).reshape(*index.shape, *table.shape[1:])
 
 
-def memory_keys_values(attn: nn.MultiheadAttention, memory: Tensor) -> tuple[Tensor, Tensor]:
-    """``memory[B,T,D] -> (keys, values)`` each ``[B,T,D]``: one ``[B*T, D] x [D, D]`` product each,
-    so that neither needs slicing out of a wider product (a copy under ONNX Runtime)."""
+def memory_keys_values(attn: nn.MultiheadAttention, memory: Tensor) -> Tensor:
+    """``memory[B,T,D] -> [B,T,2D]``: one layer's cross-attention keys | values, one
+    ``[B*T, D] x [D, 2D]`` product (the key and value rows of ``in_proj`` are adjacent)."""
     B, T, D = memory.shape
-    flat = memory.reshape(B * T, D)  # [B*T, D]
     w, b = attn.in_proj_weight, attn.in_proj_bias
-    k = F.linear(flat, w[D : 2 * D], b[D : 2 * D] if b is not None else None)  # [B*T, D]
-    v = F.linear(flat, w[2 * D :], b[2 * D :] if b is not None else None)  # [B*T, D]
-    return k.reshape(B, T, D), v.reshape(B, T, D)
+    kv = F.linear(memory.reshape(B * T, D), w[D:], b[D:] if b is not None else None)  # [B*T, 2D]
+    return kv.reshape(B, T, 2 * D)
 
 
 class DecoderStep(nn.Module):
-    """Any decoder-step module in the serving form ``(..., cache) -> (scores, cache_out)``.
+    """Any decoder-step module in the serving form ``prepare`` + ``(..., cache) -> (scores, cache_out)``.
 
-    A module with a ``step`` method (:class:`TokenDecoder`) runs it; any other module with the
-    five-input signature is stateless: ``cache_width = 0`` and ``cache_out`` is ``[Bb, S-P, 0]``.
-    This is the module ``decoder.onnx`` is exported from and :class:`~models.bundle.backend.TorchBackend` runs.
+    A module with ``memory_state`` and ``step`` methods (:class:`TokenDecoder`) runs them; any other
+    module with the five-input signature is stateless: ``prepare`` is the identity (``state_width``
+    is the memory width, known once a memory is seen: ``None`` before), ``cache_width = 0`` and
+    ``cache_out`` is ``[Bb, S-P, 0]``. This is the module ``decoder.onnx`` is exported from (and
+    :class:`MemoryState` ``decoder_memory.onnx``), and :class:`~models.bundle.backend.TorchBackend` runs.
     """
 
     def __init__(self, decoder: nn.Module) -> None:
         super().__init__()
         self.decoder = decoder
         self.cache_width = int(getattr(decoder, "cache_width", 0))
+        width = getattr(decoder, "state_width", None)
+        self.state_width: int | None = int(width) if width is not None else None
+
+    def dims(self, memory_dim: int) -> dict[str, int]:
+        """The manifest's decoder widths for a memory of width ``memory_dim``: ``memory_state`` (M), ``cache`` (W)."""
+        return {"memory_state": self.state_width or memory_dim, "cache": self.cache_width}
+
+    def prepare(self, memory: Tensor) -> Tensor:
+        """``memory[B,T,D] -> memory_state[B,T,M]``, once per batch."""
+        memory_state = getattr(self.decoder, "memory_state", None)
+        return memory_state(memory) if memory_state is not None else memory
 
     def forward(
         self,
-        memory: Tensor,
+        memory_state: Tensor,
         memory_mask: Tensor,
         beam_query: Tensor,
         prefix: Tensor,
@@ -120,7 +137,18 @@ class DecoderStep(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         step = getattr(self.decoder, "step", None)
         if step is not None:
-            return step(memory, memory_mask, beam_query, prefix, candidates, cache)
-        scores = self.decoder(memory, memory_mask, beam_query, prefix, candidates)  # [Bb, C]
+            return step(memory_state, memory_mask, beam_query, prefix, candidates, cache)
+        scores = self.decoder(memory_state, memory_mask, beam_query, prefix, candidates)  # [Bb, C]
         new = prefix.shape[1] - cache.shape[1]
-        return scores, memory.new_zeros(prefix.shape[0], new, 0)  # [Bb, S-P, 0]
+        return scores, memory_state.new_zeros(prefix.shape[0], new, 0)  # [Bb, S-P, 0]
+
+
+class MemoryState(nn.Module):
+    """:meth:`DecoderStep.prepare` as a module's ``forward`` (what ``decoder_memory.onnx`` is exported from)."""
+
+    def __init__(self, step: DecoderStep) -> None:
+        super().__init__()
+        self.step = step
+
+    def forward(self, memory: Tensor) -> Tensor:
+        return self.step.prepare(memory)

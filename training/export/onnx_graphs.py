@@ -1,8 +1,8 @@
 """The ONNX graphs of a bundle: ``torch.onnx.export(..., dynamo=True)`` with dynamic batch, history
 length, beam count, prefix length (= cached positions + 1) and candidate count, saved as single files
-(no external data); ``decoder.onnx`` holds the serving step
-(:class:`models.nets.decoder_step.DecoderStep`: cache in, cache out). :func:`check_parity` holds
-ONNX Runtime to the torch modules on the example inputs."""
+(no external data); ``decoder_memory.onnx`` and ``decoder.onnx`` hold the serving step
+(:class:`models.nets.decoder_step.DecoderStep`: the memory state once per batch, then cache in,
+cache out per level). :func:`check_parity` holds ONNX Runtime to the torch modules on the example inputs."""
 
 from __future__ import annotations
 
@@ -20,13 +20,18 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim
 
-from models.bundle.backend import ENCODER_INPUTS, ENCODER_OUTPUTS, STEP_INPUTS, STEP_OUTPUTS, OnnxSession
-from models.bundle.manifest import (
-    DECODER_FILE,
-    ENCODER_FILE,
+from models.bundle.backend import (
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+    STATE_INPUTS,
+    STATE_OUTPUTS,
+    STEP_INPUTS,
+    STEP_OUTPUTS,
+    OnnxSession,
 )
+from models.bundle.manifest import DECODER_FILE, DECODER_MEMORY_FILE, ENCODER_FILE
 from models.index import TreeIndex
-from models.nets.decoder_step import DecoderStep
+from models.nets.decoder_step import DecoderStep, MemoryState
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +65,20 @@ def _quiet() -> Iterator[None]:
 
 
 def example_inputs(
-    index: TreeIndex, num_items: int, max_history: int, dim: int, seed: int = 0, cache_width: int = 0
+    index: TreeIndex,
+    num_items: int,
+    max_history: int,
+    dim: int,
+    seed: int = 0,
+    cache_width: int = 0,
+    state_width: int | None = None,
 ) -> dict[str, Tensor]:
     """Inputs for tracing and the parity check. Dynamic sizes get distinct examples >= 2 so that
     the exporter specialises none of them: B=3, T=min(max_history, 5) (>= 2), Bb=6 (2 beams per
     query, grouped), S=3 with a cache of P=2 positions (even where the tree is shallower: the graph
-    must not specialise P), C=max(3, branching). ``beam_query`` is grouped, as the serving step requires."""
+    must not specialise P), C=max(3, branching). ``beam_query`` is grouped, as the serving step requires.
+    ``memory_state`` is random of width ``state_width`` (default ``dim``): the parity check feeds
+    the step the state its ``prepare`` computes instead."""
     g = torch.Generator().manual_seed(seed)
     B, T, Bb, S = 3, max(2, min(max_history, 5)), 6, 3
     C = max(3, index.max_branching)
@@ -79,6 +92,7 @@ def example_inputs(
         "history": history,
         "history_mask": mask,
         "memory": torch.randn(B, T, dim, generator=g),
+        "memory_state": torch.randn(B, T, state_width or dim, generator=g),
         "memory_mask": mask,
         "beam_query": torch.arange(B).repeat_interleave(Bb // B),  # [Bb] grouped by query
         "prefix": torch.randint(0, index.num_nodes, (Bb, S), generator=g),
@@ -92,7 +106,7 @@ def step_dynamic_shapes(batch: Dim, seq: Dim) -> dict[str, dict[int, Any]]:
     that ``cache_out`` has exactly one)."""
     beams, cands, past = Dim("beams"), Dim("cands"), Dim("past", min=0)
     return {
-        "memory": {0: batch, 1: seq},
+        "memory_state": {0: batch, 1: seq},
         "memory_mask": {0: batch, 1: seq},
         "beam_query": {0: beams},
         "prefix": {0: beams, 1: past + 1},
@@ -131,15 +145,24 @@ def export_onnx(
 def export_graphs(
     out: Path, encoder: nn.Module, decoder: nn.Module, index: TreeIndex, num_items: int, max_history: int
 ) -> dict[str, Any]:
-    """Export ``encoder.onnx`` and ``decoder.onnx``; returns dims and the parity error measured."""
+    """Export ``encoder.onnx``, ``decoder_memory.onnx`` and ``decoder.onnx``; returns dims and the
+    parity error measured."""
     enc = copy.deepcopy(encoder).cpu().eval()
     dec = copy.deepcopy(decoder).cpu().eval()
     with torch.no_grad():
         probe = example_inputs(index, num_items, max_history, dim=1)
         memory, query = enc(probe["history"], probe["history_mask"])  # [B, T, D], [B, Dr]
     step = DecoderStep(dec)  # the serving form (cache in, cache out), what decoder.onnx holds
-    dims = {"memory": int(memory.shape[-1]), "query": int(query.shape[-1]), "cache": step.cache_width}
-    ex = example_inputs(index, num_items, max_history, dim=dims["memory"], cache_width=step.cache_width)
+    dims = {"memory": int(memory.shape[-1]), "query": int(query.shape[-1])}
+    dims |= step.dims(dims["memory"])
+    ex = example_inputs(
+        index,
+        num_items,
+        max_history,
+        dim=dims["memory"],
+        cache_width=dims["cache"],
+        state_width=dims["memory_state"],
+    )
     batch, seq = Dim("batch"), Dim("seq")
     export_onnx(
         enc,
@@ -148,6 +171,14 @@ def export_graphs(
         ENCODER_INPUTS,
         ENCODER_OUTPUTS,
         {"history": {0: batch, 1: seq}, "history_mask": {0: batch, 1: seq}},
+    )
+    export_onnx(
+        MemoryState(step),
+        (ex["memory"],),
+        out / DECODER_MEMORY_FILE,
+        STATE_INPUTS,
+        STATE_OUTPUTS,
+        {"memory": {0: batch, 1: seq}},
     )
     export_onnx(
         step,
@@ -162,17 +193,27 @@ def export_graphs(
 
 
 def check_parity(out: Path, enc: nn.Module, step: DecoderStep, ex: dict[str, Tensor]) -> float:
-    """ONNX Runtime (CPU) vs torch on the example inputs, and on a root-only prefix (S=1, empty cache)."""
+    """ONNX Runtime (CPU) vs torch on the example inputs, and on a root-only prefix (S=1, empty
+    cache); the step reads the memory state that ``prepare`` computes from the example memory."""
     cpu = torch.device("cpu")
     enc_sess = OnnxSession(out / ENCODER_FILE, cpu, intra_op_threads=1)
+    state_sess = OnnxSession(out / DECODER_MEMORY_FILE, cpu, intra_op_threads=1)
     dec_sess = OnnxSession(out / DECODER_FILE, cpu, intra_op_threads=1)
     errors = []
     with torch.no_grad():
         ref = enc(ex["history"], ex["history_mask"])
         got = enc_sess.run({k: ex[k] for k in ENCODER_INPUTS}, {})
         errors += [float((r - g).abs().max()) for r, g in zip(ref, got, strict=True)]
+        state = step.prepare(ex["memory"])  # [B, T, M]
+        (got_state,) = state_sess.run({"memory": ex["memory"]}, {})
+        errors.append(float((state - got_state).abs().max()))
         for S in sorted({1, ex["prefix"].shape[1]}):
-            inputs = {**ex, "prefix": ex["prefix"][:, :S], "cache": ex["cache"][:, : S - 1]}
+            inputs = {
+                **ex,
+                "memory_state": state,
+                "prefix": ex["prefix"][:, :S],
+                "cache": ex["cache"][:, : S - 1],
+            }
             ref = step(*(inputs[k] for k in STEP_INPUTS))
             got = dec_sess.run(inputs, {})
             errors += [

@@ -44,7 +44,8 @@ def test_good_bundle_loads(tiny_bundle_dir: Path, tiny_model: TinyModel) -> None
     m = bundle.manifest
     assert (m.schema_version, m.name, m.method, m.version) == (SCHEMA_VERSION, "tiny", "test", "v1")
     assert (
-        m.dims == {"memory": DIM, "query": DIM, "cache": 2 * 2 * DIM}  # cache: 2 layers x (key, value) x D
+        # cache and memory state: 2 layers x (key, value) x D
+        m.dims == {"memory": DIM, "query": DIM, "cache": 2 * 2 * DIM, "memory_state": 2 * 2 * DIM}
         and m.num_items == NUM_ITEMS
         and m.max_history == MAX_HISTORY
     )
@@ -52,6 +53,7 @@ def test_good_bundle_loads(tiny_bundle_dir: Path, tiny_model: TinyModel) -> None
     assert m["metrics"] == {"recall@20": 0.5} and m.dataset_fingerprint == "tiny-dataset"
     assert set(m.files) == {
         "encoder.onnx",
+        "decoder_memory.onnx",
         "decoder.onnx",
         "index.npz",
         "items.npz",
@@ -108,6 +110,24 @@ def test_unknown_schema_version_is_refused(tiny_bundle_dir: Path, tmp_path: Path
     edit_manifest(path, schema_version=99)
     with pytest.raises(BundleError, match="schema_version 99 is not supported"):
         load_bundle(path)
+
+
+def test_a_schema_2_bundle_is_refused_with_the_reason_and_the_remedy(
+    tiny_bundle_dir: Path, tmp_path: Path
+) -> None:
+    """A bundle of the previous schema (no decoder_memory.onnx; its decoder.onnx recomputed the
+    cross-attention keys/values per level) is refused by name, saying why and what to do."""
+    path = copy_bundle(tiny_bundle_dir, tmp_path)
+    raw = json.loads((path / "manifest.json").read_text())
+    (path / "decoder_memory.onnx").unlink()
+    files = {k: v for k, v in raw["files"].items() if k != "decoder_memory.onnx"}
+    dims = {k: v for k, v in raw["dims"].items() if k != "memory_state"}
+    edit_manifest(path, schema_version=2, files=files, dims=dims)
+    with pytest.raises(BundleError) as caught:
+        load_bundle(path)
+    message = str(caught.value)
+    assert "schema_version 2 is not supported (this build reads 3)" in message
+    assert "decoder_memory.onnx" in message and "train or export it again" in message
 
 
 def test_item_table_shape_mismatch_is_refused(tiny_bundle_dir: Path, tmp_path: Path) -> None:

@@ -250,9 +250,11 @@ def test_step_fed_its_own_cache_equals_the_reference(scheme: str, use_bias: bool
     mask = torch.tensor([[True] * 5, [False, False, True, True, True], [False] * 5])
     beam_query, prefix = grouped_prefix(index, B, w, index.levels, seed=1)
     cache = torch.zeros(B * w, 0, dec.cache_width)
+    state = dec.memory_state(memory)  # [B, T, M] once, for every level
+    assert state.shape == (B, 5, dec.state_width)
     for S in range(1, index.levels + 1):
         cands = children_of(index, prefix[:, S - 1])  # [Bb, C] nodes of level S
-        scores, out = dec.step(memory, mask, beam_query, prefix[:, :S], cands, cache)
+        scores, out = dec.step(state, mask, beam_query, prefix[:, :S], cands, cache)
         torch.testing.assert_close(
             scores, dec(memory, mask, beam_query, prefix[:, :S], cands), atol=STEP_TOL, rtol=STEP_TOL
         )
@@ -270,7 +272,8 @@ def test_step_with_an_injected_token_table_equals_the_reference() -> None:
     memory, mask = torch.randn(2, 4, D), torch.ones(2, 4, dtype=torch.bool)
     beam_query, prefix = grouped_prefix(index, 2, 3, 1, seed=2)
     candidates = children_of(index, prefix[:, 0])
-    scores, _ = dec.step(memory, mask, beam_query, prefix, candidates, torch.zeros(6, 0, dec.cache_width))
+    state = dec.memory_state(memory)
+    scores, _ = dec.step(state, mask, beam_query, prefix, candidates, torch.zeros(6, 0, dec.cache_width))
     ref = dec(memory, mask, beam_query, prefix, candidates)
     torch.testing.assert_close(scores, ref, atol=STEP_TOL, rtol=STEP_TOL)
 
@@ -280,7 +283,7 @@ def test_step_refuses_a_cache_of_the_wrong_length() -> None:
     memory, mask = torch.randn(1, 2, D), torch.ones(1, 2, dtype=torch.bool)
     with pytest.raises(ValueError, match="S-1=1 positions"):
         dec.step(
-            memory,
+            dec.memory_state(memory),
             mask,
             torch.tensor([0]),
             torch.tensor([[0, 1]]),

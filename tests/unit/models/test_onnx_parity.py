@@ -82,14 +82,18 @@ def test_decoder_step_parity(
     beams_per_query: int,
     prefix_len: int,
 ) -> None:
-    """decoder.onnx (the incremental step) against the torch step: scores and the new cache row."""
+    """decoder_memory.onnx and decoder.onnx (the incremental step) against the torch step: the
+    memory state, the scores and the new cache row."""
     onnx_backend, torch_backend = backends
     history, mask = random_history(batch, 5, seed=batch)
     memory, _ = torch_backend.encode(history, mask)
     beam_query, prefix, candidates = step_inputs(tiny_model.index, batch, beams_per_query, prefix_len, batch)
     cache = torch.randn(prefix.shape[0], prefix_len - 1, torch_backend.cache_width)  # [Bb, S-1, W]
-    ort_scores, ort_cache = onnx_backend.step(memory, mask, beam_query, prefix, candidates, cache)
-    ref_scores, ref_cache = torch_backend.step(memory, mask, beam_query, prefix, candidates, cache)
+    ort_state, ref_state = onnx_backend.prepare(memory), torch_backend.prepare(memory)
+    assert ort_state.shape == (batch, 5, DIM * 4)  # 2 layers x (key, value) x D
+    torch.testing.assert_close(ort_state, ref_state, atol=ATOL, rtol=RTOL)
+    ort_scores, ort_cache = onnx_backend.step(ort_state, mask, beam_query, prefix, candidates, cache)
+    ref_scores, ref_cache = torch_backend.step(ref_state, mask, beam_query, prefix, candidates, cache)
     assert ort_scores.shape == candidates.shape and ort_cache.shape == (prefix.shape[0], 1, DIM * 4)
     torch.testing.assert_close(ort_scores, ref_scores, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(ort_cache, ref_cache, atol=ATOL, rtol=RTOL)
@@ -122,7 +126,7 @@ def test_decoder_parity_with_many_candidates(
     nodes = np.concatenate([[-1], np.arange(int(lo[2]), int(lo[3]))])  # padding, then every level-2 node
     candidates = torch.from_numpy(np.tile(nodes, (6, 1)))  # [6, C] candidates of a 2-long prefix
     cache = torch.randn(6, 1, torch_backend.cache_width)
-    args = (memory, mask, beam_query, prefix, candidates, cache)
+    args = (torch_backend.prepare(memory), mask, beam_query, prefix, candidates, cache)
     for got, ref in zip(onnx_backend.step(*args), torch_backend.step(*args), strict=True):
         torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
 
