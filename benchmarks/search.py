@@ -68,7 +68,7 @@ class DecoderModel:
     def __init__(self, decoder: TokenDecoder, memory: Tensor, memory_mask: Tensor) -> None:
         self.decoder, self.memory, self.memory_mask = decoder, memory, memory_mask
         with torch.inference_mode():
-            self.memory_state = decoder.memory_state(memory)  # [B, T, M], once (as the service does)
+            self.memory_state = decoder.memory_state(memory)  # tensors [B, D, T], once (as the service does)
         self.cache_width = decoder.cache_width
         self.vocab_id = decoder.node_row  # [num_nodes] output row of every node
         self.table = decoder.token_embedding(torch.arange(decoder.num_rows))  # [V, D]

@@ -37,7 +37,7 @@ class StepScorer:
 
     def __init__(self, decoder: TokenDecoder, memory: Tensor, memory_mask: Tensor) -> None:
         self.decoder, self.memory_mask = decoder, memory_mask
-        self.memory_state = decoder.memory_state(memory)  # [B, T, M], once per search
+        self.memory_state = decoder.memory_state(memory)  # tensors [B, D, T], once per search
         self.cache_width = int(decoder.cache_width)
 
     def step(

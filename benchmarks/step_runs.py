@@ -63,8 +63,9 @@ class OrtStep:
         self, state_session: Any, session: Any, memory: Tensor, memory_mask: Tensor, cache_width: int
     ) -> None:
         self.session, self.cache_width = session, cache_width
-        (state,) = state_session.run(["memory_state"], {"memory": memory.numpy()})
-        self.fixed = {"memory_state": state, "memory_mask": memory_mask.numpy()}
+        state = state_session.run(None, {"memory": memory.numpy()})
+        names = [o.name for o in state_session.get_outputs()]
+        self.fixed = {**dict(zip(names, state, strict=True)), "memory_mask": memory_mask.numpy()}
 
     def step(
         self, beam_query: Tensor, prefix: Tensor, candidates: Tensor, cache: Tensor
@@ -116,33 +117,24 @@ def per_level_ms(
 
 def export_step(decoder: TokenDecoder, memory: Tensor, mask: Tensor, out: Path) -> tuple[Path, Path]:
     """``decoder_memory.onnx`` and ``decoder.onnx`` exactly as a bundle holds them
-    (:func:`training.export.onnx_graphs.export_graphs`' decoder exports): their paths."""
+    (:func:`training.export.onnx_graphs.export_decoder`): their paths."""
     from torch.export import Dim
 
-    from models.bundle.backend import STATE_INPUTS, STATE_OUTPUTS, STEP_INPUTS, STEP_OUTPUTS
-    from models.nets.decoder_step import DecoderStep, MemoryState
-    from training.export.onnx_graphs import export_onnx, step_dynamic_shapes
+    from models.nets.decoder_step import DecoderStep
+    from training.export.onnx_graphs import export_decoder
 
     step = DecoderStep(decoder).eval()
     S = 3
-    batch, seq = Dim("batch"), Dim("seq")
-    state_path = out / "decoder_memory.onnx"
-    shapes = {"memory": {0: batch, 1: seq}}
-    export_onnx(MemoryState(step), (memory[:3],), state_path, STATE_INPUTS, STATE_OUTPUTS, shapes)
-    with torch.no_grad():
-        state = step.prepare(memory[:3])
     example = {
-        "memory_state": state,
+        "memory": memory[:3],
         "memory_mask": mask[:3],
         "beam_query": torch.arange(3).repeat_interleave(2),
         "prefix": torch.zeros(6, S, dtype=torch.int64),
         "candidates": torch.zeros(6, 4, dtype=torch.int64),
         "cache": torch.zeros(6, S - 1, step.cache_width),
     }
-    path = out / "decoder.onnx"
-    step_shapes = step_dynamic_shapes(batch, seq)
-    export_onnx(step, tuple(example[k] for k in STEP_INPUTS), path, STEP_INPUTS, STEP_OUTPUTS, step_shapes)
-    return state_path, path
+    export_decoder(step, example, out, Dim("batch"), Dim("seq"))
+    return out / "decoder_memory.onnx", out / "decoder.onnx"
 
 
 def run_ort(
@@ -161,7 +153,7 @@ def run_ort(
                 session = OnnxSession(path, torch.device("cpu"), options=options)
                 state_session = OnnxSession(state_path, torch.device("cpu"), options=options).session
                 feeds = {"memory": memory.numpy()}
-                prepare_s, _ = timed(partial(state_session.run, ["memory_state"], feeds), args.repeats)
+                prepare_s, _ = timed(partial(state_session.run, None, feeds), args.repeats)
                 ort_step = OrtStep(state_session, session.session, memory, mask, decoder.cache_width)
                 cpu, wall, result = per_level_ms(
                     trie, lambda s=ort_step: TimedStepScorer(s), memory.shape[0], args.beam, args.repeats

@@ -18,6 +18,7 @@ Runtime cannot give it; ``device="cpu"`` uses the CPU provider. ``device_info`` 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -40,11 +41,21 @@ DECODER_INPUTS = ("memory", "memory_mask", "beam_query", "prefix", "candidates")
 """The reference (full-prefix) decoder step's inputs, ``nn.Module.forward`` order."""
 DECODER_OUTPUTS = ("scores",)
 STATE_INPUTS = ("memory",)
-STATE_OUTPUTS = ("memory_state",)
-"""``decoder_memory.onnx``: :meth:`models.nets.decoder_step.DecoderStep.prepare`."""
-STEP_INPUTS = ("memory_state", "memory_mask", "beam_query", "prefix", "candidates", "cache")
-"""``decoder.onnx``'s inputs: the serving step, :class:`models.nets.decoder_step.DecoderStep` order."""
+"""``decoder_memory.onnx``'s input (:meth:`models.nets.decoder_step.DecoderStep.prepare`); its outputs
+are :func:`state_names`."""
+STEP_INPUTS = ("memory_mask", "beam_query", "prefix", "candidates", "cache")
+"""``decoder.onnx``'s inputs before the memory state's (:func:`step_inputs`), :class:`models.nets.decoder_step.DecoderStep` order."""
 STEP_OUTPUTS = ("scores", "cache_out")
+
+
+def state_names(count: int) -> tuple[str, ...]:
+    """The names of a memory state of ``count`` tensors: ``memory_state_0 .. memory_state_{count-1}``."""
+    return tuple(f"memory_state_{i}" for i in range(count))
+
+
+def step_inputs(state_count: int) -> tuple[str, ...]:
+    """``decoder.onnx``'s inputs, in order: :data:`STEP_INPUTS`, then the memory state's."""
+    return (*STEP_INPUTS, *state_names(state_count))
 
 
 @runtime_checkable
@@ -64,13 +75,13 @@ class DecoderBackend(Protocol):
         """``-> scores[Bb,C]`` float32; padded candidates (-1) get a large negative score."""
         ...
 
-    def prepare(self, memory: Tensor) -> Tensor:
-        """``memory[B,T,D] -> memory_state[B,T,M]`` (float32), once per batch before its steps."""
+    def prepare(self, memory: Tensor) -> tuple[Tensor, ...]:
+        """``memory[B,T,D] -> memory_state`` (float32 tensors ``[B,D,T]``), once per batch before its steps."""
         ...
 
     def step(
         self,
-        memory_state: Tensor,
+        memory_state: tuple[Tensor, ...],
         memory_mask: Tensor,
         beam_query: Tensor,
         prefix: Tensor,
@@ -107,20 +118,22 @@ class TorchBackend:
         return self.decoder(memory, memory_mask, beam_query, prefix, candidates).float()
 
     @torch.inference_mode()
-    def prepare(self, memory: Tensor) -> Tensor:
-        return self.step_module.prepare(memory).float()
+    def prepare(self, memory: Tensor) -> tuple[Tensor, ...]:
+        return tuple(t.float() for t in self.step_module.prepare(memory.to(self.device)))
 
     @torch.inference_mode()
     def step(
         self,
-        memory_state: Tensor,
+        memory_state: tuple[Tensor, ...],
         memory_mask: Tensor,
         beam_query: Tensor,
         prefix: Tensor,
         candidates: Tensor,
         cache: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        scores, cache_out = self.step_module(memory_state, memory_mask, beam_query, prefix, candidates, cache)
+        scores, cache_out = self.step_module(
+            memory_mask, beam_query, prefix, candidates, cache, *memory_state
+        )
         return scores.float(), cache_out
 
 
@@ -141,8 +154,8 @@ class OnnxDims:
     """D: encoder memory."""
     query: int
     """Dr: the query vector the rerank reads."""
-    state: int
-    """M: the decoder's memory state (``decoder_memory.onnx``'s output)."""
+    states: int
+    """n: tensors of the decoder's memory state (``decoder_memory.onnx``'s outputs, each ``[B,D,T]``)."""
     cache: int = 0
     """W: the step's per-position cache."""
 
@@ -208,14 +221,16 @@ class OnnxSession:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def run(self, inputs: dict[str, Tensor], out_shapes: dict[str, tuple[int, ...]]) -> list[Tensor]:
+    def run(self, inputs: Mapping[str, Tensor], out_shapes: Mapping[str, tuple[int, ...]]) -> list[Tensor]:
         if self.device.type == "cuda":
             return self._run_bound(inputs, out_shapes)
         feeds = {name: inputs[name].detach().cpu().numpy() for name in self.input_names}
         outs = self.session.run(self.output_names, feeds)
         return [torch.from_numpy(np.ascontiguousarray(o)) for o in outs]
 
-    def _run_bound(self, inputs: dict[str, Tensor], out_shapes: dict[str, tuple[int, ...]]) -> list[Tensor]:
+    def _run_bound(
+        self, inputs: Mapping[str, Tensor], out_shapes: Mapping[str, tuple[int, ...]]
+    ) -> list[Tensor]:
         binding = self.session.io_binding()
         device_id = self.device.index or 0
         keep: list[Tensor] = []  # contiguous copies must outlive run_with_iobinding
@@ -245,8 +260,7 @@ class OnnxSession:
 class OnnxBackend:
     """``encoder.onnx``, ``decoder_memory.onnx`` and ``decoder.onnx`` of a bundle with ONNX Runtime.
 
-    ``memory_dim`` / ``query_dim`` / ``state_width`` / ``cache_width`` (D, Dr, M, W) come from the
-    manifest; they size the IO-bound outputs.
+    The sizes (:class:`OnnxDims`) come from the manifest; they size the IO-bound outputs.
     """
 
     name = "onnx"
@@ -277,7 +291,7 @@ class OnnxBackend:
         sizes = OnnxDims(
             memory=int(dims["memory"]),
             query=int(dims["query"]),
-            state=int(dims["memory_state"]),
+            states=int(dims["memory_states"]),
             cache=int(dims["cache"]),
         )
         paths = OnnxPaths(bundle.encoder_path, bundle.decoder_memory_path, bundle.decoder_path)
@@ -291,16 +305,15 @@ class OnnxBackend:
         )
         return memory.to(self.device), query.to(self.device)
 
-    def prepare(self, memory: Tensor) -> Tensor:
-        B, T, _ = memory.shape
-        (state,) = self.memory_state.run(
-            {"memory": memory.to(torch.float32)}, {"memory_state": (B, T, self.dims.state)}
-        )
-        return state.to(self.device)
+    def prepare(self, memory: Tensor) -> tuple[Tensor, ...]:
+        B, T, D = memory.shape
+        shapes = {name: (B, D, T) for name in state_names(self.dims.states)}
+        state = self.memory_state.run({"memory": memory.to(torch.float32)}, shapes)
+        return tuple(t.to(self.device) for t in state)
 
     def step(
         self,
-        memory_state: Tensor,
+        memory_state: tuple[Tensor, ...],
         memory_mask: Tensor,
         beam_query: Tensor,
         prefix: Tensor,
@@ -309,7 +322,10 @@ class OnnxBackend:
     ) -> tuple[Tensor, Tensor]:
         scores, cache_out = self.decoder.run(
             {
-                "memory_state": memory_state.to(torch.float32),
+                **{
+                    name: t.to(torch.float32)
+                    for name, t in zip(state_names(len(memory_state)), memory_state, strict=True)
+                },
                 "memory_mask": memory_mask.to(torch.bool),
                 "beam_query": beam_query.to(torch.int64),
                 "prefix": prefix.to(torch.int64),
@@ -339,7 +355,7 @@ def replay_prefix(
     -> ``scores[Bb,C]``. The positions before the last are scored against ``candidates[:, :1]``
     (their scores are dropped)."""
     Bb, S = prefix.shape
-    state = backend.prepare(memory)  # [B, T, M]
+    state = backend.prepare(memory)  # tensors [B, D, T]
     cache = torch.zeros(Bb, 0, backend.cache_width, device=memory.device)  # [Bb, 0, W]
     for s in range(1, S):
         _, out = backend.step(state, memory_mask, beam_query, prefix[:, :s], candidates[:, :1], cache)
@@ -358,7 +374,7 @@ class BackendScorer:
         (added leaves reach it as an existing node: :mod:`models.catalogue.catalogue`); ``None``: identity.
         The memory state (cross-attention keys/values) is computed here, once for all levels."""
         self.backend, self.memory, self.memory_mask = backend, memory, memory_mask
-        self.memory_state = backend.prepare(memory)  # [B, T, M]
+        self.memory_state = backend.prepare(memory)  # tensors [B, D, T]
         self.cache_width = backend.cache_width
         self.node_alias = node_alias
 

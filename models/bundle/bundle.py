@@ -45,13 +45,13 @@ from models.bundle.manifest import (
     ITEMS_FILE,
     MANIFEST,
     ONNX_FILES,
-    ONNX_SIGNATURES,
     OPTIONAL_FILES,
     BundleError,
     Manifest,
     bundle_files,
     bundle_fingerprint,
     file_sha256,
+    onnx_signature,
     parse_manifest,
 )
 from models.bundle.torch_files import check_torch_files
@@ -186,7 +186,7 @@ def verify_onnx(path: Path, name: str, manifest: Manifest) -> None:
         raise BundleError(
             path, f"{name}: weights must be inside the file, found external data for {external[:3]}"
         )
-    want_in, want_out = ONNX_SIGNATURES[name]
+    want_in, want_out = onnx_signature(name, manifest.dims["memory_states"])
     init_names = {t.name for t in model.graph.initializer}
     got_in = _value_info_signature(i for i in model.graph.input if i.name not in init_names)
     got_out = _value_info_signature(model.graph.output)
@@ -202,12 +202,16 @@ def verify_onnx(path: Path, name: str, manifest: Manifest) -> None:
                     f"expected {onnx.TensorProto.DataType.Name(elem)} rank {rank}",
                 )
     dims = manifest.dims
-    static = {"memory": dims["memory"], "query": dims["query"], "memory_state": dims["memory_state"]}
-    static |= {"cache": dims["cache"], "cache_out": dims["cache"]}
-    for io_name, width in static.items():
+    # (io name, axis) -> the width the manifest gives it; a memory-state tensor is [B, D, T]
+    static = {("memory", -1): dims["memory"], ("query", -1): dims["query"]}
+    static |= {("cache", -1): dims["cache"], ("cache_out", -1): dims["cache"]}
+    static |= {(f"memory_state_{i}", 1): dims["memory"] for i in range(dims["memory_states"])}
+    for (io_name, axis), width in static.items():
         sig = got_in.get(io_name) or got_out.get(io_name)
-        if sig is not None and isinstance(sig[1][-1], int) and sig[1][-1] not in (0, width):
-            raise BundleError(path, f"{name}: {io_name!r} has width {sig[1][-1]}, the manifest says {width}")
+        if sig is not None and isinstance(sig[1][axis], int) and sig[1][axis] not in (0, width):
+            raise BundleError(
+                path, f"{name}: {io_name!r} has width {sig[1][axis]}, the manifest says {width}"
+            )
 
 
 def load_bundle(path: str | Path) -> Bundle:

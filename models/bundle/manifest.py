@@ -21,7 +21,8 @@ from models.nets.content_tower import CONTENT_FILE
 SCHEMA_VERSION = 3
 """2: ``decoder.onnx`` is the incremental step (``cache`` in, ``cache_out`` out; ``dims.cache``).
 3: ``decoder_memory.onnx`` computes the cross-attention keys/values once per batch
-(``memory -> memory_state``, ``dims.memory_state``), and ``decoder.onnx`` reads ``memory_state``."""
+(``memory -> memory_state_0 ..``, ``dims.memory_states`` tensors ``[B,D,T]``), and ``decoder.onnx``
+reads them."""
 SCHEMA_CHANGES = {
     2: "its decoder.onnx recomputes the cross-attention keys and values at every level "
     "(schema 3 moves them to decoder_memory.onnx, once per batch)",
@@ -52,21 +53,18 @@ def bundle_files(backends: tuple[str, ...] | list[str]) -> tuple[str, ...]:
 
 # name -> (ONNX element type, rank); the decoder-step and encoder signatures of docs/CONTRACTS.md
 _F, _I, _B = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.BOOL
-ONNX_SIGNATURES: dict[str, tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]] = {
-    ENCODER_FILE: ({"history": (_I, 2), "history_mask": (_B, 2)}, {"memory": (_F, 3), "query": (_F, 2)}),
-    DECODER_MEMORY_FILE: ({"memory": (_F, 3)}, {"memory_state": (_F, 3)}),
-    DECODER_FILE: (
-        {
-            "memory_state": (_F, 3),
-            "memory_mask": (_B, 2),
-            "beam_query": (_I, 1),
-            "prefix": (_I, 2),
-            "candidates": (_I, 2),
-            "cache": (_F, 3),
-        },
-        {"scores": (_F, 2), "cache_out": (_F, 3)},
-    ),
-}
+Signature = dict[str, tuple[int, int]]
+
+
+def onnx_signature(name: str, state_count: int) -> tuple[Signature, Signature]:
+    """The inputs and outputs graph ``name`` must have, for a memory state of ``state_count`` tensors."""
+    state: Signature = {f"memory_state_{i}": (_F, 3) for i in range(state_count)}
+    if name == ENCODER_FILE:
+        return {"history": (_I, 2), "history_mask": (_B, 2)}, {"memory": (_F, 3), "query": (_F, 2)}
+    if name == DECODER_MEMORY_FILE:
+        return {"memory": (_F, 3)}, state
+    step = {"memory_mask": (_B, 2), "beam_query": (_I, 1), "prefix": (_I, 2), "candidates": (_I, 2)}
+    return {**step, "cache": (_F, 3), **state}, {"scores": (_F, 2), "cache_out": (_F, 3)}
 
 
 class BundleError(ValueError):
@@ -166,7 +164,7 @@ def parse_manifest(path: Path) -> Manifest:
         if not isinstance(raw[key], typ) or isinstance(raw[key], bool):
             raise BundleError(path, f"{MANIFEST}: {key!r} must be {typ}, got {raw[key]!r}")
     dims = raw["dims"]
-    for key in ("memory", "query", "memory_state"):
+    for key in ("memory", "query", "memory_states"):
         if not isinstance(dims.get(key), int) or dims[key] < 1:
             raise BundleError(path, f"{MANIFEST}: dims.{key} must be a positive int, got {dims.get(key)!r}")
     if not isinstance(dims.get("cache"), int) or dims["cache"] < 0:

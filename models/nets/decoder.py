@@ -181,7 +181,7 @@ class TokenDecoder(nn.Module):
         self.num_rows = int(rows.max()) + 1
         self.level_vocab = int(np.asarray(node_token).max()) + 1  # V: rows per level (level tokens)
         self.cache_width = config.num_layers * 2 * D  # W of the incremental step's cache
-        self.state_width = config.num_layers * 2 * D  # M of the memory state (cross keys | values)
+        self.state_count = config.num_layers * 2  # tensors of the memory state (cross keys, values)
         # the step's score column of candidate c at index c+1 (index 0: padding, c = -1): the
         # level-local token (level tokens: a column of the level's [Bb, V] product), else the row
         column = (
@@ -239,15 +239,16 @@ class TokenDecoder(nn.Module):
         """The reference step: the whole prefix, any ``beam_query`` (the trainers' form)."""
         return self.score_hidden(self.hidden(memory, memory_mask, beam_query, prefix), candidates)
 
-    def memory_state(self, memory: Tensor) -> Tensor:
-        """``memory[B,T,D] -> [B,T,M]``: every layer's cross-attention keys | values, once per batch
-        (``M = num_layers * 2 * D``, laid out ``[layer, (key, value), D]``)."""
-        layers = [memory_keys_values(layer.multihead_attn, memory) for layer in self.layers.layers]
-        return torch.cat(layers, dim=-1)
+    def memory_state(self, memory: Tensor) -> tuple[Tensor, ...]:
+        """``memory[B,T,D] ->`` every layer's cross-attention keys and values, once per batch:
+        ``2 * num_layers`` tensors ``[B,D,T]`` ordered ``[layer, (key, value)]``."""
+        return tuple(
+            t for layer in self.layers.layers for t in memory_keys_values(layer.multihead_attn, memory)
+        )
 
     def step(
         self,
-        memory_state: Tensor,
+        memory_state: tuple[Tensor, ...],
         memory_mask: Tensor,
         beam_query: Tensor,
         prefix: Tensor,
@@ -256,7 +257,7 @@ class TokenDecoder(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """The serving step (:mod:`models.nets.decoder_step`), eval mode only (no dropout).
 
-        ``memory_state[B,T,M]`` is :meth:`memory_state` of the batch's memory. ``cache[Bb,S-1,W]``
+        ``memory_state`` is :meth:`memory_state` of the batch's memory. ``cache[Bb,S-1,W]``
         holds the self-attention keys|values of prefix positions ``0..S-2``; only the last position
         is computed: ``-> (scores[Bb,C], cache_out[Bb,1,W])``. Beams must be grouped by query
         (``Bb = B*w``, ``beam_query[i] = i // w``), as the search passes them.
@@ -276,9 +277,8 @@ class TokenDecoder(nn.Module):
             attn_out, kv = cached_self_attention(layer.self_attn, layer.norm1(x), cache[..., own])
             states.append(kv)  # [Bb, 2D]
             x = x + attn_out  # [Bb, D]
-            k = memory_state[..., 2 * D * i : 2 * D * i + D]  # [B, T, D] cross keys, per query
-            v = memory_state[..., 2 * D * i + D : 2 * D * (i + 1)]  # [B, T, D] cross values
-            x = x + grouped_cross_attention(layer.multihead_attn, layer.norm2(x), k, v, cross_bias)
+            keys, values = memory_state[2 * i], memory_state[2 * i + 1]  # [B, D, T] each, per query
+            x = x + grouped_cross_attention(layer.multihead_attn, layer.norm2(x), keys, values, cross_bias)
             x = x + layer.linear2(layer.activation(layer.linear1(layer.norm3(x))))  # [Bb, D]
         if self.layers.norm is not None:
             x = self.layers.norm(x)

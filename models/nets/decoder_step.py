@@ -1,15 +1,18 @@
 """The serving form of the decoder step: incremental, with cached prefix keys/values and the
 cross-attention keys/values of the encoder memory computed once per search.
 
-``prepare(memory[B,T,D]) -> memory_state[B,T,M]`` runs once per batch (``decoder_memory.onnx``);
-``step(memory_state[B,T,M], memory_mask[B,T], beam_query[Bb], prefix[Bb,S], candidates[Bb,C],
-cache[Bb,S-1,W]) -> (scores[Bb,C], cache_out[Bb,1,W])`` runs at every level (``decoder.onnx``).
+``prepare(memory[B,T,D]) -> memory_state`` (``n`` tensors ``[B,D,T]``) runs once per batch
+(``decoder_memory.onnx``); ``step(memory_mask[B,T], beam_query[Bb], prefix[Bb,S], candidates[Bb,C],
+cache[Bb,S-1,W], *memory_state) -> (scores[Bb,C], cache_out[Bb,1,W])`` runs at every level
+(``decoder.onnx``).
 
-* :class:`~models.nets.decoder.TokenDecoder`: ``memory_state`` holds the cross-attention key and
-  value of every layer, ``M = num_layers * 2 * D`` laid out ``[layer, (key, value), D]``: the
-  ``[B*T, D] x [D, D]`` products a step used to repeat at every level are taken once.
-  Stateless scorers (:class:`~models.nets.decoder.NodeScorer`, TDR) read the memory itself:
-  ``prepare`` is the identity and ``M = D`` (:class:`DecoderStep`).
+* :class:`~models.nets.decoder.TokenDecoder`: ``memory_state`` is the cross-attention keys and values
+  of every layer, ``n = 2 * num_layers`` tensors ordered ``[layer, (key, value)]``, each ``[B,D,T]``
+  (feature-major: a free reshape gives the ``[B,H,hd,T]`` a query-key product reads, and the value
+  product reads the same layout transposed). The ``[B*T, D] x [D, 2D]`` products a step used to
+  repeat at every level are taken once, and a step reads each tensor whole, without a slice or a
+  transpose (copies under ONNX Runtime). Stateless scorers (:class:`~models.nets.decoder.NodeScorer`,
+  TDR) read the memory itself: ``n = 1``, the memory transposed (:class:`DecoderStep`).
 * ``cache`` holds the per-position state of prefix positions ``0..S-2``; the step computes the
   last position only and returns its state in ``cache_out``. :func:`models.search.beam.beam_step`
   hands each child beam its parent's cache plus the parent's ``cache_out``.
@@ -56,22 +59,22 @@ def cached_self_attention(attn: nn.MultiheadAttention, h: Tensor, past: Tensor) 
 
 
 def grouped_cross_attention(
-    attn: nn.MultiheadAttention, h: Tensor, k: Tensor, v: Tensor, bias: Tensor
+    attn: nn.MultiheadAttention, h: Tensor, keys: Tensor, values: Tensor, bias: Tensor
 ) -> Tensor:
     """Cross-attention of the beams of each query to that query's memory, one batched product per query.
 
-    ``h[Bb,D]`` (beams grouped by query, ``Bb = B*w``), ``k, v [B,T,D]`` (slices of the memory state),
-    ``bias[B,1,1,T]`` (:func:`key_bias`) ``-> [Bb,D]``.
+    ``h[Bb,D]`` (beams grouped by query, ``Bb = B*w``), ``keys, values [B,D,T]``
+    (:func:`memory_keys_values`), ``bias[B,1,1,T]`` (:func:`key_bias`) ``-> [Bb,D]``.
     """
     Bb, D = h.shape
-    B, T, _ = k.shape
+    B, _, T = keys.shape
     H = attn.num_heads
+    hd = D // H
     w_q = attn.in_proj_weight[:D]  # [D, D]
     b_q = attn.in_proj_bias[:D] if attn.in_proj_bias is not None else None
-    q = F.linear(h, w_q, b_q).reshape(B, Bb // B, H, D // H).transpose(1, 2)  # [B, H, w, hd]
-    k = k.reshape(B, T, H, D // H).transpose(1, 2)  # [B, H, T, hd]
-    v = v.reshape(B, T, H, D // H).transpose(1, 2)  # [B, H, T, hd]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, H, w, hd]
+    q = (F.linear(h, w_q, b_q) * hd**-0.5).reshape(B, Bb // B, H, hd).transpose(1, 2)  # [B, H, w, hd]
+    logits = q @ keys.reshape(B, H, hd, T) + bias  # [B, H, w, T]
+    out = logits.softmax(dim=-1) @ values.reshape(B, H, hd, T).transpose(2, 3)  # [B, H, w, hd]
     return attn.out_proj(out.transpose(1, 2).reshape(Bb, D))
 
 
@@ -91,56 +94,61 @@ def take(table: Tensor, index: Tensor) -> Tensor:
     return table.index_select(0, index.reshape(-1)).reshape(*index.shape, *table.shape[1:])
 
 
-def memory_keys_values(attn: nn.MultiheadAttention, memory: Tensor) -> Tensor:
-    """``memory[B,T,D] -> [B,T,2D]``: one layer's cross-attention keys | values, one
-    ``[B*T, D] x [D, 2D]`` product (the key and value rows of ``in_proj`` are adjacent)."""
+def memory_keys_values(attn: nn.MultiheadAttention, memory: Tensor) -> tuple[Tensor, Tensor]:
+    """``memory[B,T,D] -> (keys, values)`` each ``[B,D,T]`` contiguous: one layer's cross-attention
+    keys and values, once per search, from one ``[B*T, D] x [D, 2D]`` product (the key and value
+    rows of ``in_proj`` are adjacent; faster on CPU than ``B`` products written feature-major)."""
     B, T, D = memory.shape
     w, b = attn.in_proj_weight, attn.in_proj_bias
     kv = F.linear(memory.reshape(B * T, D), w[D:], b[D:] if b is not None else None)  # [B*T, 2D]
-    return kv.reshape(B, T, 2 * D)
+    kv = kv.reshape(B, T, 2 * D).transpose(1, 2)  # [B, 2D, T]
+    return kv[:, :D].contiguous(), kv[:, D:].contiguous()
 
 
 class DecoderStep(nn.Module):
-    """Any decoder-step module in the serving form ``prepare`` + ``(..., cache) -> (scores, cache_out)``.
+    """Any decoder-step module in the serving form: :meth:`prepare` once per batch, then
+    ``forward(memory_mask, beam_query, prefix, candidates, cache, *memory_state) -> (scores, cache_out)``.
 
     A module with ``memory_state`` and ``step`` methods (:class:`TokenDecoder`) runs them; any other
-    module with the five-input signature is stateless: ``prepare`` is the identity (``state_width``
-    is the memory width, known once a memory is seen: ``None`` before), ``cache_width = 0`` and
-    ``cache_out`` is ``[Bb, S-P, 0]``. This is the module ``decoder.onnx`` is exported from (and
-    :class:`MemoryState` ``decoder_memory.onnx``), and :class:`~models.bundle.backend.TorchBackend` runs.
+    module with the five-input signature is stateless: its memory state is the memory, transposed
+    to ``[B,D,T]`` like every state tensor (``state_count = 1``), ``cache_width = 0`` and
+    ``cache_out`` is ``[Bb, S-P, 0]``. This is the module ``decoder.onnx`` is exported from (and,
+    through :class:`MemoryState`, ``decoder_memory.onnx``); :class:`~models.bundle.backend.TorchBackend` runs it.
     """
 
     def __init__(self, decoder: nn.Module) -> None:
         super().__init__()
         self.decoder = decoder
         self.cache_width = int(getattr(decoder, "cache_width", 0))
-        width = getattr(decoder, "state_width", None)
-        self.state_width: int | None = int(width) if width is not None else None
+        self.state_count = int(getattr(decoder, "state_count", 1))
 
-    def dims(self, memory_dim: int) -> dict[str, int]:
-        """The manifest's decoder widths for a memory of width ``memory_dim``: ``memory_state`` (M), ``cache`` (W)."""
-        return {"memory_state": self.state_width or memory_dim, "cache": self.cache_width}
+    def dims(self) -> dict[str, int]:
+        """The manifest's decoder sizes: ``memory_states`` (tensors of the memory state), ``cache`` (W)."""
+        return {"memory_states": self.state_count, "cache": self.cache_width}
 
-    def prepare(self, memory: Tensor) -> Tensor:
-        """``memory[B,T,D] -> memory_state[B,T,M]``, once per batch."""
+    def prepare(self, memory: Tensor) -> tuple[Tensor, ...]:
+        """``memory[B,T,D] -> memory_state``: ``state_count`` tensors ``[B,D,T]``, once per batch."""
         memory_state = getattr(self.decoder, "memory_state", None)
-        return memory_state(memory) if memory_state is not None else memory
+        if memory_state is not None:
+            return tuple(memory_state(memory))
+        return (memory.transpose(1, 2).contiguous(),)
 
     def forward(
         self,
-        memory_state: Tensor,
         memory_mask: Tensor,
         beam_query: Tensor,
         prefix: Tensor,
         candidates: Tensor,
         cache: Tensor,
+        *memory_state: Tensor,
     ) -> tuple[Tensor, Tensor]:
         step = getattr(self.decoder, "step", None)
         if step is not None:
             return step(memory_state, memory_mask, beam_query, prefix, candidates, cache)
-        scores = self.decoder(memory_state, memory_mask, beam_query, prefix, candidates)  # [Bb, C]
+        memory = memory_state[0].transpose(1, 2)  # [B, T, D]
+        scores = self.decoder(memory, memory_mask, beam_query, prefix, candidates)  # [Bb, C]
         new = prefix.shape[1] - cache.shape[1]
-        return scores, memory_state.new_zeros(prefix.shape[0], new, 0)  # [Bb, S-P, 0]
+        return scores, memory.new_zeros(prefix.shape[0], new, 0)  # [Bb, S-P, 0]
 
 
 class MemoryState(nn.Module):
@@ -150,5 +158,5 @@ class MemoryState(nn.Module):
         super().__init__()
         self.step = step
 
-    def forward(self, memory: Tensor) -> Tensor:
+    def forward(self, memory: Tensor) -> tuple[Tensor, ...]:
         return self.step.prepare(memory)

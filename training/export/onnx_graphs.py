@@ -24,10 +24,11 @@ from models.bundle.backend import (
     ENCODER_INPUTS,
     ENCODER_OUTPUTS,
     STATE_INPUTS,
-    STATE_OUTPUTS,
     STEP_INPUTS,
     STEP_OUTPUTS,
     OnnxSession,
+    state_names,
+    step_inputs,
 )
 from models.bundle.manifest import DECODER_FILE, DECODER_MEMORY_FILE, ENCODER_FILE
 from models.index import TreeIndex
@@ -71,14 +72,12 @@ def example_inputs(
     dim: int,
     seed: int = 0,
     cache_width: int = 0,
-    state_width: int | None = None,
 ) -> dict[str, Tensor]:
     """Inputs for tracing and the parity check. Dynamic sizes get distinct examples >= 2 so that
     the exporter specialises none of them: B=3, T=min(max_history, 5) (>= 2), Bb=6 (2 beams per
     query, grouped), S=3 with a cache of P=2 positions (even where the tree is shallower: the graph
-    must not specialise P), C=max(3, branching). ``beam_query`` is grouped, as the serving step requires.
-    ``memory_state`` is random of width ``state_width`` (default ``dim``): the parity check feeds
-    the step the state its ``prepare`` computes instead."""
+    must not specialise P), C=max(3, branching). ``beam_query`` is grouped, as the serving step
+    requires. The step's memory state is what ``prepare`` computes from ``memory`` (:func:`step_example`)."""
     g = torch.Generator().manual_seed(seed)
     B, T, Bb, S = 3, max(2, min(max_history, 5)), 6, 3
     C = max(3, index.max_branching)
@@ -92,7 +91,6 @@ def example_inputs(
         "history": history,
         "history_mask": mask,
         "memory": torch.randn(B, T, dim, generator=g),
-        "memory_state": torch.randn(B, T, state_width or dim, generator=g),
         "memory_mask": mask,
         "beam_query": torch.arange(B).repeat_interleave(Bb // B),  # [Bb] grouped by query
         "prefix": torch.randint(0, index.num_nodes, (Bb, S), generator=g),
@@ -101,18 +99,28 @@ def example_inputs(
     }
 
 
-def step_dynamic_shapes(batch: Dim, seq: Dim) -> dict[str, dict[int, Any]]:
-    """Dynamic axes of ``decoder.onnx``: the cache has ``prefix - 1`` positions (a derived dim, so
-    that ``cache_out`` has exactly one)."""
+def step_example(step: DecoderStep, ex: dict[str, Tensor]) -> tuple[Tensor, ...]:
+    """``decoder.onnx``'s example arguments, in :func:`models.bundle.backend.step_inputs` order: the
+    step inputs of ``ex``, then the memory state ``prepare`` computes from ``ex["memory"]``."""
+    with torch.no_grad():
+        state = step.prepare(ex["memory"])
+    return (*(ex[name] for name in STEP_INPUTS), *state)
+
+
+def step_dynamic_shapes(batch: Dim, seq: Dim, state_count: int) -> tuple[Any, ...]:
+    """Dynamic axes of ``decoder.onnx``'s arguments, positional (the memory state is a variable
+    number of tensors ``[B,D,T]``): the cache has ``prefix - 1`` positions (a derived dim, so that
+    ``cache_out`` has exactly one)."""
     beams, cands, past = Dim("beams"), Dim("cands"), Dim("past", min=0)
-    return {
-        "memory_state": {0: batch, 1: seq},
-        "memory_mask": {0: batch, 1: seq},
-        "beam_query": {0: beams},
-        "prefix": {0: beams, 1: past + 1},
-        "candidates": {0: beams, 1: cands},
-        "cache": {0: beams, 1: past},
-    }
+    state = tuple({0: batch, 2: seq} for _ in range(state_count))
+    return (
+        {0: batch, 1: seq},  # memory_mask
+        {0: beams},  # beam_query
+        {0: beams, 1: past + 1},  # prefix
+        {0: beams, 1: cands},  # candidates
+        {0: beams, 1: past},  # cache
+        state,
+    )
 
 
 def export_onnx(
@@ -121,7 +129,7 @@ def export_onnx(
     path: Path,
     input_names: tuple[str, ...],
     output_names: tuple[str, ...],
-    dynamic_shapes: dict[str, dict[int, Any]],
+    dynamic_shapes: dict[str, dict[int, Any]] | tuple[Any, ...],
 ) -> None:
     try:
         with _quiet():
@@ -153,16 +161,8 @@ def export_graphs(
         probe = example_inputs(index, num_items, max_history, dim=1)
         memory, query = enc(probe["history"], probe["history_mask"])  # [B, T, D], [B, Dr]
     step = DecoderStep(dec)  # the serving form (cache in, cache out), what decoder.onnx holds
-    dims = {"memory": int(memory.shape[-1]), "query": int(query.shape[-1])}
-    dims |= step.dims(dims["memory"])
-    ex = example_inputs(
-        index,
-        num_items,
-        max_history,
-        dim=dims["memory"],
-        cache_width=dims["cache"],
-        state_width=dims["memory_state"],
-    )
+    dims = {"memory": int(memory.shape[-1]), "query": int(query.shape[-1]), **step.dims()}
+    ex = example_inputs(index, num_items, max_history, dim=dims["memory"], cache_width=dims["cache"])
     batch, seq = Dim("batch"), Dim("seq")
     export_onnx(
         enc,
@@ -172,24 +172,30 @@ def export_graphs(
         ENCODER_OUTPUTS,
         {"history": {0: batch, 1: seq}, "history_mask": {0: batch, 1: seq}},
     )
+    export_decoder(step, ex, out, batch, seq)
+    error = check_parity(out, enc, step, ex)
+    return {"dims": dims, "parity_max_abs_error": error}
+
+
+def export_decoder(step: DecoderStep, ex: dict[str, Tensor], out: Path, batch: Dim, seq: Dim) -> None:
+    """``decoder_memory.onnx`` (:class:`MemoryState`) and ``decoder.onnx`` (the step) of ``step`` into
+    ``out``, traced on :func:`example_inputs` ``ex``."""
     export_onnx(
         MemoryState(step),
         (ex["memory"],),
         out / DECODER_MEMORY_FILE,
         STATE_INPUTS,
-        STATE_OUTPUTS,
+        state_names(step.state_count),
         {"memory": {0: batch, 1: seq}},
     )
     export_onnx(
         step,
-        tuple(ex[name] for name in STEP_INPUTS),
+        step_example(step, ex),
         out / DECODER_FILE,
-        STEP_INPUTS,
+        step_inputs(step.state_count),
         STEP_OUTPUTS,
-        step_dynamic_shapes(batch, seq),
+        step_dynamic_shapes(batch, seq, step.state_count),
     )
-    error = check_parity(out, enc, step, ex)
-    return {"dims": dims, "parity_max_abs_error": error}
 
 
 def check_parity(out: Path, enc: nn.Module, step: DecoderStep, ex: dict[str, Tensor]) -> float:
@@ -204,17 +210,13 @@ def check_parity(out: Path, enc: nn.Module, step: DecoderStep, ex: dict[str, Ten
         ref = enc(ex["history"], ex["history_mask"])
         got = enc_sess.run({k: ex[k] for k in ENCODER_INPUTS}, {})
         errors += [float((r - g).abs().max()) for r, g in zip(ref, got, strict=True)]
-        state = step.prepare(ex["memory"])  # [B, T, M]
-        (got_state,) = state_sess.run({"memory": ex["memory"]}, {})
-        errors.append(float((state - got_state).abs().max()))
+        state = step.prepare(ex["memory"])  # tensors [B, D, T]
+        got_state = state_sess.run({"memory": ex["memory"]}, {})
+        errors += [float((r - g).abs().max()) for r, g in zip(state, got_state, strict=True)]
+        named: dict[str, Tensor] = {**ex, **dict(zip(state_names(len(state)), state, strict=True))}
         for S in sorted({1, ex["prefix"].shape[1]}):
-            inputs = {
-                **ex,
-                "memory_state": state,
-                "prefix": ex["prefix"][:, :S],
-                "cache": ex["cache"][:, : S - 1],
-            }
-            ref = step(*(inputs[k] for k in STEP_INPUTS))
+            inputs = {**named, "prefix": ex["prefix"][:, :S], "cache": ex["cache"][:, : S - 1]}
+            ref = step(*(inputs[k] for k in step_inputs(len(state))))
             got = dec_sess.run(inputs, {})
             errors += [
                 float((r - g).abs().max()) if r.numel() else 0.0 for r, g in zip(ref, got, strict=True)

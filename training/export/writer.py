@@ -1,6 +1,6 @@
 """Write a bundle: ONNX encoder/decoder, index, item tables and a manifest (see models/bundle/bundle.py).
 
-The graphs come from :mod:`training.export.onnx_graphs` (``dims.memory_state`` and ``dims.cache`` in the manifest).
+The graphs come from :mod:`training.export.onnx_graphs` (``dims.memory_states`` and ``dims.cache`` in the manifest).
 After writing, the bundle is read back with :func:`models.bundle.bundle.load_bundle` and ONNX Runtime
 is checked against the torch modules on the example inputs. The bundle is written into a
 temporary sibling directory and renamed into place, so a reader never sees a half-written bundle.
@@ -201,7 +201,7 @@ def write_model_files(
         info.update(export_graphs(out, encoder, decoder, index, index.num_items, max_history))
     else:
         info["dims"] = probe_dims(encoder, example_inputs(index, index.num_items, max_history, dim=1))
-        info["dims"] |= DecoderStep(decoder).dims(info["dims"]["memory"])  # M and W of the serving step
+        info["dims"] |= DecoderStep(decoder).dims()  # the serving step's memory state and cache
     if "torch" in backends:
         ex = example_inputs(index, index.num_items, max_history, dim=info["dims"]["memory"])
         info["torch_roundtrip_max_abs_error"] = write_torch_files(out, encoder, decoder, index, ex)

@@ -44,8 +44,8 @@ def test_good_bundle_loads(tiny_bundle_dir: Path, tiny_model: TinyModel) -> None
     m = bundle.manifest
     assert (m.schema_version, m.name, m.method, m.version) == (SCHEMA_VERSION, "tiny", "test", "v1")
     assert (
-        # cache and memory state: 2 layers x (key, value) x D
-        m.dims == {"memory": DIM, "query": DIM, "cache": 2 * 2 * DIM, "memory_state": 2 * 2 * DIM}
+        # cache: 2 layers x (key, value) x D; memory state: 2 layers x (key, value) tensors [B, D, T]
+        m.dims == {"memory": DIM, "query": DIM, "cache": 2 * 2 * DIM, "memory_states": 2 * 2}
         and m.num_items == NUM_ITEMS
         and m.max_history == MAX_HISTORY
     )
@@ -121,7 +121,7 @@ def test_a_schema_2_bundle_is_refused_with_the_reason_and_the_remedy(
     raw = json.loads((path / "manifest.json").read_text())
     (path / "decoder_memory.onnx").unlink()
     files = {k: v for k, v in raw["files"].items() if k != "decoder_memory.onnx"}
-    dims = {k: v for k, v in raw["dims"].items() if k != "memory_state"}
+    dims = {k: v for k, v in raw["dims"].items() if k != "memory_states"}
     edit_manifest(path, schema_version=2, files=files, dims=dims)
     with pytest.raises(BundleError) as caught:
         load_bundle(path)

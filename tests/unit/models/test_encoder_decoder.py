@@ -250,8 +250,8 @@ def test_step_fed_its_own_cache_equals_the_reference(scheme: str, use_bias: bool
     mask = torch.tensor([[True] * 5, [False, False, True, True, True], [False] * 5])
     beam_query, prefix = grouped_prefix(index, B, w, index.levels, seed=1)
     cache = torch.zeros(B * w, 0, dec.cache_width)
-    state = dec.memory_state(memory)  # [B, T, M] once, for every level
-    assert state.shape == (B, 5, dec.state_width)
+    state = dec.memory_state(memory)  # once, for every level
+    assert [t.shape for t in state] == [(B, D, 5)] * dec.state_count
     for S in range(1, index.levels + 1):
         cands = children_of(index, prefix[:, S - 1])  # [Bb, C] nodes of level S
         scores, out = dec.step(state, mask, beam_query, prefix[:, :S], cands, cache)
@@ -304,7 +304,9 @@ def test_decoder_step_wraps_a_stateless_scorer() -> None:
         torch.tensor([[0, 1], [0, 2]]),
         torch.tensor([[4, -1], [5, 6]]),
     )
-    scores, out = step(memory, mask, beam_query, prefix, cands, torch.zeros(2, 1, 0))
+    state = step.prepare(memory)  # the memory itself, as [B, D, T]
+    assert step.state_count == 1 and [t.shape for t in state] == [(2, D, 3)]
+    scores, out = step(mask, beam_query, prefix, cands, torch.zeros(2, 1, 0), *state)
     assert step.cache_width == 0 and out.shape == (2, 1, 0)
     torch.testing.assert_close(scores, scorer(memory, mask, beam_query, prefix, cands))
     assert DecoderStep(decoder(small_index())).cache_width == 2 * 2 * D  # layers x (key, value) x D

@@ -90,8 +90,9 @@ def test_decoder_step_parity(
     beam_query, prefix, candidates = step_inputs(tiny_model.index, batch, beams_per_query, prefix_len, batch)
     cache = torch.randn(prefix.shape[0], prefix_len - 1, torch_backend.cache_width)  # [Bb, S-1, W]
     ort_state, ref_state = onnx_backend.prepare(memory), torch_backend.prepare(memory)
-    assert ort_state.shape == (batch, 5, DIM * 4)  # 2 layers x (key, value) x D
-    torch.testing.assert_close(ort_state, ref_state, atol=ATOL, rtol=RTOL)
+    assert [t.shape for t in ort_state] == [(batch, DIM, 5)] * 4  # 2 layers x (key, value)
+    for got, ref in zip(ort_state, ref_state, strict=True):
+        torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
     ort_scores, ort_cache = onnx_backend.step(ort_state, mask, beam_query, prefix, candidates, cache)
     ref_scores, ref_cache = torch_backend.step(ref_state, mask, beam_query, prefix, candidates, cache)
     assert ort_scores.shape == candidates.shape and ort_cache.shape == (prefix.shape[0], 1, DIM * 4)
