@@ -28,6 +28,7 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
+from models.bundle.manifest import state_names
 from models.nets.decoder_step import DecoderStep
 
 if TYPE_CHECKING:
@@ -46,11 +47,6 @@ are :func:`state_names`."""
 STEP_INPUTS = ("memory_mask", "beam_query", "prefix", "candidates", "cache")
 """``decoder.onnx``'s inputs before the memory state's (:func:`step_inputs`), :class:`models.nets.decoder_step.DecoderStep` order."""
 STEP_OUTPUTS = ("scores", "cache_out")
-
-
-def state_names(count: int) -> tuple[str, ...]:
-    """The names of a memory state of ``count`` tensors: ``memory_state_0 .. memory_state_{count-1}``."""
-    return tuple(f"memory_state_{i}" for i in range(count))
 
 
 def step_inputs(state_count: int) -> tuple[str, ...]:

@@ -53,6 +53,7 @@ from models.bundle.manifest import (
     file_sha256,
     onnx_signature,
     parse_manifest,
+    state_names,
 )
 from models.bundle.torch_files import check_torch_files
 from models.index import IndexValidationError, TreeIndex
@@ -205,7 +206,7 @@ def verify_onnx(path: Path, name: str, manifest: Manifest) -> None:
     # (io name, axis) -> the width the manifest gives it; a memory-state tensor is [B, D, T]
     static = {("memory", -1): dims["memory"], ("query", -1): dims["query"]}
     static |= {("cache", -1): dims["cache"], ("cache_out", -1): dims["cache"]}
-    static |= {(f"memory_state_{i}", 1): dims["memory"] for i in range(dims["memory_states"])}
+    static |= {(name, 1): dims["memory"] for name in state_names(dims["memory_states"])}
     for (io_name, axis), width in static.items():
         sig = got_in.get(io_name) or got_out.get(io_name)
         if sig is not None and isinstance(sig[1][axis], int) and sig[1][axis] not in (0, width):

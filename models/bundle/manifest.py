@@ -56,9 +56,15 @@ _F, _I, _B = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.BO
 Signature = dict[str, tuple[int, int]]
 
 
+def state_names(count: int) -> tuple[str, ...]:
+    """The names of a memory state of ``count`` tensors: ``memory_state_0 .. memory_state_{count-1}``
+    (``decoder_memory.onnx``'s outputs, the last inputs of ``decoder.onnx``)."""
+    return tuple(f"memory_state_{i}" for i in range(count))
+
+
 def onnx_signature(name: str, state_count: int) -> tuple[Signature, Signature]:
     """The inputs and outputs graph ``name`` must have, for a memory state of ``state_count`` tensors."""
-    state: Signature = {f"memory_state_{i}": (_F, 3) for i in range(state_count)}
+    state: Signature = {name: (_F, 3) for name in state_names(state_count)}
     if name == ENCODER_FILE:
         return {"history": (_I, 2), "history_mask": (_B, 2)}, {"memory": (_F, 3), "query": (_F, 2)}
     if name == DECODER_MEMORY_FILE:

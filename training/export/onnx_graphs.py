@@ -27,10 +27,9 @@ from models.bundle.backend import (
     STEP_INPUTS,
     STEP_OUTPUTS,
     OnnxSession,
-    state_names,
     step_inputs,
 )
-from models.bundle.manifest import DECODER_FILE, DECODER_MEMORY_FILE, ENCODER_FILE
+from models.bundle.manifest import DECODER_FILE, DECODER_MEMORY_FILE, ENCODER_FILE, state_names
 from models.index import TreeIndex
 from models.nets.decoder_step import DecoderStep, MemoryState
 
