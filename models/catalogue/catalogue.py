@@ -19,12 +19,13 @@ same catalogue (dense ids, trie, tables).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from models.bundle.item_ids import DenseIds, RawIds, as_dict, dense_many
 from models.catalogue.carried import consistent
 from models.catalogue.delta import Delta, DeltaError, NewItem, delta_vectors
 from models.catalogue.descent import unit_rows
@@ -111,8 +112,8 @@ class Catalogue:
         np.ndarray
     )  # [S, Dr] float64 sums of unit item vectors below nodes 0..S-1 (S: see centroid_sums)
     table: ItemTable
-    item_ids: tuple[str, ...]  # [N+1] raw ids, "" for row 0
-    dense_of: dict[str, int]  # live raw id -> dense id
+    item_ids: Sequence[str]  # [N+1] raw ids, "" for row 0 (version 0: the bundle's RawIds)
+    dense_of: Mapping[str, int]  # live raw id -> dense id (version 0: the bundle's DenseIds)
     popularity: np.ndarray  # [N+1] float32 (0 for added items)
     attributes: tuple[tuple[str, ...], ...]  # raw attribute ids of added items (dense id N0+1..)
     base_items: int  # N0: items of the bundle as trained
@@ -121,7 +122,10 @@ class Catalogue:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_bundle(
-        cls, bundle: Bundle, item_ids: Sequence[str] | None = None, dense_of: dict[str, int] | None = None
+        cls,
+        bundle: Bundle,
+        item_ids: Sequence[str] | None = None,
+        dense_of: Mapping[str, int] | None = None,
     ) -> Catalogue:
         """Version 0: the bundle as trained. ``item_ids`` / ``dense_of``: the bundle's raw ids and
         their inverse as a caller already holds them (the service's loaded model), so that version 0
@@ -133,7 +137,7 @@ class Catalogue:
         leaf_of[1:] = index.item_path[1:, -1]
         live = np.ones(rows, bool)
         live[0] = False
-        ids = tuple(item_ids) if item_ids is not None else tuple(str(x) for x in bundle.item_ids.tolist())
+        ids = item_ids if item_ids is not None else RawIds(bundle.item_ids)
         if len(ids) != rows:
             raise ValueError(f"item_ids holds {len(ids)} ids, the bundle {rows} rows")
         return cls(
@@ -148,7 +152,7 @@ class Catalogue:
             centroid_sum=centroid_sums(index, emb),
             table=ItemTable(emb),
             item_ids=ids,
-            dense_of=dense_of if dense_of is not None else dict(zip(ids[1:], range(1, rows), strict=True)),
+            dense_of=dense_of if dense_of is not None else DenseIds(bundle.item_ids),
             popularity=np.asarray(bundle.popularity, np.float32),
             attributes=(),
             base_items=rows - 1,
@@ -216,7 +220,7 @@ class Catalogue:
         fits this version (:func:`models.catalogue.carried.consistent`), else computed again, with
         ``pause()`` between chunks of items (:func:`models.catalogue.placement.place_items`)."""
         vectors = self.check(delta, content)  # [M, Dr]
-        cat = self._removed([self.dense_of[raw] for raw in delta.remove])
+        cat = self._removed([int(d) for d in dense_many(self.dense_of, delta.remove) if d is not None])
         return cat._added(delta.add, vectors, len(delta.remove), placement, pause)
 
     def _removed(self, dense: Sequence[int]) -> Catalogue:
@@ -234,7 +238,7 @@ class Catalogue:
         for level in range(summed_levels(self.index, centroid_sum)):
             add_rows(centroid_sum, path[:, level], -unit)
         gone = set(int(d) for d in dense)
-        dense_of = {raw: d for raw, d in self.dense_of.items() if d not in gone}
+        dense_of = {raw: d for raw, d in as_dict(self.dense_of).items() if d not in gone}
         leaf_index = live_leaves(self.index, self.leaf_of, live)
         return replace(
             self,
@@ -295,6 +299,7 @@ class Catalogue:
             num_items=self.num_items + M,
             num_tokens=max(index.num_tokens, num_nodes) if index.token_scheme == "node" else index.num_tokens,
         )
+        new_ids = [item.id for item in items]
         cat = replace(
             self,
             version=self.version + 1,
@@ -306,8 +311,8 @@ class Catalogue:
             live_count=live_count,
             centroid_sum=centroid_sum,
             table=self.table.appended(self.num_rows, vectors),
-            item_ids=self.item_ids + tuple(item.id for item in items),
-            dense_of={**self.dense_of, **{item.id: int(d) for item, d in zip(items, dense, strict=True)}},
+            item_ids=(*self.item_ids, *new_ids),
+            dense_of=as_dict(self.dense_of) | dict(zip(new_ids, dense.tolist(), strict=True)),
             popularity=np.concatenate([self.popularity, np.zeros(M, np.float32)]),
             attributes=self.attributes + tuple(item.attributes for item in items),
         )

@@ -152,8 +152,7 @@ class LiveCatalogue:
         with self._guard:
             base = self._base.get(model.fingerprint)
         if base is None:
-            dense_of = model.dense_of if isinstance(model.dense_of, dict) else None
-            base = Catalogue.from_bundle(model.bundle, model.raw_ids, dense_of)
+            base = Catalogue.from_bundle(model.bundle, model.raw_ids, model.dense_of)
             with self._guard:
                 loaded = {m.fingerprint for m in self.registry.all()} | {model.fingerprint}
                 self._base = {fp: c for fp, c in self._base.items() if fp in loaded}

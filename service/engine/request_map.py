@@ -49,12 +49,12 @@ PACE_IDS = 2048
 """Ids looked up between two :func:`service.heavy_lane.pace` calls (about 1 ms at 1M items)."""
 
 
-def dense_ids(lookup: Callable[[str], int | None], raws: Sequence[str]) -> list[int]:
+def dense_ids(lookup: Callable[[Sequence[str]], list[int | None]], raws: Sequence[str]) -> list[int]:
     """The dense ids of the known ``raws``, in order (unknown ones skipped), looked up in chunks
     between which a request in the heavy lane gives way (:func:`service.heavy_lane.pace`)."""
     found: list[int] = []
     for start in range(0, len(raws), PACE_IDS):
-        found.extend(d for d in map(lookup, raws[start : start + PACE_IDS]) if d is not None)
+        found.extend(d for d in lookup(raws[start : start + PACE_IDS]) if d is not None)
         pace()
     return found
 
@@ -170,7 +170,7 @@ class RequestMapper:
             HISTORY_SKIPPED.labels(reason="added_item").inc(added)
         truncated = len(encodable) > model.max_history
         dense = encodable[-model.max_history :]  # [t]
-        excluded = dense_ids(model.dense_of.get, request.exclude)
+        excluded = dense_ids(model.live_dense, request.exclude)
         if request.exclude_history:
             excluded.extend(int(d) for d in full)  # the whole history, not only the encoded window
         exclude = np.unique(np.array(excluded, dtype=np.int64))  # [e]
@@ -190,7 +190,7 @@ class RequestMapper:
         """``[a]`` sorted live dense ids of ``allow`` and ``categories`` (both when both are given)."""
         allow = None
         if request.allow is not None:
-            allow = np.unique(np.array(dense_ids(model.dense_of.get, request.allow), dtype=np.int64))
+            allow = np.unique(np.array(dense_ids(model.live_dense, request.allow), dtype=np.int64))
         if request.categories is not None:
             if model.item_attributes is None:
                 raise LimitExceeded(

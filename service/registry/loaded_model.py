@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from models.bundle.item_ids import DenseIds, RawIds, dense_many
 from service.cache.codec import DEFAULT_STATE_BOUND
 from service.cache.state_cache import StateSpec
 from service.errors import BadBundle
@@ -85,10 +86,16 @@ class LoadedModel:
         """Dense ids the encoder knows (1..encoder_items); items added later are not among them."""
         return int(getattr(self.retriever, "encoder_items", self.num_items))
 
-    def history_dense(self, raw: str) -> int | None:
-        """The dense id of a history item: live, or removed (its row stays, so it still encodes)."""
-        dense = self.dense_of.get(raw)
-        return self.retired.get(raw) if dense is None else dense
+    def live_dense(self, raws: Sequence[str]) -> list[int | None]:
+        """The dense id of each of ``raws`` among the live items (``None`` where unknown or removed)."""
+        return dense_many(self.dense_of, raws)
+
+    def history_dense(self, raws: Sequence[str]) -> list[int | None]:
+        """The dense id of each history item: live, or removed (its row stays, so it still encodes)."""
+        found = dense_many(self.dense_of, raws)
+        if not self.retired:
+            return found
+        return [self.retired.get(raw) if d is None else d for raw, d in zip(raws, found, strict=True)]
 
     def state_spec(self, length: int) -> StateSpec:
         """What a cached encoder-state row of a ``length``-item history must be for this model."""
@@ -123,7 +130,7 @@ def load_model(name: str, path: Path, settings: Settings) -> LoadedModel:
         backend=settings.decoder_backend,
         intra_op_threads=settings.intra_op_threads,
     )
-    raw_ids = [str(x) for x in bundle.item_ids]
+    raw_ids = RawIds(bundle.item_ids)  # the bundle's array itself: no str per item
     if len(raw_ids) >= 1 and raw_ids[0] != "":
         raise BadBundle(f"bundle {path}: item_ids[0] must be the padding id '', got {raw_ids[0]!r}")
     popularity = np.asarray(bundle.popularity, dtype=np.float64)
@@ -141,7 +148,7 @@ def load_model(name: str, path: Path, settings: Settings) -> LoadedModel:
         bundle=bundle,
         retriever=retriever,
         raw_ids=raw_ids,
-        dense_of={raw: i for i, raw in enumerate(raw_ids) if i > 0},
+        dense_of=DenseIds(bundle.item_ids),
         popular=popular,
         popularity=popularity,
         item_emb=item_emb,

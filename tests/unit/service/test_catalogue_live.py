@@ -51,7 +51,7 @@ def test_a_delta_makes_a_new_model_and_the_old_one_stays_as_it_was(bundle: Path,
     new = registry.get()
     assert new is not old and new.catalogue_version == 1 and new.num_live == ITEMS + 1
     assert new.dense_of["new-1"] == ITEMS + 1 and "item001" not in new.dense_of
-    assert new.history_dense("item001") == 1  # a removed item still encodes
+    assert new.history_dense(["item001"]) == [1]  # a removed item still encodes
     assert 1 not in new.popular and ITEMS + 1 in new.popular
     assert old.catalogue_version == 0 and old.num_items == ITEMS and "item001" in old.dense_of
     assert new.describe()["catalogue_version"] == 1 and new.describe()["num_live"] == ITEMS + 1
