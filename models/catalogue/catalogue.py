@@ -193,15 +193,18 @@ class Catalogue:
         """
         dim = self.item_emb.shape[1]
         seen: set[str] = set()
-        for i, raw in enumerate(delta.remove):
-            if raw not in self.dense_of:
+        # one search each for the listed ids (version 0's DenseIds), not one per id
+        known = dense_many(self.dense_of, delta.remove)
+        for i, (raw, dense) in enumerate(zip(delta.remove, known, strict=True)):
+            if dense is None:
                 raise DeltaError(f"remove[{i}]", f"item {raw!r} is not in the catalogue")
             if raw in seen:
                 raise DeltaError(f"remove[{i}]", f"item {raw!r} is listed twice")
             seen.add(raw)
         added: set[str] = set()
-        for i, item in enumerate(delta.add):
-            if item.id in self.dense_of and item.id not in seen:
+        present = dense_many(self.dense_of, [item.id for item in delta.add])
+        for i, (item, dense) in enumerate(zip(delta.add, present, strict=True)):
+            if dense is not None and item.id not in seen:
                 raise DeltaError(f"add[{i}].id", f"item {item.id!r} is already in the catalogue")
             if item.id in added:
                 raise DeltaError(f"add[{i}].id", f"item {item.id!r} is added twice")
