@@ -120,6 +120,7 @@ def export_step(decoder: TokenDecoder, memory: Tensor, mask: Tensor, out: Path) 
     (:func:`training.export.onnx_graphs.export_decoder`): their paths."""
     from torch.export import Dim
 
+    from models.bundle.manifest import DECODER_FILE, DECODER_MEMORY_FILE
     from models.nets.decoder_step import DecoderStep
     from training.export.onnx_graphs import export_decoder
 
@@ -134,7 +135,7 @@ def export_step(decoder: TokenDecoder, memory: Tensor, mask: Tensor, out: Path) 
         "cache": torch.zeros(6, S - 1, step.cache_width),
     }
     export_decoder(step, example, out, Dim("batch"), Dim("seq"))
-    return out / "decoder_memory.onnx", out / "decoder.onnx"
+    return out / DECODER_MEMORY_FILE, out / DECODER_FILE
 
 
 def run_ort(
