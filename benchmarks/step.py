@@ -294,6 +294,14 @@ def print_step_report(r: dict[str, Any]) -> None:
             print(
                 f"  {row['optimization']:>9} x{row['threads']} threads: {cells}   same leaves: {row['same_leaves']}"
             )
+            ort_total = row["prepare_ms"] + sum(row["cpu_ms"])
+            ratios = "  ".join(
+                f"{c / lv['limit_ms']:.2f}x" for c, lv in zip(row["cpu_ms"], r["levels"], strict=True)
+            )
+            print(
+                f"  {'':>9}    / limit: state {row['prepare_ms'] / m['limit_ms']:.2f}x  {ratios}"
+                f"   whole search {ort_total:.2f} ms, {ort_total / limit_total:.2f}x"
+            )
     for engine, rows in r.get("profile", {}).items():
         print(f"  top ops, {engine} (% of self time over one search):")
         print("    " + "; ".join(f"{name} {pct:.1f}%" for name, pct in rows))

@@ -271,11 +271,14 @@ class TokenDecoder(nn.Module):
         level = torch.full((1,), S - 1, device=prefix.device).clamp(max=self.max_depth - 1)  # [1]
         x = self.token_embedding(node) + self.level_embedding(level)  # [Bb, D]
         cross_bias = key_bias(memory_mask, x.dtype)  # [B, 1, 1, T] 0 = attend, -inf = blocked
+        # the cache as [layer, (key, value)] blocks of D columns, split in one pass
+        pasts = cache.split(D, dim=2)  # 2 * NL tensors [Bb, S-1, D]
         states = []
         for i, layer in enumerate(self.layers.layers):
-            own = slice(2 * D * i, 2 * D * (i + 1))  # this layer's keys | values in the cache
-            attn_out, kv = cached_self_attention(layer.self_attn, layer.norm1(x), cache[..., own])
-            states.append(kv)  # [Bb, 2D]
+            attn_out, key, value = cached_self_attention(
+                layer.self_attn, layer.norm1(x), pasts[2 * i], pasts[2 * i + 1]
+            )
+            states += [key[:, None], value[:, None]]  # [Bb, 1, D] each
             x = x + attn_out  # [Bb, D]
             keys, values = memory_state[2 * i], memory_state[2 * i + 1]  # [B, D, T] each, per query
             x = x + grouped_cross_attention(layer.multihead_attn, layer.norm2(x), keys, values, cross_bias)
@@ -295,9 +298,7 @@ class TokenDecoder(nn.Module):
             scores = torch.bmm(self.token_embedding(column), h[:, :, None])[:, :, 0]  # [Bb, C]
             if self.bias is not None:
                 scores = scores + take(self.bias, column)
-        return scores.masked_fill(candidates < 0, PAD_SCORE), torch.stack(states, dim=1).reshape(
-            -1, 1, self.cache_width
-        )
+        return scores.masked_fill(candidates < 0, PAD_SCORE), torch.cat(states, dim=2)  # [Bb, 1, W]
 
 
 class NodeScorer(nn.Module):
