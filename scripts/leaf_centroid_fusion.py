@@ -25,6 +25,7 @@ from torch import Tensor
 
 from models.bundle.backend import BackendScorer
 from models.bundle.bundle import load_bundle
+from models.catalogue.tree_arrays import centroid_sums, subtree_counts
 from models.search.retriever import EncoderStates, Retriever
 from training.data import default_dataset, open_dataset
 from training.metrics import ndcg_at_k, per_user_recall, recall_at_k
@@ -50,23 +51,17 @@ def sample(users: EvalSet, n: int, seed: int = 0) -> EvalSet:
 
 
 def node_centroids(r: Retriever) -> Tensor:
-    """``[num_nodes, Dr]`` mean rerank vector of the items below each node of the retriever's trie."""
-    trie = r.trie
-    n, d = trie.num_nodes, r.item_emb.shape[1]
-    sums = torch.zeros(n, d, dtype=torch.float64)
-    counts = torch.zeros(n, dtype=torch.float64)
-    sizes = r.leaf_offsets.diff()
-    leaf_of_slot = torch.repeat_interleave(torch.arange(len(sizes)), sizes) + r.leaf_start
-    sums.index_add_(0, leaf_of_slot, r.item_emb[r.leaf_items].double())
-    counts.index_add_(0, leaf_of_slot, torch.ones(len(leaf_of_slot), dtype=torch.float64))
-    parent = torch.full((n,), -1, dtype=torch.int64)
-    parent[trie.child_ids] = torch.repeat_interleave(torch.arange(n), trie.child_offsets.diff())
-    lo = trie.level_offsets
-    for level in range(trie.levels, 1, -1):  # level l's sums into level l-1's
-        nodes = torch.arange(int(lo[level]), int(lo[level + 1]))
-        sums.index_add_(0, parent[nodes], sums[nodes])
-        counts.index_add_(0, parent[nodes], counts[nodes])
-    return (sums / counts.clamp(min=1)[:, None]).float()
+    """``[num_nodes, Dr]`` mean rerank vector of the items below each node of the bundle's tree
+    (placement's :func:`centroid_sums` of the raw vectors, over :func:`subtree_counts`; a
+    single-item leaf is its item)."""
+    index, emb = r.bundle.index, r.bundle.item_emb
+    sums = centroid_sums(index, emb, unit=False)  # [S, Dr]
+    means = np.zeros((index.num_nodes, emb.shape[1]), np.float64)
+    means[: len(sums)] = sums / np.maximum(subtree_counts(index)[: len(sums), None], 1)
+    if len(sums) < index.num_nodes:  # single-item leaves
+        leaves = np.arange(index.leaf_start, index.num_nodes)
+        means[leaves] = emb[index.leaf_items[index.leaf_offsets[leaves - index.leaf_start]]]
+    return torch.from_numpy(means).float()
 
 
 @dataclass

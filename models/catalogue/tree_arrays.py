@@ -26,10 +26,10 @@ def summed_levels(index: TreeIndex, centroid_sum: np.ndarray) -> int:
     return index.levels if centroid_sum.shape[0] > index.leaf_start else index.levels - 1
 
 
-def centroid_sums(index: TreeIndex, emb: np.ndarray) -> np.ndarray:
-    """``[S, Dr]`` float64: the sum of unit item vectors below each node. ``S = num_nodes`` when
-    leaves hold several items (URI buckets: placement compares bucket centroids), else the internal
-    nodes only (a single-item leaf's centroid is its item).
+def centroid_sums(index: TreeIndex, emb: np.ndarray, *, unit: bool = True) -> np.ndarray:
+    """``[S, Dr]`` float64: the sum of unit item vectors below each node (``unit=False``: of the
+    vectors as they are). ``S = num_nodes`` when leaves hold several items (URI buckets: placement
+    compares bucket centroids), else the internal nodes only (a single-item leaf's centroid is its item).
 
     The deepest summed level is one ``reduceat`` over the items sorted by leaf (sorted by every
     ancestor too: node ids follow the code prefix); each level above sums its children's rows."""
@@ -42,7 +42,8 @@ def centroid_sums(index: TreeIndex, emb: np.ndarray) -> np.ndarray:
             rows = order[begin : begin + CENTROID_CHUNK]  # [c] a run of the leaf order
             nodes = index.item_path[rows, deepest - 1].astype(np.int64)  # [c] non-decreasing
             starts = np.flatnonzero(np.r_[True, nodes[1:] != nodes[:-1]])  # distinct nodes: += is safe
-            sums[nodes[starts]] += np.add.reduceat(unit_rows(emb[rows]), starts, axis=0)
+            vectors = unit_rows(emb[rows]) if unit else np.asarray(emb[rows], np.float64)
+            sums[nodes[starts]] += np.add.reduceat(vectors, starts, axis=0)
     lo, co = index.level_offsets, index.child_offsets
     for level in range(deepest - 1, -1, -1):  # level's nodes from their children's sums
         first, last = int(lo[level]), int(lo[level + 1])
