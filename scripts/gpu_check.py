@@ -4,8 +4,8 @@ Steps, each a subprocess with its own time limit inside one overall budget, so t
 failing step never takes the others with it:
 
 1. ``tests``: the device-parametrised tests (torch backend vs ONNX Runtime on the CPU, safetensors
-   round trip, torch-only bundles, CUDA graphs vs eager) on ``cpu`` and ``--device``, plus the
-   import-graph test;
+   round trip, torch-only bundles, CUDA graphs vs eager, SASRec trained on the device) on ``cpu``
+   and ``--device``, plus the import-graph test;
 2. ``profile``: ``scripts/gpu_profile.py`` (torch.profiler over batches of 64 at 1M items, eager
    and CUDA graphs: top ops, kernel launches and host syncs per batch);
 3. ``retrieve_1M`` / ``retrieve_1M_eager`` / ``retrieve_10M``: ``genret bench retrieve``
@@ -16,7 +16,9 @@ failing step never takes the others with it:
    in-process cache) on a 1M-item bundle under open-loop load from this machine's CPU cores at
    2,000, 5,000 and 10,000 requests/s (achieved, p50, p99, errors, the generator's own ceiling),
    then 10 deltas of 1,000 items under load (p99 before, during, after), RSS and GPU memory;
-5. ``bench_search``: ``genret bench search --device D --json`` (last: the GPU goals come first).
+5. ``train``: ``scripts/gpu_train.py``: SASRec trained for a few epochs on the CPU (every core) and
+   on the device through the trainers' device setting (``sasrec.device``): seconds per epoch each;
+6. ``bench_search``: ``genret bench search --device D --json`` (last: the GPU goals come first).
 
 ``--small``: the same steps at sizes that run in well under a minute on a CPU (``make test`` runs
 ``--device cpu --small``). One JSON report, ``OUT/gpu_check.json``, is rewritten after every
@@ -66,6 +68,7 @@ def steps_for(args: argparse.Namespace, py: str) -> list[Step]:
     tests = [
         py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
         "tests/unit/models/test_torch_bundle.py", "tests/unit/test_gpu_imports.py",
+        "tests/unit/training/test_sasrec_device.py",
         f"--junitxml={out / 'tests.xml'}",
     ]  # fmt: skip
     devices = "cpu" if dev == "cpu" else f"cpu,{dev}"
@@ -80,6 +83,7 @@ def steps_for(args: argparse.Namespace, py: str) -> list[Step]:
         sizes = ("4000:3", "30000:4")
         http = ["--items", "3000", "--levels", "2", "--dim", "16", "--rates", "20,40,80", "--duration", "1.5"]
         http += ["--deltas", "3", "--delta-items", "20", "--procs", "2", "--max-batch", "16", "--beam", "4"]
+        train = ["--users", "600", "--items", "200", "--epochs", "2", "--dim", "16", "--cpu-threads", "1"]
         limits = {
             "tests": 240.0,
             "profile": 120.0,
@@ -87,10 +91,12 @@ def steps_for(args: argparse.Namespace, py: str) -> list[Step]:
             "http": 180.0,
             "eager": 120.0,
             "10M": 120.0,
+            "train": 120.0,
             "search": 120.0,
         }
     else:
         search, retrieve, profile = [], [], []
+        train = ["--users", "10000", "--items", "5000", "--epochs", "2"]
         grid, eager = ["--open-loop-grid", "16:1,64:1,64:2,256:2"], ["--batches", "1,64,256"]
         http = ["--duration", "5"]  # 1M items, 2,000/5,000/10,000 per s, 10 deltas of 1,000 items
         # 10M: building + verifying a 3 GB bundle is CPU and disk work (~1 min expected), then serving
@@ -102,6 +108,7 @@ def steps_for(args: argparse.Namespace, py: str) -> list[Step]:
             "http": 150.0,
             "eager": 60.0,
             "10M": 240.0,
+            "train": 60.0,
             "search": 90.0,
         }
     work = str(args.workdir or (args.out / "bundles" if args.small else DEFAULT_FULL_WORKDIR))
@@ -129,6 +136,9 @@ def steps_for(args: argparse.Namespace, py: str) -> list[Step]:
             steps.append(
                 Step("http", [*argv, "--json-out", str(http_json)], limits["http"], json_out=http_json)
             )
+    train_json = out / "train.json"
+    train = [py, "scripts/gpu_train.py", "--device", dev, *train, "--json-out", str(train_json)]
+    steps.append(Step("train", train, limits["train"], json_out=train_json))
     steps.append(Step("bench_search", [*cli, "search", "--device", dev, "--json", *search], limits["search"]))
     return steps
 
@@ -278,6 +288,15 @@ def step_summary(name: str, step: dict[str, Any]) -> list[str]:
                 f"disabled: {size.get('cuda_graphs_disabled')}), parity vs eager {size.get('graph_parity')}"
             )
     lines += http_summary(report) if name == "http" else []
+    for label in ("cpu", "device") if name == "train" else ():
+        if label in report:
+            r = report[label]
+            lines.append(
+                f"  train sasrec on {r['device']} ({r['threads']} threads): {r['seconds_per_epoch']:.2f} s/epoch "
+                f"over {r['epochs']} epochs, valid recall@20 {r['valid_recall@20']}"
+            )
+    if name == "train" and "cpu_over_device" in report:
+        lines.append(f"  train: CPU / device = {report['cpu_over_device']}x per epoch")
     for variant in ("eager", "cuda_graphs") if name == "profile" else ():
         if variant in report:
             lines.append(f"  profile {variant}: {json.dumps(report[variant])}")

@@ -7,7 +7,9 @@
 # round trip, import graph), `genret bench search --device D`, `genret bench retrieve` (the
 # in-process Retriever: max throughput and open-loop p50/p99 at 2,000 requests/s) at 1M items (L=3)
 # and 10M items (L=4), and the HTTP service itself under open-loop load at 1M items
-# (scripts/gpu_http.py: 2,000 / 5,000 / 10,000 requests/s, then 10 deltas under load). Steps, limits and the report layout: scripts/gpu_check.py. The report is
+# (scripts/gpu_http.py: 2,000 / 5,000 / 10,000 requests/s, then 10 deltas under load), and SASRec
+# training on the CPU and the device (scripts/gpu_train.py, seconds per epoch). Steps, limits and
+# the report layout: scripts/gpu_check.py. The report is
 # DIR/gpu_check.json (default runs/gpu_check/), rewritten after every step; the whole check stays
 # within --budget (default 470 s; 540 s with --small, room for a busy CPU). `--device cpu --small`
 # is the CPU dry run that `make test` runs (tests/unit/test_gpu_check.py).

@@ -67,6 +67,19 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def training_device(name: str) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (the first GPU when there is one, else the CPU) as a
+    device; a GPU asked for by name that this machine does not have is a ``ValueError``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not (
+        torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    ):
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} usable GPU(s)")
+    return device
+
+
 @dataclass
 class Timings:
     """Wall-clock seconds per named phase, summed over repeated phases."""

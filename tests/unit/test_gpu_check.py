@@ -4,7 +4,8 @@ the script cannot rot between the runs on a CUDA machine.
 Runs the real script (a subprocess: bash, then scripts/gpu_check.py, then one subprocess per
 step) and reads its JSON report: every step passed, the nested device tests ran and none failed,
 ``bench search --device`` and both ``bench retrieve`` sizes measured what the report promises, and
-the HTTP step served every rate and every delta through a real uvicorn process.
+the HTTP step served every rate and every delta through a real uvicorn process, and the training
+step trained SASRec through its device setting.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
         "http",
         "retrieve_1M_eager",
         "retrieve_10M",
+        "train",
         "bench_search",
     ]
     assert report["host"]["torch"] and report["device"] == "cpu" and report["small"] is True
@@ -76,3 +78,12 @@ def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
     (model,) = deltas["models"]["models"]
     assert (model["catalogue_version"], model["num_items"], model["num_live"]) == (3, 3060, 3060)
     assert deltas["after"]["errors"] == 0 and deltas["after"]["p99_ms"] > 0 and http["rss_mib"][0] > 0
+
+    train = steps["train"]["report"]
+    for label in ("cpu", "device"):
+        run = train[label]
+        assert run["device"] == "cpu" and run["weights_on"] == "cpu" and run["epochs"] == 2
+        assert run["seconds_per_epoch"] > 0 and 0 <= run["valid_recall@20"] <= 1
+    # both runs on the CPU here: the same data, config, seed and threads train the same model
+    assert train["cpu"]["valid_recall@20"] == train["device"]["valid_recall@20"]
+    assert train["cpu_over_device"] > 0

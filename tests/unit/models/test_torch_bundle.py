@@ -1,7 +1,7 @@
 """The torch backend of a bundle: safetensors + module specs, rebuilt and served on every device.
 
 Parametrised over the devices present: ``cpu``, plus ``cuda`` when ``torch.cuda.is_available()``
-(``GENRET_TEST_DEVICES=cpu,cuda`` names them explicitly; naming an absent one fails, so a GPU
+(:mod:`tests.devices`; ``GENRET_TEST_DEVICES=cpu,cuda`` names them explicitly; naming an absent one fails, so a GPU
 check cannot pass by silently running on the CPU). The reference is ONNX Runtime on the CPU.
 
 Tolerances (:func:`assert_parity`): on ``cpu`` ``atol=rtol=1e-4`` elementwise (float32), as in
@@ -16,7 +16,6 @@ A wrong mask or a dropped layer moves outputs by O(0.1), far above both bounds.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -35,6 +34,7 @@ from models.index import TreeIndex
 from models.nets.decoder import NodeScorer, TokenDecoder
 from models.nets.encoder import QueryEncoder
 from models.search.retriever import Retriever
+from tests.devices import DEVICES, require
 from training.export.torch_files import TorchExportError, choose_backends
 
 from .conftest import DIM, MAX_HISTORY, NUM_ITEMS, TinyModel
@@ -58,22 +58,9 @@ def assert_parity(got: torch.Tensor | np.ndarray, want: torch.Tensor | np.ndarra
     assert error <= CUDA_REL_NORM, f"relative norm error {error:.2e} > {CUDA_REL_NORM:.0e} on {device}"
 
 
-def present_devices() -> list[str]:
-    named = os.environ.get("GENRET_TEST_DEVICES")
-    if named:
-        return [d for d in named.split(",") if d]
-    return ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
-
-
-DEVICES = present_devices()
-
-
 @pytest.fixture(params=DEVICES)
 def device(request: pytest.FixtureRequest) -> str:
-    dev = str(request.param)
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        pytest.fail(f"device {dev} was asked for but torch.cuda.is_available() is False")
-    return dev
+    return require(str(request.param))
 
 
 def resign(path: Path) -> None:

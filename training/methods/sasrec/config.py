@@ -4,6 +4,7 @@ overrides; :mod:`training.config` has the rule)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any, ClassVar
 from training.config import load_config
 
 CONFIG_PATH = Path(__file__).parents[2] / "configs" / "sasrec.yaml"
+DEVICE_PATTERN = re.compile(r"cpu|auto|cuda(:[0-9]+)?")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,10 @@ class SASRecConfig:
     """torch intra-op threads while training (1 wastes least on a shared CPU); not part of the cache key."""
     max_train_seconds: float = 0.0
     """Stop after the epoch that passes this wall time, keeping the best epoch (0 = no limit); not part of the cache key."""
+    device: str = "auto"
+    """Where one process trains: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (a GPU when there is one;
+    :func:`training.trainer.training_device`); the trained model comes back on the CPU. Under
+    torchrun each rank takes its own GPU when the node has one per rank. Not part of the cache key."""
 
     def __post_init__(self) -> None:
         if self.dim < 1 or self.layers < 1 or self.heads < 1 or self.dim % self.heads or self.ffn_mult < 1:
@@ -75,6 +81,8 @@ class SASRecConfig:
             or self.threads < 1
         ):
             raise ValueError(f"need lr > 0 and batch_size, max_epochs, patience >= 1, got {self}")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
 
     def for_data(self, interactions_per_item: float, explicit_dropout: bool = False) -> SASRecConfig:
         """This config for data with ``interactions_per_item`` training interactions per item:

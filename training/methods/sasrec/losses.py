@@ -37,11 +37,11 @@ def next_item_loss(
         same = pos[None, :] == pos[:, None]
         same.fill_diagonal_(False)
         logits = logits.masked_fill(same, float("-inf"))  # other rows' copies of the positive
-        return F.cross_entropy(logits, torch.arange(len(pos)))
+        return F.cross_entropy(logits, torch.arange(len(pos), device=pos.device))
     num_items = emb.shape[0] - 1
-    neg = torch.randint(1, num_items + 1, (config.num_negatives,), generator=generator)  # [M]
+    neg = torch.randint(1, num_items + 1, (config.num_negatives,), generator=generator).to(emb.device)  # [M]
     pos_logit = (h * emb[pos]).sum(-1, keepdim=True)  # [P, 1]
     neg_logit = (h @ emb[neg].T).masked_fill(neg[None, :] == pos[:, None], float("-inf"))  # [P, M]
     correction = math.log(config.num_negatives / num_items)  # uniform q: the same for every candidate
     logits = torch.cat([pos_logit, neg_logit], dim=1) - correction  # [P, 1+M]
-    return F.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.long))
+    return F.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.long, device=pos.device))

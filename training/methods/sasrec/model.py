@@ -116,12 +116,14 @@ def top_k_excluding(scores: torch.Tensor, k: int, exclude: list[np.ndarray] | No
     if exclude is not None:
         for row, items in enumerate(exclude):
             if len(items):
-                scores[row, torch.as_tensor(np.asarray(items, dtype=np.int64))] = float("-inf")
+                scores[row, torch.as_tensor(np.asarray(items, dtype=np.int64), device=scores.device)] = float(
+                    "-inf"
+                )
     width = min(k, scores.shape[1])
     values, ids = torch.topk(scores, width, dim=1)
     ids[torch.isinf(values) & (values < 0)] = 0
     out = np.zeros((scores.shape[0], k), dtype=np.int64)
-    out[:, :width] = ids.numpy()
+    out[:, :width] = ids.cpu().numpy()
     return out
 
 
@@ -155,17 +157,18 @@ class SASRec:
 
     @torch.no_grad()
     def _user_vectors(self, histories: list[np.ndarray], batch_size: int = 1024) -> torch.Tensor:
+        """``[B, D]`` on the module's device (a GPU while it trains there)."""
         self.module.eval()
-        dim = self.config.dim
-        outs: list[torch.Tensor] = [torch.zeros(0, dim)]
+        device = self.module.item_emb.weight.device
+        outs: list[torch.Tensor] = [torch.zeros(0, self.config.dim, device=device)]
         for start in range(0, len(histories), batch_size):
             batch = pad_histories(histories[start : start + batch_size], self.max_len)  # [B, T']
-            outs.append(self.module(batch)[:, -1])  # [B, D]
+            outs.append(self.module(batch.to(device))[:, -1])  # [B, D]
         return torch.cat(outs)
 
     def encode(self, histories: list[np.ndarray]) -> np.ndarray:
         """User vectors ``[B, D]`` (float32) of time-ordered histories (the max_len most recent kept)."""
-        return self._user_vectors(histories).numpy().astype(np.float32)
+        return self._user_vectors(histories).cpu().numpy().astype(np.float32)
 
     @torch.no_grad()
     def score_items(self, histories: list[np.ndarray]) -> torch.Tensor:

@@ -20,7 +20,7 @@ from training.methods.sasrec.config import SASRecConfig
 from training.methods.sasrec.losses import next_item_loss
 from training.methods.sasrec.model import SASRec, SASRecModule
 from training.splits import Split
-from training.trainer import KeepBest, progress, run_epochs, seeded, torch_threads
+from training.trainer import KeepBest, progress, run_epochs, seeded, torch_threads, training_device
 
 log = logging.getLogger(__name__)
 
@@ -79,39 +79,46 @@ def fit_sasrec(split: Split, config: SASRecConfig, seed: int = 0, dist: DistCont
 class _Windows:
     """This rank's training windows ``[C_r, T]`` and the in-batch log-q of every item."""
 
-    def __init__(self, split: Split, dist: DistContext) -> None:
+    def __init__(self, split: Split, dist: DistContext, device: torch.device) -> None:
         all_inputs, all_targets = training_chunks(split.train, split.max_len)  # [C, T] each
         freq = torch.bincount(torch.from_numpy(all_targets[all_targets > 0]), minlength=split.num_items + 1)
         freq = freq.float() + 1.0
-        self.log_q = torch.log(freq / freq.sum())  # [N+1] in-batch sampling log-probability (all windows)
+        log_q = torch.log(freq / freq.sum())  # [N+1] in-batch sampling log-probability (all windows)
         shard = dist.shard_indices(len(all_inputs)) if dist.is_distributed else slice(None)
         inputs_np, targets_np = all_inputs[shard], all_targets[shard]  # [C_r, T] this rank's windows
         self.lengths = (inputs_np > 0).sum(axis=1) + 1
-        self.inputs, self.targets = torch.from_numpy(inputs_np), torch.from_numpy(targets_np)
+        self.device = device
+        self.log_q = log_q.to(device)
+        self.inputs = torch.from_numpy(inputs_np).to(device)
+        self.targets = torch.from_numpy(targets_np).to(device)
 
     def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``idx`` cut to their longest window: ``([B, L], [B, L])``."""
+        """Rows ``idx`` cut to their longest window: ``([B, L], [B, L])``, on the training device."""
         width = int(self.lengths[idx].max()) - 1
-        rows = torch.from_numpy(idx)
+        rows = torch.from_numpy(idx).to(self.device)
         return self.inputs[rows, -width:], self.targets[rows, -width:]
 
 
 def _fit(split: Split, config: SASRecConfig, seed: int, dist: DistContext) -> SASRec:
     seeds = seeded(seed, dist.rank)
-    data = _Windows(split, dist)
-    module = SASRecModule(split.num_items, split.max_len, config)  # the same weights on every rank
+    device = training_device(config.device)
+    if dist.is_distributed and device.type == "cuda":
+        device = dist.device  # each rank its own GPU
+    data = _Windows(split, dist, device)
+    module = SASRecModule(split.num_items, split.max_len, config).to(device)  # the same weights on every rank
     net = dist.wrap(module)
     if dist.is_distributed:
         torch.manual_seed(seed + dist.rank)  # other dropout masks on each rank
     optimizer = torch.optim.Adam(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     model = SASRec(module, config)
     log.info(
-        "SASRec: %d training windows (%d targets)%s, %d items, %s loss",
+        "SASRec: %d training windows (%d targets)%s, %d items, %s loss, on %s",
         len(data.inputs),
         int((data.targets > 0).sum()),
         f" on rank {dist.rank} of {dist.world_size}" if dist.is_distributed else "",
         split.num_items,
         config.loss,
+        device,
     )
     start = time.perf_counter()
     batch_size = math.ceil(config.batch_size / dist.world_size)  # one process's global batch over W ranks
@@ -159,8 +166,10 @@ def _fit(split: Split, config: SASRecConfig, seed: int, dist: DistContext) -> SA
 
     result = run_epochs(config.max_epochs, run_epoch, stop, dist)
     keep.restore()
+    module.cpu()  # everything downstream (cache, export, the trees) reads a CPU model
     info = {
         "train_seconds": time.perf_counter() - start,
+        "device": str(device),
         "epochs": result.epochs,
         "best_epoch": keep.best_epoch,
         "stopped": result.stopped,
