@@ -292,11 +292,11 @@ def step_summary(name: str, step: dict[str, Any]) -> list[str]:
         if label in report:
             r = report[label]
             lines.append(
-                f"  train sasrec on {r['device']} ({r['threads']} threads): {r['seconds_per_epoch']:.2f} s/epoch "
-                f"over {r['epochs']} epochs, valid recall@20 {r['valid_recall@20']}"
+                f"  train sasrec on {r['device']} ({r['threads']} threads): {r['seconds_per_epoch']:.2f} s the last "
+                f"of {r['epochs']} epochs {r['epoch_seconds']}, valid recall@20 {r['valid_recall@20']}"
             )
     if name == "train" and "cpu_over_device" in report:
-        lines.append(f"  train: CPU / device = {report['cpu_over_device']}x per epoch")
+        lines.append(f"  train: CPU / device = {report['cpu_over_device']}x (last epoch)")
     for variant in ("eager", "cuda_graphs") if name == "profile" else ():
         if variant in report:
             lines.append(f"  profile {variant}: {json.dumps(report[variant])}")

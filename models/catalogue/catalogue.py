@@ -191,6 +191,10 @@ class Catalogue:
         ``has_known(attrs)``), used for an added item given without a vector.
         Raises :class:`DeltaError` naming the field.
         """
+        return self._checked(delta, content)[0]
+
+    def _checked(self, delta: Delta, content: Any) -> tuple[np.ndarray, list[int]]:
+        """:meth:`check`'s vectors ``[M, Dr]`` and the dense ids of ``delta.remove``, in its order."""
         dim = self.item_emb.shape[1]
         seen: set[str] = set()
         # one search each for the listed ids (version 0's DenseIds), not one per id
@@ -209,7 +213,7 @@ class Catalogue:
             if item.id in added:
                 raise DeltaError(f"add[{i}].id", f"item {item.id!r} is added twice")
             added.add(item.id)
-        return delta_vectors(delta.add, dim, content)
+        return delta_vectors(delta.add, dim, content), [int(d) for d in known if d is not None]
 
     def apply(
         self,
@@ -222,8 +226,8 @@ class Catalogue:
         ``placement``: where its writer placed the added items (a published record's); used when it
         fits this version (:func:`models.catalogue.carried.consistent`), else computed again, with
         ``pause()`` between chunks of items (:func:`models.catalogue.placement.place_items`)."""
-        vectors = self.check(delta, content)  # [M, Dr]
-        cat = self._removed([int(d) for d in dense_many(self.dense_of, delta.remove) if d is not None])
+        vectors, removed = self._checked(delta, content)  # [M, Dr], dense ids of delta.remove
+        cat = self._removed(removed)
         return cat._added(delta.add, vectors, len(delta.remove), placement, pause)
 
     def _removed(self, dense: Sequence[int]) -> Catalogue:

@@ -6,6 +6,7 @@ its shard of the training windows; rank 0 evaluates and its figures decide stopp
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -144,7 +145,10 @@ def _fit(split: Split, config: SASRecConfig, seed: int, dist: DistContext) -> SA
 
     keep = KeepBest(module, EARLY_STOP_METRIC, config.patience)
 
+    epoch_ends = [0.0]  # seconds since start at the end of each epoch (its validation included)
+
     def stop(epoch: int, stats: dict[str, float]) -> str | None:
+        epoch_ends.append(time.perf_counter() - start)
         reason = keep(epoch, stats)
         log.info(
             "sasrec epoch %d: loss %.4f, valid recall@20 %.4f ndcg@20 %.4f%s (%.0fs)",
@@ -170,6 +174,7 @@ def _fit(split: Split, config: SASRecConfig, seed: int, dist: DistContext) -> SA
     info = {
         "train_seconds": time.perf_counter() - start,
         "device": str(device),
+        "epoch_seconds": [round(b - a, 3) for a, b in itertools.pairwise(epoch_ends)],
         "epochs": result.epochs,
         "best_epoch": keep.best_epoch,
         "stopped": result.stopped,
