@@ -51,6 +51,20 @@ def bundle_files(backends: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return DATA_FILES + tuple(f for b in BACKEND_FILES if b in backends for f in BACKEND_FILES[b])
 
 
+CENTROID_WEIGHTS = "leaf_centroid_weights"
+"""The ``config`` key of the beam's centroid term (:mod:`models.search.centroid_term`): one weight per level."""
+
+
+def centroid_weights_problem(weights: object, levels: int) -> str | None:
+    """Why ``weights`` cannot be a bundle's :data:`CENTROID_WEIGHTS` for a tree of ``levels``, or None."""
+    if not isinstance(weights, list) or len(weights) != levels:
+        return f"must be a list of {levels} numbers (one per level), got {weights!r}"
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0.0 <= w < math.inf:
+            return f"must hold finite numbers >= 0, got {weights!r}"
+    return None
+
+
 # name -> (ONNX element type, rank); the decoder-step and encoder signatures of docs/CONTRACTS.md
 _F, _I, _B = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.BOOL
 Signature = dict[str, tuple[int, int]]
@@ -184,6 +198,9 @@ def parse_manifest(path: Path) -> Manifest:
         raise BundleError(
             path, f"{MANIFEST}: config.path_weight must be a finite number >= 0, got {weight!r}"
         )
+    why = centroid_weights_problem(raw["config"].get(CENTROID_WEIGHTS, [0.0] * raw["levels"]), raw["levels"])
+    if why is not None:
+        raise BundleError(path, f"{MANIFEST}: config.{CENTROID_WEIGHTS} {why}")
     backends = raw.get("backends", ["onnx"])
     if (
         not isinstance(backends, list)

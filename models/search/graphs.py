@@ -43,6 +43,7 @@ from torch import Tensor
 from models.bundle.backend import BackendScorer
 from models.index import ScoreMode
 from models.search.beam import DeviceTrie, NodeKeys, beam_start
+from models.search.centroid_term import CentroidTerm, step_scorer
 from models.search.rerank import fill_offset, fused_scores
 from models.search.retrieval_types import EncoderStates, RetrievalResult
 from models.search.staged import StagedSearch
@@ -76,6 +77,7 @@ class StaticTables(Protocol):
     dead_nodes: Tensor | None  # [num_nodes] bool: no live item below (None: every node has one)
     node_alias: Tensor | None  # [num_nodes] the node the decoder sees (None: each node itself)
     path_weight: float  # the rerank's weight on the beam's path score (models.search.rerank)
+    centroid_term: CentroidTerm | None  # the beam's centroid term (models.search.centroid_term)
 
 
 def bucket(n: int) -> int:
@@ -221,7 +223,8 @@ def static_search(
     def rerank(found: BeamResult) -> tuple[Tensor, Tensor]:
         return static_rerank(tables, found, query, excl, k)
 
-    scorer = BackendScorer(tables.backend, memory, mask, tables.node_alias)
+    inner = BackendScorer(tables.backend, memory, mask, tables.node_alias)
+    scorer = step_scorer(inner, tables.centroid_term, query, tables.node_alias)
     return StagedSearch(tables.trie, scorer, start, rerank).run()
 
 

@@ -27,10 +27,12 @@ from torch import Tensor
 
 from models.bundle.backend import BackendScorer, DecoderBackend
 from models.bundle.bundle import Bundle
+from models.bundle.manifest import CENTROID_WEIGHTS
 from models.bundle.torch_backend import bundle_backend
 from models.index import ScoreMode, TreeIndex
 from models.search.beam import BeamResult, BeamState, DeviceTrie, beam_start
 from models.search.beam_policy import beam_for_k, default_beam, smallest_leaves_cumsum
+from models.search.centroid_term import CentroidFusedScorer, CentroidTerm, step_scorer
 from models.search.constraints import (
     EXACT_ALLOW_ITEMS,
     ItemLookup,
@@ -88,6 +90,10 @@ class Retriever:
         self._use_index(index)
         # the rerank's weight on the beam's path score (models.search.rerank), set by the trainer
         self.path_weight = float(manifest.config.get("path_weight", 0.0))  # checked by the manifest
+        # the beam's children fused with the query-to-centroid score (models.search.centroid_term)
+        self.centroid_term = CentroidTerm.of(
+            index, bundle.item_emb, manifest.config.get(CENTROID_WEIGHTS, ()), self.device
+        )
         configured = manifest.config.get("beam_size")
         # the bundle's default beam: written at export by the rule of models.search.beam_policy (bundles
         # exported before it carry a trainer's value, or none: then the rule is applied here)
@@ -227,10 +233,10 @@ class Retriever:
         allow: Sequence[np.ndarray | None] | None = None,
     ) -> BeamResult:
         """The beam search alone: the ``beam_size`` best leaves ``[B,b]`` and their path scores."""
-        memory, memory_mask, _ = self.on_device(states)
+        memory, memory_mask, query = self.on_device(states)
         start = self.beam_begin(states.batch_size, beam_size, exclude, allow)
         search = StagedSearch(
-            self.trie, self.scorer(memory, memory_mask), start, lambda found: found, "leaves"
+            self.trie, self.scorer(memory, memory_mask, query), start, lambda found: found, "leaves"
         )
         return search.run()
 
@@ -263,7 +269,7 @@ class Retriever:
         def rerank(found: BeamResult) -> RetrievalResult:
             return self.rerank(found, query, k, exclude, allow, fill=fill)
 
-        return StagedSearch(self.trie, self.scorer(memory, memory_mask), start, rerank)
+        return StagedSearch(self.trie, self.scorer(memory, memory_mask, query), start, rerank)
 
     def on_device(self, states: EncoderStates) -> tuple[Tensor, Tensor, Tensor]:
         """``(memory [B,T,D], memory_mask [B,T], query [B,Dr] float32)`` on the retriever's device."""
@@ -273,9 +279,13 @@ class Retriever:
             states.query.to(self.device, torch.float32),
         )
 
-    def scorer(self, memory: Tensor, memory_mask: Tensor) -> BackendScorer:
-        """The incremental decoder step over this batch's states (the search carries its cache)."""
-        return BackendScorer(self.backend, memory, memory_mask, self.node_alias)
+    def scorer(
+        self, memory: Tensor, memory_mask: Tensor, query: Tensor
+    ) -> BackendScorer | CentroidFusedScorer:
+        """The incremental decoder step over this batch's states ``memory [B,T,D]``, ``memory_mask
+        [B,T]``, ``query [B,Dr]`` (the search carries its cache), with the bundle's centroid term."""
+        inner = BackendScorer(self.backend, memory, memory_mask, self.node_alias)
+        return step_scorer(inner, self.centroid_term, query, self.node_alias)
 
     def candidates(
         self,

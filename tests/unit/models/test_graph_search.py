@@ -17,6 +17,7 @@ import torch
 
 from models.bundle.bundle import Bundle, load_bundle
 from models.catalogue.catalogue import Catalogue, Delta, NewItem
+from models.search.centroid_term import CentroidTerm
 from models.search.graph_runner import GraphRunner
 from models.search.graphs import (
     EXCLUDE_PAD,
@@ -158,17 +159,24 @@ def assert_same_result(got: RetrievalResult, want: RetrievalResult) -> None:
     np.testing.assert_array_equal(got.dense_filled, want.dense_filled)
 
 
-@pytest.mark.parametrize(("backend", "path_weight"), [("torch", 0.0), ("onnx", 0.0), ("torch", 0.7)])
+@pytest.mark.parametrize(
+    ("backend", "path_weight", "centroids"),
+    [("torch", 0.0, False), ("onnx", 0.0, False), ("torch", 0.7, False), ("torch", 0.7, True)],
+)
 def test_runner_from_encoder_states_matches_eager_search_with_the_fill(
-    node_bundle_dir: Path, backend: str, path_weight: float
+    node_bundle_dir: Path, backend: str, path_weight: float, centroids: bool
 ) -> None:
     """The service's graphed path (GraphRunner.search: states padded to static shapes, the static
     search, the dense fill after it) returns what the eager Retriever.search does, on version 0 and
-    on a grown catalogue version, with and without the path score in the rerank (the fill's offset
-    included); run eagerly (capture=False), as the CPU allows."""
+    on a grown catalogue version (new leaves seen as aliases: their centroid is the alias's), with
+    and without the path score in the rerank (the fill's offset included) and the centroid term in
+    the beam; run eagerly (capture=False), as the CPU allows."""
     bundle = load_bundle(node_bundle_dir)
     base = Retriever(bundle, "cpu", backend, intra_op_threads=1)
     base.path_weight = path_weight
+    if centroids:
+        weights = [0.8] * bundle.index.levels
+        base.centroid_term = CentroidTerm.of(bundle.index, bundle.item_emb, weights, torch.device("cpu"))
     rng = np.random.default_rng(21)
     filled_rows = 0
     for served in (base, base.with_catalogue(grown_versions(bundle)[-1])):

@@ -46,8 +46,10 @@ SETTINGS: dict[str, Any] = {  # tiny: a 16-d SASRec, every generative method a f
     "tdr.tree_rounds": 1,
     "tdr.beam_size": 16,
     "tdr.eval_users": 0,
-    # the rerank the figures were recorded with: the inner product alone (the path-score rule came later)
+    # the rerank the figures were recorded with: the inner product alone (the path-score rule came
+    # later), and the decoder alone in the beam (the centroid rule later still)
     "uri.fuse_path_score": False,
+    "uri.fuse_leaf_centroids": False,
     "seater.fuse_path_score": False,
     "tdr.fuse_path_score": False,
 }

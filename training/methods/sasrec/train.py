@@ -100,18 +100,21 @@ class _Windows:
         return self.inputs[rows, -width:], self.targets[rows, -width:]
 
 
+def _device(config: SASRecConfig, dist: DistContext) -> torch.device:
+    """``config.device`` resolved; under torchrun a GPU setting means each rank's own GPU."""
+    device = training_device(config.device)
+    return dist.device if dist.is_distributed and device.type == "cuda" else device
+
+
 def _fit(split: Split, config: SASRecConfig, seed: int, dist: DistContext) -> SASRec:
     seeds = seeded(seed, dist.rank)
-    device = training_device(config.device)
-    if dist.is_distributed and device.type == "cuda":
-        device = dist.device  # each rank its own GPU
+    device = _device(config, dist)
     data = _Windows(split, dist, device)
     module = SASRecModule(split.num_items, split.max_len, config).to(device)  # the same weights on every rank
     net = dist.wrap(module)
     if dist.is_distributed:
         torch.manual_seed(seed + dist.rank)  # other dropout masks on each rank
     optimizer = torch.optim.Adam(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    model = SASRec(module, config)
     log.info(
         "SASRec: %d training windows (%d targets)%s, %d items, %s loss, on %s",
         len(data.inputs),
@@ -140,7 +143,7 @@ def _fit(split: Split, config: SASRecConfig, seed: int, dist: DistContext) -> SA
         mean_loss = float(dist.all_reduce_mean(torch.tensor(total / max(1, steps))))
         valid: dict[str, float] = {}
         if dist.is_main:  # the others wait in the broadcast below
-            valid = evaluate_recommender(model, split.valid, (20,), limit=config.eval_users)
+            valid = evaluate_recommender(SASRec(module, config), split.valid, (20,), limit=config.eval_users)
         return {**dist.broadcast(valid), "loss": mean_loss}
 
     keep = KeepBest(module, EARLY_STOP_METRIC, config.patience)
@@ -179,8 +182,7 @@ def _fit(split: Split, config: SASRecConfig, seed: int, dist: DistContext) -> SA
         "best_epoch": keep.best_epoch,
         "stopped": result.stopped,
         **{f"valid_{k}": v for k, v in keep.best_stats.items() if k != "loss"},
+        **({"world_size": dist.world_size} if dist.is_distributed else {}),
     }
-    if dist.is_distributed:
-        info["world_size"] = dist.world_size
     log.info("SASRec: best epoch %d, valid recall@20 %.4f", keep.best_epoch, keep.best)
     return SASRec(module, config, info)

@@ -20,6 +20,7 @@ import torch
 from models.index import TreeIndex
 from models.nets.decoder import TokenDecoder
 from training.bundle_recommender import BundleRecommender
+from training.centroid_rule import tune_centroid_weights
 from training.context import TrainContext, TrainedMethod
 from training.export.spec import method_bundle
 from training.methods.uri.config import URIConfig
@@ -121,6 +122,9 @@ def train_uri(ctx: TrainContext) -> TrainedMethod:
     )
     if config.fuse_path_score:
         info["path_weight"] = tune_path_weight(Path(bundle_dir), ctx.split.valid).weight
+    if config.fuse_leaf_centroids:  # after path_weight: its rule's rerank reads it
+        centroids = tune_centroid_weights(Path(bundle_dir), ctx.split.valid)
+        info["leaf_centroid_multiple"] = centroids.multiple
     recommender = URIBundleRecommender(Path(bundle_dir), config.beam_size, batch_size=config.eval_batch_size)
     diagnosis = recommender.diagnose(ctx.split.valid)
     log.info("URI validation diagnosis (through the bundle): %s", diagnosis)

@@ -1,0 +1,161 @@
+"""The rule that sets a bundle's ``leaf_centroid_weights`` (:mod:`models.search.centroid_term`) on
+validation users.
+
+The beam scores a child ``c`` at level ``l`` by the decoder's logit plus ``w_l * (query ·
+centroid[c])``. ``w_l = m * s_l``: ``s_l = std(logits) / std(query · centroid)`` over the validation
+users' level-``l`` candidates without the term, so that a multiple ``m`` means the same on every
+bundle whatever the two scores' scales. ``m`` is the grid point whose validation Recall@k through
+the bundle (the beam the service would use, the bundle's ``path_weight`` in the rerank) is highest
+among those that gain at least :data:`MIN_Z` standard errors of the paired per-user difference
+over ``m = 0``; ``m = 0`` (no term, no centroids held by a replica) is the default, and ties keep
+the smaller ``m``. Unlike the path-score rule, each grid point is a new beam search, so the grid
+is short; past :data:`MAX_USERS` users the rule reads a random sample (a dataset's first users are
+not a fair one). The choice and the figures behind it go into the manifest's ``config``
+(``leaf_centroid_weights``, ``leaf_centroid_rule``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.bundle.bundle import load_bundle
+from models.bundle.manifest import CENTROID_WEIGHTS
+from models.search.centroid_term import CentroidTerm, node_centroids
+from models.search.retriever import Retriever
+from training.export.writer import record_config
+from training.metrics import per_user_recall
+from training.path_weight import MIN_Z, gain_z, ranked_at, validation_candidates
+from training.splits import EvalSet
+
+log = logging.getLogger(__name__)
+
+MULTIPLES: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
+"""The grid, in units of the per-level ``s_l``."""
+MAX_USERS = 30_000
+"""Validation users the rule reads, drawn at random (seed 0) when there are more: every
+leave-one-out user of Beauty and Yelp. The gains it looks for are small (1-3 % of Recall@20), and
+a sample of 10,000 Beauty users leaves a real one under the guard (docs/results.md)."""
+
+
+@dataclass(frozen=True)
+class CollectingTerm(CentroidTerm):
+    """A term of weight 0 that keeps, per level, the real candidates' logits and centroid scores."""
+
+    seen: dict[int, tuple[list[Tensor], list[Tensor]]] = field(default_factory=dict)
+
+    def fused(
+        self, scores: Tensor, query: Tensor, beam_query: Tensor, prefix: Tensor, candidates: Tensor
+    ) -> Tensor:
+        real = candidates >= 0  # [Bb, C]
+        near = self.near(query, beam_query, candidates)  # [Bb, C]
+        logits, nears = self.seen.setdefault(prefix.shape[1], ([], []))
+        logits.append(scores[real].double())
+        nears.append(near[real].double())
+        return scores
+
+
+@dataclass(frozen=True)
+class CentroidChoice:
+    weights: list[float]  # the chosen leaf_centroid_weights, one per level (all 0: no term)
+    multiple: float  # the chosen grid point
+    scales: list[float]  # s_l per level
+    metric: str  # e.g. "recall@20"
+    users: int
+    valid: dict[str, float]  # grid point -> validation metric
+    z: dict[str, float]  # grid point -> its gain over m = 0 / the gain's standard error
+
+    def as_config(self) -> dict[str, Any]:
+        return {CENTROID_WEIGHTS: self.weights, "leaf_centroid_rule": asdict(self)}
+
+
+def sample_users(evalset: EvalSet, n: int, seed: int = 0) -> EvalSet:
+    """``n`` users of ``evalset`` drawn at random (all of them when it has no more), in their order."""
+    if n >= len(evalset):
+        return evalset
+    rows = np.sort(np.random.default_rng(seed).choice(len(evalset), n, replace=False))
+    seen = None if evalset.seen is None else [evalset.seen[i] for i in rows]
+    return EvalSet(
+        [evalset.user_ids[i] for i in rows],
+        [evalset.histories[i] for i in rows],
+        [evalset.targets[i] for i in rows],
+        seen,
+    )
+
+
+def level_scales(seen: dict[int, tuple[list[Tensor], list[Tensor]]], levels: int) -> list[float]:
+    """``s_l = std(logits) / std(centroid scores)`` per level ``1..levels`` (0 where either is flat)."""
+    scales = []
+    for level in range(1, levels + 1):
+        logits, nears = seen.get(level, ([], []))
+        if not logits:
+            scales.append(0.0)
+            continue
+        a, b = torch.cat(logits), torch.cat(nears)
+        ok = torch.isfinite(a) & torch.isfinite(b)
+        a, b = a[ok], b[ok]
+        flat = a.numel() < 2 or float(a.std()) == 0.0 or float(b.std()) == 0.0
+        scales.append(0.0 if flat else float(a.std() / b.std()))
+    return scales
+
+
+def choose_centroid_weights(retriever: Retriever, evalset: EvalSet, k: int = 20) -> CentroidChoice:
+    """The rule (module docstring) on up to :data:`MAX_USERS` users of ``evalset``; leaves
+    ``retriever`` serving the chosen term."""
+    levels = retriever.trie.levels
+    users = sample_users(evalset, MAX_USERS)
+    if len(users) == 0:
+        return CentroidChoice([0.0] * levels, 0.0, [0.0] * levels, f"recall@{k}", 0, {}, {})
+    centroids = torch.from_numpy(node_centroids(retriever.bundle.index, retriever.bundle.item_emb))
+    centroids = centroids.to(retriever.device)
+    zeros = torch.zeros(levels + 1, device=retriever.device)
+    collecting = CollectingTerm(centroids, zeros)
+    retriever.centroid_term = collecting
+    batches = validation_candidates(retriever, users, k)
+    scales = level_scales(collecting.seen, levels)
+
+    def recall_of(found: list[Any]) -> np.ndarray:
+        return per_user_recall(ranked_at(found, len(users), k, retriever.path_weight), users.targets, k)
+
+    recalls = {0.0: recall_of(batches)}
+    for m in MULTIPLES[1:] if any(scales) else ():
+        weights = torch.tensor([0.0, *(m * s for s in scales)], dtype=torch.float32)
+        retriever.centroid_term = CentroidTerm(centroids, weights.to(retriever.device))
+        recalls[m] = recall_of(validation_candidates(retriever, users, k))
+    base = recalls[0.0]
+    valid = {f"{m:g}": round(float(r.mean()), 5) for m, r in recalls.items()}
+    z = {f"{m:g}": round(gain_z(r, base), 2) for m, r in recalls.items()}
+    best = 0.0
+    for m, r in recalls.items():  # ascending: a tie keeps the smaller multiple
+        if z[f"{m:g}"] >= MIN_Z and r.mean() > recalls[best].mean():
+            best = m
+    chosen = [best * s for s in scales]
+    retriever.centroid_term = CentroidTerm.of(
+        retriever.bundle.index, retriever.bundle.item_emb, chosen, retriever.device
+    )
+    return CentroidChoice(chosen, best, scales, f"recall@{k}", len(users), valid, z)
+
+
+def tune_centroid_weights(bundle_dir: Path, evalset: EvalSet, k: int = 20) -> CentroidChoice:
+    """Choose the bundle's ``leaf_centroid_weights`` on ``evalset`` (validation users) and write
+    them into its manifest (after its ``path_weight``, which the rule's rerank reads)."""
+    retriever = Retriever(load_bundle(bundle_dir))
+    choice = choose_centroid_weights(retriever, evalset, k)
+    record_config(bundle_dir, choice.as_config())
+    log.info(
+        "%s: leaf_centroid_weights %s (%g x scales %s); validation %s by multiple: %s (z %s)",
+        bundle_dir,
+        [round(w, 4) for w in choice.weights],
+        choice.multiple,
+        [round(s, 4) for s in choice.scales],
+        choice.metric,
+        choice.valid,
+        choice.z,
+    )
+    return choice
