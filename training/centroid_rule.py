@@ -6,7 +6,7 @@ centroid[c])``. ``w_l = m * s_l``: ``s_l = std(logits) / std(query · centroid)`
 users' level-``l`` candidates without the term, so that a multiple ``m`` means the same on every
 bundle whatever the two scores' scales. ``m`` is the grid point whose validation Recall@k through
 the bundle (the beam the service would use, the bundle's ``path_weight`` in the rerank) is highest
-among those that gain at least :data:`MIN_Z` standard errors of the paired per-user difference
+among those that gain at least ``MIN_Z`` (:mod:`training.path_weight`) standard errors of the paired per-user difference
 over ``m = 0``; ``m = 0`` (no term, no centroids held by a replica) is the default, and ties keep
 the smaller ``m``. Unlike the path-score rule, each grid point is a new beam search, so the grid
 is short; past :data:`MAX_USERS` users the rule reads a random sample (a dataset's first users are
@@ -31,7 +31,7 @@ from models.search.centroid_term import CentroidTerm, node_centroids
 from models.search.retriever import Retriever
 from training.export.writer import record_config
 from training.metrics import per_user_recall
-from training.path_weight import MIN_Z, gain_z, ranked_at, validation_candidates
+from training.path_weight import guarded_best, ranked_at, validation_candidates
 from training.splits import EvalSet
 
 log = logging.getLogger(__name__)
@@ -128,13 +128,7 @@ def choose_centroid_weights(retriever: Retriever, evalset: EvalSet, k: int = 20)
         weights = torch.tensor([0.0, *(m * s for s in scales)], dtype=torch.float32)
         retriever.centroid_term = CentroidTerm(centroids, weights.to(retriever.device))
         recalls[m] = recall_of(validation_candidates(retriever, users, k))
-    base = recalls[0.0]
-    valid = {f"{m:g}": round(float(r.mean()), 5) for m, r in recalls.items()}
-    z = {f"{m:g}": round(gain_z(r, base), 2) for m, r in recalls.items()}
-    best = 0.0
-    for m, r in recalls.items():  # ascending: a tie keeps the smaller multiple
-        if z[f"{m:g}"] >= MIN_Z and r.mean() > recalls[best].mean():
-            best = m
+    best, valid, z = guarded_best(recalls)
     chosen = [best * s for s in scales]
     retriever.centroid_term = CentroidTerm.of(
         retriever.bundle.index, retriever.bundle.item_emb, chosen, retriever.device

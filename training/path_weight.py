@@ -106,6 +106,20 @@ def gain_z(recall: np.ndarray, base: np.ndarray) -> float:
     return float(diff.mean()) / se if se > 0 else 0.0
 
 
+def guarded_best(recalls: dict[float, np.ndarray]) -> tuple[float, dict[str, float], dict[str, float]]:
+    """``recalls``: grid point (ascending, ``0.0`` first) -> per-user validation recall. The grid
+    point with the highest mean among those whose paired gain over ``0.0`` is at least :data:`MIN_Z`
+    standard errors (``0.0`` when none; a tie keeps the smaller), and each point's mean and z."""
+    base = recalls[0.0]
+    valid = {f"{m:g}": round(float(r.mean()), 5) if len(r) else 0.0 for m, r in recalls.items()}
+    z = {f"{m:g}": round(gain_z(r, base), 2) for m, r in recalls.items()}
+    best = 0.0
+    for m, r in recalls.items():
+        if z[f"{m:g}"] >= MIN_Z and r.mean() > recalls[best].mean():
+            best = m
+    return best, valid, z
+
+
 def choose_path_weight(retriever: Retriever, evalset: EvalSet, k: int = 20) -> PathWeightChoice:
     """The rule (module docstring) on the first :data:`MAX_USERS` users of ``evalset``."""
     users = evalset.head(MAX_USERS)
@@ -118,13 +132,7 @@ def choose_path_weight(retriever: Retriever, evalset: EvalSet, k: int = 20) -> P
         for m in MULTIPLES
         if scale > 0 or m == 0.0
     }
-    base = recalls[0.0]
-    valid = {f"{m:g}": round(float(r.mean()), 5) if len(r) else 0.0 for m, r in recalls.items()}
-    z = {f"{m:g}": round(gain_z(r, base), 2) for m, r in recalls.items()}
-    best = 0.0
-    for m, r in recalls.items():  # ascending: a tie keeps the smaller weight
-        if z[f"{m:g}"] >= MIN_Z and r.mean() > recalls[best].mean():
-            best = m
+    best, valid, z = guarded_best(recalls)
     return PathWeightChoice(best * scale, best, scale, f"recall@{k}", len(users), valid, z)
 
 
