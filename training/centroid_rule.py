@@ -4,11 +4,11 @@ validation users.
 The beam scores a child ``c`` at level ``l`` by the decoder's logit plus ``w_l * (query ·
 centroid[c])``. ``w_l = m * s_l``: ``s_l = std(logits) / std(query · centroid)`` over the validation
 users' level-``l`` candidates without the term, so that a multiple ``m`` means the same on every
-bundle whatever the two scores' scales. ``m`` is the grid point whose validation Recall@k through
-the bundle (the beam the service would use, the bundle's ``path_weight`` in the rerank) is highest
-among those that gain at least ``MIN_Z`` (:mod:`training.path_weight`) standard errors of the paired per-user difference
-over ``m = 0``; ``m = 0`` (no term, no centroids held by a replica) is the default, and ties keep
-the smaller ``m``. Unlike the path-score rule, each grid point is a new beam search, so the grid
+bundle whatever the two scores' scales. ``m`` is chosen as the path-weight rule chooses its weight
+(:func:`training.path_weight.guarded_best`): the best validation Recall@k through the bundle (the
+beam the service would use, the bundle's ``path_weight`` in the rerank) among the grid points that
+gain at least 2 standard errors of the paired per-user difference over ``m = 0``; ``m = 0`` (no
+term, no centroids held by a replica) is the default, and ties keep the smaller ``m``. Unlike the path-score rule, each grid point is a new beam search, so the grid
 is short; past :data:`MAX_USERS` users the rule reads a random sample (a dataset's first users are
 not a fair one). The choice and the figures behind it go into the manifest's ``config``
 (``leaf_centroid_weights``, ``leaf_centroid_rule``).
