@@ -33,9 +33,8 @@ from training.splits import Split
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2
-RUN_CONTROL_FIELDS: frozenset[str] = frozenset(
-    {"threads", "max_train_seconds", "device"}
-)  # not in the cache key
+RUN_CONTROL_FIELDS: frozenset[str] = frozenset({"threads", "max_train_seconds", "device"})
+"""Not in the cache key: how and where a run trains, not what it trains."""
 RULE_FIELDS: frozenset[str] = frozenset({"sparse_dropout", "sparse_below"})
 """Not in the cache key either: :meth:`SASRecConfig.for_data` resolves them into ``dropout``."""
 KEY_OMITTED_AT: dict[str, object] = {"ffn_mult": 1}

@@ -116,9 +116,8 @@ def top_k_excluding(scores: torch.Tensor, k: int, exclude: list[np.ndarray] | No
     if exclude is not None:
         for row, items in enumerate(exclude):
             if len(items):
-                scores[row, torch.as_tensor(np.asarray(items, dtype=np.int64), device=scores.device)] = float(
-                    "-inf"
-                )
+                seen = torch.as_tensor(np.asarray(items, dtype=np.int64), device=scores.device)
+                scores[row, seen] = float("-inf")
     width = min(k, scores.shape[1])
     values, ids = torch.topk(scores, width, dim=1)
     ids[torch.isinf(values) & (values < 0)] = 0
