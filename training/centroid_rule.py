@@ -130,9 +130,8 @@ def choose_centroid_weights(retriever: Retriever, evalset: EvalSet, k: int = 20)
         recalls[m] = recall_of(validation_candidates(retriever, users, k))
     best, valid, z = guarded_best(recalls)
     chosen = [best * s for s in scales]
-    retriever.centroid_term = CentroidTerm.of(
-        retriever.bundle.index, retriever.bundle.item_emb, chosen, retriever.device
-    )
+    weights = torch.tensor([0.0, *chosen], dtype=torch.float32, device=retriever.device)
+    retriever.centroid_term = CentroidTerm(centroids, weights) if any(chosen) else None
     return CentroidChoice(chosen, best, scales, f"recall@{k}", len(users), valid, z)
 
 

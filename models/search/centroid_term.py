@@ -75,13 +75,12 @@ class CentroidTerm:
 
 class CentroidFusedScorer:
     """A :class:`models.search.beam.StepScorer`: ``inner``'s step with the :class:`CentroidTerm` of
-    one batch's ``query [B, Dr]`` added (the candidates seen through ``node_alias``, as the decoder
-    sees them)."""
+    one batch's ``query [B, Dr]`` added (the candidates seen through ``inner``'s ``node_alias``, as
+    the decoder sees them)."""
 
-    def __init__(
-        self, inner: BackendScorer, term: CentroidTerm, query: Tensor, node_alias: Tensor | None
-    ) -> None:
-        self.inner, self.term, self.query, self.node_alias = inner, term, query, node_alias
+    def __init__(self, inner: BackendScorer, term: CentroidTerm, query: Tensor) -> None:
+        self.inner, self.term, self.query = inner, term, query
+        self.node_alias = inner.node_alias
         self.cache_width = inner.cache_width
 
     def step(
@@ -95,7 +94,7 @@ class CentroidFusedScorer:
 
 
 def step_scorer(
-    inner: BackendScorer, term: CentroidTerm | None, query: Tensor, node_alias: Tensor | None
+    inner: BackendScorer, term: CentroidTerm | None, query: Tensor
 ) -> BackendScorer | CentroidFusedScorer:
     """``inner`` itself without a term, else fused with it."""
-    return inner if term is None else CentroidFusedScorer(inner, term, query, node_alias)
+    return inner if term is None else CentroidFusedScorer(inner, term, query)

@@ -224,7 +224,7 @@ def static_search(
         return static_rerank(tables, found, query, excl, k)
 
     inner = BackendScorer(tables.backend, memory, mask, tables.node_alias)
-    scorer = step_scorer(inner, tables.centroid_term, query, tables.node_alias)
+    scorer = step_scorer(inner, tables.centroid_term, query)
     return StagedSearch(tables.trie, scorer, start, rerank).run()
 
 

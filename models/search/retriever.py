@@ -285,7 +285,7 @@ class Retriever:
         """The incremental decoder step over this batch's states ``memory [B,T,D]``, ``memory_mask
         [B,T]``, ``query [B,Dr]`` (the search carries its cache), with the bundle's centroid term."""
         inner = BackendScorer(self.backend, memory, memory_mask, self.node_alias)
-        return step_scorer(inner, self.centroid_term, query, self.node_alias)
+        return step_scorer(inner, self.centroid_term, query)
 
     def candidates(
         self,
