@@ -17,12 +17,10 @@ import argparse
 import json
 
 import numpy as np
-import torch
 
 from models.bundle.bundle import load_bundle
-from models.search.centroid_term import CentroidTerm, node_centroids
 from models.search.retriever import Retriever
-from training.centroid_rule import CollectingTerm, level_scales, sample_users
+from training.centroid_rule import baseline, sample_users
 from training.data import default_dataset, open_dataset
 from training.metrics import ndcg_at_k, per_user_recall, recall_at_k
 from training.path_weight import gain_z, ranked_at, validation_candidates
@@ -48,18 +46,12 @@ def main() -> None:
     split = make_split(ds, kind=args.split, seed=0, max_len=50)
     r = Retriever(load_bundle(args.bundle))
     valid, test = sample_users(split.valid, args.max_users), sample_users(split.test, args.max_users)
-    levels = r.trie.levels
-    centroids = torch.from_numpy(node_centroids(r.bundle.index, r.bundle.item_emb)).to(r.device)
-    collecting = CollectingTerm(centroids, torch.zeros(levels + 1, device=r.device))
-    r.centroid_term = collecting
-    base_batches = validation_candidates(r, valid, 20)
-    scales = level_scales(collecting.seen, levels)
-    print(json.dumps({"scales": scales, "path_weight": r.path_weight}), flush=True)
-    base = per_user_recall(ranked_at(base_batches, len(valid), 20, r.path_weight), valid.targets, 20)
+    measured = baseline(r, valid, 20)
+    print(json.dumps({"scales": measured.scales, "path_weight": r.path_weight}), flush=True)
+    base = per_user_recall(ranked_at(measured.batches, len(valid), 20, r.path_weight), valid.targets, 20)
     for m in sorted(float(x) for x in args.multiples.split(",")):
-        weights = torch.tensor([0.0, *(m * s for s in scales)], dtype=torch.float32, device=r.device)
-        r.centroid_term = CentroidTerm(centroids, weights)
-        batches = base_batches if m == 0 else validation_candidates(r, valid, 20)
+        r.centroid_term = measured.term(m)
+        batches = measured.batches if m == 0 else validation_candidates(r, valid, 20)
         recall = per_user_recall(ranked_at(batches, len(valid), 20, r.path_weight), valid.targets, 20)
         found = validation_candidates(r, test, 20)
         ranked = ranked_at(found, len(test), 20, r.path_weight)

@@ -28,6 +28,7 @@ from torch import Tensor
 from models.bundle.bundle import load_bundle
 from models.bundle.manifest import CENTROID_WEIGHTS
 from models.search.centroid_term import CentroidTerm, node_centroids
+from models.search.rerank import Candidates
 from models.search.retriever import Retriever
 from training.export.writer import record_config
 from training.metrics import per_user_recall
@@ -40,8 +41,8 @@ MULTIPLES: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
 """The grid, in units of the per-level ``s_l``."""
 MAX_USERS = 30_000
 """Validation users the rule reads, drawn at random (seed 0) when there are more: every
-leave-one-out user of Beauty and Yelp. The gains it looks for are small (1-3 % of Recall@20), and
-a sample of 10,000 Beauty users leaves a real one under the guard (docs/results.md)."""
+leave-one-out user of Beauty and Yelp. The gains it looks for are small, and a smaller sample can
+leave a real one under the guard (docs/results.md, "The centroid term served")."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,37 @@ def level_scales(seen: dict[int, tuple[list[Tensor], list[Tensor]]], levels: int
     return scales
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """What a grid of multiples is measured against: the bundle's centroids ``[num_nodes, Dr]``,
+    the per-level scales ``s_l`` and the validation candidates without the term."""
+
+    centroids: Tensor
+    scales: list[float]
+    batches: list[tuple[list[int], Candidates]]
+
+    def term(self, multiple: float) -> CentroidTerm | None:
+        """The term at ``multiple`` x the scales (None at 0 or flat scales: the decoder alone)."""
+        if not multiple or not any(self.scales):
+            return None
+        weights = [0.0, *(multiple * s for s in self.scales)]
+        return CentroidTerm(self.centroids, torch.tensor(weights, device=self.centroids.device))
+
+
+def baseline(retriever: Retriever, users: EvalSet, k: int) -> Baseline:
+    """``users``' candidates through ``retriever`` without the term, and the scales measured on
+    them (:func:`level_scales`); ``retriever`` is left without a term."""
+    levels = retriever.trie.levels
+    centroids = torch.from_numpy(node_centroids(retriever.bundle.index, retriever.bundle.item_emb))
+    collecting = CollectingTerm(
+        centroids.to(retriever.device), torch.zeros(levels + 1, device=retriever.device)
+    )
+    retriever.centroid_term = collecting
+    batches = validation_candidates(retriever, users, k)
+    retriever.centroid_term = None
+    return Baseline(collecting.centroids, level_scales(collecting.seen, levels), batches)
+
+
 def choose_centroid_weights(retriever: Retriever, evalset: EvalSet, k: int = 20) -> CentroidChoice:
     """The rule (module docstring) on up to :data:`MAX_USERS` users of ``evalset``; leaves
     ``retriever`` serving the chosen term."""
@@ -112,27 +144,19 @@ def choose_centroid_weights(retriever: Retriever, evalset: EvalSet, k: int = 20)
     users = sample_users(evalset, MAX_USERS)
     if len(users) == 0:
         return CentroidChoice([0.0] * levels, 0.0, [0.0] * levels, f"recall@{k}", 0, {}, {})
-    centroids = torch.from_numpy(node_centroids(retriever.bundle.index, retriever.bundle.item_emb))
-    centroids = centroids.to(retriever.device)
-    zeros = torch.zeros(levels + 1, device=retriever.device)
-    collecting = CollectingTerm(centroids, zeros)
-    retriever.centroid_term = collecting
-    batches = validation_candidates(retriever, users, k)
-    scales = level_scales(collecting.seen, levels)
+    base = baseline(retriever, users, k)
 
     def recall_of(found: list[Any]) -> np.ndarray:
         return per_user_recall(ranked_at(found, len(users), k, retriever.path_weight), users.targets, k)
 
-    recalls = {0.0: recall_of(batches)}
-    for m in MULTIPLES[1:] if any(scales) else ():
-        weights = torch.tensor([0.0, *(m * s for s in scales)], dtype=torch.float32)
-        retriever.centroid_term = CentroidTerm(centroids, weights.to(retriever.device))
+    recalls = {0.0: recall_of(base.batches)}
+    for m in MULTIPLES[1:] if any(base.scales) else ():
+        retriever.centroid_term = base.term(m)
         recalls[m] = recall_of(validation_candidates(retriever, users, k))
     best, valid, z = guarded_best(recalls)
-    chosen = [best * s for s in scales]
-    weights = torch.tensor([0.0, *chosen], dtype=torch.float32, device=retriever.device)
-    retriever.centroid_term = CentroidTerm(centroids, weights) if any(chosen) else None
-    return CentroidChoice(chosen, best, scales, f"recall@{k}", len(users), valid, z)
+    retriever.centroid_term = base.term(best)
+    chosen = [best * s for s in base.scales]
+    return CentroidChoice(chosen, best, base.scales, f"recall@{k}", len(users), valid, z)
 
 
 def tune_centroid_weights(bundle_dir: Path, evalset: EvalSet, k: int = 20) -> CentroidChoice:
