@@ -16,6 +16,7 @@ from models.search.retriever import Retriever
 from tests.unit.models.conftest import NUM_ITEMS, build_tiny_model, export_tiny
 from training.centroid_rule import MULTIPLES, choose_centroid_weights, tune_centroid_weights
 from training.export.writer import record_config
+from training.fusion_rules import tune_fusions
 from training.path_weight import validation_candidates
 from training.splits import EvalSet
 
@@ -94,3 +95,18 @@ def test_no_validation_users_keep_the_decoder_alone(bundle_dir: Path) -> None:
     retriever = Retriever(load_bundle(bundle_dir), "cpu", "onnx", intra_op_threads=1)
     choice = choose_centroid_weights(retriever, EvalSet([], [], []), k=1)
     assert choice.weights == [0.0, 0.0] and choice.users == 0
+
+
+def test_fusions_run_the_rules_that_are_on_and_record_both(bundle_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "fused"
+    shutil.copytree(bundle_dir, copy)
+    probe = Retriever(load_bundle(copy), "cpu", "onnx", intra_op_threads=1)
+    evalset = targets_through(probe, users(), 1e4)
+    off = tune_fusions(copy, evalset, path_score=False, leaf_centroids=False)
+    assert off == {"path_weight": 0.0, "leaf_centroid_multiple": 0.0}
+    assert not {"path_weight_rule", "leaf_centroid_rule"} & set(load_bundle(copy).manifest.config)
+    on = tune_fusions(copy, evalset, path_score=True, leaf_centroids=True)
+    config = load_bundle(copy).manifest.config
+    assert on["path_weight"] == config["path_weight"]
+    assert on["leaf_centroid_multiple"] == config["leaf_centroid_rule"]["multiple"] > 0
+    assert {"path_weight_rule", "leaf_centroid_rule"} <= set(config)

@@ -42,6 +42,9 @@ class SeaterConfig:
     beam_size: int = 0  # 0 = the catalogue rule (models.search.beam_policy)
     # choose the rerank's path_weight on validation users (training/path_weight.py)
     fuse_path_score: bool = True
+    # fuse the beam's choice with the query-to-centroid score, weights chosen on validation users
+    # (training/centroid_rule.py)
+    fuse_leaf_centroids: bool = False
     rerank: str = "sasrec"
     threads: int = 1
 

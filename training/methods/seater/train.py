@@ -42,12 +42,12 @@ from training.clustering import balanced_tree_codes
 from training.context import TrainContext, TrainedMethod
 from training.export.spec import method_bundle
 from training.export.writer import write_bundle
+from training.fusion_rules import tune_fusions
 from training.methods.sasrec.cache import sasrec_for
 from training.methods.sasrec.model import SASRec
 from training.methods.seater.config import SeaterConfig
 from training.methods.seater.losses import SeaterLoss, seater_losses
 from training.methods.seater.model import SeaterEncoder, SeaterModel, TreeTables, init_tokens_from_items
-from training.path_weight import tune_path_weight
 from training.splits import training_pairs
 from training.trainer import (
     KeepBest,
@@ -184,7 +184,9 @@ def train_seater(ctx: TrainContext) -> TrainedMethod:
         return TrainedMethod(recommender=sasrec, info={"rank": dist.rank, **train_info})
 
     bundle_dir = export_seater(ctx, cfg, model, index, sasrec, item_emb)
-    fusion = tune_path_weight(bundle_dir, ctx.split.valid) if cfg.fuse_path_score else None
+    fusion = tune_fusions(
+        bundle_dir, ctx.split.valid, path_score=cfg.fuse_path_score, leaf_centroids=cfg.fuse_leaf_centroids
+    )
     recommender = BundleRecommender(bundle_dir, cfg.beam_size)
     info = {
         "sasrec_seconds": round(t_sasrec, 1),
@@ -195,7 +197,7 @@ def train_seater(ctx: TrainContext) -> TrainedMethod:
         "beam_size": recommender.beam_size,
         "align": cfg.align,
         "rank": cfg.rank,
-        "path_weight": fusion.weight if fusion is not None else 0.0,
+        **fusion,
         **train_info,
     }
     return TrainedMethod(recommender=recommender, bundle_dir=bundle_dir, info=info)

@@ -34,12 +34,12 @@ from training import distributed
 from training.bundle_recommender import BundleRecommender
 from training.context import TrainContext, TrainedMethod
 from training.distributed import DistContext
+from training.fusion_rules import tune_fusions
 from training.methods.sasrec.cache import sasrec_for
 from training.methods.tdr.config import TDRConfig
 from training.methods.tdr.losses import TDRLoss, TreeTensors, rectified_labels
 from training.methods.tdr.model import TDRModel, init_from_item_embeddings
 from training.methods.tdr.rounds import export_tdr, plot_rounds
-from training.path_weight import tune_path_weight
 from training.trainer import (
     Seeds,
     Timings,
@@ -273,7 +273,12 @@ class _TDRRun:
         plot_path = self.out_root / "tree_learning.png"
         plot_rounds(rounds, plot_path, f"{cfg.variant} on {self.ctx.dataset.name}")
         best_dir = Path(best["bundle"])
-        fusion = tune_path_weight(best_dir, self.ctx.split.valid) if cfg.fuse_path_score else None
+        fusion = tune_fusions(
+            best_dir,
+            self.ctx.split.valid,
+            path_score=cfg.fuse_path_score,
+            leaf_centroids=cfg.fuse_leaf_centroids,
+        )
         info = {
             "variant": cfg.variant,
             **self.timings.info(),
@@ -283,7 +288,7 @@ class _TDRRun:
             "beam_size": cfg.beam_size,
             "round_valid_recall@20": [round(e["valid_recall@20"], 4) for e in rounds],
             "best_round": best["round"],
-            "path_weight": fusion.weight if fusion is not None else 0.0,
+            **fusion,
             "plot": str(plot_path),
         }
         if self.dist.is_distributed:

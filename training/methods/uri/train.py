@@ -20,12 +20,11 @@ import torch
 from models.index import TreeIndex
 from models.nets.decoder import TokenDecoder
 from training.bundle_recommender import BundleRecommender
-from training.centroid_rule import tune_centroid_weights
 from training.context import TrainContext, TrainedMethod
 from training.export.spec import method_bundle
+from training.fusion_rules import tune_fusions
 from training.methods.uri.config import URIConfig
 from training.methods.uri.layerwise import URITrainer
-from training.path_weight import tune_path_weight
 from training.splits import EvalSet
 
 log = logging.getLogger(__name__)
@@ -120,11 +119,14 @@ def train_uri(ctx: TrainContext) -> TrainedMethod:
     (out_dir.parent / "uri_train_log.json").write_text(
         json.dumps({"reports": reports, "epochs": trainer.log}, indent=1)
     )
-    if config.fuse_path_score:
-        info["path_weight"] = tune_path_weight(Path(bundle_dir), ctx.split.valid).weight
-    if config.fuse_leaf_centroids:  # after path_weight: its rule's rerank reads it
-        centroids = tune_centroid_weights(Path(bundle_dir), ctx.split.valid)
-        info["leaf_centroid_multiple"] = centroids.multiple
+    info.update(
+        tune_fusions(
+            Path(bundle_dir),
+            ctx.split.valid,
+            path_score=config.fuse_path_score,
+            leaf_centroids=config.fuse_leaf_centroids,
+        )
+    )
     recommender = URIBundleRecommender(Path(bundle_dir), config.beam_size, batch_size=config.eval_batch_size)
     diagnosis = recommender.diagnose(ctx.split.valid)
     log.info("URI validation diagnosis (through the bundle): %s", diagnosis)
