@@ -115,11 +115,15 @@ class Baseline:
     scales: list[float]
     batches: list[tuple[list[int], Candidates]]
 
+    def weights(self, multiple: float) -> list[float]:
+        """``leaf_centroid_weights`` at ``multiple``: ``multiple x s_l`` per level ``1..L``."""
+        return [multiple * s for s in self.scales]
+
     def term(self, multiple: float) -> CentroidTerm | None:
         """The term at ``multiple`` x the scales (None at 0 or flat scales: the decoder alone)."""
         if not multiple or not any(self.scales):
             return None
-        weights = [0.0, *(multiple * s for s in self.scales)]
+        weights = [0.0, *self.weights(multiple)]
         return CentroidTerm(self.centroids, torch.tensor(weights, device=self.centroids.device))
 
 
@@ -155,8 +159,7 @@ def choose_centroid_weights(retriever: Retriever, evalset: EvalSet, k: int = 20)
         recalls[m] = recall_of(validation_candidates(retriever, users, k))
     best, valid, z = guarded_best(recalls)
     retriever.centroid_term = base.term(best)
-    chosen = [best * s for s in base.scales]
-    return CentroidChoice(chosen, best, base.scales, f"recall@{k}", len(users), valid, z)
+    return CentroidChoice(base.weights(best), best, base.scales, f"recall@{k}", len(users), valid, z)
 
 
 def tune_centroid_weights(bundle_dir: Path, evalset: EvalSet, k: int = 20) -> CentroidChoice:
