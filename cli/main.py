@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "serve": ("cli.serve",),
     "replay": ("cli.experiments",),
     "ab-report": ("cli.experiments",),
-    "bench": ("cli.bench_compute", "cli.bench", "cli.catalogue"),
+    "bench": ("cli.bench_compute", "cli.bench_train", "cli.bench", "cli.catalogue"),
 }
 
 

@@ -55,8 +55,9 @@ class SASRecConfig:
     """Stop after this many epochs without a better validation Recall@20."""
     eval_users: int = 0
     """Validation users used for early stopping (0 = all)."""
-    threads: int = 1
-    """torch intra-op threads while training (1 wastes least on a shared CPU); not part of the cache key."""
+    threads: int = 0
+    """torch intra-op threads while training (0: torch's default, every core; 1 on a CPU that other
+    jobs share); not part of the cache key."""
     max_train_seconds: float = 0.0
     """Stop after the epoch that passes this wall time, keeping the best epoch (0 = no limit); not part of the cache key."""
     device: str = "auto"
@@ -78,9 +79,9 @@ class SASRecConfig:
             or self.batch_size < 1
             or self.max_epochs < 1
             or self.patience < 1
-            or self.threads < 1
+            or self.threads < 0
         ):
-            raise ValueError(f"need lr > 0 and batch_size, max_epochs, patience >= 1, got {self}")
+            raise ValueError(f"need lr > 0, batch_size, max_epochs, patience >= 1 and threads >= 0, got {self}")
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
 

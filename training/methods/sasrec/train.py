@@ -77,7 +77,7 @@ def fit_sasrec(split: Split, config: SASRecConfig, seed: int = 0, dist: DistCont
         return _fit(split, config, seed, dist)
 
 
-class _Windows:
+class TrainingWindows:
     """This rank's training windows ``[C_r, T]`` and the in-batch log-q of every item."""
 
     def __init__(self, split: Split, dist: DistContext, device: torch.device) -> None:
@@ -100,6 +100,24 @@ class _Windows:
         return self.inputs[rows, -width:], self.targets[rows, -width:]
 
 
+def train_step(
+    module: SASRecModule,
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: TrainingWindows,
+    idx: np.ndarray,
+    config: SASRecConfig,
+    generator: torch.Generator,
+) -> float:
+    """One optimizer step on windows ``idx [B]`` (``net``: ``module`` or its DDP wrapper); the loss."""
+    batch_in, batch_tgt = data.batch(idx)
+    loss = next_item_loss(module, net, batch_in, batch_tgt, config, data.log_q, generator)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.item())
+
+
 def _device(config: SASRecConfig, dist: DistContext) -> torch.device:
     """``config.device`` resolved; under torchrun a GPU setting means each rank's own GPU."""
     device = training_device(config.device)
@@ -109,7 +127,7 @@ def _device(config: SASRecConfig, dist: DistContext) -> torch.device:
 def _fit(split: Split, config: SASRecConfig, seed: int, dist: DistContext) -> SASRec:
     seeds = seeded(seed, dist.rank)
     device = _device(config, dist)
-    data = _Windows(split, dist, device)
+    data = TrainingWindows(split, dist, device)
     module = SASRecModule(split.num_items, split.max_len, config).to(device)  # the same weights on every rank
     net = dist.wrap(module)
     if dist.is_distributed:
@@ -132,12 +150,7 @@ def _fit(split: Split, config: SASRecConfig, seed: int, dist: DistContext) -> SA
         total, steps = 0.0, 0
         bar = progress(epoch_batches(data.lengths, batch_size, seeds.rng), f"sasrec epoch {epoch}")
         for idx in bar:
-            batch_in, batch_tgt = data.batch(idx)
-            loss = next_item_loss(module, net, batch_in, batch_tgt, config, data.log_q, seeds.generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
+            total += train_step(module, net, optimizer, data, idx, config, seeds.generator)
             steps += 1
         module.eval()
         mean_loss = float(dist.all_reduce_mean(torch.tensor(total / max(1, steps))))
