@@ -81,7 +81,9 @@ class SASRecConfig:
             or self.patience < 1
             or self.threads < 0
         ):
-            raise ValueError(f"need lr > 0, batch_size, max_epochs, patience >= 1 and threads >= 0, got {self}")
+            raise ValueError(
+                f"need lr > 0, batch_size, max_epochs, patience >= 1 and threads >= 0, got {self}"
+            )
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
 
