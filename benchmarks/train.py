@@ -64,20 +64,17 @@ def bench_train(
     for _ in range(rounds):
         for t in threads:
             seconds[t].append(time_steps(split, data, batches, t, overrides))
-    rows = []
-    for t in threads:
-        ms = 1000.0 * statistics.median(seconds[t])
-        rows.append(
-            {
-                "threads": t,
-                "ms_per_step": round(ms, 1),
-                "rounds_ms": [round(1000.0 * s, 1) for s in seconds[t]],
-                "epoch_seconds": round(ms * len(all_batches) / 1000.0, 1),
-            }
-        )
-    first = rows[0]["ms_per_step"]
-    for row in rows:
-        row["speed_vs_first"] = round(first / row["ms_per_step"], 2)
+    first = statistics.median(seconds[threads[0]])
+    rows = [
+        {
+            "threads": t,
+            "ms_per_step": round(1000.0 * statistics.median(seconds[t]), 1),
+            "rounds_ms": [round(1000.0 * s, 1) for s in seconds[t]],
+            "epoch_seconds": round(statistics.median(seconds[t]) * len(all_batches), 1),
+            "speed_vs_first": round(first / statistics.median(seconds[t]), 2),
+        }
+        for t in threads
+    ]
     return {
         "items": split.num_items,
         "train_windows": len(data.inputs),
