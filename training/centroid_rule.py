@@ -162,10 +162,13 @@ def choose_centroid_weights(retriever: Retriever, evalset: EvalSet, k: int = 20)
     return CentroidChoice(base.weights(best), best, base.scales, f"recall@{k}", len(users), valid, z)
 
 
-def tune_centroid_weights(bundle_dir: Path, evalset: EvalSet, k: int = 20) -> CentroidChoice:
+def tune_centroid_weights(
+    bundle_dir: Path, evalset: EvalSet, k: int = 20, retriever: Retriever | None = None
+) -> CentroidChoice:
     """Choose the bundle's ``leaf_centroid_weights`` on ``evalset`` (validation users) and write
-    them into its manifest (after its ``path_weight``, which the rule's rerank reads)."""
-    retriever = Retriever(load_bundle(bundle_dir))
+    them into its manifest (after its ``path_weight``, which the rule's rerank reads: ``retriever``
+    of that bundle serving it, or the bundle loaded again when None)."""
+    retriever = Retriever(load_bundle(bundle_dir)) if retriever is None else retriever
     choice = choose_centroid_weights(retriever, evalset, k)
     record_config(bundle_dir, choice.as_config())
     log.info(

@@ -136,11 +136,15 @@ def choose_path_weight(retriever: Retriever, evalset: EvalSet, k: int = 20) -> P
     return PathWeightChoice(best * scale, best, scale, f"recall@{k}", len(users), valid, z)
 
 
-def tune_path_weight(bundle_dir: Path, evalset: EvalSet, k: int = 20) -> PathWeightChoice:
-    """Choose the bundle's ``path_weight`` on ``evalset`` (validation users) and write it into its manifest."""
-    retriever = Retriever(load_bundle(bundle_dir))
+def tune_path_weight(
+    bundle_dir: Path, evalset: EvalSet, k: int = 20, retriever: Retriever | None = None
+) -> PathWeightChoice:
+    """Choose the bundle's ``path_weight`` on ``evalset`` (validation users) and write it into its
+    manifest; ``retriever`` (of that bundle, loaded when None) is left serving the choice."""
+    retriever = Retriever(load_bundle(bundle_dir)) if retriever is None else retriever
     choice = choose_path_weight(retriever, evalset, k)
     record_config(bundle_dir, choice.as_config())
+    retriever.path_weight = choice.weight
     log.info(
         "%s: path_weight %.4g (%g x scale %.4g); validation %s by multiple: %s",
         bundle_dir,
