@@ -5,8 +5,8 @@ Every setting starts from the same weights and takes the same batches of the sam
 the settings take turns for ``--rounds`` rounds so that a change in the machine's load falls on
 each alike. The table gives milliseconds per step (median over rounds), the epoch that implies,
 and each setting's speed as a ratio to the first. SASRec is what every method's index and rerank
-stand on, and its softmax over the whole catalogue is most of a step, so its time is the
-trainer's. (Wired by :mod:`cli.bench_compute`.)
+stand on, and the longest training of a compare run; its softmax over the whole catalogue is most
+of each step. (Wired by :mod:`cli.bench_train`.)
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 
 from training.distributed import current
 from training.methods.sasrec.cache import sasrec_config
+from training.methods.sasrec.config import SASRecConfig
 from training.methods.sasrec.model import SASRecModule
 from training.methods.sasrec.train import TrainingWindows, epoch_batches, train_step
 from training.splits import Split
@@ -32,10 +33,9 @@ WARMUP_STEPS = 3
 
 
 def time_steps(
-    split: Split, data: TrainingWindows, batches: list[np.ndarray], threads: int, overrides: dict[str, Any]
+    split: Split, data: TrainingWindows, batches: list[np.ndarray], config: SASRecConfig, threads: int
 ) -> float:
     """Seconds per step of ``batches`` after the first ``WARMUP_STEPS``, at ``threads``, from fresh seed-0 weights."""
-    config = dataclasses.replace(sasrec_config(overrides, split), threads=threads)
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     with torch_threads(threads):
@@ -57,13 +57,12 @@ def bench_train(
     config = sasrec_config(overrides, split)
     data = TrainingWindows(split, current(), torch.device("cpu"))
     all_batches = epoch_batches(data.lengths, config.batch_size, np.random.default_rng(0))
-    batches = list(
-        itertools.islice(itertools.cycle(all_batches), steps + WARMUP_STEPS)
-    )  # a short epoch repeats
+    # a data set with fewer batches than asked for repeats its epoch
+    batches = list(itertools.islice(itertools.cycle(all_batches), steps + WARMUP_STEPS))
     seconds: dict[int, list[float]] = {t: [] for t in threads}
     for _ in range(rounds):
         for t in threads:
-            seconds[t].append(time_steps(split, data, batches, t, overrides))
+            seconds[t].append(time_steps(split, data, batches, config, t))
     first = statistics.median(seconds[threads[0]])
     rows = [
         {
