@@ -63,14 +63,14 @@ def bench_train(
     for _ in range(rounds):
         for t in threads:
             seconds[t].append(time_steps(split, data, batches, config, t))
-    first = statistics.median(seconds[threads[0]])
+    median = {t: statistics.median(seconds[t]) for t in threads}
     rows = [
         {
             "threads": t,
-            "ms_per_step": round(1000.0 * statistics.median(seconds[t]), 1),
+            "ms_per_step": round(1000.0 * median[t], 1),
             "rounds_ms": [round(1000.0 * s, 1) for s in seconds[t]],
-            "epoch_seconds": round(statistics.median(seconds[t]) * len(all_batches), 1),
-            "speed_vs_first": round(first / statistics.median(seconds[t]), 2),
+            "epoch_seconds": round(median[t] * len(all_batches), 1),
+            "speed_vs_first": round(median[threads[0]] / median[t], 2),
         }
         for t in threads
     ]
