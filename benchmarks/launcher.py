@@ -52,6 +52,7 @@ class ServiceProcess:
         self._log: IO[bytes] | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready_s: float | None = None  # seconds from the process start to the first ready /readyz
+        self._launched = 0.0
 
     @property
     def pid(self) -> int:
@@ -59,6 +60,12 @@ class ServiceProcess:
         return self.proc.pid
 
     def start(self, ready_timeout_s: float = 120.0) -> ServiceProcess:
+        self.launch()
+        self.wait_ready(ready_timeout_s)
+        return self
+
+    def launch(self) -> None:
+        """Start the process without waiting for it (:meth:`wait_ready` waits)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
@@ -67,13 +74,11 @@ class ServiceProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        self.wait_ready(ready_timeout_s)
-        return self
+        self._launched = time.monotonic()
 
     def wait_ready(self, timeout_s: float) -> None:
         assert self.proc is not None
-        started = time.monotonic()
-        deadline = started + timeout_s
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(
@@ -81,7 +86,7 @@ class ServiceProcess:
                 )
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
-                    self.ready_s = time.monotonic() - started
+                    self.ready_s = time.monotonic() - self._launched
                     return
             except httpx.HTTPError:
                 pass

@@ -60,7 +60,7 @@ def _one(
 
 def multi_open_loop(
     host: str,
-    port: int,
+    port: int | Sequence[int],
     bodies: Sequence[bytes],
     rate: float,
     window_s: float,
@@ -70,10 +70,15 @@ def multi_open_loop(
     seed: int = 0,
     timeout_s: float = 10.0,
 ) -> MultiLoopStats:
-    """``rate`` requests/s for ``window_s`` seconds from ``processes`` generator processes."""
+    """``rate`` requests/s for ``window_s`` seconds from ``processes`` generator processes; with
+    several ports (replicas of one service), process ``j`` sends to ``port[j % len(port)]``."""
+    ports = [port] if isinstance(port, int) else list(port)
     offsets = send_times(rate, window_s, arrivals, seed=seed)  # [n] sorted
     P = max(1, min(processes, len(offsets)))
-    jobs = [(host, port, list(bodies[j::P] or bodies), offsets[j::P], window_s, timeout_s) for j in range(P)]
+    jobs = [
+        (host, ports[j % len(ports)], list(bodies[j::P] or bodies), offsets[j::P], window_s, timeout_s)
+        for j in range(P)
+    ]
     with mp.get_context("spawn").Pool(P) as pool:  # spawn: no CUDA or event-loop state forked
         parts = pool.map(_one, jobs)
     latency_ms = np.asarray([x for part in parts for x in part[5]]) * 1000.0  # [answered]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
@@ -35,11 +34,14 @@ import numpy as np
 
 from benchmarks.launcher import ONE_CLIENT_LOAD, ServiceProcess
 from benchmarks.load import Arrivals, OpenLoopStats, open_loop, retrieve_bodies, run_loop, send_times
+from benchmarks.load_multi import MultiLoopStats, multi_open_loop
+from benchmarks.replicas import Replicas
 from benchmarks.serve_report import format_open_table, format_start_table, format_table
 from benchmarks.serve_types import Measurement, OpenLoopMeasurement, StartMeasurement
+from benchmarks.wrk import run_wrk
 from models.bundle.manifest import SCHEMA_VERSION
 
-__all__ = ["BenchConfig", "Measurement", "OpenLoopMeasurement", "StartMeasurement", "run_bench"]
+__all__ = ["BenchConfig", "Measurement", "OpenLoopMeasurement", "StartMeasurement", "run_bench", "run_wrk"]
 
 FIRST_WINDOW_S = 5.0
 """Seconds of load started at ready whose p99 is reported beside the steady state: a new replica
@@ -91,6 +93,7 @@ class BenchConfig:
     repeat: int = 1  # shadow bench: interleaved rounds over all rates; the table shows medians
     open_loop: tuple[float, ...] = (0.5, 0.8, 0.95)  # fractions of the best error-free closed-loop QPS
     arrivals: Arrivals = "fixed"  # open-loop send times: evenly spaced or Poisson
+    replicas: int = 1  # service processes per mode, the load split evenly (benchmarks/replicas.py)
 
     def __post_init__(self) -> None:
         if self.items < 2 or self.levels < 1 or self.dim < 1 or not self.concurrency:
@@ -103,6 +106,12 @@ class BenchConfig:
             raise ValueError(f"shadow rates must be in [0, 1], got {self.shadow_rates}")
         if self.repeat < 1:
             raise ValueError(f"repeat must be >= 1, got {self.repeat}")
+        if not 1 <= self.replicas <= min(self.concurrency):
+            raise ValueError(
+                f"replicas must be >= 1 and at most the lowest concurrency (a connection each), got {self.replicas}"
+            )
+        if self.shadow_rates and self.replicas != 1:
+            raise ValueError("the shadow bench runs one service process per rate: leave replicas at 1")
         if any(not 0.0 < f <= 2.0 for f in self.open_loop) or self.arrivals not in ("fixed", "poisson"):
             raise ValueError(
                 f"open-loop fractions must be in (0, 2] and arrivals fixed|poisson, got {self.open_loop}, "
@@ -144,25 +153,6 @@ def wrk_script(bundle: Path, cfg: BenchConfig, path: Path) -> Path:
     return path
 
 
-def run_wrk(url: str, script: Path, concurrency: int, duration_s: float) -> dict[str, Any]:
-    cmd = [
-        "wrk",
-        "-t1",
-        f"-c{concurrency}",
-        f"-d{max(1, round(duration_s))}s",
-        "--timeout",
-        "10s",
-        "-s",
-        str(script),
-        f"{url}/v1/retrieve",
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=duration_s + 60).stdout
-    for line in out.splitlines():
-        if line.startswith("WRKJSON "):
-            return dict(json.loads(line[len("WRKJSON ") :]))
-    raise RuntimeError(f"wrk printed no summary:\n{out}")
-
-
 def service_env(cfg: BenchConfig, bundle_path: Path, mode: str) -> dict[str, str]:
     return {
         "GENRET_BUNDLE_PATH": str(bundle_path),
@@ -182,14 +172,16 @@ def service_env(cfg: BenchConfig, bundle_path: Path, mode: str) -> dict[str, str
 
 def measure_level(
     mode: str,
-    service: ServiceProcess,
+    service: ServiceProcess | Replicas,
     script: Path,
     c: int,
     cfg: BenchConfig,
     duration_s: float | None = None,
 ) -> Measurement:
-    """One wrk run of ``duration_s`` (default ``cfg.duration_s``) at ``c`` connections against a started service."""
-    raw = run_wrk(service.url, script, c, cfg.duration_s if duration_s is None else duration_s)
+    """One wrk run of ``duration_s`` (default ``cfg.duration_s``) at ``c`` connections in all against
+    a started service or replicas (one wrk each, merged: :mod:`benchmarks.replicas`)."""
+    replicas = service if isinstance(service, Replicas) else Replicas.of(service)
+    raw = replicas.closed_loop(script, c, cfg.duration_s if duration_s is None else duration_s)
     errors = raw["connect"] + raw["read"] + raw["write"] + raw["status"] + raw["timeout"]
     seconds = raw["duration_us"] / 1e6
     rss, _ = service.rss_bytes()
@@ -207,15 +199,29 @@ def measure_level(
 
 
 def measure_open(
-    mode: str, service: ServiceProcess, bodies: list[bytes], max_qps: float, cfg: BenchConfig
+    mode: str, service: Replicas, bodies: list[bytes], max_qps: float, cfg: BenchConfig
 ) -> list[OpenLoopMeasurement]:
-    """One open-loop run of ``cfg.duration_s`` per fraction of ``max_qps``."""
+    """One open-loop run of ``cfg.duration_s`` per fraction of ``max_qps``: one generator in this
+    process for one replica, one generator process per replica for several."""
     rows = []
     for fraction in cfg.open_loop:
-        offsets = send_times(fraction * max_qps, cfg.duration_s, cfg.arrivals, seed=cfg.seed)
-        stats: OpenLoopStats = run_loop(
-            open_loop("127.0.0.1", service.port, bodies, offsets, cfg.duration_s, timeout_s=10.0)
-        )
+        stats: OpenLoopStats | MultiLoopStats
+        if len(service.ports) == 1:
+            offsets = send_times(fraction * max_qps, cfg.duration_s, cfg.arrivals, seed=cfg.seed)
+            stats = run_loop(
+                open_loop("127.0.0.1", service.ports[0], bodies, offsets, cfg.duration_s, timeout_s=10.0)
+            )
+        else:
+            stats = multi_open_loop(
+                "127.0.0.1",
+                service.ports,
+                bodies,
+                fraction * max_qps,
+                cfg.duration_s,
+                len(service.ports),
+                arrivals=cfg.arrivals,
+                seed=cfg.seed,
+            )
         row = OpenLoopMeasurement(
             mode=mode,
             fraction=fraction,
@@ -248,14 +254,14 @@ def max_throughput(rows: list[Measurement]) -> float | None:
 
 
 def start_row(
-    first: Measurement, rows: list[Measurement], service: ServiceProcess, rss_ready: int
+    first: Measurement, rows: list[Measurement], service: Replicas, rss_ready: int
 ) -> StartMeasurement:
     """The first window's row, beside the steady-state row at the same concurrency."""
     steady = [m.p99_ms for m in rows if m.concurrency == first.concurrency]
     row = StartMeasurement(
         mode=first.mode,
         concurrency=first.concurrency,
-        ready_s=service.ready_s or 0.0,
+        ready_s=service.ready_s,
         window_s=FIRST_WINDOW_S,
         first_qps=first.qps,
         first_p50_ms=first.p50_ms,
@@ -278,13 +284,14 @@ def measure_mode(
     mode: str, bundle: Path, script: Path, bodies: list[bytes], cfg: BenchConfig
 ) -> tuple[list[Measurement], list[OpenLoopMeasurement], StartMeasurement]:
     """The first window after ready, then closed loop per concurrency, then open loop."""
-    env = service_env(cfg, bundle, mode)
-    service = ServiceProcess(env, cfg.workdir / f"service-{mode}.log").start(ready_timeout_s=600)
+    service = Replicas(service_env(cfg, bundle, mode), cfg.workdir, mode, cfg.replicas).start(
+        ready_timeout_s=600
+    )
     results = []
     try:
         rss_ready, _ = service.rss_bytes()
         first = measure_level(mode, service, script, cfg.concurrency[0], cfg, FIRST_WINDOW_S)  # no warm-up
-        run_wrk(service.url, script, 8, 2.0)  # warm-up
+        service.closed_loop(script, max(8, cfg.replicas), 2.0)  # warm-up
         for c in cfg.concurrency:
             m = measure_level(mode, service, script, c, cfg)
             print(
@@ -349,7 +356,8 @@ def run_bench(cfg: BenchConfig, as_json: bool = False, ceiling: bool = False) ->
             starts.append(start)
     print(
         f"\nbench serve: N={cfg.items} L={cfg.levels} branching={cfg.tree_branching} dim={cfg.dim} k={cfg.k} "
-        f"beam={cfg.beam_size} batch<={cfg.max_batch_size} threads={cfg.threads} duration={cfg.duration_s}s "
+        f"beam={cfg.beam_size} batch<={cfg.max_batch_size} threads={cfg.threads} replicas={cfg.replicas} "
+        f"duration={cfg.duration_s}s "
         "(closed loop: wrk, 1 thread, separate process; open loop: benchmarks.load, "
         f"{cfg.arrivals} arrivals, latency from the scheduled send)"
     )

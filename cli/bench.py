@@ -63,6 +63,13 @@ def register_serve(group: Any) -> None:
         "--arrivals", choices=["fixed", "poisson"], default="fixed", help="open-loop send times"
     )
     bench.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="service processes per mode on this machine, the load split evenly over them as a "
+        "Kubernetes Service spreads it over pods (benchmarks/replicas.py)",
+    )
+    bench.add_argument(
         "--ceiling",
         action="store_true",
         help="first measure the open-loop generator's own ceiling against a trivial HTTP server",
@@ -92,6 +99,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         repeat=args.repeat,
         open_loop=comma_list(args.open_loop, float),
         arrivals=args.arrivals,
+        replicas=args.replicas,
     )
     if config.shadow_rates:
         from benchmarks.shadow import run_shadow_bench
