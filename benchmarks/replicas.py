@@ -41,20 +41,20 @@ def merge_wrk(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 class Replicas:
-    """``n`` started :class:`ServiceProcess` of one mode; ``stop`` stops them all."""
+    """Service processes of one mode, driven as one service; ``stop`` stops them all."""
 
-    def __init__(self, env: dict[str, str], log_dir: Path, mode: str, n: int) -> None:
+    def __init__(self, processes: Sequence[ServiceProcess]) -> None:
+        if not processes:
+            raise ValueError("replicas need at least one service process")
+        self.processes = list(processes)
+
+    @classmethod
+    def of_mode(cls, env: dict[str, str], log_dir: Path, mode: str, n: int) -> Replicas:
+        """``n`` processes with the same settings, not started, each logging to its own file."""
         if n < 1:
             raise ValueError(f"replicas must be >= 1, got {n}")
         suffix = [""] if n == 1 else [f"-{i}" for i in range(n)]
-        self.processes = [ServiceProcess(env, log_dir / f"service-{mode}{s}.log") for s in suffix]
-
-    @classmethod
-    def of(cls, process: ServiceProcess) -> Replicas:
-        """One process started elsewhere, driven through this class's interface."""
-        replicas = cls.__new__(cls)
-        replicas.processes = [process]
-        return replicas
+        return cls([ServiceProcess(env, log_dir / f"service-{mode}{s}.log") for s in suffix])
 
     def start(self, ready_timeout_s: float) -> Replicas:
         """Start every process, then wait for each to report ready (they load side by side)."""

@@ -2,7 +2,8 @@
 
 1. build (or reuse) a synthetic bundle of N items (``benchmarks.synthetic_bundle``);
 2. for each mode (``generative``: beam search + rerank; ``bruteforce``: encode, then exact
-   ``query @ item_emb.T`` top-K), start `genret serve` as a subprocess with the cache off;
+   ``query @ item_emb.T`` top-K), start `genret serve` as a subprocess with the cache off
+   (``replicas`` > 1: that many, the load split evenly over them, :mod:`benchmarks.replicas`);
 3. the first :data:`FIRST_WINDOW_S` seconds after the service reports ready: closed-loop load at the
    first concurrency with no warm-up, its p99 set beside the steady state's (a rollout's new
    replica takes traffic at once), and the resident memory at ready, before any request;
@@ -38,10 +39,9 @@ from benchmarks.load_multi import MultiLoopStats, multi_open_loop
 from benchmarks.replicas import Replicas
 from benchmarks.serve_report import format_open_table, format_start_table, format_table
 from benchmarks.serve_types import Measurement, OpenLoopMeasurement, StartMeasurement
-from benchmarks.wrk import run_wrk
 from models.bundle.manifest import SCHEMA_VERSION
 
-__all__ = ["BenchConfig", "Measurement", "OpenLoopMeasurement", "StartMeasurement", "run_bench", "run_wrk"]
+__all__ = ["BenchConfig", "Measurement", "OpenLoopMeasurement", "StartMeasurement", "run_bench"]
 
 FIRST_WINDOW_S = 5.0
 """Seconds of load started at ready whose p99 is reported beside the steady state: a new replica
@@ -180,7 +180,7 @@ def measure_level(
 ) -> Measurement:
     """One wrk run of ``duration_s`` (default ``cfg.duration_s``) at ``c`` connections in all against
     a started service or replicas (one wrk each, merged: :mod:`benchmarks.replicas`)."""
-    replicas = service if isinstance(service, Replicas) else Replicas.of(service)
+    replicas = service if isinstance(service, Replicas) else Replicas([service])
     raw = replicas.closed_loop(script, c, cfg.duration_s if duration_s is None else duration_s)
     errors = raw["connect"] + raw["read"] + raw["write"] + raw["status"] + raw["timeout"]
     seconds = raw["duration_us"] / 1e6
@@ -284,7 +284,7 @@ def measure_mode(
     mode: str, bundle: Path, script: Path, bodies: list[bytes], cfg: BenchConfig
 ) -> tuple[list[Measurement], list[OpenLoopMeasurement], StartMeasurement]:
     """The first window after ready, then closed loop per concurrency, then open loop."""
-    service = Replicas(service_env(cfg, bundle, mode), cfg.workdir, mode, cfg.replicas).start(
+    service = Replicas.of_mode(service_env(cfg, bundle, mode), cfg.workdir, mode, cfg.replicas).start(
         ready_timeout_s=600
     )
     results = []

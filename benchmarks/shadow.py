@@ -31,11 +31,11 @@ from benchmarks.serve import (
     BenchConfig,
     build_bundle,
     measure_level,
-    run_wrk,
     service_env,
     wrk_ready,
     wrk_script,
 )
+from benchmarks.wrk import run_wrk
 
 
 @dataclass(frozen=True)
