@@ -83,6 +83,7 @@ def steps_for(args: argparse.Namespace, py: str) -> list[Step]:
         sizes = ("4000:3", "30000:4")
         http = ["--items", "3000", "--levels", "2", "--dim", "16", "--rates", "20,40,80", "--duration", "1.5"]
         http += ["--deltas", "3", "--delta-items", "20", "--procs", "2", "--max-batch", "16", "--beam", "4"]
+        http += ["--workers", "2"]  # the dry run also checks that a delta reaches every worker
         train = ["--users", "600", "--items", "200", "--epochs", "2", "--dim", "16", "--cpu-threads", "1"]
         limits = {
             "tests": 240.0,
@@ -327,7 +328,7 @@ def http_summary(report: dict[str, Any]) -> list[str]:
             f"  http deltas at {d['rate']:.0f}/s: p99 before {d['before']['p99_ms']:.2f} ms, during "
             f"{d['during']['p99_ms']:.2f} ms, after {d['after']['p99_ms']:.2f} ms; adds (s) "
             f"{[a['seconds'] for a in d['adds']]}; RSS {report.get('rss_mib')} MiB, GPU "
-            f"{report.get('gpu_memory_mib')} MiB (1 worker)"
+            f"{report.get('gpu_memory_mib')} MiB ({report.get('workers', 1)} workers)"
         )
     return lines
 

@@ -9,7 +9,12 @@ in-process cache) on a synthetic bundle, under open-loop load from this machine'
    items each go through ``POST /admin/items`` one after another, and after them (the catalogue
    version reached, each delta's wall time); graphs are recaptured per version before it serves
    (docs/live_catalogue.md), so after should match before;
-4. the service's resident memory and, with ``nvidia-smi``, the GPU memory its one worker holds.
+4. the service's resident memory and, with ``nvidia-smi``, the GPU memory each worker holds.
+
+``--workers N`` starts N service processes on the same device (one Python each, for when one
+process's GIL is the limit), every generator process sending to one of them in turn
+(:mod:`benchmarks.replicas`); they share the delta directory, so a delta posted to the first
+reaches every one (docs/live_catalogue.md).
 
 One JSON report, ``--json-out``, rewritten after every phase (a run cut off still reports). Run by
 ``scripts/gpu_check.py`` (step ``http``); ``--small`` is the CPU dry run's size.
@@ -34,6 +39,7 @@ from benchmarks.catalogue import add_body
 from benchmarks.launcher import ServiceProcess
 from benchmarks.load import retrieve_bodies, start_trivial_server
 from benchmarks.load_multi import multi_open_loop
+from benchmarks.replicas import Replicas
 
 ADMIN_TOKEN = "gpu-check-admin-token"
 
@@ -77,7 +83,9 @@ def gpu_memory_mib(pid: int) -> float | None:
     return None
 
 
-def loop_row(port: int, bodies: list[bytes], rate: float, args: argparse.Namespace) -> dict[str, Any]:
+def loop_row(
+    port: int | list[int], bodies: list[bytes], rate: float, args: argparse.Namespace
+) -> dict[str, Any]:
     stats = multi_open_loop("127.0.0.1", port, bodies, rate, args.duration, args.procs)
     row = {**asdict(stats), "valid": stats.valid}
     print(
@@ -98,9 +106,10 @@ def ceiling(bodies: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
 
 
 def deltas_under_load(
-    service: ServiceProcess, bundle: Path, bodies: list[bytes], args: argparse.Namespace
+    service: Replicas, bundle: Path, bodies: list[bytes], args: argparse.Namespace
 ) -> dict[str, Any]:
-    """p99 at the first rate during ``args.deltas`` adds, then after them."""
+    """p99 at the first rate during ``args.deltas`` adds (posted to the first worker), then after them."""
+    admin_url = service.processes[0].admin_url
     rate = args.rates[0]
     adds: list[dict[str, Any]] = []
 
@@ -110,7 +119,7 @@ def deltas_under_load(
             for d in range(args.deltas):
                 body = add_body(bundle, args.delta_items, seed=1000 + d)
                 t = time.perf_counter()
-                answer = client.post(f"{service.admin_url}/admin/items", content=body, headers=headers)
+                answer = client.post(f"{admin_url}/admin/items", content=body, headers=headers)
                 took = time.perf_counter() - t
                 adds.append(
                     {"status": answer.status_code, "seconds": round(took, 3), "answer": answer.json()}
@@ -118,11 +127,31 @@ def deltas_under_load(
 
     writer = threading.Thread(target=post_deltas)
     writer.start()
-    during = loop_row(service.port, bodies, rate, args)
+    during = loop_row(service.ports, bodies, rate, args)
     writer.join()
-    after = loop_row(service.port, bodies, rate, args)
-    version = httpx.get(f"{service.url}/v1/models", timeout=10.0).json()
-    return {"rate": rate, "during": during, "after": after, "adds": adds, "models": version}
+    after = loop_row(service.ports, bodies, rate, args)
+    models, converged_s = converged_models(service)
+    return {
+        "rate": rate,
+        "during": during,
+        "after": after,
+        "adds": adds,
+        "models": models,
+        "workers_converged_s": converged_s,
+    }
+
+
+def converged_models(service: Replicas, timeout_s: float = 15.0) -> tuple[list[Any], float | None]:
+    """Every worker's ``/v1/models`` once they serve the same catalogue version (the others apply the
+    first worker's deltas at their next poll), and the seconds that took; None if they never did."""
+    started = time.perf_counter()
+    while True:
+        models = [httpx.get(f"{p.url}/v1/models", timeout=10.0).json() for p in service.processes]
+        if len({m["models"][0]["catalogue_version"] for m in models}) == 1:
+            return models, round(time.perf_counter() - started, 3)
+        if time.perf_counter() - started > timeout_s:
+            return models, None
+        time.sleep(0.2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,11 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deltas", type=int, default=10)
     p.add_argument("--delta-items", type=int, default=1000)
     p.add_argument("--procs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)))
+    p.add_argument("--workers", type=int, default=1, help="service processes on the one device")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "genret_gpu_http")
     p.add_argument("--json-out", type=Path, required=True)
     args = p.parse_args(argv)
     args.rates = [float(r) for r in args.rates.split(",") if r]
-    report: dict[str, Any] = {"config": {k: str(v) for k, v in vars(args).items()}, "workers": 1}
+    if not 1 <= args.workers <= args.procs:
+        p.error(f"--workers must be between 1 and --procs ({args.procs}): a generator process each at least")
+    report: dict[str, Any] = {"config": {k: str(v) for k, v in vars(args).items()}, "workers": args.workers}
 
     def save() -> None:
         args.json_out.write_text(json.dumps(report, indent=2) + "\n")
@@ -156,20 +188,27 @@ def main(argv: list[str] | None = None) -> int:
     report["ceiling"] = ceiling(bodies, args)
     save()
     deltas = Path(tempfile.mkdtemp(prefix="genret-http-deltas-"))
-    service = ServiceProcess(service_env(args, bundle, deltas), args.json_out.with_suffix(".service.log"))
-    service.start(ready_timeout_s=300)
+    env = service_env(args, bundle, deltas)
+    logs = [
+        args.json_out.with_suffix(f".service{'' if args.workers == 1 else f'-{i}'}.log")
+        for i in range(args.workers)
+    ]
+    service = Replicas([ServiceProcess(env, log) for log in logs]).start(ready_timeout_s=300)
     report["ready_s"] = service.ready_s
     try:
         report["rates"] = []
         for rate in args.rates:
-            report["rates"].append(loop_row(service.port, bodies, rate, args))
+            report["rates"].append(loop_row(service.ports, bodies, rate, args))
             save()
         report["deltas"] = {"before": report["rates"][0], **deltas_under_load(service, bundle, bodies, args)}
-        report["rss_mib"] = [round(x / 2**20) for x in service.rss_bytes()]  # now, peak
-        report["gpu_memory_mib"] = gpu_memory_mib(service.pid)
+        report["rss_mib"] = [
+            round(x / 2**20) for x in service.rss_bytes()
+        ]  # now, peak (the largest worker's)
+        report["gpu_memory_mib"] = [gpu_memory_mib(p.pid) for p in service.processes]  # per worker
         save()
     finally:
-        report["exit_code"] = service.stop()
+        report["exit_codes"] = [p.stop() for p in service.processes]
+        report["exit_code"] = next((c for c in report["exit_codes"] if c), 0)
         save()
     d = report["deltas"]
     print(
@@ -177,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{d['during']['p99_ms']:.2f} ms, after {d['after']['p99_ms']:.2f} ms; "
         f"adds {[a['seconds'] for a in d['adds']]} s; RSS {report['rss_mib']} MiB, GPU {report['gpu_memory_mib']} MiB"
     )
-    return 0 if all(a["status"] == 200 for a in d["adds"]) else 1
+    return 0 if all(a["status"] == 200 for a in d["adds"]) and d["workers_converged_s"] is not None else 1
 
 
 if __name__ == "__main__":

@@ -75,8 +75,10 @@ def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
         assert row["errors"] == 0 and 0 < row["p50_ms"] <= row["p99_ms"] and row["processes"] == 2
     deltas = http["deltas"]
     assert [a["status"] for a in deltas["adds"]] == [200] * 3
-    (model,) = deltas["models"]["models"]
-    assert (model["catalogue_version"], model["num_items"], model["num_live"]) == (3, 3060, 3060)
+    assert http["workers"] == 2 and len(deltas["models"]) == 2 and deltas["workers_converged_s"] is not None
+    for worker in deltas["models"]:  # posted to the first worker, applied by both
+        (model,) = worker["models"]
+        assert (model["catalogue_version"], model["num_items"], model["num_live"]) == (3, 3060, 3060)
     assert deltas["after"]["errors"] == 0 and deltas["after"]["p99_ms"] > 0 and http["rss_mib"][0] > 0
 
     train = steps["train"]["report"]

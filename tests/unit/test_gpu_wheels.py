@@ -28,7 +28,15 @@ MACHINE_HAS = ("torch", "numpy", "onnx", "onnxscript", "onnxruntime", "safetenso
 """What the CUDA machines hold (docs/deployment.md, the GPU check), with their own requirements;
 ``onnxruntime`` there is the CPU build of the module this venv gets from ``onnxruntime-gpu``."""
 SAME_MODULE = {"onnxruntime-gpu": "onnxruntime"}
-HTTP_STEP = ("service", "models", "benchmarks/launcher.py", "benchmarks/load.py", "benchmarks/load_multi.py")
+HTTP_STEP = (
+    "service",
+    "models",
+    "benchmarks/launcher.py",
+    "benchmarks/load.py",
+    "benchmarks/load_multi.py",
+    "benchmarks/replicas.py",
+    "benchmarks/wrk.py",
+)
 OPTIONAL = ("uvloop", "httptools")
 """Not imported by name: uvicorn picks them up when present (the event loop and parser it serves with here)."""
 
