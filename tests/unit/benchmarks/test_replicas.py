@@ -10,6 +10,7 @@ import pytest
 from benchmarks.load import http_post, start_trivial_server
 from benchmarks.load_multi import multi_open_loop
 from benchmarks.replicas import merge_wrk, split_connections
+from tests.unit.benchmarks.serve_configs import tiny_bench_config
 
 
 def test_connections_split_evenly_with_one_at_least() -> None:
@@ -58,23 +59,9 @@ def test_open_loop_generators_spread_over_the_ports_given() -> None:
 @pytest.mark.skipif(not Path("/usr/bin/wrk").exists(), reason="needs wrk (apt-get install wrk)")
 def test_two_replicas_serve_a_real_closed_and_open_loop_without_errors(tmp_path: Path) -> None:
     from benchmarks.load import retrieve_bodies
-    from benchmarks.serve import BenchConfig, build_bundle, measure_mode, wrk_script
+    from benchmarks.serve import build_bundle, measure_mode, wrk_script
 
-    cfg = BenchConfig(
-        items=300,
-        levels=2,
-        branching=0,
-        dim=16,
-        concurrency=(4,),
-        duration_s=1.0,
-        k=5,
-        beam_size=4,
-        max_batch_size=8,
-        modes=("generative",),
-        workdir=tmp_path,
-        open_loop=(0.5,),
-        replicas=2,
-    )
+    cfg = tiny_bench_config(tmp_path, open_loop=(0.5,), replicas=2)
     bundle = build_bundle(cfg)
     bodies = retrieve_bodies(bundle, 10, k=5, beam_size=4, seed=1, user_prefix="o", users=10)
     closed, opened, start = measure_mode(
@@ -85,4 +72,4 @@ def test_two_replicas_serve_a_real_closed_and_open_loop_without_errors(tmp_path:
     logs = [tmp_path / f"service-generative-{i}.log" for i in range(2)]
     assert all(log.exists() for log in logs)
     with pytest.raises(ValueError, match="replicas"):
-        BenchConfig(**{**cfg.__dict__, "replicas": 5})
+        tiny_bench_config(tmp_path, replicas=5)

@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks.serve import FIRST_WINDOW_S, Measurement, start_row
 from benchmarks.serve_report import format_start_table
+from tests.unit.benchmarks.serve_configs import tiny_bench_config
 
 
 class FakeService:
@@ -37,22 +38,9 @@ def test_first_window_sits_beside_the_steady_row_at_its_concurrency() -> None:
 @pytest.mark.skipif(not Path("/usr/bin/wrk").exists(), reason="needs wrk (apt-get install wrk)")
 def test_bench_serve_reports_the_first_window_on_a_real_service(tmp_path: Path) -> None:
     from benchmarks.load import retrieve_bodies
-    from benchmarks.serve import BenchConfig, build_bundle, measure_mode, wrk_script
+    from benchmarks.serve import build_bundle, measure_mode, wrk_script
 
-    cfg = BenchConfig(
-        items=300,
-        levels=2,
-        branching=0,
-        dim=16,
-        concurrency=(4,),
-        duration_s=1.0,
-        k=5,
-        beam_size=4,
-        max_batch_size=8,
-        modes=("generative",),
-        workdir=tmp_path,
-        open_loop=(),
-    )
+    cfg = tiny_bench_config(tmp_path)
     bundle = build_bundle(cfg)
     bodies = retrieve_bodies(bundle, 10, k=5, beam_size=4, seed=1, user_prefix="o", users=10)
     _, _, start = measure_mode("generative", bundle, wrk_script(bundle, cfg, tmp_path / "r.lua"), bodies, cfg)
