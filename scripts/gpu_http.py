@@ -201,9 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             report["rates"].append(loop_row(service.ports, bodies, rate, args))
             save()
         report["deltas"] = {"before": report["rates"][0], **deltas_under_load(service, bundle, bodies, args)}
-        report["rss_mib"] = [
-            round(x / 2**20) for x in service.rss_bytes()
-        ]  # now, peak (the largest worker's)
+        # now and at peak, the largest worker's
+        report["rss_mib"] = [round(x / 2**20) for x in service.rss_bytes()]
         report["gpu_memory_mib"] = [gpu_memory_mib(p.pid) for p in service.processes]  # per worker
         save()
     finally:

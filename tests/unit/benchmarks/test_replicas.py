@@ -1,5 +1,7 @@
 """``genret bench serve --replicas``: several service processes driven as one (benchmarks/replicas.py):
-connections split evenly, wrk summaries merged, each process's share of the load really sent to it."""
+connections split evenly, wrk summaries merged, open-loop generators spread over the replicas' ports,
+and two real services through both loops with no error (a replica that did not answer its share
+would show as connect errors)."""
 
 from __future__ import annotations
 
