@@ -1,7 +1,7 @@
 """Several service processes of one mode on one machine, driven as one service (``--replicas``).
 
-One service process is bounded by its GIL: under load it uses about 1.1 cores and leaves the rest
-of the machine idle (docs/results.md, "One process or two on the same 2 cores"). A deployment runs
+One service process is bounded by its GIL: under load it uses little more than one core and leaves
+the rest of the machine idle (docs/results.md, "One process or two on the same 2 cores"). A deployment runs
 several replicas per node instead, each a pod with its own process, and the Kubernetes Service
 spreads connections over them. This drives ``n`` processes the same way: each gets an even share of
 the closed loop's connections (one ``wrk`` per replica, all at once) and of the open loop's rate
