@@ -49,12 +49,14 @@ class Replicas:
         self.processes = list(processes)
 
     @classmethod
-    def of_mode(cls, env: dict[str, str], log_dir: Path, mode: str, n: int) -> Replicas:
-        """``n`` processes with the same settings, not started, each logging to its own file."""
+    def alike(cls, env: dict[str, str], log: Path, n: int) -> Replicas:
+        """``n`` processes with the same settings, not started; one logs to ``log``, several to
+        ``log`` numbered (``service.log`` -> ``service-0.log``, ``service-1.log``, ...)."""
         if n < 1:
             raise ValueError(f"replicas must be >= 1, got {n}")
-        suffix = [""] if n == 1 else [f"-{i}" for i in range(n)]
-        return cls([ServiceProcess(env, log_dir / f"service-{mode}{s}.log") for s in suffix])
+        if n == 1:
+            return cls([ServiceProcess(env, log)])
+        return cls([ServiceProcess(env, log.with_name(f"{log.stem}-{i}{log.suffix}")) for i in range(n)])
 
     def start(self, ready_timeout_s: float) -> Replicas:
         """Start every process, then wait for each to report ready (they load side by side)."""

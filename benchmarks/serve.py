@@ -284,9 +284,8 @@ def measure_mode(
     mode: str, bundle: Path, script: Path, bodies: list[bytes], cfg: BenchConfig
 ) -> tuple[list[Measurement], list[OpenLoopMeasurement], StartMeasurement]:
     """The first window after ready, then closed loop per concurrency, then open loop."""
-    service = Replicas.of_mode(service_env(cfg, bundle, mode), cfg.workdir, mode, cfg.replicas).start(
-        ready_timeout_s=600
-    )
+    log = cfg.workdir / f"service-{mode}.log"
+    service = Replicas.alike(service_env(cfg, bundle, mode), log, cfg.replicas).start(ready_timeout_s=600)
     results = []
     try:
         rss_ready, _ = service.rss_bytes()

@@ -36,7 +36,6 @@ from typing import Any
 import httpx
 
 from benchmarks.catalogue import add_body
-from benchmarks.launcher import ServiceProcess
 from benchmarks.load import retrieve_bodies, start_trivial_server
 from benchmarks.load_multi import multi_open_loop
 from benchmarks.replicas import Replicas
@@ -189,11 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     save()
     deltas = Path(tempfile.mkdtemp(prefix="genret-http-deltas-"))
     env = service_env(args, bundle, deltas)
-    logs = [
-        args.json_out.with_suffix(f".service{'' if args.workers == 1 else f'-{i}'}.log")
-        for i in range(args.workers)
-    ]
-    service = Replicas([ServiceProcess(env, log) for log in logs]).start(ready_timeout_s=300)
+    log = args.json_out.with_suffix(".service.log")
+    service = Replicas.alike(env, log, args.workers).start(ready_timeout_s=300)
     report["ready_s"] = service.ready_s
     try:
         report["rates"] = []
