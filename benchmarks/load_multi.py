@@ -75,6 +75,8 @@ def multi_open_loop(
     ports = [port] if isinstance(port, int) else list(port)
     offsets = send_times(rate, window_s, arrivals, seed=seed)  # [n] sorted
     P = max(1, min(processes, len(offsets)))
+    if len(ports) > P:  # a port no generator sends to would get none of the load, silently
+        raise ValueError(f"{len(ports)} ports need at least as many generator processes, got {P}")
     jobs = [
         (host, ports[j % len(ports)], list(bodies[j::P] or bodies), offsets[j::P], window_s, timeout_s)
         for j in range(P)

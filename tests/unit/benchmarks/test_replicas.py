@@ -56,6 +56,8 @@ def test_open_loop_generators_spread_over_the_ports_given() -> None:
             proc.terminate()
             proc.wait(timeout=10)
     assert stats.processes == 2 and stats.sent == 100 and stats.errors == 0 and stats.valid
+    with pytest.raises(ValueError, match="ports"):
+        multi_open_loop("127.0.0.1", [1, 2, 3], [body], 100.0, 1.0, 2)
 
 
 @pytest.mark.skipif(not Path("/usr/bin/wrk").exists(), reason="needs wrk (apt-get install wrk)")
