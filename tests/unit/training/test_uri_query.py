@@ -11,10 +11,10 @@ import torch
 from training.context import TrainContext
 from training.data import synthetic_dataset
 from training.methods.sasrec.model import SASRecConfig, SASRecModule
+from training.methods.sasrec.query_encoder import SasrecQueryEncoder
 from training.methods.uri.config import URIConfig
 from training.methods.uri.layerwise import URITrainer
 from training.methods.uri.model import URIModel
-from training.methods.uri.query import SasrecQueryEncoder
 from training.splits import make_split
 
 

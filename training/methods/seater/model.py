@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from models.index import TreeIndex
 from models.nets.decoder import DecoderConfig, TokenDecoder, safe_key_padding
 from models.nets.encoder import EncoderConfig, QueryEncoder
+from training.methods.sasrec.model import SASRecModule
+from training.methods.sasrec.query_encoder import SasrecQueryEncoder
 from training.methods.seater.config import SeaterConfig
 
 
@@ -62,25 +64,42 @@ class SeaterEncoder(nn.Module):
 
 
 class SeaterModel(nn.Module):
-    """Encoder, decoder, the shared token table and the ranking similarity ``W_s``."""
+    """Encoder, decoder, the shared token table and the ranking similarity ``W_s``.
 
-    def __init__(self, index: TreeIndex, cfg: SeaterConfig, max_len: int) -> None:
+    ``sasrec``: with ``query_encoder: sasrec``, the module whose frozen copy encodes the history (its
+    states are the decoder's memory); the token table then serves the decoder alone.
+    """
+
+    def __init__(
+        self, index: TreeIndex, cfg: SeaterConfig, max_len: int, sasrec: SASRecModule | None = None
+    ) -> None:
         super().__init__()
         self.tokens = SharedTokenTable(index, cfg.dim)
-        self.encoder = QueryEncoder(
-            EncoderConfig(
-                num_items=index.num_items,
-                dim=cfg.dim,
-                num_layers=cfg.layers,
-                num_heads=cfg.heads,
-                ff_mult=cfg.ffn_mult,
-                max_len=max_len,
-                dropout=cfg.dropout,
-                causal=False,
-                pooling="mean",
-            ),
-            item_embedding=ItemsAsLeaves(self.tokens),
-        )
+        self.encoder: nn.Module
+        self.frozen_encoder = cfg.query_encoder == "sasrec"
+        if self.frozen_encoder:
+            if sasrec is None:
+                raise ValueError("SeaterConfig.query_encoder='sasrec' needs the split's SASRec module")
+            encoder = SasrecQueryEncoder(sasrec)
+            if encoder.dim != cfg.dim:
+                raise ValueError(f"SEATER dim={cfg.dim} must equal the SASRec width {encoder.dim}")
+            encoder.requires_grad_(False)
+            self.encoder = encoder
+        else:
+            self.encoder = QueryEncoder(
+                EncoderConfig(
+                    num_items=index.num_items,
+                    dim=cfg.dim,
+                    num_layers=cfg.layers,
+                    num_heads=cfg.heads,
+                    ff_mult=cfg.ffn_mult,
+                    max_len=max_len,
+                    dropout=cfg.dropout,
+                    causal=False,
+                    pooling="mean",
+                ),
+                item_embedding=ItemsAsLeaves(self.tokens),
+            )
         self.decoder = TokenDecoder(
             DecoderConfig(
                 dim=cfg.dim,
@@ -99,6 +118,13 @@ class SeaterModel(nn.Module):
         # W_s = I would start p^T q at ~D and the sigmoid saturated (flat ranking loss at the margin
         # sum, no gradient); I / D starts it near a cosine, in the sigmoid's slope.
         self.rank_w = nn.Parameter(torch.eye(cfg.dim) / cfg.dim)
+
+    def train(self, mode: bool = True) -> SeaterModel:
+        """As ``nn.Module.train``, but a frozen encoder stays in eval mode (no dropout on its states)."""
+        super().train(mode)
+        if self.frozen_encoder:
+            self.encoder.eval()
+        return self
 
     def path_states(self, memory: Tensor, memory_mask: Tensor, paths: Tensor) -> Tensor:
         """Decoder hidden states at every position of Q paths per user: ``paths[B, Q, S]`` -> ``[B, Q, S, D]``.

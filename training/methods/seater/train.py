@@ -173,7 +173,7 @@ def train_seater(ctx: TrainContext) -> TrainedMethod:
     log.info("seater index: %s", index.stats())
 
     t2 = time.perf_counter()
-    model = SeaterModel(index, cfg, ctx.split.max_len)
+    model = SeaterModel(index, cfg, ctx.split.max_len, sasrec.module)
     if cfg.init_from_sasrec:
         init_tokens_from_items(model, index, item_emb)
     tables = TreeTables.from_index(index)
@@ -211,8 +211,12 @@ def export_seater(
     sasrec: SASRec,
     item_emb: np.ndarray,
 ) -> Path:
-    """Write the bundle: SEATER encoder + SASRec query in ``encoder.onnx``, the decoder step, the tree."""
-    encoder = SeaterEncoder(model.encoder, SasrecQuery(sasrec.module)).eval()
+    """Write the bundle: the memory's encoder + SASRec query in ``encoder.onnx``, the decoder step, the tree."""
+    # a SASRec query encoder already gives the SASRec user vector as its query
+    query_model = (
+        model.encoder if model.frozen_encoder else SeaterEncoder(model.encoder, SasrecQuery(sasrec.module))
+    )
+    encoder = query_model.eval()
     decoder = model.decoder.eval()
     spec = method_bundle(
         ctx,

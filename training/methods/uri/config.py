@@ -30,7 +30,7 @@ class URIConfig:
     """Model and representation dimension d (with ``query_encoder: sasrec``: the SASRec width)."""
     query_encoder: str = "own"
     """``own``: a QueryEncoder trained from scratch; ``sasrec``: a copy of the split's SASRec baseline
-    (:mod:`training.methods.uri.query`), fine-tuned at ``lr * encoder_lr_scale``."""
+    (:mod:`training.methods.sasrec.query_encoder`), fine-tuned at ``lr * encoder_lr_scale``."""
     encoder_lr_scale: float = 1.0
     """Learning-rate multiplier of the query encoder (and its item table) in the level stages; 0 freezes it."""
     ranker_encoder_lr_scale: float = 1.0

@@ -2,7 +2,7 @@
 
 One shared :class:`~models.nets.decoder.TokenDecoder` gives, at every index level, a distribution over
 the ``k`` tokens of that level for a query (memory = the query encoder's states of the user's
-history: by default a frozen copy of the split's SASRec, :mod:`training.methods.uri.query`; or a
+history: by default a frozen copy of the split's SASRec, :mod:`training.methods.sasrec.query_encoder`; or a
 :class:`~models.nets.encoder.QueryEncoder` trained from scratch) and for an item (memory = the item's id
 and attribute embeddings). The index is built layer by layer (paper 4.2):
 

@@ -13,8 +13,8 @@ from models.index import TreeIndex
 from models.nets.decoder import DecoderConfig, TokenDecoder, safe_key_padding
 from models.nets.encoder import EncoderConfig, QueryEncoder
 from training.methods.sasrec.model import SASRecModule
+from training.methods.sasrec.query_encoder import SasrecQueryEncoder
 from training.methods.uri.config import URIConfig
-from training.methods.uri.query import SasrecQueryEncoder
 
 # --------------------------------------------------------------------------------------------
 # Configuration

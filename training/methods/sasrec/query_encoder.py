@@ -1,11 +1,11 @@
-"""URI's query encoder when it starts from the SASRec baseline (``URIConfig.query_encoder: sasrec``).
+"""A trained SASRec as a generative method's query encoder (``query_encoder: sasrec`` in URI and SEATER).
 
 The URI paper leaves the encoders open ("in a sequential recommendation scenario, the query part can
-use a sequential model as its encoder", section 4.2). :class:`SasrecQueryEncoder` is that sequential
-model: a copy of the split's trained SASRec (the one SEATER and TDR build on, cached on disk), whose
-hidden states are the decoder's cross-attention memory and whose most recent state is the ranker's
-query vector, against the SASRec item table (tied, as SASRec trains them). URI then fine-tunes it
-with its own losses (E-step, ranker) at ``lr * encoder_lr_scale``, or keeps it frozen at scale 0.
+use a sequential model as its encoder", section 4.2); SEATER's paper trains its own. With this option
+the sequential model is a copy of the split's trained SASRec (the one every method builds on, cached
+on disk): its hidden states are the decoder's cross-attention memory and its most recent state is the
+query vector against the SASRec item table (tied, as SASRec trains them). A method fine-tunes the copy
+with its own losses or keeps it frozen.
 
 It has the encoder signature of ``encoder.onnx``: ``(history[B,T], history_mask[B,T]) ->
 (memory[B,T,D], query[B,D])``.
@@ -22,7 +22,7 @@ from training.methods.sasrec.model import SASRecModule
 
 
 class SasrecQueryEncoder(nn.Module):
-    """A trainable copy of a SASRec module as URI's query encoder.
+    """A trainable copy of a SASRec module as a method's query encoder.
 
     The states are :func:`~training.bundle_recommender.sasrec_states` (the convention SEATER's and
     TDR's exported SASRec query uses too); the query is their last column.
