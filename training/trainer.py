@@ -55,6 +55,23 @@ def seeded(seed: int, rank: int = 0) -> Seeds:
     return Seeds(np.random.default_rng(seed), torch.Generator().manual_seed(seed + rank))
 
 
+def seed_point(seeds: Seeds) -> Callable[[], Seeds]:
+    """Mark the random state now: torch's global one and ``seeds``. Each call of the returned
+    function puts torch's global state back to the mark and returns copies of ``seeds`` as they
+    were, so several models trained one after another each start where a lone run would."""
+    torch_state = torch.get_rng_state()
+    rng_state = copy.deepcopy(seeds.rng.bit_generator.state)
+    generator_state = seeds.generator.get_state()
+
+    def replay() -> Seeds:
+        torch.set_rng_state(torch_state)
+        rng = np.random.default_rng()
+        rng.bit_generator.state = copy.deepcopy(rng_state)
+        return Seeds(rng, torch.Generator().set_state(generator_state))
+
+    return replay
+
+
 @contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
     """Torch intra-op threads inside the block (``0`` = leave torch's setting); restored after."""

@@ -219,6 +219,19 @@ def publish_dir(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def copy_bundle(src: Path, out: Path) -> Path:
+    """Copy an exported bundle to ``out`` (replacing an existing one atomically); returns ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        shutil.copytree(src, tmp)
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def record_metrics(bundle_dir: Path, metrics: dict[str, float]) -> None:
     """Write offline ``metrics`` into an exported bundle's manifest (atomically).
 

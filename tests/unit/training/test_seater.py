@@ -15,7 +15,9 @@ from training.context import TrainContext
 from training.data import synthetic_dataset
 from training.evaluation import evaluate_recommender
 from training.methods.popular import Popularity
+from training.methods.sasrec.model import SASRecConfig, SASRecModule
 from training.methods.seater.config import SeaterConfig
+from training.methods.seater.encoder_choice import guarded_pick
 from training.methods.seater.losses import pair_similarity, seater_losses
 from training.methods.seater.model import ItemsAsLeaves, SeaterModel, TreeTables, init_tokens_from_items
 from training.methods.seater.train import build_index
@@ -149,8 +151,45 @@ def test_identifier_tree_is_balanced_with_full_length_paths() -> None:
             assert len(sizes) <= 4
 
 
+def test_the_sasrec_memory_serves_only_with_a_guarded_gain() -> None:
+    rng = np.random.default_rng(0)
+    own = (rng.random(4000) < 0.10).astype(float)  # per-user recall of the own-encoder bundle
+    clearly_better = np.maximum(own, (rng.random(4000) < 0.05).astype(float))
+    assert guarded_pick(own, clearly_better)[0] == "sasrec"
+    slightly_better = own.copy()
+    slightly_better[np.flatnonzero(own == 0)[:3]] = 1.0  # 3 more hits in 4,000 users: z < 2
+    chosen, z = guarded_pick(own, slightly_better)
+    assert chosen == "own" and 0 < z < 2
+    assert guarded_pick(clearly_better, own)[0] == "own"  # worse never serves
+
+
+def test_sasrec_query_encoder_is_frozen_and_stays_in_eval_mode() -> None:
+    """``query_encoder=sasrec``: the decoder's memory is the SASRec copy's states, which no loss moves."""
+    index = _tiny_index()
+    cfg = dataclasses.replace(CFG, query_encoder="sasrec", dropout=0.3)
+    torch.manual_seed(0)
+    sasrec = SASRecModule(9, 6, SASRecConfig(dim=8, heads=2, layers=1, dropout=0.3))
+    model = SeaterModel(index, cfg, max_len=6, sasrec=sasrec).train()
+    assert model.training and model.decoder.training and not model.encoder.training
+    history = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 2]])  # left-padded, as SASRec reads them
+    memory, _ = model.encoder(history, history > 0)
+    with torch.no_grad():
+        torch.testing.assert_close(memory, sasrec.eval()(history))
+    parts = seater_losses(model, TreeTables.from_index(index), cfg, history, torch.tensor([7, 8]))
+    parts.total.backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert model.tokens.table.weight.grad is not None and model.rank_w.grad is not None
+    with pytest.raises(ValueError, match="needs the split's SASRec module"):
+        SeaterModel(index, cfg, max_len=6)
+    with pytest.raises(ValueError, match="SASRec width 8"):
+        SeaterModel(index, dataclasses.replace(cfg, dim=16), max_len=6, sasrec=sasrec)
+    with pytest.raises(ValueError, match="query_encoder must be 'own', 'sasrec' or 'auto'"):
+        SeaterConfig(query_encoder="bert")
+
+
 @pytest.mark.slow
-def test_seater_on_planted_clusters_beats_popularity(tmp_path: Path) -> None:
+@pytest.mark.parametrize("query_encoder", ["own", "auto"])
+def test_seater_on_planted_clusters_beats_popularity(tmp_path: Path, query_encoder: str) -> None:
     """Train SASRec + SEATER on synthetic data, serve through the exported ONNX bundle."""
     ds = synthetic_dataset(num_users=300, num_items=64, branching=4, depth=2, seed=0)
     split = make_split(ds, "user", seed=0, max_len=10)
@@ -166,6 +205,7 @@ def test_seater_on_planted_clusters_beats_popularity(tmp_path: Path) -> None:
             "batch_size": "64",
             "branching": "4",
             "beam_size": "16",
+            "seater.query_encoder": query_encoder,
         },
     )
     trained = get_method("seater")(ctx)
@@ -177,6 +217,14 @@ def test_seater_on_planted_clusters_beats_popularity(tmp_path: Path) -> None:
         "logprob",
     )
     assert trained.info["levels"] == 3 and trained.info["num_nodes"] == 1 + 4 + 16 + 64
+    if query_encoder == "auto":  # both trained and exported; the rule's choice serves, and says why
+        chosen = trained.info["query_encoder"]
+        rule = manifest["config"]["query_encoder_rule"]
+        assert rule["chosen"] == chosen and set(rule["valid"]) == {"own", "sasrec"}
+        candidate = json.loads((tmp_path / f"seater-{chosen}" / "manifest.json").read_text())
+        assert candidate["fingerprint"] == manifest["fingerprint"]
+        assert manifest["config"]["query_encoder"] == chosen
+        assert (tmp_path / "seater-own").is_dir() and (tmp_path / "seater-sasrec").is_dir()
     seater = evaluate_recommender(trained.recommender, split.test, ks=(10,))
     popular = evaluate_recommender(Popularity.fit(split), split.test, ks=(10,))
     assert seater["recall@10"] > max(3 * popular["recall@10"], popular["recall@10"] + 0.05), (seater, popular)

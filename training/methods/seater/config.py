@@ -27,8 +27,9 @@ class SeaterConfig:
     dropout: float = 0.2
     init_from_sasrec: bool = True
     # "own": SEATER's encoder, trained with the decoder; "sasrec": a frozen copy of the split's SASRec
-    # (training/methods/sasrec/query_encoder.py) whose states are the decoder's memory
-    query_encoder: str = "own"
+    # (training/methods/sasrec/query_encoder.py) whose states are the decoder's memory; "auto": both,
+    # the one served chosen on validation users (training/methods/seater/encoder_choice.py)
+    query_encoder: str = "auto"
     align: bool = True
     rank: bool = True
     lambda_align: float = 0.05
@@ -73,9 +74,9 @@ class SeaterConfig:
             raise ValueError("SeaterConfig.lambda_align, lambda_rank, beta and weight_decay must be >= 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"SeaterConfig.dropout must be in [0, 1), got {self.dropout}")
-        if self.query_encoder not in ("own", "sasrec"):
+        if self.query_encoder not in ("own", "sasrec", "auto"):
             raise ValueError(
-                f"SeaterConfig.query_encoder must be 'own' or 'sasrec', got {self.query_encoder!r}"
+                f"SeaterConfig.query_encoder must be 'own', 'sasrec' or 'auto', got {self.query_encoder!r}"
             )
         if self.rerank not in ("sasrec",):
             raise ValueError(f"SeaterConfig.rerank must be 'sasrec', got {self.rerank!r}")

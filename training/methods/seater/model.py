@@ -53,7 +53,7 @@ class SeaterEncoder(nn.Module):
     vector), the rerank vector against the bundle's ``item_emb``.
     """
 
-    def __init__(self, encoder: QueryEncoder, query_model: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, query_model: nn.Module) -> None:
         super().__init__()
         self.encoder = encoder
         self.query_model = query_model

@@ -29,7 +29,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -41,11 +41,12 @@ from training.bundle_recommender import BundleRecommender, SasrecQuery
 from training.clustering import balanced_tree_codes
 from training.context import TrainContext, TrainedMethod
 from training.export.spec import method_bundle
-from training.export.writer import write_bundle
+from training.export.writer import copy_bundle, record_config, write_bundle
 from training.fusion_rules import tune_fusions
 from training.methods.sasrec.cache import sasrec_for
 from training.methods.sasrec.model import SASRec
 from training.methods.seater.config import SeaterConfig
+from training.methods.seater.encoder_choice import BASELINE, CHALLENGER, choose_query_encoder
 from training.methods.seater.losses import SeaterLoss, seater_losses
 from training.methods.seater.model import SeaterEncoder, SeaterModel, TreeTables, init_tokens_from_items
 from training.splits import training_pairs
@@ -54,6 +55,7 @@ from training.trainer import (
     Seeds,
     progress,
     run_epochs,
+    seed_point,
     seeded,
     shard_rows,
     shuffled_batches,
@@ -172,35 +174,65 @@ def train_seater(ctx: TrainContext) -> TrainedMethod:
     t_index = time.perf_counter() - t1
     log.info("seater index: %s", index.stats())
 
-    t2 = time.perf_counter()
+    # each candidate starts from the random state a lone run has here
+    replay = seed_point(seeds)
+    encoders = (BASELINE, CHALLENGER) if cfg.query_encoder == "auto" else (cfg.query_encoder,)
+    runs: dict[str, tuple[Path | None, dict[str, Any]]] = {}
+    for name in encoders:
+        out = ctx.workdir / ("seater" if len(encoders) == 1 else f"seater-{name}")
+        named = dataclasses.replace(cfg, query_encoder=name)
+        runs[name] = _train_and_export(ctx, named, index, sasrec, replay(), out)
+    if not dist.is_main:  # rank 0 exports and serves; this rank's copy of the model is the same
+        return TrainedMethod(recommender=sasrec, info={"rank": dist.rank, **runs[encoders[-1]][1]})
+
+    chosen, choice = encoders[0], {}
+    if len(encoders) > 1:
+        bundles = {name: cast(Path, bundle) for name, (bundle, _) in runs.items()}
+        rule = choose_query_encoder(bundles, ctx.split.valid)
+        record_config(bundles[rule.chosen], rule.as_config())
+        copy_bundle(bundles[rule.chosen], ctx.workdir / "seater")
+        chosen, choice = rule.chosen, {"query_encoder_valid": rule.valid, "query_encoder_z": rule.z}
+    bundle_dir = ctx.workdir / "seater"
+    recommender = BundleRecommender(bundle_dir, cfg.beam_size)
+    info = {
+        "sasrec_seconds": round(t_sasrec, 1),
+        "index_seconds": round(t_index, 1),
+        "levels": index.levels,
+        "num_nodes": index.num_nodes,
+        "beam_size": recommender.beam_size,
+        "align": cfg.align,
+        "rank": cfg.rank,
+        "query_encoder": chosen,
+        **choice,
+        **runs[chosen][1],
+        # every candidate's training counts (auto trains two)
+        "train_seconds": round(sum(info["train_seconds"] for _, info in runs.values()), 1),
+    }
+    return TrainedMethod(recommender=recommender, bundle_dir=bundle_dir, info=info)
+
+
+def _train_and_export(
+    ctx: TrainContext, cfg: SeaterConfig, index: TreeIndex, sasrec: SASRec, seeds: Seeds, out: Path
+) -> tuple[Path | None, dict[str, Any]]:
+    """Train one encoder-decoder on ``index``; on rank 0 export it to ``out`` and run the validation
+    rules on it. Returns the bundle (None on other ranks) and the training info."""
+    dist = distributed.current()
+    item_emb = np.asarray(sasrec.item_embeddings(), np.float32)  # [N+1, D]
+    t0 = time.perf_counter()
     model = SeaterModel(index, cfg, ctx.split.max_len, sasrec.module)
     if cfg.init_from_sasrec:
         init_tokens_from_items(model, index, item_emb)
     tables = TreeTables.from_index(index)
     with torch_threads(cfg.threads):
         train_info = train_model(model, tables, cfg, ctx, seeds)
-    t_train = time.perf_counter() - t2
-    if not dist.is_main:  # rank 0 exports and serves; this rank's copy of the model is the same
-        return TrainedMethod(recommender=sasrec, info={"rank": dist.rank, **train_info})
-
-    bundle_dir = export_seater(ctx, cfg, model, index, sasrec, item_emb)
+    info = {"train_seconds": round(time.perf_counter() - t0, 1), **train_info}
+    if not dist.is_main:
+        return None, info
+    bundle_dir = export_seater(ctx, cfg, model, index, sasrec, item_emb, out)
     fusion = tune_fusions(
         bundle_dir, ctx.split.valid, path_score=cfg.fuse_path_score, leaf_centroids=cfg.fuse_leaf_centroids
     )
-    recommender = BundleRecommender(bundle_dir, cfg.beam_size)
-    info = {
-        "sasrec_seconds": round(t_sasrec, 1),
-        "index_seconds": round(t_index, 1),
-        "train_seconds": round(t_train, 1),
-        "levels": index.levels,
-        "num_nodes": index.num_nodes,
-        "beam_size": recommender.beam_size,
-        "align": cfg.align,
-        "rank": cfg.rank,
-        **fusion,
-        **train_info,
-    }
-    return TrainedMethod(recommender=recommender, bundle_dir=bundle_dir, info=info)
+    return bundle_dir, {**fusion, **info}
 
 
 def export_seater(
@@ -210,6 +242,7 @@ def export_seater(
     index: TreeIndex,
     sasrec: SASRec,
     item_emb: np.ndarray,
+    out: Path,
 ) -> Path:
     """Write the bundle: the memory's encoder + SASRec query in ``encoder.onnx``, the decoder step, the tree."""
     # a SASRec query encoder already gives the SASRec user vector as its query
@@ -228,4 +261,4 @@ def export_seater(
         score_mode="logprob",
         config=dataclasses.asdict(cfg),
     )
-    return write_bundle(ctx.workdir / "seater", spec)
+    return write_bundle(out, spec)
