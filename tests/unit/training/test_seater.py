@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from models.index import TreeIndex
+from models.nets.encoder import QueryEncoder
 from training.context import TrainContext
 from training.data import synthetic_dataset
 from training.evaluation import evaluate_recommender
@@ -38,7 +39,7 @@ def _model(cfg: SeaterConfig, index: TreeIndex) -> SeaterModel:
     return SeaterModel(index, cfg, max_len=6).eval()
 
 
-CFG = SeaterConfig(dim=8, heads=2, dropout=0.0, num_negatives=2)
+CFG = SeaterConfig(dim=8, heads=2, dropout=0.0, num_negatives=2, query_encoder="own")
 
 
 def test_config_loads_yaml_and_coerces_overrides() -> None:
@@ -62,6 +63,7 @@ def test_leaf_token_is_the_item_embedding() -> None:
     model = _model(CFG, index)
     items = torch.arange(1, 10)[None]  # [1, 9]
     leaves = torch.from_numpy(index.item_path[1:, -1].astype(np.int64))
+    assert isinstance(model.encoder, QueryEncoder)
     assert torch.equal(model.encoder.embed_items(items)[0], model.tokens.table.weight[leaves])
     # one parameter for history items and every decoder token
     assert model.decoder.token_embedding is model.tokens
@@ -181,6 +183,8 @@ def test_sasrec_query_encoder_is_frozen_and_stays_in_eval_mode() -> None:
     assert model.tokens.table.weight.grad is not None and model.rank_w.grad is not None
     with pytest.raises(ValueError, match="needs the split's SASRec module"):
         SeaterModel(index, cfg, max_len=6)
+    with pytest.raises(ValueError, match="resolved by the trainer"):
+        SeaterModel(index, dataclasses.replace(cfg, query_encoder="auto"), max_len=6, sasrec=sasrec)
     with pytest.raises(ValueError, match="SASRec width 8"):
         SeaterModel(index, dataclasses.replace(cfg, dim=16), max_len=6, sasrec=sasrec)
     with pytest.raises(ValueError, match="query_encoder must be 'own', 'sasrec' or 'auto'"):
@@ -233,7 +237,7 @@ def test_seater_on_planted_clusters_beats_popularity(tmp_path: Path, query_encod
 def test_ranking_similarity_starts_in_the_sigmoid_slope() -> None:
     """With W_s = I the 64-d pooled states saturate sigmoid(p^T W q) and the ranking loss is flat."""
     index = _tiny_index()
-    cfg = SeaterConfig(dim=64, heads=2, dropout=0.0)
+    cfg = SeaterConfig(dim=64, heads=2, dropout=0.0, query_encoder="own")
     model = _model(cfg, index)
     history = torch.tensor([[1, 2, 3], [4, 5, 6]])
     memory, _ = model.encoder(history, history > 0)

@@ -74,6 +74,11 @@ class SeaterModel(nn.Module):
         self, index: TreeIndex, cfg: SeaterConfig, max_len: int, sasrec: SASRecModule | None = None
     ) -> None:
         super().__init__()
+        if cfg.query_encoder not in ("own", "sasrec"):
+            raise ValueError(
+                f"SeaterModel takes query_encoder 'own' or 'sasrec', got {cfg.query_encoder!r} "
+                "('auto' is resolved by the trainer, which builds one model of each)"
+            )
         self.tokens = SharedTokenTable(index, cfg.dim)
         self.encoder: nn.Module
         self.frozen_encoder = cfg.query_encoder == "sasrec"
