@@ -24,6 +24,7 @@ from training.methods.seater.model import ItemsAsLeaves, SeaterModel, TreeTables
 from training.methods.seater.train import build_index
 from training.registry import check_overrides, get_method
 from training.splits import make_split
+from training.trainer import seed_point, seeded
 
 
 def _tiny_index() -> TreeIndex:
@@ -151,6 +152,21 @@ def test_identifier_tree_is_balanced_with_full_length_paths() -> None:
             sizes = np.unique(under, return_counts=True)[1]
             assert sizes.max() - sizes.min() <= 1, (level, parent, sizes)
             assert len(sizes) <= 4
+
+
+def test_seed_point_replays_a_lone_runs_random_state() -> None:
+    seeds = seeded(3)
+    torch.rand(5)  # what the trainer draws before the candidates (e.g. the index)
+    lone = (torch.rand(4), seeds.rng.random(3), torch.rand(2, generator=seeds.generator))
+    seeds = seeded(3)
+    torch.rand(5)
+    replay = seed_point(seeds)
+    for _ in range(2):  # each candidate draws what the lone run drew
+        again = replay()
+        drawn = (torch.rand(4), again.rng.random(3), torch.rand(2, generator=again.generator))
+        torch.testing.assert_close(drawn[0], lone[0])
+        np.testing.assert_array_equal(drawn[1], lone[1])
+        torch.testing.assert_close(drawn[2], lone[2])
 
 
 def test_the_sasrec_memory_serves_only_with_a_guarded_gain() -> None:

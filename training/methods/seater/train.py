@@ -11,6 +11,10 @@ Pipeline of :func:`train_seater`:
    (:class:`SharedTokenTable`). Encoder = :class:`models.nets.encoder.QueryEncoder`, decoder =
    :class:`models.nets.decoder.TokenDecoder` (no bias: eq. 4 is ``softmax(y_i^T e_c)`` over the
    children ``c`` of the current node, exactly the decoder step with ``score_mode="logprob"``).
+   ``query_encoder: sasrec`` replaces the encoder by a frozen copy of the split's SASRec (the token
+   table then serves the decoder alone); ``auto`` (the default) trains both models from the same
+   random state and serves the one :mod:`training.methods.seater.encoder_choice` picks on
+   validation users.
 3. losses: ``L_gen + lambda_a L_ali + lambda_r L_rank`` (:mod:`training.methods.seater.losses`), L2 via
    Adam weight decay; ``align=false`` / ``rank=false`` switch the contrastive terms off.
 Under ``torchrun`` (``genret train``, :mod:`training.distributed`) every rank trains on its shard of
@@ -181,7 +185,7 @@ def train_seater(ctx: TrainContext) -> TrainedMethod:
     for name in encoders:
         out = ctx.workdir / ("seater" if len(encoders) == 1 else f"seater-{name}")
         named = dataclasses.replace(cfg, query_encoder=name)
-        runs[name] = _train_and_export(ctx, named, index, sasrec, replay(), out)
+        runs[name] = _train_and_export(ctx, named, index, sasrec, item_emb, replay(), out)
     if not dist.is_main:  # rank 0 exports and serves; this rank's copy of the model is the same
         return TrainedMethod(recommender=sasrec, info={"rank": dist.rank, **runs[encoders[-1]][1]})
 
@@ -206,18 +210,23 @@ def train_seater(ctx: TrainContext) -> TrainedMethod:
         **choice,
         **runs[chosen][1],
         # every candidate's training counts (auto trains two)
-        "train_seconds": round(sum(info["train_seconds"] for _, info in runs.values()), 1),
+        "train_seconds": round(sum(run["train_seconds"] for _, run in runs.values()), 1),
     }
     return TrainedMethod(recommender=recommender, bundle_dir=bundle_dir, info=info)
 
 
 def _train_and_export(
-    ctx: TrainContext, cfg: SeaterConfig, index: TreeIndex, sasrec: SASRec, seeds: Seeds, out: Path
+    ctx: TrainContext,
+    cfg: SeaterConfig,
+    index: TreeIndex,
+    sasrec: SASRec,
+    item_emb: np.ndarray,
+    seeds: Seeds,
+    out: Path,
 ) -> tuple[Path | None, dict[str, Any]]:
     """Train one encoder-decoder on ``index``; on rank 0 export it to ``out`` and run the validation
     rules on it. Returns the bundle (None on other ranks) and the training info."""
     dist = distributed.current()
-    item_emb = np.asarray(sasrec.item_embeddings(), np.float32)  # [N+1, D]
     t0 = time.perf_counter()
     model = SeaterModel(index, cfg, ctx.split.max_len, sasrec.module)
     if cfg.init_from_sasrec:
