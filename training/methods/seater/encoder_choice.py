@@ -13,7 +13,7 @@ the paired per-user difference (the path-weight rule's guard); otherwise the pap
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ class EncoderChoice:
     z: float  # the challenger's paired gain over the baseline / the gain's standard error
 
     def as_config(self) -> dict[str, Any]:
-        return {"query_encoder_rule": {**self.__dict__}}
+        return {"query_encoder_rule": asdict(self)}
 
 
 def validation_recall(bundle_dir: Path, evalset: EvalSet, k: int) -> np.ndarray:
